@@ -1,0 +1,190 @@
+//! The typed configuration of a warren node, read from `config.ini`.
+//!
+//! config.ini is INI-shaped but parsed as TOML. This module owns the public types
+//! ([`Config`] and its sections) and the loading entry points; the work is split into:
+//! `raw` (the file's shape and defaults), `read` (TOML errors made readable), `validate`
+//! (meaning and defaults), `locate` (line, column and key of a mistake), `effective`
+//! (rendering back as TOML) and `error` ([`ConfigError`], [`Problem`]).
+//!
+//! It reads a file and one environment variable (WARREN_ZONE) and nothing else: no
+//! broker I/O, no knowledge of any particular app.
+
+mod effective;
+mod error;
+mod locate;
+mod raw;
+mod read;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use self::error::{ConfigError, Problem};
+use self::locate::Source;
+use self::raw::RawConfig;
+use self::validate::Inputs;
+use crate::uri::BrokerUri;
+
+/// The environment variable that overrides `[amqp] zone`.
+pub const ZONE_ENV: &str = "WARREN_ZONE";
+
+/// The whole validated configuration of one warren node.
+///
+/// It exists so that the rest of the runtime never sees a raw or partial configuration:
+/// every default is filled in and every value has been checked when a `Config` exists.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// `[service]`.
+    pub service: ServiceConfig,
+    /// `[amqp]`.
+    pub amqp: AmqpConfig,
+    /// `[zones.*]`: the local zone first, then the others sorted by name.
+    pub zones: Vec<Zone>,
+    /// `[pool]`: the defaults every app's pool started from.
+    pub pool: PoolConfig,
+    /// `[apps.*]` sorted by name; an app without a section is not here and does not run.
+    pub apps: Vec<AppConfig>,
+}
+
+/// `[service]`: how this node presents itself and stops.
+///
+/// It exists to keep node identity and shutdown policy apart from broker settings.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    /// Node name put in envelopes ("Node"); an empty `node` becomes `warren@<hostname>`.
+    pub node: String,
+    /// Bound for an orderly stop on SIGINT/SIGTERM.
+    pub shutdown_timeout: Duration,
+}
+
+/// `[amqp]`: connection behaviour shared by every broker.
+///
+/// It exists so connections, assignments and bootstrap read one checked set of values.
+#[derive(Clone, Debug)]
+pub struct AmqpConfig {
+    /// This node's (local) zone, after WARREN_ZONE.
+    pub zone: String,
+    /// Default consumer prefetch (basic.qos).
+    pub prefetch: u16,
+    /// Heartbeat interval asked of the broker; 0 disables heartbeats.
+    pub heartbeat_secs: u16,
+    /// Bound for one connection attempt.
+    pub connect_timeout: Duration,
+    /// First reconnect delay (before jitter).
+    pub reconnect_min: Duration,
+    /// Largest reconnect delay.
+    pub reconnect_max: Duration,
+    /// How long startup waits for a broker of the local zone.
+    pub startup_timeout: Duration,
+    /// Channels opened ahead on each connection.
+    pub prechannels: usize,
+}
+
+/// One `[zones.<name>]`: a group of brokers.
+///
+/// It exists because the primary broker is chosen only from the local zone, while other
+/// zones are connected (for federation) but never primary.
+#[derive(Clone, Debug)]
+pub struct Zone {
+    /// The zone name.
+    pub name: String,
+    /// Whether this is the node's own zone.
+    pub local: bool,
+    /// The brokers in file order: in the local zone the first is the primary and the
+    /// rest are used in order while it is down.
+    pub brokers: Vec<BrokerUri>,
+}
+
+/// Sizing of one listener pool.
+///
+/// It exists so `[pool]` defaults and each app's effective pool share one type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Workers kept (never 0).
+    pub size: usize,
+    /// Extra workers allowed under load; idle ones retire.
+    pub overflow: usize,
+    /// How long a checkout waits before failing with `PoolFull`.
+    pub checkout_timeout: Duration,
+}
+
+/// One `[apps.<name>]`: whether an app runs and how its pool is sized.
+///
+/// It exists so the binary starts exactly the apps the operator listed, with their pools.
+#[derive(Clone, Debug)]
+pub struct AppConfig {
+    /// The app's name, one of the binary's known apps.
+    pub name: String,
+    /// Whether the app runs.
+    pub enabled: bool,
+    /// The app's pool, its absent keys taken from `[pool]`.
+    pub pool: PoolConfig,
+}
+
+impl Config {
+    /// Reads and checks the file at `path`; WARREN_ZONE (when set and not blank)
+    /// overrides `[amqp] zone`. `known_apps` are the apps this binary contains.
+    pub fn load(path: &Path, known_apps: &[&str]) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let zone_override = std::env::var(ZONE_ENV).ok();
+        if let Some(zone) = &zone_override {
+            tracing::debug!(zone = %zone, "{ZONE_ENV} overrides [amqp] zone");
+        }
+        Config::parse(&text, path, known_apps, zone_override.as_deref())
+    }
+
+    /// Checks config.ini's `text` as if read from `path` (pure, for tests). A blank
+    /// `zone_override` counts as none.
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        known_apps: &[&str],
+        zone_override: Option<&str>,
+    ) -> Result<Config, ConfigError> {
+        let source = Source { text, path };
+        let document =
+            toml::de::Deserializer::parse(text).map_err(|err| read::syntax_error(&source, &err))?;
+        let raw = RawConfig::deserialize(document)
+            .map_err(|err| read::deserialize_error(&source, &err))?;
+        let inputs = Inputs {
+            source,
+            known_apps,
+            zone_override: zone_override.map(str::trim).filter(|zone| !zone.is_empty()),
+        };
+        validate::validate(raw, &inputs)
+    }
+
+    /// This node's zone.
+    ///
+    /// # Panics
+    ///
+    /// Only for a `Config` built by hand with no zones: a loaded one always has its
+    /// local zone (validation refuses a file without it) and lists it first.
+    pub fn local_zone(&self) -> &Zone {
+        self.zones
+            .iter()
+            .find(|zone| zone.local)
+            .unwrap_or(&self.zones[0])
+    }
+
+    /// The section of app `name`, if the file has one.
+    pub fn app(&self, name: &str) -> Option<&AppConfig> {
+        self.apps.iter().find(|app| app.name == name)
+    }
+
+    /// The effective configuration as config.ini-shaped TOML (same key names, defaults
+    /// filled in, broker passwords redacted), headed by a comment naming the source path.
+    pub fn effective_toml(&self) -> String {
+        effective::render(self)
+    }
+}

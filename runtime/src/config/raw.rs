@@ -1,0 +1,102 @@
+//! The shape of config.ini as written: serde structs that mirror the file key for key,
+//! and the default of every key.
+//!
+//! Every struct denies unknown keys, and every value a later check must point at is a
+//! `toml::Spanned` (byte range in the file). Nothing here checks meaning: that is
+//! `validate`'s job. Absent keys stay `None` here; `validate` fills in the defaults below.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// `[service] shutdown_timeout_secs`.
+pub(super) const SHUTDOWN_TIMEOUT_SECS: u64 = 10;
+/// `[amqp] zone`.
+pub(super) const ZONE: &str = "local";
+/// `[amqp] prefetch`.
+pub(super) const PREFETCH: u16 = 50;
+/// `[amqp] heartbeat_secs`.
+pub(super) const HEARTBEAT_SECS: u16 = 10;
+/// `[amqp] connect_timeout_ms`.
+pub(super) const CONNECT_TIMEOUT_MS: u64 = 2000;
+/// `[amqp] reconnect_min_ms`.
+pub(super) const RECONNECT_MIN_MS: u64 = 100;
+/// `[amqp] reconnect_max_ms`.
+pub(super) const RECONNECT_MAX_MS: u64 = 5000;
+/// `[amqp] startup_timeout_secs`.
+pub(super) const STARTUP_TIMEOUT_SECS: u64 = 30;
+/// `[amqp] prechannels`.
+pub(super) const PRECHANNELS: usize = 10;
+/// `[pool] size`.
+pub(super) const POOL_SIZE: usize = 10;
+/// `[pool] overflow`.
+pub(super) const POOL_OVERFLOW: usize = 20;
+/// `[pool] checkout_timeout_ms`.
+pub(super) const CHECKOUT_TIMEOUT_MS: u64 = 2000;
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    #[serde(default)]
+    pub service: RawService,
+    #[serde(default)]
+    pub amqp: RawAmqp,
+    /// `[zones.<name>]`, keyed by the zone name with its span in the file.
+    #[serde(default)]
+    pub zones: BTreeMap<Spanned<String>, RawZone>,
+    #[serde(default)]
+    pub pool: RawPool,
+    /// `[apps.<name>]`, keyed by the app name with its span in the file.
+    #[serde(default)]
+    pub apps: BTreeMap<Spanned<String>, RawApp>,
+}
+
+/// `[service]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawService {
+    pub node: Option<String>,
+    pub shutdown_timeout_secs: Option<Spanned<u64>>,
+}
+
+/// `[amqp]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAmqp {
+    pub zone: Option<Spanned<String>>,
+    pub prefetch: Option<Spanned<u16>>,
+    pub heartbeat_secs: Option<u16>,
+    pub connect_timeout_ms: Option<Spanned<u64>>,
+    pub reconnect_min_ms: Option<Spanned<u64>>,
+    pub reconnect_max_ms: Option<Spanned<u64>>,
+    pub startup_timeout_secs: Option<Spanned<u64>>,
+    pub prechannels: Option<usize>,
+}
+
+/// `[zones.<name>]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawZone {
+    pub brokers: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// `[pool]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPool {
+    pub size: Option<Spanned<usize>>,
+    pub overflow: Option<usize>,
+    pub checkout_timeout_ms: Option<Spanned<u64>>,
+}
+
+/// `[apps.<name>]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawApp {
+    pub enabled: Option<bool>,
+    pub pool_size: Option<Spanned<usize>>,
+    pub pool_overflow: Option<usize>,
+    pub checkout_timeout_ms: Option<Spanned<u64>>,
+}

@@ -1,0 +1,771 @@
+//! Tests of [`Config::parse`] and [`Config::load`] on whole files: one per class of
+//! mistake (exact line, column and key), defaults, WARREN_ZONE, the shipped config.ini
+//! and the effective TOML.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+
+const KNOWN_APPS: &[&str] = &["skel", "echo"];
+
+/// A local zone with one broker, appended to fixtures that are about something else.
+const LOCAL_ZONE: &str = "[zones.local]\nbrokers = [\"amqp://guest:guest@127.0.0.1:5672/%2f\"]\n";
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("config.ini"), KNOWN_APPS, None)
+}
+
+/// The location, key and problem of a refused file, and the whole message.
+struct Refusal {
+    line: usize,
+    column: usize,
+    key: String,
+    problem: Problem,
+    message: String,
+}
+
+fn refuse(text: &str, zone_override: Option<&str>) -> Refusal {
+    let err = Config::parse(text, Path::new("config.ini"), KNOWN_APPS, zone_override)
+        .expect_err("the file should be refused");
+    let message = err.to_string();
+    match err {
+        ConfigError::Invalid {
+            line,
+            column,
+            key,
+            problem,
+            ..
+        } => Refusal {
+            line,
+            column,
+            key,
+            problem,
+            message,
+        },
+        ConfigError::Read { .. } => panic!("unexpected read error: {message}"),
+    }
+}
+
+fn assert_at(refusal: &Refusal, line: usize, column: usize, key: &str, fragment: &str) {
+    assert_eq!(
+        (refusal.line, refusal.column, refusal.key.as_str()),
+        (line, column, key),
+        "{}",
+        refusal.message
+    );
+    assert!(
+        refusal.message.contains(fragment),
+        "`{fragment}` not in: {}",
+        refusal.message
+    );
+}
+
+// ---------------------------------------------------------------- valid files
+
+#[test]
+fn a_full_file_gives_the_expected_values() {
+    let text = r#"
+[service]
+node = "billing@box-7"
+shutdown_timeout_secs = 20
+
+[amqp]
+zone = "west"
+prefetch = 100
+heartbeat_secs = 0
+connect_timeout_ms = 1500
+reconnect_min_ms = 200
+reconnect_max_ms = 8000
+startup_timeout_secs = 60
+prechannels = 0
+
+[zones.west]
+brokers = ["amqp://u:p@10.0.0.1:5672/%2f", "amqp://u:p@10.0.0.2/%2f"]
+
+[zones.east]
+brokers = ["amqp://u:p@10.1.0.1:5672/%2f"]
+
+[zones.central]
+brokers = ["amqp://u:p@10.2.0.1:5672/%2f"]
+
+[pool]
+size = 5
+overflow = 0
+checkout_timeout_ms = 700
+
+[apps.skel]
+enabled = true
+pool_size = 2
+pool_overflow = 4
+
+[apps.echo]
+enabled = false
+checkout_timeout_ms = 300
+"#;
+    let config = parse(text).unwrap();
+    assert_eq!(config.path, Path::new("config.ini"));
+    assert_eq!(config.service.node, "billing@box-7");
+    assert_eq!(config.service.shutdown_timeout, Duration::from_secs(20));
+    let amqp = &config.amqp;
+    assert_eq!(amqp.zone, "west");
+    assert_eq!(amqp.prefetch, 100);
+    assert_eq!(amqp.heartbeat_secs, 0);
+    assert_eq!(amqp.connect_timeout, Duration::from_millis(1500));
+    assert_eq!(amqp.reconnect_min, Duration::from_millis(200));
+    assert_eq!(amqp.reconnect_max, Duration::from_millis(8000));
+    assert_eq!(amqp.startup_timeout, Duration::from_secs(60));
+    assert_eq!(amqp.prechannels, 0);
+
+    let names: Vec<_> = config.zones.iter().map(|z| z.name.as_str()).collect();
+    assert_eq!(names, ["west", "central", "east"]);
+    let locals: Vec<_> = config.zones.iter().map(|z| z.local).collect();
+    assert_eq!(locals, [true, false, false]);
+    let local = config.local_zone();
+    assert_eq!(local.name, "west");
+    let hosts: Vec<_> = local.brokers.iter().map(|b| (b.host(), b.port())).collect();
+    assert_eq!(hosts, [("10.0.0.1", 5672), ("10.0.0.2", 5672)]);
+
+    assert_eq!(
+        config.pool,
+        PoolConfig {
+            size: 5,
+            overflow: 0,
+            checkout_timeout: Duration::from_millis(700),
+        }
+    );
+    let names: Vec<_> = config.apps.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["echo", "skel"]);
+    let skel = config.app("skel").unwrap();
+    assert!(skel.enabled);
+    assert_eq!(
+        skel.pool,
+        PoolConfig {
+            size: 2,
+            overflow: 4,
+            checkout_timeout: Duration::from_millis(700),
+        }
+    );
+    let echo = config.app("echo").unwrap();
+    assert!(!echo.enabled);
+    assert_eq!(
+        echo.pool,
+        PoolConfig {
+            size: 5,
+            overflow: 0,
+            checkout_timeout: Duration::from_millis(300),
+        }
+    );
+    assert!(config.app("other").is_none());
+}
+
+#[test]
+fn absent_sections_take_the_defaults() {
+    let config = parse(LOCAL_ZONE).unwrap();
+    assert!(
+        config.service.node.starts_with("warren@"),
+        "{}",
+        config.service.node
+    );
+    assert!(config.service.node.len() > "warren@".len());
+    assert_eq!(config.service.shutdown_timeout, Duration::from_secs(10));
+    let amqp = &config.amqp;
+    assert_eq!(amqp.zone, "local");
+    assert_eq!(amqp.prefetch, 50);
+    assert_eq!(amqp.heartbeat_secs, 10);
+    assert_eq!(amqp.connect_timeout, Duration::from_millis(2000));
+    assert_eq!(amqp.reconnect_min, Duration::from_millis(100));
+    assert_eq!(amqp.reconnect_max, Duration::from_millis(5000));
+    assert_eq!(amqp.startup_timeout, Duration::from_secs(30));
+    assert_eq!(amqp.prechannels, 10);
+    assert_eq!(
+        config.pool,
+        PoolConfig {
+            size: 10,
+            overflow: 20,
+            checkout_timeout: Duration::from_millis(2000),
+        }
+    );
+    assert!(config.apps.is_empty(), "apps without a section do not run");
+    assert_eq!(config.zones.len(), 1);
+    assert!(config.local_zone().local);
+}
+
+#[test]
+fn app_keys_default_from_pool() {
+    let text = format!("{LOCAL_ZONE}[pool]\nsize = 3\noverflow = 7\n[apps.skel]\n");
+    let config = parse(&text).unwrap();
+    let skel = config.app("skel").unwrap();
+    assert!(skel.enabled);
+    assert_eq!(skel.pool, config.pool);
+    assert_eq!(skel.pool.size, 3);
+    assert_eq!(skel.pool.overflow, 7);
+}
+
+#[test]
+fn warren_zone_overrides_the_file() {
+    let text = format!(
+        "[amqp]\nzone = \"local\"\n{LOCAL_ZONE}[zones.east]\nbrokers = [\"amqp://e:e@east:5672/%2f\"]\n"
+    );
+    let path = Path::new("config.ini");
+    let config = Config::parse(&text, path, KNOWN_APPS, Some("east")).unwrap();
+    assert_eq!(config.amqp.zone, "east");
+    assert_eq!(config.local_zone().name, "east");
+    let order: Vec<_> = config
+        .zones
+        .iter()
+        .map(|z| (z.name.as_str(), z.local))
+        .collect();
+    assert_eq!(order, [("east", true), ("local", false)]);
+    // A blank override counts as none.
+    let config = Config::parse(&text, path, KNOWN_APPS, Some("  ")).unwrap();
+    assert_eq!(config.amqp.zone, "local");
+}
+
+#[test]
+fn the_shipped_config_ini_parses() {
+    let text = include_str!("../../../config.ini");
+    let config = Config::parse(text, Path::new("config.ini"), &["skel"], None).unwrap();
+    assert_eq!(config.amqp.zone, "local");
+    let local = config.local_zone();
+    assert_eq!(local.brokers.len(), 1);
+    assert_eq!(
+        local.brokers[0].redacted(),
+        "amqp://guest:***@127.0.0.1:5672/%2f"
+    );
+    assert_eq!(config.zones.len(), 1);
+    let skel = config.app("skel").unwrap();
+    assert!(skel.enabled);
+    assert_eq!((skel.pool.size, skel.pool.overflow), (2, 4));
+    assert_eq!(skel.pool.checkout_timeout, Duration::from_millis(2000));
+    // Every value written in the shipped file is the default.
+    let defaults = parse(LOCAL_ZONE).unwrap();
+    assert_eq!(config.pool, defaults.pool);
+    assert_eq!(config.amqp.prefetch, defaults.amqp.prefetch);
+    assert_eq!(config.amqp.reconnect_max, defaults.amqp.reconnect_max);
+}
+
+#[test]
+fn load_reads_the_file_and_reports_a_missing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.ini");
+    std::fs::write(&path, LOCAL_ZONE).unwrap();
+    // WARREN_ZONE is not set in the test environment unless someone exports it.
+    if std::env::var(ZONE_ENV).is_err() {
+        let config = Config::load(&path, KNOWN_APPS).unwrap();
+        assert_eq!(config.path, path);
+        assert_eq!(config.local_zone().name, "local");
+    }
+    let missing = dir.path().join("absent.ini");
+    let err = Config::load(&missing, KNOWN_APPS).unwrap_err();
+    assert!(matches!(err, ConfigError::Read { .. }));
+    let text = err.to_string();
+    assert!(text.starts_with(&format!("cannot read config file {}: ", missing.display())));
+}
+
+// ---------------------------------------------------------------- effective TOML
+
+#[test]
+fn effective_toml_is_redacted_and_parses_back() {
+    let text = r#"
+[amqp]
+reconnect_max_ms = 9000
+[zones.local]
+brokers = ["amqp://admin:s3cr3t@10.0.0.1:5672/%2f", "amqp://admin:s3cr3t@10.0.0.2:5673/prod"]
+[zones."far east"]
+brokers = ["amqp://x:t0ps3cret@10.9.0.1/%2f"]
+[apps.skel]
+pool_size = 2
+"#;
+    let config =
+        Config::parse(text, Path::new("/etc/warren/config.ini"), KNOWN_APPS, None).unwrap();
+    let effective = config.effective_toml();
+    assert!(
+        !effective.contains("s3cr3t") && !effective.contains("t0ps3cret"),
+        "{effective}"
+    );
+    let first = effective.lines().next().unwrap();
+    assert!(
+        first.starts_with('#') && first.contains("/etc/warren/config.ini"),
+        "{first}"
+    );
+    assert!(
+        effective.contains("amqp://admin:***@10.0.0.1:5672/%2f"),
+        "{effective}"
+    );
+    assert!(effective.contains("[zones.\"far east\"]"), "{effective}");
+
+    // Same shape: it goes through the same strict reader and gives the same values.
+    let again = Config::parse(&effective, Path::new("effective.ini"), KNOWN_APPS, None).unwrap();
+    assert_eq!(again.service.node, config.service.node);
+    assert_eq!(
+        again.service.shutdown_timeout,
+        config.service.shutdown_timeout
+    );
+    assert_eq!(again.amqp.zone, config.amqp.zone);
+    assert_eq!(again.amqp.prefetch, config.amqp.prefetch);
+    assert_eq!(again.amqp.heartbeat_secs, config.amqp.heartbeat_secs);
+    assert_eq!(again.amqp.connect_timeout, config.amqp.connect_timeout);
+    assert_eq!(again.amqp.reconnect_min, config.amqp.reconnect_min);
+    assert_eq!(again.amqp.reconnect_max, config.amqp.reconnect_max);
+    assert_eq!(again.amqp.startup_timeout, config.amqp.startup_timeout);
+    assert_eq!(again.amqp.prechannels, config.amqp.prechannels);
+    assert_eq!(again.pool, config.pool);
+    for (a, b) in again.zones.iter().zip(&config.zones) {
+        assert_eq!((&a.name, a.local), (&b.name, b.local));
+        let a: Vec<_> = a.brokers.iter().map(BrokerUri::redacted).collect();
+        let b: Vec<_> = b.brokers.iter().map(BrokerUri::redacted).collect();
+        assert_eq!(a, b);
+    }
+    assert_eq!(again.zones.len(), config.zones.len());
+    let apps = |c: &Config| -> Vec<_> {
+        c.apps
+            .iter()
+            .map(|a| (a.name.clone(), a.enabled, a.pool))
+            .collect()
+    };
+    assert_eq!(apps(&again), apps(&config));
+
+    // And plain toml reads it as a table with exactly the config.ini sections.
+    let table: toml::Table = toml::from_str(&effective).unwrap();
+    let sections: Vec<_> = table.keys().map(String::as_str).collect();
+    assert_eq!(sections, ["amqp", "apps", "pool", "service", "zones"]);
+}
+
+// ---------------------------------------------------------------- 1. syntax
+
+#[test]
+fn syntax_error_is_located() {
+    let text = "[amqp]\nprefetch = 50\nheartbeat_secs = = 10\n";
+    let refusal = refuse(text, None);
+    assert_at(
+        &refusal,
+        3,
+        18,
+        "amqp.heartbeat_secs",
+        "invalid TOML syntax",
+    );
+    assert!(matches!(refusal.problem, Problem::Syntax { .. }));
+    assert!(
+        refusal
+            .message
+            .starts_with("config.ini:3:18: `amqp.heartbeat_secs`: ")
+    );
+}
+
+#[test]
+fn unclosed_array_points_at_its_last_line() {
+    let text = "[zones.local]\nbrokers = [\"amqp://u:hunter2@h:5672/%2f\"\n";
+    let refusal = refuse(text, None);
+    assert_at(
+        &refusal,
+        2,
+        41,
+        "zones.local.brokers",
+        "invalid TOML syntax",
+    );
+    assert!(!refusal.message.contains("hunter2"), "{}", refusal.message);
+}
+
+// ---------------------------------------------------------------- 2. unknown key
+
+#[test]
+fn unknown_key_suggests_the_closest() {
+    let text = format!("[amqp]\nzone = \"local\"\nprefech = 3\n{LOCAL_ZONE}");
+    let refusal = refuse(&text, None);
+    assert_eq!(
+        refusal.message,
+        "config.ini:3:1: `amqp.prefech`: unknown key (did you mean `prefetch`?)"
+    );
+    assert_at(&refusal, 3, 1, "amqp.prefech", "did you mean `prefetch`?");
+}
+
+#[test]
+fn unknown_keys_are_found_in_every_section() {
+    let text = format!("{LOCAL_ZONE}[apps.skel]\npool_sise = 3\n");
+    assert_at(
+        &refuse(&text, None),
+        4,
+        1,
+        "apps.skel.pool_sise",
+        "did you mean `pool_size`?",
+    );
+
+    let text = "[zones.local]\nbroker = [\"amqp://h\"]\n";
+    assert_at(
+        &refuse(text, None),
+        2,
+        1,
+        "zones.local.broker",
+        "did you mean `brokers`?",
+    );
+
+    let text = format!("{LOCAL_ZONE}[services]\nnode = \"x\"\n");
+    assert_at(
+        &refuse(&text, None),
+        3,
+        2,
+        "services",
+        "did you mean `service`?",
+    );
+
+    let text = format!("{LOCAL_ZONE}[pool]\nflavour = 1\n");
+    let refusal = refuse(&text, None);
+    assert_at(
+        &refusal,
+        4,
+        1,
+        "pool.flavour",
+        "expected one of `size`, `overflow`",
+    );
+}
+
+// ---------------------------------------------------------------- 3. wrong type
+
+#[test]
+fn wrong_type_is_located() {
+    let text = format!("[amqp]\nprefetch = \"fifty\"\n{LOCAL_ZONE}");
+    let refusal = refuse(&text, None);
+    assert_at(
+        &refusal,
+        2,
+        12,
+        "amqp.prefetch",
+        "wrong type: expected an integer from 0 to 65535, found string \"fifty\"",
+    );
+}
+
+#[test]
+fn out_of_range_and_other_types_are_located() {
+    let text = format!("[amqp]\nprefetch = 70000\n{LOCAL_ZONE}");
+    assert_at(
+        &refuse(&text, None),
+        2,
+        12,
+        "amqp.prefetch",
+        "invalid value integer `70000`",
+    );
+
+    let text = format!("[pool]\nsize = -1\n{LOCAL_ZONE}");
+    assert_at(
+        &refuse(&text, None),
+        2,
+        8,
+        "pool.size",
+        "a non-negative integer",
+    );
+
+    let text = format!("{LOCAL_ZONE}[apps.skel]\nenabled = \"yes\"\n");
+    assert_at(
+        &refuse(&text, None),
+        4,
+        11,
+        "apps.skel.enabled",
+        "expected a boolean",
+    );
+
+    let text = "[zones.local]\nbrokers = [\"amqp://h:5672\", 5]\n";
+    assert_at(
+        &refuse(text, None),
+        2,
+        29,
+        "zones.local.brokers[1]",
+        "expected a string",
+    );
+
+    let text = "[zones.local]\nbrokers = \"amqp://u:hunter2@h:5672\"\n";
+    let refusal = refuse(text, None);
+    assert_at(&refusal, 2, 11, "zones.local.brokers", "expected an array");
+    assert!(!refusal.message.contains("hunter2"), "{}", refusal.message);
+
+    let text = format!("amqp = 3\n{LOCAL_ZONE}");
+    assert_at(&refuse(&text, None), 1, 8, "amqp", "expected a table");
+}
+
+// ---------------------------------------------------------------- 4. invalid URI
+
+#[test]
+fn invalid_uri_is_located_and_redacted() {
+    let text = "[zones.local]\nbrokers = [\n  \"amqp://guest:guest@127.0.0.1:5672/%2f\",\n  \"amqp://u:hunter2@host:notaport/%2f\",\n]\n";
+    let refusal = refuse(text, None);
+    assert_at(
+        &refusal,
+        4,
+        3,
+        "zones.local.brokers[1]",
+        "invalid broker URI: `amqp://u:***@host:notaport/%2f` has an invalid port `notaport`",
+    );
+    assert!(!refusal.message.contains("hunter2"), "{}", refusal.message);
+    assert!(!format!("{:?}", refusal.problem).contains("hunter2"));
+}
+
+#[test]
+fn amqps_and_bad_uris_in_other_zones_are_refused() {
+    let text =
+        format!("{LOCAL_ZONE}[zones.east]\nbrokers = [\"amqps://u:hunter2@east:5671/%2f\"]\n");
+    let refusal = refuse(&text, None);
+    assert_at(
+        &refusal,
+        4,
+        12,
+        "zones.east.brokers[0]",
+        "TLS is not enabled in this build",
+    );
+    assert!(!refusal.message.contains("hunter2"), "{}", refusal.message);
+
+    let text = "[zones.local]\nbrokers = [\"rabbit:5672\"]\n";
+    assert_at(
+        &refuse(text, None),
+        2,
+        12,
+        "zones.local.brokers[0]",
+        "is not an AMQP URI",
+    );
+}
+
+// ---------------------------------------------------------------- 5. local zone
+
+#[test]
+fn local_zone_missing_is_refused() {
+    let text = "[zones.east]\nbrokers = [\"amqp://east:5672\"]\n";
+    let refusal = refuse(text, None);
+    assert_at(
+        &refusal,
+        1,
+        1,
+        "zones.local",
+        "this node's zone `local` has no [zones.local] section; the file defines `east`",
+    );
+    assert!(matches!(
+        refusal.problem,
+        Problem::LocalZoneMissing {
+            from_env: false,
+            ..
+        }
+    ));
+
+    let text = format!("[amqp]\nzone = \"west\"\n{LOCAL_ZONE}");
+    assert_at(
+        &refuse(&text, None),
+        2,
+        8,
+        "zones.west",
+        "zone `west` has no [zones.west]",
+    );
+}
+
+#[test]
+fn local_zone_missing_mentions_warren_zone() {
+    let refusal = refuse(LOCAL_ZONE, Some("north"));
+    assert_at(
+        &refusal,
+        1,
+        1,
+        "zones.north",
+        "this node's zone `north` (set by WARREN_ZONE) has no [zones.north] section",
+    );
+}
+
+#[test]
+fn local_zone_without_brokers_is_refused() {
+    let refusal = refuse("[zones.local]\nbrokers = []\n", None);
+    assert_at(
+        &refusal,
+        2,
+        11,
+        "zones.local.brokers",
+        "zone `local` lists no brokers",
+    );
+
+    let refusal = refuse("[amqp]\nprefetch = 5\n[zones.local]\n", None);
+    assert_at(
+        &refusal,
+        3,
+        8,
+        "zones.local",
+        "zone `local` lists no brokers",
+    );
+}
+
+// ---------------------------------------------------------------- 6. pool size 0
+
+#[test]
+fn pool_size_zero_is_refused() {
+    let text = format!("{LOCAL_ZONE}[pool]\nsize = 0\n");
+    assert_at(
+        &refuse(&text, None),
+        4,
+        8,
+        "pool.size",
+        "a pool needs at least one worker",
+    );
+
+    let text = format!("{LOCAL_ZONE}[apps.skel]\nenabled = false\npool_size = 0\n");
+    let refusal = refuse(&text, None);
+    assert_at(
+        &refusal,
+        5,
+        13,
+        "apps.skel.pool_size",
+        "a pool needs at least one worker",
+    );
+    assert_eq!(refusal.problem, Problem::ZeroPoolSize);
+}
+
+// ---------------------------------------------------------------- 7. reconnect range
+
+#[test]
+fn reconnect_min_above_max_is_refused() {
+    let text = format!("[amqp]\nreconnect_min_ms = 6000\nreconnect_max_ms = 5000\n{LOCAL_ZONE}");
+    let refusal = refuse(&text, None);
+    assert_at(
+        &refusal,
+        2,
+        20,
+        "amqp.reconnect_min_ms",
+        "reconnect_min_ms (6000) is greater than reconnect_max_ms (5000)",
+    );
+
+    // Against the default maximum too.
+    let text = format!("[amqp]\nreconnect_min_ms = 5001\n{LOCAL_ZONE}");
+    assert_at(
+        &refuse(&text, None),
+        2,
+        20,
+        "amqp.reconnect_min_ms",
+        "(5000)",
+    );
+
+    // A maximum below the default minimum is located at the maximum.
+    let text = format!("[amqp]\nreconnect_max_ms = 50\n{LOCAL_ZONE}");
+    assert_at(
+        &refuse(&text, None),
+        2,
+        20,
+        "amqp.reconnect_max_ms",
+        "(100) is greater",
+    );
+}
+
+// ---------------------------------------------------------------- 8. the rest
+
+#[test]
+fn unknown_app_suggests_a_known_one() {
+    let text = format!("{LOCAL_ZONE}[apps.skell]\npool_size = 2\n");
+    let refusal = refuse(&text, None);
+    assert_at(
+        &refusal,
+        3,
+        7,
+        "apps.skell",
+        "`apps.skell`: unknown app (did you mean `skel`?)",
+    );
+
+    let text = format!("{LOCAL_ZONE}[apps.billing]\n");
+    let refusal = refuse(&text, None);
+    assert_at(
+        &refusal,
+        3,
+        7,
+        "apps.billing",
+        "(expected one of `skel`, `echo`)",
+    );
+}
+
+#[test]
+fn a_broker_listed_twice_is_refused() {
+    let text = "[zones.local]\nbrokers = [\"amqp://a:hunter2@rabbit:5672/%2f\"]\n[zones.east]\nbrokers = [\"amqp://b:swordfish@RABBIT/%2f\"]\n";
+    let refusal = refuse(text, None);
+    assert_at(
+        &refusal,
+        4,
+        12,
+        "zones.east.brokers[0]",
+        "this broker is already listed as `zones.local.brokers[0]` on line 2 \
+         (same host, port and vhost)",
+    );
+    assert!(!refusal.message.contains("hunter2") && !refusal.message.contains("swordfish"));
+
+    let text = "[zones.local]\nbrokers = [\"amqp://h:5672/%2f\", \"amqp://h:5673/%2f\", \"amqp://h/%2f\"]\n";
+    assert_at(
+        &refuse(text, None),
+        2,
+        54,
+        "zones.local.brokers[2]",
+        "already listed as `zones.local.brokers[0]`",
+    );
+}
+
+#[test]
+fn zero_values_are_refused() {
+    let cases = [
+        ("[amqp]\nprefetch = 0\n", "amqp.prefetch", 12),
+        (
+            "[amqp]\nconnect_timeout_ms = 0\n",
+            "amqp.connect_timeout_ms",
+            22,
+        ),
+        (
+            "[amqp]\nstartup_timeout_secs = 0\n",
+            "amqp.startup_timeout_secs",
+            24,
+        ),
+        (
+            "[amqp]\nreconnect_min_ms = 0\n",
+            "amqp.reconnect_min_ms",
+            20,
+        ),
+        (
+            "[pool]\ncheckout_timeout_ms = 0\n",
+            "pool.checkout_timeout_ms",
+            23,
+        ),
+        (
+            "[service]\nshutdown_timeout_secs = 0\n",
+            "service.shutdown_timeout_secs",
+            25,
+        ),
+        (
+            "[apps.skel]\ncheckout_timeout_ms = 0\n",
+            "apps.skel.checkout_timeout_ms",
+            23,
+        ),
+    ];
+    for (section, key, column) in cases {
+        let text = format!("{section}{LOCAL_ZONE}");
+        let refusal = refuse(&text, None);
+        assert_at(&refusal, 2, column, key, "must be greater than 0");
+        assert_eq!(refusal.problem, Problem::Zero);
+    }
+}
+
+#[test]
+fn zero_is_fine_where_it_means_something() {
+    let text =
+        format!("[amqp]\nheartbeat_secs = 0\nprechannels = 0\n[pool]\noverflow = 0\n{LOCAL_ZONE}");
+    let config = parse(&text).unwrap();
+    assert_eq!(config.amqp.heartbeat_secs, 0);
+    assert_eq!(config.amqp.prechannels, 0);
+    assert_eq!(config.pool.overflow, 0);
+}
+
+#[test]
+fn an_empty_zone_name_is_refused() {
+    let text = format!("{LOCAL_ZONE}[zones.\"\"]\nbrokers = [\"amqp://other:5672\"]\n");
+    assert_at(
+        &refuse(&text, None),
+        3,
+        8,
+        "zones.\"\"",
+        "a zone name must not be empty",
+    );
+
+    let text = format!("[amqp]\nzone = \"\"\n{LOCAL_ZONE}");
+    assert_at(
+        &refuse(&text, None),
+        2,
+        8,
+        "amqp.zone",
+        "a zone name must not be empty",
+    );
+}

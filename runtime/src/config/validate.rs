@@ -1,0 +1,382 @@
+//! From the file as written ([`RawConfig`]) to the checked [`Config`]: defaults filled
+//! in, meaning checked (zones, brokers, zero values, pools, apps), every refusal located.
+//!
+//! Checks run in the order of the file's sections and the first mistake is reported.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::error::{ConfigError, Problem};
+use super::locate::{Source, join};
+use super::raw::{self, RawAmqp, RawApp, RawConfig, RawPool, RawService, RawZone};
+use super::read::closest;
+use super::{AmqpConfig, AppConfig, Config, PoolConfig, ServiceConfig, Zone};
+use crate::uri::BrokerUri;
+
+/// What validation needs besides the raw file.
+pub(super) struct Inputs<'a> {
+    pub source: Source<'a>,
+    pub known_apps: &'a [&'a str],
+    /// WARREN_ZONE, if set and not blank.
+    pub zone_override: Option<&'a str>,
+}
+
+/// Checks `raw` and builds the effective configuration.
+pub(super) fn validate(raw: RawConfig, inputs: &Inputs<'_>) -> Result<Config, ConfigError> {
+    let source = &inputs.source;
+    let service = service(&raw.service, source)?;
+    let amqp = amqp(&raw.amqp, inputs)?;
+    let zones = zones(&raw.zones, &raw.amqp, &amqp.zone, inputs)?;
+    let pool = pool(&raw.pool, source)?;
+    let apps = apps(&raw.apps, pool, inputs)?;
+    Ok(Config {
+        path: source.path.to_path_buf(),
+        service,
+        amqp,
+        zones,
+        pool,
+        apps,
+    })
+}
+
+/// `[service]`.
+fn service(raw: &RawService, source: &Source<'_>) -> Result<ServiceConfig, ConfigError> {
+    let node = match raw.node.as_deref().map(str::trim) {
+        Some(node) if !node.is_empty() => node.to_string(),
+        _ => format!("warren@{}", hostname()),
+    };
+    let shutdown = positive(
+        raw.shutdown_timeout_secs.as_ref(),
+        raw::SHUTDOWN_TIMEOUT_SECS,
+        "service.shutdown_timeout_secs",
+        source,
+    )?;
+    Ok(ServiceConfig {
+        node,
+        shutdown_timeout: Duration::from_secs(shutdown),
+    })
+}
+
+/// `[amqp]`, with the local zone resolved (WARREN_ZONE wins over `amqp.zone`).
+fn amqp(raw: &RawAmqp, inputs: &Inputs<'_>) -> Result<AmqpConfig, ConfigError> {
+    let source = &inputs.source;
+    let zone = match (inputs.zone_override, &raw.zone) {
+        (Some(zone), _) => zone.to_string(),
+        (None, Some(zone)) if zone.get_ref().trim().is_empty() => {
+            return Err(source.error(zone.span().start, "amqp.zone", Problem::EmptyZoneName));
+        }
+        (None, Some(zone)) => zone.get_ref().clone(),
+        (None, None) => raw::ZONE.to_string(),
+    };
+    let prefetch = positive(
+        raw.prefetch.as_ref(),
+        raw::PREFETCH,
+        "amqp.prefetch",
+        source,
+    )?;
+    let connect_timeout = positive(
+        raw.connect_timeout_ms.as_ref(),
+        raw::CONNECT_TIMEOUT_MS,
+        "amqp.connect_timeout_ms",
+        source,
+    )?;
+    let reconnect_min = positive(
+        raw.reconnect_min_ms.as_ref(),
+        raw::RECONNECT_MIN_MS,
+        "amqp.reconnect_min_ms",
+        source,
+    )?;
+    let reconnect_max = raw
+        .reconnect_max_ms
+        .as_ref()
+        .map_or(raw::RECONNECT_MAX_MS, |max| *max.get_ref());
+    if reconnect_min > reconnect_max {
+        // At the minimum when the file sets it, else at the maximum that undercuts it.
+        let (offset, key) = match (&raw.reconnect_min_ms, &raw.reconnect_max_ms) {
+            (Some(min), _) => (min.span().start, "amqp.reconnect_min_ms"),
+            (None, Some(max)) => (max.span().start, "amqp.reconnect_max_ms"),
+            (None, None) => (0, "amqp.reconnect_min_ms"),
+        };
+        return Err(source.error(
+            offset,
+            key,
+            Problem::ReconnectRange {
+                min: reconnect_min,
+                max: reconnect_max,
+            },
+        ));
+    }
+    let startup_timeout = positive(
+        raw.startup_timeout_secs.as_ref(),
+        raw::STARTUP_TIMEOUT_SECS,
+        "amqp.startup_timeout_secs",
+        source,
+    )?;
+    Ok(AmqpConfig {
+        zone,
+        prefetch,
+        heartbeat_secs: raw.heartbeat_secs.unwrap_or(raw::HEARTBEAT_SECS),
+        connect_timeout: Duration::from_millis(connect_timeout),
+        reconnect_min: Duration::from_millis(reconnect_min),
+        reconnect_max: Duration::from_millis(reconnect_max),
+        startup_timeout: Duration::from_secs(startup_timeout),
+        prechannels: raw.prechannels.unwrap_or(raw::PRECHANNELS),
+    })
+}
+
+/// One broker entry of the file, before parsing.
+struct Listed<'r> {
+    zone: &'r str,
+    key: String,
+    span: Range<usize>,
+    text: &'r str,
+}
+
+/// `[zones.*]`: names, broker lists, URIs, duplicates, and the local zone's presence.
+/// The local zone comes first, then the others by name.
+fn zones(
+    raw: &BTreeMap<Spanned<String>, RawZone>,
+    raw_amqp: &RawAmqp,
+    local: &str,
+    inputs: &Inputs<'_>,
+) -> Result<Vec<Zone>, ConfigError> {
+    let source = &inputs.source;
+    let mut listed = Vec::new();
+    for (name, zone) in raw {
+        let zone_key = join("zones", name.get_ref());
+        if name.get_ref().trim().is_empty() {
+            return Err(source.error(name.span().start, &zone_key, Problem::EmptyZoneName));
+        }
+        let no_brokers = || Problem::NoBrokers {
+            zone: name.get_ref().clone(),
+        };
+        let Some(brokers) = &zone.brokers else {
+            return Err(source.error(name.span().start, &zone_key, no_brokers()));
+        };
+        let brokers_key = format!("{zone_key}.brokers");
+        if brokers.get_ref().is_empty() {
+            return Err(source.error(brokers.span().start, &brokers_key, no_brokers()));
+        }
+        for (index, broker) in brokers.get_ref().iter().enumerate() {
+            listed.push(Listed {
+                zone: name.get_ref(),
+                key: format!("{brokers_key}[{index}]"),
+                span: broker.span(),
+                text: broker.get_ref(),
+            });
+        }
+    }
+    // Report mistakes in file order, and call "first" what comes first in the file.
+    listed.sort_by_key(|entry| entry.span.start);
+    let mut parsed: Vec<(&Listed<'_>, BrokerUri)> = Vec::new();
+    for entry in &listed {
+        let uri = BrokerUri::parse(entry.text).map_err(|err| {
+            source.error(
+                entry.span.start,
+                &entry.key,
+                Problem::InvalidUri(Box::new(err)),
+            )
+        })?;
+        if let Some((first, _)) = parsed.iter().find(|(_, seen)| same_broker(seen, &uri)) {
+            let problem = Problem::DuplicateBroker {
+                first_key: first.key.clone(),
+                first_line: source.line(first.span.start),
+            };
+            return Err(source.error(entry.span.start, &entry.key, problem));
+        }
+        parsed.push((entry, uri));
+    }
+    if !raw.keys().any(|name| name.get_ref() == local) {
+        return Err(local_zone_missing(raw, raw_amqp, local, inputs));
+    }
+    let mut zones: Vec<Zone> = raw
+        .keys()
+        .map(|name| Zone {
+            name: name.get_ref().clone(),
+            local: name.get_ref() == local,
+            brokers: Vec::new(),
+        })
+        .collect();
+    // `parsed` is in file order, which within one zone is the list's order.
+    for (entry, uri) in parsed {
+        if let Some(zone) = zones.iter_mut().find(|zone| zone.name == entry.zone) {
+            zone.brokers.push(uri);
+        }
+    }
+    zones.sort_by_key(|zone| !zone.local);
+    Ok(zones)
+}
+
+/// Two entries name the same broker when they reach the same host, port and vhost,
+/// whatever the credentials: one broker must not be connected to twice.
+fn same_broker(a: &BrokerUri, b: &BrokerUri) -> bool {
+    a.host().eq_ignore_ascii_case(b.host())
+        && a.port() == b.port()
+        && a.amqp().vhost == b.amqp().vhost
+}
+
+/// The error for a local zone without a section, located at `amqp.zone` when the file
+/// chose the zone, else at the top of the file.
+fn local_zone_missing(
+    raw: &BTreeMap<Spanned<String>, RawZone>,
+    raw_amqp: &RawAmqp,
+    local: &str,
+    inputs: &Inputs<'_>,
+) -> ConfigError {
+    let from_env = inputs.zone_override.is_some();
+    let offset = match (&raw_amqp.zone, from_env) {
+        (Some(zone), false) => zone.span().start,
+        _ => 0,
+    };
+    let problem = Problem::LocalZoneMissing {
+        zone: local.to_string(),
+        from_env,
+        defined: raw.keys().map(|name| name.get_ref().clone()).collect(),
+    };
+    inputs.source.error(offset, &join("zones", local), problem)
+}
+
+/// `[pool]`: the defaults of every app's pool.
+fn pool(raw: &RawPool, source: &Source<'_>) -> Result<PoolConfig, ConfigError> {
+    let size = pool_size(raw.size.as_ref(), raw::POOL_SIZE, "pool.size", source)?;
+    let checkout = positive(
+        raw.checkout_timeout_ms.as_ref(),
+        raw::CHECKOUT_TIMEOUT_MS,
+        "pool.checkout_timeout_ms",
+        source,
+    )?;
+    Ok(PoolConfig {
+        size,
+        overflow: raw.overflow.unwrap_or(raw::POOL_OVERFLOW),
+        checkout_timeout: Duration::from_millis(checkout),
+    })
+}
+
+/// `[apps.*]`: only apps this binary knows, each pool defaulting from `[pool]`.
+fn apps(
+    raw: &BTreeMap<Spanned<String>, RawApp>,
+    defaults: PoolConfig,
+    inputs: &Inputs<'_>,
+) -> Result<Vec<AppConfig>, ConfigError> {
+    let source = &inputs.source;
+    let mut apps = Vec::new();
+    for (name, app) in raw {
+        let key = join("apps", name.get_ref());
+        if !inputs.known_apps.contains(&name.get_ref().as_str()) {
+            let problem = Problem::UnknownApp {
+                suggestion: closest(name.get_ref(), inputs.known_apps.iter().copied()),
+                known: inputs
+                    .known_apps
+                    .iter()
+                    .map(|app| app.to_string())
+                    .collect(),
+            };
+            return Err(source.error(name.span().start, &key, problem));
+        }
+        let size = pool_size(
+            app.pool_size.as_ref(),
+            defaults.size,
+            &format!("{key}.pool_size"),
+            source,
+        )?;
+        let default_checkout =
+            u64::try_from(defaults.checkout_timeout.as_millis()).unwrap_or(u64::MAX);
+        let checkout = positive(
+            app.checkout_timeout_ms.as_ref(),
+            default_checkout,
+            &format!("{key}.checkout_timeout_ms"),
+            source,
+        )?;
+        apps.push(AppConfig {
+            name: name.get_ref().clone(),
+            enabled: app.enabled.unwrap_or(true),
+            pool: PoolConfig {
+                size,
+                overflow: app.pool_overflow.unwrap_or(defaults.overflow),
+                checkout_timeout: Duration::from_millis(checkout),
+            },
+        });
+    }
+    Ok(apps)
+}
+
+/// The value of a key that must not be zero, or its default when absent.
+fn positive<T>(
+    value: Option<&Spanned<T>>,
+    default: T,
+    key: &str,
+    source: &Source<'_>,
+) -> Result<T, ConfigError>
+where
+    T: Copy + Default + PartialEq,
+{
+    match value {
+        None => Ok(default),
+        Some(value) if *value.get_ref() == T::default() => {
+            Err(source.error(value.span().start, key, Problem::Zero))
+        }
+        Some(value) => Ok(*value.get_ref()),
+    }
+}
+
+/// A pool size (never zero), or its default when absent.
+fn pool_size(
+    value: Option<&Spanned<usize>>,
+    default: usize,
+    key: &str,
+    source: &Source<'_>,
+) -> Result<usize, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(value) if *value.get_ref() == 0 => {
+            Err(source.error(value.span().start, key, Problem::ZeroPoolSize))
+        }
+        Some(value) => Ok(*value.get_ref()),
+    }
+}
+
+/// This machine's host name, for the default node name.
+fn hostname() -> String {
+    hostname_from(Path::new("/proc/sys/kernel/hostname"))
+}
+
+/// The trimmed content of `file`, or "localhost" when it is unreadable or blank.
+fn hostname_from(file: &Path) -> String {
+    std::fs::read_to_string(file)
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostname_falls_back_to_localhost() {
+        assert_eq!(
+            hostname_from(Path::new("/nonexistent/hostname")),
+            "localhost"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hostname");
+        std::fs::write(&file, "  \n").unwrap();
+        assert_eq!(hostname_from(&file), "localhost");
+        std::fs::write(&file, "box-1\n").unwrap();
+        assert_eq!(hostname_from(&file), "box-1");
+    }
+
+    #[test]
+    fn same_broker_ignores_credentials_but_not_vhost() {
+        let a = BrokerUri::parse("amqp://a:x@Host:5672/%2f").unwrap();
+        let b = BrokerUri::parse("amqp://b:y@host/%2f").unwrap();
+        let c = BrokerUri::parse("amqp://a:x@host:5672/other").unwrap();
+        assert!(same_broker(&a, &b));
+        assert!(!same_broker(&a, &c));
+    }
+}

@@ -1,0 +1,167 @@
+//! One warren node: the root supervision tree and the handles apps are built with.
+//!
+//! ```text
+//! warren (rest_for_one)
+//! ├─ registry      ConnectionRegistry writer
+//! ├─ connections   one_for_one, a connection actor per broker
+//! ├─ bootstrap     adds brokers, blocks start until a local broker is ready (temporary)
+//! └─ apps          one_for_one, a supervisor per enabled app
+//! ```
+//! Stopping the node stops the children in reverse order (apps first, connections last),
+//! each within its own shutdown timeout, the whole within `[service] shutdown_timeout_secs`.
+//! This module owns the tree's shape; each child owns its own behaviour.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorCell, ActorRef};
+use tokio::task::JoinHandle;
+
+use crate::backoff::Backoff;
+use crate::bootstrap::{Bootstrap, BootstrapArgs};
+use crate::config::Config;
+use crate::connection::ConnectionSettings;
+use crate::connections::Connections;
+use crate::registry::{ConnectionRegistry, RegistryActor};
+use crate::supervisor::{
+    ChildSpec, Intensity, Restart, Strategy, Supervisor, SupervisorMsg, SupervisorSpec,
+    spawn_error_reason,
+};
+
+/// Handles to a running node's services, given to apps when they build their children.
+#[derive(Clone)]
+pub struct NodeContext {
+    pub config: Arc<Config>,
+    pub registry: ConnectionRegistry,
+    pub connections: Connections,
+}
+
+/// A running node. Dropping it does not stop the tree; call [`Node::stop`].
+pub struct Node {
+    root: ActorRef<SupervisorMsg>,
+    done: JoinHandle<()>,
+    context: NodeContext,
+}
+
+/// The node could not start (a child failed to start, e.g. no broker within the startup
+/// timeout). The message is the readable chain of causes.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StartError(pub String);
+
+/// The node did not stop within its shutdown timeout; what was left was killed.
+#[derive(Debug, thiserror::Error)]
+#[error("the node did not stop within {0:?}; remaining actors were killed")]
+pub struct StopTimeout(pub Duration);
+
+impl Node {
+    /// Starts the tree. Returns once a local broker is ready and every app has started.
+    /// `apps` builds the children of the `apps` supervisor from the node's handles.
+    pub async fn start(
+        config: Config,
+        apps: impl FnOnce(&NodeContext) -> Vec<ChildSpec>,
+    ) -> Result<Node, StartError> {
+        let config = Arc::new(config);
+        let registry = ConnectionRegistry::new(&config);
+        let connections =
+            Connections::new(registry.clone(), ConnectionSettings::from_config(&config));
+        let context = NodeContext {
+            config: config.clone(),
+            registry: registry.clone(),
+            connections: connections.clone(),
+        };
+        let app_children = apps(&context);
+
+        let registry_child = {
+            let registry = registry.clone();
+            ChildSpec::new("registry", move |parent: ActorCell| {
+                let registry = registry.clone();
+                async move {
+                    let (actor, _) =
+                        Actor::spawn_linked(None, RegistryActor, registry, parent).await?;
+                    Ok(actor.get_cell())
+                }
+            })
+        };
+        let bootstrap_child = {
+            let connections = connections.clone();
+            let startup_timeout = config.amqp.startup_timeout;
+            ChildSpec::new("bootstrap", move |parent: ActorCell| {
+                let args = BootstrapArgs {
+                    connections: connections.clone(),
+                    startup_timeout,
+                };
+                async move {
+                    let (actor, _) = Actor::spawn_linked(None, Bootstrap, args, parent).await?;
+                    Ok(actor.get_cell())
+                }
+            })
+            .restart(Restart::Temporary)
+        };
+        let apps_child = ChildSpec::supervisor(SupervisorSpec {
+            name: "apps".to_string(),
+            strategy: Strategy::OneForOne,
+            intensity: Intensity {
+                max_restarts: 10,
+                within: Duration::from_secs(60),
+            },
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+            children: app_children,
+        });
+
+        let root = SupervisorSpec {
+            name: "warren".to_string(),
+            strategy: Strategy::RestForOne,
+            intensity: Intensity {
+                max_restarts: 3,
+                within: Duration::from_secs(60),
+            },
+            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
+            children: vec![
+                registry_child,
+                connections.supervisor_child(),
+                bootstrap_child,
+                apps_child,
+            ],
+        };
+        let (root, done) = Supervisor::spawn(root)
+            .await
+            .map_err(|e| StartError(spawn_error_reason(&e)))?;
+        tracing::info!(node = %config.service.node, "supervision tree started");
+        Ok(Node {
+            root,
+            done,
+            context,
+        })
+    }
+
+    /// The node's handles.
+    pub fn context(&self) -> &NodeContext {
+        &self.context
+    }
+
+    /// Resolves when the root supervisor has terminated on its own (it gave up after too
+    /// many restarts). A healthy node never resolves this.
+    pub async fn terminated(&mut self) {
+        let _ = (&mut self.done).await;
+    }
+
+    /// Stops the tree in order: apps, then bootstrap, connections and registry, bounded by
+    /// `[service] shutdown_timeout_secs`.
+    pub async fn stop(self) -> Result<(), StopTimeout> {
+        let timeout = self.context.config.service.shutdown_timeout;
+        match self
+            .root
+            .stop_and_wait(Some("node stopping".to_string()), Some(timeout))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(ractor::RactorErr::Timeout) => {
+                self.root.kill();
+                Err(StopTimeout(timeout))
+            }
+            // The root had already stopped.
+            Err(_) => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,481 @@
+//! The connection registry: which brokers exist, in which zone, and which are available.
+//!
+//! Readers (assignments, publishers, tests, the binary) look at a `parking_lot` snapshot
+//! without a message round trip, the way Kazoo callers read the `kz_amqp_connections` ETS
+//! table. Only the registry actor writes the status table; connection actors send it their
+//! status. If the registry actor restarts it asks every connection actor to report again,
+//! so its state is rebuilt from its children rather than from nothing.
+//!
+//! This module owns broker identity (`BrokerId`, `Broker`) and availability. It must not
+//! touch lapin connections or channels: those belong to `connection`.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::connection::ConnectionMsg;
+use crate::uri::BrokerUri;
+
+/// A broker's position in the node's broker list: local zone first, then the other zones,
+/// each in config order. Stable for the life of the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BrokerId(pub usize);
+
+impl fmt::Display for BrokerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// One broker as configured: where it is and which zone it serves.
+#[derive(Debug)]
+pub struct Broker {
+    pub id: BrokerId,
+    pub zone: String,
+    /// True for brokers of this node's own zone; only they can be primary.
+    pub local: bool,
+    pub uri: BrokerUri,
+}
+
+impl fmt::Display for Broker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.uri, self.zone)
+    }
+}
+
+/// What the registry knows about one broker right now.
+#[derive(Clone, Debug)]
+pub struct BrokerStatus {
+    /// Both of the broker's connections (consume and publish) are up.
+    pub available: bool,
+    /// Incremented each time the broker's connections come up; lets consumers tell an old
+    /// connection's channels from a new one's.
+    pub generation: u64,
+    /// `connection.blocked` reason for the publish connection, if the broker blocked it.
+    pub publish_blocked: Option<String>,
+    /// `connection.blocked` reason for the consume connection, if the broker blocked it.
+    pub consume_blocked: Option<String>,
+    /// The last connect or connection error (passwords redacted).
+    pub last_error: Option<String>,
+    /// Failed connect attempts since the broker was last available.
+    pub failed_attempts: u32,
+    /// When `available` last changed.
+    pub since: Instant,
+}
+
+impl BrokerStatus {
+    fn new() -> Self {
+        BrokerStatus {
+            available: false,
+            generation: 0,
+            publish_blocked: None,
+            consume_blocked: None,
+            last_error: None,
+            failed_attempts: 0,
+            since: Instant::now(),
+        }
+    }
+}
+
+/// A change a connection actor reports about its broker.
+#[derive(Clone, Debug)]
+pub enum StatusUpdate {
+    /// The broker's connections are up (generation `n`).
+    Up { generation: u64 },
+    /// The broker's connections went down, or a connect attempt failed.
+    Down { error: String, failed_attempts: u32 },
+    /// The connection actor stopped (node shutdown or a restart of the actor).
+    Stopped,
+    /// The broker blocked or unblocked one of the connections (`reason` None = unblocked).
+    Blocked {
+        publish: bool,
+        reason: Option<String>,
+    },
+}
+
+/// Startup gave up: no local broker became available in time. Names every broker tried.
+#[derive(Debug, thiserror::Error)]
+#[error("no broker of the local zone `{zone}` became available within {}s; tried:{}", .waited.as_secs(), tried_list(.tried))]
+pub struct NotReady {
+    pub zone: String,
+    pub waited: Duration,
+    /// (redacted URI, zone, last error) for every broker.
+    pub tried: Vec<(String, String, Option<String>)>,
+}
+
+fn tried_list(tried: &[(String, String, Option<String>)]) -> String {
+    let mut out = String::new();
+    for (uri, zone, error) in tried {
+        let error = error
+            .as_deref()
+            .unwrap_or("no connection attempt finished yet");
+        out.push_str(&format!("\n  {uri} (zone {zone}): {error}"));
+    }
+    out
+}
+
+/// Shared handle to the registry: cheap to clone, read without a round trip.
+#[derive(Clone)]
+pub struct ConnectionRegistry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    local_zone: String,
+    brokers: Vec<Arc<Broker>>,
+    /// Indexed by `BrokerId`. Written only by the registry actor.
+    status: RwLock<Vec<BrokerStatus>>,
+    /// Brokers that bootstrap (or an operator) added; the connections supervisor starts
+    /// one connection actor for each. Indexed by `BrokerId`.
+    added: RwLock<Vec<bool>>,
+    /// Each connection actor registers itself in its own slot so that a restarted
+    /// registry can ask it to report again.
+    connections: Mutex<Vec<Option<ActorRef<ConnectionMsg>>>>,
+    /// The registry actor, for connection actors to send their status to.
+    actor: RwLock<Option<ActorRef<RegistryMsg>>>,
+    /// Bumped on every status change; `wait_until_ready` and subscribers watch it.
+    version: watch::Sender<u64>,
+}
+
+impl ConnectionRegistry {
+    /// Builds the broker list from the config: local zone first, then the other zones, each
+    /// in config order. No broker is added (connected) yet; bootstrap does that.
+    pub fn new(config: &Config) -> Self {
+        // Local zone first, then the other zones; brokers in config order within a zone.
+        let zones = config
+            .zones
+            .iter()
+            .filter(|z| z.local)
+            .chain(config.zones.iter().filter(|z| !z.local));
+        let mut brokers: Vec<Arc<Broker>> = Vec::new();
+        for zone in zones {
+            for uri in &zone.brokers {
+                brokers.push(Arc::new(Broker {
+                    id: BrokerId(brokers.len()),
+                    zone: zone.name.clone(),
+                    local: zone.local,
+                    uri: uri.clone(),
+                }));
+            }
+        }
+        let n = brokers.len();
+        let (version, _) = watch::channel(0);
+        ConnectionRegistry {
+            inner: Arc::new(Inner {
+                local_zone: config.amqp.zone.clone(),
+                brokers,
+                status: RwLock::new((0..n).map(|_| BrokerStatus::new()).collect()),
+                added: RwLock::new(vec![false; n]),
+                connections: Mutex::new(vec![None; n]),
+                actor: RwLock::new(None),
+                version,
+            }),
+        }
+    }
+
+    /// This node's zone.
+    pub fn local_zone(&self) -> &str {
+        &self.inner.local_zone
+    }
+
+    /// Every configured broker, local zone first.
+    pub fn brokers(&self) -> &[Arc<Broker>] {
+        &self.inner.brokers
+    }
+
+    /// One broker by id.
+    pub fn broker(&self, id: BrokerId) -> Option<&Arc<Broker>> {
+        self.inner.brokers.get(id.0)
+    }
+
+    /// The brokers of one zone, in config order.
+    pub fn brokers_in_zone(&self, zone: &str) -> Vec<Arc<Broker>> {
+        self.inner
+            .brokers
+            .iter()
+            .filter(|b| b.zone == zone)
+            .cloned()
+            .collect()
+    }
+
+    /// The primary: the first available broker of the local zone, in config order.
+    pub fn primary(&self) -> Option<Arc<Broker>> {
+        let status = self.inner.status.read();
+        self.inner
+            .brokers
+            .iter()
+            .find(|b| b.local && status[b.id.0].available)
+            .cloned()
+    }
+
+    /// Whether a broker's connections are up.
+    pub fn is_available(&self, id: BrokerId) -> bool {
+        self.inner
+            .status
+            .read()
+            .get(id.0)
+            .is_some_and(|s| s.available)
+    }
+
+    /// A copy of one broker's status.
+    pub fn status(&self, id: BrokerId) -> Option<BrokerStatus> {
+        self.inner.status.read().get(id.0).cloned()
+    }
+
+    /// Availability of every broker, indexed by `BrokerId`.
+    pub fn availability(&self) -> Vec<bool> {
+        self.inner
+            .status
+            .read()
+            .iter()
+            .map(|s| s.available)
+            .collect()
+    }
+
+    /// A receiver that changes whenever any broker's status changes.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.version.subscribe()
+    }
+
+    /// Waits until a broker of the local zone is available and returns it (the primary).
+    /// The condition is re-checked on every change, so a broker of another zone coming up
+    /// does not end the wait.
+    pub async fn wait_until_ready(&self, timeout: Duration) -> Result<Arc<Broker>, NotReady> {
+        let mut changes = self.subscribe();
+        let waited = tokio::time::timeout(timeout, async {
+            loop {
+                if let Some(primary) = self.primary() {
+                    return Some(primary);
+                }
+                if changes.changed().await.is_err() {
+                    return None;
+                }
+            }
+        })
+        .await;
+        match waited {
+            Ok(Some(primary)) => Ok(primary),
+            _ => Err(self.not_ready(timeout)),
+        }
+    }
+
+    fn not_ready(&self, waited: Duration) -> NotReady {
+        let status = self.inner.status.read();
+        NotReady {
+            zone: self.inner.local_zone.clone(),
+            waited,
+            tried: self
+                .inner
+                .brokers
+                .iter()
+                .map(|b| {
+                    (
+                        b.uri.redacted().to_string(),
+                        b.zone.clone(),
+                        status[b.id.0].last_error.clone(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Marks a broker as added; the connections supervisor runs a connection for each
+    /// added broker. Returns false if it was added already.
+    pub(crate) fn mark_added(&self, id: BrokerId) -> bool {
+        let mut added = self.inner.added.write();
+        match added.get_mut(id.0) {
+            Some(slot) if !*slot => {
+                *slot = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Brokers that have been added, in id order.
+    pub fn added(&self) -> Vec<Arc<Broker>> {
+        let added = self.inner.added.read();
+        self.inner
+            .brokers
+            .iter()
+            .filter(|b| added[b.id.0])
+            .cloned()
+            .collect()
+    }
+
+    /// The connection actor currently serving a broker, if any.
+    pub fn connection(&self, id: BrokerId) -> Option<ActorRef<ConnectionMsg>> {
+        self.inner.connections.lock().get(id.0).cloned().flatten()
+    }
+
+    /// A connection actor registers itself in its broker's slot (its own slot only).
+    pub(crate) fn attach_connection(&self, id: BrokerId, actor: ActorRef<ConnectionMsg>) {
+        if let Some(slot) = self.inner.connections.lock().get_mut(id.0) {
+            *slot = Some(actor);
+        }
+    }
+
+    /// A stopping connection actor clears its slot, unless a newer actor took it already.
+    pub(crate) fn detach_connection(&self, id: BrokerId, actor: &ActorRef<ConnectionMsg>) {
+        if let Some(slot) = self.inner.connections.lock().get_mut(id.0)
+            && slot.as_ref().is_some_and(|a| a.get_id() == actor.get_id())
+        {
+            *slot = None;
+        }
+    }
+
+    /// Sends a status change to the registry actor. If the actor is restarting the update
+    /// is lost, which is fine: the restarted actor asks every connection to report again.
+    pub(crate) fn report(&self, id: BrokerId, update: StatusUpdate) {
+        if let Some(actor) = self.inner.actor.read().as_ref() {
+            let _ = actor.cast(RegistryMsg::Update(id, update));
+        }
+    }
+
+    /// Applies one update; only the registry actor calls this.
+    fn apply(&self, id: BrokerId, update: StatusUpdate) {
+        let Some(broker) = self.broker(id).cloned() else {
+            return;
+        };
+        let primary_before = self.primary().map(|b| b.id);
+        let stopping = matches!(update, StatusUpdate::Stopped);
+        {
+            let mut table = self.inner.status.write();
+            let Some(status) = table.get_mut(id.0) else {
+                return;
+            };
+            match update {
+                StatusUpdate::Up { generation } => {
+                    if !status.available {
+                        tracing::info!(broker = %broker, generation, "broker available");
+                        status.since = Instant::now();
+                    }
+                    status.available = true;
+                    status.generation = generation;
+                    status.failed_attempts = 0;
+                    status.publish_blocked = None;
+                    status.consume_blocked = None;
+                }
+                StatusUpdate::Down {
+                    error,
+                    failed_attempts,
+                } => {
+                    if status.available {
+                        tracing::warn!(broker = %broker, %error, "broker unavailable");
+                        status.since = Instant::now();
+                    }
+                    status.available = false;
+                    status.last_error = Some(error);
+                    status.failed_attempts = failed_attempts;
+                    status.publish_blocked = None;
+                    status.consume_blocked = None;
+                }
+                StatusUpdate::Stopped => {
+                    tracing::debug!(broker = %broker, "connection actor stopped");
+                    status.available = false;
+                    status.since = Instant::now();
+                    status.publish_blocked = None;
+                    status.consume_blocked = None;
+                }
+                StatusUpdate::Blocked { publish, reason } => {
+                    let which = if publish { "publish" } else { "consume" };
+                    match &reason {
+                        Some(reason) => {
+                            tracing::warn!(broker = %broker, connection = which, %reason, "broker blocked the connection")
+                        }
+                        None => {
+                            tracing::info!(broker = %broker, connection = which, "broker unblocked the connection")
+                        }
+                    }
+                    if publish {
+                        status.publish_blocked = reason;
+                    } else {
+                        status.consume_blocked = reason;
+                    }
+                }
+            }
+        }
+        let primary_after = self.primary();
+        if primary_before != primary_after.as_ref().map(|b| b.id) {
+            match &primary_after {
+                Some(p) => tracing::info!(primary = %p, "primary broker changed"),
+                None if stopping => {}
+                None => tracing::warn!(zone = %self.inner.local_zone, "no local broker available"),
+            }
+        }
+        self.inner.version.send_modify(|v| *v += 1);
+    }
+}
+
+/// Messages of the registry actor.
+pub enum RegistryMsg {
+    /// A connection actor reports a change of its broker.
+    Update(BrokerId, StatusUpdate),
+}
+
+/// The actor that owns writes to the registry's status table.
+pub struct RegistryActor;
+
+impl Actor for RegistryActor {
+    type Msg = RegistryMsg;
+    type State = ConnectionRegistry;
+    type Arguments = ConnectionRegistry;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        registry: ConnectionRegistry,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        *registry.inner.actor.write() = Some(myself);
+        Ok(registry)
+    }
+
+    async fn post_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        registry: &mut ConnectionRegistry,
+    ) -> Result<(), ActorProcessingErr> {
+        // Rebuild from the children: every live connection actor reports its status again.
+        let connections: Vec<_> = registry
+            .inner
+            .connections
+            .lock()
+            .iter()
+            .flatten()
+            .cloned()
+            .collect();
+        for connection in connections {
+            let _ = connection.cast(ConnectionMsg::ReportStatus);
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        registry: &mut ConnectionRegistry,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            RegistryMsg::Update(id, update) => registry.apply(id, update),
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        registry: &mut ConnectionRegistry,
+    ) -> Result<(), ActorProcessingErr> {
+        let mut slot = registry.inner.actor.write();
+        if slot.as_ref().is_some_and(|a| a.get_id() == myself.get_id()) {
+            *slot = None;
+        }
+        Ok(())
+    }
+}

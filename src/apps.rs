@@ -1,0 +1,33 @@
+//! The apps compiled into this binary. Add a new app's crate here to ship it.
+
+use warren_listeners::{App, AppContext, app_child};
+use warren_runtime::node::NodeContext;
+use warren_runtime::supervisor::ChildSpec;
+
+/// Every app this binary can run; config.ini's `[apps.<name>]` enables them.
+fn catalog() -> Vec<Box<dyn App>> {
+    vec![Box::new(warren_app_skel::Skel)]
+}
+
+/// The names config.ini may use under `[apps]`.
+pub fn names() -> Vec<&'static str> {
+    catalog().iter().map(|app| app.name()).collect()
+}
+
+/// One `app:<name>` supervisor per enabled app, in config order.
+pub fn children(node: &NodeContext) -> Vec<ChildSpec> {
+    let catalog = catalog();
+    node.config
+        .apps
+        .iter()
+        .filter(|app| app.enabled)
+        .filter_map(|config| {
+            let app = catalog.iter().find(|app| app.name() == config.name)?;
+            let ctx = AppContext {
+                node: node.clone(),
+                config: config.clone(),
+            };
+            Some(app_child(app.as_ref(), ctx))
+        })
+        .collect()
+}

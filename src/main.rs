@@ -1,0 +1,42 @@
+//! `warren`: the service binary. It reads config.ini, starts the supervision tree with the
+//! apps compiled in, and stops it in order on SIGINT/SIGTERM.
+//!
+//! Exit codes: 0 stopped cleanly; 1 could not start or the tree failed; 2 bad
+//! configuration or bad command line.
+
+mod apps;
+mod cli;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use warren_runtime::config::Config;
+
+use crate::cli::{Cli, Command};
+
+/// Exit code for configuration and usage errors.
+pub const EXIT_CONFIG: u8 = 2;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run => run::run(&cli.config).await,
+        Command::CheckConfig { path } => check_config(path.as_deref().unwrap_or(&cli.config)),
+    }
+}
+
+/// `warren check-config [PATH]`: validate and print the effective config, passwords redacted.
+fn check_config(path: &std::path::Path) -> ExitCode {
+    match Config::load(path, &apps::names()) {
+        Ok(config) => {
+            print!("{}", config.effective_toml());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("warren: {error}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! `warren run`: start the tree, log one line when ready, stop in order on a signal.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::process::ExitCode;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+use warren_runtime::config::Config;
+use warren_runtime::node::Node;
+
+use crate::{EXIT_CONFIG, apps};
+
+pub async fn run(config_path: &Path) -> ExitCode {
+    init_logging();
+    let config = match Config::load(config_path, &apps::names()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("warren: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let node_name = config.service.node.clone();
+    let enabled: Vec<String> = config
+        .apps
+        .iter()
+        .filter(|a| a.enabled)
+        .map(|a| a.name.clone())
+        .collect();
+    tracing::info!(config = %config_path.display(), node = %node_name, "starting");
+
+    let mut node = match Node::start(config, apps::children).await {
+        Ok(node) => node,
+        Err(error) => {
+            eprintln!("warren: cannot start: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let registry = &node.context().registry;
+    let primary = registry
+        .primary()
+        .map_or_else(|| "none".to_string(), |b| b.uri.redacted().to_string());
+    let up = registry.availability().iter().filter(|a| **a).count();
+    tracing::info!(
+        node = %node_name,
+        primary = %primary,
+        brokers_up = up,
+        brokers = registry.brokers().len(),
+        apps = %enabled.join(","),
+        "warren ready"
+    );
+
+    let mut signals = match Signals::new() {
+        Ok(signals) => signals,
+        Err(error) => {
+            eprintln!("warren: cannot install signal handlers: {error}");
+            let _ = node.stop().await;
+            return ExitCode::FAILURE;
+        }
+    };
+    tokio::select! {
+        name = signals.next() => tracing::info!(signal = name, "stopping"),
+        _ = node.terminated() => {
+            tracing::error!("supervision tree gave up after too many restarts");
+            return ExitCode::FAILURE;
+        }
+    }
+    tokio::select! {
+        result = node.stop() => match result {
+            Ok(()) => {
+                tracing::info!("stopped");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                tracing::warn!(%error, "stopped late");
+                ExitCode::FAILURE
+            }
+        },
+        name = signals.next() => {
+            tracing::warn!(signal = name, "second signal: exiting at once");
+            ExitCode::from(130)
+        }
+    }
+}
+
+/// Logs go to stderr; the level comes from RUST_LOG (default: info, and warn for ractor,
+/// whose per-actor spans would prefix every line).
+fn init_logging() {
+    let mut filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,ractor=warn"));
+    // amq-protocol-tcp traces the whole AMQP URI, password included: never let it through.
+    if let Ok(cap) = "amq_protocol_tcp=debug".parse() {
+        filter = filter.add_directive(cap);
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// SIGINT and SIGTERM.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.terminate.recv() => "SIGTERM",
+        }
+    }
+}
