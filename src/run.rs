@@ -86,8 +86,8 @@ pub async fn run(config_path: &Path) -> ExitCode {
 /// Logs go to stderr; the level comes from RUST_LOG (default: info, and warn for ractor,
 /// whose per-actor spans would prefix every line).
 fn init_logging() {
-    let mut filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,ractor=warn"));
+    let mut filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,ractor=warn"));
     // amq-protocol-tcp traces the whole AMQP URI, password included: never let it through.
     if let Ok(cap) = "amq_protocol_tcp=debug".parse() {
         filter = filter.add_directive(cap);

@@ -608,7 +608,9 @@ impl Actor for ConnectionActor {
                 tracing::info!(broker = %state.broker, "connections closed");
             }
         }
-        state.registry.report(state.broker.id, StatusUpdate::Stopped);
+        state
+            .registry
+            .report(state.broker.id, StatusUpdate::Stopped);
         Ok(())
     }
 }

@@ -1,0 +1,344 @@
+//! The `warren` binary as an operator meets it: config errors (exit 2, file:line:column and
+//! key), `check-config` redacting passwords, start-up blocking until a broker appears, the
+//! start-up timeout naming every broker, and an orderly stop on SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{config_text, unique_node};
+use warren_test_support::{
+    BrokerNode, eventually_blocking, free_port, list_connections, local_ctl, local_uri,
+};
+
+const WARREN: &str = env!("CARGO_BIN_EXE_warren");
+
+fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("config.ini");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// Runs `warren <args>` to completion and returns (status, stdout, stderr).
+fn warren(args: &[&str]) -> (ExitStatus, String, String) {
+    let output = Command::new(WARREN)
+        .args(args)
+        .env_remove("WARREN_ZONE")
+        .env_remove("WARREN_CONFIG")
+        .output()
+        .expect("run warren");
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A `warren run` in the background whose stderr lines are collected as they come.
+struct Running {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Running {
+    fn start(config: &Path) -> Running {
+        let mut child = Command::new(WARREN)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .env_remove("WARREN_ZONE")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn warren run");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    lines.lock().expect("lines lock").push(line);
+                }
+            });
+        }
+        Running { child, lines }
+    }
+
+    fn saw(&self, needle: &str) -> bool {
+        self.lines
+            .lock()
+            .expect("lines lock")
+            .iter()
+            .any(|l| l.contains(needle))
+    }
+
+    fn output(&self) -> String {
+        self.lines.lock().expect("lines lock").join("\n")
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Each bad config: exit code 2, nothing started, and the message names file:line:col and key.
+#[test]
+fn config_errors_name_file_line_column_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = "[amqp]\nzone = \"local\"\n\n[zones.local]\nbrokers = [\"amqp://guest:guest@127.0.0.1:5672/%2f\"]\n";
+    let cases: &[(&str, String, &str, &str)] = &[
+        (
+            "syntax error",
+            "[amqp]\nprefetch = = 5\n".to_string(),
+            ":2:",
+            "amqp.prefetch",
+        ),
+        (
+            "unknown key with a suggestion",
+            good.replace("zone = \"local\"", "zone = \"local\"\nprefech = 5"),
+            ":3:1:",
+            "did you mean `prefetch`",
+        ),
+        (
+            "invalid AMQP URI",
+            good.replace("127.0.0.1:5672", "127.0.0.1:notaport"),
+            ":5:",
+            "zones.local.brokers[0]",
+        ),
+        (
+            "local zone missing",
+            good.replace("zone = \"local\"", "zone = \"west\""),
+            ":2:",
+            "`zones.west`: this node's zone `west` has no [zones.west] section",
+        ),
+        (
+            "local zone without brokers",
+            good.replace(
+                "brokers = [\"amqp://guest:guest@127.0.0.1:5672/%2f\"]",
+                "brokers = []",
+            ),
+            ":5:",
+            "zones.local.brokers",
+        ),
+        (
+            "pool size 0",
+            format!("{good}\n[pool]\nsize = 0\n"),
+            ":8:",
+            "pool.size",
+        ),
+        (
+            "reconnect_min > reconnect_max",
+            good.replace(
+                "zone = \"local\"",
+                "zone = \"local\"\nreconnect_min_ms = 6000\nreconnect_max_ms = 5000",
+            ),
+            ":3:",
+            "amqp.reconnect_min_ms",
+        ),
+    ];
+    for (what, text, position, fragment) in cases {
+        let path = write_config(dir.path(), text);
+        for command in [&["check-config"][..], &["run"][..]] {
+            let mut args: Vec<&str> = command.to_vec();
+            args.extend(["--config", path.to_str().expect("utf-8 path")]);
+            let (status, stdout, stderr) = warren(&args);
+            assert_eq!(status.code(), Some(2), "{what} ({command:?}): {stderr}");
+            let expected_prefix = format!("{}{position}", path.display());
+            assert!(
+                stderr.contains(&expected_prefix),
+                "{what}: expected `{expected_prefix}` in: {stderr}"
+            );
+            assert!(
+                stderr.contains(fragment),
+                "{what}: expected `{fragment}` in: {stderr}"
+            );
+            assert!(
+                !stderr.contains("warren ready"),
+                "{what}: nothing may start"
+            );
+            assert!(stdout.is_empty(), "{what}: no effective config printed");
+        }
+    }
+    // The password of a bad URI never appears in the error.
+    let text = good.replace(
+        "guest:guest@127.0.0.1:5672",
+        "guest:s3cret@127.0.0.1:notaport",
+    );
+    let path = write_config(dir.path(), &text);
+    let (_, _, stderr) = warren(&["check-config", path.to_str().expect("utf-8 path")]);
+    assert!(!stderr.contains("s3cret"), "password leaked: {stderr}");
+}
+
+#[test]
+fn check_config_prints_the_effective_config_with_passwords_redacted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = "[zones.local]\nbrokers = [\"amqp://app:s3cret@127.0.0.1:5672/%2f\", \"amqp://app:0ther%40pw@127.0.0.1:5673/%2f\"]\n\n[zones.east]\nbrokers = [\"amqp://app:east-secret@127.0.0.1:5674/%2f\"]\n";
+    let path = write_config(dir.path(), text);
+    let (status, stdout, stderr) = warren(&["check-config", path.to_str().expect("utf-8 path")]);
+    assert!(status.success(), "check-config failed: {stderr}");
+    for secret in ["s3cret", "0ther", "east-secret"] {
+        assert!(
+            !stdout.contains(secret),
+            "password `{secret}` printed: {stdout}"
+        );
+    }
+    assert!(
+        stdout.contains("amqp://app:***@127.0.0.1:5672/%2f"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("prefetch = 50"),
+        "defaults are filled in: {stdout}"
+    );
+    assert!(stdout.contains("[zones.east]"), "{stdout}");
+    // WARREN_CONFIG names the file when no path is given.
+    let output = Command::new(WARREN)
+        .arg("check-config")
+        .env("WARREN_CONFIG", &path)
+        .env_remove("WARREN_ZONE")
+        .output()
+        .expect("run warren");
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("127.0.0.1:5674"));
+}
+
+#[test]
+fn run_gives_up_after_the_startup_timeout_naming_every_broker() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (free_port(), free_port());
+    let brokers = [
+        format!("amqp://guest:s3cret@127.0.0.1:{a}/%2f"),
+        format!("amqp://guest:s3cret@127.0.0.1:{b}/%2f"),
+    ];
+    let text = config_text(&unique_node("timeout"), &brokers, "")
+        .replace("startup_timeout_secs = 30", "startup_timeout_secs = 2");
+    let path = write_config(dir.path(), &text);
+    let started = Instant::now();
+    let mut run = Running::start(&path);
+    let status = run
+        .wait_exit(Duration::from_secs(20))
+        .expect("warren run exits");
+    let output = run.output();
+    assert!(!status.success(), "{output}");
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "it waited for the timeout"
+    );
+    for port in [a, b] {
+        assert!(
+            output.contains(&format!("amqp://guest:***@127.0.0.1:{port}/%2f")),
+            "broker {port} not named: {output}"
+        );
+    }
+    assert!(
+        output.contains("refused"),
+        "the last error is given: {output}"
+    );
+    assert!(!output.contains("s3cret"), "password leaked: {output}");
+}
+
+#[test]
+fn start_up_blocks_until_a_broker_appears() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut broker = BrokerNode::prepare().expect("prepare a broker node");
+    let text = config_text(&unique_node("late-broker"), &[broker.uri()], "");
+    let path = write_config(dir.path(), &text);
+    let mut run = Running::start(&path);
+    assert!(
+        eventually_blocking(Duration::from_secs(10), || run.saw("cannot connect")),
+        "warren should be trying to connect: {}",
+        run.output()
+    );
+    assert!(!run.saw("warren ready"), "ready without a broker");
+    assert!(
+        run.child.try_wait().expect("try_wait").is_none(),
+        "it keeps waiting"
+    );
+
+    broker
+        .start_again_in_background()
+        .expect("start the broker");
+    assert!(
+        eventually_blocking(Duration::from_secs(30), || run.saw("warren ready")),
+        "warren did not become ready once the broker was up: {}",
+        run.output()
+    );
+    run.signal("TERM");
+    let status = run
+        .wait_exit(Duration::from_secs(15))
+        .expect("exits after SIGTERM");
+    assert!(status.success(), "{}", run.output());
+}
+
+#[test]
+fn sigterm_stops_in_order_and_closes_the_connections() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_node("sigterm");
+    let path = write_config(dir.path(), &config_text(&name, &[local_uri()], ""));
+    let mut run = Running::start(&path);
+    assert!(
+        eventually_blocking(Duration::from_secs(30), || run.saw("warren ready")),
+        "{}",
+        run.output()
+    );
+    let ours = |rows: &[warren_test_support::ConnectionRow]| {
+        rows.iter().filter(|r| r.name.starts_with(&name)).count()
+    };
+    let rows = list_connections(local_ctl).expect("list connections");
+    assert_eq!(ours(&rows), 2, "a consume and a publish connection");
+
+    run.signal("TERM");
+    let status = run
+        .wait_exit(Duration::from_secs(15))
+        .expect("exits after SIGTERM");
+    assert!(status.success(), "{}", run.output());
+    assert!(run.saw("stopped"), "{}", run.output());
+    let order: Vec<usize> = ["supervisor=apps", "supervisor=connections"]
+        .iter()
+        .filter_map(|needle| {
+            run.lines
+                .lock()
+                .expect("lines lock")
+                .iter()
+                .position(|l| l.contains("stopping its children") && l.contains(needle))
+        })
+        .collect();
+    assert_eq!(order.len(), 2, "{}", run.output());
+    assert!(
+        order[0] < order[1],
+        "apps stop before connections: {}",
+        run.output()
+    );
+    assert!(
+        eventually_blocking(Duration::from_secs(5), || list_connections(local_ctl)
+            .is_ok_and(|rows| ours(&rows) == 0)),
+        "the broker still lists the node's connections"
+    );
+}
