@@ -100,8 +100,10 @@ async fn the_primary_moves_to_the_second_broker_and_back() {
     .await;
     let registry = node.context().registry.clone();
     assert!(
-        eventually(SOON, || registry.is_available(SECOND)).await,
-        "the second broker never came up"
+        eventually(SOON, || registry.is_available(FIRST)
+            && registry.is_available(SECOND))
+        .await,
+        "both brokers should come up"
     );
     assert_eq!(
         registry.primary().map(|b| b.id),
