@@ -6,7 +6,10 @@ use warren_runtime::supervisor::ChildSpec;
 
 /// Every app this binary can run; config.ini's `[apps.<name>]` enables them.
 fn catalog() -> Vec<Box<dyn App>> {
-    vec![Box::new(warren_app_skel::Skel)]
+    vec![
+        Box::new(warren_app_skel::Skel),
+        Box::new(warren_app_echo::Echo),
+    ]
 }
 
 /// The names config.ini may use under `[apps]`.
@@ -23,10 +26,7 @@ pub fn children(node: &NodeContext) -> Vec<ChildSpec> {
         .filter(|app| app.enabled)
         .filter_map(|config| {
             let app = catalog.iter().find(|app| app.name() == config.name)?;
-            let ctx = AppContext {
-                node: node.clone(),
-                config: config.clone(),
-            };
+            let ctx = AppContext::new(app.as_ref(), node.clone(), config.clone());
             Some(app_child(app.as_ref(), ctx))
         })
         .collect()

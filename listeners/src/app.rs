@@ -8,13 +8,22 @@ use std::time::Duration;
 
 use warren_runtime::backoff::Backoff;
 use warren_runtime::config::AppConfig;
+use warren_runtime::envelope::Stamp;
 use warren_runtime::node::NodeContext;
 use warren_runtime::supervisor::{ChildSpec, Intensity, Strategy, SupervisorSpec};
 
+use crate::listener::{Listener, listener_child};
+
 /// An application that runs inside a warren node. Implement this in `apps/<name>`.
 pub trait App: Send + Sync + 'static {
-    /// The name used in config.ini (`[apps.<name>]`) and in logs.
+    /// The name used in config.ini (`[apps.<name>]`) and in logs; also `App-Name` in the
+    /// envelopes the app sends.
     fn name(&self) -> &'static str;
+
+    /// `App-Version` in the envelopes the app sends.
+    fn version(&self) -> &'static str {
+        env!("CARGO_PKG_VERSION")
+    }
 
     /// The app's children (listeners, pools), started in order under `app:<name>`.
     fn children(&self, ctx: &AppContext) -> Vec<ChildSpec>;
@@ -25,6 +34,34 @@ pub trait App: Send + Sync + 'static {
 pub struct AppContext {
     pub node: NodeContext,
     pub config: AppConfig,
+    /// The app's version, for `App-Version`.
+    pub version: String,
+}
+
+impl AppContext {
+    /// The context of `app` on a node (the binary builds it from config.ini; tests can
+    /// build their own).
+    pub fn new(app: &dyn App, node: NodeContext, config: AppConfig) -> Self {
+        AppContext {
+            node,
+            config,
+            version: app.version().to_string(),
+        }
+    }
+
+    /// Who is sending: filled into the app's outgoing envelopes where missing.
+    pub fn stamp(&self) -> Stamp {
+        Stamp {
+            app_name: self.config.name.clone(),
+            app_version: self.version.clone(),
+            node: self.node.config.service.node.clone(),
+        }
+    }
+
+    /// A listener of this app as a supervised child.
+    pub fn listener(&self, listener: impl Listener) -> ChildSpec {
+        listener_child(listener, self).0
+    }
 }
 
 /// The supervisor child `app:<name>` that runs one app's children.

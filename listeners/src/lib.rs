@@ -1,9 +1,19 @@
 //! warren-listeners: what application developers build on.
 //!
 //! An [`App`] names itself and lists the children warren runs for it under its own
-//! supervisor (`app:<name>`). The listener behaviour and per-app pools build on this.
-//! This crate knows the runtime (connections, supervision); it knows no particular app.
+//! supervisor (`app:<name>`). Its consumers are [`Listener`]s (Kazoo's gen_listener): a
+//! declarative topology and responders, with acks, recovery and graceful stop handled by
+//! warren. This crate knows the runtime (connections, assignments, supervision); it knows
+//! no particular app.
 
 pub mod app;
+pub mod listener;
 
 pub use app::{App, AppContext, app_child};
+pub use listener::{
+    AckMode, Binding, DeliveryInfo, Dispatch, Event, Exchange, HandlerError, HandlerResult,
+    Listener, ListenerError, ListenerHandle, ListenerSpec, Notice, Outcome, Published, QueueName,
+    QueueSpec, ResponderId, Responders, Returned, StatsSnapshot, listener_child, spawn_listener,
+};
+pub use warren_runtime::assignments::ChannelKind;
+pub use warren_runtime::envelope::Envelope;

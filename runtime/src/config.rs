@@ -47,6 +47,8 @@ pub struct Config {
     pub amqp: AmqpConfig,
     /// `[zones.*]`: the local zone first, then the others sorted by name.
     pub zones: Vec<Zone>,
+    /// `[listener]`: how listeners treat messages and stop.
+    pub listener: ListenerConfig,
     /// `[pool]`: the defaults every app's pool started from.
     pub pool: PoolConfig,
     /// `[apps.*]` sorted by name; an app without a section is not here and does not run.
@@ -100,6 +102,20 @@ pub struct Zone {
     /// The brokers in file order: in the local zone the first is the primary and the
     /// rest are used in order while it is down.
     pub brokers: Vec<BrokerUri>,
+}
+
+/// How every listener treats messages and stops (`[listener]`).
+///
+/// It exists so that the redelivery limit and the stop deadline are operators' choices,
+/// the same for every app.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// A message redelivered more than this many times is rejected (dead-lettered).
+    pub max_redeliveries: u32,
+    /// Graceful stop: how long in-flight handlers may run before their messages go back.
+    pub stop_timeout: Duration,
+    /// How long a publish from a handler waits for the broker's confirm.
+    pub publish_timeout: Duration,
 }
 
 /// Sizing of one listener pool.

@@ -4,10 +4,11 @@
 //! warren (rest_for_one)
 //! ├─ registry      ConnectionRegistry writer
 //! ├─ connections   one_for_one, a connection actor per broker
+//! ├─ assignments   which consumer holds which channel (float / sticky leases)
 //! ├─ bootstrap     adds brokers, blocks start until a local broker is ready (temporary)
 //! └─ apps          one_for_one, a supervisor per enabled app
 //! ```
-//! Stopping the node stops the children in reverse order (apps first, connections last),
+//! Stopping the node stops the children in reverse order (apps, assignments, connections),
 //! each within its own shutdown timeout, the whole within `[service] shutdown_timeout_secs`.
 //! This module owns the tree's shape; each child owns its own behaviour.
 
@@ -17,6 +18,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorCell, ActorRef};
 use tokio::task::JoinHandle;
 
+use crate::assignments::Assignments;
 use crate::backoff::Backoff;
 use crate::bootstrap::{Bootstrap, BootstrapArgs};
 use crate::config::Config;
@@ -34,6 +36,7 @@ pub struct NodeContext {
     pub config: Arc<Config>,
     pub registry: ConnectionRegistry,
     pub connections: Connections,
+    pub assignments: Assignments,
 }
 
 /// A running node. Dropping it does not stop the tree; call [`Node::stop`].
@@ -65,10 +68,12 @@ impl Node {
         let registry = ConnectionRegistry::new(&config);
         let connections =
             Connections::new(registry.clone(), ConnectionSettings::from_config(&config));
+        let assignments = Assignments::new(connections.clone());
         let context = NodeContext {
             config: config.clone(),
             registry: registry.clone(),
             connections: connections.clone(),
+            assignments: assignments.clone(),
         };
         let app_children = apps(&context);
 
@@ -120,6 +125,7 @@ impl Node {
             children: vec![
                 registry_child,
                 connections.supervisor_child(),
+                assignments.child(),
                 bootstrap_child,
                 apps_child,
             ],
@@ -146,7 +152,7 @@ impl Node {
         let _ = (&mut self.done).await;
     }
 
-    /// Stops the tree in order: apps, then bootstrap, connections and registry, bounded by
+    /// Stops the tree in order: apps, assignments, connections, registry, bounded by
     /// `[service] shutdown_timeout_secs`.
     pub async fn stop(self) -> Result<(), StopTimeout> {
         let timeout = self.context.config.service.shutdown_timeout;

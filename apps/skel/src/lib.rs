@@ -1,9 +1,10 @@
-//! skel: the template app. Copy this crate to start a new app.
+//! skel: the template app. Copy this crate to start a new one, add it to the catalogue in
+//! the binary's `src/apps.rs`, and enable it in config.ini with an `[apps.<name>]` section.
 //!
-//! An app is a name plus the children warren supervises for it. Enable it in config.ini
-//! with an `[apps.skel]` section.
+//! An app is a name and the children warren supervises for it; here one listener: an
+//! anonymous queue bound to the topic exchange `skel`, and one responder.
 
-use warren_listeners::{App, AppContext};
+use warren_listeners::{App, AppContext, Event, Exchange, HandlerResult, Listener, ListenerSpec};
 use warren_runtime::supervisor::ChildSpec;
 
 /// The template app.
@@ -14,7 +15,29 @@ impl App for Skel {
         "skel"
     }
 
-    fn children(&self, _ctx: &AppContext) -> Vec<ChildSpec> {
-        Vec::new()
+    fn children(&self, ctx: &AppContext) -> Vec<ChildSpec> {
+        vec![ctx.listener(SkelListener)]
     }
+}
+
+/// The app's listener: what it consumes and who handles it.
+struct SkelListener;
+
+impl Listener for SkelListener {
+    fn spec(&self) -> ListenerSpec {
+        ListenerSpec::new("skel")
+            .exchange(Exchange::topic("skel"))
+            .bind("skel", "skel.#")
+            .responder("skel", "*", hello)
+    }
+}
+
+/// A responder: ok → ack, `Err(HandlerError::retry(..))` → requeue, `reject` → dead-letter.
+async fn hello(event: Event) -> HandlerResult {
+    tracing::info!(
+        name = event.name(),
+        msg_id = event.envelope().msg_id(),
+        "skel got an event"
+    );
+    Ok(())
 }

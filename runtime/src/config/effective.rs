@@ -59,6 +59,20 @@ fn write_config(out: &mut String, config: &Config) -> fmt::Result {
         writeln!(out, "brokers = [{}]", brokers.join(", "))?;
     }
 
+    let listener = &config.listener;
+    writeln!(out, "\n[listener]")?;
+    writeln!(out, "max_redeliveries = {}", listener.max_redeliveries)?;
+    writeln!(
+        out,
+        "stop_timeout_ms = {}",
+        listener.stop_timeout.as_millis()
+    )?;
+    writeln!(
+        out,
+        "publish_timeout_ms = {}",
+        listener.publish_timeout.as_millis()
+    )?;
+
     writeln!(out, "\n[pool]")?;
     pool_lines(out, "", &config.pool)?;
 

@@ -28,6 +28,12 @@ pub(super) const RECONNECT_MAX_MS: u64 = 5000;
 pub(super) const STARTUP_TIMEOUT_SECS: u64 = 30;
 /// `[amqp] prechannels`.
 pub(super) const PRECHANNELS: usize = 10;
+/// `[listener] max_redeliveries`.
+pub(super) const MAX_REDELIVERIES: u32 = 5;
+/// `[listener] stop_timeout_ms`.
+pub(super) const STOP_TIMEOUT_MS: u64 = 5000;
+/// `[listener] publish_timeout_ms`.
+pub(super) const PUBLISH_TIMEOUT_MS: u64 = 5000;
 /// `[pool] size`.
 pub(super) const POOL_SIZE: usize = 10;
 /// `[pool] overflow`.
@@ -46,6 +52,8 @@ pub(super) struct RawConfig {
     /// `[zones.<name>]`, keyed by the zone name with its span in the file.
     #[serde(default)]
     pub zones: BTreeMap<Spanned<String>, RawZone>,
+    #[serde(default)]
+    pub listener: RawListener,
     #[serde(default)]
     pub pool: RawPool,
     /// `[apps.<name>]`, keyed by the app name with its span in the file.
@@ -80,6 +88,15 @@ pub(super) struct RawAmqp {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawZone {
     pub brokers: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// `[listener]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawListener {
+    pub max_redeliveries: Option<u32>,
+    pub stop_timeout_ms: Option<Spanned<u64>>,
+    pub publish_timeout_ms: Option<Spanned<u64>>,
 }
 
 /// `[pool]`.

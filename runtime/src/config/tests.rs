@@ -186,6 +186,14 @@ fn absent_sections_take_the_defaults() {
             checkout_timeout: Duration::from_millis(2000),
         }
     );
+    assert_eq!(
+        config.listener,
+        ListenerConfig {
+            max_redeliveries: 5,
+            stop_timeout: Duration::from_millis(5000),
+            publish_timeout: Duration::from_millis(5000),
+        }
+    );
     assert!(config.apps.is_empty(), "apps without a section do not run");
     assert_eq!(config.zones.len(), 1);
     assert!(config.local_zone().local);
@@ -311,6 +319,7 @@ pool_size = 2
     assert_eq!(again.amqp.startup_timeout, config.amqp.startup_timeout);
     assert_eq!(again.amqp.prechannels, config.amqp.prechannels);
     assert_eq!(again.pool, config.pool);
+    assert_eq!(again.listener, config.listener);
     for (a, b) in again.zones.iter().zip(&config.zones) {
         assert_eq!((&a.name, a.local), (&b.name, b.local));
         let a: Vec<_> = a.brokers.iter().map(BrokerUri::redacted).collect();
@@ -329,7 +338,10 @@ pool_size = 2
     // And plain toml reads it as a table with exactly the config.ini sections.
     let table: toml::Table = toml::from_str(&effective).unwrap();
     let sections: Vec<_> = table.keys().map(String::as_str).collect();
-    assert_eq!(sections, ["amqp", "apps", "pool", "service", "zones"]);
+    assert_eq!(
+        sections,
+        ["amqp", "apps", "listener", "pool", "service", "zones"]
+    );
 }
 
 // ---------------------------------------------------------------- 1. syntax

@@ -12,9 +12,9 @@ use toml::Spanned;
 
 use super::error::{ConfigError, Problem};
 use super::locate::{Source, join};
-use super::raw::{self, RawAmqp, RawApp, RawConfig, RawPool, RawService, RawZone};
+use super::raw::{self, RawAmqp, RawApp, RawConfig, RawListener, RawPool, RawService, RawZone};
 use super::read::closest;
-use super::{AmqpConfig, AppConfig, Config, PoolConfig, ServiceConfig, Zone};
+use super::{AmqpConfig, AppConfig, Config, ListenerConfig, PoolConfig, ServiceConfig, Zone};
 use crate::uri::BrokerUri;
 
 /// What validation needs besides the raw file.
@@ -31,6 +31,7 @@ pub(super) fn validate(raw: RawConfig, inputs: &Inputs<'_>) -> Result<Config, Co
     let service = service(&raw.service, source)?;
     let amqp = amqp(&raw.amqp, inputs)?;
     let zones = zones(&raw.zones, &raw.amqp, &amqp.zone, inputs)?;
+    let listener = listener(&raw.listener, source)?;
     let pool = pool(&raw.pool, source)?;
     let apps = apps(&raw.apps, pool, inputs)?;
     Ok(Config {
@@ -38,6 +39,7 @@ pub(super) fn validate(raw: RawConfig, inputs: &Inputs<'_>) -> Result<Config, Co
         service,
         amqp,
         zones,
+        listener,
         pool,
         apps,
     })
@@ -125,6 +127,27 @@ fn amqp(raw: &RawAmqp, inputs: &Inputs<'_>) -> Result<AmqpConfig, ConfigError> {
         reconnect_max: Duration::from_millis(reconnect_max),
         startup_timeout: Duration::from_secs(startup_timeout),
         prechannels: raw.prechannels.unwrap_or(raw::PRECHANNELS),
+    })
+}
+
+/// `[listener]`.
+fn listener(raw: &RawListener, source: &Source<'_>) -> Result<ListenerConfig, ConfigError> {
+    let stop_timeout = positive(
+        raw.stop_timeout_ms.as_ref(),
+        raw::STOP_TIMEOUT_MS,
+        "listener.stop_timeout_ms",
+        source,
+    )?;
+    let publish_timeout = positive(
+        raw.publish_timeout_ms.as_ref(),
+        raw::PUBLISH_TIMEOUT_MS,
+        "listener.publish_timeout_ms",
+        source,
+    )?;
+    Ok(ListenerConfig {
+        max_redeliveries: raw.max_redeliveries.unwrap_or(raw::MAX_REDELIVERIES),
+        stop_timeout: Duration::from_millis(stop_timeout),
+        publish_timeout: Duration::from_millis(publish_timeout),
     })
 }
 

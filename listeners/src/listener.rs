@@ -1,0 +1,69 @@
+//! The listener behaviour (Kazoo's gen_listener): what an app implements to consume.
+//!
+//! A [`Listener`] declares, in one place ([`ListenerSpec`]), its exchanges, queue, bindings,
+//! prefetch, ack mode, concurrency, channel kind and responders. warren does the rest:
+//! it gets a channel from assignments, replays the topology on it (exchanges → queue →
+//! qos → bindings → consume), decodes each delivery as a kapi envelope, runs the matching
+//! responders, acks / nacks / rejects by their outcome, replays everything on a new channel
+//! after any loss, and stops gracefully.
+//!
+//! Files: `spec` (declarations), `responders` (matching and outcomes), `event` (what a
+//! handler receives), `topology` (replay on a channel), `consumer` (the delivery loop),
+//! `acks` (coalesced acknowledgements), `actor` (leases, runtime changes, stop), `handle`
+//! (the handle apps and tests hold).
+
+mod acks;
+mod actor;
+mod consumer;
+mod event;
+mod handle;
+mod redelivery;
+mod responders;
+mod spec;
+mod topology;
+
+pub use event::{DeliveryInfo, Event};
+pub use handle::{ListenerError, ListenerHandle, StatsSnapshot, listener_child, spawn_listener};
+pub use responders::{HandlerError, HandlerResult, Outcome, ResponderId, Responders};
+pub use spec::{AckMode, Binding, Exchange, ListenerSpec, QueueName, QueueSpec};
+pub use warren_runtime::publish::{Published, Returned};
+
+/// What an app implements to consume messages.
+///
+/// Only [`Listener::spec`] is required. The hooks run on warren's tasks, so keep them quick;
+/// use interior mutability for any state they keep.
+pub trait Listener: Send + Sync + 'static {
+    /// Everything the listener declares (called once, when the listener is created).
+    fn spec(&self) -> ListenerSpec;
+
+    /// Sees each decoded event before the responders; [`Dispatch::Suppress`] skips them
+    /// (the message is acknowledged).
+    fn on_event(&self, _event: &Event) -> Dispatch {
+        Dispatch::Responders
+    }
+
+    /// Lifecycle notices, in the order they happen.
+    fn on_notice(&self, _notice: &Notice) {}
+}
+
+/// What [`Listener::on_event`] decides for one event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dispatch {
+    /// Run the matching responders.
+    Responders,
+    /// Skip them; the message is acknowledged.
+    Suppress,
+}
+
+/// Lifecycle notices, delivered to [`Listener::on_notice`].
+#[derive(Clone, Debug)]
+pub enum Notice {
+    /// The queue was declared (after every new channel; an anonymous queue keeps its name).
+    QueueCreated { queue: String, broker: String },
+    /// Consuming started (`true`) or stopped (`false`: channel lost, paused, stopping).
+    Consuming(bool),
+    /// The channel was lost; warren is getting a new one and will replay the topology.
+    ChannelLost,
+    /// A mandatory publish from a handler could not be routed and came back.
+    Returned(Returned),
+}

@@ -1,0 +1,327 @@
+//! The handle to a listener, and the state it shares with the listener's actor and
+//! consumer loops.
+//!
+//! A [`ListenerHandle`] outlives restarts of the actor: the topology (with run-time
+//! bindings), the responders and the counters live here, so a restarted actor carries on
+//! with them. Run-time changes that touch the broker go through the actor; responders are
+//! a local table the handle edits directly.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use ractor::{Actor, ActorCell, ActorRef};
+use tokio::sync::watch;
+use warren_runtime::assignments::{Assignments, ChannelKind};
+use warren_runtime::envelope::Stamp;
+use warren_runtime::registry::BrokerId;
+use warren_runtime::supervisor::ChildSpec;
+
+use super::Listener;
+use super::actor::{ListenerActor, ListenerMsg};
+use super::event::Event;
+use super::redelivery::RedeliveryCounts;
+use super::responders::{HandlerResult, ResponderId, Responders};
+use super::spec::{AckMode, Binding, QueueName};
+use super::topology::Topology;
+use crate::app::AppContext;
+
+/// How long handle calls wait for the actor.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a run-time change or a query failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    #[error("the listener is not running")]
+    NotRunning,
+    #[error("the broker refused: {0}")]
+    Broker(String),
+    #[error("cannot start the listener: {0}")]
+    Start(String),
+}
+
+/// A counter readable while it is being updated.
+#[derive(Default)]
+pub(crate) struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn increment(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// What happened to the listener's messages.
+#[derive(Default)]
+pub(crate) struct Stats {
+    pub received: Counter,
+    pub acked: Counter,
+    pub requeued: Counter,
+    pub rejected: Counter,
+    pub handler_panics: Counter,
+    pub undecodable: Counter,
+    pub redelivery_limit: Counter,
+    pub suppressed: Counter,
+    pub unmatched: Counter,
+}
+
+/// A copy of a listener's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub received: u64,
+    pub acked: u64,
+    /// Nacked with requeue (retry, panic).
+    pub requeued: u64,
+    /// Rejected without requeue (handler reject, undecodable, past the redelivery limit).
+    pub rejected: u64,
+    pub handler_panics: u64,
+    pub undecodable: u64,
+    pub redelivery_limit: u64,
+    pub suppressed: u64,
+    pub unmatched: u64,
+}
+
+/// Settings fixed when the listener is created.
+pub(crate) struct Settings {
+    pub ack: AckMode,
+    pub concurrency: usize,
+    pub prefetch: u16,
+    pub max_redeliveries: u32,
+    pub stop_timeout: Duration,
+    pub publish_timeout: Duration,
+    pub channel: ChannelKind,
+    pub stamp: Arc<Stamp>,
+}
+
+/// State shared by a listener's handle, actor and consumer loops.
+pub(crate) struct ListenerShared {
+    pub name: String,
+    /// Prefix of consumer tags (unique per listener instance).
+    pub consumer_tag: String,
+    pub listener: Arc<dyn Listener>,
+    pub settings: Settings,
+    pub topology: Mutex<Topology>,
+    pub responders: RwLock<Responders>,
+    pub stats: Stats,
+    pub redeliveries: RedeliveryCounts,
+    pub consuming: watch::Sender<bool>,
+    /// The broker and lease of the current channel.
+    pub current: RwLock<Option<(BrokerId, u64)>>,
+    pub actor: RwLock<Option<ActorRef<ListenerMsg>>>,
+    pub assignments: Assignments,
+}
+
+impl ListenerShared {
+    fn new(listener: Arc<dyn Listener>, ctx: &AppContext) -> Arc<Self> {
+        let spec = listener.spec();
+        let config = &ctx.node.config;
+        let suffix = warren_runtime::envelope::new_msg_id();
+        let unique = &suffix[..12];
+        let queue_name = match &spec.queue.name {
+            QueueName::Named(name) => name.clone(),
+            QueueName::Anonymous => format!("{}-{}-{unique}", spec.name, config.service.node),
+        };
+        let topology = Topology {
+            exchanges: spec.exchanges.clone(),
+            queue: spec.queue.clone(),
+            queue_name,
+            bindings: spec.bindings.clone(),
+            exclusive_consumer: spec.exclusive_consumer,
+            paused: false,
+        };
+        let (consuming, _) = watch::channel(false);
+        let prefetch = spec.prefetch.unwrap_or(config.amqp.prefetch).max(1);
+        Arc::new(ListenerShared {
+            consumer_tag: format!("{}.{}.{unique}", spec.name, config.service.node),
+            name: spec.name.clone(),
+            settings: Settings {
+                ack: spec.ack,
+                concurrency: spec.concurrency.max(1),
+                prefetch,
+                max_redeliveries: spec
+                    .max_redeliveries
+                    .unwrap_or(config.listener.max_redeliveries),
+                stop_timeout: config.listener.stop_timeout,
+                publish_timeout: config.listener.publish_timeout,
+                channel: spec.channel.clone(),
+                stamp: Arc::new(ctx.stamp()),
+            },
+            topology: Mutex::new(topology),
+            responders: RwLock::new(spec.responders),
+            stats: Stats::default(),
+            redeliveries: RedeliveryCounts::default(),
+            consuming,
+            current: RwLock::new(None),
+            actor: RwLock::new(None),
+            assignments: ctx.node.assignments.clone(),
+            listener,
+        })
+    }
+}
+
+/// A handle to one listener: query it, change it at run time, stop it.
+#[derive(Clone)]
+pub struct ListenerHandle {
+    shared: Arc<ListenerShared>,
+}
+
+/// The listener as a supervised child (for an app's `children`), and its handle.
+pub fn listener_child(listener: impl Listener, ctx: &AppContext) -> (ChildSpec, ListenerHandle) {
+    let shared = ListenerShared::new(Arc::new(listener), ctx);
+    let handle = ListenerHandle {
+        shared: shared.clone(),
+    };
+    let shutdown = shared.settings.stop_timeout + Duration::from_secs(3);
+    let child = ChildSpec::new(
+        format!("listener:{}", shared.name),
+        move |parent: ActorCell| {
+            let shared = shared.clone();
+            async move {
+                let (actor, _) = Actor::spawn_linked(None, ListenerActor, shared, parent).await?;
+                Ok(actor.get_cell())
+            }
+        },
+    )
+    .shutdown(shutdown);
+    (child, handle)
+}
+
+/// Starts a listener outside any supervisor (tests, tools); stop it with
+/// [`ListenerHandle::stop`].
+pub async fn spawn_listener(
+    listener: impl Listener,
+    ctx: &AppContext,
+) -> Result<ListenerHandle, ListenerError> {
+    let shared = ListenerShared::new(Arc::new(listener), ctx);
+    Actor::spawn(None, ListenerActor, shared.clone())
+        .await
+        .map_err(|e| ListenerError::Start(e.to_string()))?;
+    Ok(ListenerHandle { shared })
+}
+
+impl ListenerHandle {
+    fn actor(&self) -> Result<ActorRef<ListenerMsg>, ListenerError> {
+        self.shared
+            .actor
+            .read()
+            .clone()
+            .ok_or(ListenerError::NotRunning)
+    }
+
+    /// The listener's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The queue's name on the broker (stable across reconnects).
+    pub fn queue_name(&self) -> String {
+        self.shared.topology.lock().queue_name.clone()
+    }
+
+    /// The current bindings, including those added at run time.
+    pub fn bindings(&self) -> Vec<Binding> {
+        self.shared.topology.lock().bindings.clone()
+    }
+
+    pub fn is_consuming(&self) -> bool {
+        *self.shared.consuming.borrow()
+    }
+
+    /// Waits until the listener consumes (or stops consuming), up to `timeout`.
+    pub async fn wait_consuming(&self, consuming: bool, timeout: Duration) -> bool {
+        let mut rx = self.shared.consuming.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|c| *c == consuming))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// The broker and lease generation of the current channel.
+    pub fn current(&self) -> Option<(BrokerId, u64)> {
+        *self.shared.current.read()
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        let s = &self.shared.stats;
+        StatsSnapshot {
+            received: s.received.get(),
+            acked: s.acked.get(),
+            requeued: s.requeued.get(),
+            rejected: s.rejected.get(),
+            handler_panics: s.handler_panics.get(),
+            undecodable: s.undecodable.get(),
+            redelivery_limit: s.redelivery_limit.get(),
+            suppressed: s.suppressed.get(),
+            unmatched: s.unmatched.get(),
+        }
+    }
+
+    /// Adds a binding now (and on every later channel).
+    pub async fn add_binding(&self, binding: Binding) -> Result<(), ListenerError> {
+        let actor = self.actor()?;
+        ractor::call_t!(
+            actor,
+            ListenerMsg::AddBinding,
+            CALL_TIMEOUT.as_millis() as u64,
+            binding
+        )
+        .map_err(|_| ListenerError::NotRunning)?
+    }
+
+    /// Removes a binding; false if the listener did not have it.
+    pub async fn remove_binding(&self, binding: Binding) -> Result<bool, ListenerError> {
+        let actor = self.actor()?;
+        ractor::call_t!(
+            actor,
+            ListenerMsg::RemoveBinding,
+            CALL_TIMEOUT.as_millis() as u64,
+            binding
+        )
+        .map_err(|_| ListenerError::NotRunning)?
+    }
+
+    /// Adds a responder for (`category`, `name`) (`"*"` = any).
+    pub fn add_responder<F, Fut>(
+        &self,
+        category: impl Into<String>,
+        name: impl Into<String>,
+        handler: F,
+    ) -> ResponderId
+    where
+        F: Fn(Event) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        self.shared.responders.write().add(category, name, handler)
+    }
+
+    pub fn remove_responder(&self, id: ResponderId) -> bool {
+        self.shared.responders.write().remove(id)
+    }
+
+    /// Stops consuming (messages already received are handled); stays paused across
+    /// reconnects until [`ListenerHandle::resume`].
+    pub async fn pause(&self) -> Result<(), ListenerError> {
+        let actor = self.actor()?;
+        ractor::call_t!(actor, ListenerMsg::Pause, CALL_TIMEOUT.as_millis() as u64)
+            .map_err(|_| ListenerError::NotRunning)
+    }
+
+    pub async fn resume(&self) -> Result<(), ListenerError> {
+        let actor = self.actor()?;
+        ractor::call_t!(actor, ListenerMsg::Resume, CALL_TIMEOUT.as_millis() as u64)
+            .map_err(|_| ListenerError::NotRunning)?
+    }
+
+    /// Stops a listener started with [`spawn_listener`] gracefully and waits for it.
+    pub async fn stop(&self) -> Result<(), ListenerError> {
+        let actor = self.actor()?;
+        let bound = self.shared.settings.stop_timeout + Duration::from_secs(5);
+        actor
+            .stop_and_wait(Some("stopped by its handle".to_string()), Some(bound))
+            .await
+            .map_err(|_| ListenerError::NotRunning)
+    }
+}

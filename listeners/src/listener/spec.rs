@@ -1,0 +1,299 @@
+//! What a listener declares, in one place: exchanges, its queue and queue options,
+//! bindings, prefetch, ack mode, handler concurrency, channel kind and responders.
+//!
+//! A [`ListenerSpec`] is plain data plus responders. The listener keeps its own copy of the
+//! topology, changes it at run time (bindings added and removed), and replays all of it on
+//! every new channel, so nothing depends on the broker remembering anything.
+
+use std::future::Future;
+
+use lapin::ExchangeKind;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use warren_runtime::assignments::ChannelKind;
+
+use super::event::Event;
+use super::responders::{HandlerResult, Responders};
+
+/// An exchange the listener declares (on every channel) before its queue.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Exchange {
+    pub name: String,
+    pub kind: ExchangeKind,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: FieldTable,
+}
+
+impl Exchange {
+    /// An exchange of the given kind; transient and not auto-deleted, as Kazoo declares them.
+    pub fn new(name: impl Into<String>, kind: ExchangeKind) -> Self {
+        Exchange {
+            name: name.into(),
+            kind,
+            durable: false,
+            auto_delete: false,
+            internal: false,
+            arguments: FieldTable::default(),
+        }
+    }
+
+    pub fn topic(name: impl Into<String>) -> Self {
+        Exchange::new(name, ExchangeKind::Topic)
+    }
+
+    pub fn direct(name: impl Into<String>) -> Self {
+        Exchange::new(name, ExchangeKind::Direct)
+    }
+
+    pub fn fanout(name: impl Into<String>) -> Self {
+        Exchange::new(name, ExchangeKind::Fanout)
+    }
+
+    pub fn headers(name: impl Into<String>) -> Self {
+        Exchange::new(name, ExchangeKind::Headers)
+    }
+
+    /// Survives a broker restart.
+    pub fn durable(mut self) -> Self {
+        self.durable = true;
+        self
+    }
+}
+
+/// How the listener's queue is named.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum QueueName {
+    /// Exactly this name (shared with other consumers of the same name).
+    Named(String),
+    /// A unique name the listener generates once and re-uses after every reconnect
+    /// (never a server-generated `amq.gen-*` name, which cannot be re-declared).
+    Anonymous,
+}
+
+/// The listener's queue and its options.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueSpec {
+    pub name: QueueName,
+    pub durable: bool,
+    pub exclusive: bool,
+    pub auto_delete: bool,
+    /// Queue arguments (`x-queue-type`, `x-dead-letter-exchange`, …). warren adds no
+    /// limit of its own: no silent max-length or TTL.
+    pub arguments: FieldTable,
+}
+
+impl QueueSpec {
+    /// A named queue: transient, not exclusive, not auto-deleted.
+    pub fn named(name: impl Into<String>) -> Self {
+        QueueSpec {
+            name: QueueName::Named(name.into()),
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            arguments: FieldTable::default(),
+        }
+    }
+
+    /// A queue of this listener alone, deleted when its consumer goes away.
+    pub fn anonymous() -> Self {
+        QueueSpec {
+            name: QueueName::Anonymous,
+            durable: false,
+            exclusive: false,
+            auto_delete: true,
+            arguments: FieldTable::default(),
+        }
+    }
+
+    /// Survives a broker restart (its persistent messages too).
+    pub fn durable(mut self) -> Self {
+        self.durable = true;
+        self
+    }
+
+    /// Only this connection may use the queue; deleted with it.
+    pub fn exclusive(mut self) -> Self {
+        self.exclusive = true;
+        self
+    }
+
+    /// Deleted once its last consumer is gone.
+    pub fn auto_delete(mut self, auto_delete: bool) -> Self {
+        self.auto_delete = auto_delete;
+        self
+    }
+
+    /// Any queue argument.
+    pub fn argument(mut self, key: &str, value: AMQPValue) -> Self {
+        self.arguments.insert(ShortString::from(key), value);
+        self
+    }
+
+    /// A quorum queue (durable, replicated; counts deliveries in `x-delivery-count`).
+    pub fn quorum(self) -> Self {
+        self.durable().auto_delete(false).argument(
+            "x-queue-type",
+            AMQPValue::LongString(LongString::from("quorum")),
+        )
+    }
+
+    /// Rejected messages (and messages past the redelivery limit) go to this exchange.
+    pub fn dead_letter_exchange(self, exchange: &str) -> Self {
+        self.argument(
+            "x-dead-letter-exchange",
+            AMQPValue::LongString(LongString::from(exchange)),
+        )
+    }
+
+    /// Routing key for dead-lettered messages (defaults to their own).
+    pub fn dead_letter_routing_key(self, routing_key: &str) -> Self {
+        self.argument(
+            "x-dead-letter-routing-key",
+            AMQPValue::LongString(LongString::from(routing_key)),
+        )
+    }
+}
+
+/// One binding of the listener's queue.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Binding {
+    pub exchange: String,
+    pub routing_key: String,
+    pub arguments: FieldTable,
+}
+
+impl Binding {
+    pub fn new(exchange: impl Into<String>, routing_key: impl Into<String>) -> Self {
+        Binding {
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+            arguments: FieldTable::default(),
+        }
+    }
+}
+
+/// When a message is acknowledged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AckMode {
+    /// After the responders finished: ok → ack, retry → nack + requeue, reject → reject.
+    #[default]
+    Manual,
+    /// As soon as the message is received, before the responders run (at most once).
+    OnReceipt,
+    /// The broker considers a message delivered once sent (`no_ack`); prefetch has no
+    /// effect in this mode.
+    Broker,
+}
+
+/// Everything a listener declares.
+#[derive(Clone)]
+pub struct ListenerSpec {
+    /// Used in logs, queue names and consumer tags.
+    pub name: String,
+    pub exchanges: Vec<Exchange>,
+    pub queue: QueueSpec,
+    pub bindings: Vec<Binding>,
+    /// `basic.qos`; `None` = `[amqp] prefetch`.
+    pub prefetch: Option<u16>,
+    pub ack: AckMode,
+    /// Messages handled at once. 1 keeps the order of the queue.
+    pub concurrency: usize,
+    pub channel: ChannelKind,
+    /// Consume exclusively (no other consumer may use the queue).
+    pub exclusive_consumer: bool,
+    /// `None` = `[listener] max_redeliveries`.
+    pub max_redeliveries: Option<u32>,
+    pub responders: Responders,
+}
+
+impl ListenerSpec {
+    /// A listener with an anonymous queue, no bindings and no responders yet.
+    pub fn new(name: impl Into<String>) -> Self {
+        ListenerSpec {
+            name: name.into(),
+            exchanges: Vec::new(),
+            queue: QueueSpec::anonymous(),
+            bindings: Vec::new(),
+            prefetch: None,
+            ack: AckMode::Manual,
+            concurrency: 1,
+            channel: ChannelKind::Float,
+            exclusive_consumer: false,
+            max_redeliveries: None,
+            responders: Responders::default(),
+        }
+    }
+
+    pub fn queue(mut self, queue: QueueSpec) -> Self {
+        self.queue = queue;
+        self
+    }
+
+    pub fn exchange(mut self, exchange: Exchange) -> Self {
+        if !self.exchanges.iter().any(|e| e.name == exchange.name) {
+            self.exchanges.push(exchange);
+        }
+        self
+    }
+
+    /// Binds the queue to `exchange` with `routing_key`.
+    pub fn bind(self, exchange: impl Into<String>, routing_key: impl Into<String>) -> Self {
+        self.binding(Binding::new(exchange, routing_key))
+    }
+
+    pub fn binding(mut self, binding: Binding) -> Self {
+        if !self.bindings.contains(&binding) {
+            self.bindings.push(binding);
+        }
+        self
+    }
+
+    pub fn prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = Some(prefetch);
+        self
+    }
+
+    pub fn ack(mut self, ack: AckMode) -> Self {
+        self.ack = ack;
+        self
+    }
+
+    /// How many messages are handled at once (at least 1).
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// Float (default) or sticky to a broker or a broker tag.
+    pub fn channel(mut self, kind: ChannelKind) -> Self {
+        self.channel = kind;
+        self
+    }
+
+    pub fn exclusive_consumer(mut self) -> Self {
+        self.exclusive_consumer = true;
+        self
+    }
+
+    pub fn max_redeliveries(mut self, max: u32) -> Self {
+        self.max_redeliveries = Some(max);
+        self
+    }
+
+    /// Runs `handler` for every event whose `Event-Category` and `Event-Name` match;
+    /// `"*"` matches a whole field.
+    pub fn responder<F, Fut>(
+        mut self,
+        category: impl Into<String>,
+        name: impl Into<String>,
+        handler: F,
+    ) -> Self
+    where
+        F: Fn(Event) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        self.responders.add(category, name, handler);
+        self
+    }
+}

@@ -1,0 +1,662 @@
+//! Assignments: which consumer holds which channel, on which broker.
+//!
+//! A consumer never picks a broker. It registers with a [`ChannelKind`] and receives
+//! [`LeaseEvent`]s: `Granted(lease)` with a channel, and `Lost { generation }` when that
+//! channel's connection dies. Float consumers are served from the current primary and are
+//! moved at once when it is lost (no fixed deferral); when a broker ahead of the current
+//! primary returns, each float consumer gets a new lease there first (`replaces` names the
+//! old one), keeps draining its old lease, and releases it when its queue there is empty
+//! (make-before-break). Sticky consumers never move. Every lease carries a generation, so a
+//! stale event or a late channel is recognised and dropped.
+//!
+//! Assignments owns leases and reservations. Channels come from the connections'
+//! prechannel buffers (`Connections::take_channel`); availability comes from the registry.
+//! It must not touch queues, consumers or messages: those belong to the listener.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::Channel;
+use parking_lot::RwLock;
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::connection::{ChannelError, TakenChannel};
+use crate::connections::Connections;
+use crate::registry::{Broker, BrokerId, ConnectionRegistry};
+use crate::supervisor::ChildSpec;
+
+/// Delay before retrying when a broker could not hand out a channel.
+const RETRY_TAKE_AFTER: Duration = Duration::from_millis(200);
+
+/// Where a consumer's channel may come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChannelKind {
+    /// From the current primary; moved on failover and back on fail-back (the default).
+    Float,
+    /// From this broker only; waits while it is down, never moves.
+    Broker(BrokerId),
+    /// From the first available broker carrying this tag (a broker's zone name is one of
+    /// its tags); once granted it sticks to that broker.
+    Tag(String),
+}
+
+/// A channel granted to one consumer.
+pub struct Lease {
+    pub channel: Channel,
+    pub broker: Arc<Broker>,
+    /// Increases with every lease of the same consumer; events for older generations are
+    /// stale.
+    pub generation: u64,
+    /// Set on fail-back: the generation of the lease this one replaces. The consumer keeps
+    /// draining the old lease and then releases it.
+    pub replaces: Option<u64>,
+}
+
+/// What assignments tells a consumer.
+pub enum LeaseEvent {
+    /// A new channel: replay the topology on it.
+    Granted(Lease),
+    /// The channel of this lease is gone (its connection died). A float consumer gets a
+    /// new lease right after; a sticky one when its broker returns.
+    Lost { generation: u64 },
+}
+
+/// Identifies a registered consumer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConsumerId(u64);
+
+/// A consumer's side of the conversation: report losses and releases. Dropping the
+/// matching [`LeaseEvents`] unregisters the consumer and closes its channels.
+#[derive(Clone)]
+pub struct LeaseClient {
+    id: ConsumerId,
+    actor: ActorRef<AssignmentsMsg>,
+}
+
+impl LeaseClient {
+    /// The consumer saw the channel of this lease die (e.g. its consumer stream ended with
+    /// an error). Assignments answers with `Lost` (if it did not know yet) and a new lease.
+    pub fn report_lost(&self, generation: u64) {
+        let _ = self
+            .actor
+            .cast(AssignmentsMsg::LostReported(self.id, generation));
+    }
+
+    /// The consumer is done with a lease it was draining; its channel is closed.
+    pub fn release(&self, generation: u64) {
+        let _ = self
+            .actor
+            .cast(AssignmentsMsg::Released(self.id, generation));
+    }
+}
+
+/// The stream of lease events of one consumer.
+pub struct LeaseEvents {
+    rx: mpsc::UnboundedReceiver<LeaseEvent>,
+}
+
+impl LeaseEvents {
+    /// The next event; `None` once assignments stopped.
+    pub async fn next(&mut self) -> Option<LeaseEvent> {
+        self.rx.recv().await
+    }
+}
+
+/// Why a consumer could not register.
+#[derive(Debug, thiserror::Error)]
+pub enum AssignmentsError {
+    #[error("assignments is not running")]
+    NotRunning,
+}
+
+/// One lease as reported by [`Assignments::inspect`].
+#[derive(Clone, Debug)]
+pub struct LeaseInfo {
+    pub consumer: String,
+    pub kind: ChannelKind,
+    pub broker: BrokerId,
+    pub generation: u64,
+    pub draining: bool,
+}
+
+/// What assignments holds right now (for operators and tests).
+#[derive(Clone, Debug, Default)]
+pub struct AssignmentsReport {
+    pub leases: Vec<LeaseInfo>,
+    /// Consumers waiting for a channel.
+    pub reservations: Vec<String>,
+}
+
+/// Handle to the assignments actor: cheap to clone, survives its restarts.
+#[derive(Clone)]
+pub struct Assignments {
+    actor: Arc<RwLock<Option<ActorRef<AssignmentsMsg>>>>,
+    connections: Connections,
+    next_id: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Assignments {
+    pub fn new(connections: Connections) -> Self {
+        Assignments {
+            actor: Arc::new(RwLock::new(None)),
+            connections,
+            next_id: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+        }
+    }
+
+    /// The child spec of the assignments actor, for the node's root supervisor.
+    pub fn child(&self) -> ChildSpec {
+        let this = self.clone();
+        ChildSpec::new("assignments", move |parent: ActorCell| {
+            let this = this.clone();
+            async move {
+                let (actor, _) =
+                    Actor::spawn_linked(None, AssignmentsActor, this.connections.clone(), parent)
+                        .await?;
+                *this.actor.write() = Some(actor.clone());
+                Ok(actor.get_cell())
+            }
+        })
+    }
+
+    /// Registers a consumer. Its channel arrives later as `Granted` on the returned events.
+    pub fn register(
+        &self,
+        label: impl Into<String>,
+        kind: ChannelKind,
+    ) -> Result<(LeaseClient, LeaseEvents), AssignmentsError> {
+        let actor = self
+            .actor
+            .read()
+            .clone()
+            .ok_or(AssignmentsError::NotRunning)?;
+        let id = ConsumerId(
+            self.next_id
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        );
+        let (tx, rx) = mpsc::unbounded_channel();
+        actor
+            .cast(AssignmentsMsg::Register {
+                id,
+                label: label.into(),
+                kind,
+                tx,
+            })
+            .map_err(|_| AssignmentsError::NotRunning)?;
+        Ok((LeaseClient { id, actor }, LeaseEvents { rx }))
+    }
+
+    /// The current leases and reservations.
+    pub async fn inspect(&self) -> Result<AssignmentsReport, AssignmentsError> {
+        let actor = self
+            .actor
+            .read()
+            .clone()
+            .ok_or(AssignmentsError::NotRunning)?;
+        ractor::call_t!(actor, AssignmentsMsg::Inspect, 5_000)
+            .map_err(|_| AssignmentsError::NotRunning)
+    }
+}
+
+/// Messages of the assignments actor.
+pub enum AssignmentsMsg {
+    Register {
+        id: ConsumerId,
+        label: String,
+        kind: ChannelKind,
+        tx: mpsc::UnboundedSender<LeaseEvent>,
+    },
+    /// The consumer's event receiver is gone (it stopped or died).
+    Unregister(ConsumerId),
+    LostReported(ConsumerId, u64),
+    Released(ConsumerId, u64),
+    /// A channel requested for a consumer arrived (or could not be had).
+    Taken {
+        id: ConsumerId,
+        token: u64,
+        result: Box<Result<TakenChannel, ChannelError>>,
+    },
+    /// Retry serving a consumer after a failed take.
+    Retry(ConsumerId),
+    /// Some broker's status changed.
+    RegistryChanged,
+    Inspect(RpcReplyPort<AssignmentsReport>),
+}
+
+/// A lease as assignments keeps it.
+struct Held {
+    generation: u64,
+    broker: BrokerId,
+    /// The broker connection generation the channel lives on.
+    connection: u64,
+    channel: Channel,
+}
+
+/// Why a channel is being taken for a consumer.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Purpose {
+    /// The consumer has no active lease.
+    Fresh,
+    /// The consumer has a float lease off the primary: make-before-break.
+    FailBack,
+}
+
+struct Pending {
+    token: u64,
+    purpose: Purpose,
+}
+
+struct ConsumerEntry {
+    label: String,
+    kind: ChannelKind,
+    tx: mpsc::UnboundedSender<LeaseEvent>,
+    /// For `Tag` consumers: the broker the tag resolved to at the first grant.
+    stuck_to: Option<BrokerId>,
+    active: Option<Held>,
+    draining: Vec<Held>,
+    pending: Option<Pending>,
+    /// A retry is scheduled after a failed take.
+    retrying: bool,
+    next_generation: u64,
+    watcher: JoinHandle<()>,
+}
+
+impl Drop for ConsumerEntry {
+    fn drop(&mut self) {
+        self.watcher.abort();
+        for held in self
+            .active
+            .take()
+            .into_iter()
+            .chain(self.draining.drain(..))
+        {
+            close_in_background(held.channel);
+        }
+    }
+}
+
+/// State of the assignments actor.
+pub struct AssignmentsState {
+    connections: Connections,
+    registry: ConnectionRegistry,
+    consumers: HashMap<ConsumerId, ConsumerEntry>,
+    next_token: u64,
+    registry_watch: Option<JoinHandle<()>>,
+}
+
+/// The actor behind [`Assignments`].
+pub struct AssignmentsActor;
+
+fn close_in_background(channel: Channel) {
+    tokio::spawn(async move {
+        if channel.status().connected() {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                channel.close(200, "warren: lease released".into()),
+            )
+            .await;
+        }
+    });
+}
+
+impl AssignmentsState {
+    /// Whether a held lease still lives on a connection that is up.
+    fn alive(&self, held: &Held) -> bool {
+        self.registry
+            .status(held.broker)
+            .is_some_and(|s| s.available && s.generation == held.connection)
+    }
+
+    /// The broker a consumer should be served from now, if any.
+    fn target(&mut self, id: ConsumerId) -> Option<BrokerId> {
+        let registry = self.registry.clone();
+        let entry = self.consumers.get_mut(&id)?;
+        match &entry.kind {
+            ChannelKind::Float => registry.primary().map(|b| b.id),
+            ChannelKind::Broker(broker) => registry.is_available(*broker).then_some(*broker),
+            ChannelKind::Tag(tag) => match entry.stuck_to {
+                Some(broker) => registry.is_available(broker).then_some(broker),
+                None => registry
+                    .brokers()
+                    .iter()
+                    .find(|b| &b.zone == tag && registry.is_available(b.id))
+                    .map(|b| b.id),
+            },
+        }
+    }
+
+    /// Brings one consumer in line with the registry: drop dead leases (telling the
+    /// consumer), serve a consumer without a lease, start fail-back for a float consumer
+    /// that is off the primary.
+    fn reconcile(&mut self, myself: &ActorRef<AssignmentsMsg>, id: ConsumerId) {
+        let Some(entry) = self.consumers.get(&id) else {
+            return;
+        };
+        let active_dead = entry.active.as_ref().is_some_and(|h| !self.alive(h));
+        let dead_draining: Vec<u64> = entry
+            .draining
+            .iter()
+            .filter(|h| !self.alive(h))
+            .map(|h| h.generation)
+            .collect();
+        if active_dead {
+            self.lose(id, None);
+        }
+        for generation in dead_draining {
+            self.lose(id, Some(generation));
+        }
+
+        let Some(entry) = self.consumers.get(&id) else {
+            return;
+        };
+        if entry.pending.is_some() || entry.retrying {
+            return;
+        }
+        let active_broker = entry.active.as_ref().map(|h| h.broker);
+        let is_float = entry.kind == ChannelKind::Float;
+        let Some(target) = self.target(id) else {
+            if active_broker.is_none() {
+                tracing::debug!(consumer = %self.label(id), "no broker for this consumer yet; reserved");
+            }
+            return;
+        };
+        match active_broker {
+            None => self.take(myself, id, target, Purpose::Fresh),
+            Some(current) if is_float && current != target => {
+                self.take(myself, id, target, Purpose::FailBack)
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn label(&self, id: ConsumerId) -> String {
+        self.consumers
+            .get(&id)
+            .map_or_else(|| format!("{id:?}"), |e| e.label.clone())
+    }
+
+    /// Tells the consumer that a lease is lost and forgets it. `None` = the active lease.
+    fn lose(&mut self, id: ConsumerId, draining: Option<u64>) {
+        let Some(entry) = self.consumers.get_mut(&id) else {
+            return;
+        };
+        let held = match draining {
+            None => entry.active.take(),
+            Some(generation) => entry
+                .draining
+                .iter()
+                .position(|h| h.generation == generation)
+                .map(|i| entry.draining.remove(i)),
+        };
+        let Some(held) = held else {
+            return;
+        };
+        tracing::info!(consumer = %entry.label, generation = held.generation, broker = %held.broker, draining = draining.is_some(), "lease lost");
+        let _ = entry.tx.send(LeaseEvent::Lost {
+            generation: held.generation,
+        });
+        close_in_background(held.channel);
+    }
+
+    /// Asks the broker's connection for a channel without blocking the actor.
+    fn take(
+        &mut self,
+        myself: &ActorRef<AssignmentsMsg>,
+        id: ConsumerId,
+        broker: BrokerId,
+        purpose: Purpose,
+    ) {
+        self.next_token += 1;
+        let token = self.next_token;
+        let Some(entry) = self.consumers.get_mut(&id) else {
+            return;
+        };
+        entry.pending = Some(Pending { token, purpose });
+        let connections = self.connections.clone();
+        let myself = myself.clone();
+        tokio::spawn(async move {
+            let result = connections.take_channel(broker).await;
+            let _ = myself.cast(AssignmentsMsg::Taken {
+                id,
+                token,
+                result: Box::new(result),
+            });
+        });
+    }
+
+    fn taken(
+        &mut self,
+        myself: &ActorRef<AssignmentsMsg>,
+        id: ConsumerId,
+        token: u64,
+        result: Result<TakenChannel, ChannelError>,
+    ) {
+        let registry = self.registry.clone();
+        let Some(entry) = self.consumers.get_mut(&id) else {
+            return;
+        };
+        let Some(pending) = entry.pending.take_if(|p| p.token == token) else {
+            // A stale answer: the channel (if any) is dropped, which closes it.
+            return;
+        };
+        let taken = match result {
+            Ok(taken) => taken,
+            Err(error) => {
+                tracing::warn!(consumer = %entry.label, %error, "no channel from the broker; retrying");
+                entry.retrying = true;
+                myself.send_after(RETRY_TAKE_AFTER, move || AssignmentsMsg::Retry(id));
+                return;
+            }
+        };
+        let current = registry.status(taken.broker);
+        if !current.is_some_and(|s| s.available && s.generation == taken.generation) {
+            // The connection died while the channel was on its way.
+            self.reconcile(myself, id);
+            return;
+        }
+        let Some(broker) = registry.broker(taken.broker).cloned() else {
+            return;
+        };
+        entry.next_generation += 1;
+        let generation = entry.next_generation;
+        if let ChannelKind::Tag(_) = entry.kind {
+            entry.stuck_to.get_or_insert(taken.broker);
+        }
+        let held = Held {
+            generation,
+            broker: taken.broker,
+            connection: taken.generation,
+            channel: taken.channel.clone(),
+        };
+        let replaces = match pending.purpose {
+            Purpose::FailBack => entry.active.take().map(|old| {
+                let old_generation = old.generation;
+                entry.draining.push(old);
+                old_generation
+            }),
+            Purpose::Fresh => {
+                if let Some(old) = entry.active.take() {
+                    close_in_background(old.channel);
+                }
+                None
+            }
+        };
+        entry.active = Some(held);
+        tracing::info!(consumer = %entry.label, generation, broker = %broker, replaces, "lease granted");
+        let lease = Lease {
+            channel: taken.channel,
+            broker,
+            generation,
+            replaces,
+        };
+        if entry.tx.send(LeaseEvent::Granted(lease)).is_err() {
+            self.consumers.remove(&id);
+        }
+    }
+}
+
+impl Actor for AssignmentsActor {
+    type Msg = AssignmentsMsg;
+    type State = AssignmentsState;
+    type Arguments = Connections;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        connections: Connections,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(AssignmentsState {
+            registry: connections.registry().clone(),
+            connections,
+            consumers: HashMap::new(),
+            next_token: 0,
+            registry_watch: None,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut AssignmentsState,
+    ) -> Result<(), ActorProcessingErr> {
+        let mut changes = state.registry.subscribe();
+        state.registry_watch = Some(tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                if myself.cast(AssignmentsMsg::RegistryChanged).is_err() {
+                    break;
+                }
+            }
+        }));
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut AssignmentsState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            AssignmentsMsg::Register {
+                id,
+                label,
+                kind,
+                tx,
+            } => {
+                let watcher = {
+                    let tx = tx.clone();
+                    let myself = myself.clone();
+                    tokio::spawn(async move {
+                        tx.closed().await;
+                        let _ = myself.cast(AssignmentsMsg::Unregister(id));
+                    })
+                };
+                tracing::debug!(consumer = %label, ?kind, "consumer registered");
+                state.consumers.insert(
+                    id,
+                    ConsumerEntry {
+                        label,
+                        kind,
+                        tx,
+                        stuck_to: None,
+                        active: None,
+                        draining: Vec::new(),
+                        pending: None,
+                        retrying: false,
+                        next_generation: 0,
+                        watcher,
+                    },
+                );
+                state.reconcile(&myself, id);
+            }
+            AssignmentsMsg::Unregister(id) => {
+                if let Some(entry) = state.consumers.remove(&id) {
+                    tracing::debug!(consumer = %entry.label, "consumer gone; its channels are closed");
+                }
+            }
+            AssignmentsMsg::LostReported(id, generation) => {
+                let is_active = state
+                    .consumers
+                    .get(&id)
+                    .and_then(|e| e.active.as_ref())
+                    .is_some_and(|h| h.generation == generation);
+                let is_draining = state
+                    .consumers
+                    .get(&id)
+                    .is_some_and(|e| e.draining.iter().any(|h| h.generation == generation));
+                if is_active {
+                    state.lose(id, None);
+                } else if is_draining {
+                    state.lose(id, Some(generation));
+                }
+                state.reconcile(&myself, id);
+            }
+            AssignmentsMsg::Released(id, generation) => {
+                if let Some(entry) = state.consumers.get_mut(&id)
+                    && let Some(i) = entry
+                        .draining
+                        .iter()
+                        .position(|h| h.generation == generation)
+                {
+                    let held = entry.draining.remove(i);
+                    tracing::info!(consumer = %entry.label, generation, "drained lease released");
+                    close_in_background(held.channel);
+                }
+            }
+            AssignmentsMsg::Taken { id, token, result } => {
+                state.taken(&myself, id, token, *result);
+            }
+            AssignmentsMsg::Retry(id) => {
+                if let Some(entry) = state.consumers.get_mut(&id) {
+                    entry.retrying = false;
+                }
+                state.reconcile(&myself, id);
+            }
+            AssignmentsMsg::RegistryChanged => {
+                let ids: Vec<ConsumerId> = state.consumers.keys().copied().collect();
+                for id in ids {
+                    state.reconcile(&myself, id);
+                }
+            }
+            AssignmentsMsg::Inspect(reply) => {
+                let mut report = AssignmentsReport::default();
+                for entry in state.consumers.values() {
+                    for (held, draining) in entry
+                        .active
+                        .iter()
+                        .map(|h| (h, false))
+                        .chain(entry.draining.iter().map(|h| (h, true)))
+                    {
+                        report.leases.push(LeaseInfo {
+                            consumer: entry.label.clone(),
+                            kind: entry.kind.clone(),
+                            broker: held.broker,
+                            generation: held.generation,
+                            draining,
+                        });
+                    }
+                    if entry.active.is_none() {
+                        report.reservations.push(entry.label.clone());
+                    }
+                }
+                let _ = reply.send(report);
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut AssignmentsState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(watch) = state.registry_watch.take() {
+            watch.abort();
+        }
+        state.consumers.clear();
+        Ok(())
+    }
+}

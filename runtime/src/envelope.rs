@@ -1,0 +1,525 @@
+//! The kapi message envelope: Kazoo's wire format, so warren apps can talk to Kazoo nodes.
+//!
+//! Owns the envelope format only: which headers a message body carries (they live in
+//! the JSON body, not in AMQP headers), how a body is decoded from a delivery (content
+//! type, gzip, size cap, validation) and encoded for publishing, how Msg-IDs are made,
+//! how a reply is correlated with its request, and which AMQP properties go with a
+//! published envelope. It must not touch channels or connections: publishing and
+//! consuming belong to the publisher and the listeners.
+//!
+//! Decoding runs once per delivery, on the hot path: the body is parsed straight into
+//! the envelope's map, and nothing is allocated beyond that unless a Msg-ID must be
+//! generated or the body must be gunzipped.
+
+use std::io::Read;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use flate2::Compression;
+use flate2::read::MultiGzDecoder;
+use flate2::write::GzEncoder;
+use lapin::BasicProperties;
+use lapin::types::ShortString;
+use rand::Rng;
+use serde_json::{Map, Value};
+
+/// Header names of Kazoo's kapi envelope (all live in the JSON body, not AMQP headers).
+///
+/// They exist so that every part of warren, and every app, spells Kazoo's headers the
+/// same way; a typo in a header name would silently break interoperability.
+pub mod keys {
+    /// Required. The API family of a message (`call_event`, `configuration`, …); responders match on it.
+    pub const EVENT_CATEGORY: &str = "Event-Category";
+    /// Required. The message kind within its category; responders match on it.
+    pub const EVENT_NAME: &str = "Event-Name";
+    /// Required on every API message: the sending application, for tracing and `call_collect` counts.
+    pub const APP_NAME: &str = "App-Name";
+    /// Required on every API message: the sending application's version, for tracing.
+    pub const APP_VERSION: &str = "App-Version";
+    /// Required on every API message: the message's id; a reply carries its request's id here.
+    pub const MSG_ID: &str = "Msg-ID";
+    /// The sending node's name, filled in automatically when missing.
+    pub const NODE: &str = "Node";
+    /// On a request: the requester's queue name, the routing key its reply goes to on `targeted`.
+    pub const SERVER_ID: &str = "Server-ID";
+    /// Where a worker moves a request's original Server-ID when it puts its own queue there.
+    pub const SERVER_QUEUE_ID: &str = "Server-Queue-ID";
+    /// When present on a request, the id its replies are matched on instead of Msg-ID.
+    pub const MSG_REPLY_ID: &str = "Msg-Reply-ID";
+    /// On a reply: "keep waiting for a better answer, use me only if none comes".
+    pub const DEFER_RESPONSE: &str = "Defer-Response";
+    /// Optional: the access group a message belongs to.
+    pub const ACCESS_GROUP: &str = "Access-Group";
+    /// Optional: the node a message is meant for.
+    pub const DESTINATION_SERVER: &str = "Destination-Server";
+    /// Optional: the sender's zone or location.
+    pub const GEO_LOCATION: &str = "Geo-Location";
+    /// Optional: the id used to correlate log lines across nodes (often the call-id).
+    pub const LOG_ID: &str = "Log-ID";
+    /// Optional: the account a message concerns.
+    pub const ACCOUNT_ID: &str = "Account-ID";
+    /// Optional: the call a message concerns.
+    pub const CALL_ID: &str = "Call-ID";
+    /// Optional: raw SIP/switch headers carried along with a message.
+    pub const RAW_HEADERS: &str = "Raw-Headers";
+    /// Optional: Kazoo's Erlang pid of the requester (opaque to warren, carried through).
+    pub const REQUEST_FROM_PID: &str = "Request-From-PID";
+    /// Optional: Kazoo's Erlang pid replies should be handed to (opaque to warren, carried through).
+    pub const REPLY_TO_PID: &str = "Reply-To-PID";
+    /// Set on receipt: the broker a message arrived from (federation).
+    pub const AMQP_BROKER: &str = "AMQP-Broker";
+    /// Set on receipt: the zone of the broker a message arrived from (federation).
+    pub const AMQP_BROKER_ZONE: &str = "AMQP-Broker-Zone";
+    /// Optional: the local process a message should go straight to, bypassing responders.
+    pub const DELIVER_TO_PID: &str = "Deliver-To-PID";
+    /// On an error response (`Event-Category: error`): what went wrong.
+    pub const ERROR_MESSAGE: &str = "Error-Message";
+    /// On an error response: the request that failed, when the responder includes it.
+    pub const REQUEST: &str = "Request";
+}
+
+/// The content type warren publishes and expects.
+///
+/// Kazoo publishes JSON bodies with this type; warren rejects any other type rather
+/// than guessing how to read it.
+pub const CONTENT_TYPE: &str = "application/json";
+
+/// The content encoding of a compressed envelope; the only compression Kazoo uses.
+pub const GZIP_ENCODING: &str = "gzip";
+
+/// The largest body, in bytes, that a gzip-encoded delivery may decompress to.
+///
+/// It exists so that a small compressed body (a "zip bomb") is a decode error rather
+/// than an out-of-memory crash of the whole service.
+pub const MAX_DECOMPRESSED_SIZE: usize = 64 * 1024 * 1024;
+
+/// A kapi message: a JSON object body with Kazoo's default headers (Event-Category, Event-Name, App-Name, App-Version, Msg-ID, Node, Server-ID on requests).
+///
+/// It exists so that handlers work with one validated type: an envelope made by
+/// [`Envelope::new`], [`Envelope::from_map`] or [`Envelope::decode`] always has a
+/// string Event-Category and Event-Name, and a decoded one always has a Msg-ID.
+/// Every other field is free-form JSON and is carried through untouched.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Envelope {
+    fields: Map<String, Value>,
+}
+
+/// Who is sending: filled into outgoing envelopes where missing.
+///
+/// It exists so that an app states its identity once (at start) and the publisher
+/// stamps every message with it, as Kazoo's default headers do.
+#[derive(Clone, Debug)]
+pub struct Stamp {
+    /// Goes into App-Name.
+    pub app_name: String,
+    /// Goes into App-Version.
+    pub app_version: String,
+    /// Goes into Node.
+    pub node: String,
+}
+
+impl Envelope {
+    /// A new envelope with only Event-Category and Event-Name; the usual start of an outgoing message.
+    pub fn new(category: impl Into<String>, name: impl Into<String>) -> Envelope {
+        let mut fields = Map::new();
+        fields.insert(
+            keys::EVENT_CATEGORY.to_owned(),
+            Value::String(category.into()),
+        );
+        fields.insert(keys::EVENT_NAME.to_owned(), Value::String(name.into()));
+        Envelope { fields }
+    }
+
+    /// Wraps a JSON object built elsewhere, validating it exactly as [`Envelope::decode`] does.
+    ///
+    /// Event-Category and Event-Name must be non-empty strings; Msg-ID and Server-ID must
+    /// be strings (or null) when present. A missing, null or empty Msg-ID is generated.
+    pub fn from_map(mut fields: Map<String, Value>) -> Result<Envelope, DecodeError> {
+        required_str(&fields, keys::EVENT_CATEGORY)?;
+        required_str(&fields, keys::EVENT_NAME)?;
+        optional_str(&fields, keys::SERVER_ID)?;
+        if optional_str(&fields, keys::MSG_ID)?.is_none_or(str::is_empty) {
+            fields.insert(keys::MSG_ID.to_owned(), Value::String(new_msg_id()));
+        }
+        Ok(Envelope { fields })
+    }
+
+    /// The Event-Category responders match on.
+    ///
+    /// Always a string on a validated envelope; empty only if the caller has since
+    /// removed it or overwritten it with a non-string through [`Envelope::set`].
+    pub fn category(&self) -> &str {
+        self.get_str(keys::EVENT_CATEGORY).unwrap_or("")
+    }
+
+    /// The Event-Name responders match on (same caveat as [`Envelope::category`]).
+    pub fn name(&self) -> &str {
+        self.get_str(keys::EVENT_NAME).unwrap_or("")
+    }
+
+    /// The Msg-ID that correlates a request with its replies; `None` when missing or empty.
+    pub fn msg_id(&self) -> Option<&str> {
+        self.non_empty_str(keys::MSG_ID)
+    }
+
+    /// The Server-ID a reply is routed to on `targeted`; `None` when missing or empty (no reply wanted).
+    pub fn server_id(&self) -> Option<&str> {
+        self.non_empty_str(keys::SERVER_ID)
+    }
+
+    /// The sending node, for tracing; `None` when missing or empty.
+    pub fn node(&self) -> Option<&str> {
+        self.non_empty_str(keys::NODE)
+    }
+
+    /// The sending app, for tracing and per-app reply counting; `None` when missing or empty.
+    pub fn app_name(&self) -> Option<&str> {
+        self.non_empty_str(keys::APP_NAME)
+    }
+
+    /// The sending app's version, for tracing; `None` when missing or empty.
+    pub fn app_version(&self) -> Option<&str> {
+        self.non_empty_str(keys::APP_VERSION)
+    }
+
+    /// Whether this reply asks the requester to keep waiting for a better one.
+    ///
+    /// True for Defer-Response `true` or `"true"`, as Kazoo's `kz_term:is_true` reads it.
+    pub fn defer_response(&self) -> bool {
+        match self.fields.get(keys::DEFER_RESPONSE) {
+            Some(Value::Bool(flag)) => *flag,
+            Some(Value::String(text)) => text == "true",
+            _ => false,
+        }
+    }
+
+    /// Any field, as JSON; for app-specific headers.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.fields.get(key)
+    }
+
+    /// Any field, when it is a string (empty strings included).
+    pub fn get_str(&self, key: &str) -> Option<&str> {
+        self.fields.get(key).and_then(Value::as_str)
+    }
+
+    /// Sets a field, replacing any previous value; returns `self` for chaining.
+    pub fn set(&mut self, key: impl Into<String>, value: impl Into<Value>) -> &mut Self {
+        self.fields.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets a field on an owned envelope; for building a message in one expression.
+    pub fn with(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.set(key, value);
+        self
+    }
+
+    /// Removes a field and returns its value.
+    pub fn remove(&mut self, key: &str) -> Option<Value> {
+        self.fields.remove(key)
+    }
+
+    /// All fields, for code that needs the whole body (logging, forwarding, app decoding).
+    pub fn fields(&self) -> &Map<String, Value> {
+        &self.fields
+    }
+
+    /// All fields, by value; for apps that deserialize the body into their own types.
+    pub fn into_fields(self) -> Map<String, Value> {
+        self.fields
+    }
+
+    /// The Msg-ID, generated first (32 random hex chars) when missing, empty or not a string.
+    ///
+    /// Exists because a request must carry an id before it is published, or its replies
+    /// cannot be matched.
+    pub fn ensure_msg_id(&mut self) -> &str {
+        if self.msg_id().is_none() {
+            self.fields
+                .insert(keys::MSG_ID.to_owned(), Value::String(new_msg_id()));
+        }
+        self.get_str(keys::MSG_ID).unwrap_or("")
+    }
+
+    /// Fills App-Name, App-Version, Node and Msg-ID where missing or empty; never overwrites a value.
+    ///
+    /// Exists so that the publisher can complete Kazoo's required headers on every
+    /// outgoing message while an app stays free to set them itself (a relay that keeps
+    /// the original sender, for instance). A Msg-ID that is not a string is the one
+    /// exception: it is replaced, since every receiver would reject it.
+    pub fn stamp(&mut self, stamp: &Stamp) {
+        self.fill(keys::APP_NAME, &stamp.app_name);
+        self.fill(keys::APP_VERSION, &stamp.app_version);
+        self.fill(keys::NODE, &stamp.node);
+        self.ensure_msg_id();
+    }
+
+    /// A new envelope that answers this one: it carries this one's Msg-Reply-ID if it
+    /// has one, else its Msg-ID, in Msg-ID, which is how Kazoo correlates replies.
+    ///
+    /// Nothing else is copied; the caller routes the reply to [`Envelope::server_id`].
+    pub fn reply(&self, category: impl Into<String>, name: impl Into<String>) -> Envelope {
+        let mut reply = Envelope::new(category, name);
+        let correlation = self
+            .non_empty_str(keys::MSG_REPLY_ID)
+            .or_else(|| self.msg_id());
+        if let Some(id) = correlation {
+            reply
+                .fields
+                .insert(keys::MSG_ID.to_owned(), Value::String(id.to_owned()));
+        }
+        reply
+    }
+
+    /// Decodes a delivery's body, given its AMQP `content_type` and `content_encoding`.
+    ///
+    /// Accepts content type absent, empty or `application/json` (case-insensitive,
+    /// parameters such as `; charset=utf-8` ignored) and content encoding absent, empty, `identity`
+    /// or `gzip`; a gzip body may not decompress beyond [`MAX_DECOMPRESSED_SIZE`]. The
+    /// body must then pass [`Envelope::from_map`]. Every decoded envelope has a Msg-ID.
+    pub fn decode(
+        body: &[u8],
+        content_type: Option<&str>,
+        content_encoding: Option<&str>,
+    ) -> Result<Envelope, DecodeError> {
+        decode_limited(body, content_type, content_encoding, MAX_DECOMPRESSED_SIZE)
+    }
+
+    /// The body to publish: compact JSON, to go with `publish_properties(false)`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut body = Vec::with_capacity(256);
+        // Serializing a map with string keys into a Vec has no failure path.
+        serde_json::to_writer(&mut body, &self.fields).expect("a JSON object always serializes");
+        body
+    }
+
+    /// The body to publish gzip-compressed, to go with `publish_properties(true)`; for large messages.
+    pub fn encode_gzip(&self) -> Vec<u8> {
+        let mut encoder = GzEncoder::new(Vec::with_capacity(128), Compression::default());
+        // Writing into a Vec has no failure path, so neither step can fail.
+        serde_json::to_writer(&mut encoder, &self.fields).expect("a JSON object always serializes");
+        encoder.finish().expect("gzip into memory cannot fail")
+    }
+
+    /// A field's string value, treating an empty string as absent (Kazoo's "undefined").
+    fn non_empty_str(&self, key: &str) -> Option<&str> {
+        self.get_str(key).filter(|text| !text.is_empty())
+    }
+
+    /// Sets `key` to `value` unless it already holds something other than null or "".
+    fn fill(&mut self, key: &str, value: &str) {
+        let missing = match self.fields.get(key) {
+            None | Some(Value::Null) => true,
+            Some(Value::String(text)) => text.is_empty(),
+            Some(_) => false,
+        };
+        if missing && !value.is_empty() {
+            self.fields
+                .insert(key.to_owned(), Value::String(value.to_owned()));
+        }
+    }
+}
+
+/// A fresh Msg-ID: 32 random lowercase hex chars, as Kazoo generates.
+///
+/// Exists for callers that need an id before they have an envelope (a call that
+/// registers its expected reply id first, for instance).
+pub fn new_msg_id() -> String {
+    let bits: u128 = rand::rng().random();
+    format!("{bits:032x}")
+}
+
+/// AMQP properties for publishing an envelope: content_type application/json, timestamp (seconds since the epoch), content_encoding "gzip" when `gzip`.
+///
+/// Exists so that every publisher labels envelopes the way [`Envelope::decode`] (and
+/// Kazoo) expects to read them. The timestamp is in seconds, as AMQP defines it (Kazoo
+/// writes microseconds there; nothing reads the field for correlation).
+pub fn publish_properties(gzip: bool) -> BasicProperties {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|since| since.as_secs())
+        .unwrap_or(0);
+    let properties = BasicProperties::default()
+        .with_content_type(ShortString::from(CONTENT_TYPE))
+        .with_timestamp(now);
+    if gzip {
+        properties.with_content_encoding(ShortString::from(GZIP_ENCODING))
+    } else {
+        properties
+    }
+}
+
+/// Why a delivery's body is not a kapi envelope.
+///
+/// It exists so that a listener can reject (dead-letter) an undecodable message with a
+/// reason in the log instead of retrying it forever.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The AMQP content type is neither absent nor `application/json`.
+    #[error("unsupported content type {0:?} (warren accepts only {CONTENT_TYPE})")]
+    UnsupportedContentType(String),
+    /// The AMQP content encoding is not absent, empty, `identity` or `gzip`.
+    #[error("unsupported content encoding {0:?} (warren accepts identity and gzip)")]
+    UnsupportedContentEncoding(String),
+    /// The body claims gzip but does not decompress.
+    #[error("gzip body does not decompress: {0}")]
+    Gzip(#[source] std::io::Error),
+    /// The gzip body decompresses beyond the limit (probably a zip bomb).
+    #[error("body decompresses to more than {limit} bytes")]
+    TooLarge {
+        /// The limit that was exceeded, in bytes.
+        limit: usize,
+    },
+    /// The body is not valid JSON.
+    #[error("invalid JSON: {source}")]
+    InvalidJson {
+        /// Line of the error, 1-based.
+        line: usize,
+        /// Column of the error, 1-based.
+        column: usize,
+        /// serde_json's description.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The body is valid JSON but not an object.
+    #[error("body is a JSON {found}, not an object")]
+    NotAnObject {
+        /// The JSON type found instead.
+        found: &'static str,
+    },
+    /// A required field (Event-Category, Event-Name) is missing, null or empty.
+    #[error("required field {0} is missing or empty")]
+    MissingField(&'static str),
+    /// A field that must be a string holds something else.
+    #[error("field {field} must be a string, found a JSON {found}")]
+    WrongType {
+        /// The field's name.
+        field: &'static str,
+        /// The JSON type found instead.
+        found: &'static str,
+    },
+}
+
+impl DecodeError {
+    /// Keeps serde_json's line and column next to its error, for log lines.
+    fn json(source: serde_json::Error) -> DecodeError {
+        DecodeError::InvalidJson {
+            line: source.line(),
+            column: source.column(),
+            source,
+        }
+    }
+}
+
+/// [`Envelope::decode`] with a chosen decompression limit (tests use a small one).
+fn decode_limited(
+    body: &[u8],
+    content_type: Option<&str>,
+    content_encoding: Option<&str>,
+    limit: usize,
+) -> Result<Envelope, DecodeError> {
+    check_content_type(content_type)?;
+    if is_gzip(content_encoding)? {
+        let plain = gunzip(body, limit)?;
+        parse(&plain)
+    } else {
+        parse(body)
+    }
+}
+
+/// Accepts an absent or empty content type, or `application/json` with any parameters.
+fn check_content_type(content_type: Option<&str>) -> Result<(), DecodeError> {
+    let Some(full) = content_type else {
+        return Ok(());
+    };
+    let essence = full.split(';').next().unwrap_or("").trim();
+    if full.trim().is_empty() || essence.eq_ignore_ascii_case(CONTENT_TYPE) {
+        Ok(())
+    } else {
+        Err(DecodeError::UnsupportedContentType(full.to_owned()))
+    }
+}
+
+/// Whether the body must be gunzipped; an unknown encoding is an error.
+fn is_gzip(content_encoding: Option<&str>) -> Result<bool, DecodeError> {
+    let Some(encoding) = content_encoding else {
+        return Ok(false);
+    };
+    let token = encoding.trim();
+    if token.is_empty() || token.eq_ignore_ascii_case("identity") {
+        Ok(false)
+    } else if token.eq_ignore_ascii_case(GZIP_ENCODING) {
+        Ok(true)
+    } else {
+        Err(DecodeError::UnsupportedContentEncoding(encoding.to_owned()))
+    }
+}
+
+/// Decompresses a gzip body (all members), failing once it exceeds `limit` bytes.
+fn gunzip(body: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
+    // Reading one byte past the limit tells "exactly at the limit" from "beyond it".
+    let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
+    let mut plain = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
+    MultiGzDecoder::new(body)
+        .take(cap)
+        .read_to_end(&mut plain)
+        .map_err(DecodeError::Gzip)?;
+    if plain.len() > limit {
+        return Err(DecodeError::TooLarge { limit });
+    }
+    Ok(plain)
+}
+
+/// Parses JSON straight into the envelope's map, then validates it.
+fn parse(json: &[u8]) -> Result<Envelope, DecodeError> {
+    let first = json.iter().find(|byte| !byte.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        // Cold path: tell "valid JSON of the wrong shape" from "not JSON at all".
+        return Err(match serde_json::from_slice::<Value>(json) {
+            Ok(value) => DecodeError::NotAnObject {
+                found: json_type(&value),
+            },
+            Err(error) => DecodeError::json(error),
+        });
+    }
+    let fields: Map<String, Value> = serde_json::from_slice(json).map_err(DecodeError::json)?;
+    Envelope::from_map(fields)
+}
+
+/// Checks that `key` holds a non-empty string.
+fn required_str(fields: &Map<String, Value>, key: &'static str) -> Result<(), DecodeError> {
+    match optional_str(fields, key)? {
+        Some(text) if !text.is_empty() => Ok(()),
+        _ => Err(DecodeError::MissingField(key)),
+    }
+}
+
+/// `key`'s string value; absent and null are `None`, any other type is an error.
+fn optional_str<'a>(
+    fields: &'a Map<String, Value>,
+    key: &'static str,
+) -> Result<Option<&'a str>, DecodeError> {
+    match fields.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text)),
+        Some(other) => Err(DecodeError::WrongType {
+            field: key,
+            found: json_type(other),
+        }),
+    }
+}
+
+/// The JSON type of a value, for error messages.
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+#[cfg(test)]
+mod tests;
