@@ -10,6 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::client::Client;
 use common::{config_text, unique_node};
 use warren_test_support::{
     BrokerNode, eventually_blocking, free_port, list_connections, local_ctl, local_uri,
@@ -341,4 +342,44 @@ fn sigterm_stops_in_order_and_closes_the_connections() {
             .is_ok_and(|rows| ours(&rows) == 0)),
         "the broker still lists the node's connections"
     );
+}
+
+/// `warren run` with the echo app enabled answers a kapi request from a plain AMQP client.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_service_answers_echo_requests() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_node("echo-service");
+    let text = format!(
+        "{}\n[apps.echo]\nenabled = true\n",
+        config_text(&name, &[local_uri()], "")
+    );
+    let path = write_config(dir.path(), &text);
+    let run = Running::start(&path);
+    let ready = tokio::task::spawn_blocking({
+        let lines = run.lines.clone();
+        move || {
+            eventually_blocking(Duration::from_secs(30), || {
+                lines
+                    .lock()
+                    .expect("lines lock")
+                    .iter()
+                    .any(|l| l.contains("topology declared") && l.contains("listener=echo"))
+            })
+        }
+    })
+    .await
+    .expect("wait");
+    assert!(ready, "{}", run.output());
+
+    let mut client = Client::connect(&local_uri(), &name).await;
+    let request = client.request("echo", "req").with("Payload", "ping");
+    client.publish("echo", "echo.req", &request).await;
+    let reply = client
+        .reply(Duration::from_secs(10))
+        .await
+        .expect("a reply");
+    assert_eq!((reply.category(), reply.name()), ("echo", "resp"));
+    assert_eq!(reply.msg_id(), request.msg_id());
+    assert_eq!(reply.get_str("Payload"), Some("ping"));
+    run.signal("TERM");
 }

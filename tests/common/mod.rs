@@ -3,11 +3,15 @@
 
 #![allow(dead_code)]
 
+pub mod client;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use warren_runtime::config::Config;
+use warren_listeners::AppContext;
+use warren_runtime::config::{AppConfig, Config};
+use warren_runtime::node::Node;
 
 /// A node name unique to this test process and call, so assertions on the shared broker's
 /// connections never see another test's.
@@ -53,3 +57,26 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
 
 /// Generous deadline for a broker-side change to become visible.
 pub const SOON: Duration = Duration::from_secs(10);
+
+/// Starts a node with no apps.
+pub async fn start_node(config: Config) -> Node {
+    match Node::start(config, |_| Vec::new()).await {
+        Ok(node) => node,
+        Err(error) => panic!("node did not start: {error}"),
+    }
+}
+
+/// The context of a test app named `name` on `node`, for starting listeners by hand.
+pub fn app_context(node: &Node, name: &str) -> AppContext {
+    let context = node.context().clone();
+    let pool = context.config.pool;
+    AppContext {
+        node: context,
+        config: AppConfig {
+            name: name.to_string(),
+            enabled: true,
+            pool,
+        },
+        version: "0.0.0-test".to_string(),
+    }
+}

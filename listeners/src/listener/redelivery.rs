@@ -59,15 +59,14 @@ impl RedeliveryCounts {
 fn delivery_count_header(delivery: &Delivery) -> Option<u32> {
     let headers = delivery.properties.headers().as_ref()?;
     let value = headers.inner().get("x-delivery-count")?;
-    let count = match value {
+    match value {
         AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
         AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
         AMQPValue::LongUInt(n) => Some(*n),
         AMQPValue::ShortInt(n) => u32::try_from(*n).ok(),
         AMQPValue::ShortShortUInt(n) => Some(u32::from(*n)),
         _ => None,
-    };
-    count
+    }
 }
 
 #[cfg(test)]

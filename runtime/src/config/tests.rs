@@ -233,7 +233,7 @@ fn warren_zone_overrides_the_file() {
 #[test]
 fn the_shipped_config_ini_parses() {
     let text = include_str!("../../../config.ini");
-    let config = Config::parse(text, Path::new("config.ini"), &["skel"], None).unwrap();
+    let config = Config::parse(text, Path::new("config.ini"), &["skel", "echo"], None).unwrap();
     assert_eq!(config.amqp.zone, "local");
     let local = config.local_zone();
     assert_eq!(local.brokers.len(), 1);
@@ -246,6 +246,7 @@ fn the_shipped_config_ini_parses() {
     assert!(skel.enabled);
     assert_eq!((skel.pool.size, skel.pool.overflow), (2, 4));
     assert_eq!(skel.pool.checkout_timeout, Duration::from_millis(2000));
+    assert!(config.app("echo").is_some_and(|echo| echo.enabled));
     // Every value written in the shipped file is the default.
     let defaults = parse(LOCAL_ZONE).unwrap();
     assert_eq!(config.pool, defaults.pool);

@@ -1,0 +1,132 @@
+//! Shared by the benchmarks: the broker to use, pre-publishing fixed-size envelopes, rates,
+//! and the one JSON line each benchmark ends with.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use warren_runtime::envelope::{Envelope, publish_properties};
+
+/// The broker the benchmarks run against (env WARREN_BENCH_AMQP_URI overrides).
+pub fn broker_uri() -> String {
+    std::env::var("WARREN_BENCH_AMQP_URI")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
+}
+
+pub async fn connect(name: &str) -> Connection {
+    Connection::connect(
+        &broker_uri(),
+        ConnectionProperties::default().with_connection_name(name.into()),
+    )
+    .await
+    .expect("the benchmark needs RabbitMQ at 127.0.0.1:5672 (scripts/ensure-rabbitmq)")
+}
+
+/// An envelope whose encoded body is exactly `size` bytes.
+pub fn envelope_of_size(category: &str, name: &str, i: usize, size: usize) -> Vec<u8> {
+    let mut envelope = Envelope::new(category, name)
+        .with("Msg-ID", format!("{i:032x}"))
+        .with("App-Name", "bench")
+        .with("App-Version", "1")
+        .with("Node", "bench@localhost")
+        .with("Payload", "");
+    let base = envelope.encode().len();
+    envelope.set("Payload", "x".repeat(size.saturating_sub(base)));
+    let body = envelope.encode();
+    assert_eq!(body.len(), size, "envelope size");
+    body
+}
+
+/// Declares an exchange and a queue bound to it with `#`, empty.
+pub async fn fresh_queue(channel: &Channel, exchange: &str, queue: &str) {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange");
+    let _ = channel
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await;
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue");
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    channel
+        .queue_purge(queue.into(), QueuePurgeOptions::default())
+        .await
+        .expect("purge");
+}
+
+/// Publishes `count` envelopes of `size` bytes (confirmed, pipelined).
+pub async fn prepublish(channel: &Channel, exchange: &str, count: usize, size: usize) {
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let mut confirms = Vec::with_capacity(1000);
+    for i in 0..count {
+        let body = envelope_of_size("bench", "msg", i, size);
+        confirms.push(
+            channel
+                .basic_publish(
+                    exchange.into(),
+                    "bench".into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    publish_properties(false),
+                )
+                .await
+                .expect("publish"),
+        );
+        if confirms.len() == 1000 {
+            for confirm in confirms.drain(..) {
+                confirm.await.expect("confirm");
+            }
+        }
+    }
+    for confirm in confirms {
+        confirm.await.expect("confirm");
+    }
+}
+
+/// Messages per second.
+pub fn rate(count: usize, elapsed: Duration) -> f64 {
+    count as f64 / elapsed.as_secs_f64()
+}
+
+/// The middle value.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+/// The last line of every benchmark.
+pub fn report(bench: &str, warren: f64, lapin: f64, ratio: f64) {
+    println!(
+        "{{\"bench\":\"{bench}\",\"warren\":{warren:.1},\"lapin\":{lapin:.1},\"ratio\":{ratio:.3}}}"
+    );
+}

@@ -1,0 +1,175 @@
+//! `cargo bench --bench consume`: a no-op warren listener against a raw lapin consumer
+//! written for speed, both consuming the same number of pre-published 256-byte envelopes
+//! (manual ack, prefetch 200) from the local RabbitMQ, in the same run.
+//!
+//! The lapin baseline acknowledges with `multiple = true` every quarter of the prefetch
+//! (the best a hand-written consumer does; one awaited ack per message is several times
+//! slower). Each side is timed from its first delivery to its last ack; the median of a
+//! few rounds is reported. The last line is one JSON object.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, StreamExt};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use warren_listeners::{AppContext, Event, Listener, ListenerSpec, QueueSpec, spawn_listener};
+use warren_runtime::config::{AppConfig, Config};
+use warren_runtime::node::Node;
+
+const MESSAGES: usize = 200_000;
+const SIZE: usize = 256;
+const PREFETCH: u16 = 200;
+const ROUNDS: usize = 3;
+const EXCHANGE: &str = "warren-bench-consume";
+
+#[tokio::main]
+async fn main() {
+    let setup = common::connect("bench-consume/setup").await;
+    let channel = setup.create_channel().await.expect("channel");
+    let node = start_node().await;
+    let queue = format!("warren-bench-consume-{}", std::process::id());
+    let (mut lapin_rates, mut warren_rates) = (Vec::new(), Vec::new());
+    for round in 1..=ROUNDS {
+        common::fresh_queue(&channel, EXCHANGE, &queue).await;
+        common::prepublish(&channel, EXCHANGE, MESSAGES, SIZE).await;
+        let lapin = lapin_consumer(&queue).await;
+        common::fresh_queue(&channel, EXCHANGE, &queue).await;
+        common::prepublish(&channel, EXCHANGE, MESSAGES, SIZE).await;
+        let warren = warren_listener(&node, &queue).await;
+        eprintln!("round {round}: lapin {lapin:.0} msg/s, warren {warren:.0} msg/s");
+        lapin_rates.push(lapin);
+        warren_rates.push(warren);
+    }
+    let _ = channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await;
+    let _ = node.stop().await;
+    let (warren, lapin) = (common::median(warren_rates), common::median(lapin_rates));
+    common::report("consume", warren, lapin, warren / lapin);
+}
+
+async fn start_node() -> Node {
+    let text = format!(
+        "[service]\nnode = \"bench-consume-{}\"\n[zones.local]\nbrokers = [\"{}\"]\n",
+        std::process::id(),
+        common::broker_uri()
+    );
+    let config = Config::parse(&text, Path::new("bench.ini"), &[], None).expect("bench config");
+    Node::start(config, |_| Vec::new())
+        .await
+        .expect("node starts")
+}
+
+/// The fastest plain lapin consumer: manual acks coalesced with `multiple = true`.
+async fn lapin_consumer(queue: &str) -> f64 {
+    let connection = common::connect("bench-consume/lapin").await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "bench-lapin".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let batch = usize::from(PREFETCH / 4);
+    let mut started = None;
+    let mut received = 0;
+    while received < MESSAGES {
+        // Wait for one delivery, take every one already there, then ack them all at once
+        // (also every `batch`, so the broker keeps sending).
+        let mut last = next_tag(consumer.next().await);
+        started.get_or_insert_with(Instant::now);
+        received += 1;
+        let mut unacked = 1;
+        while received < MESSAGES {
+            let Some(item) = consumer.next().now_or_never() else {
+                break;
+            };
+            last = next_tag(item);
+            received += 1;
+            unacked += 1;
+            if unacked == batch {
+                ack_upto(&channel, last).await;
+                unacked = 0;
+            }
+        }
+        if unacked > 0 {
+            ack_upto(&channel, last).await;
+        }
+    }
+    let elapsed = started.map_or(Duration::ZERO, |s| s.elapsed());
+    let _ = connection.close(200, "done".into()).await;
+    common::rate(MESSAGES, elapsed)
+}
+
+fn next_tag(item: Option<lapin::Result<lapin::message::Delivery>>) -> u64 {
+    item.expect("stream open").expect("delivery").delivery_tag
+}
+
+async fn ack_upto(channel: &lapin::Channel, tag: u64) {
+    channel
+        .basic_ack(tag, BasicAckOptions { multiple: true })
+        .await
+        .expect("ack");
+}
+
+/// A no-op listener: one responder that counts.
+struct NoOp {
+    queue: String,
+    handled: Arc<AtomicUsize>,
+    first: Arc<OnceLock<Instant>>,
+}
+
+impl Listener for NoOp {
+    fn spec(&self) -> ListenerSpec {
+        let (handled, first) = (self.handled.clone(), self.first.clone());
+        ListenerSpec::new("bench")
+            .queue(QueueSpec::named(&self.queue))
+            .prefetch(PREFETCH)
+            .responder("bench", "msg", move |_event: Event| {
+                first.get_or_init(Instant::now);
+                handled.fetch_add(1, Ordering::Relaxed);
+                async { Ok(()) }
+            })
+    }
+}
+
+async fn warren_listener(node: &Node, queue: &str) -> f64 {
+    let context = node.context().clone();
+    let pool = context.config.pool;
+    let ctx = AppContext {
+        node: context,
+        config: AppConfig {
+            name: "bench".to_string(),
+            enabled: true,
+            pool,
+        },
+        version: "bench".to_string(),
+    };
+    let first = Arc::new(OnceLock::new());
+    let listener = NoOp {
+        queue: queue.to_string(),
+        handled: Arc::new(AtomicUsize::new(0)),
+        first: first.clone(),
+    };
+    let handle = spawn_listener(listener, &ctx)
+        .await
+        .expect("listener starts");
+    while handle.stats().acked < MESSAGES as u64 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let elapsed = first.get().map_or(Duration::ZERO, |s| s.elapsed());
+    handle.stop().await.expect("stop");
+    common::rate(MESSAGES, elapsed)
+}

@@ -1,0 +1,698 @@
+//! The listener behaviour against the local RabbitMQ: notices in order, responder matching,
+//! every outcome (ack, retry, reject, panic, bad JSON, the redelivery limit), run-time
+//! bindings surviving a forced close, pause/resume across a reconnect, a graceful stop with
+//! a hung handler, at-least-once delivery across a closed connection, and the echo app.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::client::Client;
+use common::{SOON, app_context, blocking, config, start_node, unique_node};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, ExchangeKind};
+use parking_lot::Mutex;
+use serde_json::json;
+use warren_listeners::{
+    Binding, Dispatch, Envelope, Event, Exchange, HandlerError, Listener, ListenerSpec, Notice,
+    QueueSpec, spawn_listener,
+};
+use warren_test_support::{close_connections, eventually, local_ctl, local_uri};
+
+/// A listener for tests: a spec, a record of notices, and a category whose events the hook
+/// suppresses.
+struct TestListener {
+    spec: ListenerSpec,
+    notices: Arc<Mutex<Vec<String>>>,
+}
+
+impl TestListener {
+    fn new(spec: ListenerSpec) -> (Self, Arc<Mutex<Vec<String>>>) {
+        let notices = Arc::new(Mutex::new(Vec::new()));
+        (
+            TestListener {
+                spec,
+                notices: notices.clone(),
+            },
+            notices,
+        )
+    }
+}
+
+impl Listener for TestListener {
+    fn spec(&self) -> ListenerSpec {
+        self.spec.clone()
+    }
+
+    fn on_event(&self, event: &Event) -> Dispatch {
+        if event.category() == "skip" {
+            Dispatch::Suppress
+        } else {
+            Dispatch::Responders
+        }
+    }
+
+    fn on_notice(&self, notice: &Notice) {
+        let text = match notice {
+            Notice::QueueCreated { queue, .. } => format!("queue_created:{queue}"),
+            Notice::Consuming(on) => format!("consuming:{on}"),
+            Notice::ChannelLost => "channel_lost".to_string(),
+            Notice::Returned(_) => "returned".to_string(),
+        };
+        self.notices.lock().push(text);
+    }
+}
+
+fn counter() -> Arc<AtomicUsize> {
+    Arc::new(AtomicUsize::new(0))
+}
+
+/// A responder that counts its calls.
+fn counting(
+    count: &Arc<AtomicUsize>,
+) -> impl Fn(Event) -> futures::future::Ready<warren_listeners::HandlerResult> + Send + Sync + 'static
+{
+    let count = count.clone();
+    move |_event| {
+        count.fetch_add(1, Ordering::SeqCst);
+        futures::future::ready(Ok(()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn notices_come_in_order() {
+    let name = unique_node("notices");
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let (listener, notices) = TestListener::new(ListenerSpec::new("order"));
+    let handle = spawn_listener(listener, &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await, "never consuming");
+    let queue = handle.queue_name();
+    assert!(
+        queue.starts_with("order-"),
+        "a client-generated name: {queue}"
+    );
+    handle.stop().await.expect("stop");
+    assert_eq!(
+        *notices.lock(),
+        vec![
+            format!("queue_created:{queue}"),
+            "consuming:true".to_string(),
+            "consuming:false".to_string()
+        ]
+    );
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_matching_responder_runs_and_the_hook_can_suppress() {
+    let name = unique_node("responders");
+    let exchange = format!("{name}-ex");
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let (ab, a_any, any_b, any_any) = (counter(), counter(), counter(), counter());
+    let spec = ListenerSpec::new("responders")
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "#")
+        .responder("a", "b", counting(&ab))
+        .responder("a", "*", counting(&a_any))
+        .responder("*", "b", counting(&any_b))
+        .responder("*", "*", counting(&any_any));
+    let (listener, _) = TestListener::new(spec);
+    let handle = spawn_listener(listener, &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+    let client = Client::connect(&local_uri(), &name).await;
+    for (category, event) in [("a", "b"), ("a", "c"), ("z", "b"), ("skip", "b")] {
+        client
+            .publish(&exchange, "k", &Envelope::new(category, event))
+            .await;
+    }
+    assert!(
+        eventually(SOON, || handle.stats().received == 4
+            && handle.stats().acked == 4)
+        .await,
+        "{:?}",
+        handle.stats()
+    );
+    assert_eq!(ab.load(Ordering::SeqCst), 1, "(a,b) only for a/b");
+    assert_eq!(a_any.load(Ordering::SeqCst), 2, "(a,*) for a/b and a/c");
+    assert_eq!(any_b.load(Ordering::SeqCst), 2, "(*,b) for a/b and z/b");
+    assert_eq!(
+        any_any.load(Ordering::SeqCst),
+        3,
+        "(*,*) for all but the suppressed one"
+    );
+    assert_eq!(handle.stats().suppressed, 1);
+    handle.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_outcome_acks_requeues_or_dead_letters() {
+    let name = unique_node("outcomes");
+    let (exchange, dlx, dlq, queue) = (
+        format!("{name}-ex"),
+        format!("{name}-dlx"),
+        format!("{name}-dlq"),
+        format!("{name}-q"),
+    );
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let client = Client::connect(&local_uri(), &name).await;
+    client.declare_exchange(&dlx, ExchangeKind::Fanout).await;
+    client.queue(&dlq, FieldTable::default()).await;
+    client
+        .channel
+        .queue_bind(
+            dlq.as_str().into(),
+            dlx.as_str().into(),
+            "".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind the dead-letter queue");
+
+    let retried = counter();
+    let retried_in = retried.clone();
+    let spec = ListenerSpec::new("outcomes")
+        .queue(QueueSpec::named(&queue).dead_letter_exchange(&dlx))
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "#")
+        .concurrency(4)
+        .max_redeliveries(2)
+        .responder("t", "ok", |_e: Event| async { Ok(()) })
+        .responder("t", "retry-once", move |event: Event| {
+            let retried = retried_in.clone();
+            async move {
+                if event.delivery().redelivered {
+                    Ok(())
+                } else {
+                    retried.fetch_add(1, Ordering::SeqCst);
+                    Err(HandlerError::retry("not yet"))
+                }
+            }
+        })
+        .responder("t", "reject", |_e: Event| async {
+            Err(HandlerError::reject("never"))
+        })
+        .responder("t", "panic", |_e: Event| async {
+            panic!("this handler always panics");
+        });
+    let (listener, _) = TestListener::new(spec);
+    let handle = spawn_listener(listener, &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+
+    for event in ["ok", "retry-once", "reject", "panic"] {
+        client
+            .publish(&exchange, "k", &Envelope::new("t", event))
+            .await;
+    }
+    client
+        .publish_raw(
+            &exchange,
+            "k",
+            b"{not json",
+            BasicProperties::default().with_content_type("application/json".into()),
+        )
+        .await;
+
+    // ok 1 + retry-once 2 + reject 1 + panic 1+3 redeliveries + bad JSON 1
+    assert!(
+        eventually(Duration::from_secs(20), || handle.stats().received == 9
+            && handle.stats().rejected == 3)
+        .await,
+        "{:?}",
+        handle.stats()
+    );
+    let stats = handle.stats();
+    assert_eq!(stats.acked, 2, "ok and retry-once: {stats:?}");
+    assert_eq!(stats.requeued, 4, "one retry and three panics: {stats:?}");
+    assert_eq!(stats.handler_panics, 3, "{stats:?}");
+    assert_eq!(stats.redelivery_limit, 1, "{stats:?}");
+    assert_eq!(
+        stats.undecodable, 1,
+        "bad JSON seen once, never requeued: {stats:?}"
+    );
+    assert_eq!(retried.load(Ordering::SeqCst), 1);
+
+    // The listener lives on after the panics.
+    client
+        .publish(&exchange, "k", &Envelope::new("t", "ok"))
+        .await;
+    assert!(eventually(SOON, || handle.stats().acked == 3).await);
+
+    // Rejected, past-the-limit and undecodable messages are dead-lettered.
+    let mut dead = Vec::new();
+    let deadline = Instant::now() + SOON;
+    while dead.len() < 3 && Instant::now() < deadline {
+        dead.extend(client.drain(&dlq).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut names: Vec<String> = dead
+        .iter()
+        .map(|(body, envelope)| match envelope {
+            Some(envelope) => envelope.name().to_string(),
+            None => String::from_utf8_lossy(body).into_owned(),
+        })
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["panic", "reject", "{not json"]);
+    assert_eq!(client.ready(&queue).await, 0, "nothing left to retry");
+
+    handle.stop().await.expect("stop");
+    client.delete_queue(&queue).await;
+    client.delete_queue(&dlq).await;
+    node.stop().await.expect("node stops");
+}
+
+/// `rabbitmqctl list_bindings` rows (exchange, routing key) for one queue.
+fn bindings_of(queue: &str) -> Vec<(String, String)> {
+    let out = local_ctl(&[
+        "list_bindings",
+        "-q",
+        "--no-table-headers",
+        "source_name",
+        "destination_name",
+        "routing_key",
+    ])
+    .unwrap_or_default();
+    out.lines()
+        .filter_map(|line| {
+            let mut fields = line.split('\t');
+            let source = fields.next()?.to_string();
+            let destination = fields.next()?;
+            let key = fields.next()?.to_string();
+            (destination == queue && !source.is_empty()).then_some((source, key))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn runtime_bindings_and_responders_survive_a_forced_close() {
+    let name = unique_node("rebind");
+    let exchange = format!("{name}-ex");
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let added = counter();
+    let spec = ListenerSpec::new("rebind")
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "static.key");
+    let (listener, notices) = TestListener::new(spec);
+    let handle = spawn_listener(listener, &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+    let queue = handle.queue_name();
+    handle
+        .add_binding(Binding::new(&exchange, "added.key"))
+        .await
+        .expect("add a binding");
+    handle.add_responder("t", "added", counting(&added));
+    let before = blocking({
+        let queue = queue.clone();
+        move || bindings_of(&queue)
+    })
+    .await;
+    assert!(
+        before.contains(&(exchange.clone(), "added.key".to_string())),
+        "{before:?}"
+    );
+
+    let closed = blocking({
+        let name = name.clone();
+        move || close_connections(local_ctl, &format!("{name}/consume"), "test: forced close")
+    })
+    .await
+    .expect("close the connection");
+    assert_eq!(closed, 1);
+    assert!(
+        eventually(SOON, || handle
+            .current()
+            .is_some_and(|(_, lease)| lease == 2)
+            && handle.is_consuming())
+        .await,
+        "no new lease after the forced close"
+    );
+    let after = blocking({
+        let queue = queue.clone();
+        move || bindings_of(&queue)
+    })
+    .await;
+    for key in ["static.key", "added.key"] {
+        assert!(
+            after.contains(&(exchange.clone(), key.to_string())),
+            "{key} missing after the reconnect: {after:?}"
+        );
+    }
+    assert_eq!(handle.queue_name(), queue, "the same queue name is re-used");
+    let created = notices
+        .lock()
+        .iter()
+        .filter(|n| n.starts_with("queue_created"))
+        .count();
+    assert_eq!(
+        created,
+        2,
+        "the topology is replayed exactly once per loss: {:?}",
+        notices.lock()
+    );
+    assert!(notices.lock().contains(&"channel_lost".to_string()));
+
+    let client = Client::connect(&local_uri(), &name).await;
+    client
+        .publish(&exchange, "added.key", &Envelope::new("t", "added"))
+        .await;
+    assert!(eventually(SOON, || added.load(Ordering::SeqCst) == 1).await);
+
+    assert!(
+        handle
+            .remove_binding(Binding::new(&exchange, "added.key"))
+            .await
+            .expect("remove")
+    );
+    let removed = blocking({
+        let queue = queue.clone();
+        move || bindings_of(&queue)
+    })
+    .await;
+    assert!(
+        !removed.contains(&(exchange.clone(), "added.key".to_string())),
+        "{removed:?}"
+    );
+    handle.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_and_resume_survive_a_reconnect() {
+    let name = unique_node("pause");
+    let (exchange, queue) = (format!("{name}-ex"), format!("{name}-q"));
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let handled = counter();
+    let spec = ListenerSpec::new("pause")
+        .queue(QueueSpec::named(&queue))
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "#")
+        .responder("t", "*", counting(&handled));
+    let (listener, _) = TestListener::new(spec);
+    let handle = spawn_listener(listener, &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+    handle.pause().await.expect("pause");
+    assert!(
+        handle.wait_consuming(false, SOON).await,
+        "still consuming after pause"
+    );
+
+    let client = Client::connect(&local_uri(), &name).await;
+    client
+        .publish(&exchange, "k", &Envelope::new("t", "x"))
+        .await;
+    blocking({
+        let name = name.clone();
+        move || close_connections(local_ctl, &format!("{name}/consume"), "test: forced close")
+    })
+    .await
+    .expect("close");
+    assert!(
+        eventually(SOON, || handle
+            .current()
+            .is_some_and(|(_, lease)| lease == 2))
+        .await,
+        "no new lease"
+    );
+    assert!(!handle.is_consuming(), "paused across the reconnect");
+    assert_eq!(handled.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        client.ready(&queue).await,
+        1,
+        "the message waits in the queue"
+    );
+
+    handle.resume().await.expect("resume");
+    assert!(eventually(SOON, || handled.load(Ordering::SeqCst) == 1).await);
+    handle.stop().await.expect("stop");
+    client.delete_queue(&queue).await;
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn graceful_stop_does_not_wait_for_a_hung_handler() {
+    let name = unique_node("hung");
+    let (exchange, queue) = (format!("{name}-ex"), format!("{name}-q"));
+    let node = start_node(config(
+        &name,
+        &[local_uri()],
+        "\n[listener]\nstop_timeout_ms = 1000",
+    ))
+    .await;
+    let started = Arc::new(AtomicBool::new(false));
+    let started_in = started.clone();
+    let spec = ListenerSpec::new("hung")
+        .queue(QueueSpec::named(&queue))
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "#")
+        .concurrency(2)
+        .responder("t", "quick", |_e: Event| async { Ok(()) })
+        .responder("t", "hang", move |_e: Event| {
+            let started = started_in.clone();
+            async move {
+                started.store(true, Ordering::SeqCst);
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+        });
+    let (listener, _) = TestListener::new(spec);
+    let handle = spawn_listener(listener, &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+    let client = Client::connect(&local_uri(), &name).await;
+    client
+        .publish(&exchange, "k", &Envelope::new("t", "quick"))
+        .await;
+    assert!(eventually(SOON, || handle.stats().acked == 1).await);
+    client
+        .publish(&exchange, "k", &Envelope::new("t", "hang"))
+        .await;
+    assert!(eventually(SOON, || started.load(Ordering::SeqCst)).await);
+
+    let stopping = Instant::now();
+    handle.stop().await.expect("stop");
+    let took = stopping.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "waited for the handler: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "a hung handler must not hang the stop: {took:?}"
+    );
+    assert_eq!(handle.stats().acked, 1, "what finished was acked");
+    let mut back = 0;
+    for _ in 0..100 {
+        back = client.ready(&queue).await;
+        if back == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(back, 1, "the hung handler's message is back in the queue");
+    client.delete_queue(&queue).await;
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_message_is_handled_at_least_once_across_a_closed_connection() {
+    const MESSAGES: usize = 10_000;
+    let name = unique_node("alo");
+    let (exchange, queue) = (format!("{name}-ex"), format!("{name}-q"));
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let seen: Arc<Mutex<HashMap<String, u32>>> = Arc::new(Mutex::new(HashMap::new()));
+    let seen_in = seen.clone();
+    // From the 3,000th message on, handlers wait until the connection was closed, so the
+    // close certainly lands mid-stream with messages in flight.
+    let closed = Arc::new(AtomicBool::new(false));
+    let closed_in = closed.clone();
+    let spec = ListenerSpec::new("alo")
+        .queue(QueueSpec::named(&queue).durable())
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "#")
+        .prefetch(100)
+        .concurrency(8)
+        .responder("t", "n", move |event: Event| {
+            let seen = seen_in.clone();
+            let closed = closed_in.clone();
+            async move {
+                let gate = Instant::now() + Duration::from_secs(30);
+                while seen.lock().len() >= 3_000
+                    && !closed.load(Ordering::SeqCst)
+                    && Instant::now() < gate
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let id = event.envelope().msg_id().unwrap_or("").to_string();
+                *seen.lock().entry(id).or_insert(0) += 1;
+                Ok(())
+            }
+        });
+    let (listener, _) = TestListener::new(spec);
+    let handle = spawn_listener(listener, &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+
+    let client = Client::connect(&local_uri(), &name).await;
+    let publisher = {
+        let channel = client.channel.clone();
+        let exchange = exchange.clone();
+        tokio::spawn(async move {
+            let mut confirms = Vec::with_capacity(MESSAGES);
+            for i in 0..MESSAGES {
+                let envelope = Envelope::new("t", "n").with("Msg-ID", format!("m-{i}"));
+                let confirm = channel
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        "k".into(),
+                        Default::default(),
+                        &envelope.encode(),
+                        warren_runtime::envelope::publish_properties(false).with_delivery_mode(2),
+                    )
+                    .await
+                    .expect("publish");
+                confirms.push(confirm);
+            }
+            for confirm in confirms {
+                assert!(confirm.await.expect("confirm").is_ack());
+            }
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(60), || seen.lock().len() >= 3_000).await,
+        "consuming too slowly"
+    );
+    let closed_count = blocking({
+        let name = name.clone();
+        move || close_connections(local_ctl, &format!("{name}/consume"), "test: mid-stream")
+    })
+    .await
+    .expect("close the connection mid-stream");
+    assert_eq!(closed_count, 1);
+    closed.store(true, Ordering::SeqCst);
+    publisher.await.expect("publisher");
+    assert!(
+        eventually(Duration::from_secs(120), || seen.lock().len() == MESSAGES).await,
+        "only {} of {MESSAGES} handled",
+        seen.lock().len()
+    );
+    let duplicates: u32 = seen.lock().values().map(|n| n - 1).sum();
+    println!(
+        "at-least-once: {MESSAGES} distinct messages handled, {duplicates} duplicates after the forced close"
+    );
+    let deadline = Instant::now() + SOON;
+    while client.ready(&queue).await > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(client.ready(&queue).await, 0, "the queue is drained");
+    assert!(
+        eventually(SOON, || handle
+            .current()
+            .is_some_and(|(_, lease)| lease >= 2))
+        .await,
+        "the listener moved to a new channel"
+    );
+    handle.stop().await.expect("stop");
+    client.delete_queue(&queue).await;
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn echo_answers_kapi_requests() {
+    let name = unique_node("echo");
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let handle = spawn_listener(warren_app_echo::EchoListener, &app_context(&node, "echo"))
+        .await
+        .expect("echo starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+    assert_eq!(handle.queue_name(), "echo");
+
+    let mut client = Client::connect(&local_uri(), &name).await;
+    let request = client
+        .request("echo", "req")
+        .with("Payload", json!({"text": "hello", "n": [1, 2, 3]}));
+    client.publish("echo", "echo.req", &request).await;
+    let reply = client.reply(SOON).await.expect("a reply");
+    assert_eq!(reply.category(), "echo");
+    assert_eq!(reply.name(), "resp");
+    assert_eq!(reply.msg_id(), request.msg_id(), "same Msg-ID");
+    assert_eq!(
+        reply.get("Payload"),
+        Some(&json!({"text": "hello", "n": [1, 2, 3]}))
+    );
+    assert_eq!(reply.app_name(), Some("echo"));
+    assert!(reply.node().is_some_and(|n| n == name), "Node is stamped");
+
+    // Without a Server-ID there is nobody to answer: rejected, not retried forever.
+    let rejected_before = handle.stats().rejected;
+    client
+        .publish("echo", "echo.req", &Envelope::new("echo", "req"))
+        .await;
+    assert!(eventually(SOON, || handle.stats().rejected == rejected_before + 1).await);
+    handle.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_returned_mandatory_publish_is_reported() {
+    let name = unique_node("returned");
+    let exchange = format!("{name}-ex");
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let outcome: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let outcome_in = outcome.clone();
+    let target = exchange.clone();
+    let spec = ListenerSpec::new("returned")
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "in")
+        .responder("t", "go", move |event: Event| {
+            let (outcome, target) = (outcome_in.clone(), target.clone());
+            async move {
+                let published = event
+                    .publish_with(
+                        &target,
+                        "nobody.listens",
+                        Envelope::new("t", "lost"),
+                        warren_runtime::publish::PublishOptions::new(Duration::from_secs(5))
+                            .mandatory(),
+                    )
+                    .await?;
+                *outcome.lock() = Some(format!("{published:?}"));
+                Ok(())
+            }
+        });
+    let (listener, notices) = TestListener::new(spec);
+    let handle = spawn_listener(listener, &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+    let client = Client::connect(&local_uri(), &name).await;
+    client
+        .publish(&exchange, "in", &Envelope::new("t", "go"))
+        .await;
+    assert!(eventually(SOON, || outcome.lock().is_some()).await);
+    let outcome = outcome.lock().clone().unwrap_or_default();
+    assert!(outcome.starts_with("Returned"), "{outcome}");
+    assert!(
+        outcome.contains("NO_ROUTE") || outcome.contains("312"),
+        "{outcome}"
+    );
+    assert!(notices.lock().contains(&"returned".to_string()));
+    handle.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}
