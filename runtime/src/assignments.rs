@@ -38,8 +38,10 @@ pub enum ChannelKind {
     Float,
     /// From this broker only; waits while it is down, never moves.
     Broker(BrokerId),
-    /// From the first available broker carrying this tag (a broker's zone name is one of
-    /// its tags); once granted it sticks to that broker.
+    /// From the first available broker carrying this tag, in registry order (local zone
+    /// first): a tag written for the broker in config.ini (`tags = [...]`) or its zone's
+    /// name, which every broker carries (see `Broker::has_tag`). Once granted it sticks
+    /// to that broker.
     Tag(String),
 }
 
@@ -322,7 +324,7 @@ impl AssignmentsState {
                 None => registry
                     .brokers()
                     .iter()
-                    .find(|b| &b.zone == tag && registry.is_available(b.id))
+                    .find(|b| b.has_tag(tag) && registry.is_available(b.id))
                     .map(|b| b.id),
             },
         }
@@ -494,7 +496,11 @@ impl AssignmentsState {
         };
         if entry.tx.send(LeaseEvent::Granted(lease)).is_err() {
             self.consumers.remove(&id);
+            return;
         }
+        // The registry may have changed while the channel was on its way (e.g. the primary
+        // returned): check again, which starts a fail-back if needed.
+        self.reconcile(myself, id);
     }
 }
 

@@ -49,6 +49,8 @@ pub struct Config {
     pub zones: Vec<Zone>,
     /// `[listener]`: how listeners treat messages and stop.
     pub listener: ListenerConfig,
+    /// `[publisher]`: how long a publish may take and how many await a confirm.
+    pub publisher: PublisherConfig,
     /// `[pool]`: the defaults every app's pool started from.
     pub pool: PoolConfig,
     /// `[apps.*]` sorted by name; an app without a section is not here and does not run.
@@ -101,7 +103,20 @@ pub struct Zone {
     pub local: bool,
     /// The brokers in file order: in the local zone the first is the primary and the
     /// rest are used in order while it is down.
-    pub brokers: Vec<BrokerUri>,
+    pub brokers: Vec<ConfiguredBroker>,
+}
+
+/// One entry of a zone's `brokers`: where the broker is and the tags it carries.
+///
+/// It exists because a broker is more than its URI: sticky consumers ask for "the first
+/// available broker carrying tag T" (`ChannelKind::Tag`), and the tags come from here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfiguredBroker {
+    /// Where to connect.
+    pub uri: BrokerUri,
+    /// The tags written for this broker, in file order (possibly none). The zone's name
+    /// is an implicit tag of every broker and is not repeated here.
+    pub tags: Vec<String>,
 }
 
 /// How every listener treats messages and stops (`[listener]`).
@@ -116,6 +131,19 @@ pub struct ListenerConfig {
     pub stop_timeout: Duration,
     /// How long a publish from a handler waits for the broker's confirm.
     pub publish_timeout: Duration,
+}
+
+/// How publishing behaves (`[publisher]`).
+///
+/// It exists so that the bound on one publish and the back-pressure limit on unconfirmed
+/// publishes are operators' choices, checked once, the same for every publisher.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PublisherConfig {
+    /// Bound for one publish: the write, the broker's confirm and any retry on a new
+    /// primary (also the longest wait while no broker is up or the connection is blocked).
+    pub timeout: Duration,
+    /// Publishes awaiting a broker confirm at once, per node (never 0).
+    pub confirm_window: usize,
 }
 
 /// Sizing of one listener pool.

@@ -1,10 +1,15 @@
 //! warren-runtime: everything a warren node needs that no app knows about.
 //!
-//! Configuration (`config`, `uri`), OTP-style supervision (`supervisor`, `backoff`), broker
-//! connections (`registry`, `connection`, `connections`), channel leases (`assignments`),
-//! start-up (`bootstrap`) and the
-//! root supervision tree (`node`); the kapi wire format (`envelope`, `exchanges`) and
-//! confirmed publishing (`publish`). Dependencies point one way: apps → listeners → runtime.
+//! - configuration: `config`, `uri`;
+//! - OTP-style supervision: `supervisor`, `backoff`;
+//! - brokers: `registry` (who is up, who is primary), `connection` (one broker's
+//!   connections), `connections` (their supervisor), `bootstrap` (start-up);
+//! - channels: `assignments` (float and sticky leases, failover, fail-back);
+//! - the wire: `envelope` (kapi format), `exchanges`, `publish` (one confirmed publish),
+//!   `publisher` (the node's publisher that follows the primary);
+//! - `node`: the root supervision tree and the handles apps are built with.
+//!
+//! Dependencies point one way: apps → listeners → runtime.
 
 pub mod assignments;
 pub mod backoff;
@@ -16,6 +21,7 @@ pub mod envelope;
 pub mod exchanges;
 pub mod node;
 pub mod publish;
+pub mod publisher;
 pub mod registry;
 pub mod supervisor;
 pub mod uri;

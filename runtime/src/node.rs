@@ -24,6 +24,7 @@ use crate::bootstrap::{Bootstrap, BootstrapArgs};
 use crate::config::Config;
 use crate::connection::ConnectionSettings;
 use crate::connections::Connections;
+use crate::publisher::Publisher;
 use crate::registry::{ConnectionRegistry, RegistryActor};
 use crate::supervisor::{
     ChildSpec, Intensity, Restart, Strategy, Supervisor, SupervisorMsg, SupervisorSpec,
@@ -37,6 +38,8 @@ pub struct NodeContext {
     pub registry: ConnectionRegistry,
     pub connections: Connections,
     pub assignments: Assignments,
+    /// Publishes on the primary with confirms (follows failover and fail-back).
+    pub publisher: Publisher,
 }
 
 /// A running node. Dropping it does not stop the tree; call [`Node::stop`].
@@ -74,6 +77,7 @@ impl Node {
             registry: registry.clone(),
             connections: connections.clone(),
             assignments: assignments.clone(),
+            publisher: Publisher::new(connections.clone(), &config.publisher),
         };
         let app_children = apps(&context);
 

@@ -1,15 +1,17 @@
 //! Publishing one envelope on a channel in confirm mode, and what came of it: routed,
-//! returned (mandatory and unroutable), nacked, or no answer within the deadline.
+//! returned (mandatory and unroutable), nacked, refused (the broker closed the channel),
+//! or lost with the connection.
 //!
-//! Used by listeners (replies and publishes from handlers on the listener's channel) and
-//! by pool workers. The channel must already be in confirm mode (`confirm_select`); on a
+//! Used by listeners (replies and publishes from handlers, on the listener's channel), by
+//! pool workers, and by the node's [`Publisher`](crate::publisher::Publisher), which adds
+//! retries on a new primary. The channel must be in confirm mode (`confirm_select`); on a
 //! channel without confirms a publish counts as routed once written. This module owns the
 //! meaning of a publish result; it does not choose channels or brokers.
 
 use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
-use lapin::{Channel, Confirmation};
+use lapin::{BasicProperties, Channel, Confirmation};
 
 use crate::envelope::{Envelope, publish_properties};
 
@@ -22,7 +24,7 @@ pub struct PublishOptions {
     pub persistent: bool,
     /// Compress the body (content-encoding gzip).
     pub gzip: bool,
-    /// Bound for the write and the broker's confirm together.
+    /// Bound for the whole publish: the write, the broker's confirm and any retry.
     pub timeout: Duration,
 }
 
@@ -44,6 +46,25 @@ impl PublishOptions {
     pub fn persistent(mut self) -> Self {
         self.persistent = true;
         self
+    }
+
+    pub fn gzip(mut self) -> Self {
+        self.gzip = true;
+        self
+    }
+
+    /// The body and AMQP properties of `envelope` under these options.
+    pub fn encode(&self, envelope: &Envelope) -> (Vec<u8>, BasicProperties) {
+        let body = if self.gzip {
+            envelope.encode_gzip()
+        } else {
+            envelope.encode()
+        };
+        let mut properties = publish_properties(self.gzip);
+        if self.persistent {
+            properties = properties.with_delivery_mode(2);
+        }
+        (body, properties)
     }
 }
 
@@ -70,19 +91,90 @@ pub enum Published {
 /// A publish that did not reach the broker, or that the broker refused.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum PublishError {
-    #[error("the channel failed: {0}")]
+    /// The channel or its connection failed before the broker confirmed; the message may
+    /// or may not have arrived.
+    #[error("the channel failed before the broker confirmed: {0}")]
     Channel(String),
+    /// The broker closed the channel over this publish (e.g. 404: no such exchange).
+    #[error("the broker refused the publish: {0}")]
+    Refused(String),
     #[error("the broker refused the message (basic.nack)")]
     Nacked,
     #[error("no confirm from the broker within {0:?}")]
     Timeout(Duration),
+    /// The broker blocked publishing (a resource alarm) for the whole timeout.
+    #[error("the broker blocks publishing ({reason}); gave up after {waited:?}")]
+    Blocked { reason: String, waited: Duration },
     #[error("the request has no Server-ID to reply to")]
     NoServerId,
-    #[error("no broker is available to publish to")]
-    NoBroker,
+    #[error("no broker of the local zone was available within {0:?}")]
+    NoBroker(Duration),
 }
 
-/// Publishes `envelope` and waits (up to `options.timeout`) for the broker's confirm.
+impl PublishError {
+    /// Whether the publish may succeed on another channel (its connection died).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, PublishError::Channel(_))
+    }
+}
+
+/// Publishes `body` and waits for the broker's confirm, however long that takes; callers
+/// bound it.
+pub async fn send(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+    mandatory: bool,
+) -> Result<Published, PublishError> {
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            properties,
+        )
+        .await
+        .map_err(classify)?;
+    match confirm.await.map_err(classify)? {
+        Confirmation::Nack(_) => Err(PublishError::Nacked),
+        Confirmation::Ack(Some(message)) => {
+            let properties = &message.delivery.properties;
+            let envelope = Envelope::decode(
+                &message.delivery.data,
+                properties.content_type().as_ref().map(|s| s.as_str()),
+                properties.content_encoding().as_ref().map(|s| s.as_str()),
+            )
+            .ok();
+            Ok(Published::Returned(Returned {
+                reply_code: message.reply_code,
+                reply_text: message.reply_text.to_string(),
+                exchange: message.delivery.exchange.to_string(),
+                routing_key: message.delivery.routing_key.to_string(),
+                envelope,
+            }))
+        }
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(Published::Routed),
+    }
+}
+
+/// A channel-level AMQP error means the broker refused this publish; anything else means
+/// the channel or connection is gone.
+fn classify(error: lapin::Error) -> PublishError {
+    if error.is_amqp_soft_error() {
+        PublishError::Refused(error.to_string())
+    } else {
+        PublishError::Channel(error.to_string())
+    }
+}
+
+/// Publishes `envelope` on this channel and waits (up to `options.timeout`) for the
+/// broker's confirm. No retry: the caller owns the channel.
 pub async fn publish_confirmed(
     channel: &Channel,
     exchange: &str,
@@ -90,59 +182,18 @@ pub async fn publish_confirmed(
     envelope: &Envelope,
     options: &PublishOptions,
 ) -> Result<Published, PublishError> {
-    let body = if options.gzip {
-        envelope.encode_gzip()
-    } else {
-        envelope.encode()
-    };
-    let mut properties = publish_properties(options.gzip);
-    if options.persistent {
-        properties = properties.with_delivery_mode(2);
-    }
-    let publish = async {
-        let confirm = channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: options.mandatory,
-                    ..BasicPublishOptions::default()
-                },
-                &body,
-                properties,
-            )
-            .await
-            .map_err(|e| PublishError::Channel(e.to_string()))?;
-        confirm
-            .await
-            .map_err(|e| PublishError::Channel(e.to_string()))
-    };
-    match tokio::time::timeout(options.timeout, publish).await {
-        Err(_) => Err(PublishError::Timeout(options.timeout)),
-        Ok(Err(error)) => Err(error),
-        Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
-        Ok(Ok(Confirmation::Ack(Some(message)))) => Ok(Published::Returned(Returned {
-            reply_code: message.reply_code,
-            reply_text: message.reply_text.to_string(),
-            exchange: message.delivery.exchange.to_string(),
-            routing_key: message.delivery.routing_key.to_string(),
-            envelope: Envelope::decode(
-                &message.delivery.data,
-                message
-                    .delivery
-                    .properties
-                    .content_type()
-                    .as_ref()
-                    .map(|s| s.as_str()),
-                message
-                    .delivery
-                    .properties
-                    .content_encoding()
-                    .as_ref()
-                    .map(|s| s.as_str()),
-            )
-            .ok(),
-        })),
-        Ok(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)) => Ok(Published::Routed),
-    }
+    let (body, properties) = options.encode(envelope);
+    tokio::time::timeout(
+        options.timeout,
+        send(
+            channel,
+            exchange,
+            routing_key,
+            &body,
+            properties,
+            options.mandatory,
+        ),
+    )
+    .await
+    .unwrap_or(Err(PublishError::Timeout(options.timeout)))
 }

@@ -32,7 +32,7 @@ impl fmt::Display for BrokerId {
     }
 }
 
-/// One broker as configured: where it is and which zone it serves.
+/// One broker as configured: where it is, which zone it serves and the tags it carries.
 #[derive(Debug)]
 pub struct Broker {
     pub id: BrokerId,
@@ -40,6 +40,16 @@ pub struct Broker {
     /// True for brokers of this node's own zone; only they can be primary.
     pub local: bool,
     pub uri: BrokerUri,
+    /// The tags configured for this broker (`{ uri = "…", tags = [...] }` in config.ini);
+    /// the zone name is an implicit tag and is not repeated here.
+    pub tags: Vec<String>,
+}
+
+impl Broker {
+    /// Whether this broker carries `tag`: one of its configured tags, or its zone's name.
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.zone == tag || self.tags.iter().any(|own| own == tag)
+    }
 }
 
 impl fmt::Display for Broker {
@@ -154,12 +164,13 @@ impl ConnectionRegistry {
             .chain(config.zones.iter().filter(|z| !z.local));
         let mut brokers: Vec<Arc<Broker>> = Vec::new();
         for zone in zones {
-            for uri in &zone.brokers {
+            for configured in &zone.brokers {
                 brokers.push(Arc::new(Broker {
                     id: BrokerId(brokers.len()),
                     zone: zone.name.clone(),
                     local: zone.local,
-                    uri: uri.clone(),
+                    uri: configured.uri.clone(),
+                    tags: configured.tags.clone(),
                 }));
             }
         }
@@ -477,5 +488,51 @@ impl Actor for RegistryActor {
             *slot = None;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn brokers_carry_their_tags_and_their_zone_name() {
+        let text = r#"
+[zones.west]
+brokers = [{ uri = "amqp://w:5672/%2f", tags = ["reports"] }]
+[zones.local]
+brokers = ["amqp://a:5672/%2f", { uri = "amqp://b:5672/%2f", tags = ["reports", "eu"] }]
+"#;
+        let config = Config::parse(text, Path::new("config.ini"), &[], None).unwrap();
+        let registry = ConnectionRegistry::new(&config);
+        let brokers: Vec<_> = registry
+            .brokers()
+            .iter()
+            .map(|b| (b.uri.host(), b.zone.as_str(), b.local))
+            .collect();
+        assert_eq!(
+            brokers,
+            [
+                ("a", "local", true),
+                ("b", "local", true),
+                ("w", "west", false)
+            ]
+        );
+        let tagged = |tag: &str| -> Vec<&str> {
+            registry
+                .brokers()
+                .iter()
+                .filter(|b| b.has_tag(tag))
+                .map(|b| b.uri.host())
+                .collect()
+        };
+        assert_eq!(tagged("reports"), ["b", "w"]);
+        assert_eq!(tagged("eu"), ["b"]);
+        assert_eq!(tagged("local"), ["a", "b"]);
+        assert_eq!(tagged("west"), ["w"]);
+        assert!(tagged("Reports").is_empty(), "tags are case-sensitive");
+        assert!(registry.brokers()[0].tags.is_empty());
     }
 }

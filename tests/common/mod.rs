@@ -58,8 +58,20 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
 /// Generous deadline for a broker-side change to become visible.
 pub const SOON: Duration = Duration::from_secs(10);
 
+/// Logs of the code under test, shown for failing tests (level from RUST_LOG, default
+/// warn).
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 /// Starts a node with no apps.
 pub async fn start_node(config: Config) -> Node {
+    init_logs();
     match Node::start(config, |_| Vec::new()).await {
         Ok(node) => node,
         Err(error) => panic!("node did not start: {error}"),
@@ -78,5 +90,147 @@ pub fn app_context(node: &Node, name: &str) -> AppContext {
             pool,
         },
         version: "0.0.0-test".to_string(),
+    }
+}
+
+/// A private broker node shared by a test's tasks; its blocking operations run off the
+/// async workers.
+#[derive(Clone)]
+pub struct Broker(std::sync::Arc<std::sync::Mutex<warren_test_support::BrokerNode>>);
+
+impl Broker {
+    /// Starts `n` nodes in parallel.
+    pub async fn start_many(n: usize) -> Vec<Broker> {
+        let starts = (0..n).map(|_| {
+            blocking(|| warren_test_support::BrokerNode::start().expect("broker node starts"))
+        });
+        futures::future::join_all(starts)
+            .await
+            .into_iter()
+            .map(|node| Broker(std::sync::Arc::new(std::sync::Mutex::new(node))))
+            .collect()
+    }
+
+    fn node(&self) -> std::sync::MutexGuard<'_, warren_test_support::BrokerNode> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn uri(&self) -> String {
+        self.node().uri()
+    }
+
+    /// SIGKILL; returns once the port refuses connections.
+    pub async fn kill(&self) {
+        let this = self.clone();
+        blocking(move || this.node().kill().expect("kill")).await;
+    }
+
+    /// Starts again on the same port and data; returns once it accepts AMQP.
+    pub async fn restart(&self) {
+        let this = self.clone();
+        blocking(move || this.node().restart().expect("restart")).await;
+    }
+
+    /// `rabbitmqctl -n <node> <args>`.
+    pub async fn ctl(&self, args: &[&str]) -> String {
+        let this = self.clone();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            this.node().ctl(&args).unwrap_or_default()
+        })
+        .await
+    }
+
+    /// Channels of the connections whose client name contains `name`.
+    pub async fn channels(&self, name: &str) -> u32 {
+        let this = self.clone();
+        let name = name.to_string();
+        blocking(move || {
+            let node = this.node();
+            warren_test_support::channel_count(|a| node.ctl(a), &name).unwrap_or(u32::MAX)
+        })
+        .await
+    }
+}
+
+/// Which messages a test listener handled, how often, and when first.
+#[derive(Clone, Default)]
+pub struct Seen(
+    std::sync::Arc<
+        parking_lot::Mutex<std::collections::HashMap<String, (u32, std::time::Instant)>>,
+    >,
+);
+
+impl Seen {
+    pub fn record(&self, id: &str) {
+        let mut seen = self.0.lock();
+        seen.entry(id.to_string())
+            .or_insert((0, std::time::Instant::now()))
+            .0 += 1;
+    }
+
+    /// Distinct messages handled.
+    pub fn distinct(&self) -> usize {
+        self.0.lock().len()
+    }
+
+    pub fn first_seen(&self, id: &str) -> Option<std::time::Instant> {
+        self.0.lock().get(id).map(|(_, at)| *at)
+    }
+
+    /// Handlings beyond the first, over all messages.
+    pub fn duplicates(&self) -> u32 {
+        self.0.lock().values().map(|(n, _)| n - 1).sum()
+    }
+}
+
+/// A listener that is just its spec.
+pub struct SpecListener(pub warren_listeners::ListenerSpec);
+
+impl warren_listeners::Listener for SpecListener {
+    fn spec(&self) -> warren_listeners::ListenerSpec {
+        self.0.clone()
+    }
+}
+
+/// A responder that records each event's Msg-ID in `seen`, after an optional pause.
+pub fn recording(
+    seen: &Seen,
+    pause: Duration,
+) -> impl Fn(
+    warren_listeners::Event,
+) -> futures::future::BoxFuture<'static, warren_listeners::HandlerResult>
++ Send
++ Sync
++ 'static {
+    let seen = seen.clone();
+    move |event| {
+        let seen = seen.clone();
+        Box::pin(async move {
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+            seen.record(event.envelope().msg_id().unwrap_or(""));
+            Ok(())
+        })
+    }
+}
+
+/// Waits until the async condition holds or `timeout` passes; whether it held.
+pub async fn until<F, Fut>(timeout: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }

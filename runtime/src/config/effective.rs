@@ -7,7 +7,7 @@
 use std::fmt::{self, Write};
 
 use super::locate::segment;
-use super::{Config, PoolConfig};
+use super::{Config, ConfiguredBroker, PoolConfig};
 
 /// The effective configuration as TOML text, headed by a comment naming its source.
 pub(super) fn render(config: &Config) -> String {
@@ -54,7 +54,7 @@ fn write_config(out: &mut String, config: &Config) -> fmt::Result {
     writeln!(out, "prechannels = {}", amqp.prechannels)?;
 
     for zone in &config.zones {
-        let brokers: Vec<String> = zone.brokers.iter().map(|b| quote(b.redacted())).collect();
+        let brokers: Vec<String> = zone.brokers.iter().map(broker).collect();
         writeln!(out, "\n[zones.{}]", segment(&zone.name))?;
         writeln!(out, "brokers = [{}]", brokers.join(", "))?;
     }
@@ -72,6 +72,11 @@ fn write_config(out: &mut String, config: &Config) -> fmt::Result {
         "publish_timeout_ms = {}",
         listener.publish_timeout.as_millis()
     )?;
+
+    let publisher = &config.publisher;
+    writeln!(out, "\n[publisher]")?;
+    writeln!(out, "timeout_ms = {}", publisher.timeout.as_millis())?;
+    writeln!(out, "confirm_window = {}", publisher.confirm_window)?;
 
     writeln!(out, "\n[pool]")?;
     pool_lines(out, "", &config.pool)?;
@@ -94,6 +99,17 @@ fn pool_lines(out: &mut String, prefix: &str, pool: &PoolConfig) -> fmt::Result 
         "checkout_timeout_ms = {}",
         pool.checkout_timeout.as_millis()
     )
+}
+
+/// One entry of `brokers`: the redacted URI as a string, or an inline table when the
+/// broker has tags.
+fn broker(broker: &ConfiguredBroker) -> String {
+    let uri = quote(broker.uri.redacted());
+    if broker.tags.is_empty() {
+        return uri;
+    }
+    let tags: Vec<String> = broker.tags.iter().map(|tag| quote(tag)).collect();
+    format!("{{ uri = {uri}, tags = [{}] }}", tags.join(", "))
 }
 
 /// A TOML string literal, escaped as needed.

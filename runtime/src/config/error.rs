@@ -75,6 +75,12 @@ pub enum Problem {
         /// What was written.
         found: String,
     },
+    /// A required key left out, e.g. `uri` in a broker table.
+    #[error("missing key `{name}`")]
+    MissingKey {
+        /// The key that must be written here.
+        name: String,
+    },
     /// Any other refusal of the TOML reader.
     #[error("{message}")]
     Unreadable {
@@ -84,6 +90,15 @@ pub enum Problem {
     /// A broker URI that cannot be used (boxed to keep `ConfigError` small).
     #[error("invalid broker URI: {0}")]
     InvalidUri(Box<UriError>),
+    /// A broker tag that is an empty string.
+    #[error("a tag must not be empty")]
+    EmptyTag,
+    /// A broker tag with whitespace in it (a tag is one word, e.g. `reports`).
+    #[error("tag {tag:?} contains whitespace; a tag is one word, e.g. \"reports\"")]
+    TagWithWhitespace {
+        /// The tag as written.
+        tag: String,
+    },
     /// The same broker (host, port and vhost) listed twice, in one zone or across zones.
     /// The broker is the one at the error's key; this says where it was listed first.
     #[error(

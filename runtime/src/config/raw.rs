@@ -6,8 +6,12 @@
 //! `validate`'s job. Absent keys stay `None` here; `validate` fills in the defaults below.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
 
-use serde::Deserialize;
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 /// `[service] shutdown_timeout_secs`.
@@ -34,6 +38,10 @@ pub(super) const MAX_REDELIVERIES: u32 = 5;
 pub(super) const STOP_TIMEOUT_MS: u64 = 5000;
 /// `[listener] publish_timeout_ms`.
 pub(super) const PUBLISH_TIMEOUT_MS: u64 = 5000;
+/// `[publisher] timeout_ms`.
+pub(super) const PUBLISHER_TIMEOUT_MS: u64 = 5000;
+/// `[publisher] confirm_window`.
+pub(super) const CONFIRM_WINDOW: usize = 1000;
 /// `[pool] size`.
 pub(super) const POOL_SIZE: usize = 10;
 /// `[pool] overflow`.
@@ -54,6 +62,8 @@ pub(super) struct RawConfig {
     pub zones: BTreeMap<Spanned<String>, RawZone>,
     #[serde(default)]
     pub listener: RawListener,
+    #[serde(default)]
+    pub publisher: RawPublisher,
     #[serde(default)]
     pub pool: RawPool,
     /// `[apps.<name>]`, keyed by the app name with its span in the file.
@@ -87,7 +97,61 @@ pub(super) struct RawAmqp {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawZone {
-    pub brokers: Option<Spanned<Vec<Spanned<String>>>>,
+    pub brokers: Option<Spanned<Vec<Spanned<RawBroker>>>>,
+}
+
+/// One entry of `brokers`: a plain URI string, or a table `{ uri = "…", tags = [...] }`.
+#[derive(Debug)]
+pub(super) struct RawBroker {
+    pub uri: String,
+    /// Where `uri` is written in the table form; `None` in the plain form, where the
+    /// entry itself is the URI.
+    pub uri_span: Option<Range<usize>>,
+    pub tags: Vec<Spanned<String>>,
+}
+
+/// The table form of a broker entry, read strictly like every other table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBrokerTable {
+    uri: Spanned<String>,
+    #[serde(default)]
+    tags: Vec<Spanned<String>>,
+}
+
+impl<'de> Deserialize<'de> for RawBroker {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(RawBrokerVisitor)
+    }
+}
+
+/// Accepts either form of a broker entry.
+struct RawBrokerVisitor;
+
+impl<'de> Visitor<'de> for RawBrokerVisitor {
+    type Value = RawBroker;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string or a table")
+    }
+
+    fn visit_str<E: de::Error>(self, uri: &str) -> Result<RawBroker, E> {
+        Ok(RawBroker {
+            uri: uri.to_string(),
+            uri_span: None,
+            tags: Vec::new(),
+        })
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawBroker, A::Error> {
+        let table = RawBrokerTable::deserialize(MapAccessDeserializer::new(map))?;
+        let uri_span = table.uri.span();
+        Ok(RawBroker {
+            uri: table.uri.into_inner(),
+            uri_span: Some(uri_span),
+            tags: table.tags,
+        })
+    }
 }
 
 /// `[listener]`.
@@ -97,6 +161,14 @@ pub(super) struct RawListener {
     pub max_redeliveries: Option<u32>,
     pub stop_timeout_ms: Option<Spanned<u64>>,
     pub publish_timeout_ms: Option<Spanned<u64>>,
+}
+
+/// `[publisher]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPublisher {
+    pub timeout_ms: Option<Spanned<u64>>,
+    pub confirm_window: Option<Spanned<usize>>,
 }
 
 /// `[pool]`.

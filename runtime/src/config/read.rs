@@ -51,7 +51,8 @@ fn syntax_offset(text: &str, offset: usize) -> usize {
     }
 }
 
-/// Rewrites serde's standard messages ("unknown field", "invalid type", "invalid value").
+/// Rewrites serde's standard messages ("unknown field", "missing field", "invalid type",
+/// "invalid value").
 fn problem_from_message(message: &str) -> Problem {
     let message = redact_uri(message);
     if let Some(rest) = message.strip_prefix("unknown field ") {
@@ -60,6 +61,10 @@ fn problem_from_message(message: &str) -> Problem {
         let valid = ticked_names(expected);
         let suggestion = closest(name, valid.iter().map(String::as_str));
         return Problem::UnknownKey { suggestion, valid };
+    }
+    if let Some(rest) = message.strip_prefix("missing field ") {
+        let name = rest.trim_matches('`').to_string();
+        return Problem::MissingKey { name };
     }
     if let Some(rest) = message.strip_prefix("invalid type: ")
         && let Some((found, expected)) = rest.rsplit_once(", expected ")
@@ -149,6 +154,18 @@ mod tests {
             problem.to_string(),
             "wrong type: expected an integer from 0 to 65535, found string \"amqp://u:***@h\""
         );
+    }
+
+    #[test]
+    fn missing_field_names_the_key() {
+        let problem = problem_from_message("missing field `uri`");
+        assert_eq!(
+            problem,
+            Problem::MissingKey {
+                name: "uri".to_string()
+            }
+        );
+        assert_eq!(problem.to_string(), "missing key `uri`");
     }
 
     #[test]

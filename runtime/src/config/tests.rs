@@ -123,7 +123,11 @@ checkout_timeout_ms = 300
     assert_eq!(locals, [true, false, false]);
     let local = config.local_zone();
     assert_eq!(local.name, "west");
-    let hosts: Vec<_> = local.brokers.iter().map(|b| (b.host(), b.port())).collect();
+    let hosts: Vec<_> = local
+        .brokers
+        .iter()
+        .map(|b| (b.uri.host(), b.uri.port()))
+        .collect();
     assert_eq!(hosts, [("10.0.0.1", 5672), ("10.0.0.2", 5672)]);
 
     assert_eq!(
@@ -194,6 +198,13 @@ fn absent_sections_take_the_defaults() {
             publish_timeout: Duration::from_millis(5000),
         }
     );
+    assert_eq!(
+        config.publisher,
+        PublisherConfig {
+            timeout: Duration::from_millis(5000),
+            confirm_window: 1000,
+        }
+    );
     assert!(config.apps.is_empty(), "apps without a section do not run");
     assert_eq!(config.zones.len(), 1);
     assert!(config.local_zone().local);
@@ -238,7 +249,7 @@ fn the_shipped_config_ini_parses() {
     let local = config.local_zone();
     assert_eq!(local.brokers.len(), 1);
     assert_eq!(
-        local.brokers[0].redacted(),
+        local.brokers[0].uri.redacted(),
         "amqp://guest:***@127.0.0.1:5672/%2f"
     );
     assert_eq!(config.zones.len(), 1);
@@ -252,6 +263,79 @@ fn the_shipped_config_ini_parses() {
     assert_eq!(config.pool, defaults.pool);
     assert_eq!(config.amqp.prefetch, defaults.amqp.prefetch);
     assert_eq!(config.amqp.reconnect_max, defaults.amqp.reconnect_max);
+    assert_eq!(config.listener, defaults.listener);
+    assert_eq!(config.publisher, defaults.publisher);
+    assert!(local.brokers[0].tags.is_empty());
+}
+
+#[test]
+fn the_shipped_tagged_broker_example_parses() {
+    // config.ini shows the table form in a comment: uncommented, it must be valid.
+    let text = include_str!("../../../config.ini");
+    let example = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("# brokers = "))
+        .find(|list| list.contains("tags = "))
+        .expect("config.ini shows a broker with tags");
+    let config = parse(&format!("[zones.local]\nbrokers = {example}\n")).unwrap();
+    let tags: Vec<_> = config
+        .local_zone()
+        .brokers
+        .iter()
+        .map(|b| &b.tags)
+        .collect();
+    assert_eq!(tags, [&Vec::<String>::new(), &vec!["reports".to_string()]]);
+}
+
+#[test]
+fn plain_and_table_brokers_mix_in_one_list() {
+    let text = r#"
+[zones.local]
+brokers = [
+  "amqp://u:p@10.0.0.1:5672/%2f",
+  { uri = "amqp://u:p@10.0.0.2:5672/%2f", tags = ["reports", "eu"] },
+  { uri = "amqp://u:p@10.0.0.3:5672/%2f" },
+  "amqp://u:p@10.0.0.4:5672/%2f",
+]
+[zones.east]
+brokers = [{ uri = "amqp://u:p@10.1.0.1:5672/%2f", tags = ["reports"] }]
+"#;
+    let config = parse(text).unwrap();
+    let local: Vec<_> = config
+        .local_zone()
+        .brokers
+        .iter()
+        .map(|b| (b.uri.host(), b.tags.join(",")))
+        .collect();
+    assert_eq!(
+        local,
+        [
+            ("10.0.0.1", String::new()),
+            ("10.0.0.2", "reports,eu".to_string()),
+            ("10.0.0.3", String::new()),
+            ("10.0.0.4", String::new()),
+        ]
+    );
+    let east = &config.zones[1];
+    assert_eq!(east.name, "east");
+    assert_eq!(east.brokers[0].tags, ["reports"]);
+}
+
+#[test]
+fn publisher_values_are_read() {
+    let text = format!("{LOCAL_ZONE}[publisher]\ntimeout_ms = 750\nconfirm_window = 64\n");
+    let config = parse(&text).unwrap();
+    assert_eq!(
+        config.publisher,
+        PublisherConfig {
+            timeout: Duration::from_millis(750),
+            confirm_window: 64,
+        }
+    );
+    let text = format!("{LOCAL_ZONE}[publisher]\nconfirm_window = 1\n");
+    let publisher = parse(&text).unwrap().publisher;
+    assert_eq!(publisher.timeout, Duration::from_millis(5000));
+    assert_eq!(publisher.confirm_window, 1);
 }
 
 #[test]
@@ -270,6 +354,14 @@ fn load_reads_the_file_and_reports_a_missing_one() {
     assert!(matches!(err, ConfigError::Read { .. }));
     let text = err.to_string();
     assert!(text.starts_with(&format!("cannot read config file {}: ", missing.display())));
+}
+
+/// The redacted URI and the tags of each broker, to compare configurations.
+fn redacted(brokers: &[ConfiguredBroker]) -> Vec<(String, Vec<String>)> {
+    brokers
+        .iter()
+        .map(|b| (b.uri.redacted().to_string(), b.tags.clone()))
+        .collect()
 }
 
 // ---------------------------------------------------------------- effective TOML
@@ -321,11 +413,10 @@ pool_size = 2
     assert_eq!(again.amqp.prechannels, config.amqp.prechannels);
     assert_eq!(again.pool, config.pool);
     assert_eq!(again.listener, config.listener);
+    assert_eq!(again.publisher, config.publisher);
     for (a, b) in again.zones.iter().zip(&config.zones) {
         assert_eq!((&a.name, a.local), (&b.name, b.local));
-        let a: Vec<_> = a.brokers.iter().map(BrokerUri::redacted).collect();
-        let b: Vec<_> = b.brokers.iter().map(BrokerUri::redacted).collect();
-        assert_eq!(a, b);
+        assert_eq!(redacted(&a.brokers), redacted(&b.brokers));
     }
     assert_eq!(again.zones.len(), config.zones.len());
     let apps = |c: &Config| -> Vec<_> {
@@ -341,8 +432,56 @@ pool_size = 2
     let sections: Vec<_> = table.keys().map(String::as_str).collect();
     assert_eq!(
         sections,
-        ["amqp", "apps", "listener", "pool", "service", "zones"]
+        [
+            "amqp",
+            "apps",
+            "listener",
+            "pool",
+            "publisher",
+            "service",
+            "zones"
+        ]
     );
+}
+
+#[test]
+fn effective_toml_keeps_broker_tags() {
+    let text = r#"
+[zones.local]
+brokers = ["amqp://admin:s3cr3t@10.0.0.1:5672/%2f", { uri = "amqp://admin:s3cr3t@10.0.0.2:5672/%2f", tags = ["reports", "eu"] }]
+[zones.east]
+brokers = [{ uri = "amqp://x:s3cr3t@10.9.0.1/%2f", tags = ["reports"] }]
+[publisher]
+timeout_ms = 1200
+confirm_window = 10
+"#;
+    let config = parse(text).unwrap();
+    let effective = config.effective_toml();
+    assert!(!effective.contains("s3cr3t"), "{effective}");
+    assert!(
+        effective.contains(
+            "brokers = [\"amqp://admin:***@10.0.0.1:5672/%2f\", \
+             { uri = \"amqp://admin:***@10.0.0.2:5672/%2f\", tags = [\"reports\", \"eu\"] }]"
+        ),
+        "{effective}"
+    );
+    assert!(
+        effective.contains("\n[publisher]\ntimeout_ms = 1200\nconfirm_window = 10\n"),
+        "{effective}"
+    );
+    assert!(
+        effective.find("[listener]") < effective.find("[publisher]")
+            && effective.find("[publisher]") < effective.find("[pool]"),
+        "{effective}"
+    );
+
+    let again = parse(&effective).unwrap();
+    assert_eq!(again.publisher, config.publisher);
+    assert_eq!(again.zones.len(), config.zones.len());
+    for (a, b) in again.zones.iter().zip(&config.zones) {
+        assert_eq!(a.name, b.name);
+        assert_eq!(redacted(&a.brokers), redacted(&b.brokers));
+    }
 }
 
 // ---------------------------------------------------------------- 1. syntax
@@ -743,6 +882,12 @@ fn zero_values_are_refused() {
             "apps.skel.checkout_timeout_ms",
             23,
         ),
+        ("[publisher]\ntimeout_ms = 0\n", "publisher.timeout_ms", 14),
+        (
+            "[publisher]\nconfirm_window = 0\n",
+            "publisher.confirm_window",
+            18,
+        ),
     ];
     for (section, key, column) in cases {
         let text = format!("{section}{LOCAL_ZONE}");
@@ -780,5 +925,132 @@ fn an_empty_zone_name_is_refused() {
         8,
         "amqp.zone",
         "a zone name must not be empty",
+    );
+}
+
+// ---------------------------------------------------------------- 9. broker tables and tags
+
+#[test]
+fn an_unknown_key_in_a_broker_table_suggests_the_closest() {
+    let text = "[zones.local]\nbrokers = [{ uri = \"amqp://h:5672/%2f\", tag = [\"x\"] }]\n";
+    let refusal = refuse(text, None);
+    assert_at(
+        &refusal,
+        2,
+        41,
+        "zones.local.brokers[0].tag",
+        "unknown key (did you mean `tags`?)",
+    );
+    assert!(matches!(refusal.problem, Problem::UnknownKey { .. }));
+}
+
+#[test]
+fn a_broker_table_needs_a_uri() {
+    let text = "[zones.local]\nbrokers = [{ tags = [\"x\"] }]\n";
+    let refusal = refuse(text, None);
+    assert_at(
+        &refusal,
+        2,
+        12,
+        "zones.local.brokers[0]",
+        "`zones.local.brokers[0]`: missing key `uri`",
+    );
+    assert_eq!(
+        refusal.problem,
+        Problem::MissingKey {
+            name: "uri".to_string()
+        }
+    );
+}
+
+#[test]
+fn empty_tags_and_tags_with_spaces_are_refused() {
+    let text =
+        "[zones.local]\nbrokers = [{ uri = \"amqp://h:5672/%2f\", tags = [\"ok\", \"\"] }]\n";
+    let refusal = refuse(text, None);
+    assert_at(
+        &refusal,
+        2,
+        55,
+        "zones.local.brokers[0].tags[1]",
+        "a tag must not be empty",
+    );
+    assert_eq!(refusal.problem, Problem::EmptyTag);
+
+    let text = "[zones.local]\nbrokers = [{ uri = \"amqp://h:5672/%2f\", tags = [\"eu west\"] }]\n";
+    let refusal = refuse(text, None);
+    assert_at(
+        &refusal,
+        2,
+        49,
+        "zones.local.brokers[0].tags[0]",
+        "tag \"eu west\" contains whitespace",
+    );
+    assert!(matches!(refusal.problem, Problem::TagWithWhitespace { .. }));
+}
+
+#[test]
+fn wrong_types_in_a_broker_table_are_located() {
+    let text = "[zones.local]\nbrokers = [{ uri = \"amqp://h:5672/%2f\", tags = \"reports\" }]\n";
+    assert_at(
+        &refuse(text, None),
+        2,
+        48,
+        "zones.local.brokers[0].tags",
+        "wrong type: expected an array, found string \"reports\"",
+    );
+
+    let text = "[zones.local]\nbrokers = [{ uri = \"amqp://h:5672/%2f\", tags = [1] }]\n";
+    assert_at(
+        &refuse(text, None),
+        2,
+        49,
+        "zones.local.brokers[0].tags[0]",
+        "wrong type: expected a string, found integer `1`",
+    );
+
+    let text = "[zones.local]\nbrokers = [{ uri = 5 }]\n";
+    assert_at(
+        &refuse(text, None),
+        2,
+        20,
+        "zones.local.brokers[0].uri",
+        "wrong type: expected a string, found integer `5`",
+    );
+
+    let text = "[zones.local]\nbrokers = [true]\n";
+    assert_at(
+        &refuse(text, None),
+        2,
+        12,
+        "zones.local.brokers[0]",
+        "wrong type: expected a string or a table, found boolean `true`",
+    );
+}
+
+#[test]
+fn an_invalid_uri_in_a_broker_table_is_located_and_redacted() {
+    let text = "[zones.local]\nbrokers = [\"amqp://h:5672/%2f\", { uri = \"amqp://u:hunter2@host:notaport/%2f\", tags = [\"a\"] }]\n";
+    let refusal = refuse(text, None);
+    assert_at(
+        &refusal,
+        2,
+        41,
+        "zones.local.brokers[1].uri",
+        "invalid broker URI: `amqp://u:***@host:notaport/%2f` has an invalid port `notaport`",
+    );
+    assert!(!refusal.message.contains("hunter2"), "{}", refusal.message);
+    assert!(!format!("{:?}", refusal.problem).contains("hunter2"));
+}
+
+#[test]
+fn a_tagged_broker_listed_twice_is_refused() {
+    let text = "[zones.local]\nbrokers = [\"amqp://a:pw@rabbit/%2f\", { uri = \"amqp://b:pw@RABBIT:5672/%2f\", tags = [\"a\"] }]\n";
+    assert_at(
+        &refuse(text, None),
+        2,
+        46,
+        "zones.local.brokers[1].uri",
+        "already listed as `zones.local.brokers[0]` on line 2",
     );
 }

@@ -1,5 +1,6 @@
 //! From the file as written ([`RawConfig`]) to the checked [`Config`]: defaults filled
-//! in, meaning checked (zones, brokers, zero values, pools, apps), every refusal located.
+//! in, meaning checked (zones, brokers and their tags, zero values, pools, apps), every
+//! refusal located.
 //!
 //! Checks run in the order of the file's sections and the first mistake is reported.
 
@@ -12,9 +13,15 @@ use toml::Spanned;
 
 use super::error::{ConfigError, Problem};
 use super::locate::{Source, join};
-use super::raw::{self, RawAmqp, RawApp, RawConfig, RawListener, RawPool, RawService, RawZone};
+use super::raw::{
+    self, RawAmqp, RawApp, RawBroker, RawConfig, RawListener, RawPool, RawPublisher, RawService,
+    RawZone,
+};
 use super::read::closest;
-use super::{AmqpConfig, AppConfig, Config, ListenerConfig, PoolConfig, ServiceConfig, Zone};
+use super::{
+    AmqpConfig, AppConfig, Config, ConfiguredBroker, ListenerConfig, PoolConfig, PublisherConfig,
+    ServiceConfig, Zone,
+};
 use crate::uri::BrokerUri;
 
 /// What validation needs besides the raw file.
@@ -32,6 +39,7 @@ pub(super) fn validate(raw: RawConfig, inputs: &Inputs<'_>) -> Result<Config, Co
     let amqp = amqp(&raw.amqp, inputs)?;
     let zones = zones(&raw.zones, &raw.amqp, &amqp.zone, inputs)?;
     let listener = listener(&raw.listener, source)?;
+    let publisher = publisher(&raw.publisher, source)?;
     let pool = pool(&raw.pool, source)?;
     let apps = apps(&raw.apps, pool, inputs)?;
     Ok(Config {
@@ -40,6 +48,7 @@ pub(super) fn validate(raw: RawConfig, inputs: &Inputs<'_>) -> Result<Config, Co
         amqp,
         zones,
         listener,
+        publisher,
         pool,
         apps,
     })
@@ -151,15 +160,39 @@ fn listener(raw: &RawListener, source: &Source<'_>) -> Result<ListenerConfig, Co
     })
 }
 
+/// `[publisher]`.
+fn publisher(raw: &RawPublisher, source: &Source<'_>) -> Result<PublisherConfig, ConfigError> {
+    let timeout = positive(
+        raw.timeout_ms.as_ref(),
+        raw::PUBLISHER_TIMEOUT_MS,
+        "publisher.timeout_ms",
+        source,
+    )?;
+    let confirm_window = positive(
+        raw.confirm_window.as_ref(),
+        raw::CONFIRM_WINDOW,
+        "publisher.confirm_window",
+        source,
+    )?;
+    Ok(PublisherConfig {
+        timeout: Duration::from_millis(timeout),
+        confirm_window,
+    })
+}
+
 /// One broker entry of the file, before parsing.
 struct Listed<'r> {
     zone: &'r str,
+    /// `zones.<zone>.brokers[i]`.
     key: String,
-    span: Range<usize>,
-    text: &'r str,
+    /// The key and span of the URI: the entry itself in the plain form, its `uri` in the
+    /// table form.
+    uri_key: String,
+    uri_span: Range<usize>,
+    raw: &'r RawBroker,
 }
 
-/// `[zones.*]`: names, broker lists, URIs, duplicates, and the local zone's presence.
+/// `[zones.*]`: names, broker lists, URIs, tags, duplicates, and the local zone's presence.
 /// The local zone comes first, then the others by name.
 fn zones(
     raw: &BTreeMap<Spanned<String>, RawZone>,
@@ -185,33 +218,29 @@ fn zones(
             return Err(source.error(brokers.span().start, &brokers_key, no_brokers()));
         }
         for (index, broker) in brokers.get_ref().iter().enumerate() {
-            listed.push(Listed {
-                zone: name.get_ref(),
-                key: format!("{brokers_key}[{index}]"),
-                span: broker.span(),
-                text: broker.get_ref(),
-            });
+            listed.push(listed_broker(name.get_ref(), &brokers_key, index, broker));
         }
     }
     // Report mistakes in file order, and call "first" what comes first in the file.
-    listed.sort_by_key(|entry| entry.span.start);
-    let mut parsed: Vec<(&Listed<'_>, BrokerUri)> = Vec::new();
+    listed.sort_by_key(|entry| entry.uri_span.start);
+    let mut parsed: Vec<(&Listed<'_>, ConfiguredBroker)> = Vec::new();
     for entry in &listed {
-        let uri = BrokerUri::parse(entry.text).map_err(|err| {
+        let uri = BrokerUri::parse(&entry.raw.uri).map_err(|err| {
             source.error(
-                entry.span.start,
-                &entry.key,
+                entry.uri_span.start,
+                &entry.uri_key,
                 Problem::InvalidUri(Box::new(err)),
             )
         })?;
-        if let Some((first, _)) = parsed.iter().find(|(_, seen)| same_broker(seen, &uri)) {
+        if let Some((first, _)) = parsed.iter().find(|(_, seen)| same_broker(&seen.uri, &uri)) {
             let problem = Problem::DuplicateBroker {
-                first_key: first.key.clone(),
-                first_line: source.line(first.span.start),
+                first_key: first.uri_key.clone(),
+                first_line: source.line(first.uri_span.start),
             };
-            return Err(source.error(entry.span.start, &entry.key, problem));
+            return Err(source.error(entry.uri_span.start, &entry.uri_key, problem));
         }
-        parsed.push((entry, uri));
+        let tags = tags(entry, source)?;
+        parsed.push((entry, ConfiguredBroker { uri, tags }));
     }
     if !raw.keys().any(|name| name.get_ref() == local) {
         return Err(local_zone_missing(raw, raw_amqp, local, inputs));
@@ -225,13 +254,61 @@ fn zones(
         })
         .collect();
     // `parsed` is in file order, which within one zone is the list's order.
-    for (entry, uri) in parsed {
+    for (entry, broker) in parsed {
         if let Some(zone) = zones.iter_mut().find(|zone| zone.name == entry.zone) {
-            zone.brokers.push(uri);
+            zone.brokers.push(broker);
         }
     }
     zones.sort_by_key(|zone| !zone.local);
     Ok(zones)
+}
+
+/// Entry `index` of a zone's `brokers`, with the key and span its URI is reported at.
+fn listed_broker<'r>(
+    zone: &'r str,
+    brokers_key: &str,
+    index: usize,
+    broker: &'r Spanned<RawBroker>,
+) -> Listed<'r> {
+    let key = format!("{brokers_key}[{index}]");
+    let raw = broker.get_ref();
+    let (uri_key, uri_span) = match &raw.uri_span {
+        Some(span) => (format!("{key}.uri"), span.clone()),
+        None => (key.clone(), broker.span()),
+    };
+    Listed {
+        zone,
+        key,
+        uri_key,
+        uri_span,
+        raw,
+    }
+}
+
+/// The tags of one broker entry: each one non-empty word.
+fn tags(entry: &Listed<'_>, source: &Source<'_>) -> Result<Vec<String>, ConfigError> {
+    let mut tags = Vec::new();
+    for (index, tag) in entry.raw.tags.iter().enumerate() {
+        if let Some(problem) = tag_problem(tag.get_ref()) {
+            let key = format!("{}.tags[{index}]", entry.key);
+            return Err(source.error(tag.span().start, &key, problem));
+        }
+        tags.push(tag.get_ref().clone());
+    }
+    Ok(tags)
+}
+
+/// What is wrong with a tag, if anything.
+fn tag_problem(tag: &str) -> Option<Problem> {
+    if tag.is_empty() {
+        Some(Problem::EmptyTag)
+    } else if tag.chars().any(char::is_whitespace) {
+        Some(Problem::TagWithWhitespace {
+            tag: tag.to_string(),
+        })
+    } else {
+        None
+    }
 }
 
 /// Two entries name the same broker when they reach the same host, port and vhost,

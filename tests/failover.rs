@@ -1,0 +1,619 @@
+//! Assignments with two RabbitMQ nodes of the test's own, SIGKILLed and restarted: float
+//! failover (timed), fail-back make-before-break with drain, sticky leases that never move,
+//! no channel leak after kill/restart cycles, zones, publishers following the primary, a
+//! 20,000-message end-to-end run across a primary kill and restart, and echo serving
+//! through the secondary.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::client::Client;
+use common::{
+    Broker, SOON, Seen, SpecListener, app_context, config, recording, start_node, unique_node,
+    until,
+};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use lapin::ExchangeKind;
+use lapin::types::FieldTable;
+use warren_listeners::{
+    ChannelKind, Envelope, Exchange, ListenerHandle, ListenerSpec, QueueSpec, spawn_listener,
+};
+use warren_runtime::node::Node;
+use warren_runtime::publish::PublishError;
+use warren_runtime::registry::BrokerId;
+use warren_test_support::eventually;
+
+const A: BrokerId = BrokerId(0);
+const B: BrokerId = BrokerId(1);
+const PRECHANNELS: u32 = 3;
+
+/// Settings for quick reconnects in tests.
+const FAST: &str = "prechannels = 3\nheartbeat_secs = 5";
+
+/// Declares the listener's exchange and durable queue on a broker, so messages published
+/// there are kept even before the listener arrives.
+async fn prepare(client: &Client, exchange: &str, queue: &str, durable_exchange: bool) {
+    client
+        .channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions {
+                durable: durable_exchange,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange");
+    client.queue(queue, FieldTable::default()).await;
+    client
+        .channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "#".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+}
+
+fn on(handle: &ListenerHandle, broker: BrokerId) -> bool {
+    handle.is_consuming() && handle.current().is_some_and(|(b, _)| b == broker)
+}
+
+async fn no_draining(node: &Node) -> bool {
+    node.context()
+        .assignments
+        .inspect()
+        .await
+        .is_ok_and(|r| r.leases.iter().all(|l| !l.draining))
+}
+
+fn median(mut values: Vec<Duration>) -> Duration {
+    values.sort();
+    values[values.len() / 2]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn float_failover_and_fail_back_are_fast_and_exactly_once_per_loss() {
+    let brokers = Broker::start_many(2).await;
+    let (a, b) = (&brokers[0], &brokers[1]);
+    let name = unique_node("failover");
+    let (exchange, queue) = (format!("{name}-ex"), format!("{name}-q"));
+    let node = start_node(config(&name, &[a.uri(), b.uri()], FAST)).await;
+    let client_b = Client::connect(&b.uri(), &name).await;
+    prepare(&client_b, &exchange, &queue, false).await;
+    let seen = Seen::default();
+    let spec = ListenerSpec::new("failover")
+        .queue(QueueSpec::named(&queue).durable())
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "#")
+        .responder("t", "*", recording(&seen, Duration::ZERO));
+    let handle = spawn_listener(SpecListener(spec), &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(
+        eventually(SOON, || on(&handle, A)).await,
+        "starts on the primary"
+    );
+
+    let (mut failovers, mut failbacks) = (Vec::new(), Vec::new());
+    for cycle in 0..5 {
+        let lease_before = handle.current().map_or(0, |(_, lease)| lease);
+        // A message already waiting on B is handled as soon as the listener consumes
+        // there: the time from the SIGKILL to its handling is the failover time.
+        let id = format!("failover-{cycle}");
+        client_b
+            .publish(
+                &exchange,
+                "k",
+                &Envelope::new("t", "x").with("Msg-ID", id.as_str()),
+            )
+            .await;
+        let killed = Instant::now();
+        a.kill().await;
+        assert!(
+            eventually(Duration::from_secs(10), || seen.first_seen(&id).is_some()).await,
+            "cycle {cycle}: nothing handled on the secondary"
+        );
+        let failover = seen.first_seen(&id).map_or(Duration::MAX, |at| at - killed);
+        assert!(on(&handle, B));
+        assert_eq!(
+            handle.current().map(|(_, lease)| lease),
+            Some(lease_before + 1),
+            "exactly one new lease per loss"
+        );
+
+        a.restart().await;
+        let back = Instant::now();
+        assert!(
+            eventually(Duration::from_secs(15), || on(&handle, A)).await,
+            "cycle {cycle}: no fail-back"
+        );
+        let failback = back.elapsed();
+        assert!(
+            until(SOON, || no_draining(&node)).await,
+            "cycle {cycle}: the old lease was not released"
+        );
+        println!("cycle {cycle}: failover {failover:?}, fail-back {failback:?}");
+        failovers.push(failover);
+        failbacks.push(failback);
+    }
+    let (failover, failback) = (median(failovers.clone()), median(failbacks.clone()));
+    println!(
+        "failover (SIGKILL → first message handled on the secondary): median {failover:?} of {failovers:?}"
+    );
+    println!(
+        "fail-back (primary accepting AMQP → consuming on it): median {failback:?} of {failbacks:?}"
+    );
+    assert!(
+        failover <= Duration::from_secs(2),
+        "failover median {failover:?} > 2 s"
+    );
+    handle.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fail_back_drains_the_secondary_before_closing_it() {
+    let brokers = Broker::start_many(2).await;
+    let (a, b) = (&brokers[0], &brokers[1]);
+    let name = unique_node("drain");
+    let (exchange, queue) = (format!("{name}-ex"), format!("{name}-q"));
+    let node = start_node(config(&name, &[a.uri(), b.uri()], FAST)).await;
+    let client_b = Client::connect(&b.uri(), &name).await;
+    prepare(&client_b, &exchange, &queue, false).await;
+    let seen = Seen::default();
+    // While the gate is closed, handlers wait: the backlog is certainly still on B when A
+    // comes back.
+    let gate = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (gate_in, seen_in) = (gate.clone(), seen.clone());
+    let spec = ListenerSpec::new("drain")
+        .queue(QueueSpec::named(&queue).durable())
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "#")
+        .prefetch(10)
+        .responder("t", "*", move |event: warren_listeners::Event| {
+            let (gate, seen) = (gate_in.clone(), seen_in.clone());
+            async move {
+                let until = Instant::now() + Duration::from_secs(30);
+                while !gate.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                seen.record(event.envelope().msg_id().unwrap_or(""));
+                Ok(())
+            }
+        });
+    let handle = spawn_listener(SpecListener(spec), &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(eventually(SOON, || on(&handle, A)).await);
+
+    a.kill().await;
+    assert!(eventually(SOON, || on(&handle, B)).await, "no failover");
+    gate.store(false, std::sync::atomic::Ordering::SeqCst);
+    const BACKLOG: usize = 1_000;
+    for i in 0..BACKLOG {
+        client_b
+            .publish(
+                &exchange,
+                "k",
+                &Envelope::new("t", "x").with("Msg-ID", format!("b-{i}")),
+            )
+            .await;
+    }
+    a.restart().await;
+    // Make-before-break: the new lease on A is granted while the old one on B still drains.
+    let mut saw_both = false;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline && !saw_both {
+        if let Ok(report) = node.context().assignments.inspect().await {
+            let active_on_a = report.leases.iter().any(|l| !l.draining && l.broker == A);
+            let draining_on_b = report.leases.iter().any(|l| l.draining && l.broker == B);
+            saw_both = active_on_a && draining_on_b;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        saw_both,
+        "no moment with a new lease on A and a draining one on B"
+    );
+    assert!(
+        client_b.ready(&queue).await > 0,
+        "the backlog is still on B when A took over"
+    );
+    gate.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        eventually(Duration::from_secs(30), || seen.distinct() == BACKLOG).await,
+        "{} of {BACKLOG} handled: messages stranded on the secondary",
+        seen.distinct()
+    );
+    assert!(
+        until(SOON, || no_draining(&node)).await,
+        "the drained lease was not released"
+    );
+    assert_eq!(client_b.ready(&queue).await, 0, "nothing left on B");
+    assert!(on(&handle, A));
+    assert!(
+        until(SOON, || async {
+            b.channels(&format!("{name}/consume")).await == PRECHANNELS
+        })
+        .await,
+        "B keeps only its prechannels: {}",
+        b.channels(&format!("{name}/consume")).await
+    );
+    println!(
+        "fail-back drained {BACKLOG} messages from the secondary, {} duplicates",
+        seen.duplicates()
+    );
+    handle.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sticky_leases_never_move() {
+    let brokers = Broker::start_many(2).await;
+    let (a, b) = (&brokers[0], &brokers[1]);
+    let name = unique_node("sticky");
+    let exchange = format!("{name}-ex");
+    let node = start_node(config(&name, &[a.uri(), b.uri()], FAST)).await;
+    let seen = Seen::default();
+    let spec = ListenerSpec::new("sticky")
+        .channel(ChannelKind::Broker(B))
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "#")
+        .responder("t", "*", recording(&seen, Duration::ZERO));
+    let handle = spawn_listener(SpecListener(spec), &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(
+        eventually(SOON, || on(&handle, B)).await,
+        "sticky starts on B"
+    );
+
+    a.kill().await;
+    a.restart().await;
+    assert!(
+        eventually(SOON, || node.context().registry.primary().map(|p| p.id)
+            == Some(A))
+        .await
+    );
+    assert_eq!(
+        handle.current(),
+        Some((B, 1)),
+        "A's loss and return do not move it"
+    );
+
+    b.kill().await;
+    assert!(eventually(SOON, || !handle.is_consuming()).await);
+    let report = node.context().assignments.inspect().await.expect("inspect");
+    assert!(
+        report.reservations.iter().any(|r| r.contains("sticky")),
+        "waits as a reservation: {report:?}"
+    );
+    assert!(
+        report.leases.iter().all(|l| !l.consumer.contains("sticky")),
+        "no lease elsewhere: {report:?}"
+    );
+
+    b.restart().await;
+    assert!(
+        eventually(Duration::from_secs(15), || on(&handle, B)).await,
+        "sticky resumes on B"
+    );
+    assert_eq!(handle.current().map(|(_, lease)| lease), Some(2));
+    let client_b = Client::connect(&b.uri(), &name).await;
+    client_b
+        .publish(
+            &exchange,
+            "k",
+            &Envelope::new("t", "x").with("Msg-ID", "after"),
+        )
+        .await;
+    assert!(eventually(SOON, || seen.first_seen("after").is_some()).await);
+    handle.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_channel_leaks_after_five_kill_restart_cycles() {
+    let brokers = Broker::start_many(2).await;
+    let (a, b) = (&brokers[0], &brokers[1]);
+    let name = unique_node("leaks");
+    let node = start_node(config(&name, &[a.uri(), b.uri()], FAST)).await;
+    let ctx = app_context(&node, "test");
+    let mut floats = Vec::new();
+    for i in 0..3 {
+        let spec = ListenerSpec::new(format!("float{i}"));
+        floats.push(
+            spawn_listener(SpecListener(spec), &ctx)
+                .await
+                .expect("float"),
+        );
+    }
+    let sticky = spawn_listener(
+        SpecListener(ListenerSpec::new("sticky").channel(ChannelKind::Broker(B))),
+        &ctx,
+    )
+    .await
+    .expect("sticky");
+    let all_on = |broker: BrokerId| floats.iter().all(|h| on(h, broker));
+    assert!(eventually(SOON, || all_on(A) && on(&sticky, B)).await);
+
+    for cycle in 0..5 {
+        a.kill().await;
+        assert!(
+            eventually(SOON, || all_on(B)).await,
+            "cycle {cycle}: floats did not fail over"
+        );
+        a.restart().await;
+        assert!(
+            eventually(Duration::from_secs(15), || all_on(A)).await,
+            "cycle {cycle}: floats did not come back"
+        );
+        assert!(
+            until(SOON, || no_draining(&node)).await,
+            "cycle {cycle}: drained leases not released"
+        );
+        assert!(on(&sticky, B), "cycle {cycle}: the sticky listener moved");
+    }
+    let consume = format!("{name}/consume");
+    let expected_a = PRECHANNELS + 3;
+    let expected_b = PRECHANNELS + 1;
+    let settled = until(SOON, || async {
+        a.channels(&consume).await == expected_a && b.channels(&consume).await == expected_b
+    })
+    .await;
+    assert!(
+        settled,
+        "channels: A {} (expected {expected_a}), B {} (expected {expected_b})",
+        a.channels(&consume).await,
+        b.channels(&consume).await
+    );
+    for handle in floats.iter().chain([&sticky]) {
+        handle.stop().await.expect("stop");
+    }
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_thousand_messages_survive_a_primary_kill_and_restart() {
+    const MESSAGES: usize = 20_000;
+    let brokers = Broker::start_many(2).await;
+    let (a, b) = (&brokers[0], &brokers[1]);
+    let name = unique_node("e2e");
+    let (exchange, queue) = (format!("{name}-ex"), format!("{name}-q"));
+    let node = start_node(config(&name, &[a.uri(), b.uri()], FAST)).await;
+    for broker in [a, b] {
+        let client = Client::connect(&broker.uri(), &name).await;
+        prepare(&client, &exchange, &queue, true).await;
+        let _ = client.connection.close(200, "prepared".into()).await;
+    }
+    let seen = Seen::default();
+    let spec = ListenerSpec::new("e2e")
+        .queue(QueueSpec::named(&queue).durable())
+        .exchange(Exchange::topic(&exchange).durable())
+        .bind(&exchange, "#")
+        .prefetch(100)
+        .concurrency(8)
+        .responder("t", "*", recording(&seen, Duration::ZERO));
+    let handle = spawn_listener(SpecListener(spec), &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(eventually(SOON, || on(&handle, A)).await);
+
+    let publisher = node.context().publisher.clone();
+    let confirmed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let publishing = {
+        let (confirmed, exchange) = (confirmed.clone(), exchange.clone());
+        tokio::spawn(async move {
+            let mut failures = Vec::new();
+            let mut inflight = FuturesUnordered::new();
+            for i in 0..MESSAGES {
+                let (publisher, exchange) = (publisher.clone(), exchange.clone());
+                inflight.push(async move {
+                    let envelope = Envelope::new("t", "x").with("Msg-ID", format!("e2e-{i}"));
+                    let options = publisher.options().persistent();
+                    publisher.publish(&exchange, "k", envelope, options).await
+                });
+                if inflight.len() >= 200
+                    && let Some(result) = inflight.next().await
+                {
+                    match result {
+                        Ok(_) => confirmed.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+                        Err(error) => {
+                            failures.push(error);
+                            0
+                        }
+                    };
+                }
+            }
+            while let Some(result) = inflight.next().await {
+                match result {
+                    Ok(_) => {
+                        confirmed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Err(error) => failures.push(error),
+                }
+            }
+            failures
+        })
+    };
+    let count = || confirmed.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(eventually(Duration::from_secs(60), || count() >= 5_000).await);
+    a.kill().await;
+    assert!(
+        eventually(Duration::from_secs(60), || count() >= 12_000).await,
+        "publishing stalled after the kill: {}",
+        count()
+    );
+    a.restart().await;
+    let failures = publishing.await.expect("publisher task");
+    assert!(
+        failures.is_empty(),
+        "publishes failed: {:?}",
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        eventually(Duration::from_secs(120), || seen.distinct() == MESSAGES).await,
+        "lost messages: {} of {MESSAGES} handled",
+        seen.distinct()
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || on(&handle, A)).await,
+        "back on A"
+    );
+    println!(
+        "end to end: {MESSAGES} published with confirms across a primary SIGKILL and restart, all handled, {} duplicates",
+        seen.duplicates()
+    );
+    handle.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publishing_with_no_broker_waits_for_its_bound_then_fails() {
+    let brokers = Broker::start_many(1).await;
+    let a = &brokers[0];
+    let name = unique_node("nobroker");
+    let node = start_node(config(
+        &name,
+        &[a.uri()],
+        "prechannels = 1\n\n[publisher]\ntimeout_ms = 1000",
+    ))
+    .await;
+    let publisher = node.context().publisher.clone();
+    publisher
+        .publish("", "nowhere", Envelope::new("t", "x"), publisher.options())
+        .await
+        .expect("publishes while the broker is up");
+    a.kill().await;
+    assert!(eventually(SOON, || node.context().registry.primary().is_none()).await);
+    let started = Instant::now();
+    let result = publisher
+        .publish("", "nowhere", Envelope::new("t", "x"), publisher.options())
+        .await;
+    let waited = started.elapsed();
+    assert!(
+        matches!(result, Err(PublishError::NoBroker(_))),
+        "{result:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(900),
+        "waited for its bound: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(3),
+        "and not much longer: {waited:?}"
+    );
+    println!(
+        "no broker: {}",
+        result.err().map(|e| e.to_string()).unwrap_or_default()
+    );
+
+    a.restart().await;
+    assert!(
+        eventually(Duration::from_secs(15), || node
+            .context()
+            .registry
+            .primary()
+            .is_some())
+        .await
+    );
+    publisher
+        .publish("", "nowhere", Envelope::new("t", "x"), publisher.options())
+        .await
+        .expect("publishes again once the broker is back");
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn other_zones_are_never_primary_but_serve_sticky_leases() {
+    let brokers = Broker::start_many(2).await;
+    let (a, b) = (&brokers[0], &brokers[1]);
+    let name = unique_node("zones");
+    let text = format!(
+        "{}\n[zones.east]\nbrokers = [\"{}\"]\n",
+        common::config_text(&name, &[a.uri()], FAST),
+        b.uri()
+    );
+    let config =
+        warren_runtime::config::Config::parse(&text, std::path::Path::new("test.ini"), &[], None)
+            .expect("config");
+    let node = start_node(config).await;
+    let registry = node.context().registry.clone();
+    assert!(
+        eventually(SOON, || registry.is_available(B)).await,
+        "the east broker is connected"
+    );
+    assert_eq!(
+        registry.broker(B).map(|b| b.zone.clone()),
+        Some("east".to_string())
+    );
+    let ctx = app_context(&node, "test");
+    let east = spawn_listener(
+        SpecListener(ListenerSpec::new("east").channel(ChannelKind::Tag("east".to_string()))),
+        &ctx,
+    )
+    .await
+    .expect("east listener");
+    let float = spawn_listener(SpecListener(ListenerSpec::new("float")), &ctx)
+        .await
+        .expect("float listener");
+    assert!(eventually(SOON, || on(&east, B) && on(&float, A)).await);
+
+    a.kill().await;
+    assert!(eventually(SOON, || registry.primary().is_none()).await);
+    assert!(registry.is_available(B));
+    assert!(eventually(SOON, || !float.is_consuming()).await);
+    assert!(
+        float.current().is_none(),
+        "a float lease never goes to another zone"
+    );
+    assert!(on(&east, B), "the sticky one stays on the east broker");
+    a.restart().await;
+    assert!(eventually(Duration::from_secs(15), || on(&float, A)).await);
+    east.stop().await.expect("stop");
+    float.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn echo_serves_through_the_secondary_and_moves_back() {
+    let brokers = Broker::start_many(2).await;
+    let (a, b) = (&brokers[0], &brokers[1]);
+    let name = unique_node("echo-failover");
+    let node = start_node(config(&name, &[a.uri(), b.uri()], FAST)).await;
+    let echo = spawn_listener(warren_app_echo::EchoListener, &app_context(&node, "echo"))
+        .await
+        .expect("echo starts");
+    assert!(eventually(SOON, || on(&echo, A)).await);
+    let call = |uri: String, tag: &'static str| {
+        let name = format!("{name}-{tag}");
+        async move {
+            let mut client = Client::connect(&uri, &name).await;
+            let request = client.request("echo", "req").with("Payload", tag);
+            client.publish("echo", "echo.req", &request).await;
+            let reply = client.reply(SOON).await.expect("an echo reply");
+            assert_eq!(reply.get_str("Payload"), Some(tag));
+            assert_eq!(reply.msg_id(), request.msg_id());
+        }
+    };
+    call(a.uri(), "via-a").await;
+    a.kill().await;
+    assert!(eventually(SOON, || on(&echo, B)).await, "echo moved to B");
+    call(b.uri(), "via-b").await;
+    a.restart().await;
+    assert!(
+        eventually(Duration::from_secs(15), || on(&echo, A)).await,
+        "echo moved back to A"
+    );
+    call(a.uri(), "via-a-again").await;
+    echo.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}
