@@ -157,6 +157,8 @@ pub struct PoolConfig {
     pub overflow: usize,
     /// How long a checkout waits before failing with `PoolFull`.
     pub checkout_timeout: Duration,
+    /// How long an overflow worker may stay idle before it retires.
+    pub idle_timeout: Duration,
 }
 
 /// One `[apps.<name>]`: whether an app runs and how its pool is sized.

@@ -143,6 +143,7 @@ impl ListenerState {
         }
         if let Some(held) = self.active.as_mut() {
             held.ready = true;
+            self.shared.channel.send_replace(Some(held.channel.clone()));
         }
         *self.shared.current.write() = Some((broker.id, lease_generation));
         tracing::info!(listener = %self.shared.name, queue = %topology.queue_name, broker = %broker, lease = lease_generation, "topology declared");
@@ -213,6 +214,7 @@ impl ListenerState {
             }
             close_channel(held.channel);
             *self.shared.current.write() = None;
+            self.shared.channel.send_replace(None);
             self.notice(Notice::ChannelLost);
             self.set_consuming(false);
         }
@@ -427,6 +429,7 @@ impl Actor for ListenerActor {
                     if let Some(held) = state.active.take() {
                         close_channel(held.channel);
                         *state.shared.current.write() = None;
+                        state.shared.channel.send_replace(None);
                     }
                     if let Some(client) = &state.client {
                         client.report_lost(lease);
@@ -497,6 +500,7 @@ impl Actor for ListenerActor {
         }
         state.set_consuming(false);
         *state.shared.current.write() = None;
+        state.shared.channel.send_replace(None);
         if let Some(forward) = state.forward.take() {
             forward.abort();
         }

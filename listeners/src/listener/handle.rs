@@ -10,11 +10,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use lapin::Channel;
 use parking_lot::{Mutex, RwLock};
 use ractor::{Actor, ActorCell, ActorRef};
 use tokio::sync::watch;
 use warren_runtime::assignments::{Assignments, ChannelKind};
-use warren_runtime::envelope::Stamp;
+use warren_runtime::envelope::{Envelope, Stamp};
+use warren_runtime::publish::{PublishError, PublishOptions, Published, publish_confirmed};
 use warren_runtime::registry::BrokerId;
 use warren_runtime::supervisor::ChildSpec;
 
@@ -109,6 +111,8 @@ pub(crate) struct ListenerShared {
     pub stats: Stats,
     pub redeliveries: RedeliveryCounts,
     pub consuming: watch::Sender<bool>,
+    /// The channel the topology is declared on, for publishing outside events.
+    pub channel: watch::Sender<Option<Channel>>,
     /// The broker and lease of the current channel.
     pub current: RwLock<Option<(BrokerId, u64)>>,
     pub actor: RwLock<Option<ActorRef<ListenerMsg>>>,
@@ -125,15 +129,23 @@ impl ListenerShared {
             QueueName::Named(name) => name.clone(),
             QueueName::Anonymous => format!("{}-{}-{unique}", spec.name, config.service.node),
         };
+        let mut bindings = spec.bindings.clone();
+        for exchange in &spec.own_queue_bindings {
+            let own = Binding::new(exchange.as_str(), queue_name.as_str());
+            if !bindings.contains(&own) {
+                bindings.push(own);
+            }
+        }
         let topology = Topology {
             exchanges: spec.exchanges.clone(),
             queue: spec.queue.clone(),
             queue_name,
-            bindings: spec.bindings.clone(),
+            bindings,
             exclusive_consumer: spec.exclusive_consumer,
             paused: false,
         };
         let (consuming, _) = watch::channel(false);
+        let (channel, _) = watch::channel(None);
         let prefetch = spec.prefetch.unwrap_or(config.amqp.prefetch).max(1);
         Arc::new(ListenerShared {
             consumer_tag: format!("{}.{}.{unique}", spec.name, config.service.node),
@@ -155,6 +167,7 @@ impl ListenerShared {
             stats: Stats::default(),
             redeliveries: RedeliveryCounts::default(),
             consuming,
+            channel,
             current: RwLock::new(None),
             actor: RwLock::new(None),
             assignments: ctx.node.assignments.clone(),
@@ -299,6 +312,37 @@ impl ListenerHandle {
 
     pub fn remove_responder(&self, id: ResponderId) -> bool {
         self.shared.responders.write().remove(id)
+    }
+
+    /// Publishes on the listener's channel (waiting, within `options.timeout`, for one if
+    /// the listener is between channels) and waits for the broker's confirm.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        mut envelope: Envelope,
+        options: PublishOptions,
+    ) -> Result<Published, PublishError> {
+        envelope.stamp(&self.shared.settings.stamp);
+        let deadline = tokio::time::Instant::now() + options.timeout;
+        let mut rx = self.shared.channel.subscribe();
+        let channel = match tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await
+        {
+            Ok(Ok(channel)) => channel.clone(),
+            _ => None,
+        };
+        let Some(channel) = channel else {
+            return Err(PublishError::Channel(format!(
+                "listener `{}` has no channel",
+                self.shared.name
+            )));
+        };
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let options = PublishOptions {
+            timeout: remaining,
+            ..options
+        };
+        publish_confirmed(&channel, exchange, routing_key, &envelope, &options).await
     }
 
     /// Stops consuming (messages already received are handled); stays paused across

@@ -194,6 +194,9 @@ pub struct ListenerSpec {
     pub exchanges: Vec<Exchange>,
     pub queue: QueueSpec,
     pub bindings: Vec<Binding>,
+    /// Exchanges the queue is also bound to with its own name as the routing key (how
+    /// requesters reach it: `targeted` + `Server-ID`).
+    pub own_queue_bindings: Vec<String>,
     /// `basic.qos`; `None` = `[amqp] prefetch`.
     pub prefetch: Option<u16>,
     pub ack: AckMode,
@@ -215,6 +218,7 @@ impl ListenerSpec {
             exchanges: Vec::new(),
             queue: QueueSpec::anonymous(),
             bindings: Vec::new(),
+            own_queue_bindings: Vec::new(),
             prefetch: None,
             ack: AckMode::Manual,
             concurrency: 1,
@@ -240,6 +244,16 @@ impl ListenerSpec {
     /// Binds the queue to `exchange` with `routing_key`.
     pub fn bind(self, exchange: impl Into<String>, routing_key: impl Into<String>) -> Self {
         self.binding(Binding::new(exchange, routing_key))
+    }
+
+    /// Binds the queue to `exchange` with the queue's own name as the routing key (e.g.
+    /// `targeted`, so that replies to this listener's `Server-ID` reach it).
+    pub fn bind_own_queue(mut self, exchange: impl Into<String>) -> Self {
+        let exchange = exchange.into();
+        if !self.own_queue_bindings.contains(&exchange) {
+            self.own_queue_bindings.push(exchange);
+        }
+        self
     }
 
     pub fn binding(mut self, binding: Binding) -> Self {

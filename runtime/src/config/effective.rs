@@ -98,7 +98,8 @@ fn pool_lines(out: &mut String, prefix: &str, pool: &PoolConfig) -> fmt::Result 
         out,
         "checkout_timeout_ms = {}",
         pool.checkout_timeout.as_millis()
-    )
+    )?;
+    writeln!(out, "idle_timeout_ms = {}", pool.idle_timeout.as_millis())
 }
 
 /// One entry of `brokers`: the redacted URI as a string, or an inline table when the

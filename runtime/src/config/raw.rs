@@ -46,6 +46,8 @@ pub(super) const CONFIRM_WINDOW: usize = 1000;
 pub(super) const POOL_SIZE: usize = 10;
 /// `[pool] overflow`.
 pub(super) const POOL_OVERFLOW: usize = 20;
+/// `[pool] idle_timeout_ms`.
+pub(super) const IDLE_TIMEOUT_MS: u64 = 30_000;
 /// `[pool] checkout_timeout_ms`.
 pub(super) const CHECKOUT_TIMEOUT_MS: u64 = 2000;
 
@@ -178,6 +180,7 @@ pub(super) struct RawPool {
     pub size: Option<Spanned<usize>>,
     pub overflow: Option<usize>,
     pub checkout_timeout_ms: Option<Spanned<u64>>,
+    pub idle_timeout_ms: Option<Spanned<u64>>,
 }
 
 /// `[apps.<name>]`.
@@ -188,4 +191,5 @@ pub(super) struct RawApp {
     pub pool_size: Option<Spanned<usize>>,
     pub pool_overflow: Option<usize>,
     pub checkout_timeout_ms: Option<Spanned<u64>>,
+    pub idle_timeout_ms: Option<Spanned<u64>>,
 }

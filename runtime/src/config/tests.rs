@@ -93,6 +93,7 @@ brokers = ["amqp://u:p@10.2.0.1:5672/%2f"]
 size = 5
 overflow = 0
 checkout_timeout_ms = 700
+idle_timeout_ms = 900
 
 [apps.skel]
 enabled = true
@@ -102,6 +103,7 @@ pool_overflow = 4
 [apps.echo]
 enabled = false
 checkout_timeout_ms = 300
+idle_timeout_ms = 400
 "#;
     let config = parse(text).unwrap();
     assert_eq!(config.path, Path::new("config.ini"));
@@ -136,6 +138,7 @@ checkout_timeout_ms = 300
             size: 5,
             overflow: 0,
             checkout_timeout: Duration::from_millis(700),
+            idle_timeout: Duration::from_millis(900),
         }
     );
     let names: Vec<_> = config.apps.iter().map(|a| a.name.as_str()).collect();
@@ -148,6 +151,7 @@ checkout_timeout_ms = 300
             size: 2,
             overflow: 4,
             checkout_timeout: Duration::from_millis(700),
+            idle_timeout: Duration::from_millis(900),
         }
     );
     let echo = config.app("echo").unwrap();
@@ -158,6 +162,7 @@ checkout_timeout_ms = 300
             size: 5,
             overflow: 0,
             checkout_timeout: Duration::from_millis(300),
+            idle_timeout: Duration::from_millis(400),
         }
     );
     assert!(config.app("other").is_none());
@@ -188,6 +193,7 @@ fn absent_sections_take_the_defaults() {
             size: 10,
             overflow: 20,
             checkout_timeout: Duration::from_millis(2000),
+            idle_timeout: Duration::from_millis(30_000),
         }
     );
     assert_eq!(
@@ -872,6 +878,7 @@ fn zero_values_are_refused() {
             "pool.checkout_timeout_ms",
             23,
         ),
+        ("[pool]\nidle_timeout_ms = 0\n", "pool.idle_timeout_ms", 19),
         (
             "[service]\nshutdown_timeout_secs = 0\n",
             "service.shutdown_timeout_secs",

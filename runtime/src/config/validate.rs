@@ -349,10 +349,17 @@ fn pool(raw: &RawPool, source: &Source<'_>) -> Result<PoolConfig, ConfigError> {
         "pool.checkout_timeout_ms",
         source,
     )?;
+    let idle = positive(
+        raw.idle_timeout_ms.as_ref(),
+        raw::IDLE_TIMEOUT_MS,
+        "pool.idle_timeout_ms",
+        source,
+    )?;
     Ok(PoolConfig {
         size,
         overflow: raw.overflow.unwrap_or(raw::POOL_OVERFLOW),
         checkout_timeout: Duration::from_millis(checkout),
+        idle_timeout: Duration::from_millis(idle),
     })
 }
 
@@ -391,6 +398,13 @@ fn apps(
             &format!("{key}.checkout_timeout_ms"),
             source,
         )?;
+        let default_idle = u64::try_from(defaults.idle_timeout.as_millis()).unwrap_or(u64::MAX);
+        let idle = positive(
+            app.idle_timeout_ms.as_ref(),
+            default_idle,
+            &format!("{key}.idle_timeout_ms"),
+            source,
+        )?;
         apps.push(AppConfig {
             name: name.get_ref().clone(),
             enabled: app.enabled.unwrap_or(true),
@@ -398,6 +412,7 @@ fn apps(
                 size,
                 overflow: app.pool_overflow.unwrap_or(defaults.overflow),
                 checkout_timeout: Duration::from_millis(checkout),
+                idle_timeout: Duration::from_millis(idle),
             },
         });
     }
