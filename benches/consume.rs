@@ -148,15 +148,15 @@ impl Listener for NoOp {
 async fn warren_listener(node: &Node, queue: &str) -> f64 {
     let context = node.context().clone();
     let pool = context.config.pool;
-    let ctx = AppContext {
-        node: context,
-        config: AppConfig {
+    let ctx = AppContext::with_version(
+        "bench",
+        context,
+        AppConfig {
             name: "bench".to_string(),
             enabled: true,
             pool,
         },
-        version: "bench".to_string(),
-    };
+    );
     let first = Arc::new(OnceLock::new());
     let listener = NoOp {
         queue: queue.to_string(),

@@ -31,4 +31,19 @@ pub enum Command {
         /// The file to check (defaults to --config).
         path: Option<PathBuf>,
     },
+    /// Send one kapi request through a pool and print the reply as JSON.
+    Call {
+        /// The exchange to publish the request to.
+        #[arg(long)]
+        exchange: String,
+        /// The routing key of the request.
+        #[arg(long)]
+        routing_key: String,
+        /// The request: a JSON object with at least Event-Category and Event-Name.
+        #[arg(long)]
+        json: String,
+        /// How long to wait for the reply.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
 }

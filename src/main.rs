@@ -1,10 +1,12 @@
 //! `warren`: the service binary. It reads config.ini, starts the supervision tree with the
-//! apps compiled in, and stops it in order on SIGINT/SIGTERM.
+//! apps compiled in, and stops it in order on SIGINT/SIGTERM; `warren call` sends one
+//! request through a pool; `warren check-config` validates a config file.
 //!
 //! Exit codes: 0 stopped cleanly; 1 could not start or the tree failed; 2 bad
 //! configuration or bad command line.
 
 mod apps;
+mod call;
 mod cli;
 mod run;
 
@@ -24,6 +26,22 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Run => run::run(&cli.config).await,
         Command::CheckConfig { path } => check_config(path.as_deref().unwrap_or(&cli.config)),
+        Command::Call {
+            exchange,
+            routing_key,
+            json,
+            timeout_ms,
+        } => {
+            run::init_logging("warn");
+            call::call(call::Call {
+                config: &cli.config,
+                exchange: &exchange,
+                routing_key: &routing_key,
+                json: &json,
+                timeout: std::time::Duration::from_millis(timeout_ms),
+            })
+            .await
+        }
     }
 }
 

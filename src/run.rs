@@ -12,7 +12,7 @@ use warren_runtime::node::Node;
 use crate::{EXIT_CONFIG, apps};
 
 pub async fn run(config_path: &Path) -> ExitCode {
-    init_logging();
+    init_logging("info");
     let config = match Config::load(config_path, &apps::names()) {
         Ok(config) => config,
         Err(error) => {
@@ -83,11 +83,12 @@ pub async fn run(config_path: &Path) -> ExitCode {
     }
 }
 
-/// Logs go to stderr; the level comes from RUST_LOG (default: info, and warn for ractor,
-/// whose per-actor spans would prefix every line).
-fn init_logging() {
-    let mut filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,ractor=warn"));
+/// Logs go to stderr; the level comes from RUST_LOG (default: `level`; warn for ractor,
+/// whose per-actor spans would prefix every line; error for lapin, which logs returned
+/// messages with their bodies at warn and reports what warren handles itself).
+pub fn init_logging(level: &str) {
+    let mut filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},ractor=warn,lapin=error")));
     // amq-protocol-tcp traces the whole AMQP URI, password included: never let it through.
     if let Ok(cap) = "amq_protocol_tcp=debug".parse() {
         filter = filter.add_directive(cap);

@@ -383,3 +383,81 @@ async fn the_service_answers_echo_requests() {
     assert_eq!(reply.get_str("Payload"), Some("ping"));
     run.signal("TERM");
 }
+
+/// `warren call` prints the reply as JSON, and exits non-zero with a clear message on a
+/// timeout or an unroutable request.
+#[tokio::test(flavor = "multi_thread")]
+async fn warren_call_prints_the_reply_and_explains_failures() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_node("call");
+    let path = write_config(dir.path(), &config_text(&name, &[local_uri()], ""));
+    let node = common::start_node(common::config(&name, &[local_uri()], "")).await;
+    let echo = warren_listeners::spawn_listener(
+        warren_app_echo::EchoListener,
+        &common::app_context(&node, "echo"),
+    )
+    .await
+    .expect("echo starts");
+    assert!(echo.wait_consuming(true, Duration::from_secs(10)).await);
+
+    let config = path.to_str().expect("utf-8 path").to_string();
+    let call = move |exchange: &'static str, key: &'static str, json: &'static str| {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            warren(&[
+                "call",
+                "--config",
+                &config,
+                "--exchange",
+                exchange,
+                "--routing-key",
+                key,
+                "--json",
+                json,
+                "--timeout-ms",
+                "1000",
+            ])
+        })
+    };
+    let (status, stdout, stderr) = call(
+        "echo",
+        "echo.req",
+        r#"{"Event-Category": "echo", "Event-Name": "req", "Payload": {"hi": [1, 2]}}"#,
+    )
+    .await
+    .expect("call");
+    assert!(status.success(), "{stderr}");
+    let reply: serde_json::Value = serde_json::from_str(&stdout).expect("the reply is JSON");
+    assert_eq!(reply["Event-Name"], "resp");
+    assert_eq!(reply["Payload"], serde_json::json!({"hi": [1, 2]}));
+
+    let (status, stdout, stderr) = call(
+        "targeted",
+        "nobody-listens-here",
+        r#"{"Event-Category": "echo", "Event-Name": "req"}"#,
+    )
+    .await
+    .expect("call");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stdout.is_empty());
+    assert!(
+        stderr.contains("unroutable") && stderr.contains("NO_ROUTE"),
+        "{stderr}"
+    );
+
+    // Routable but nobody answers: echo gets ("echo", "nothing") and has no responder.
+    let (status, _, stderr) = call(
+        "echo",
+        "echo.req",
+        r#"{"Event-Category": "echo", "Event-Name": "nothing"}"#,
+    )
+    .await
+    .expect("call");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no reply within 1000 ms"), "{stderr}");
+
+    let (status, _, stderr) = call("echo", "echo.req", "[1, 2]").await.expect("call");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    echo.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}

@@ -13,6 +13,7 @@ use warren_runtime::node::NodeContext;
 use warren_runtime::supervisor::{ChildSpec, Intensity, Strategy, SupervisorSpec};
 
 use crate::listener::{Listener, listener_child};
+use crate::pool::ListenerPool;
 
 /// An application that runs inside a warren node. Implement this in `apps/<name>`.
 pub trait App: Send + Sync + 'static {
@@ -36,17 +37,28 @@ pub struct AppContext {
     pub config: AppConfig,
     /// The app's version, for `App-Version`.
     pub version: String,
+    /// The app's pool of workers (`[apps.<name>] pool_size` …), run under `app:<name>`.
+    pub pool: ListenerPool,
 }
 
 impl AppContext {
     /// The context of `app` on a node (the binary builds it from config.ini; tests can
     /// build their own).
     pub fn new(app: &dyn App, node: NodeContext, config: AppConfig) -> Self {
-        AppContext {
+        Self::with_version(app.version(), node, config)
+    }
+
+    /// The context of an app of this name and version (tools and tests without an `App`).
+    pub fn with_version(version: &str, node: NodeContext, config: AppConfig) -> Self {
+        let pool = ListenerPool::new(&config.name, config.pool);
+        let ctx = AppContext {
             node,
             config,
-            version: app.version().to_string(),
-        }
+            version: version.to_string(),
+            pool,
+        };
+        ctx.pool.attach(ctx.node.clone(), ctx.stamp());
+        ctx
     }
 
     /// Who is sending: filled into the app's outgoing envelopes where missing.
@@ -64,8 +76,10 @@ impl AppContext {
     }
 }
 
-/// The supervisor child `app:<name>` that runs one app's children.
+/// The supervisor child `app:<name>` that runs one app: its pool first, then its children.
 pub fn app_child(app: &dyn App, ctx: AppContext) -> ChildSpec {
+    let mut children = vec![ctx.pool.child()];
+    children.extend(app.children(&ctx));
     ChildSpec::supervisor(SupervisorSpec {
         name: format!("app:{}", app.name()),
         strategy: Strategy::OneForOne,
@@ -74,6 +88,6 @@ pub fn app_child(app: &dyn App, ctx: AppContext) -> ChildSpec {
             within: Duration::from_secs(30),
         },
         backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
-        children: app.children(&ctx),
+        children,
     })
 }

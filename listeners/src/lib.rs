@@ -3,17 +3,22 @@
 //! An [`App`] names itself and lists the children warren runs for it under its own
 //! supervisor (`app:<name>`). Its consumers are [`Listener`]s (Kazoo's gen_listener): a
 //! declarative topology and responders, with acks, recovery and graceful stop handled by
-//! warren. This crate knows the runtime (connections, assignments, supervision); it knows
+//! warren. Short-lived work borrows a worker from the app's [`ListenerPool`] (publish,
+//! temporary bindings, call / call_collect / cast) instead of opening channels. This crate knows the runtime (connections, assignments, supervision); it knows
 //! no particular app.
 
 pub mod app;
 pub mod listener;
+pub mod pool;
 
 pub use app::{App, AppContext, app_child};
 pub use listener::{
     AckMode, Binding, DeliveryInfo, Dispatch, Event, Exchange, HandlerError, HandlerResult,
     Listener, ListenerError, ListenerHandle, ListenerSpec, Notice, Outcome, Published, QueueName,
     QueueSpec, ResponderId, Responders, Returned, StatsSnapshot, listener_child, spawn_listener,
+};
+pub use pool::{
+    CollectEnd, Collected, ListenerPool, PoolError, PoolLease, PoolStats, RpcError, Until,
 };
 pub use warren_runtime::assignments::ChannelKind;
 pub use warren_runtime::envelope::Envelope;

@@ -23,6 +23,7 @@ mod spec;
 mod topology;
 
 pub use event::{DeliveryInfo, Event};
+pub(crate) use handle::node_listener_child;
 pub use handle::{ListenerError, ListenerHandle, StatsSnapshot, listener_child, spawn_listener};
 pub use responders::{HandlerError, HandlerResult, Outcome, ResponderId, Responders};
 pub use spec::{AckMode, Binding, Exchange, ListenerSpec, QueueName, QueueSpec};

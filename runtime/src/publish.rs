@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+use lapin::message::BasicReturnMessage;
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation};
 
@@ -143,23 +144,35 @@ pub async fn send(
         .map_err(classify)?;
     match confirm.await.map_err(classify)? {
         Confirmation::Nack(_) => Err(PublishError::Nacked),
-        Confirmation::Ack(Some(message)) => {
-            let properties = &message.delivery.properties;
-            let envelope = Envelope::decode(
-                &message.delivery.data,
-                properties.content_type().as_ref().map(|s| s.as_str()),
-                properties.content_encoding().as_ref().map(|s| s.as_str()),
-            )
-            .ok();
-            Ok(Published::Returned(Returned {
-                reply_code: message.reply_code,
-                reply_text: message.reply_text.to_string(),
-                exchange: message.delivery.exchange.to_string(),
-                routing_key: message.delivery.routing_key.to_string(),
-                envelope,
-            }))
-        }
+        Confirmation::Ack(Some(message)) => Ok(Published::Returned(returned(&message))),
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(Published::Routed),
+    }
+}
+
+/// A returned message as warren reports it.
+fn returned(message: &BasicReturnMessage) -> Returned {
+    let properties = &message.delivery.properties;
+    let envelope = Envelope::decode(
+        &message.delivery.data,
+        properties.content_type().as_ref().map(|s| s.as_str()),
+        properties.content_encoding().as_ref().map(|s| s.as_str()),
+    )
+    .ok();
+    Returned {
+        reply_code: message.reply_code,
+        reply_text: message.reply_text.to_string(),
+        exchange: message.delivery.exchange.to_string(),
+        routing_key: message.delivery.routing_key.to_string(),
+        envelope,
+    }
+}
+
+/// Mandatory messages the broker returned on a channel without confirm mode, since the
+/// last look (they are taken: each is seen once).
+pub async fn take_returned(channel: &Channel) -> Vec<Returned> {
+    match channel.wait_for_confirms().await {
+        Ok(messages) => messages.iter().map(returned).collect(),
+        Err(_) => Vec::new(),
     }
 }
 

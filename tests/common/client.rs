@@ -205,3 +205,67 @@ impl Client {
             .await;
     }
 }
+
+/// One request/reply the way a process without a pool does it: its own channel and reply
+/// queue, opened for this call and closed after it. Sends ("rpc", "echo") with `Payload` =
+/// `n` to `exchange` with routing key `rpc.echo` and checks the reply.
+pub async fn one_shot_call(connection: &Connection, exchange: &str, n: usize) {
+    let channel = connection.create_channel().await.expect("channel");
+    let queue = format!("one-shot-{}", warren_runtime::envelope::new_msg_id());
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("reply queue");
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            "targeted".into(),
+            queue.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    let mut replies = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "reply".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut request = Envelope::new("rpc", "echo")
+        .with("Payload", n)
+        .with("Server-ID", queue.as_str());
+    request.ensure_msg_id();
+    channel
+        .basic_publish(
+            exchange.into(),
+            "rpc.echo".into(),
+            BasicPublishOptions::default(),
+            &request.encode(),
+            publish_properties(false),
+        )
+        .await
+        .expect("publish");
+    let reply = tokio::time::timeout(Duration::from_secs(10), replies.next())
+        .await
+        .expect("a reply in time")
+        .expect("stream open")
+        .expect("delivery");
+    let reply = Envelope::decode(&reply.data, None, None).expect("reply envelope");
+    assert_eq!(reply.get("Payload"), Some(&serde_json::json!(n)));
+    let _ = channel.close(200, "done".into()).await;
+}

@@ -62,7 +62,7 @@ pub const SOON: Duration = Duration::from_secs(10);
 /// warn).
 pub fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,lapin=error"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_test_writer()
@@ -82,15 +82,15 @@ pub async fn start_node(config: Config) -> Node {
 pub fn app_context(node: &Node, name: &str) -> AppContext {
     let context = node.context().clone();
     let pool = context.config.pool;
-    AppContext {
-        node: context,
-        config: AppConfig {
+    AppContext::with_version(
+        "0.0.0-test",
+        context,
+        AppConfig {
             name: name.to_string(),
             enabled: true,
             pool,
         },
-        version: "0.0.0-test".to_string(),
-    }
+    )
 }
 
 /// A private broker node shared by a test's tasks; its blocking operations run off the

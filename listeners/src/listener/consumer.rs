@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
@@ -72,11 +73,28 @@ pub(crate) struct ConsumerLoop {
     pub actor: ActorRef<ListenerMsg>,
 }
 
+/// How a message's handlers run.
+enum Work {
+    /// In the consumer loop itself (concurrency 1: no task switch per message).
+    Inline(BoxFuture<'static, Outcome>),
+    /// As a task of its own (concurrency > 1: in parallel, on any core).
+    Spawned(JoinHandle<Outcome>),
+}
+
 /// A message whose handlers are running.
 struct Running {
     tag: u64,
     key: Option<BodyKey>,
-    handle: JoinHandle<Outcome>,
+    work: Work,
+}
+
+impl Running {
+    /// Stops the handlers (the stop deadline passed).
+    fn abort(&self) {
+        if let Work::Spawned(handle) = &self.work {
+            handle.abort();
+        }
+    }
 }
 
 impl Future for Running {
@@ -84,11 +102,23 @@ impl Future for Running {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let (tag, key) = (self.tag, self.key);
-        self.handle.poll_unpin(cx).map(|joined| {
+        let outcome = match &mut self.work {
+            Work::Inline(future) => future.poll_unpin(cx),
             // The handlers' task never panics (panics are caught inside); an aborted one
             // means the stop deadline passed: requeue.
-            (tag, key, joined.unwrap_or(Outcome::Requeue))
-        })
+            Work::Spawned(handle) => handle
+                .poll_unpin(cx)
+                .map(|joined| joined.unwrap_or(Outcome::Requeue)),
+        };
+        outcome.map(|outcome| (tag, key, outcome))
+    }
+}
+
+/// Lets the handlers of a lost channel finish on their own (their settlements would go to
+/// a dead channel; the broker redelivers those messages).
+fn detach(inflight: InFlight) {
+    if !inflight.is_empty() {
+        tokio::spawn(async move { inflight.for_each(|_| async {}).await });
     }
 }
 
@@ -130,6 +160,7 @@ impl ConsumerLoop {
             let room = inflight.len() < concurrency;
             if room && let Some(item) = self.consumer.next().now_or_never() {
                 if let Some(ended) = self.item(item, &mut inflight, &mut acks).await {
+                    detach(inflight);
                     return ended;
                 }
                 if acks.due() {
@@ -137,14 +168,18 @@ impl ConsumerLoop {
                 }
                 continue;
             }
-            // Nothing ready: flush if idle, then wait for the next thing to happen.
-            if inflight.is_empty() || acks.due() {
+            // Nothing ready: wait for the next thing to happen. Pending acks go out when
+            // enough are due or when the oldest has waited `MAX_ACK_DELAY`, never right
+            // here, so whoever a handler just woke (e.g. a caller waiting for this reply)
+            // runs first.
+            if acks.due() {
                 acks.flush(&self.channel).await;
             }
             let flush_at = acks.deadline().map(tokio::time::Instant::from_std);
             tokio::select! {
                 item = self.consumer.next(), if room => {
                     if let Some(ended) = self.item(item, &mut inflight, &mut acks).await {
+                        detach(inflight);
                         return ended;
                     }
                 }
@@ -270,7 +305,7 @@ impl ConsumerLoop {
             return;
         }
         let shared = shared.clone();
-        let handle = tokio::spawn(async move {
+        let work = async move {
             let mut outcome = Outcome::Ack;
             for result in futures::future::join_all(handlers.into_iter().map(|handler| {
                 let event = event.clone();
@@ -297,8 +332,13 @@ impl ConsumerLoop {
                 outcome = outcome.combine(this);
             }
             outcome
-        });
-        inflight.push(Running { tag, key, handle });
+        };
+        let work = if self.shared.settings.concurrency == 1 {
+            Work::Inline(Box::pin(work))
+        } else {
+            Work::Spawned(tokio::spawn(work))
+        };
+        inflight.push(Running { tag, key, work });
     }
 
     /// A message's handlers finished: settle it (in manual mode) and count it.
@@ -362,7 +402,7 @@ impl ConsumerLoop {
                 _ = tokio::time::sleep_until(deadline) => {
                     tracing::warn!(listener = %self.shared.name, running = inflight.len(), "handlers still running at the stop deadline: aborted, their messages go back to the queue");
                     for running in inflight.iter() {
-                        running.handle.abort();
+                        running.abort();
                     }
                     break;
                 }

@@ -16,6 +16,7 @@ use ractor::{Actor, ActorCell, ActorRef};
 use tokio::sync::watch;
 use warren_runtime::assignments::{Assignments, ChannelKind};
 use warren_runtime::envelope::{Envelope, Stamp};
+use warren_runtime::node::NodeContext;
 use warren_runtime::publish::{PublishError, PublishOptions, Published, publish_confirmed};
 use warren_runtime::registry::BrokerId;
 use warren_runtime::supervisor::ChildSpec;
@@ -120,9 +121,9 @@ pub(crate) struct ListenerShared {
 }
 
 impl ListenerShared {
-    fn new(listener: Arc<dyn Listener>, ctx: &AppContext) -> Arc<Self> {
+    fn new(listener: Arc<dyn Listener>, node: &NodeContext, stamp: Stamp) -> Arc<Self> {
         let spec = listener.spec();
-        let config = &ctx.node.config;
+        let config = &node.config;
         let suffix = warren_runtime::envelope::new_msg_id();
         let unique = &suffix[..12];
         let queue_name = match &spec.queue.name {
@@ -142,6 +143,7 @@ impl ListenerShared {
             queue_name,
             bindings,
             exclusive_consumer: spec.exclusive_consumer,
+            confirms: spec.confirms,
             paused: false,
         };
         let (consuming, _) = watch::channel(false);
@@ -160,7 +162,7 @@ impl ListenerShared {
                 stop_timeout: config.listener.stop_timeout,
                 publish_timeout: config.listener.publish_timeout,
                 channel: spec.channel.clone(),
-                stamp: Arc::new(ctx.stamp()),
+                stamp: Arc::new(stamp),
             },
             topology: Mutex::new(topology),
             responders: RwLock::new(spec.responders),
@@ -170,7 +172,7 @@ impl ListenerShared {
             channel,
             current: RwLock::new(None),
             actor: RwLock::new(None),
-            assignments: ctx.node.assignments.clone(),
+            assignments: node.assignments.clone(),
             listener,
         })
     }
@@ -184,7 +186,16 @@ pub struct ListenerHandle {
 
 /// The listener as a supervised child (for an app's `children`), and its handle.
 pub fn listener_child(listener: impl Listener, ctx: &AppContext) -> (ChildSpec, ListenerHandle) {
-    let shared = ListenerShared::new(Arc::new(listener), ctx);
+    node_listener_child(listener, &ctx.node, ctx.stamp())
+}
+
+/// As [`listener_child`], from the node's handles and a stamp (pool workers).
+pub(crate) fn node_listener_child(
+    listener: impl Listener,
+    node: &NodeContext,
+    stamp: Stamp,
+) -> (ChildSpec, ListenerHandle) {
+    let shared = ListenerShared::new(Arc::new(listener), node, stamp);
     let handle = ListenerHandle {
         shared: shared.clone(),
     };
@@ -209,7 +220,7 @@ pub async fn spawn_listener(
     listener: impl Listener,
     ctx: &AppContext,
 ) -> Result<ListenerHandle, ListenerError> {
-    let shared = ListenerShared::new(Arc::new(listener), ctx);
+    let shared = ListenerShared::new(Arc::new(listener), &ctx.node, ctx.stamp());
     Actor::spawn(None, ListenerActor, shared.clone())
         .await
         .map_err(|e| ListenerError::Start(e.to_string()))?;
@@ -250,6 +261,11 @@ impl ListenerHandle {
         tokio::time::timeout(timeout, rx.wait_for(|c| *c == consuming))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    /// The channel the topology is declared on, if there is one now.
+    pub fn channel(&self) -> Option<Channel> {
+        self.shared.channel.borrow().clone()
     }
 
     /// The broker and lease generation of the current channel.
@@ -326,8 +342,7 @@ impl ListenerHandle {
         envelope.stamp(&self.shared.settings.stamp);
         let deadline = tokio::time::Instant::now() + options.timeout;
         let mut rx = self.shared.channel.subscribe();
-        let channel = match tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await
-        {
+        let channel = match tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await {
             Ok(Ok(channel)) => channel.clone(),
             _ => None,
         };

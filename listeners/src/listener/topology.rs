@@ -1,5 +1,5 @@
 //! A listener's topology and how it is replayed on a channel: confirm mode (for publishes
-//! from handlers) → exchanges (the `targeted` exchange first) → queue → qos → bindings;
+//! from handlers, unless switched off) → exchanges (the `targeted` exchange first) → queue → qos → bindings;
 //! consuming is started by the actor once all of that succeeded.
 //!
 //! The topology is the listener's own record: bindings added at run time are in it, so a
@@ -24,6 +24,8 @@ pub(crate) struct Topology {
     pub queue_name: String,
     pub bindings: Vec<Binding>,
     pub exclusive_consumer: bool,
+    /// Confirm mode on the channel.
+    pub confirms: bool,
     /// Consuming was paused by the app; a new channel does not resume it.
     pub paused: bool,
 }
@@ -55,10 +57,12 @@ pub(crate) async fn declare(
     topology: &Topology,
     prefetch: Option<u16>,
 ) -> Result<(), SetupError> {
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(SetupError::Confirm)?;
+    if topology.confirms {
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(SetupError::Confirm)?;
+    }
     let targeted = Exchange::new(TARGETED, ExchangeKind::Direct);
     for exchange in std::iter::once(&targeted).chain(&topology.exchanges) {
         declare_exchange(channel, exchange).await?;

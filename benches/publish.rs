@@ -1,0 +1,136 @@
+//! `cargo bench --bench publish`: the node's publisher (confirms, a window of in-flight
+//! confirms) against a raw lapin publisher written for speed (confirm mode, the same
+//! number of publishes in flight at once, written and confirmed concurrently), publishing the same number of 256-byte
+//! envelopes to the local RabbitMQ in the same run. Both build and encode a fresh envelope
+//! per message. The median of a few rounds is reported; the last line is one JSON object.
+
+mod common;
+
+use std::path::Path;
+use std::time::Instant;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use warren_runtime::config::Config;
+use warren_runtime::envelope::{Envelope, publish_properties};
+use warren_runtime::node::Node;
+
+const MESSAGES: usize = 200_000;
+const SIZE: usize = 256;
+const WINDOW: usize = 1000;
+const ROUNDS: usize = 3;
+const EXCHANGE: &str = "warren-bench-publish";
+
+#[tokio::main]
+async fn main() {
+    let setup = common::connect("bench-publish/setup").await;
+    let channel = setup.create_channel().await.expect("channel");
+    let queue = format!("warren-bench-publish-{}", std::process::id());
+    let node = start_node().await;
+    let (mut lapin_rates, mut warren_rates) = (Vec::new(), Vec::new());
+    for round in 1..=ROUNDS {
+        common::fresh_queue(&channel, EXCHANGE, &queue).await;
+        let lapin = lapin_publisher().await;
+        common::fresh_queue(&channel, EXCHANGE, &queue).await;
+        let warren = warren_publisher(&node).await;
+        eprintln!("round {round}: lapin {lapin:.0} msg/s, warren {warren:.0} msg/s");
+        lapin_rates.push(lapin);
+        warren_rates.push(warren);
+    }
+    let _ = channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await;
+    let _ = node.stop().await;
+    let (warren, lapin) = (common::median(warren_rates), common::median(lapin_rates));
+    common::report("publish", warren, lapin, warren / lapin);
+}
+
+async fn start_node() -> Node {
+    let text = format!(
+        "[service]\nnode = \"bench-publish-{}\"\n[publisher]\nconfirm_window = {WINDOW}\n[zones.local]\nbrokers = [\"{}\"]\n",
+        std::process::id(),
+        common::broker_uri()
+    );
+    let config = Config::parse(&text, Path::new("bench.ini"), &[], None).expect("bench config");
+    Node::start(config, |_| Vec::new())
+        .await
+        .expect("node starts")
+}
+
+fn envelope(i: usize) -> Envelope {
+    let body = common::envelope_of_size("bench", "msg", i, SIZE);
+    match Envelope::decode(&body, None, None) {
+        Ok(envelope) => envelope,
+        Err(error) => panic!("bench envelope: {error}"),
+    }
+}
+
+/// Confirm mode, `WINDOW` publishes in flight at once (written and confirmed
+/// concurrently, the fastest pattern lapin allows).
+async fn lapin_publisher() -> f64 {
+    let connection = common::connect("bench-publish/lapin").await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let envelopes: Vec<Envelope> = (0..MESSAGES).map(envelope).collect();
+    let started = Instant::now();
+    let mut inflight = FuturesUnordered::new();
+    for envelope in envelopes {
+        if inflight.len() == WINDOW
+            && let Some(confirmed) = inflight.next().await
+        {
+            let confirmed: bool = confirmed;
+            assert!(confirmed, "nacked");
+        }
+        let channel = channel.clone();
+        inflight.push(async move {
+            let confirm = channel
+                .basic_publish(
+                    EXCHANGE.into(),
+                    "bench".into(),
+                    BasicPublishOptions::default(),
+                    &envelope.encode(),
+                    publish_properties(false),
+                )
+                .await
+                .expect("publish");
+            confirm.await.expect("confirm").is_ack()
+        });
+    }
+    while let Some(confirmed) = inflight.next().await {
+        assert!(confirmed, "nacked");
+    }
+    let elapsed = started.elapsed();
+    let _ = connection.close(200, "done".into()).await;
+    common::rate(MESSAGES, elapsed)
+}
+
+/// The node's publisher, `WINDOW` publishes in flight.
+async fn warren_publisher(node: &Node) -> f64 {
+    let publisher = node.context().publisher.clone();
+    let envelopes: Vec<Envelope> = (0..MESSAGES).map(envelope).collect();
+    let options = publisher.options();
+    let started = Instant::now();
+    let mut inflight = FuturesUnordered::new();
+    for envelope in envelopes {
+        if inflight.len() == WINDOW
+            && let Some(result) = inflight.next().await
+        {
+            let result: Result<_, warren_runtime::publish::PublishError> = result;
+            result.expect("publish");
+        }
+        let publisher = publisher.clone();
+        inflight.push(async move {
+            publisher
+                .publish(EXCHANGE, "bench", envelope, options)
+                .await
+        });
+    }
+    while let Some(result) = inflight.next().await {
+        result.expect("publish");
+    }
+    common::rate(MESSAGES, started.elapsed())
+}

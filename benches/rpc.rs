@@ -1,0 +1,339 @@
+//! `cargo bench --bench rpc`: request/reply round trips through a warren pool (checkout,
+//! call, check-in) against raw lapin request/reply on a pre-declared reply queue, both
+//! calling the same fast raw-lapin responder on the local RabbitMQ, in the same run.
+//!
+//! Reports the p50 and p99 of sequential calls for both, and calls per second with 64
+//! concurrent callers. The last line is one JSON object:
+//! `{"bench":"rpc","warren":<p50 µs>,"lapin":<p50 µs>,"ratio":<warren p50 / lapin p50>}`.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ExchangeKind};
+use tokio::sync::Mutex;
+use warren_listeners::{AppContext, ListenerPool};
+use warren_runtime::config::{AppConfig, Config, PoolConfig};
+use warren_runtime::envelope::{Envelope, publish_properties};
+use warren_runtime::node::Node;
+
+const SEQUENTIAL: usize = 3_000;
+const CONCURRENT_CALLERS: usize = 64;
+const CONCURRENT_CALLS: usize = 20_000;
+const EXCHANGE: &str = "warren-bench-rpc";
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+#[tokio::main]
+async fn main() {
+    let responder = start_responder().await;
+    let node = start_node().await;
+    let pool = start_pool(&node).await;
+    let lapin = LapinClient::connect("bench-rpc/lapin").await;
+
+    // Warm both paths up.
+    for _ in 0..200 {
+        lapin.call().await;
+        warren_call(&pool).await;
+    }
+    let lapin_latencies = sequential(|| lapin.call()).await;
+    let warren_latencies = sequential(|| warren_call(&pool)).await;
+    let (lapin_p50, lapin_p99) = percentiles(lapin_latencies);
+    let (warren_p50, warren_p99) = percentiles(warren_latencies);
+    eprintln!(
+        "sequential round trips ({SEQUENTIAL}): lapin p50 {lapin_p50:.0} µs p99 {lapin_p99:.0} µs; \
+         warren p50 {warren_p50:.0} µs p99 {warren_p99:.0} µs"
+    );
+
+    let lapin_rate = concurrent_lapin().await;
+    let warren_rate = concurrent_warren(&pool).await;
+    eprintln!(
+        "{CONCURRENT_CALLERS} concurrent callers ({CONCURRENT_CALLS} calls): lapin {lapin_rate:.0} calls/s, warren {warren_rate:.0} calls/s"
+    );
+    println!(
+        "{{\"bench\":\"rpc_details\",\"warren_p99_us\":{warren_p99:.1},\"lapin_p99_us\":{lapin_p99:.1},\"warren_calls_per_sec_64\":{warren_rate:.1},\"lapin_calls_per_sec_64\":{lapin_rate:.1}}}"
+    );
+    pool.stop().await;
+    let _ = node.stop().await;
+    drop(responder);
+    common::report("rpc", warren_p50, lapin_p50, warren_p50 / lapin_p50);
+}
+
+async fn sequential<F, Fut>(call: F) -> Vec<f64>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut latencies = Vec::with_capacity(SEQUENTIAL);
+    for _ in 0..SEQUENTIAL {
+        let started = Instant::now();
+        call().await;
+        latencies.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    latencies
+}
+
+/// (p50, p99) in microseconds.
+fn percentiles(mut values: Vec<f64>) -> (f64, f64) {
+    values.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| values[((values.len() as f64 * q) as usize).min(values.len() - 1)];
+    (at(0.50), at(0.99))
+}
+
+fn request() -> Envelope {
+    Envelope::new("bench", "ping").with("Payload", "x".repeat(128))
+}
+
+/// A responder written for speed: no-ack consumer, replies without confirms.
+async fn start_responder() -> Connection {
+    let connection = common::connect("bench-rpc/responder").await;
+    let channel = connection.create_channel().await.expect("channel");
+    declare(&channel).await;
+    let queue = format!("warren-bench-rpc-{}", std::process::id());
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue");
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            EXCHANGE.into(),
+            "ping".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "responder".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    tokio::spawn(async move {
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let Ok(request) = Envelope::decode(&delivery.data, None, None) else {
+                continue;
+            };
+            let Some(server) = request.server_id() else {
+                continue;
+            };
+            let reply = request.reply("bench", "pong");
+            let _ = channel
+                .basic_publish(
+                    "targeted".into(),
+                    server.into(),
+                    BasicPublishOptions::default(),
+                    &reply.encode(),
+                    publish_properties(false),
+                )
+                .await;
+        }
+    });
+    connection
+}
+
+async fn declare(channel: &Channel) {
+    for (name, kind) in [
+        (EXCHANGE, ExchangeKind::Topic),
+        ("targeted", ExchangeKind::Direct),
+    ] {
+        channel
+            .exchange_declare(
+                name.into(),
+                kind,
+                ExchangeDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("exchange");
+    }
+}
+
+/// A raw lapin caller: its own reply queue bound to `targeted`, replies matched by Msg-ID.
+struct LapinClient {
+    _connection: Connection,
+    channel: Channel,
+    queue: String,
+    replies: Mutex<lapin::Consumer>,
+}
+
+impl LapinClient {
+    async fn connect(name: &str) -> LapinClient {
+        let connection = common::connect(name).await;
+        let channel = connection.create_channel().await.expect("channel");
+        declare(&channel).await;
+        let queue = format!("{name}-{}", warren_runtime::envelope::new_msg_id());
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue");
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                "targeted".into(),
+                queue.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+        let replies = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "replies".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        LapinClient {
+            _connection: connection,
+            channel,
+            queue,
+            replies: Mutex::new(replies),
+        }
+    }
+
+    async fn call(&self) {
+        let mut request = request().with("Server-ID", self.queue.as_str());
+        let msg_id = request.ensure_msg_id().to_string();
+        self.channel
+            .basic_publish(
+                EXCHANGE.into(),
+                "ping".into(),
+                BasicPublishOptions::default(),
+                &request.encode(),
+                publish_properties(false),
+            )
+            .await
+            .expect("publish");
+        let mut replies = self.replies.lock().await;
+        loop {
+            let delivery = tokio::time::timeout(TIMEOUT, replies.next())
+                .await
+                .expect("a reply in time")
+                .expect("stream open")
+                .expect("delivery");
+            let reply = Envelope::decode(&delivery.data, None, None).expect("reply");
+            if reply.msg_id() == Some(msg_id.as_str()) {
+                return;
+            }
+        }
+    }
+}
+
+async fn start_node() -> Node {
+    let text = format!(
+        "[service]\nnode = \"bench-rpc-{}\"\n[zones.local]\nbrokers = [\"{}\"]\n",
+        std::process::id(),
+        common::broker_uri()
+    );
+    let config = Config::parse(&text, Path::new("bench.ini"), &[], None).expect("bench config");
+    Node::start(config, |_| Vec::new())
+        .await
+        .expect("node starts")
+}
+
+async fn start_pool(node: &Node) -> ListenerPool {
+    let ctx = AppContext::with_version(
+        "bench",
+        node.context().clone(),
+        AppConfig {
+            name: "bench".to_string(),
+            enabled: true,
+            pool: PoolConfig {
+                size: CONCURRENT_CALLERS,
+                overflow: 0,
+                checkout_timeout: TIMEOUT,
+                idle_timeout: Duration::from_secs(60),
+            },
+        },
+    );
+    ctx.pool.spawn().await.expect("pool starts");
+    // Wait until every worker consumes, so no call waits for a worker's start-up.
+    let mut ready = Vec::new();
+    for _ in 0..CONCURRENT_CALLERS {
+        ready.push(ctx.pool.checkout().await.expect("checkout"));
+    }
+    for lease in ready {
+        let _ = lease
+            .publish(
+                "",
+                "nowhere",
+                Envelope::new("bench", "warm"),
+                ctx.node.publisher.options(),
+            )
+            .await;
+        lease.checkin().await;
+    }
+    ctx.pool
+}
+
+async fn warren_call(pool: &ListenerPool) {
+    pool.call(EXCHANGE, "ping", request(), TIMEOUT)
+        .await
+        .expect("warren call");
+}
+
+async fn concurrent_lapin() -> f64 {
+    let mut clients = Vec::new();
+    for i in 0..CONCURRENT_CALLERS {
+        clients.push(Arc::new(
+            LapinClient::connect(&format!("bench-rpc/lapin-{i}")).await,
+        ));
+    }
+    let started = Instant::now();
+    let per_caller = CONCURRENT_CALLS / CONCURRENT_CALLERS;
+    futures::future::join_all(clients.iter().map(|client| async move {
+        for _ in 0..per_caller {
+            client.call().await;
+        }
+    }))
+    .await;
+    common::rate(per_caller * CONCURRENT_CALLERS, started.elapsed())
+}
+
+async fn concurrent_warren(pool: &ListenerPool) -> f64 {
+    let started = Instant::now();
+    let per_caller = CONCURRENT_CALLS / CONCURRENT_CALLERS;
+    futures::future::join_all((0..CONCURRENT_CALLERS).map(|_| async move {
+        for _ in 0..per_caller {
+            warren_call(pool).await;
+        }
+    }))
+    .await;
+    common::rate(per_caller * CONCURRENT_CALLERS, started.elapsed())
+}

@@ -1,0 +1,502 @@
+//! Per-app listener pools (Kazoo's kz_amqp_worker pool, finished): short-lived work checks
+//! a worker out instead of opening a channel of its own.
+//!
+//! A pool keeps `size` workers running and starts up to `overflow` more on demand; an
+//! overflow worker idle for `idle_timeout` retires (not at every check-in, so bursts do not
+//! churn channels and queues). Checkout waits up to `checkout_timeout`, then fails with
+//! [`PoolError::Full`]. Each worker is a listener (its own channel and queue, see `worker`),
+//! supervised by the pool's own supervisor `pool:<app>`, so a crashed worker is restarted
+//! and a lost channel is replaced like any listener's.
+//!
+//! Files: `worker` (a worker and how its deliveries reach the holder), `lease` (a checked
+//! out worker), `rpc` (call / call_collect / cast).
+
+mod lease;
+mod rpc;
+mod worker;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use ractor::{ActorCell, ActorRef};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use warren_runtime::backoff::Backoff;
+use warren_runtime::config::PoolConfig;
+use warren_runtime::envelope::{Envelope, Stamp};
+use warren_runtime::node::NodeContext;
+use warren_runtime::publisher::Publisher;
+use warren_runtime::supervisor::{
+    self, ChildSpec, Intensity, Restart, Strategy, Supervisor, SupervisorMsg, SupervisorSpec,
+};
+
+pub use lease::PoolLease;
+pub use rpc::{CollectEnd, Collected, ReplyPredicate, RpcError, Until};
+
+use crate::listener::node_listener_child;
+use worker::{Inbox, Worker, WorkerListener};
+
+/// Why a checkout failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// Every worker (size + overflow) was busy for the whole checkout timeout.
+    #[error("pool `{pool}` is full: {workers} workers busy for {waited:?} (PoolFull)")]
+    Full {
+        pool: String,
+        workers: usize,
+        waited: Duration,
+    },
+    #[error("pool `{0}` is not running")]
+    NotRunning(String),
+    #[error("pool `{pool}`: a new worker was not ready within {waited:?}")]
+    NotReady { pool: String, waited: Duration },
+}
+
+/// Counters of a pool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Workers running or starting.
+    pub workers: usize,
+    /// Workers checked out now.
+    pub busy: usize,
+    pub checkouts: u64,
+    /// Checkouts that failed with `PoolFull`.
+    pub full: u64,
+    /// Overflow workers started so far.
+    pub overflow_started: u64,
+    /// Overflow workers retired so far.
+    pub overflow_retired: u64,
+}
+
+/// The pool of one app: cheap to clone.
+#[derive(Clone)]
+pub struct ListenerPool {
+    inner: Arc<PoolInner>,
+}
+
+pub(crate) struct PoolInner {
+    name: String,
+    config: PoolConfig,
+    /// What workers and leases are built with (set when the app context is made).
+    ctx: Mutex<Option<WorkerContext>>,
+    state: Mutex<PoolState>,
+    /// A worker was checked in or capacity freed.
+    available: Notify,
+    supervisor: RwLock<Option<ActorRef<SupervisorMsg>>>,
+    reaper: Mutex<Option<JoinHandle<()>>>,
+    next_worker: AtomicU64,
+    checkouts: AtomicU64,
+    full: AtomicU64,
+    overflow_started: AtomicU64,
+    overflow_retired: AtomicU64,
+}
+
+struct PoolState {
+    /// Idle workers, most recently checked in last.
+    idle: Vec<Arc<Worker>>,
+    /// The base workers (always kept).
+    base: Vec<Arc<Worker>>,
+    busy: usize,
+    /// Workers running or starting.
+    total: usize,
+    /// Bumped when the pool's supervisor starts again: leases of older workers are dropped.
+    generation: u64,
+}
+
+impl ListenerPool {
+    /// A pool for the app `name` sized by `config`; it runs once its child (or `spawn`) is
+    /// started.
+    pub(crate) fn new(name: &str, config: PoolConfig) -> Self {
+        ListenerPool {
+            inner: Arc::new(PoolInner {
+                name: name.to_string(),
+                config,
+                ctx: Mutex::new(None),
+                state: Mutex::new(PoolState {
+                    idle: Vec::new(),
+                    base: Vec::new(),
+                    busy: 0,
+                    total: 0,
+                    generation: 0,
+                }),
+                available: Notify::new(),
+                supervisor: RwLock::new(None),
+                reaper: Mutex::new(None),
+                next_worker: AtomicU64::new(0),
+                checkouts: AtomicU64::new(0),
+                full: AtomicU64::new(0),
+                overflow_started: AtomicU64::new(0),
+                overflow_retired: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The node and stamp workers are built with (set by `AppContext::new`).
+    pub(crate) fn attach(&self, node: NodeContext, stamp: Stamp) {
+        let publisher = node.publisher.with_stamp(stamp.clone());
+        *self.inner.ctx.lock() = Some(WorkerContext {
+            node,
+            stamp,
+            publisher,
+        });
+    }
+
+    /// The pool's sizing.
+    pub fn config(&self) -> PoolConfig {
+        self.inner.config
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let state = self.inner.state.lock();
+        PoolStats {
+            workers: state.total,
+            busy: state.busy,
+            checkouts: self.inner.checkouts.load(Ordering::Relaxed),
+            full: self.inner.full.load(Ordering::Relaxed),
+            overflow_started: self.inner.overflow_started.load(Ordering::Relaxed),
+            overflow_retired: self.inner.overflow_retired.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The supervisor child `pool:<app>`: the base workers, and the overflow ones it starts.
+    pub fn child(&self) -> ChildSpec {
+        let inner = self.inner.clone();
+        let id = format!("pool:{}", inner.name);
+        let shutdown = inner_shutdown(&inner);
+        ChildSpec::new(id, move |parent: ActorCell| {
+            let inner = inner.clone();
+            async move {
+                let spec = inner.supervisor_spec();
+                let (actor, _) = Supervisor::spawn_linked(spec, parent).await?;
+                inner.started(actor.clone());
+                Ok(actor.get_cell())
+            }
+        })
+        .shutdown(shutdown)
+    }
+
+    /// Starts the pool outside any supervision tree (tools, tests); stop it with `stop`.
+    pub async fn spawn(&self) -> Result<(), PoolError> {
+        let spec = self.inner.supervisor_spec();
+        let (actor, _) = Supervisor::spawn(spec)
+            .await
+            .map_err(|_| PoolError::NotRunning(self.inner.name.clone()))?;
+        self.inner.started(actor);
+        Ok(())
+    }
+
+    /// Stops a pool started with `spawn`.
+    pub async fn stop(&self) {
+        if let Some(reaper) = self.inner.reaper.lock().take() {
+            reaper.abort();
+        }
+        let supervisor = self.inner.supervisor.write().take();
+        if let Some(supervisor) = supervisor {
+            let _ = supervisor
+                .stop_and_wait(None, Some(inner_shutdown(&self.inner)))
+                .await;
+        }
+    }
+
+    /// Checks a worker out, waiting up to the checkout timeout.
+    pub async fn checkout(&self) -> Result<PoolLease, PoolError> {
+        let inner = &self.inner;
+        let started = tokio::time::Instant::now();
+        let deadline = started + inner.config.checkout_timeout;
+        loop {
+            let available = inner.available.notified();
+            tokio::pin!(available);
+            available.as_mut().enable();
+            let next = {
+                let mut state = inner.state.lock();
+                if inner.supervisor.read().is_none() {
+                    return Err(PoolError::NotRunning(inner.name.clone()));
+                }
+                if let Some(worker) = state.idle.pop() {
+                    state.busy += 1;
+                    Next::Idle(worker, state.generation)
+                } else if state.total < inner.config.size + inner.config.overflow {
+                    state.total += 1;
+                    state.busy += 1;
+                    Next::Start(state.generation)
+                } else {
+                    Next::Wait
+                }
+            };
+            match next {
+                Next::Idle(worker, generation) => return Ok(inner.lease(worker, generation)),
+                Next::Start(generation) => {
+                    return match inner.start_overflow(deadline).await {
+                        Ok(worker) => Ok(inner.lease(worker, generation)),
+                        Err(error) => {
+                            let mut state = inner.state.lock();
+                            state.total = state.total.saturating_sub(1);
+                            state.busy = state.busy.saturating_sub(1);
+                            drop(state);
+                            inner.available.notify_one();
+                            Err(error)
+                        }
+                    };
+                }
+                Next::Wait => {
+                    if tokio::time::timeout_at(deadline, available).await.is_err() {
+                        inner.full.fetch_add(1, Ordering::Relaxed);
+                        return Err(PoolError::Full {
+                            pool: inner.name.clone(),
+                            workers: inner.config.size + inner.config.overflow,
+                            waited: started.elapsed(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checkout, call, check-in.
+    pub async fn call(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        request: Envelope,
+        timeout: Duration,
+    ) -> Result<Envelope, RpcError> {
+        let mut lease = self.checkout().await?;
+        let result = lease.call(exchange, routing_key, request, timeout).await;
+        lease.checkin().await;
+        result
+    }
+
+    /// Checkout, call_collect, check-in.
+    pub async fn call_collect(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        request: Envelope,
+        until: Until,
+        timeout: Duration,
+    ) -> Result<Collected, RpcError> {
+        let mut lease = self.checkout().await?;
+        let result = lease
+            .call_collect(exchange, routing_key, request, until, timeout)
+            .await;
+        lease.checkin().await;
+        result
+    }
+
+    /// Checkout, cast, check-in.
+    pub async fn cast(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        request: Envelope,
+        timeout: Duration,
+    ) -> Result<(), RpcError> {
+        let mut lease = self.checkout().await?;
+        let result = lease.cast(exchange, routing_key, request, timeout).await;
+        lease.checkin().await;
+        result
+    }
+}
+
+/// What a pool's workers and leases need from the node.
+#[derive(Clone)]
+pub(crate) struct WorkerContext {
+    node: NodeContext,
+    stamp: Stamp,
+    /// The node's publisher, stamping as the app.
+    publisher: Publisher,
+}
+
+/// What a checkout does next.
+enum Next {
+    Idle(Arc<Worker>, u64),
+    Start(u64),
+    Wait,
+}
+
+/// Bound for stopping the pool: its workers stop one after another.
+fn inner_shutdown(inner: &PoolInner) -> Duration {
+    let per_worker = inner
+        .ctx
+        .lock()
+        .as_ref()
+        .map_or(Duration::from_secs(5), |c| {
+            c.node.config.listener.stop_timeout
+        })
+        + Duration::from_secs(3);
+    let workers = (inner.config.size + inner.config.overflow) as u32;
+    per_worker.saturating_mul(workers.max(1)) + Duration::from_secs(1)
+}
+
+impl PoolInner {
+    /// A new worker (listener child and its shared state).
+    fn new_worker(&self, overflow: bool) -> Option<(ChildSpec, Arc<Worker>)> {
+        let WorkerContext { node, stamp, .. } = self.ctx.lock().clone()?;
+        let n = self.next_worker.fetch_add(1, Ordering::Relaxed);
+        let inbox = Arc::new(Inbox::default());
+        let listener = WorkerListener {
+            name: format!("pool-{}-{n}", self.name),
+            inbox: inbox.clone(),
+        };
+        let (child, handle) = node_listener_child(listener, &node, stamp);
+        let id = child.id.clone();
+        let child = child.restart(if overflow {
+            Restart::Transient
+        } else {
+            Restart::Permanent
+        });
+        let worker = Arc::new(Worker {
+            id,
+            handle,
+            inbox,
+            overflow,
+            idle_since: Mutex::new(Instant::now()),
+        });
+        Some((child, worker))
+    }
+
+    /// The pool supervisor with `size` fresh base workers; resets the pool's state.
+    fn supervisor_spec(&self) -> SupervisorSpec {
+        let mut children = Vec::new();
+        let mut base = Vec::new();
+        for _ in 0..self.config.size {
+            if let Some((child, worker)) = self.new_worker(false) {
+                children.push(child);
+                base.push(worker);
+            }
+        }
+        {
+            let mut state = self.state.lock();
+            state.generation += 1;
+            state.idle = base.clone();
+            state.total = base.len();
+            state.busy = 0;
+            state.base = base;
+        }
+        SupervisorSpec {
+            name: format!("pool:{}", self.name),
+            strategy: Strategy::OneForOne,
+            intensity: Intensity {
+                max_restarts: 10,
+                within: Duration::from_secs(30),
+            },
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+            children,
+        }
+    }
+
+    /// The supervisor is up: remember it and start retiring idle overflow workers.
+    fn started(self: &Arc<Self>, supervisor: ActorRef<SupervisorMsg>) {
+        *self.supervisor.write() = Some(supervisor);
+        let weak = Arc::downgrade(self);
+        let every = (self.config.idle_timeout / 4).max(Duration::from_millis(25));
+        let reaper = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                inner.retire_idle().await;
+            }
+        });
+        if let Some(old) = self.reaper.lock().replace(reaper) {
+            old.abort();
+        }
+        tracing::info!(pool = %self.name, size = self.config.size, overflow = self.config.overflow, "pool started");
+        self.available.notify_waiters();
+    }
+
+    /// Starts an overflow worker and waits (until `deadline`) for it to consume.
+    async fn start_overflow(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<Worker>, PoolError> {
+        let supervisor = self
+            .supervisor
+            .read()
+            .clone()
+            .ok_or_else(|| PoolError::NotRunning(self.name.clone()))?;
+        let (child, worker) = self
+            .new_worker(true)
+            .ok_or_else(|| PoolError::NotRunning(self.name.clone()))?;
+        supervisor::start_child(&supervisor, child)
+            .await
+            .map_err(|_| PoolError::NotRunning(self.name.clone()))?;
+        self.overflow_started.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(pool = %self.name, worker = %worker.id, "overflow worker started");
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if !worker.handle.wait_consuming(true, remaining).await {
+            // Not ready in time: it stays in the pool, idle, for the next checkout.
+            self.checkin(worker, self.state.lock().generation, true);
+            return Err(PoolError::NotReady {
+                pool: self.name.clone(),
+                waited: self.config.checkout_timeout,
+            });
+        }
+        Ok(worker)
+    }
+
+    fn lease(self: &Arc<Self>, worker: Arc<Worker>, generation: u64) -> PoolLease {
+        self.checkouts.fetch_add(1, Ordering::Relaxed);
+        let mailbox = worker.inbox.open();
+        let publisher = self.ctx.lock().as_ref().map(|c| c.publisher.clone());
+        PoolLease {
+            pool: self.clone(),
+            publisher,
+            worker,
+            released: false,
+            mailbox,
+            added: Vec::new(),
+            generation,
+        }
+    }
+
+    /// A worker comes back. One whose temporary bindings could not all be removed (its
+    /// channel was lost meanwhile) is still clean on the broker once its topology is
+    /// replayed, since the bindings left its topology first.
+    fn checkin(&self, worker: Arc<Worker>, generation: u64, clean: bool) {
+        let mut state = self.state.lock();
+        if generation != state.generation {
+            return;
+        }
+        if !clean {
+            tracing::debug!(pool = %self.name, worker = %worker.id, "checked in with bindings not confirmed removed");
+        }
+        state.busy = state.busy.saturating_sub(1);
+        *worker.idle_since.lock() = Instant::now();
+        state.idle.push(worker);
+        drop(state);
+        self.available.notify_one();
+    }
+
+    /// Retires overflow workers idle longer than the idle timeout.
+    async fn retire_idle(&self) {
+        let retiring: Vec<Arc<Worker>> = {
+            let mut state = self.state.lock();
+            let now = Instant::now();
+            let (old, keep): (Vec<_>, Vec<_>) = state.idle.drain(..).partition(|w| {
+                w.overflow && now.duration_since(*w.idle_since.lock()) >= self.config.idle_timeout
+            });
+            state.idle = keep;
+            state.total = state.total.saturating_sub(old.len());
+            old
+        };
+        for worker in retiring {
+            self.overflow_retired.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(pool = %self.name, worker = %worker.id, "idle overflow worker retires");
+            self.terminate(worker);
+        }
+    }
+
+    fn terminate(&self, worker: Arc<Worker>) {
+        let Some(supervisor) = self.supervisor.read().clone() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let _ = supervisor::terminate_child(&supervisor, &worker.id).await;
+        });
+    }
+}

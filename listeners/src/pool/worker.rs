@@ -1,0 +1,159 @@
+//! A pool worker: a listener with its own channel and its own anonymous queue, bound to
+//! `targeted` with the queue's name as routing key (its `Server-ID`), whose deliveries go
+//! to whoever holds the worker's lease. Its channel carries call requests and is not in
+//! confirm mode (a request is confirmed by its reply).
+//!
+//! Replies (deliveries via `targeted` to the worker's own queue) reach the holder only for
+//! the `Msg-ID`s it is waiting for; late replies are dropped. Deliveries of temporary
+//! bindings go to the holder's delivery stream. Both buffers are bounded: a holder that
+//! does not read makes the worker's consumer wait (and so the broker, via prefetch); after
+//! a while the message is requeued instead of piling up.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use warren_runtime::exchanges::TARGETED;
+
+use crate::listener::{Event, HandlerError, Listener, ListenerHandle, ListenerSpec, QueueSpec};
+
+/// Replies buffered for the holder.
+pub(crate) const REPLY_BUFFER: usize = 64;
+/// Deliveries of temporary bindings buffered for the holder.
+pub(crate) const DELIVERY_BUFFER: usize = 256;
+/// How long a delivery may wait for room in a full holder buffer before it is requeued.
+const ROOM_WAIT: Duration = Duration::from_secs(1);
+
+/// Where a worker's deliveries go while it is leased.
+#[derive(Default)]
+pub(crate) struct Inbox {
+    holder: Mutex<Option<Holder>>,
+}
+
+/// The current lease's side of the inbox.
+struct Holder {
+    replies: mpsc::Sender<Event>,
+    deliveries: mpsc::Sender<Event>,
+    /// Msg-IDs of calls in progress.
+    awaiting: HashSet<String>,
+}
+
+/// The receiving ends a lease reads.
+pub(crate) struct Mailbox {
+    pub replies: mpsc::Receiver<Event>,
+    pub deliveries: mpsc::Receiver<Event>,
+}
+
+impl Inbox {
+    /// A new holder: fresh buffers, so nothing of the previous lease leaks into this one.
+    pub fn open(&self) -> Mailbox {
+        let (replies, replies_rx) = mpsc::channel(REPLY_BUFFER);
+        let (deliveries, deliveries_rx) = mpsc::channel(DELIVERY_BUFFER);
+        *self.holder.lock() = Some(Holder {
+            replies,
+            deliveries,
+            awaiting: HashSet::new(),
+        });
+        Mailbox {
+            replies: replies_rx,
+            deliveries: deliveries_rx,
+        }
+    }
+
+    /// The lease is over: later deliveries are dropped.
+    pub fn close(&self) {
+        *self.holder.lock() = None;
+    }
+
+    /// The holder waits for replies carrying `msg_id`.
+    pub fn expect(&self, msg_id: &str) {
+        if let Some(holder) = self.holder.lock().as_mut() {
+            holder.awaiting.insert(msg_id.to_string());
+        }
+    }
+
+    /// The holder no longer waits for `msg_id`.
+    pub fn forget(&self, msg_id: &str) {
+        if let Some(holder) = self.holder.lock().as_mut() {
+            holder.awaiting.remove(msg_id);
+        }
+    }
+
+    /// Where an event should go, if anywhere.
+    fn route(&self, event: &Event) -> Option<mpsc::Sender<Event>> {
+        let holder = self.holder.lock();
+        let holder = holder.as_ref()?;
+        let delivery = event.delivery();
+        let is_reply = delivery.exchange == TARGETED && delivery.routing_key == delivery.queue;
+        if is_reply {
+            let msg_id = event.envelope().msg_id()?;
+            holder
+                .awaiting
+                .contains(msg_id)
+                .then(|| holder.replies.clone())
+        } else {
+            Some(holder.deliveries.clone())
+        }
+    }
+}
+
+/// The listener behind a worker.
+pub(crate) struct WorkerListener {
+    pub name: String,
+    pub inbox: Arc<Inbox>,
+}
+
+impl Listener for WorkerListener {
+    fn spec(&self) -> ListenerSpec {
+        let inbox = self.inbox.clone();
+        ListenerSpec::new(self.name.clone())
+            .queue(QueueSpec::anonymous())
+            .bind_own_queue(TARGETED)
+            // One at a time: the holder sees deliveries in queue order; forwarding is quick.
+            .concurrency(1)
+            // Requests are confirmed by their replies; confirm mode would only add latency.
+            .without_confirms()
+            .responder("*", "*", move |event: Event| {
+                let inbox = inbox.clone();
+                async move { forward(&inbox, event).await }
+            })
+    }
+}
+
+/// Hands an event to the lease holder, waiting a little for room.
+async fn forward(inbox: &Inbox, event: Event) -> Result<(), HandlerError> {
+    let Some(sender) = inbox.route(&event) else {
+        tracing::debug!(
+            msg_id = event.envelope().msg_id(),
+            "nobody waits for this delivery; dropped"
+        );
+        return Ok(());
+    };
+    let event = match sender.try_send(event) {
+        Ok(()) => return Ok(()),
+        Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
+        Err(mpsc::error::TrySendError::Full(event)) => event,
+    };
+    match tokio::time::timeout(ROOM_WAIT, sender.send(event)).await {
+        Ok(Ok(())) => Ok(()),
+        // The lease ended meanwhile: nobody wants it any more.
+        Ok(Err(_)) => Ok(()),
+        Err(_) => Err(HandlerError::retry(
+            "the lease holder does not read its deliveries",
+        )),
+    }
+}
+
+/// One worker of a pool.
+pub(crate) struct Worker {
+    /// Its child id under the pool's supervisor.
+    pub id: String,
+    pub handle: ListenerHandle,
+    pub inbox: Arc<Inbox>,
+    /// Started on demand beyond the pool's size; retires when idle.
+    pub overflow: bool,
+    /// When it was last checked in.
+    pub idle_since: Mutex<Instant>,
+}

@@ -1,0 +1,728 @@
+//! Per-app pools and RPC against real RabbitMQ: every call outcome, the three
+//! oslo.messaging patterns (one named server, one of a group, all), PoolFull, idle overflow
+//! retiring, growth under 200 concurrent callers, leases returned on panic, temporary
+//! bindings removed at check-in, blocked publishing, and channel churn.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::client::Client;
+use common::{Broker, SOON, SpecListener, app_context, config, start_node, unique_node, until};
+use futures::StreamExt;
+use lapin::ExchangeKind;
+use serde_json::json;
+use warren_listeners::{
+    AppContext, Binding, CollectEnd, Envelope, Event, Exchange, ListenerHandle, ListenerPool,
+    ListenerSpec, PoolError, QueueSpec, RpcError, Until, spawn_listener,
+};
+use warren_runtime::config::{AppConfig, PoolConfig};
+use warren_runtime::exchanges::TARGETED;
+use warren_runtime::node::Node;
+use warren_runtime::publish::PublishError;
+use warren_test_support::{channel_count, eventually, local_ctl, local_uri};
+
+/// A pool for a test app with the given sizing, started outside the tree.
+async fn pool(
+    node: &Node,
+    name: &str,
+    size: usize,
+    overflow: usize,
+    checkout_ms: u64,
+    idle_ms: u64,
+) -> ListenerPool {
+    let context = node.context().clone();
+    let ctx = AppContext::with_version(
+        "0.0.0-test",
+        context,
+        AppConfig {
+            name: name.to_string(),
+            enabled: true,
+            pool: PoolConfig {
+                size,
+                overflow,
+                checkout_timeout: Duration::from_millis(checkout_ms),
+                idle_timeout: Duration::from_millis(idle_ms),
+            },
+        },
+    );
+    ctx.pool.spawn().await.expect("pool starts");
+    ctx.pool
+}
+
+/// Replies to ("rpc", name) requests on `exchange` (routing key `rpc.<name>`).
+async fn responder(node: &Node, name: &str, exchange: &str) -> ListenerHandle {
+    let spec = ListenerSpec::new(name)
+        .exchange(Exchange::topic(exchange))
+        .bind(exchange, "rpc.#")
+        .bind_own_queue(TARGETED)
+        .concurrency(32)
+        .responder("rpc", "echo", |event: Event| async move {
+            let payload = event.envelope().get("Payload").cloned().unwrap_or_default();
+            event
+                .reply(Envelope::new("rpc", "echo_resp").with("Payload", payload))
+                .await?;
+            Ok(())
+        })
+        .responder("rpc", "defer", |event: Event| async move {
+            // A deferred reply first, the real one a little later.
+            event
+                .reply(
+                    Envelope::new("rpc", "resp")
+                        .with("Payload", "deferred")
+                        .with("Defer-Response", true),
+                )
+                .await?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            event
+                .reply(Envelope::new("rpc", "resp").with("Payload", "final"))
+                .await?;
+            Ok(())
+        })
+        .responder("rpc", "only-defer", |event: Event| async move {
+            event
+                .reply(
+                    Envelope::new("rpc", "resp")
+                        .with("Payload", "deferred")
+                        .with("Defer-Response", true),
+                )
+                .await?;
+            Ok(())
+        })
+        .responder("rpc", "three", |event: Event| async move {
+            for n in 1..=3 {
+                event
+                    .reply(Envelope::new("rpc", "resp").with("N", n))
+                    .await?;
+            }
+            Ok(())
+        })
+        .responder("rpc", "silent", |_event: Event| async { Ok(()) });
+    let handle = spawn_listener(SpecListener(spec), &app_context(node, "responders"))
+        .await
+        .expect("responder starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+    handle
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_rpc_outcome() {
+    let name = unique_node("rpc");
+    let exchange = format!("{name}-ex");
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let server = responder(&node, "server", &exchange).await;
+    let pool = pool(&node, "rpc", 2, 2, 2000, 30_000).await;
+    let timeout = Duration::from_secs(2);
+
+    // A reply: the same Msg-ID, the responder's payload.
+    let request = Envelope::new("rpc", "echo").with("Payload", json!({"a": 1}));
+    let reply = pool
+        .call(&exchange, "rpc.echo", request, timeout)
+        .await
+        .expect("a reply");
+    assert_eq!(reply.name(), "echo_resp");
+    assert_eq!(reply.get("Payload"), Some(&json!({"a": 1})));
+
+    // A timeout: nobody answers.
+    let started = Instant::now();
+    let silent = pool
+        .call(
+            &exchange,
+            "rpc.silent",
+            Envelope::new("rpc", "silent"),
+            Duration::from_millis(500),
+        )
+        .await;
+    assert!(matches!(silent, Err(RpcError::Timeout(_))), "{silent:?}");
+    assert!(started.elapsed() >= Duration::from_millis(480));
+
+    // A deferred reply is held until the real one comes…
+    let reply = pool
+        .call(
+            &exchange,
+            "rpc.defer",
+            Envelope::new("rpc", "defer"),
+            timeout,
+        )
+        .await
+        .expect("the final reply");
+    assert_eq!(reply.get_str("Payload"), Some("final"));
+    // …or returned at the timeout if nothing else comes.
+    let started = Instant::now();
+    let reply = pool
+        .call(
+            &exchange,
+            "rpc.only-defer",
+            Envelope::new("rpc", "only-defer"),
+            Duration::from_millis(600),
+        )
+        .await
+        .expect("the deferred reply");
+    assert_eq!(reply.get_str("Payload"), Some("deferred"));
+    assert!(
+        started.elapsed() >= Duration::from_millis(580),
+        "held until the timeout"
+    );
+
+    // Collect by count, by predicate, and until the timeout.
+    let collected = pool
+        .call_collect(
+            &exchange,
+            "rpc.three",
+            Envelope::new("rpc", "three"),
+            Until::Count(2),
+            timeout,
+        )
+        .await
+        .expect("collect");
+    assert_eq!(
+        (collected.replies.len(), collected.ended),
+        (2, CollectEnd::Count)
+    );
+    let until_three = Until::Predicate(Box::new(|replies: &[Envelope]| {
+        replies.iter().any(|r| r.get("N") == Some(&json!(3)))
+    }));
+    let collected = pool
+        .call_collect(
+            &exchange,
+            "rpc.three",
+            Envelope::new("rpc", "three"),
+            until_three,
+            timeout,
+        )
+        .await
+        .expect("collect");
+    assert_eq!(
+        (collected.replies.len(), collected.ended),
+        (3, CollectEnd::Predicate)
+    );
+    let collected = pool
+        .call_collect(
+            &exchange,
+            "rpc.three",
+            Envelope::new("rpc", "three"),
+            Until::Count(4),
+            Duration::from_millis(500),
+        )
+        .await
+        .expect("collect");
+    assert_eq!(collected.ended, CollectEnd::Timeout);
+    assert_eq!(collected.replies.len(), 3, "the replies so far");
+
+    // Unroutable: returned at once, not a timeout.
+    let started = Instant::now();
+    let unroutable = pool
+        .call(
+            &exchange,
+            "nobody.listens",
+            Envelope::new("rpc", "echo"),
+            timeout,
+        )
+        .await;
+    match unroutable {
+        Err(RpcError::Returned(returned)) => {
+            assert_eq!(returned.reply_code, 312);
+            assert_eq!(returned.routing_key, "nobody.listens");
+        }
+        other => panic!("expected Returned, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let cast = pool
+        .cast(
+            &exchange,
+            "nobody.listens",
+            Envelope::new("rpc", "echo"),
+            timeout,
+        )
+        .await;
+    assert!(matches!(cast, Err(RpcError::Returned(_))), "{cast:?}");
+    pool.cast(
+        &exchange,
+        "rpc.silent",
+        Envelope::new("rpc", "silent"),
+        timeout,
+    )
+    .await
+    .expect("a routable cast");
+
+    pool.stop().await;
+    server.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_three_oslo_patterns() {
+    let name = unique_node("oslo");
+    let (exchange, fanout, group) = (
+        format!("{name}-ex"),
+        format!("{name}-all"),
+        format!("{name}-group"),
+    );
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let ctx = app_context(&node, "servers");
+    // Three servers: each has its own queue (reachable by name through `targeted`), a
+    // binding to the fanout exchange, and a share of the group's queue.
+    let mut servers = Vec::new();
+    let mut members = Vec::new();
+    for i in 0..3 {
+        let me = format!("server{i}");
+        let reply_with = me.clone();
+        let spec = ListenerSpec::new(&me)
+            .bind_own_queue(TARGETED)
+            .exchange(Exchange::fanout(&fanout))
+            .bind(&fanout, "")
+            .responder("rpc", "who", move |event: Event| {
+                let me = reply_with.clone();
+                async move {
+                    event
+                        .reply(Envelope::new("rpc", "me").with("Server", me))
+                        .await?;
+                    Ok(())
+                }
+            });
+        servers.push(
+            spawn_listener(SpecListener(spec), &ctx)
+                .await
+                .expect("server"),
+        );
+        let member = me.clone();
+        let spec = ListenerSpec::new(format!("{me}-member"))
+            .queue(QueueSpec::named(&group).auto_delete(true))
+            .exchange(Exchange::topic(&exchange))
+            .bind(&exchange, "group.who")
+            .responder("rpc", "who", move |event: Event| {
+                let me = member.clone();
+                async move {
+                    event
+                        .reply(Envelope::new("rpc", "me").with("Server", me))
+                        .await?;
+                    Ok(())
+                }
+            });
+        members.push(
+            spawn_listener(SpecListener(spec), &ctx)
+                .await
+                .expect("member"),
+        );
+    }
+    for handle in servers.iter().chain(&members) {
+        assert!(handle.wait_consuming(true, SOON).await);
+    }
+    let pool = pool(&node, "oslo", 2, 0, 2000, 30_000).await;
+    let who = || Envelope::new("rpc", "who");
+
+    // To one named server: its own queue through `targeted`.
+    let target = servers[1].queue_name();
+    let reply = pool
+        .call(TARGETED, &target, who(), Duration::from_secs(2))
+        .await
+        .expect("the named server answers");
+    assert_eq!(reply.get_str("Server"), Some("server1"));
+
+    // To one of a group: the shared queue gives each request to exactly one member.
+    let mut answered = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let collected = pool
+            .call_collect(
+                &exchange,
+                "group.who",
+                who(),
+                Until::Timeout,
+                Duration::from_millis(300),
+            )
+            .await
+            .expect("collect");
+        assert_eq!(collected.replies.len(), 1, "exactly one member answers");
+        answered.insert(
+            collected.replies[0]
+                .get_str("Server")
+                .unwrap_or("")
+                .to_string(),
+        );
+    }
+    assert!(
+        answered.len() > 1,
+        "requests are spread over the group: {answered:?}"
+    );
+
+    // To all: the fanout reaches every server.
+    let collected = pool
+        .call_collect(&fanout, "", who(), Until::Count(3), Duration::from_secs(2))
+        .await
+        .expect("collect");
+    assert_eq!(collected.ended, CollectEnd::Count);
+    let mut all: Vec<_> = collected
+        .replies
+        .iter()
+        .filter_map(|r| r.get_str("Server").map(str::to_string))
+        .collect();
+    all.sort();
+    assert_eq!(all, ["server0", "server1", "server2"]);
+
+    pool.stop().await;
+    for handle in servers.iter().chain(&members) {
+        handle.stop().await.expect("stop");
+    }
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checkout_fails_with_pool_full_and_idle_overflow_retires() {
+    let name = unique_node("poolfull");
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let pool = pool(&node, "full", 2, 1, 300, 400).await;
+    let mut leases = Vec::new();
+    for _ in 0..3 {
+        leases.push(pool.checkout().await.expect("size + overflow leases"));
+    }
+    assert_eq!(pool.stats().workers, 3);
+    assert_eq!(pool.stats().overflow_started, 1);
+    let started = Instant::now();
+    let full = pool.checkout().await;
+    assert!(
+        matches!(full, Err(PoolError::Full { .. })),
+        "{:?}",
+        full.err()
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(280),
+        "waited for the checkout timeout"
+    );
+    assert!(
+        full.err()
+            .is_some_and(|e| e.to_string().contains("PoolFull"))
+    );
+    assert_eq!(pool.stats().full, 1);
+
+    // A waiting checkout gets the first lease that comes back.
+    let waiting = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.checkout().await.map(|lease| lease.queue()) }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let returned = leases.pop().expect("a lease");
+    let queue = returned.queue();
+    returned.checkin().await;
+    assert_eq!(waiting.await.expect("task").expect("checkout"), queue);
+
+    drop(leases);
+    // The overflow worker retires after being idle for the idle timeout; the base stays.
+    assert!(
+        eventually(Duration::from_secs(5), || pool.stats().overflow_retired
+            == 1
+            && pool.stats().workers == 2
+            && pool.stats().busy == 0)
+        .await,
+        "{:?}",
+        pool.stats()
+    );
+    let lease = pool.checkout().await.expect("the base workers still serve");
+    lease.checkin().await;
+    pool.stop().await;
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pool_grows_under_two_hundred_concurrent_callers() {
+    let name = unique_node("grow");
+    let exchange = format!("{name}-ex");
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let server = responder(&node, "server", &exchange).await;
+    let pool = pool(&node, "grow", 2, 30, 10_000, 30_000).await;
+    let calls = (0..200).map(|i| {
+        let (pool, exchange) = (pool.clone(), exchange.clone());
+        async move {
+            let request = Envelope::new("rpc", "echo").with("Payload", i);
+            let reply = pool
+                .call(&exchange, "rpc.echo", request, Duration::from_secs(10))
+                .await?;
+            Ok::<_, RpcError>(reply.get("Payload") == Some(&json!(i)))
+        }
+    });
+    let results = futures::future::join_all(calls).await;
+    let failures: Vec<_> = results.iter().filter(|r| !matches!(r, Ok(true))).collect();
+    assert!(
+        failures.is_empty(),
+        "{} calls failed: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    let stats = pool.stats();
+    println!("200 concurrent callers: {stats:?}");
+    assert!(stats.overflow_started > 0, "the pool grew: {stats:?}");
+    assert!(
+        stats.workers <= 32,
+        "never beyond size + overflow: {stats:?}"
+    );
+    pool.stop().await;
+    server.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lease_comes_back_when_its_holder_panics() {
+    let name = unique_node("panic");
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let pool = pool(&node, "panic", 1, 0, 1000, 30_000).await;
+    let holder = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let _lease = pool.checkout().await.expect("checkout");
+            panic!("the holder dies with the lease");
+        }
+    });
+    assert!(holder.await.is_err(), "the holder panicked");
+    assert!(
+        eventually(SOON, || pool.stats().busy == 0).await,
+        "the lease went back"
+    );
+    let lease = pool
+        .checkout()
+        .await
+        .expect("the worker is available again");
+    lease.checkin().await;
+    pool.stop().await;
+    node.stop().await.expect("node stops");
+}
+
+/// `rabbitmqctl list_bindings` routing keys bound to one queue.
+fn keys_bound_to(queue: &str) -> Vec<String> {
+    local_ctl(&[
+        "list_bindings",
+        "-q",
+        "--no-table-headers",
+        "destination_name",
+        "routing_key",
+    ])
+    .unwrap_or_default()
+    .lines()
+    .filter_map(|line| {
+        let mut fields = line.split('\t');
+        (fields.next()? == queue).then(|| fields.next().unwrap_or("").to_string())
+    })
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn temporary_bindings_deliver_to_the_lease_and_go_at_check_in() {
+    let name = unique_node("tempbind");
+    let exchange = format!("{name}-ex");
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let client = Client::connect(&local_uri(), &name).await;
+    client
+        .declare_exchange(&exchange, ExchangeKind::Topic)
+        .await;
+    let pool = pool(&node, "temp", 1, 0, 1000, 30_000).await;
+    let mut lease = pool.checkout().await.expect("checkout");
+    let queue = lease.queue();
+    lease
+        .bind(Binding::new(&exchange, "calls.42.#"))
+        .await
+        .expect("bind");
+    assert!(keys_bound_to(&queue).contains(&"calls.42.#".to_string()));
+    for n in 0..3 {
+        client
+            .publish(
+                &exchange,
+                "calls.42.event",
+                &Envelope::new("call", "event").with("N", n),
+            )
+            .await;
+    }
+    let events: Vec<Event> = lease.deliveries().take(3).collect::<Vec<_>>().await;
+    let numbers: Vec<_> = events
+        .iter()
+        .map(|e| e.envelope().get("N").cloned())
+        .collect();
+    assert_eq!(numbers, [Some(json!(0)), Some(json!(1)), Some(json!(2))]);
+    lease.checkin().await;
+    let keys = keys_bound_to(&queue);
+    assert!(
+        !keys.contains(&"calls.42.#".to_string()),
+        "removed at check-in: {keys:?}"
+    );
+    assert!(
+        keys.contains(&queue),
+        "the worker's own binding stays: {keys:?}"
+    );
+    // The next holder does not get the old lease's deliveries.
+    client
+        .publish(&exchange, "calls.42.event", &Envelope::new("call", "event"))
+        .await;
+    let mut next = pool.checkout().await.expect("checkout");
+    assert!(
+        next.next_delivery(Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+    next.checkin().await;
+    pool.stop().await;
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn blocked_publishing_fails_with_blocked_and_recovers() {
+    let brokers = Broker::start_many(1).await;
+    let broker = &brokers[0];
+    let name = unique_node("blocked");
+    let node = start_node(config(
+        &name,
+        &[broker.uri()],
+        "prechannels = 1\n\n[publisher]\ntimeout_ms = 1000",
+    ))
+    .await;
+    let publisher = node.context().publisher.clone();
+    publisher
+        .publish("", "nowhere", Envelope::new("t", "x"), publisher.options())
+        .await
+        .expect("publishes before the alarm");
+
+    broker.ctl(&["set_vm_memory_high_watermark", "0"]).await;
+    // The broker blocks a connection when it publishes during the alarm.
+    let started = Instant::now();
+    let mut outcome = publisher
+        .publish("", "nowhere", Envelope::new("t", "x"), publisher.options())
+        .await;
+    if outcome.is_ok() {
+        // The first publish may slip through before the block; the next one may not.
+        outcome = publisher
+            .publish("", "nowhere", Envelope::new("t", "x"), publisher.options())
+            .await;
+    }
+    let waited = started.elapsed();
+    let blocked = matches!(outcome, Err(PublishError::Blocked { .. }));
+    broker.ctl(&["set_vm_memory_high_watermark", "0.4"]).await;
+    assert!(blocked, "expected Blocked, got {outcome:?}");
+    assert!(
+        waited >= Duration::from_millis(900),
+        "waited for the timeout: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(4), "{waited:?}");
+    println!(
+        "blocked: {}",
+        outcome.err().map(|e| e.to_string()).unwrap_or_default()
+    );
+
+    assert!(
+        until(SOON, || async {
+            publisher
+                .publish("", "nowhere", Envelope::new("t", "x"), publisher.options())
+                .await
+                .is_ok()
+        })
+        .await,
+        "publishing recovers once the alarm is lifted"
+    );
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_thousand_short_tasks_share_the_pool_channels() {
+    const TASKS: usize = 10_000;
+    const CONCURRENCY: usize = 64;
+    let name = unique_node("churn");
+    let exchange = format!("{name}-ex");
+    let node = start_node(config(&name, &[local_uri()], "prechannels = 2")).await;
+    let server = responder(&node, "server", &exchange).await;
+    let client = Client::connect(&local_uri(), &name).await;
+    client
+        .declare_exchange(&exchange, ExchangeKind::Topic)
+        .await;
+    let (size, overflow) = (8, 16);
+    let pool = pool(&node, "churn", size, overflow, 10_000, 30_000).await;
+
+    // Peak channels of the node's consume connection, sampled while the tasks run.
+    let consume = format!("{name}/consume");
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (sampling, consume) = (sampling.clone(), consume.clone());
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while sampling.load(Ordering::SeqCst) {
+                peak = peak.max(channel_count(local_ctl, &consume).unwrap_or(0));
+            }
+            peak
+        })
+    };
+    let done = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    futures::stream::iter(0..TASKS)
+        .for_each_concurrent(CONCURRENCY, |i| {
+            let (pool, exchange, done) = (pool.clone(), exchange.clone(), done.clone());
+            async move {
+                let mut lease = pool.checkout().await.expect("checkout");
+                lease
+                    .bind(Binding::new(&exchange, format!("task.{i}")))
+                    .await
+                    .expect("bind");
+                let reply = lease
+                    .call(
+                        &exchange,
+                        "rpc.echo",
+                        Envelope::new("rpc", "echo").with("Payload", i),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .expect("call");
+                assert_eq!(reply.get("Payload"), Some(&json!(i)));
+                lease.checkin().await;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+        .await;
+    let pooled_time = started.elapsed();
+    sampling.store(false, Ordering::SeqCst);
+    let pooled_peak = sampler.join().expect("sampler");
+    assert_eq!(done.load(Ordering::Relaxed), TASKS);
+    let stats = pool.stats();
+    // Runtime's own channels on that connection: prechannels and the responder's one.
+    let own = 2 + 1;
+    assert!(
+        pooled_peak as usize <= size + overflow + own,
+        "peak {pooled_peak} channels > pool {} + runtime {own}",
+        size + overflow
+    );
+
+    // The same workload with a channel (and a reply queue) per task.
+    let per_task = Client::connect(&local_uri(), &format!("{name}-per-task")).await;
+    let per_task_name = format!("{name}-per-task/client");
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (sampling, name) = (sampling.clone(), per_task_name.clone());
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while sampling.load(Ordering::SeqCst) {
+                peak = peak.max(channel_count(local_ctl, &name).unwrap_or(0));
+            }
+            peak
+        })
+    };
+    let started = Instant::now();
+    let opened = Arc::new(AtomicUsize::new(0));
+    futures::stream::iter(0..TASKS)
+        .for_each_concurrent(CONCURRENCY, |i| {
+            let (connection, exchange, opened) =
+                (&per_task.connection, exchange.clone(), opened.clone());
+            async move {
+                common::client::one_shot_call(connection, &exchange, i).await;
+                opened.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+        .await;
+    let per_task_time = started.elapsed();
+    sampling.store(false, Ordering::SeqCst);
+    let per_task_peak = sampler.join().expect("sampler");
+    println!(
+        "churn, {TASKS} tasks × (checkout, bind, call, check-in), {CONCURRENCY} at a time:\n  \
+         pool ({size}+{overflow}): peak {pooled_peak} channels on the node's connection \
+         (incl. {own} of the runtime), {} worker channels opened in all, {pooled_time:?}\n  \
+         channel per task: peak {per_task_peak} channels, {} channels opened, {per_task_time:?}",
+        size as u64 + stats.overflow_started,
+        opened.load(Ordering::Relaxed),
+    );
+    pool.stop().await;
+    server.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}
