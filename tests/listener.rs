@@ -696,3 +696,57 @@ async fn a_returned_mandatory_publish_is_reported() {
     handle.stop().await.expect("stop");
     node.stop().await.expect("node stops");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pausing_keeps_an_anonymous_queue_and_stopping_deletes_it() {
+    let name = unique_node("anon");
+    let exchange = format!("{name}-ex");
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let handled = counter();
+    let spec = ListenerSpec::new("anon")
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "#")
+        .responder("t", "*", counting(&handled));
+    let (listener, _) = TestListener::new(spec);
+    let handle = spawn_listener(listener, &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+    let queue = handle.queue_name();
+    handle.pause().await.expect("pause");
+    assert!(handle.wait_consuming(false, SOON).await);
+    let client = Client::connect(&local_uri(), &name).await;
+    client
+        .publish(&exchange, "k", &Envelope::new("t", "while-paused"))
+        .await;
+    assert_eq!(
+        client.ready(&queue).await,
+        1,
+        "the queue outlives the pause with its message"
+    );
+    handle.resume().await.expect("resume");
+    assert!(eventually(SOON, || handled.load(Ordering::SeqCst) == 1).await);
+    assert_eq!(
+        handle.current().map(|(_, lease)| lease),
+        Some(1),
+        "no new channel was needed"
+    );
+
+    handle.stop().await.expect("stop");
+    let gone = client
+        .channel
+        .queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    assert!(
+        gone.is_err(),
+        "a stopped listener deletes its anonymous queue"
+    );
+    node.stop().await.expect("node stops");
+}

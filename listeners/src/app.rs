@@ -14,6 +14,7 @@ use warren_runtime::supervisor::{ChildSpec, Intensity, Strategy, SupervisorSpec}
 
 use crate::listener::{Listener, listener_child};
 use crate::pool::ListenerPool;
+use crate::router::ConfigRouter;
 
 /// An application that runs inside a warren node. Implement this in `apps/<name>`.
 pub trait App: Send + Sync + 'static {
@@ -39,6 +40,8 @@ pub struct AppContext {
     pub version: String,
     /// The app's pool of workers (`[apps.<name>] pool_size` …), run under `app:<name>`.
     pub pool: ListenerPool,
+    /// The node's configuration-event router, when the node runs one.
+    pub router: Option<ConfigRouter>,
 }
 
 impl AppContext {
@@ -56,9 +59,16 @@ impl AppContext {
             config,
             version: version.to_string(),
             pool,
+            router: None,
         };
         ctx.pool.attach(ctx.node.clone(), ctx.stamp());
         ctx
+    }
+
+    /// The same context with the node's router.
+    pub fn with_router(mut self, router: ConfigRouter) -> Self {
+        self.router = Some(router);
+        self
     }
 
     /// Who is sending: filled into the app's outgoing envelopes where missing.

@@ -4,12 +4,14 @@
 //! supervisor (`app:<name>`). Its consumers are [`Listener`]s (Kazoo's gen_listener): a
 //! declarative topology and responders, with acks, recovery and graceful stop handled by
 //! warren. Short-lived work borrows a worker from the app's [`ListenerPool`] (publish,
-//! temporary bindings, call / call_collect / cast) instead of opening channels. This crate knows the runtime (connections, assignments, supervision); it knows
+//! temporary bindings, call / call_collect / cast) instead of opening channels; the node's
+//! [`ConfigRouter`] fans configuration events out to local subscribers. This crate knows the runtime (connections, assignments, supervision); it knows
 //! no particular app.
 
 pub mod app;
 pub mod listener;
 pub mod pool;
+pub mod router;
 
 pub use app::{App, AppContext, app_child};
 pub use listener::{
@@ -20,5 +22,6 @@ pub use listener::{
 pub use pool::{
     CollectEnd, Collected, ListenerPool, PoolError, PoolLease, PoolStats, RpcError, Until,
 };
+pub use router::{ConfigEvent, ConfigRouter, RouterError, RouterEvent, RouterStats, Subscription};
 pub use warren_runtime::assignments::ChannelKind;
 pub use warren_runtime::envelope::Envelope;

@@ -49,6 +49,8 @@ pub struct Config {
     pub zones: Vec<Zone>,
     /// `[listener]`: how listeners treat messages and stop.
     pub listener: ListenerConfig,
+    /// `[router]`: the node's configuration-event router.
+    pub router: RouterConfig,
     /// `[publisher]`: how long a publish may take and how many await a confirm.
     pub publisher: PublisherConfig,
     /// `[pool]`: the defaults every app's pool started from.
@@ -144,6 +146,18 @@ pub struct PublisherConfig {
     pub timeout: Duration,
     /// Publishes awaiting a broker confirm at once, per node (never 0).
     pub confirm_window: usize,
+}
+
+/// The node's configuration-event router (`[router]`).
+///
+/// It exists so the exchange the router binds to and each subscriber's buffer are the
+/// operator's choice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouterConfig {
+    /// The topic exchange of configuration events (Kazoo: `configuration`).
+    pub exchange: String,
+    /// Events buffered per subscriber; one that falls further behind gets a `Resync`.
+    pub buffer: usize,
 }
 
 /// Sizing of one listener pool.

@@ -5,7 +5,8 @@
 //! - brokers: `registry` (who is up, who is primary), `connection` (one broker's
 //!   connections), `connections` (their supervisor), `bootstrap` (start-up);
 //! - channels: `assignments` (float and sticky leases, failover, fail-back);
-//! - the wire: `envelope` (kapi format), `exchanges`, `publish` (one confirmed publish),
+//! - the wire: `envelope` (kapi format), `conf` (configuration events), `exchanges`,
+//!   `publish` (one confirmed publish),
 //!   `publisher` (the node's publisher that follows the primary);
 //! - `node`: the root supervision tree and the handles apps are built with.
 //!
@@ -14,6 +15,7 @@
 pub mod assignments;
 pub mod backoff;
 pub mod bootstrap;
+pub mod conf;
 pub mod config;
 pub mod connection;
 pub mod connections;

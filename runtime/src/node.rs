@@ -6,9 +6,11 @@
 //! ├─ connections   one_for_one, a connection actor per broker
 //! ├─ assignments   which consumer holds which channel (float / sticky leases)
 //! ├─ bootstrap     adds brokers, blocks start until a local broker is ready (temporary)
+//! ├─ services      given by the caller (the configuration-event router)
 //! └─ apps          one_for_one, a supervisor per enabled app
 //! ```
-//! Stopping the node stops the children in reverse order (apps, assignments, connections),
+//! Stopping the node stops the children in reverse order (apps, router, assignments,
+//! connections),
 //! each within its own shutdown timeout, the whole within `[service] shutdown_timeout_secs`.
 //! This module owns the tree's shape; each child owns its own behaviour.
 
@@ -24,6 +26,7 @@ use crate::bootstrap::{Bootstrap, BootstrapArgs};
 use crate::config::Config;
 use crate::connection::ConnectionSettings;
 use crate::connections::Connections;
+use crate::envelope::Stamp;
 use crate::publisher::Publisher;
 use crate::registry::{ConnectionRegistry, RegistryActor};
 use crate::supervisor::{
@@ -38,8 +41,27 @@ pub struct NodeContext {
     pub registry: ConnectionRegistry,
     pub connections: Connections,
     pub assignments: Assignments,
-    /// Publishes on the primary with confirms (follows failover and fail-back).
+    /// Publishes on the primary with confirms (follows failover and fail-back); stamps
+    /// envelopes as the node (`App-Name` warren) where they lack the fields.
     pub publisher: Publisher,
+}
+
+/// What a caller adds to the tree: services (the configuration-event router) start after
+/// bootstrap and before the apps, and stop after them.
+#[derive(Default)]
+pub struct Children {
+    pub services: Vec<ChildSpec>,
+    pub apps: Vec<ChildSpec>,
+}
+
+impl From<Vec<ChildSpec>> for Children {
+    /// Apps only.
+    fn from(apps: Vec<ChildSpec>) -> Self {
+        Children {
+            services: Vec::new(),
+            apps,
+        }
+    }
 }
 
 /// A running node. Dropping it does not stop the tree; call [`Node::stop`].
@@ -61,11 +83,11 @@ pub struct StartError(pub String);
 pub struct StopTimeout(pub Duration);
 
 impl Node {
-    /// Starts the tree. Returns once a local broker is ready and every app has started.
-    /// `apps` builds the children of the `apps` supervisor from the node's handles.
-    pub async fn start(
+    /// Starts the tree. Returns once a local broker is ready and every service and app has
+    /// started. `children` builds the services and the apps from the node's handles.
+    pub async fn start<C: Into<Children>>(
         config: Config,
-        apps: impl FnOnce(&NodeContext) -> Vec<ChildSpec>,
+        children: impl FnOnce(&NodeContext) -> C,
     ) -> Result<Node, StartError> {
         let config = Arc::new(config);
         let registry = ConnectionRegistry::new(&config);
@@ -77,9 +99,13 @@ impl Node {
             registry: registry.clone(),
             connections: connections.clone(),
             assignments: assignments.clone(),
-            publisher: Publisher::new(connections.clone(), &config.publisher),
+            publisher: Publisher::new(connections.clone(), &config.publisher).with_stamp(Stamp {
+                app_name: "warren".to_string(),
+                app_version: env!("CARGO_PKG_VERSION").to_string(),
+                node: config.service.node.clone(),
+            }),
         };
-        let app_children = apps(&context);
+        let Children { services, apps } = children(&context).into();
 
         let registry_child = {
             let registry = registry.clone();
@@ -115,7 +141,7 @@ impl Node {
                 within: Duration::from_secs(60),
             },
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
-            children: app_children,
+            children: apps,
         });
 
         let root = SupervisorSpec {
@@ -126,13 +152,16 @@ impl Node {
                 within: Duration::from_secs(60),
             },
             backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
-            children: vec![
+            children: [
                 registry_child,
                 connections.supervisor_child(),
                 assignments.child(),
                 bootstrap_child,
-                apps_child,
-            ],
+            ]
+            .into_iter()
+            .chain(services)
+            .chain([apps_child])
+            .collect(),
         };
         let (root, done) = Supervisor::spawn(root)
             .await

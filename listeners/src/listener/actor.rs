@@ -220,14 +220,19 @@ impl ListenerState {
         }
     }
 
-    /// A drained (or lost) old lease: close it and give it back.
+    /// A drained (or lost) old lease: delete its anonymous queue, close it, give it back.
     fn release_draining(&mut self, lease: u64) {
         if let Some(i) = self.draining.iter().position(|h| h.lease == lease) {
             let held = self.draining.remove(i);
             if let Some(consumer) = held.consumer {
                 consumer.handle.abort();
             }
-            close_channel(held.channel);
+            let topology = self.shared.topology.lock().clone();
+            let channel = held.channel;
+            tokio::spawn(async move {
+                topology::delete_if_anonymous(&channel, &topology).await;
+                close_channel(channel);
+            });
             tracing::info!(listener = %self.shared.name, lease, "old lease drained and released");
             if let Some(client) = &self.client {
                 client.release(lease);
@@ -491,10 +496,13 @@ impl Actor for ListenerActor {
                 }
             }
             if held.channel.status().connected() {
-                let _ = tokio::time::timeout(
-                    CLOSE_TIMEOUT,
-                    held.channel.close(200, "warren: listener stopping".into()),
-                )
+                let topology = state.shared.topology.lock().clone();
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                    topology::delete_if_anonymous(&held.channel, &topology).await;
+                    held.channel
+                        .close(200, "warren: listener stopping".into())
+                        .await
+                })
                 .await;
             }
         }

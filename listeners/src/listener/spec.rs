@@ -6,6 +6,7 @@
 //! every new channel, so nothing depends on the broker remembering anything.
 
 use std::future::Future;
+use std::time::Duration;
 
 use lapin::ExchangeKind;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -61,6 +62,10 @@ impl Exchange {
     }
 }
 
+/// How long an anonymous queue survives without a consumer (e.g. after its listener
+/// crashed): long enough for a pause or an outage, short enough not to pile up.
+pub const ANONYMOUS_QUEUE_EXPIRY: Duration = Duration::from_secs(600);
+
 /// How the listener's queue is named.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum QueueName {
@@ -95,15 +100,25 @@ impl QueueSpec {
         }
     }
 
-    /// A queue of this listener alone, deleted when its consumer goes away.
+    /// A queue of this listener alone. It is deleted when the listener stops, and expires
+    /// after [`ANONYMOUS_QUEUE_EXPIRY`] unused (after a crash); it is not auto-deleted, so
+    /// pausing the listener or a short broker connection gap keeps it and its messages.
     pub fn anonymous() -> Self {
         QueueSpec {
             name: QueueName::Anonymous,
             durable: false,
             exclusive: false,
-            auto_delete: true,
+            auto_delete: false,
             arguments: FieldTable::default(),
         }
+        .expires(ANONYMOUS_QUEUE_EXPIRY)
+    }
+
+    /// The broker deletes the queue after it has been unused (no consumer, no declare)
+    /// this long (`x-expires`).
+    pub fn expires(self, after: Duration) -> Self {
+        let millis = u32::try_from(after.as_millis()).unwrap_or(u32::MAX);
+        self.argument("x-expires", AMQPValue::LongUInt(millis))
     }
 
     /// Survives a broker restart (its persistent messages too).

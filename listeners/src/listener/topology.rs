@@ -7,13 +7,13 @@
 
 use lapin::options::{
     BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer, ExchangeKind};
 use warren_runtime::exchanges::TARGETED;
 
-use super::spec::{Binding, Exchange, QueueSpec};
+use super::spec::{Binding, Exchange, QueueName, QueueSpec};
 
 /// What the listener declares on every channel, including run-time changes.
 #[derive(Clone, Debug)]
@@ -200,4 +200,20 @@ pub(crate) async fn is_empty(channel: &Channel, queue: &str) -> Result<bool, lap
         )
         .await?;
     Ok(queue.message_count() == 0)
+}
+
+/// Deletes the listener's queue if it is anonymous (its messages are nobody else's).
+pub(crate) async fn delete_if_anonymous(channel: &Channel, topology: &Topology) {
+    if topology.queue.name != QueueName::Anonymous || !channel.status().connected() {
+        return;
+    }
+    if let Err(error) = channel
+        .queue_delete(
+            topology.queue_name.as_str().into(),
+            QueueDeleteOptions::default(),
+        )
+        .await
+    {
+        tracing::debug!(queue = %topology.queue_name, %error, "cannot delete the anonymous queue");
+    }
 }

@@ -78,6 +78,10 @@ fn write_config(out: &mut String, config: &Config) -> fmt::Result {
     writeln!(out, "timeout_ms = {}", publisher.timeout.as_millis())?;
     writeln!(out, "confirm_window = {}", publisher.confirm_window)?;
 
+    writeln!(out, "\n[router]")?;
+    writeln!(out, "exchange = {}", quote(&config.router.exchange))?;
+    writeln!(out, "buffer = {}", config.router.buffer)?;
+
     writeln!(out, "\n[pool]")?;
     pool_lines(out, "", &config.pool)?;
 

@@ -136,6 +136,9 @@ pub enum Problem {
     /// An empty zone name (in `amqp.zone`, WARREN_ZONE or a `[zones.""]` section).
     #[error("a zone name must not be empty")]
     EmptyZoneName,
+    /// An exchange name that is empty.
+    #[error("the exchange name must not be empty")]
+    EmptyExchange,
     /// Zero where only a positive number makes sense.
     #[error("must be greater than 0")]
     Zero,

@@ -42,6 +42,10 @@ pub(super) const PUBLISH_TIMEOUT_MS: u64 = 5000;
 pub(super) const PUBLISHER_TIMEOUT_MS: u64 = 5000;
 /// `[publisher] confirm_window`.
 pub(super) const CONFIRM_WINDOW: usize = 1000;
+/// `[router] exchange`.
+pub(super) const ROUTER_EXCHANGE: &str = "configuration";
+/// `[router] buffer`.
+pub(super) const ROUTER_BUFFER: usize = 1000;
 /// `[pool] size`.
 pub(super) const POOL_SIZE: usize = 10;
 /// `[pool] overflow`.
@@ -66,6 +70,8 @@ pub(super) struct RawConfig {
     pub listener: RawListener,
     #[serde(default)]
     pub publisher: RawPublisher,
+    #[serde(default)]
+    pub router: RawRouter,
     #[serde(default)]
     pub pool: RawPool,
     /// `[apps.<name>]`, keyed by the app name with its span in the file.
@@ -171,6 +177,14 @@ pub(super) struct RawListener {
 pub(super) struct RawPublisher {
     pub timeout_ms: Option<Spanned<u64>>,
     pub confirm_window: Option<Spanned<usize>>,
+}
+
+/// `[router]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRouter {
+    pub exchange: Option<Spanned<String>>,
+    pub buffer: Option<Spanned<usize>>,
 }
 
 /// `[pool]`.

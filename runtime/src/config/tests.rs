@@ -211,6 +211,13 @@ fn absent_sections_take_the_defaults() {
             confirm_window: 1000,
         }
     );
+    assert_eq!(
+        config.router,
+        RouterConfig {
+            exchange: "configuration".to_string(),
+            buffer: 1000,
+        }
+    );
     assert!(config.apps.is_empty(), "apps without a section do not run");
     assert_eq!(config.zones.len(), 1);
     assert!(config.local_zone().local);
@@ -419,6 +426,7 @@ pool_size = 2
     assert_eq!(again.amqp.prechannels, config.amqp.prechannels);
     assert_eq!(again.pool, config.pool);
     assert_eq!(again.listener, config.listener);
+    assert_eq!(again.router, config.router);
     assert_eq!(again.publisher, config.publisher);
     for (a, b) in again.zones.iter().zip(&config.zones) {
         assert_eq!((&a.name, a.local), (&b.name, b.local));
@@ -444,6 +452,7 @@ pool_size = 2
             "listener",
             "pool",
             "publisher",
+            "router",
             "service",
             "zones"
         ]
@@ -879,6 +888,7 @@ fn zero_values_are_refused() {
             23,
         ),
         ("[pool]\nidle_timeout_ms = 0\n", "pool.idle_timeout_ms", 19),
+        ("[router]\nbuffer = 0\n", "router.buffer", 10),
         (
             "[service]\nshutdown_timeout_secs = 0\n",
             "service.shutdown_timeout_secs",
@@ -1059,5 +1069,17 @@ fn a_tagged_broker_listed_twice_is_refused() {
         46,
         "zones.local.brokers[1].uri",
         "already listed as `zones.local.brokers[0]` on line 2",
+    );
+}
+
+#[test]
+fn an_empty_router_exchange_is_refused() {
+    let text = format!("{LOCAL_ZONE}[router]\nexchange = \" \"\n");
+    let refusal = refuse(&text, None);
+    assert_eq!(refusal.key, "router.exchange");
+    assert!(
+        refusal.message.contains("must not be empty"),
+        "{}",
+        refusal.message
     );
 }

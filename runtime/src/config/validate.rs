@@ -14,13 +14,13 @@ use toml::Spanned;
 use super::error::{ConfigError, Problem};
 use super::locate::{Source, join};
 use super::raw::{
-    self, RawAmqp, RawApp, RawBroker, RawConfig, RawListener, RawPool, RawPublisher, RawService,
-    RawZone,
+    self, RawAmqp, RawApp, RawBroker, RawConfig, RawListener, RawPool, RawPublisher, RawRouter,
+    RawService, RawZone,
 };
 use super::read::closest;
 use super::{
     AmqpConfig, AppConfig, Config, ConfiguredBroker, ListenerConfig, PoolConfig, PublisherConfig,
-    ServiceConfig, Zone,
+    RouterConfig, ServiceConfig, Zone,
 };
 use crate::uri::BrokerUri;
 
@@ -39,6 +39,7 @@ pub(super) fn validate(raw: RawConfig, inputs: &Inputs<'_>) -> Result<Config, Co
     let amqp = amqp(&raw.amqp, inputs)?;
     let zones = zones(&raw.zones, &raw.amqp, &amqp.zone, inputs)?;
     let listener = listener(&raw.listener, source)?;
+    let router = router(&raw.router, source)?;
     let publisher = publisher(&raw.publisher, source)?;
     let pool = pool(&raw.pool, source)?;
     let apps = apps(&raw.apps, pool, inputs)?;
@@ -48,6 +49,7 @@ pub(super) fn validate(raw: RawConfig, inputs: &Inputs<'_>) -> Result<Config, Co
         amqp,
         zones,
         listener,
+        router,
         publisher,
         pool,
         apps,
@@ -178,6 +180,24 @@ fn publisher(raw: &RawPublisher, source: &Source<'_>) -> Result<PublisherConfig,
         timeout: Duration::from_millis(timeout),
         confirm_window,
     })
+}
+
+/// `[router]`.
+fn router(raw: &RawRouter, source: &Source<'_>) -> Result<RouterConfig, ConfigError> {
+    let exchange = match &raw.exchange {
+        Some(name) if name.get_ref().trim().is_empty() => {
+            return Err(source.error(name.span().start, "router.exchange", Problem::EmptyExchange));
+        }
+        Some(name) => name.get_ref().clone(),
+        None => raw::ROUTER_EXCHANGE.to_string(),
+    };
+    let buffer = positive(
+        raw.buffer.as_ref(),
+        raw::ROUTER_BUFFER,
+        "router.buffer",
+        source,
+    )?;
+    Ok(RouterConfig { exchange, buffer })
 }
 
 /// One broker entry of the file, before parsing.

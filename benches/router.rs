@@ -1,0 +1,257 @@
+//! `cargo bench --bench router`: 100 subscribers of the configuration-event router (5
+//! patterns, each matching every event, so every event is delivered 100 times) against one
+//! raw lapin consumer of the same events, in the same run. Each subscriber's buffer holds a
+//! whole run (the events are shared, so this costs a pointer per event), so that the
+//! figure is throughput, not loss.
+//!
+//! The router's listener is paused while 100,000 events are published once to the
+//! exchange; a plain queue bound with `#` gets the same events. The lapin consumer (manual
+//! acks coalesced, prefetch 200) drains its copy; then the router resumes and is timed
+//! until every subscriber has every event. The last line is one JSON object (events/s).
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use warren_listeners::{ConfigRouter, RouterEvent};
+use warren_runtime::conf::{DocAction, DocUpdate};
+use warren_runtime::config::Config;
+use warren_runtime::envelope::publish_properties;
+use warren_runtime::node::Node;
+
+const EVENTS: usize = 100_000;
+const SUBSCRIBERS: usize = 100;
+const PATTERNS: [&str; 5] = [
+    "#",
+    "doc_edited.#",
+    "*.bench.*.*",
+    "*.*.user.*",
+    "doc_edited.bench.user.*",
+];
+const PREFETCH: u16 = 200;
+const ROUNDS: usize = 3;
+
+#[tokio::main]
+async fn main() {
+    let exchange = format!("warren-bench-conf-{}", std::process::id());
+    let node = start_node(&exchange).await;
+    let router = ConfigRouter::new(node.context());
+    router.spawn().await.expect("router starts");
+    assert!(
+        router
+            .listener()
+            .wait_consuming(true, Duration::from_secs(10))
+            .await
+    );
+
+    // 100 subscribers that count what they receive.
+    let received: Arc<Vec<AtomicU64>> =
+        Arc::new((0..SUBSCRIBERS).map(|_| AtomicU64::new(0)).collect());
+    let resyncs = Arc::new(AtomicU64::new(0));
+    for i in 0..SUBSCRIBERS {
+        let mut subscription = router
+            .subscribe(PATTERNS[i % PATTERNS.len()])
+            .await
+            .expect("subscribe");
+        let (received, resyncs) = (received.clone(), resyncs.clone());
+        tokio::spawn(async move {
+            while let Some(item) = subscription.next().await {
+                match item {
+                    RouterEvent::Event(_) => received[i].fetch_add(1, Ordering::Relaxed),
+                    RouterEvent::Resync => resyncs.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        });
+    }
+
+    let setup = common::connect("bench-router/setup").await;
+    let channel = setup.create_channel().await.expect("channel");
+    let queue = format!("{exchange}-lapin");
+    let (mut router_rates, mut lapin_rates) = (Vec::new(), Vec::new());
+    for round in 1..=ROUNDS {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue");
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+        router.listener().pause().await.expect("pause the router");
+        assert!(
+            router
+                .listener()
+                .wait_consuming(false, Duration::from_secs(10))
+                .await
+        );
+        publish_events(&exchange).await;
+
+        let lapin = lapin_consumer(&queue).await;
+        let before: Vec<u64> = received.iter().map(|r| r.load(Ordering::Relaxed)).collect();
+        let started = Instant::now();
+        router.listener().resume().await.expect("resume the router");
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let done = received
+                .iter()
+                .zip(&before)
+                .all(|(now, before)| now.load(Ordering::Relaxed) - before >= EVENTS as u64);
+            if done {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "subscribers did not get every event: {:?}",
+                router.stats()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let warren = common::rate(EVENTS, started.elapsed());
+        eprintln!(
+            "round {round}: router {warren:.0} events/s to {SUBSCRIBERS} subscribers ({:.0} deliveries/s), lapin {lapin:.0} events/s; resyncs so far {}",
+            warren * SUBSCRIBERS as f64,
+            resyncs.load(Ordering::Relaxed)
+        );
+        router_rates.push(warren);
+        lapin_rates.push(lapin);
+    }
+    let stats = router.stats();
+    eprintln!("router stats: {stats:?}");
+    assert_eq!(stats.dropped, 0, "no subscriber fell behind");
+    let _ = channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    router.stop().await;
+    let _ = node.stop().await;
+    let (warren, lapin) = (common::median(router_rates), common::median(lapin_rates));
+    common::report("router", warren, lapin, warren / lapin);
+}
+
+async fn start_node(exchange: &str) -> Node {
+    let text = format!(
+        "[service]\nnode = \"bench-router-{}\"\n[amqp]\nprefetch = {PREFETCH}\n[router]\nexchange = \"{exchange}\"\nbuffer = {EVENTS}\n[zones.local]\nbrokers = [\"{}\"]\n",
+        std::process::id(),
+        common::broker_uri()
+    );
+    let config = Config::parse(&text, Path::new("bench.ini"), &[], None).expect("bench config");
+    Node::start(config, |_| Vec::new())
+        .await
+        .expect("node starts")
+}
+
+/// Publishes the events once (confirmed, pipelined); both queues get them.
+async fn publish_events(exchange: &str) {
+    let connection = common::connect("bench-router/publisher").await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let mut confirms = Vec::with_capacity(1000);
+    for i in 0..EVENTS {
+        let update = DocUpdate::doc(DocAction::Edited, "bench", "user", format!("id{i}"));
+        let mut envelope = update.envelope();
+        envelope.set("Node", "bench@publisher");
+        envelope.ensure_msg_id();
+        confirms.push(
+            channel
+                .basic_publish(
+                    exchange.into(),
+                    update.routing_key().as_str().into(),
+                    BasicPublishOptions::default(),
+                    &envelope.encode(),
+                    publish_properties(false),
+                )
+                .await
+                .expect("publish"),
+        );
+        if confirms.len() == 1000 {
+            for confirm in confirms.drain(..) {
+                confirm.await.expect("confirm");
+            }
+        }
+    }
+    for confirm in confirms {
+        confirm.await.expect("confirm");
+    }
+    let _ = connection.close(200, "done".into()).await;
+}
+
+/// The fastest plain lapin consumer (as in the consume benchmark).
+async fn lapin_consumer(queue: &str) -> f64 {
+    let connection = common::connect("bench-router/lapin").await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "bench".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let batch = usize::from(PREFETCH / 4);
+    let mut started = None;
+    let mut received = 0;
+    while received < EVENTS {
+        let mut last = tag(consumer.next().await);
+        started.get_or_insert_with(Instant::now);
+        received += 1;
+        let mut unacked = 1;
+        while received < EVENTS {
+            let Some(item) = consumer.next().now_or_never() else {
+                break;
+            };
+            last = tag(item);
+            received += 1;
+            unacked += 1;
+            if unacked == batch {
+                ack(&channel, last).await;
+                unacked = 0;
+            }
+        }
+        if unacked > 0 {
+            ack(&channel, last).await;
+        }
+    }
+    let elapsed = started.map_or(Duration::ZERO, |s| s.elapsed());
+    let _ = connection.close(200, "done".into()).await;
+    common::rate(EVENTS, elapsed)
+}
+
+fn tag(item: Option<lapin::Result<lapin::message::Delivery>>) -> u64 {
+    item.expect("stream open").expect("delivery").delivery_tag
+}
+
+async fn ack(channel: &lapin::Channel, tag: u64) {
+    channel
+        .basic_ack(tag, BasicAckOptions { multiple: true })
+        .await
+        .expect("ack");
+}
