@@ -262,3 +262,57 @@ async fn a_blocked_publish_connection_is_recorded_in_the_registry() {
     node.stop().await.expect("orderly stop");
     drop(broker);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_consumer_loses_its_lease_and_its_channel() {
+    use warren_runtime::assignments::{ChannelKind, LeaseEvent};
+    let name = unique_node("dead-consumer");
+    let node = start_node(config(&name, &[local_uri()], "prechannels = 2")).await;
+    let assignments = node.context().assignments.clone();
+    let (client, mut events) = assignments
+        .register("doomed", ChannelKind::Float)
+        .expect("register");
+    let lease = match tokio::time::timeout(SOON, events.next()).await {
+        Ok(Some(LeaseEvent::Granted(lease))) => lease,
+        _ => panic!("no lease granted"),
+    };
+    assert_eq!(lease.generation, 1);
+    let consume_name = format!("{name}/consume");
+    let channels = |expected: u32| {
+        let consume_name = consume_name.clone();
+        move || channel_count(local_ctl, &consume_name).is_ok_and(|n| n == expected)
+    };
+    assert!(
+        blocking({
+            let check = channels(3);
+            move || warren_test_support::eventually_blocking(SOON, check)
+        })
+        .await,
+        "2 prechannels + the leased one"
+    );
+
+    // The consumer dies without releasing anything (it even keeps a clone of the channel):
+    // assignments notices and closes the channel itself.
+    drop(events);
+    drop(client);
+    assert!(
+        common::until(SOON, || async {
+            assignments
+                .inspect()
+                .await
+                .is_ok_and(|r| r.leases.is_empty() && r.reservations.is_empty())
+        })
+        .await,
+        "the lease is released"
+    );
+    assert!(
+        blocking({
+            let check = channels(2);
+            move || warren_test_support::eventually_blocking(SOON, check)
+        })
+        .await,
+        "its channel is closed on the broker"
+    );
+    assert!(!lease.channel.status().connected());
+    node.stop().await.expect("orderly stop");
+}
