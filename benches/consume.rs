@@ -9,16 +9,12 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use futures::{FutureExt, StreamExt};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
 use warren_listeners::{AppContext, Event, Listener, ListenerSpec, QueueSpec, spawn_listener};
-use warren_runtime::config::{AppConfig, Config};
+use warren_runtime::config::AppConfig;
 use warren_runtime::node::Node;
 
 const MESSAGES: usize = 200_000;
@@ -31,13 +27,13 @@ const EXCHANGE: &str = "warren-bench-consume";
 async fn main() {
     let setup = common::connect("bench-consume/setup").await;
     let channel = setup.create_channel().await.expect("channel");
-    let node = start_node().await;
+    let node = common::start_node("consume", "").await;
     let queue = format!("warren-bench-consume-{}", std::process::id());
     let (mut lapin_rates, mut warren_rates) = (Vec::new(), Vec::new());
     for round in 1..=ROUNDS {
         common::fresh_queue(&channel, EXCHANGE, &queue).await;
         common::prepublish(&channel, EXCHANGE, MESSAGES, SIZE).await;
-        let lapin = lapin_consumer(&queue).await;
+        let lapin = common::fast_lapin_consumer(&queue, MESSAGES, PREFETCH).await;
         common::fresh_queue(&channel, EXCHANGE, &queue).await;
         common::prepublish(&channel, EXCHANGE, MESSAGES, SIZE).await;
         let warren = warren_listener(&node, &queue).await;
@@ -51,77 +47,6 @@ async fn main() {
     let _ = node.stop().await;
     let (warren, lapin) = (common::median(warren_rates), common::median(lapin_rates));
     common::report("consume", warren, lapin, warren / lapin);
-}
-
-async fn start_node() -> Node {
-    let text = format!(
-        "[service]\nnode = \"bench-consume-{}\"\n[zones.local]\nbrokers = [\"{}\"]\n",
-        std::process::id(),
-        common::broker_uri()
-    );
-    let config = Config::parse(&text, Path::new("bench.ini"), &[], None).expect("bench config");
-    Node::start(config, |_| Vec::new())
-        .await
-        .expect("node starts")
-}
-
-/// The fastest plain lapin consumer: manual acks coalesced with `multiple = true`.
-async fn lapin_consumer(queue: &str) -> f64 {
-    let connection = common::connect("bench-consume/lapin").await;
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
-        .await
-        .expect("qos");
-    let mut consumer = channel
-        .basic_consume(
-            queue.into(),
-            "bench-lapin".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
-    let batch = usize::from(PREFETCH / 4);
-    let mut started = None;
-    let mut received = 0;
-    while received < MESSAGES {
-        // Wait for one delivery, take every one already there, then ack them all at once
-        // (also every `batch`, so the broker keeps sending).
-        let mut last = next_tag(consumer.next().await);
-        started.get_or_insert_with(Instant::now);
-        received += 1;
-        let mut unacked = 1;
-        while received < MESSAGES {
-            let Some(item) = consumer.next().now_or_never() else {
-                break;
-            };
-            last = next_tag(item);
-            received += 1;
-            unacked += 1;
-            if unacked == batch {
-                ack_upto(&channel, last).await;
-                unacked = 0;
-            }
-        }
-        if unacked > 0 {
-            ack_upto(&channel, last).await;
-        }
-    }
-    let elapsed = started.map_or(Duration::ZERO, |s| s.elapsed());
-    let _ = connection.close(200, "done".into()).await;
-    common::rate(MESSAGES, elapsed)
-}
-
-fn next_tag(item: Option<lapin::Result<lapin::message::Delivery>>) -> u64 {
-    item.expect("stream open").expect("delivery").delivery_tag
-}
-
-async fn ack_upto(channel: &lapin::Channel, tag: u64) {
-    channel
-        .basic_ack(tag, BasicAckOptions { multiple: true })
-        .await
-        .expect("ack");
 }
 
 /// A no-op listener: one responder that counts.

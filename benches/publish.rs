@@ -6,13 +6,11 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Instant;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use warren_runtime::config::Config;
 use warren_runtime::envelope::{Envelope, publish_properties};
 use warren_runtime::node::Node;
 
@@ -27,7 +25,11 @@ async fn main() {
     let setup = common::connect("bench-publish/setup").await;
     let channel = setup.create_channel().await.expect("channel");
     let queue = format!("warren-bench-publish-{}", std::process::id());
-    let node = start_node().await;
+    let node = common::start_node(
+        "publish",
+        &format!("[publisher]\nconfirm_window = {WINDOW}"),
+    )
+    .await;
     let (mut lapin_rates, mut warren_rates) = (Vec::new(), Vec::new());
     for round in 1..=ROUNDS {
         common::fresh_queue(&channel, EXCHANGE, &queue).await;
@@ -44,18 +46,6 @@ async fn main() {
     let _ = node.stop().await;
     let (warren, lapin) = (common::median(warren_rates), common::median(lapin_rates));
     common::report("publish", warren, lapin, warren / lapin);
-}
-
-async fn start_node() -> Node {
-    let text = format!(
-        "[service]\nnode = \"bench-publish-{}\"\n[publisher]\nconfirm_window = {WINDOW}\n[zones.local]\nbrokers = [\"{}\"]\n",
-        std::process::id(),
-        common::broker_uri()
-    );
-    let config = Config::parse(&text, Path::new("bench.ini"), &[], None).expect("bench config");
-    Node::start(config, |_| Vec::new())
-        .await
-        .expect("node starts")
 }
 
 fn envelope(i: usize) -> Envelope {

@@ -11,22 +11,18 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use warren_listeners::{ConfigRouter, RouterEvent};
 use warren_runtime::conf::{DocAction, DocUpdate};
-use warren_runtime::config::Config;
 use warren_runtime::envelope::publish_properties;
-use warren_runtime::node::Node;
 
 const EVENTS: usize = 100_000;
 const SUBSCRIBERS: usize = 100;
@@ -43,7 +39,13 @@ const ROUNDS: usize = 3;
 #[tokio::main]
 async fn main() {
     let exchange = format!("warren-bench-conf-{}", std::process::id());
-    let node = start_node(&exchange).await;
+    let node = common::start_node(
+        "router",
+        &format!(
+            "[amqp]\nprefetch = {PREFETCH}\n[router]\nexchange = \"{exchange}\"\nbuffer = {EVENTS}"
+        ),
+    )
+    .await;
     let router = ConfigRouter::new(node.context());
     router.spawn().await.expect("router starts");
     assert!(
@@ -108,7 +110,7 @@ async fn main() {
         );
         publish_events(&exchange).await;
 
-        let lapin = lapin_consumer(&queue).await;
+        let lapin = common::fast_lapin_consumer(&queue, EVENTS, PREFETCH).await;
         let before: Vec<u64> = received.iter().map(|r| r.load(Ordering::Relaxed)).collect();
         let started = Instant::now();
         router.listener().resume().await.expect("resume the router");
@@ -149,18 +151,6 @@ async fn main() {
     common::report("router", warren, lapin, warren / lapin);
 }
 
-async fn start_node(exchange: &str) -> Node {
-    let text = format!(
-        "[service]\nnode = \"bench-router-{}\"\n[amqp]\nprefetch = {PREFETCH}\n[router]\nexchange = \"{exchange}\"\nbuffer = {EVENTS}\n[zones.local]\nbrokers = [\"{}\"]\n",
-        std::process::id(),
-        common::broker_uri()
-    );
-    let config = Config::parse(&text, Path::new("bench.ini"), &[], None).expect("bench config");
-    Node::start(config, |_| Vec::new())
-        .await
-        .expect("node starts")
-}
-
 /// Publishes the events once (confirmed, pipelined); both queues get them.
 async fn publish_events(exchange: &str) {
     let connection = common::connect("bench-router/publisher").await;
@@ -197,61 +187,4 @@ async fn publish_events(exchange: &str) {
         confirm.await.expect("confirm");
     }
     let _ = connection.close(200, "done".into()).await;
-}
-
-/// The fastest plain lapin consumer (as in the consume benchmark).
-async fn lapin_consumer(queue: &str) -> f64 {
-    let connection = common::connect("bench-router/lapin").await;
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
-        .await
-        .expect("qos");
-    let mut consumer = channel
-        .basic_consume(
-            queue.into(),
-            "bench".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
-    let batch = usize::from(PREFETCH / 4);
-    let mut started = None;
-    let mut received = 0;
-    while received < EVENTS {
-        let mut last = tag(consumer.next().await);
-        started.get_or_insert_with(Instant::now);
-        received += 1;
-        let mut unacked = 1;
-        while received < EVENTS {
-            let Some(item) = consumer.next().now_or_never() else {
-                break;
-            };
-            last = tag(item);
-            received += 1;
-            unacked += 1;
-            if unacked == batch {
-                ack(&channel, last).await;
-                unacked = 0;
-            }
-        }
-        if unacked > 0 {
-            ack(&channel, last).await;
-        }
-    }
-    let elapsed = started.map_or(Duration::ZERO, |s| s.elapsed());
-    let _ = connection.close(200, "done".into()).await;
-    common::rate(EVENTS, elapsed)
-}
-
-fn tag(item: Option<lapin::Result<lapin::message::Delivery>>) -> u64 {
-    item.expect("stream open").expect("delivery").delivery_tag
-}
-
-async fn ack(channel: &lapin::Channel, tag: u64) {
-    channel
-        .basic_ack(tag, BasicAckOptions { multiple: true })
-        .await
-        .expect("ack");
 }

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +20,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ExchangeKind};
 use tokio::sync::Mutex;
 use warren_listeners::{AppContext, ListenerPool};
-use warren_runtime::config::{AppConfig, Config, PoolConfig};
+use warren_runtime::config::{AppConfig, PoolConfig};
 use warren_runtime::envelope::{Envelope, publish_properties};
 use warren_runtime::node::Node;
 
@@ -34,7 +33,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 #[tokio::main]
 async fn main() {
     let responder = start_responder().await;
-    let node = start_node().await;
+    let node = common::start_node("rpc", "").await;
     let pool = start_pool(&node).await;
     let lapin = LapinClient::connect("bench-rpc/lapin").await;
 
@@ -253,18 +252,6 @@ impl LapinClient {
             }
         }
     }
-}
-
-async fn start_node() -> Node {
-    let text = format!(
-        "[service]\nnode = \"bench-rpc-{}\"\n[zones.local]\nbrokers = [\"{}\"]\n",
-        std::process::id(),
-        common::broker_uri()
-    );
-    let config = Config::parse(&text, Path::new("bench.ini"), &[], None).expect("bench config");
-    Node::start(config, |_| Vec::new())
-        .await
-        .expect("node starts")
 }
 
 async fn start_pool(node: &Node) -> ListenerPool {

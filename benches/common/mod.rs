@@ -130,3 +130,82 @@ pub fn report(bench: &str, warren: f64, lapin: f64, ratio: f64) {
         "{{\"bench\":\"{bench}\",\"warren\":{warren:.1},\"lapin\":{lapin:.1},\"ratio\":{ratio:.3}}}"
     );
 }
+
+/// A node with no apps for a benchmark; `extra` is more config.ini text.
+pub async fn start_node(label: &str, extra: &str) -> warren_runtime::node::Node {
+    let text = format!(
+        "[service]\nnode = \"bench-{label}-{}\"\n{extra}\n[zones.local]\nbrokers = [\"{}\"]\n",
+        std::process::id(),
+        broker_uri()
+    );
+    let config =
+        warren_runtime::config::Config::parse(&text, std::path::Path::new("bench.ini"), &[], None)
+            .expect("bench config");
+    warren_runtime::node::Node::start(config, |_| Vec::new())
+        .await
+        .expect("node starts")
+}
+
+/// The fastest plain lapin consumer: manual acks coalesced with `multiple = true` (it
+/// takes every delivery already there, then acks them all at once, and at least every
+/// quarter of the prefetch). Consumes `count` messages; messages per second from the
+/// first delivery to the last ack.
+pub async fn fast_lapin_consumer(queue: &str, count: usize, prefetch: u16) -> f64 {
+    use futures::{FutureExt, StreamExt};
+    use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+
+    let connection = connect("bench/lapin-consumer").await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "bench-lapin".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let tag = |item: Option<lapin::Result<lapin::message::Delivery>>| {
+        item.expect("stream open").expect("delivery").delivery_tag
+    };
+    let ack = |tag: u64| {
+        let channel = channel.clone();
+        async move {
+            channel
+                .basic_ack(tag, BasicAckOptions { multiple: true })
+                .await
+                .expect("ack");
+        }
+    };
+    let batch = usize::from(prefetch / 4).max(1);
+    let mut started = None;
+    let mut received = 0;
+    while received < count {
+        let mut last = tag(consumer.next().await);
+        started.get_or_insert_with(std::time::Instant::now);
+        received += 1;
+        let mut unacked = 1;
+        while received < count {
+            let Some(item) = consumer.next().now_or_never() else {
+                break;
+            };
+            last = tag(item);
+            received += 1;
+            unacked += 1;
+            if unacked == batch {
+                ack(last).await;
+                unacked = 0;
+            }
+        }
+        if unacked > 0 {
+            ack(last).await;
+        }
+    }
+    let elapsed = started.map_or(Duration::ZERO, |s| s.elapsed());
+    let _ = connection.close(200, "done".into()).await;
+    rate(count, elapsed)
+}
