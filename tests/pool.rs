@@ -156,13 +156,13 @@ async fn every_rpc_outcome() {
             &exchange,
             "rpc.only-defer",
             Envelope::new("rpc", "only-defer"),
-            Duration::from_millis(600),
+            Duration::from_millis(1500),
         )
         .await
         .expect("the deferred reply");
     assert_eq!(reply.get_str("Payload"), Some("deferred"));
     assert!(
-        started.elapsed() >= Duration::from_millis(580),
+        started.elapsed() >= Duration::from_millis(1480),
         "held until the timeout"
     );
 
@@ -204,7 +204,7 @@ async fn every_rpc_outcome() {
             "rpc.three",
             Envelope::new("rpc", "three"),
             Until::Count(4),
-            Duration::from_millis(500),
+            Duration::from_millis(1500),
         )
         .await
         .expect("collect");
@@ -329,11 +329,16 @@ async fn the_three_oslo_patterns() {
                 &exchange,
                 "group.who",
                 who(),
-                Until::Timeout,
-                Duration::from_millis(300),
+                Until::Count(2),
+                Duration::from_millis(1500),
             )
             .await
             .expect("collect");
+        assert_eq!(
+            collected.ended,
+            CollectEnd::Timeout,
+            "a second answer never comes"
+        );
         assert_eq!(collected.replies.len(), 1, "exactly one member answers");
         answered.insert(
             collected.replies[0]
@@ -372,7 +377,7 @@ async fn the_three_oslo_patterns() {
 async fn checkout_fails_with_pool_full_and_idle_overflow_retires() {
     let name = unique_node("poolfull");
     let node = start_node(config(&name, &[local_uri()], "")).await;
-    let pool = pool(&node, "full", 2, 1, 300, 400).await;
+    let pool = pool(&node, "full", 2, 1, 1000, 400).await;
     let mut leases = Vec::new();
     for _ in 0..3 {
         leases.push(pool.checkout().await.expect("size + overflow leases"));
@@ -387,7 +392,7 @@ async fn checkout_fails_with_pool_full_and_idle_overflow_retires() {
         full.err()
     );
     assert!(
-        started.elapsed() >= Duration::from_millis(280),
+        started.elapsed() >= Duration::from_millis(980),
         "waited for the checkout timeout"
     );
     assert!(
