@@ -96,28 +96,7 @@ async fn start_responder() -> Connection {
     let channel = connection.create_channel().await.expect("channel");
     declare(&channel).await;
     let queue = format!("warren-bench-rpc-{}", std::process::id());
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("queue");
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            EXCHANGE.into(),
-            "ping".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
+    bound_queue(&channel, &queue, EXCHANGE, "ping").await;
     let mut consumer = channel
         .basic_consume(
             queue.as_str().into(),
@@ -153,6 +132,32 @@ async fn start_responder() -> Connection {
     connection
 }
 
+/// An exclusive, auto-deleted queue bound to `exchange` with `key`.
+async fn bound_queue(channel: &Channel, queue: &str, exchange: &str, key: &str) {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue");
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+}
+
 async fn declare(channel: &Channel) {
     for (name, kind) in [
         (EXCHANGE, ExchangeKind::Topic),
@@ -184,28 +189,7 @@ impl LapinClient {
         let channel = connection.create_channel().await.expect("channel");
         declare(&channel).await;
         let queue = format!("{name}-{}", warren_runtime::envelope::new_msg_id());
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("queue");
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                "targeted".into(),
-                queue.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind");
+        bound_queue(&channel, &queue, "targeted", &queue).await;
         let replies = channel
             .basic_consume(
                 queue.as_str().into(),

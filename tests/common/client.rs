@@ -46,39 +46,7 @@ impl Client {
             .await
             .expect("targeted exchange");
         let queue = format!("{name}-replies");
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("reply queue");
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                "targeted".into(),
-                queue.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind reply queue");
-        let replies = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "replies".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume replies");
+        let replies = reply_queue(&channel, &queue, false).await;
         Client {
             connection,
             channel,
@@ -212,40 +180,7 @@ impl Client {
 pub async fn one_shot_call(connection: &Connection, exchange: &str, n: usize) {
     let channel = connection.create_channel().await.expect("channel");
     let queue = format!("one-shot-{}", warren_runtime::envelope::new_msg_id());
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("reply queue");
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            "targeted".into(),
-            queue.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
-    let mut replies = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "reply".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
+    let mut replies = reply_queue(&channel, &queue, true).await;
     let mut request = Envelope::new("rpc", "echo")
         .with("Payload", n)
         .with("Server-ID", queue.as_str());
@@ -268,4 +203,43 @@ pub async fn one_shot_call(connection: &Connection, exchange: &str, n: usize) {
     let reply = Envelope::decode(&reply.data, None, None).expect("reply envelope");
     assert_eq!(reply.get("Payload"), Some(&serde_json::json!(n)));
     let _ = channel.close(200, "done".into()).await;
+}
+
+/// Declares a reply queue (auto-deleted), binds it to `targeted` with its own name, and
+/// consumes it without acks.
+async fn reply_queue(channel: &Channel, queue: &str, exclusive: bool) -> Consumer {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                exclusive,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("reply queue");
+    channel
+        .queue_bind(
+            queue.into(),
+            "targeted".into(),
+            queue.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind the reply queue");
+    channel
+        .basic_consume(
+            queue.into(),
+            "replies".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume replies")
 }
