@@ -15,14 +15,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
-};
+use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use warren_listeners::{ConfigRouter, RouterEvent};
 use warren_runtime::conf::{DocAction, DocUpdate};
-use warren_runtime::envelope::publish_properties;
 
 const EVENTS: usize = 100_000;
 const SUBSCRIBERS: usize = 100;
@@ -155,36 +151,13 @@ async fn main() {
 async fn publish_events(exchange: &str) {
     let connection = common::connect("bench-router/publisher").await;
     let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
-    let mut confirms = Vec::with_capacity(1000);
-    for i in 0..EVENTS {
+    let events = (0..EVENTS).map(|i| {
         let update = DocUpdate::doc(DocAction::Edited, "bench", "user", format!("id{i}"));
         let mut envelope = update.envelope();
         envelope.set("Node", "bench@publisher");
         envelope.ensure_msg_id();
-        confirms.push(
-            channel
-                .basic_publish(
-                    exchange.into(),
-                    update.routing_key().as_str().into(),
-                    BasicPublishOptions::default(),
-                    &envelope.encode(),
-                    publish_properties(false),
-                )
-                .await
-                .expect("publish"),
-        );
-        if confirms.len() == 1000 {
-            for confirm in confirms.drain(..) {
-                confirm.await.expect("confirm");
-            }
-        }
-    }
-    for confirm in confirms {
-        confirm.await.expect("confirm");
-    }
+        (update.routing_key(), envelope.encode())
+    });
+    common::publish_all(&channel, exchange, events).await;
     let _ = connection.close(200, "done".into()).await;
 }

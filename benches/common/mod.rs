@@ -83,18 +83,32 @@ pub async fn fresh_queue(channel: &Channel, exchange: &str, queue: &str) {
 
 /// Publishes `count` envelopes of `size` bytes (confirmed, pipelined).
 pub async fn prepublish(channel: &Channel, exchange: &str, count: usize, size: usize) {
+    let messages = (0..count).map(|i| {
+        (
+            "bench".to_string(),
+            envelope_of_size("bench", "msg", i, size),
+        )
+    });
+    publish_all(channel, exchange, messages).await;
+}
+
+/// Publishes (routing key, body) pairs with confirms, 1000 in flight at a time.
+pub async fn publish_all(
+    channel: &Channel,
+    exchange: &str,
+    messages: impl Iterator<Item = (String, Vec<u8>)>,
+) {
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirms");
     let mut confirms = Vec::with_capacity(1000);
-    for i in 0..count {
-        let body = envelope_of_size("bench", "msg", i, size);
+    for (routing_key, body) in messages {
         confirms.push(
             channel
                 .basic_publish(
                     exchange.into(),
-                    "bench".into(),
+                    routing_key.as_str().into(),
                     BasicPublishOptions::default(),
                     &body,
                     publish_properties(false),

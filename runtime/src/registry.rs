@@ -534,5 +534,16 @@ brokers = ["amqp://a:5672/%2f", { uri = "amqp://b:5672/%2f", tags = ["reports", 
         assert_eq!(tagged("west"), ["w"]);
         assert!(tagged("Reports").is_empty(), "tags are case-sensitive");
         assert!(registry.brokers()[0].tags.is_empty());
+        let in_zone = |zone: &str| -> Vec<String> {
+            registry
+                .brokers_in_zone(zone)
+                .iter()
+                .map(|b| b.uri.host().to_string())
+                .collect()
+        };
+        assert_eq!(in_zone("local"), ["a", "b"], "config order");
+        assert_eq!(in_zone("west"), ["w"]);
+        assert!(in_zone("east").is_empty());
+        assert!(registry.primary().is_none(), "nothing is available yet");
     }
 }
