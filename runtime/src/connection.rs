@@ -299,6 +299,32 @@ async fn open_connection(
     }
 }
 
+/// Opens a channel on `connection` for a caller and answers it, without making the actor
+/// wait for the broker.
+fn open_for(
+    connection: Arc<Connection>,
+    broker: BrokerId,
+    generation: u64,
+    name: String,
+    reply: RpcReplyPort<Result<TakenChannel, ChannelError>>,
+) {
+    tokio::spawn(async move {
+        let result = connection
+            .create_channel()
+            .await
+            .map(|channel| TakenChannel {
+                channel,
+                broker,
+                generation,
+            })
+            .map_err(|error| ChannelError::Open {
+                broker: name,
+                error: error.to_string(),
+            });
+        let _ = reply.send(result);
+    });
+}
+
 /// Forwards every event of one connection to the actor, so lapin's queue never grows.
 fn drain_events(
     connection: &Connection,
@@ -502,23 +528,13 @@ impl Actor for ConnectionActor {
                     }
                 }
                 // Buffer empty: open one for this caller without making the actor wait.
-                let connection = link.consume.clone();
-                let name = state.broker_name();
-                tokio::spawn(async move {
-                    let result = connection
-                        .create_channel()
-                        .await
-                        .map(|channel| TakenChannel {
-                            channel,
-                            broker,
-                            generation,
-                        })
-                        .map_err(|error| ChannelError::Open {
-                            broker: name,
-                            error: error.to_string(),
-                        });
-                    let _ = reply.send(result);
-                });
+                open_for(
+                    link.consume.clone(),
+                    broker,
+                    generation,
+                    state.broker_name(),
+                    reply,
+                );
                 state.refill(&myself);
             }
             ConnectionMsg::OpenPublishChannel(reply) => {
@@ -526,25 +542,13 @@ impl Actor for ConnectionActor {
                     let _ = reply.send(Err(state.not_connected()));
                     return Ok(());
                 };
-                let connection = link.publish.clone();
-                let broker = state.broker.id;
-                let generation = link.generation;
-                let name = state.broker_name();
-                tokio::spawn(async move {
-                    let result = connection
-                        .create_channel()
-                        .await
-                        .map(|channel| TakenChannel {
-                            channel,
-                            broker,
-                            generation,
-                        })
-                        .map_err(|error| ChannelError::Open {
-                            broker: name,
-                            error: error.to_string(),
-                        });
-                    let _ = reply.send(result);
-                });
+                open_for(
+                    link.publish.clone(),
+                    state.broker.id,
+                    link.generation,
+                    state.broker_name(),
+                    reply,
+                );
             }
             ConnectionMsg::Inspect(reply) => {
                 let _ = reply.send(state.report());
