@@ -55,6 +55,9 @@ pub struct Config {
     pub publisher: PublisherConfig,
     /// `[pool]`: the defaults every app's pool started from.
     pub pool: PoolConfig,
+    /// `[exchanges.*]` sorted by name: declaration flags an operator fixed for exchanges
+    /// that warren or an app declares (e.g. to match what a Kazoo deployment declared).
+    pub exchanges: Vec<ExchangeOverride>,
     /// `[apps.*]` sorted by name; an app without a section is not here and does not run.
     pub apps: Vec<AppConfig>,
 }
@@ -91,6 +94,9 @@ pub struct AmqpConfig {
     pub startup_timeout: Duration,
     /// Channels opened ahead on each connection.
     pub prechannels: usize,
+    /// Bound for one broker operation (channel open, declare, bind, unbind, qos, consume,
+    /// cancel, delete, confirm.select); one that takes longer counts as a lost channel.
+    pub operation_timeout: Duration,
 }
 
 /// One `[zones.<name>]`: a group of brokers.
@@ -133,6 +139,17 @@ pub struct ListenerConfig {
     pub stop_timeout: Duration,
     /// How long a publish from a handler waits for the broker's confirm.
     pub publish_timeout: Duration,
+    /// Largest message body a listener accepts, before and after gzip decoding; a larger
+    /// one is rejected unread (parked).
+    pub max_message_bytes: usize,
+    /// Longest a fail-back drain of an old queue on another broker may take.
+    pub drain_timeout: Duration,
+    /// After a fail-back, how long a listener keeps consuming the named queue it left on
+    /// the old broker, for messages other publishers still send there.
+    pub fail_back_watch: Duration,
+    /// `x-expires` of anonymous queues: how long the broker keeps one that nobody uses
+    /// (its listener died); a live listener re-declares its queue well within this.
+    pub anonymous_queue_expiry: Duration,
 }
 
 /// How publishing behaves (`[publisher]`).
@@ -158,6 +175,21 @@ pub struct RouterConfig {
     pub exchange: String,
     /// Events buffered per subscriber; one that falls further behind gets a `Resync`.
     pub buffer: usize,
+}
+
+/// One `[exchanges.<name>]`: flags that override the declaration of exchange `name`.
+///
+/// It exists because an exchange's flags are fixed on the broker by whoever declared it
+/// first (a Kazoo deployment declares its exchanges transient): a declare with other flags
+/// is refused (406), so the operator states the flags the broker already has.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExchangeOverride {
+    /// The exchange's name.
+    pub name: String,
+    /// Survives a broker restart; `None` keeps what the declaring code asks for.
+    pub durable: Option<bool>,
+    /// Deleted with its last binding; `None` keeps what the declaring code asks for.
+    pub auto_delete: Option<bool>,
 }
 
 /// Sizing of one listener pool.
@@ -235,6 +267,11 @@ impl Config {
             .iter()
             .find(|zone| zone.local)
             .unwrap_or(&self.zones[0])
+    }
+
+    /// The operator's flags for exchange `name`, if the file has an `[exchanges.<name>]`.
+    pub fn exchange(&self, name: &str) -> Option<&ExchangeOverride> {
+        self.exchanges.iter().find(|exchange| exchange.name == name)
     }
 
     /// The section of app `name`, if the file has one.

@@ -52,6 +52,11 @@ fn write_config(out: &mut String, config: &Config) -> fmt::Result {
         amqp.startup_timeout.as_secs()
     )?;
     writeln!(out, "prechannels = {}", amqp.prechannels)?;
+    writeln!(
+        out,
+        "operation_timeout_ms = {}",
+        amqp.operation_timeout.as_millis()
+    )?;
 
     for zone in &config.zones {
         let brokers: Vec<String> = zone.brokers.iter().map(broker).collect();
@@ -72,6 +77,22 @@ fn write_config(out: &mut String, config: &Config) -> fmt::Result {
         "publish_timeout_ms = {}",
         listener.publish_timeout.as_millis()
     )?;
+    writeln!(out, "max_message_bytes = {}", listener.max_message_bytes)?;
+    writeln!(
+        out,
+        "drain_timeout_ms = {}",
+        listener.drain_timeout.as_millis()
+    )?;
+    writeln!(
+        out,
+        "fail_back_watch_ms = {}",
+        listener.fail_back_watch.as_millis()
+    )?;
+    writeln!(
+        out,
+        "anonymous_queue_expiry_ms = {}",
+        listener.anonymous_queue_expiry.as_millis()
+    )?;
 
     let publisher = &config.publisher;
     writeln!(out, "\n[publisher]")?;
@@ -84,6 +105,16 @@ fn write_config(out: &mut String, config: &Config) -> fmt::Result {
 
     writeln!(out, "\n[pool]")?;
     pool_lines(out, "", &config.pool)?;
+
+    for exchange in &config.exchanges {
+        writeln!(out, "\n[exchanges.{}]", segment(&exchange.name))?;
+        if let Some(durable) = exchange.durable {
+            writeln!(out, "durable = {durable}")?;
+        }
+        if let Some(auto_delete) = exchange.auto_delete {
+            writeln!(out, "auto_delete = {auto_delete}")?;
+        }
+    }
 
     for app in &config.apps {
         writeln!(out, "\n[apps.{}]", segment(&app.name))?;

@@ -32,12 +32,22 @@ pub(super) const RECONNECT_MAX_MS: u64 = 5000;
 pub(super) const STARTUP_TIMEOUT_SECS: u64 = 30;
 /// `[amqp] prechannels`.
 pub(super) const PRECHANNELS: usize = 10;
+/// `[amqp] operation_timeout_ms`.
+pub(super) const OPERATION_TIMEOUT_MS: u64 = 5000;
 /// `[listener] max_redeliveries`.
 pub(super) const MAX_REDELIVERIES: u32 = 5;
 /// `[listener] stop_timeout_ms`.
 pub(super) const STOP_TIMEOUT_MS: u64 = 5000;
 /// `[listener] publish_timeout_ms`.
 pub(super) const PUBLISH_TIMEOUT_MS: u64 = 5000;
+/// `[listener] max_message_bytes` (16 MiB).
+pub(super) const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// `[listener] drain_timeout_ms`.
+pub(super) const DRAIN_TIMEOUT_MS: u64 = 30_000;
+/// `[listener] fail_back_watch_ms`.
+pub(super) const FAIL_BACK_WATCH_MS: u64 = 30_000;
+/// `[listener] anonymous_queue_expiry_ms` (10 minutes).
+pub(super) const ANONYMOUS_QUEUE_EXPIRY_MS: u32 = 600_000;
 /// `[publisher] timeout_ms`.
 pub(super) const PUBLISHER_TIMEOUT_MS: u64 = 5000;
 /// `[publisher] confirm_window`.
@@ -74,6 +84,9 @@ pub(super) struct RawConfig {
     pub router: RawRouter,
     #[serde(default)]
     pub pool: RawPool,
+    /// `[exchanges.<name>]`, keyed by the exchange name with its span in the file.
+    #[serde(default)]
+    pub exchanges: BTreeMap<Spanned<String>, RawExchange>,
     /// `[apps.<name>]`, keyed by the app name with its span in the file.
     #[serde(default)]
     pub apps: BTreeMap<Spanned<String>, RawApp>,
@@ -99,6 +112,7 @@ pub(super) struct RawAmqp {
     pub reconnect_max_ms: Option<Spanned<u64>>,
     pub startup_timeout_secs: Option<Spanned<u64>>,
     pub prechannels: Option<usize>,
+    pub operation_timeout_ms: Option<Spanned<u64>>,
 }
 
 /// `[zones.<name>]`.
@@ -169,6 +183,10 @@ pub(super) struct RawListener {
     pub max_redeliveries: Option<u32>,
     pub stop_timeout_ms: Option<Spanned<u64>>,
     pub publish_timeout_ms: Option<Spanned<u64>>,
+    pub max_message_bytes: Option<Spanned<usize>>,
+    pub drain_timeout_ms: Option<Spanned<u64>>,
+    pub fail_back_watch_ms: Option<Spanned<u64>>,
+    pub anonymous_queue_expiry_ms: Option<Spanned<u32>>,
 }
 
 /// `[publisher]`.
@@ -195,6 +213,14 @@ pub(super) struct RawPool {
     pub overflow: Option<usize>,
     pub checkout_timeout_ms: Option<Spanned<u64>>,
     pub idle_timeout_ms: Option<Spanned<u64>>,
+}
+
+/// `[exchanges.<name>]`: declaration flags that override what warren or an app declares.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawExchange {
+    pub durable: Option<bool>,
+    pub auto_delete: Option<bool>,
 }
 
 /// `[apps.<name>]`.

@@ -187,6 +187,8 @@ fn absent_sections_take_the_defaults() {
     assert_eq!(amqp.reconnect_max, Duration::from_millis(5000));
     assert_eq!(amqp.startup_timeout, Duration::from_secs(30));
     assert_eq!(amqp.prechannels, 10);
+    assert_eq!(amqp.operation_timeout, Duration::from_millis(5000));
+    assert!(config.exchanges.is_empty());
     assert_eq!(
         config.pool,
         PoolConfig {
@@ -202,6 +204,10 @@ fn absent_sections_take_the_defaults() {
             max_redeliveries: 5,
             stop_timeout: Duration::from_millis(5000),
             publish_timeout: Duration::from_millis(5000),
+            max_message_bytes: 16 * 1024 * 1024,
+            drain_timeout: Duration::from_millis(30_000),
+            fail_back_watch: Duration::from_millis(30_000),
+            anonymous_queue_expiry: Duration::from_millis(600_000),
         }
     );
     assert_eq!(
@@ -890,6 +896,26 @@ fn zero_values_are_refused() {
         ("[pool]\nidle_timeout_ms = 0\n", "pool.idle_timeout_ms", 19),
         ("[router]\nbuffer = 0\n", "router.buffer", 10),
         (
+            "[amqp]\noperation_timeout_ms = 0\n",
+            "amqp.operation_timeout_ms",
+            24,
+        ),
+        (
+            "[listener]\nmax_message_bytes = 0\n",
+            "listener.max_message_bytes",
+            21,
+        ),
+        (
+            "[listener]\ndrain_timeout_ms = 0\n",
+            "listener.drain_timeout_ms",
+            20,
+        ),
+        (
+            "[listener]\nanonymous_queue_expiry_ms = 0\n",
+            "listener.anonymous_queue_expiry_ms",
+            29,
+        ),
+        (
             "[service]\nshutdown_timeout_secs = 0\n",
             "service.shutdown_timeout_secs",
             25,
@@ -1082,4 +1108,53 @@ fn an_empty_router_exchange_is_refused() {
         "{}",
         refusal.message
     );
+}
+
+#[test]
+fn fault_handling_keys_are_read() {
+    let text = format!(
+        "[amqp]\noperation_timeout_ms = 750\n\
+         [listener]\nmax_message_bytes = 1024\ndrain_timeout_ms = 900\n\
+         fail_back_watch_ms = 0\nanonymous_queue_expiry_ms = 60000\n\
+         [exchanges.targeted]\ndurable = false\n\
+         [exchanges.\"callmgr\"]\nauto_delete = true\n{LOCAL_ZONE}"
+    );
+    let config = parse(&text).unwrap();
+    assert_eq!(config.amqp.operation_timeout, Duration::from_millis(750));
+    let listener = &config.listener;
+    assert_eq!(listener.max_message_bytes, 1024);
+    assert_eq!(listener.drain_timeout, Duration::from_millis(900));
+    assert_eq!(listener.fail_back_watch, Duration::ZERO, "0 = no watch");
+    assert_eq!(listener.anonymous_queue_expiry, Duration::from_secs(60));
+    assert_eq!(
+        config.exchange("targeted"),
+        Some(&ExchangeOverride {
+            name: "targeted".to_string(),
+            durable: Some(false),
+            auto_delete: None,
+        })
+    );
+    assert_eq!(config.exchange("callmgr").and_then(|e| e.auto_delete), Some(true));
+    assert!(config.exchange("echo").is_none());
+    let effective = config.effective_toml();
+    assert!(effective.contains("[exchanges.targeted]\ndurable = false\n"), "{effective}");
+    assert!(effective.contains("operation_timeout_ms = 750"), "{effective}");
+    let again = parse(&effective).unwrap();
+    assert_eq!(again.exchanges, config.exchanges);
+    assert_eq!(again.listener, config.listener);
+}
+
+#[test]
+fn bad_fault_handling_values_are_located() {
+    let refusal = refuse(
+        &format!("[listener]\nanonymous_queue_expiry_ms = 5000000000\n{LOCAL_ZONE}"),
+        None,
+    );
+    assert_at(&refusal, 2, 29, "listener.anonymous_queue_expiry_ms", "");
+    let refusal = refuse(&format!("[exchanges.targeted]\ndurable = \"yes\"\n{LOCAL_ZONE}"), None);
+    assert_at(&refusal, 2, 11, "exchanges.targeted.durable", "wrong type");
+    let refusal = refuse(&format!("[exchanges.targeted]\ndurabel = true\n{LOCAL_ZONE}"), None);
+    assert_at(&refusal, 2, 1, "exchanges.targeted.durabel", "did you mean `durable`");
+    let refusal = refuse(&format!("[exchanges.\"\"]\ndurable = true\n{LOCAL_ZONE}"), None);
+    assert_eq!(refusal.problem, Problem::EmptyExchange);
 }

@@ -14,13 +14,13 @@ use toml::Spanned;
 use super::error::{ConfigError, Problem};
 use super::locate::{Source, join};
 use super::raw::{
-    self, RawAmqp, RawApp, RawBroker, RawConfig, RawListener, RawPool, RawPublisher, RawRouter,
-    RawService, RawZone,
+    self, RawAmqp, RawApp, RawBroker, RawConfig, RawExchange, RawListener, RawPool, RawPublisher,
+    RawRouter, RawService, RawZone,
 };
 use super::read::closest;
 use super::{
-    AmqpConfig, AppConfig, Config, ConfiguredBroker, ListenerConfig, PoolConfig, PublisherConfig,
-    RouterConfig, ServiceConfig, Zone,
+    AmqpConfig, AppConfig, Config, ConfiguredBroker, ExchangeOverride, ListenerConfig, PoolConfig,
+    PublisherConfig, RouterConfig, ServiceConfig, Zone,
 };
 use crate::uri::BrokerUri;
 
@@ -42,6 +42,7 @@ pub(super) fn validate(raw: RawConfig, inputs: &Inputs<'_>) -> Result<Config, Co
     let router = router(&raw.router, source)?;
     let publisher = publisher(&raw.publisher, source)?;
     let pool = pool(&raw.pool, source)?;
+    let exchanges = exchanges(&raw.exchanges, source)?;
     let apps = apps(&raw.apps, pool, inputs)?;
     Ok(Config {
         path: source.path.to_path_buf(),
@@ -52,6 +53,7 @@ pub(super) fn validate(raw: RawConfig, inputs: &Inputs<'_>) -> Result<Config, Co
         router,
         publisher,
         pool,
+        exchanges,
         apps,
     })
 }
@@ -129,6 +131,12 @@ fn amqp(raw: &RawAmqp, inputs: &Inputs<'_>) -> Result<AmqpConfig, ConfigError> {
         "amqp.startup_timeout_secs",
         source,
     )?;
+    let operation_timeout = positive(
+        raw.operation_timeout_ms.as_ref(),
+        raw::OPERATION_TIMEOUT_MS,
+        "amqp.operation_timeout_ms",
+        source,
+    )?;
     Ok(AmqpConfig {
         zone,
         prefetch,
@@ -138,6 +146,7 @@ fn amqp(raw: &RawAmqp, inputs: &Inputs<'_>) -> Result<AmqpConfig, ConfigError> {
         reconnect_max: Duration::from_millis(reconnect_max),
         startup_timeout: Duration::from_secs(startup_timeout),
         prechannels: raw.prechannels.unwrap_or(raw::PRECHANNELS),
+        operation_timeout: Duration::from_millis(operation_timeout),
     })
 }
 
@@ -155,10 +164,36 @@ fn listener(raw: &RawListener, source: &Source<'_>) -> Result<ListenerConfig, Co
         "listener.publish_timeout_ms",
         source,
     )?;
+    let max_message_bytes = positive(
+        raw.max_message_bytes.as_ref(),
+        raw::MAX_MESSAGE_BYTES,
+        "listener.max_message_bytes",
+        source,
+    )?;
+    let drain_timeout = positive(
+        raw.drain_timeout_ms.as_ref(),
+        raw::DRAIN_TIMEOUT_MS,
+        "listener.drain_timeout_ms",
+        source,
+    )?;
+    let fail_back_watch = raw
+        .fail_back_watch_ms
+        .as_ref()
+        .map_or(raw::FAIL_BACK_WATCH_MS, |watch| *watch.get_ref());
+    let expiry = positive(
+        raw.anonymous_queue_expiry_ms.as_ref(),
+        raw::ANONYMOUS_QUEUE_EXPIRY_MS,
+        "listener.anonymous_queue_expiry_ms",
+        source,
+    )?;
     Ok(ListenerConfig {
         max_redeliveries: raw.max_redeliveries.unwrap_or(raw::MAX_REDELIVERIES),
         stop_timeout: Duration::from_millis(stop_timeout),
         publish_timeout: Duration::from_millis(publish_timeout),
+        max_message_bytes,
+        drain_timeout: Duration::from_millis(drain_timeout),
+        fail_back_watch: Duration::from_millis(fail_back_watch),
+        anonymous_queue_expiry: Duration::from_millis(u64::from(expiry)),
     })
 }
 
@@ -381,6 +416,26 @@ fn pool(raw: &RawPool, source: &Source<'_>) -> Result<PoolConfig, ConfigError> {
         checkout_timeout: Duration::from_millis(checkout),
         idle_timeout: Duration::from_millis(idle),
     })
+}
+
+/// `[exchanges.*]`: flags per exchange name, sorted by name.
+fn exchanges(
+    raw: &BTreeMap<Spanned<String>, RawExchange>,
+    source: &Source<'_>,
+) -> Result<Vec<ExchangeOverride>, ConfigError> {
+    let mut exchanges = Vec::new();
+    for (name, exchange) in raw {
+        if name.get_ref().trim().is_empty() {
+            let key = join("exchanges", name.get_ref());
+            return Err(source.error(name.span().start, &key, Problem::EmptyExchange));
+        }
+        exchanges.push(ExchangeOverride {
+            name: name.get_ref().clone(),
+            durable: exchange.durable,
+            auto_delete: exchange.auto_delete,
+        });
+    }
+    Ok(exchanges)
 }
 
 /// `[apps.*]`: only apps this binary knows, each pool defaulting from `[pool]`.
