@@ -8,6 +8,7 @@
 //! - the wire: `envelope` (kapi format), `conf` (configuration events), `exchanges`,
 //!   `publish` (one confirmed publish),
 //!   `publisher` (the node's publisher that follows the primary);
+//! - `log_limit`: one log line per key and interval, for anything that can flood;
 //! - `node`: the root supervision tree and the handles apps are built with.
 //!
 //! Dependencies point one way: apps → listeners → runtime.
@@ -21,6 +22,7 @@ pub mod connection;
 pub mod connections;
 pub mod envelope;
 pub mod exchanges;
+pub mod log_limit;
 pub mod node;
 pub mod publish;
 pub mod publisher;

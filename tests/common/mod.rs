@@ -131,6 +131,18 @@ impl Broker {
         blocking(move || this.node().restart().expect("restart")).await;
     }
 
+    /// SIGSTOP: the broker hangs with its sockets open.
+    pub async fn freeze(&self) {
+        let this = self.clone();
+        blocking(move || this.node().freeze().expect("freeze")).await;
+    }
+
+    /// SIGCONT after `freeze`.
+    pub async fn thaw(&self) {
+        let this = self.clone();
+        blocking(move || this.node().thaw().expect("thaw")).await;
+    }
+
     /// `rabbitmqctl -n <node> <args>`.
     pub async fn ctl(&self, args: &[&str]) -> String {
         let this = self.clone();

@@ -277,6 +277,34 @@ impl BrokerNode {
         }
     }
 
+    /// SIGSTOPs the node: its sockets stay open but nothing answers, as with a broker
+    /// that hangs or a network path that drops everything. [`BrokerNode::thaw`] resumes it.
+    pub fn freeze(&self) -> Result<(), SupportError> {
+        self.signal_group(libc::SIGSTOP)
+    }
+
+    /// SIGCONTs a node stopped by [`BrokerNode::freeze`].
+    pub fn thaw(&self) -> Result<(), SupportError> {
+        self.signal_group(libc::SIGCONT)
+    }
+
+    fn signal_group(&self, signal: libc::c_int) -> Result<(), SupportError> {
+        let state = self.proc_state();
+        let ProcState::Running(child) = &*state else {
+            return Err(SupportError::InvalidState(format!(
+                "node {} is not running",
+                self.name
+            )));
+        };
+        if let Ok(pgid) = libc::pid_t::try_from(child.id()) {
+            // SAFETY: plain syscall; the group exists (its leader is our unreaped child).
+            unsafe {
+                libc::kill(-pgid, signal);
+            }
+        }
+        Ok(())
+    }
+
     /// Graceful stop with `rabbitmqctl stop`; waits for the process to exit and the port to
     /// close. Falls back to SIGKILL (and reports the error) if that fails or takes > 60 s.
     pub fn stop(&mut self) -> Result<(), SupportError> {
@@ -442,6 +470,8 @@ impl BrokerNode {
 
 impl Drop for BrokerNode {
     fn drop(&mut self) {
+        // SIGKILL ends a stopped process too; thawing first just lets it exit at once.
+        let _ = self.thaw();
         // Errors can't be reported from drop; the temp dir is removed by TempDir's drop.
         let _ = self.kill_process();
     }
