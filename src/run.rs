@@ -3,6 +3,7 @@
 use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
@@ -36,19 +37,40 @@ pub async fn run(config_path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let registry = &node.context().registry;
-    let primary = registry
-        .primary()
-        .map_or_else(|| "none".to_string(), |b| b.uri.redacted().to_string());
-    let up = registry.availability().iter().filter(|a| **a).count();
-    tracing::info!(
-        node = %node_name,
-        primary = %primary,
-        brokers_up = up,
-        brokers = registry.brokers().len(),
-        apps = %enabled.join(","),
-        "warren ready"
-    );
+    let context = node.context().clone();
+    let startup_timeout = context.config.amqp.startup_timeout;
+    let ready_line = {
+        let (node_name, enabled) = (node_name.clone(), enabled.join(","));
+        move |context: &warren_runtime::node::NodeContext| {
+            let registry = &context.registry;
+            let primary = registry
+                .primary()
+                .map_or_else(|| "none".to_string(), |b| b.uri.redacted().to_string());
+            let up = registry.availability().iter().filter(|a| **a).count();
+            tracing::info!(
+                node = %node_name,
+                primary = %primary,
+                brokers_up = up,
+                brokers = registry.brokers().len(),
+                apps = %enabled,
+                "warren ready"
+            );
+        }
+    };
+    // Ready means every listener consumes, not merely that the actors started: a refused
+    // declaration keeps the node not ready, and says why, until it is fixed.
+    let readiness = context.readiness.clone();
+    let _announce = tokio::spawn(async move {
+        if !readiness.wait_ready(startup_timeout).await {
+            tracing::warn!(
+                waited_secs = startup_timeout.as_secs(),
+                pending = %readiness.describe_pending(),
+                "warren not ready yet"
+            );
+            while !readiness.wait_ready(Duration::from_secs(3600)).await {}
+        }
+        ready_line(&context);
+    });
 
     let mut signals = match Signals::new() {
         Ok(signals) => signals,

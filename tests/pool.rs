@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::client::Client;
 use common::{Broker, SOON, SpecListener, app_context, config, start_node, unique_node, until};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::ExchangeKind;
 use serde_json::json;
 use warren_listeners::{
@@ -729,5 +729,232 @@ async fn ten_thousand_short_tasks_share_the_pool_channels() {
     );
     pool.stop().await;
     server.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}
+
+/// `pool.stats()` from another thread, so that a pool whose own lock is stuck fails the test
+/// instead of hanging it.
+fn stats_within(pool: &ListenerPool, bound: Duration) -> Option<warren_listeners::PoolStats> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pool = pool.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(pool.stats());
+    });
+    rx.recv_timeout(bound).ok()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_overflow_worker_not_ready_in_time_leaves_the_pool_usable() {
+    // A pool stuck on its own lock blocks the runtime's threads, so no timer inside the
+    // test would fire: a watchdog thread ends the test process instead.
+    let _watchdog = common::Watchdog::new("an_overflow_worker_not_ready", Duration::from_secs(90));
+    overflow_worker_not_ready().await;
+}
+
+async fn overflow_worker_not_ready() {
+    let brokers = Broker::start_many(1).await;
+    let broker = &brokers[0];
+    let name = unique_node("notready");
+    let node = start_node(config(
+        &name,
+        &[broker.uri()],
+        "prechannels = 1\nheartbeat_secs = 5",
+    ))
+    .await;
+    let pool = pool(&node, "notready", 1, 1, 1000, 60_000).await;
+    let first = pool.checkout().await.expect("the base worker");
+    // No broker: the overflow worker cannot consume by the checkout deadline.
+    broker.kill().await;
+    assert!(eventually(SOON, || node.context().registry.primary().is_none()).await);
+    let started = Instant::now();
+    let second = tokio::time::timeout(Duration::from_secs(5), pool.checkout())
+        .await
+        .expect("the checkout ends by its deadline");
+    assert!(
+        matches!(second, Err(PoolError::NotReady { .. })),
+        "{:?}",
+        second.err()
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let stats = stats_within(&pool, Duration::from_secs(2)).expect("stats() answers");
+    assert_eq!(
+        (stats.busy, stats.workers),
+        (1, 2),
+        "the held lease is busy; the late worker is counted, idle: {stats:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(5), first.checkin())
+        .await
+        .expect("a check-in completes");
+    let stats = stats_within(&pool, Duration::from_secs(2)).expect("stats() answers");
+    assert_eq!((stats.busy, stats.workers), (0, 2), "{stats:?}");
+
+    // Back up: both workers serve at once, and the broker sees exactly their channels.
+    broker.restart().await;
+    let (a, b) = tokio::time::timeout(Duration::from_secs(15), async {
+        let a = until_checked_out(&pool).await;
+        let b = until_checked_out(&pool).await;
+        (a, b)
+    })
+    .await
+    .expect("two leases once the broker is back");
+    assert_ne!(a.queue(), b.queue());
+    let consume = format!("{name}/consume");
+    // One prechannel and the two workers' channels on the consume connection.
+    assert!(
+        until(SOON, || async { broker.channels(&consume).await == 1 + 2 }).await,
+        "channels on the broker: {}",
+        broker.channels(&consume).await
+    );
+    assert_eq!(pool.stats().busy, 2);
+    a.checkin().await;
+    b.checkin().await;
+    assert_eq!(pool.stats().busy, 0);
+    pool.stop().await;
+    node.stop().await.expect("node stops");
+}
+
+/// Checks out, retrying while workers are not ready yet (bounded by the caller).
+async fn until_checked_out(pool: &ListenerPool) -> warren_listeners::PoolLease {
+    loop {
+        match pool.checkout().await {
+            Ok(lease) => return lease,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_check_in_or_checkout_loses_no_worker() {
+    let name = unique_node("cancel");
+    let exchange = format!("{name}-ex");
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let client = Client::connect(&local_uri(), &name).await;
+    client
+        .declare_exchange(&exchange, ExchangeKind::Topic)
+        .await;
+    let pool = pool(&node, "cancel", 1, 1, 2000, 60_000).await;
+
+    // A check-in whose future is dropped after its first step still returns the worker.
+    let mut lease = pool.checkout().await.expect("checkout");
+    lease
+        .bind(Binding::new(&exchange, "cancelled.#"))
+        .await
+        .expect("bind");
+    let queue = lease.queue();
+    assert!(
+        lease.checkin().now_or_never().is_none(),
+        "still removing the binding"
+    );
+    assert!(
+        eventually(SOON, || pool.stats().busy == 0).await,
+        "the worker came back: {:?}",
+        pool.stats()
+    );
+    assert!(
+        !keys_bound_to(&queue).contains(&"cancelled.#".to_string()),
+        "and its binding is gone"
+    );
+
+    // Checkouts given up while an overflow worker starts for them.
+    let held = pool.checkout().await.expect("checkout");
+    for _ in 0..3 {
+        let _ = tokio::time::timeout(Duration::from_micros(50), pool.checkout()).await;
+    }
+    assert!(
+        eventually(SOON, || {
+            let stats = pool.stats();
+            stats.busy == 1 && stats.workers <= 2
+        })
+        .await,
+        "{:?}",
+        pool.stats()
+    );
+    let second = tokio::time::timeout(SOON, until_checked_out(&pool))
+        .await
+        .expect("size + overflow are still usable");
+    assert_eq!(pool.stats().busy, 2);
+    held.checkin().await;
+    second.checkin().await;
+    assert_eq!(pool.stats().busy, 0);
+    pool.stop().await;
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_binding_left_on_another_broker_retires_the_worker() {
+    let brokers = Broker::start_many(2).await;
+    let (a, b) = (&brokers[0], &brokers[1]);
+    let name = unique_node("unclean");
+    let exchange = format!("{name}-ex");
+    let node = start_node(config(
+        &name,
+        &[a.uri(), b.uri()],
+        "prechannels = 1\nheartbeat_secs = 5",
+    ))
+    .await;
+    for broker in [a, b] {
+        let client = Client::connect(&broker.uri(), &format!("{name}-prep")).await;
+        client
+            .declare_exchange(&exchange, ExchangeKind::Topic)
+            .await;
+        let _ = client.connection.close(200, "prepared".into()).await;
+    }
+    let pool = pool(&node, "unclean", 1, 0, 5000, 60_000).await;
+    let mut holder_a = pool.checkout().await.expect("checkout");
+    let first_queue = holder_a.queue();
+    holder_a
+        .bind(Binding::new(&exchange, "k.only-for-a"))
+        .await
+        .expect("bind on A");
+
+    // A goes into maintenance: its connections close, its queues (and the binding) stay.
+    a.upgrade(&["drain"]).await;
+    assert!(
+        eventually(SOON, || node.context().registry.primary().map(|p| p.id)
+            == Some(warren_runtime::registry::BrokerId(1)))
+        .await,
+        "failover to B"
+    );
+    // Holder A checks in while the worker is on B: the binding is removed there, not on A.
+    tokio::time::timeout(SOON, holder_a.checkin())
+        .await
+        .expect("check-in completes");
+    assert!(
+        eventually(SOON, || pool.stats().unclean_retired == 1).await,
+        "the worker cannot prove it is clean: {:?}",
+        pool.stats()
+    );
+    a.upgrade(&["revive"]).await;
+    let mut holder_b = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let lease = until_checked_out(&pool).await;
+            if lease.broker() == Some(warren_runtime::registry::BrokerId(0)) {
+                return lease;
+            }
+            lease.checkin().await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("a worker on A again");
+    assert_ne!(
+        holder_b.queue(),
+        first_queue,
+        "the old worker was not reused"
+    );
+    // (Maintenance closed every client connection of A: connect after the revive.)
+    let client_a = Client::connect(&a.uri(), &format!("{name}-a")).await;
+    client_a
+        .publish(&exchange, "k.only-for-a", &Envelope::new("t", "old"))
+        .await;
+    assert!(
+        holder_b
+            .next_delivery(Duration::from_millis(1500))
+            .await
+            .is_none(),
+        "holder B got a delivery of holder A's binding"
+    );
+    holder_b.checkin().await;
+    pool.stop().await;
     node.stop().await.expect("node stops");
 }

@@ -8,15 +8,19 @@
 //! after any loss, and stops gracefully.
 //!
 //! Files: `spec` (declarations), `responders` (matching and outcomes), `event` (what a
-//! handler receives), `topology` (replay on a channel), `consumer` (the delivery loop),
-//! `acks` (coalesced acknowledgements), `actor` (leases, runtime changes, stop), `handle`
-//! (the handle apps and tests hold).
+//! handler receives), `topology` (replay on a channel, every step bounded), `consumer`
+//! (the delivery loop), `acks` (coalesced acknowledgements), `redelivery` (counting
+//! handler failures), `parking` (messages that cannot succeed), `drain` (the fail-back
+//! drain's decisions), `actor` (leases, runtime changes, stop), `handle` (the handle apps
+//! and tests hold).
 
 mod acks;
 mod actor;
 mod consumer;
+mod drain;
 mod event;
 mod handle;
+mod parking;
 mod redelivery;
 mod responders;
 mod spec;
@@ -24,7 +28,9 @@ mod topology;
 
 pub use event::{DeliveryInfo, Event};
 pub(crate) use handle::node_listener_child;
-pub use handle::{ListenerError, ListenerHandle, StatsSnapshot, listener_child, spawn_listener};
+pub use handle::{
+    ListenerError, ListenerHandle, ListenerStatus, StatsSnapshot, listener_child, spawn_listener,
+};
 pub use responders::{HandlerError, HandlerResult, Outcome, ResponderId, Responders};
 pub use spec::{AckMode, Binding, Exchange, ListenerSpec, QueueName, QueueSpec};
 pub use warren_runtime::publish::{Published, Returned};

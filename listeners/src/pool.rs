@@ -4,7 +4,11 @@
 //! A pool keeps `size` workers running and starts up to `overflow` more on demand; an
 //! overflow worker idle for `idle_timeout` retires (not at every check-in, so bursts do not
 //! churn channels and queues). Checkout waits up to `checkout_timeout`, then fails with
-//! [`PoolError::Full`]. Each worker is a listener (its own channel and queue, see `worker`),
+//! [`PoolError::Full`] (or [`PoolError::NotReady`] when a new worker did not consume in
+//! time); the pool's counts stay exact on every path, also when a caller gives up (its
+//! future is dropped) half-way. A worker goes back to the idle set only when it is clean:
+//! every binding its lease added is gone from every broker its queue may have it on; one
+//! that cannot prove that is retired, and a base worker is replaced. Each worker is a listener (its own channel and queue, see `worker`),
 //! supervised by the pool's own supervisor `pool:<app>`, so a crashed worker is restarted
 //! and a lost channel is replaced like any listener's.
 //!
@@ -21,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use ractor::{ActorCell, ActorRef};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 use warren_runtime::backoff::Backoff;
 use warren_runtime::config::PoolConfig;
@@ -68,6 +72,11 @@ pub struct PoolStats {
     pub overflow_started: u64,
     /// Overflow workers retired so far.
     pub overflow_retired: u64,
+    /// Checkouts waiting for a worker now.
+    pub waiting: usize,
+    /// Workers retired at check-in because they could not be proven clean (and replaced,
+    /// for base workers).
+    pub unclean_retired: u64,
 }
 
 /// The pool of one app: cheap to clone.
@@ -91,6 +100,8 @@ pub(crate) struct PoolInner {
     full: AtomicU64,
     overflow_started: AtomicU64,
     overflow_retired: AtomicU64,
+    unclean_retired: AtomicU64,
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 struct PoolState {
@@ -129,6 +140,8 @@ impl ListenerPool {
                 full: AtomicU64::new(0),
                 overflow_started: AtomicU64::new(0),
                 overflow_retired: AtomicU64::new(0),
+                unclean_retired: AtomicU64::new(0),
+                waiting: std::sync::atomic::AtomicUsize::new(0),
             }),
         }
     }
@@ -157,6 +170,8 @@ impl ListenerPool {
             full: self.inner.full.load(Ordering::Relaxed),
             overflow_started: self.inner.overflow_started.load(Ordering::Relaxed),
             overflow_retired: self.inner.overflow_retired.load(Ordering::Relaxed),
+            waiting: self.inner.waiting.load(Ordering::Relaxed),
+            unclean_retired: self.inner.unclean_retired.load(Ordering::Relaxed),
         }
     }
 
@@ -200,7 +215,8 @@ impl ListenerPool {
         }
     }
 
-    /// Checks a worker out, waiting up to the checkout timeout.
+    /// Checks a worker out, waiting up to the checkout timeout. Dropping the future at
+    /// any point loses nothing: a worker being started for it goes to the idle set.
     pub async fn checkout(&self) -> Result<PoolLease, PoolError> {
         let inner = &self.inner;
         let started = tokio::time::Instant::now();
@@ -228,19 +244,11 @@ impl ListenerPool {
             match next {
                 Next::Idle(worker, generation) => return Ok(inner.lease(worker, generation)),
                 Next::Start(generation) => {
-                    return match inner.start_overflow(deadline).await {
-                        Ok(worker) => Ok(inner.lease(worker, generation)),
-                        Err(error) => {
-                            let mut state = inner.state.lock();
-                            state.total = state.total.saturating_sub(1);
-                            state.busy = state.busy.saturating_sub(1);
-                            drop(state);
-                            inner.available.notify_one();
-                            Err(error)
-                        }
-                    };
+                    let worker = inner.start_overflow(generation, deadline).await?;
+                    return Ok(inner.lease(worker, generation));
                 }
                 Next::Wait => {
+                    let _waiting = Waiting::new(&inner.waiting);
                     if tokio::time::timeout_at(deadline, available).await.is_err() {
                         inner.full.fetch_add(1, Ordering::Relaxed);
                         return Err(PoolError::Full {
@@ -307,6 +315,22 @@ pub(crate) struct WorkerContext {
     stamp: Stamp,
     /// The node's publisher, stamping as the app.
     publisher: Publisher,
+}
+
+/// Counts a waiting checkout for as long as it waits (also when its future is dropped).
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What a checkout does next.
@@ -409,34 +433,74 @@ impl PoolInner {
         self.available.notify_waiters();
     }
 
-    /// Starts an overflow worker and waits (until `deadline`) for it to consume.
+    /// Starts an overflow worker (the caller has counted it in `total` and `busy`) and
+    /// waits, until `deadline`, for it to consume. The start runs as a task of its own, so
+    /// a caller that gives up loses nothing: the worker then goes to the idle set. On every
+    /// error the counts are put right exactly once.
     async fn start_overflow(
-        &self,
+        self: &Arc<Self>,
+        generation: u64,
         deadline: tokio::time::Instant,
     ) -> Result<Arc<Worker>, PoolError> {
-        let supervisor = self
-            .supervisor
-            .read()
-            .clone()
-            .ok_or_else(|| PoolError::NotRunning(self.name.clone()))?;
-        let (child, worker) = self
-            .new_worker(true)
-            .ok_or_else(|| PoolError::NotRunning(self.name.clone()))?;
-        supervisor::start_child(&supervisor, child)
-            .await
-            .map_err(|_| PoolError::NotRunning(self.name.clone()))?;
+        let (tx, rx) = oneshot::channel();
+        let inner = self.clone();
+        tokio::spawn(async move {
+            let started = inner.start_overflow_now(generation, deadline).await;
+            if let Err(Ok(worker)) = tx.send(started) {
+                // The caller is gone: the worker is the pool's again.
+                inner.checkin(worker, generation, true);
+            }
+        });
+        rx.await
+            .unwrap_or_else(|_| Err(PoolError::NotRunning(self.name.clone())))
+    }
+
+    async fn start_overflow_now(
+        self: &Arc<Self>,
+        generation: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<Worker>, PoolError> {
+        let not_running = || PoolError::NotRunning(self.name.clone());
+        let started = async {
+            let supervisor = self.supervisor.read().clone().ok_or_else(not_running)?;
+            let (child, worker) = self.new_worker(true).ok_or_else(not_running)?;
+            supervisor::start_child(&supervisor, child)
+                .await
+                .map_err(|_| not_running())?;
+            Ok(worker)
+        }
+        .await;
+        let worker = match started {
+            Ok(worker) => worker,
+            Err(error) => {
+                // Never started: it is not counted any more.
+                self.forget_reserved(generation);
+                return Err(error);
+            }
+        };
         self.overflow_started.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(pool = %self.name, worker = %worker.id, "overflow worker started");
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         if !worker.handle.wait_consuming(true, remaining).await {
-            // Not ready in time: it stays in the pool, idle, for the next checkout.
-            self.checkin(worker, self.state.lock().generation, true);
+            // Not ready in time: it stays in the pool, idle, for a later checkout.
+            self.checkin(worker, generation, true);
             return Err(PoolError::NotReady {
                 pool: self.name.clone(),
                 waited: self.config.checkout_timeout,
             });
         }
         Ok(worker)
+    }
+
+    /// A worker counted for a checkout was never started.
+    fn forget_reserved(&self, generation: u64) {
+        let mut state = self.state.lock();
+        if generation == state.generation {
+            state.total = state.total.saturating_sub(1);
+            state.busy = state.busy.saturating_sub(1);
+        }
+        drop(state);
+        self.available.notify_one();
     }
 
     fn lease(self: &Arc<Self>, worker: Arc<Worker>, generation: u64) -> PoolLease {
@@ -454,21 +518,70 @@ impl PoolInner {
         }
     }
 
-    /// A worker comes back. One whose temporary bindings could not all be removed (its
-    /// channel was lost meanwhile) is still clean on the broker once its topology is
-    /// replayed, since the bindings left its topology first.
-    fn checkin(&self, worker: Arc<Worker>, generation: u64, clean: bool) {
+    /// A worker comes back. A clean one goes to the idle set; one whose lease's bindings
+    /// may remain somewhere is retired (a base worker is replaced by a fresh one).
+    fn checkin(self: &Arc<Self>, worker: Arc<Worker>, generation: u64, clean: bool) {
         let mut state = self.state.lock();
         if generation != state.generation {
             return;
         }
-        if !clean {
-            tracing::debug!(pool = %self.name, worker = %worker.id, "checked in with bindings not confirmed removed");
-        }
         state.busy = state.busy.saturating_sub(1);
+        if clean {
+            *worker.idle_since.lock() = Instant::now();
+            state.idle.push(worker);
+            drop(state);
+            self.available.notify_one();
+            return;
+        }
+        state.total = state.total.saturating_sub(1);
+        let base = !worker.overflow;
+        if base {
+            state.base.retain(|w| !Arc::ptr_eq(w, &worker));
+            // The replacement is counted now, so the pool never exceeds its size.
+            state.total += 1;
+        }
+        drop(state);
+        self.unclean_retired.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(pool = %self.name, worker = %worker.id, "a worker's bindings may remain on a broker: retired, not reused");
+        self.terminate(worker);
+        if base {
+            let inner = self.clone();
+            tokio::spawn(async move { inner.replace_base(generation).await });
+        }
+        self.available.notify_one();
+    }
+
+    /// Starts a base worker in place of a retired one (already counted in `total`).
+    async fn replace_base(self: &Arc<Self>, generation: u64) {
+        let Some(supervisor) = self.supervisor.read().clone() else {
+            return;
+        };
+        let Some((child, worker)) = self.new_worker(false) else {
+            self.forget_replacement(generation);
+            return;
+        };
+        if supervisor::start_child(&supervisor, child).await.is_err() {
+            self.forget_replacement(generation);
+            return;
+        }
+        let mut state = self.state.lock();
+        if generation != state.generation {
+            return;
+        }
         *worker.idle_since.lock() = Instant::now();
+        state.base.push(worker.clone());
         state.idle.push(worker);
         drop(state);
+        self.available.notify_one();
+    }
+
+    fn forget_replacement(&self, generation: u64) {
+        let mut state = self.state.lock();
+        if generation == state.generation {
+            state.total = state.total.saturating_sub(1);
+        }
+        drop(state);
+        tracing::warn!(pool = %self.name, "cannot start a replacement worker; the pool runs one short");
         self.available.notify_one();
     }
 

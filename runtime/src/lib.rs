@@ -9,6 +9,7 @@
 //!   `publish` (one confirmed publish),
 //!   `publisher` (the node's publisher that follows the primary);
 //! - `log_limit`: one log line per key and interval, for anything that can flood;
+//! - `readiness`: which parts of the node do their work, and why the others do not;
 //! - `node`: the root supervision tree and the handles apps are built with.
 //!
 //! Dependencies point one way: apps → listeners → runtime.
@@ -26,6 +27,7 @@ pub mod log_limit;
 pub mod node;
 pub mod publish;
 pub mod publisher;
+pub mod readiness;
 pub mod registry;
 pub mod supervisor;
 pub mod uri;

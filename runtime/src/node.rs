@@ -28,6 +28,7 @@ use crate::connection::ConnectionSettings;
 use crate::connections::Connections;
 use crate::envelope::Stamp;
 use crate::publisher::Publisher;
+use crate::readiness::Readiness;
 use crate::registry::{ConnectionRegistry, RegistryActor};
 use crate::supervisor::{
     ChildSpec, Intensity, Restart, Strategy, Supervisor, SupervisorMsg, SupervisorSpec,
@@ -44,6 +45,8 @@ pub struct NodeContext {
     /// Publishes on the primary with confirms (follows failover and fail-back); stamps
     /// envelopes as the node (`App-Name` warren) where they lack the fields.
     pub publisher: Publisher,
+    /// Whether every listener, pool worker and the router consume (and why not).
+    pub readiness: Readiness,
 }
 
 /// What a caller adds to the tree: services (the configuration-event router) start after
@@ -104,6 +107,7 @@ impl Node {
                 app_version: env!("CARGO_PKG_VERSION").to_string(),
                 node: config.service.node.clone(),
             }),
+            readiness: Readiness::default(),
         };
         let Children { services, apps } = children(&context).into();
 

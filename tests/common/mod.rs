@@ -154,6 +154,21 @@ impl Broker {
         .await
     }
 
+    /// `rabbitmq-upgrade -n <node> <args>` (`drain`: maintenance mode, client connections
+    /// closed and refused while queues stay; `revive`: back in service).
+    pub async fn upgrade(&self, args: &[&str]) -> String {
+        let this = self.clone();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            match this.node().tool("rabbitmq-upgrade", &args) {
+                Ok(out) => out,
+                Err(error) => panic!("rabbitmq-upgrade {args:?}: {error}"),
+            }
+        })
+        .await
+    }
+
     /// Channels of the connections whose client name contains `name`.
     pub async fn channels(&self, name: &str) -> u32 {
         let this = self.clone();
@@ -244,5 +259,32 @@ where
             return false;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Ends the test process if it is still running after a bound: for tests whose failure
+/// mode is a deadlock that blocks the async runtime's threads (no timer would fire).
+pub struct Watchdog(Option<std::sync::mpsc::Sender<()>>);
+
+impl Watchdog {
+    pub fn new(name: &'static str, bound: Duration) -> Watchdog {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(bound) {
+                eprintln!(
+                    "{name}: still running after {bound:?} (deadlocked?); aborting the test process"
+                );
+                std::process::exit(101);
+            }
+        });
+        Watchdog(Some(tx))
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
     }
 }

@@ -3,7 +3,8 @@
 //! `Msg-ID`. Any AMQP client that follows the kapi convention can call it.
 //!
 //! The queue `echo` is durable, named and consumed non-exclusively, so several warren
-//! nodes share it; it is bound to the topic exchange `echo` with key `echo.req`.
+//! nodes share it; it is bound to the durable topic exchange `echo` with key `echo.req`
+//! (durable like the queue, so the binding survives a broker restart).
 
 use serde_json::Value;
 use warren_listeners::{
@@ -37,7 +38,7 @@ impl Listener for EchoListener {
     fn spec(&self) -> ListenerSpec {
         ListenerSpec::new("echo")
             .queue(QueueSpec::named("echo").durable())
-            .exchange(Exchange::topic("echo"))
+            .exchange(Exchange::topic("echo").durable())
             .bind("echo", "echo.req")
             .responder("echo", "req", echo)
     }

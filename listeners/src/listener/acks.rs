@@ -9,8 +9,13 @@
 //! always a success not acked yet whose predecessors are all settled; a nacked tag, or one
 //! acked before, never is. The consumer loop flushes when enough acks are pending, when it
 //! is about to wait for the broker, and after a short delay at most.
+//!
+//! Writing a settlement is bounded by the operation timeout: one that cannot be written
+//! (a broker that hangs with heartbeats off) is reported, and the loop treats the channel
+//! as lost.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use lapin::Channel;
@@ -68,7 +73,7 @@ impl AckTracker {
     fn record(&mut self, tag: u64, outcome: Outcome) {
         let state = match outcome {
             Outcome::Ack => State::Succeeded,
-            Outcome::Requeue | Outcome::Reject => State::Settled,
+            Outcome::Requeue | Outcome::Reject | Outcome::Defer => State::Settled,
         };
         if let Some(entry) = self.outstanding.iter_mut().find(|(t, _)| *t == tag) {
             entry.1 = state;
@@ -96,26 +101,30 @@ impl AckTracker {
     }
 
     /// Settles one delivery: a nack or reject goes out at once, an ack is coalesced.
-    pub async fn settle(&mut self, channel: &Channel, tag: u64, outcome: Outcome) {
-        match outcome {
-            Outcome::Ack => {}
-            Outcome::Requeue => {
+    /// `Err` when the settlement could not be written within `timeout`.
+    pub async fn settle(
+        &mut self,
+        channel: &Channel,
+        tag: u64,
+        outcome: Outcome,
+        timeout: Duration,
+    ) -> Result<(), Stuck> {
+        let sent = match outcome {
+            Outcome::Ack => Ok(()),
+            Outcome::Requeue | Outcome::Defer => {
                 let options = BasicNackOptions {
                     multiple: false,
                     requeue: true,
                 };
-                if let Err(error) = channel.basic_nack(tag, options).await {
-                    tracing::debug!(tag, %error, "nack not sent: the channel is gone");
-                }
+                write(timeout, tag, "nack", channel.basic_nack(tag, options)).await
             }
             Outcome::Reject => {
                 let options = BasicRejectOptions { requeue: false };
-                if let Err(error) = channel.basic_reject(tag, options).await {
-                    tracing::debug!(tag, %error, "reject not sent: the channel is gone");
-                }
+                write(timeout, tag, "reject", channel.basic_reject(tag, options)).await
             }
-        }
+        };
         self.record(tag, outcome);
+        sent
     }
 
     /// Whether enough acks are pending to flush now.
@@ -129,13 +138,38 @@ impl AckTracker {
     }
 
     /// Sends the multiple ack covering every success settled in order so far.
-    pub async fn flush(&mut self, channel: &Channel) {
-        if let Some(upto) = self.take_flush() {
-            let options = BasicAckOptions { multiple: true };
-            if let Err(error) = channel.basic_ack(upto, options).await {
-                tracing::debug!(upto, %error, "ack not sent: the channel is gone");
+    pub async fn flush(&mut self, channel: &Channel, timeout: Duration) -> Result<(), Stuck> {
+        match self.take_flush() {
+            Some(upto) => {
+                let options = BasicAckOptions { multiple: true };
+                write(timeout, upto, "ack", channel.basic_ack(upto, options)).await
             }
+            None => Ok(()),
         }
+    }
+}
+
+/// A settlement that could not be written in time: the channel is stuck.
+#[derive(Debug)]
+pub(crate) struct Stuck(pub String);
+
+/// Writes one settlement, within `timeout`. A channel that is gone is no error here (its
+/// deliveries come back to the queue; the consumer stream reports the loss).
+async fn write(
+    timeout: Duration,
+    tag: u64,
+    what: &str,
+    sent: impl Future<Output = lapin::Result<()>>,
+) -> Result<(), Stuck> {
+    match tokio::time::timeout(timeout, sent).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => {
+            tracing::debug!(tag, %error, "{what} not sent: the channel is gone");
+            Ok(())
+        }
+        Err(_) => Err(Stuck(format!(
+            "a {what} could not be written within {timeout:?}"
+        ))),
     }
 }
 

@@ -1,12 +1,20 @@
 //! The listener actor: it holds the listener's lease, replays the topology on every new
 //! channel (exactly once per grant), runs the consumer loop, applies run-time changes,
-//! drains an old lease after a fail-back, and stops gracefully.
+//! drains an old lease after a fail-back, keeps a paused queue from expiring, reports its
+//! readiness, and stops gracefully.
 //!
 //! Broker I/O never happens in `pre_start`: the lease request is made in `post_start` and
-//! everything else in messages. State shared with the handle (topology, responders, stats)
-//! lives in `ListenerShared`; the actor is the only one that changes the topology.
+//! everything else in messages; every broker operation is bounded (a timeout is a lost
+//! channel). State shared with the handle (topology, responders, stats) lives in
+//! `ListenerShared`; the actor is the only one that changes the topology. It also knows on
+//! which brokers each binding may exist, so that removing a binding can tell whether it is
+//! gone everywhere (pool workers are reused only then).
 
+use std::collections::BTreeSet;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use lapin::Channel;
@@ -15,18 +23,23 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use warren_runtime::assignments::{Lease, LeaseClient, LeaseEvent};
 use warren_runtime::backoff::Backoff;
-use warren_runtime::registry::Broker;
+use warren_runtime::log_limit::LogLimit;
+use warren_runtime::readiness::ReadinessEntry;
+use warren_runtime::registry::BrokerId;
 
 use super::Notice;
-use super::consumer::{ConsumerLoop, Control, Ended};
-use super::handle::{ListenerError, ListenerShared};
-use super::spec::{AckMode, Binding};
-use super::topology;
+use super::consumer::{ConsumerLoop, Control, Ended, LeaseContext, panic_text};
+use super::drain::{self, Closed, Drain, Step};
+use super::handle::{ListenerError, ListenerShared, ListenerStatus, Removed};
+use super::spec::{AckMode, Binding, QueueName};
+use super::topology::{self, SetupError};
 
-/// How often a draining lease checks whether its queue is empty.
-const DRAIN_CHECK_EVERY: Duration = Duration::from_millis(200);
 /// Bound for closing a channel.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Set-up failures: one line per failing step (e.g. an exchange declared with other flags,
+/// which every listener of the node hits) per interval, with a count.
+static SETUP_LOGS: LazyLock<LogLimit> = LazyLock::new(LogLimit::default);
 
 /// Messages of the listener actor.
 pub(crate) enum ListenerMsg {
@@ -38,7 +51,7 @@ pub(crate) enum ListenerMsg {
         task: u64,
         ended: Ended,
     },
-    /// Check whether a draining lease's queue is empty.
+    /// Check a draining lease.
     DrainCheck {
         lease: u64,
     },
@@ -46,10 +59,13 @@ pub(crate) enum ListenerMsg {
     RetrySetup {
         lease: u64,
     },
+    /// Re-declare queues that have no consumer (paused), so that they do not expire.
+    KeepAlive,
     AddBinding(Binding, RpcReplyPort<Result<(), ListenerError>>),
-    RemoveBinding(Binding, RpcReplyPort<Result<bool, ListenerError>>),
+    RemoveBinding(Binding, RpcReplyPort<Result<Removed, ListenerError>>),
     Pause(RpcReplyPort<()>),
     Resume(RpcReplyPort<Result<(), ListenerError>>),
+    Status(RpcReplyPort<ListenerStatus>),
 }
 
 /// A consumer loop running on a lease's channel.
@@ -57,27 +73,59 @@ struct RunningConsumer {
     task: u64,
     control: watch::Sender<Control>,
     handle: JoinHandle<()>,
+    /// A stop was asked for (pause, drain end).
+    stopping: bool,
+    /// Deliveries received and not settled.
+    unsettled: Arc<AtomicUsize>,
 }
 
 /// A lease the listener holds.
 struct Held {
-    lease: u64,
-    channel: Channel,
-    broker: Arc<Broker>,
+    context: Arc<LeaseContext>,
     /// The topology is declared on this channel.
     ready: bool,
     consumer: Option<RunningConsumer>,
+    /// Set for an old lease being drained after a fail-back.
+    drain: Option<Drain>,
 }
 
 impl Held {
-    fn stop_consumer(&self, deadline: Instant, finish_buffered: bool) {
-        if let Some(consumer) = &self.consumer {
+    fn lease(&self) -> u64 {
+        self.context.lease
+    }
+
+    fn broker(&self) -> BrokerId {
+        self.context.broker.id
+    }
+
+    fn channel(&self) -> &Channel {
+        &self.context.channel
+    }
+
+    /// Asks the consumer to stop (handling what it has); no-op if it is stopping already.
+    fn stop_consumer(&mut self, deadline: Option<Instant>) {
+        if let Some(consumer) = self.consumer.as_mut().filter(|c| !c.stopping) {
+            consumer.stopping = true;
             let _ = consumer.control.send(Control::Stop {
                 deadline,
-                finish_buffered,
+                finish_buffered: true,
             });
         }
     }
+
+    /// The channel is lost: the consumer ends at once and its handlers finish on their own.
+    fn abandon(self) {
+        if let Some(consumer) = self.consumer {
+            let _ = consumer.control.send(Control::Abandon);
+        }
+        close_channel(self.context.channel.clone());
+    }
+}
+
+/// Where one binding may exist on the brokers (its queue there has it).
+struct Placed {
+    binding: Binding,
+    brokers: BTreeSet<BrokerId>,
 }
 
 /// State of the listener actor.
@@ -85,10 +133,17 @@ pub(crate) struct ListenerState {
     shared: Arc<ListenerShared>,
     client: Option<LeaseClient>,
     forward: Option<JoinHandle<()>>,
+    keepalive: Option<JoinHandle<()>>,
     active: Option<Held>,
     draining: Vec<Held>,
     next_task: u64,
     setup_failures: u32,
+    readiness: ReadinessEntry,
+    /// Bindings of the topology and the brokers they were declared on.
+    placed: Vec<Placed>,
+    /// Bindings removed while some broker's queue may still have them: unbound there when
+    /// the listener is next on that broker.
+    tombstones: Vec<Placed>,
 }
 
 /// The actor behind a listener.
@@ -103,9 +158,39 @@ fn close_channel(channel: Channel) {
     });
 }
 
+/// Adds `broker` to where `binding` may exist.
+fn place(list: &mut Vec<Placed>, binding: &Binding, broker: BrokerId) {
+    match list.iter_mut().find(|p| &p.binding == binding) {
+        Some(placed) => {
+            placed.brokers.insert(broker);
+        }
+        None => list.push(Placed {
+            binding: binding.clone(),
+            brokers: BTreeSet::from([broker]),
+        }),
+    }
+}
+
+/// Takes `binding`'s entry out of `list`.
+fn take_placed(list: &mut Vec<Placed>, binding: &Binding) -> BTreeSet<BrokerId> {
+    match list.iter().position(|p| &p.binding == binding) {
+        Some(i) => list.remove(i).brokers,
+        None => BTreeSet::new(),
+    }
+}
+
 impl ListenerState {
     fn notice(&self, notice: Notice) {
-        self.shared.listener.on_notice(&notice);
+        let listener = self.shared.listener.clone();
+        let shared = &self.shared;
+        if let Err(panic) =
+            std::panic::catch_unwind(AssertUnwindSafe(|| listener.on_notice(&notice)))
+        {
+            shared.stats.notice_panics.increment();
+            if let Some(held) = SETUP_LOGS.allow(&format!("{}:notice", shared.name)) {
+                tracing::error!(listener = %shared.name, ?notice, panic = panic_text(panic.as_ref()), suppressed = held, "on_notice panicked; ignored");
+            }
+        }
     }
 
     fn set_consuming(&self, consuming: bool) {
@@ -119,123 +204,453 @@ impl ListenerState {
         }
     }
 
+    fn timeout(&self) -> Duration {
+        self.shared.settings.operation_timeout
+    }
+
+    fn paused(&self) -> bool {
+        self.shared.topology.lock().paused
+    }
+
+    fn held_mut(&mut self, lease: u64) -> Option<&mut Held> {
+        if self.active.as_ref().is_some_and(|h| h.lease() == lease) {
+            return self.active.as_mut();
+        }
+        self.draining.iter_mut().find(|h| h.lease() == lease)
+    }
+
+    fn is_active(&self, lease: u64) -> bool {
+        self.active.as_ref().is_some_and(|h| h.lease() == lease)
+    }
+
+    /// A new grant from assignments.
+    async fn granted(&mut self, myself: &ActorRef<ListenerMsg>, lease: Lease) {
+        match lease.replaces {
+            Some(old) if self.is_active(old) => {
+                // Make-before-break: the old lease keeps consuming until drained.
+                if let Some(mut held) = self.active.take() {
+                    tracing::info!(listener = %self.shared.name, old, new = lease.generation, broker = %lease.broker, "moving back to the primary; draining the old lease");
+                    let settings = &self.shared.settings;
+                    let anonymous = self.shared.topology.lock().queue.name == QueueName::Anonymous;
+                    held.drain = Some(Drain::new(
+                        Instant::now(),
+                        settings.drain_timeout,
+                        settings.fail_back_watch,
+                        anonymous,
+                    ));
+                    self.draining.push(held);
+                    myself.send_after(drain::CHECK_EVERY, move || ListenerMsg::DrainCheck {
+                        lease: old,
+                    });
+                }
+            }
+            Some(old) => {
+                // The lease to replace is already gone: nothing to drain.
+                if let Some(client) = &self.client {
+                    client.release(old);
+                }
+                self.drop_active("replaced");
+            }
+            None => self.drop_active("replaced"),
+        }
+        self.setup(myself, lease).await;
+    }
+
     /// A new channel: declare everything on it, then consume (unless paused).
     async fn setup(&mut self, myself: &ActorRef<ListenerMsg>, lease: Lease) {
         let topology = self.shared.topology.lock().clone();
-        let held = Held {
+        let context = Arc::new(LeaseContext {
             lease: lease.generation,
             channel: lease.channel,
             broker: lease.broker,
-            ready: false,
-            consumer: None,
-        };
+            parking_declared: AtomicBool::new(false),
+        });
         let prefetch = match self.shared.settings.ack {
             AckMode::Broker => None,
             _ => Some(self.shared.settings.prefetch),
         };
-        let result = topology::declare(&held.channel, &topology, prefetch).await;
-        let broker = held.broker.clone();
-        let lease_generation = held.lease;
-        self.active = Some(held);
+        let result = topology::declare(&context.channel, &topology, prefetch, self.timeout()).await;
+        let broker = context.broker.clone();
+        self.active = Some(Held {
+            context: context.clone(),
+            ready: false,
+            consumer: None,
+            drain: None,
+        });
         if let Err(error) = result {
-            self.setup_failed(myself, lease_generation, &error.to_string());
+            self.setup_failed(myself, context.lease, &error);
             return;
         }
+        for binding in &topology.bindings {
+            place(&mut self.placed, binding, broker.id);
+        }
+        self.clear_tombstones(&context).await;
         if let Some(held) = self.active.as_mut() {
             held.ready = true;
-            self.shared.channel.send_replace(Some(held.channel.clone()));
+            self.shared
+                .channel
+                .send_replace(Some(held.channel().clone()));
         }
-        *self.shared.current.write() = Some((broker.id, lease_generation));
-        tracing::info!(listener = %self.shared.name, queue = %topology.queue_name, broker = %broker, lease = lease_generation, "topology declared");
+        *self.shared.current.write() = Some((broker.id, context.lease));
+        tracing::info!(listener = %self.shared.name, queue = %topology.queue_name, broker = %broker, lease = context.lease, "topology declared");
         self.notice(Notice::QueueCreated {
             queue: topology.queue_name.clone(),
             broker: broker.uri.redacted().to_string(),
         });
-        if !topology.paused {
-            self.start_consumer(myself).await;
+        if topology.paused {
+            // Paused on purpose, with everything declared: that is ready.
+            self.readiness.ready();
+        } else {
+            self.start_consumer(myself, context.lease).await;
         }
+    }
+
+    /// Unbinds, on a new channel, the bindings removed while its broker's queue may have
+    /// kept them.
+    async fn clear_tombstones(&mut self, context: &LeaseContext) {
+        let queue = self.shared.topology.lock().queue_name.clone();
+        let broker = context.broker.id;
+        let timeout = self.timeout();
+        for tombstone in &mut self.tombstones {
+            if !tombstone.brokers.contains(&broker) {
+                continue;
+            }
+            match topology::unbind(&context.channel, &queue, &tombstone.binding, timeout).await {
+                Ok(()) => {
+                    tombstone.brokers.remove(&broker);
+                }
+                Err(error) => {
+                    tracing::debug!(listener = %self.shared.name, %error, "a removed binding stays for now");
+                }
+            }
+        }
+        self.tombstones.retain(|t| !t.brokers.is_empty());
     }
 
     /// The topology could not be declared: ask for another channel after a backoff, so a
-    /// persistent error (a missing exchange, a queue declared differently elsewhere) does
-    /// not spin.
-    fn setup_failed(&mut self, myself: &ActorRef<ListenerMsg>, lease: u64, error: &str) {
+    /// persistent error (a missing exchange, an object declared differently elsewhere)
+    /// does not spin; the node is not ready meanwhile and says why.
+    fn setup_failed(&mut self, myself: &ActorRef<ListenerMsg>, lease: u64, error: &SetupError) {
         self.setup_failures = self.setup_failures.saturating_add(1);
         let delay = Backoff::new(Duration::from_millis(100), Duration::from_secs(30))
             .delay(self.setup_failures - 1);
-        tracing::warn!(listener = %self.shared.name, lease, %error, retry_in_ms = delay.as_millis() as u64, "cannot set up the listener on this channel");
+        let text = error.to_string();
+        self.readiness.not_ready(text.clone());
+        if let Some(held) = SETUP_LOGS.allow(&error.step) {
+            if error.is_mismatch() {
+                tracing::error!(listener = %self.shared.name, error = %text, retry_in_ms = delay.as_millis() as u64, suppressed = held, "a declaration is refused; the listener is not ready");
+            } else {
+                tracing::warn!(listener = %self.shared.name, lease, error = %text, retry_in_ms = delay.as_millis() as u64, suppressed = held, "cannot set up the listener on this channel");
+            }
+        }
         myself.send_after(delay, move || ListenerMsg::RetrySetup { lease });
     }
 
-    async fn start_consumer(&mut self, myself: &ActorRef<ListenerMsg>) {
+    /// Starts consuming on the held lease `lease` (active or draining).
+    async fn start_consumer(&mut self, myself: &ActorRef<ListenerMsg>, lease: u64) {
         let topology = self.shared.topology.lock().clone();
         self.next_task += 1;
         let task = self.next_task;
-        let Some(held) = self.active.as_mut() else {
+        let tag = format!("{}.{lease}.{task}", self.shared.consumer_tag);
+        let no_ack = self.shared.settings.ack == AckMode::Broker;
+        let timeout = self.timeout();
+        let shared = self.shared.clone();
+        let Some(held) = self.held_mut(lease) else {
             return;
         };
-        let tag = format!("{}.{}.{}", self.shared.consumer_tag, held.lease, task);
-        let no_ack = self.shared.settings.ack == AckMode::Broker;
-        match topology::consume(&held.channel, &topology, &tag, no_ack).await {
+        let context = held.context.clone();
+        match topology::consume(&context.channel, &topology, &tag, no_ack, timeout).await {
             Ok(consumer) => {
                 let (control, control_rx) = watch::channel(Control::Run);
+                let unsettled = Arc::new(AtomicUsize::new(0));
                 let consumer_loop = ConsumerLoop {
-                    lease: held.lease,
-                    task,
                     tag,
-                    channel: held.channel.clone(),
+                    context,
                     consumer,
                     queue: topology.queue_name.clone(),
-                    broker: held.broker.clone(),
-                    shared: self.shared.clone(),
+                    shared,
                     control: control_rx,
-                    actor: myself.clone(),
+                    unsettled: unsettled.clone(),
                 };
-                held.consumer = Some(RunningConsumer {
-                    task,
-                    control,
-                    handle: tokio::spawn(consumer_loop.run()),
+                let actor = myself.clone();
+                let handle = tokio::spawn(async move {
+                    let ended = consumer_loop.run().await;
+                    let _ = actor.cast(ListenerMsg::ConsumerEnded { lease, task, ended });
                 });
-                self.setup_failures = 0;
-                self.set_consuming(true);
+                if let Some(held) = self.held_mut(lease) {
+                    held.consumer = Some(RunningConsumer {
+                        task,
+                        control,
+                        handle,
+                        stopping: false,
+                        unsettled,
+                    });
+                }
+                if self.is_active(lease) {
+                    self.setup_failures = 0;
+                    self.set_consuming(true);
+                    self.readiness.ready();
+                }
             }
+            Err(error) if self.is_active(lease) => self.setup_failed(myself, lease, &error),
             Err(error) => {
-                let lease = held.lease;
-                self.setup_failed(myself, lease, &error.to_string());
+                tracing::warn!(listener = %self.shared.name, lease, %error, "cannot consume the old queue any more; it is left as it is");
+                self.release_draining(lease, false).await;
             }
         }
     }
 
-    /// The active lease is gone: forget it and tell the listener.
-    fn drop_active(&mut self) {
+    /// The active lease is gone: forget it (its handlers finish on their own) and tell
+    /// the listener.
+    fn drop_active(&mut self, why: &str) {
         if let Some(held) = self.active.take() {
-            if let Some(consumer) = held.consumer {
-                consumer.handle.abort();
-            }
-            close_channel(held.channel);
+            held.abandon();
             *self.shared.current.write() = None;
             self.shared.channel.send_replace(None);
+            self.readiness.not_ready(format!("no channel ({why})"));
             self.notice(Notice::ChannelLost);
             self.set_consuming(false);
         }
     }
 
-    /// A drained (or lost) old lease: delete its anonymous queue, close it, give it back.
-    fn release_draining(&mut self, lease: u64) {
-        if let Some(i) = self.draining.iter().position(|h| h.lease == lease) {
-            let held = self.draining.remove(i);
-            if let Some(consumer) = held.consumer {
-                consumer.handle.abort();
-            }
-            let topology = self.shared.topology.lock().clone();
-            let channel = held.channel;
-            tokio::spawn(async move {
-                topology::delete_if_anonymous(&channel, &topology).await;
-                close_channel(channel);
-            });
-            tracing::info!(listener = %self.shared.name, lease, "old lease drained and released");
+    /// A lost channel seen by the listener itself: tell assignments, which replaces it.
+    fn lose_active(&mut self, lease: u64, why: &str) {
+        if self.is_active(lease) {
+            self.drop_active(why);
             if let Some(client) = &self.client {
-                client.release(lease);
+                client.report_lost(lease);
+            }
+        }
+    }
+
+    /// An old lease is done: delete its queue if that was decided (anonymous and empty,
+    /// and no newer lease consumes it on the same broker), close it, give it back.
+    async fn release_draining(&mut self, lease: u64, delete: bool) {
+        let Some(i) = self.draining.iter().position(|h| h.lease() == lease) else {
+            return;
+        };
+        let held = self.draining.remove(i);
+        let same_broker = self
+            .active
+            .as_ref()
+            .is_some_and(|a| a.broker() == held.broker())
+            || self.draining.iter().any(|d| d.broker() == held.broker());
+        let deleted = if delete && !same_broker {
+            let topology = self.shared.topology.lock().clone();
+            topology::delete_if_anonymous(held.channel(), &topology, self.timeout()).await
+        } else {
+            false
+        };
+        tracing::info!(listener = %self.shared.name, lease, deleted, "old lease drained and released");
+        held.abandon();
+        if let Some(client) = &self.client {
+            client.release(lease);
+        }
+    }
+
+    /// Periodic look at a draining lease.
+    async fn drain_check(&mut self, myself: &ActorRef<ListenerMsg>, lease: u64) {
+        let paused = self.paused();
+        let queue = self.shared.topology.lock().queue_name.clone();
+        let timeout = self.timeout();
+        let Some(held) = self.draining.iter().find(|h| h.lease() == lease) else {
+            return;
+        };
+        let closing = held
+            .drain
+            .as_ref()
+            .is_some_and(|d| d.phase == drain::Phase::Closing);
+        match &held.consumer {
+            // Paused (the drain waits for the resume), or a stop is under way (its end
+            // decides): look again later.
+            _ if paused => {
+                myself.send_after(drain::CHECK_EVERY, move || ListenerMsg::DrainCheck {
+                    lease,
+                });
+                return;
+            }
+            Some(consumer) if consumer.stopping => {
+                myself.send_after(drain::CHECK_EVERY, move || ListenerMsg::DrainCheck {
+                    lease,
+                });
+                return;
+            }
+            Some(_) => {}
+            None if closing => return self.closed_drain(myself, lease).await,
+            None => {
+                self.start_consumer(myself, lease).await;
+                myself.send_after(drain::CHECK_EVERY, move || ListenerMsg::DrainCheck {
+                    lease,
+                });
+                return;
+            }
+        }
+        let unsettled = held
+            .consumer
+            .as_ref()
+            .map_or(0, |c| c.unsettled.load(Ordering::Relaxed));
+        let ready = match topology::ready_count(&held.context.channel, &queue, timeout).await {
+            Ok(ready) => ready,
+            Err(error) => {
+                tracing::warn!(listener = %self.shared.name, lease, %error, "the old lease is gone while draining; its queue is left as it is");
+                self.release_draining(lease, false).await;
+                return;
+            }
+        };
+        let Some(held) = self.draining.iter_mut().find(|h| h.lease() == lease) else {
+            return;
+        };
+        let Some(drain) = held.drain.as_mut() else {
+            return;
+        };
+        match drain.checked(Instant::now(), ready, unsettled) {
+            Step::CheckIn(after) => {
+                myself.send_after(after, move || ListenerMsg::DrainCheck { lease });
+            }
+            Step::Close => {
+                if ready > 0 || unsettled > 0 {
+                    tracing::warn!(listener = %self.shared.name, lease, ready, unsettled, "the drain ran out of time; what is left stays in the old queue");
+                }
+                let deadline = Instant::now() + self.shared.settings.stop_timeout;
+                held.stop_consumer(Some(deadline));
+            }
+        }
+    }
+
+    /// The consumer of a draining lease ended.
+    async fn drain_consumer_ended(
+        &mut self,
+        myself: &ActorRef<ListenerMsg>,
+        lease: u64,
+        ended: Ended,
+    ) {
+        let paused = self.paused();
+        match ended {
+            Ended::Abandoned => {}
+            Ended::Lost(_) | Ended::Cancelled => {
+                tracing::debug!(listener = %self.shared.name, lease, "old lease lost while draining");
+                self.release_draining(lease, false).await;
+            }
+            Ended::Stopped => {
+                let closing = self
+                    .draining
+                    .iter()
+                    .find(|h| h.lease() == lease)
+                    .and_then(|h| h.drain.as_ref())
+                    .is_some_and(|d| d.phase == drain::Phase::Closing);
+                if !closing {
+                    // Stopped for a pause: consume again once resumed.
+                    if !paused {
+                        self.start_consumer(myself, lease).await;
+                    }
+                    return;
+                }
+                self.closed_drain(myself, lease).await;
+            }
+        }
+    }
+
+    /// The last look at a drained queue once its consumer stopped.
+    async fn closed_drain(&mut self, myself: &ActorRef<ListenerMsg>, lease: u64) {
+        let queue = self.shared.topology.lock().queue_name.clone();
+        let timeout = self.timeout();
+        let Some(held) = self.draining.iter().find(|h| h.lease() == lease) else {
+            return;
+        };
+        let ready = match topology::ready_count(held.channel(), &queue, timeout).await {
+            Ok(ready) => ready,
+            Err(_) => {
+                self.release_draining(lease, false).await;
+                return;
+            }
+        };
+        let Some(drain) = self
+            .draining
+            .iter_mut()
+            .find(|h| h.lease() == lease)
+            .and_then(|h| h.drain.as_mut())
+        else {
+            return;
+        };
+        match drain.closed(Instant::now(), ready) {
+            Closed::Release { delete } => self.release_draining(lease, delete).await,
+            Closed::DrainAgain => {
+                tracing::info!(listener = %self.shared.name, lease, ready, "messages arrived on the old queue; draining them too");
+                self.start_consumer(myself, lease).await;
+                myself.send_after(drain::CHECK_EVERY, move || ListenerMsg::DrainCheck {
+                    lease,
+                });
+            }
+        }
+    }
+
+    /// The consumer of lease `lease`, task `task`, ended.
+    async fn consumer_ended(
+        &mut self,
+        myself: &ActorRef<ListenerMsg>,
+        lease: u64,
+        task: u64,
+        ended: Ended,
+    ) {
+        let Some(held) = self.held_mut(lease) else {
+            return;
+        };
+        if held.consumer.as_ref().is_none_or(|c| c.task != task) {
+            return;
+        }
+        held.consumer = None;
+        if !self.is_active(lease) {
+            self.drain_consumer_ended(myself, lease, ended).await;
+            return;
+        }
+        match ended {
+            Ended::Stopped if self.paused() => self.set_consuming(false),
+            // Resumed while the pause's stop was under way: consume again.
+            Ended::Stopped => self.start_consumer(myself, lease).await,
+            Ended::Abandoned => {}
+            Ended::Lost(reason) => {
+                tracing::warn!(listener = %self.shared.name, lease, %reason, "consumer failed; asking for a new channel");
+                self.lose_active(lease, "the consumer failed");
+            }
+            Ended::Cancelled => {
+                tracing::warn!(listener = %self.shared.name, lease, "the broker cancelled the consumer; setting up again on a new channel");
+                self.lose_active(lease, "the broker cancelled the consumer");
+            }
+        }
+    }
+
+    /// After a set-up failure's backoff: give the channel back and ask for another.
+    fn retry_setup(&mut self, lease: u64) {
+        let still_failing = self
+            .active
+            .as_ref()
+            .is_some_and(|h| h.lease() == lease && !h.ready);
+        if still_failing && let Some(held) = self.active.take() {
+            held.abandon();
+            *self.shared.current.write() = None;
+            self.shared.channel.send_replace(None);
+            if let Some(client) = &self.client {
+                client.report_lost(lease);
+            }
+        }
+    }
+
+    /// Re-declares the queue on every held channel without a running consumer (paused,
+    /// or between consumers), so that `x-expires` does not delete it under a live listener.
+    async fn keep_alive(&mut self) {
+        let topology = self.shared.topology.lock().clone();
+        let timeout = self.timeout();
+        let idle: Vec<Arc<LeaseContext>> = self
+            .active
+            .iter()
+            .chain(&self.draining)
+            .filter(|h| h.ready && h.consumer.as_ref().is_none_or(|c| c.stopping))
+            .map(|h| h.context.clone())
+            .collect();
+        for context in idle {
+            if let Err(error) = topology::declare_queue(&context.channel, &topology, timeout).await
+            {
+                tracing::debug!(listener = %self.shared.name, lease = context.lease, %error, "cannot re-declare the queue now");
             }
         }
     }
@@ -249,22 +664,38 @@ impl ListenerState {
             topology.bindings.push(binding.clone());
             topology.queue_name.clone()
         };
+        self.tombstones.retain(|t| t.binding != binding);
         let Some(held) = self.active.as_ref().filter(|h| h.ready) else {
             // Applied with the rest of the topology on the next channel.
             return Ok(());
         };
-        if let Err(error) = topology::bind(&held.channel, &queue, &binding).await {
-            self.shared
-                .topology
-                .lock()
-                .bindings
-                .retain(|b| b != &binding);
-            return Err(ListenerError::Broker(error.to_string()));
+        let (lease, broker) = (held.lease(), held.broker());
+        match topology::bind(held.channel(), &queue, &binding, self.timeout()).await {
+            Ok(()) => {
+                place(&mut self.placed, &binding, broker);
+                Ok(())
+            }
+            Err(error) => {
+                self.shared
+                    .topology
+                    .lock()
+                    .bindings
+                    .retain(|b| b != &binding);
+                // The broker closes the channel over a refused bind; a timeout means it
+                // cannot be trusted: either way, a new one.
+                self.lose_active(lease, "a bind failed");
+                Err(if error.is_timeout() {
+                    ListenerError::Timeout(error.to_string())
+                } else {
+                    ListenerError::Broker(error.to_string())
+                })
+            }
         }
-        Ok(())
     }
 
-    async fn remove_binding(&mut self, binding: Binding) -> Result<bool, ListenerError> {
+    /// Removes a binding from the topology and from every held channel's queue; what it
+    /// may still be bound to elsewhere is remembered and unbound there later.
+    async fn remove_binding(&mut self, binding: Binding) -> Result<Removed, ListenerError> {
         let (existed, queue) = {
             let mut topology = self.shared.topology.lock();
             let before = topology.bindings.len();
@@ -275,14 +706,111 @@ impl ListenerState {
             )
         };
         if !existed {
-            return Ok(false);
+            return Ok(Removed {
+                existed: false,
+                clean: true,
+            });
         }
-        if let Some(held) = self.active.as_ref().filter(|h| h.ready) {
-            topology::unbind(&held.channel, &queue, &binding)
-                .await
-                .map_err(|e| ListenerError::Broker(e.to_string()))?;
+        let mut brokers = take_placed(&mut self.placed, &binding);
+        let timeout = self.timeout();
+        let held: Vec<(u64, BrokerId, Channel)> = self
+            .active
+            .iter()
+            .chain(&self.draining)
+            .filter(|h| h.ready)
+            .map(|h| (h.lease(), h.broker(), h.channel().clone()))
+            .collect();
+        let mut failure = None;
+        for (lease, broker, channel) in held {
+            if !brokers.contains(&broker) {
+                continue;
+            }
+            match topology::unbind(&channel, &queue, &binding, timeout).await {
+                Ok(()) => {
+                    brokers.remove(&broker);
+                }
+                Err(error) => {
+                    if self.is_active(lease) {
+                        self.lose_active(lease, "an unbind failed");
+                    }
+                    failure = Some(error);
+                }
+            }
         }
-        Ok(true)
+        let clean = brokers.is_empty();
+        if !clean {
+            tracing::debug!(listener = %self.shared.name, exchange = %binding.exchange, routing_key = %binding.routing_key, ?brokers, "a removed binding may remain where the listener has no channel now");
+            self.tombstones.push(Placed { binding, brokers });
+        }
+        match failure {
+            Some(error) if error.is_timeout() => Err(ListenerError::Timeout(error.to_string())),
+            Some(error) => Err(ListenerError::Broker(error.to_string())),
+            None => Ok(Removed { existed, clean }),
+        }
+    }
+
+    fn pause(&mut self) {
+        self.shared.topology.lock().paused = true;
+        for held in self.active.iter_mut().chain(self.draining.iter_mut()) {
+            // Handle what the broker already sent; there is no deadline to a pause.
+            held.stop_consumer(None);
+        }
+        if self.active.as_ref().is_some_and(|h| h.ready) {
+            self.readiness.ready();
+        }
+    }
+
+    async fn resume(&mut self, myself: &ActorRef<ListenerMsg>) {
+        self.shared.topology.lock().paused = false;
+        let now = Instant::now();
+        let mut idle = Vec::new();
+        for held in self.active.iter_mut().chain(self.draining.iter_mut()) {
+            if let Some(drain) = held.drain.as_mut() {
+                drain.resumed(now);
+            }
+            // A consumer still stopping for the pause starts again when its stop ends.
+            if held.ready && held.consumer.is_none() {
+                idle.push(held.lease());
+            }
+        }
+        for lease in idle {
+            self.start_consumer(myself, lease).await;
+        }
+    }
+
+    fn status(&self) -> ListenerStatus {
+        ListenerStatus {
+            active: self.active.as_ref().map(|h| (h.broker(), h.lease())),
+            declared: self.active.as_ref().is_some_and(|h| h.ready),
+            consuming: self
+                .active
+                .as_ref()
+                .and_then(|h| h.consumer.as_ref())
+                .is_some_and(|c| !c.stopping),
+            paused: self.paused(),
+            draining: self
+                .draining
+                .iter()
+                .map(|h| (h.broker(), h.lease()))
+                .collect(),
+        }
+    }
+
+    /// Lease events from assignments.
+    async fn lease_event(&mut self, myself: &ActorRef<ListenerMsg>, event: LeaseEvent) {
+        match event {
+            LeaseEvent::Granted(lease) => self.granted(myself, lease).await,
+            LeaseEvent::Lost { generation } => {
+                if self.is_active(generation) {
+                    tracing::warn!(listener = %self.shared.name, lease = generation, "channel lost");
+                    self.drop_active("channel lost");
+                } else if let Some(i) = self.draining.iter().position(|h| h.lease() == generation) {
+                    let held = self.draining.remove(i);
+                    tracing::info!(listener = %self.shared.name, lease = generation, "old lease lost while draining; its queue is left as it is");
+                    held.abandon();
+                }
+            }
+        }
     }
 }
 
@@ -297,14 +825,21 @@ impl Actor for ListenerActor {
         shared: Arc<ListenerShared>,
     ) -> Result<Self::State, ActorProcessingErr> {
         *shared.actor.write() = Some(myself);
+        let readiness = shared
+            .readiness
+            .register(format!("listener:{}", shared.name));
         Ok(ListenerState {
             shared,
             client: None,
             forward: None,
+            keepalive: None,
             active: None,
             draining: Vec::new(),
             next_task: 0,
             setup_failures: 0,
+            readiness,
+            placed: Vec::new(),
+            tombstones: Vec::new(),
         })
     }
 
@@ -318,6 +853,9 @@ impl Actor for ListenerActor {
             state.shared.settings.channel.clone(),
         )?;
         state.client = Some(client);
+        if let Some(every) = state.shared.settings.keepalive {
+            state.keepalive = Some(myself.send_interval(every, || ListenerMsg::KeepAlive));
+        }
         state.forward = Some(tokio::spawn(async move {
             while let Some(event) = events.next().await {
                 if myself.cast(ListenerMsg::Lease(event)).is_err() {
@@ -335,112 +873,13 @@ impl Actor for ListenerActor {
         state: &mut ListenerState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            ListenerMsg::Lease(LeaseEvent::Granted(lease)) => {
-                match lease.replaces {
-                    Some(old) if state.active.as_ref().is_some_and(|h| h.lease == old) => {
-                        // Make-before-break: the old lease keeps consuming until drained.
-                        if let Some(held) = state.active.take() {
-                            tracing::info!(listener = %state.shared.name, old, new = lease.generation, broker = %lease.broker, "moving back to the primary; draining the old lease");
-                            state.draining.push(held);
-                            myself.send_after(DRAIN_CHECK_EVERY, move || ListenerMsg::DrainCheck {
-                                lease: old,
-                            });
-                        }
-                    }
-                    Some(old) => {
-                        // The lease to replace is already gone: nothing to drain.
-                        if let Some(client) = &state.client {
-                            client.release(old);
-                        }
-                        state.drop_active();
-                    }
-                    None => state.drop_active(),
-                }
-                state.setup(&myself, lease).await;
-            }
-            ListenerMsg::Lease(LeaseEvent::Lost { generation }) => {
-                if state.active.as_ref().is_some_and(|h| h.lease == generation) {
-                    tracing::warn!(listener = %state.shared.name, lease = generation, "channel lost");
-                    state.drop_active();
-                } else if let Some(i) = state.draining.iter().position(|h| h.lease == generation) {
-                    let held = state.draining.remove(i);
-                    if let Some(consumer) = held.consumer {
-                        consumer.handle.abort();
-                    }
-                }
-            }
+            ListenerMsg::Lease(event) => state.lease_event(&myself, event).await,
             ListenerMsg::ConsumerEnded { lease, task, ended } => {
-                let is_active = state.active.as_ref().is_some_and(|h| {
-                    h.lease == lease && h.consumer.as_ref().is_some_and(|c| c.task == task)
-                });
-                if is_active {
-                    if let Some(held) = state.active.as_mut() {
-                        held.consumer = None;
-                    }
-                    match ended {
-                        Ended::Stopped => state.set_consuming(false),
-                        Ended::Lost(reason) => {
-                            tracing::warn!(listener = %state.shared.name, lease, %reason, "consumer failed; asking for a new channel");
-                            state.drop_active();
-                            if let Some(client) = &state.client {
-                                client.report_lost(lease);
-                            }
-                        }
-                        Ended::Cancelled => {
-                            tracing::warn!(listener = %state.shared.name, lease, "the broker cancelled the consumer; setting up again on a new channel");
-                            state.drop_active();
-                            if let Some(client) = &state.client {
-                                client.report_lost(lease);
-                            }
-                        }
-                    }
-                } else if state.draining.iter().any(|h| h.lease == lease) {
-                    state.release_draining(lease);
-                }
+                state.consumer_ended(&myself, lease, task, ended).await;
             }
-            ListenerMsg::DrainCheck { lease } => {
-                let Some(held) = state.draining.iter().find(|h| h.lease == lease) else {
-                    return Ok(());
-                };
-                if held.consumer.is_none() {
-                    state.release_draining(lease);
-                    return Ok(());
-                }
-                let queue = state.shared.topology.lock().queue_name.clone();
-                match topology::is_empty(&held.channel, &queue).await {
-                    Ok(true) => {
-                        let deadline = Instant::now() + state.shared.settings.stop_timeout;
-                        held.stop_consumer(deadline, true);
-                    }
-                    Ok(false) => {
-                        myself.send_after(DRAIN_CHECK_EVERY, move || ListenerMsg::DrainCheck {
-                            lease,
-                        });
-                    }
-                    Err(error) => {
-                        tracing::debug!(listener = %state.shared.name, lease, %error, "old lease gone while draining");
-                        state.release_draining(lease);
-                    }
-                }
-            }
-            ListenerMsg::RetrySetup { lease } => {
-                let still_failing = state
-                    .active
-                    .as_ref()
-                    .is_some_and(|h| h.lease == lease && h.consumer.is_none());
-                let paused = state.shared.topology.lock().paused;
-                let ready = state.active.as_ref().is_some_and(|h| h.ready);
-                if still_failing && !(ready && paused) {
-                    if let Some(held) = state.active.take() {
-                        close_channel(held.channel);
-                        *state.shared.current.write() = None;
-                        state.shared.channel.send_replace(None);
-                    }
-                    if let Some(client) = &state.client {
-                        client.report_lost(lease);
-                    }
-                }
-            }
+            ListenerMsg::DrainCheck { lease } => state.drain_check(&myself, lease).await,
+            ListenerMsg::RetrySetup { lease } => state.retry_setup(lease),
+            ListenerMsg::KeepAlive => state.keep_alive().await,
             ListenerMsg::AddBinding(binding, reply) => {
                 let _ = reply.send(state.add_binding(binding).await);
             }
@@ -448,23 +887,15 @@ impl Actor for ListenerActor {
                 let _ = reply.send(state.remove_binding(binding).await);
             }
             ListenerMsg::Pause(reply) => {
-                state.shared.topology.lock().paused = true;
-                if let Some(held) = &state.active {
-                    // Handle what the broker already sent, without a deadline of our own.
-                    held.stop_consumer(Instant::now() + Duration::from_secs(86_400), true);
-                }
+                state.pause();
                 let _ = reply.send(());
             }
             ListenerMsg::Resume(reply) => {
-                state.shared.topology.lock().paused = false;
-                let idle = state
-                    .active
-                    .as_ref()
-                    .is_some_and(|h| h.ready && h.consumer.is_none());
-                if idle {
-                    state.start_consumer(&myself).await;
-                }
+                state.resume(&myself).await;
                 let _ = reply.send(Ok(()));
+            }
+            ListenerMsg::Status(reply) => {
+                let _ = reply.send(state.status());
             }
         }
         Ok(())
@@ -482,9 +913,17 @@ impl Actor for ListenerActor {
         let deadline = Instant::now() + timeout;
         let mut held_all: Vec<Held> = state.active.take().into_iter().collect();
         held_all.append(&mut state.draining);
-        for held in &held_all {
-            held.stop_consumer(deadline, false);
+        for held in &mut held_all {
+            if let Some(consumer) = held.consumer.as_mut() {
+                consumer.stopping = true;
+                let _ = consumer.control.send(Control::Stop {
+                    deadline: Some(deadline),
+                    finish_buffered: false,
+                });
+            }
         }
+        let topology = state.shared.topology.lock().clone();
+        let operation = state.shared.settings.operation_timeout.min(CLOSE_TIMEOUT);
         for held in &mut held_all {
             if let Some(consumer) = held.consumer.take() {
                 let mut handle = consumer.handle;
@@ -495,22 +934,24 @@ impl Actor for ListenerActor {
                     handle.abort();
                 }
             }
-            if held.channel.status().connected() {
-                let topology = state.shared.topology.lock().clone();
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-                    topology::delete_if_anonymous(&held.channel, &topology).await;
-                    held.channel
-                        .close(200, "warren: listener stopping".into())
-                        .await
-                })
+            if held.channel().status().connected() {
+                topology::delete_if_anonymous(held.channel(), &topology, operation).await;
+                let _ = tokio::time::timeout(
+                    CLOSE_TIMEOUT,
+                    held.channel()
+                        .close(200, "warren: listener stopping".into()),
+                )
                 .await;
             }
         }
         state.set_consuming(false);
         *state.shared.current.write() = None;
         state.shared.channel.send_replace(None);
-        if let Some(forward) = state.forward.take() {
-            forward.abort();
+        for task in [state.forward.take(), state.keepalive.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
         }
         state.client = None;
         let mut actor = state.shared.actor.write();

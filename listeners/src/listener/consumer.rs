@@ -1,16 +1,24 @@
-//! The delivery loop of one consumer on one channel: lapin's stream → decode → redelivery
-//! limit → the listener's hook → matching responders → outcome → ack / nack / reject.
+//! The delivery loop of one consumer on one channel: lapin's stream → size check and
+//! decode → failure limit → the listener's hook → matching responders → verdict → ack /
+//! nack / reject, or parking.
 //!
 //! Settlements always go to the channel the delivery came on, so an ack for a delivery of
 //! an old channel can never reach a new one. At most `concurrency` messages are handled at
-//! once; lapin buffers no more than prefetch. Handlers run as their own tasks, so a panic
-//! is caught (nack + error log + counter) and the loop lives on. Acks are coalesced
-//! (`acks`). A stop cancels the consumer, lets handlers finish until a deadline, acks what
-//! finished, and aborts the rest: their messages go back to the queue with the channel.
+//! once; lapin buffers no more than prefetch. App code never takes the loop down: a panic
+//! in a responder or in `on_event` is caught (nack + error log + counter) and the loop
+//! lives on. A message that cannot succeed (rejected, undecodable, too large, past
+//! `max_redeliveries`) leaves the queue once: to its dead-letter exchange, or to the
+//! parking queue. Acks are coalesced (`acks`). The loop ends in one of three ways, and
+//! returns which to its caller: the channel failed, the broker cancelled, or the actor
+//! asked — to stop (cancel, let handlers finish until a deadline, ack what finished), or to
+//! abandon a lost channel (handlers in flight finish on their own; their settlements would
+//! go to a dead channel and the broker redelivers those messages).
 
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -18,22 +26,26 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::BasicCancelOptions;
 use lapin::{Channel, Consumer};
-use ractor::ActorRef;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use warren_runtime::envelope::Envelope;
+use warren_runtime::envelope::{DecodeError, Envelope};
+use warren_runtime::log_limit::LogLimit;
 use warren_runtime::registry::Broker;
 
 use super::Dispatch;
 use super::acks::AckTracker;
-use super::actor::ListenerMsg;
 use super::event::{DeliveryInfo, Event, Outbox};
 use super::handle::ListenerShared;
-use super::redelivery::BodyKey;
-use super::responders::{HandlerError, Outcome};
+use super::parking;
+use super::redelivery::body_key;
+use super::responders::{Handler, HandlerError, Outcome};
 use super::spec::AckMode;
+use super::topology;
+
+/// Repeating warnings about messages (bad bodies, rejects, retries): one line per listener
+/// and kind per interval, with a count.
+static MESSAGE_LOGS: LazyLock<LogLimit> = LazyLock::new(LogLimit::default);
 
 /// What the actor tells a running consumer loop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,55 +53,81 @@ pub(crate) enum Control {
     Run,
     /// Cancel the consumer and finish. With `finish_buffered`, messages the broker already
     /// sent are handled too (pause, drain); without, they go back to the queue when the
-    /// channel closes (shutdown).
+    /// channel closes (shutdown). Handlers still running at `deadline` (if any) are
+    /// abandoned and their messages go back to the queue.
     Stop {
-        deadline: Instant,
+        deadline: Option<Instant>,
         finish_buffered: bool,
     },
+    /// The channel is lost: end at once; handlers in flight finish on their own.
+    Abandon,
 }
 
-/// Why a consumer loop ended.
+/// How a consumer loop ended.
 #[derive(Clone, Debug)]
 pub(crate) enum Ended {
-    /// The channel or connection failed.
+    /// The channel or connection failed (or a settlement could not be written in time).
     Lost(String),
     /// The broker cancelled the consumer (e.g. the queue was deleted).
     Cancelled,
     /// A stop asked for by the actor completed.
     Stopped,
+    /// The actor abandoned the channel.
+    Abandoned,
+}
+
+/// The lease a consumer loop runs on, shared with its messages' work.
+pub(crate) struct LeaseContext {
+    pub lease: u64,
+    pub channel: Channel,
+    pub broker: Arc<Broker>,
+    /// The parking queue was declared on this channel.
+    pub parking_declared: AtomicBool,
 }
 
 /// Everything one consumer loop needs.
 pub(crate) struct ConsumerLoop {
-    pub lease: u64,
-    pub task: u64,
     pub tag: String,
-    pub channel: Channel,
+    pub context: Arc<LeaseContext>,
     pub consumer: Consumer,
     pub queue: String,
-    pub broker: Arc<Broker>,
     pub shared: Arc<ListenerShared>,
     pub control: watch::Receiver<Control>,
-    pub actor: ActorRef<ListenerMsg>,
+    /// Deliveries received and not settled yet (read by the actor while draining).
+    pub unsettled: Arc<AtomicUsize>,
 }
 
-/// How a message's handlers run.
+/// What becomes of one message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    Ack,
+    /// Back to the queue (a failure, already counted, or deferred).
+    Requeue,
+    /// Rejected to the queue's dead-letter exchange.
+    DeadLetter,
+    /// Copied to the parking queue; the original is acked.
+    Parked,
+    /// Nothing to send: the broker considers it delivered (no-ack) or it was acked on
+    /// receipt.
+    Settled,
+}
+
+/// How a message's work runs.
 enum Work {
     /// In the consumer loop itself (concurrency 1: no task switch per message).
-    Inline(BoxFuture<'static, Outcome>),
+    Inline(BoxFuture<'static, Verdict>),
     /// As a task of its own (concurrency > 1: in parallel, on any core).
-    Spawned(JoinHandle<Outcome>),
+    Spawned(JoinHandle<Verdict>),
 }
 
-/// A message whose handlers are running.
+/// A message whose work is running.
 struct Running {
     tag: u64,
-    key: Option<BodyKey>,
     work: Work,
 }
 
 impl Running {
-    /// Stops the handlers (the stop deadline passed).
+    /// Stops the work (the stop deadline passed).
     fn abort(&self) {
         if let Work::Spawned(handle) = &self.work {
             handle.abort();
@@ -98,24 +136,24 @@ impl Running {
 }
 
 impl Future for Running {
-    type Output = (u64, Option<BodyKey>, Outcome);
+    type Output = (u64, Verdict);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let (tag, key) = (self.tag, self.key);
-        let outcome = match &mut self.work {
+        let tag = self.tag;
+        let verdict = match &mut self.work {
             Work::Inline(future) => future.poll_unpin(cx),
-            // The handlers' task never panics (panics are caught inside); an aborted one
-            // means the stop deadline passed: requeue.
+            // The work never panics (panics are caught inside); an aborted one means the
+            // stop deadline passed: back to the queue.
             Work::Spawned(handle) => handle
                 .poll_unpin(cx)
-                .map(|joined| joined.unwrap_or(Outcome::Requeue)),
+                .map(|joined| joined.unwrap_or(Verdict::Requeue)),
         };
-        outcome.map(|outcome| (tag, key, outcome))
+        verdict.map(|verdict| (tag, verdict))
     }
 }
 
-/// Lets the handlers of a lost channel finish on their own (their settlements would go to
-/// a dead channel; the broker redelivers those messages).
+/// Lets the work of a lost channel finish on its own (its settlements would go to a dead
+/// channel; the broker redelivers those messages).
 fn detach(inflight: InFlight) {
     if !inflight.is_empty() {
         tokio::spawn(async move { inflight.for_each(|_| async {}).await });
@@ -124,20 +162,32 @@ fn detach(inflight: InFlight) {
 
 type InFlight = FuturesUnordered<Running>;
 
+/// What went wrong with a message before any handler ran.
+enum Refusal {
+    Decode(DecodeError),
+    TooOften(u32),
+}
+
 impl ConsumerLoop {
-    /// Runs until the channel is lost, the broker cancels, or the actor stops it; then tells
-    /// the actor.
-    pub async fn run(mut self) {
-        let ended = self.consume().await;
-        let _ = self.actor.cast(ListenerMsg::ConsumerEnded {
-            lease: self.lease,
-            task: self.task,
-            ended,
-        });
+    /// Runs until the channel is lost, the broker cancels, or the actor stops it, and says
+    /// which. A panic inside the loop itself (not app code, which is caught where it runs)
+    /// is reported as a lost channel, so the actor sets the listener up again.
+    pub async fn run(mut self) -> Ended {
+        match AssertUnwindSafe(self.consume()).catch_unwind().await {
+            Ok(ended) => ended,
+            Err(panic) => Ended::Lost(format!(
+                "the consumer loop panicked: {}",
+                panic_text(panic.as_ref())
+            )),
+        }
     }
 
     fn settles(&self) -> bool {
         self.shared.settings.ack != AckMode::Broker
+    }
+
+    fn timeout(&self) -> std::time::Duration {
+        self.shared.settings.operation_timeout
     }
 
     async fn consume(&mut self) -> Ended {
@@ -146,16 +196,23 @@ impl ConsumerLoop {
         let concurrency = self.shared.settings.concurrency;
         loop {
             let control = *self.control.borrow();
-            if let Control::Stop {
-                deadline,
-                finish_buffered,
-            } = control
-            {
-                return self.stop(inflight, acks, deadline, finish_buffered).await;
+            match control {
+                Control::Run => {}
+                Control::Abandon => {
+                    detach(inflight);
+                    return Ended::Abandoned;
+                }
+                Control::Stop {
+                    deadline,
+                    finish_buffered,
+                } => return self.stop(inflight, acks, deadline, finish_buffered).await,
             }
             // Settle what finished and take what arrived, without waiting.
             while let Some(Some(done)) = inflight.next().now_or_never() {
-                self.finish(&mut acks, done).await;
+                if let Err(ended) = self.finish(&mut acks, done).await {
+                    detach(inflight);
+                    return ended;
+                }
             }
             let room = inflight.len() < concurrency;
             if room && let Some(item) = self.consumer.next().now_or_never() {
@@ -163,8 +220,11 @@ impl ConsumerLoop {
                     detach(inflight);
                     return ended;
                 }
-                if acks.due() {
-                    acks.flush(&self.channel).await;
+                if acks.due()
+                    && let Err(ended) = self.flush(&mut acks).await
+                {
+                    detach(inflight);
+                    return ended;
                 }
                 continue;
             }
@@ -172,31 +232,42 @@ impl ConsumerLoop {
             // enough are due or when the oldest has waited `MAX_ACK_DELAY`, never right
             // here, so whoever a handler just woke (e.g. a caller waiting for this reply)
             // runs first.
-            if acks.due() {
-                acks.flush(&self.channel).await;
+            if acks.due()
+                && let Err(ended) = self.flush(&mut acks).await
+            {
+                detach(inflight);
+                return ended;
             }
             let flush_at = acks.deadline().map(tokio::time::Instant::from_std);
-            tokio::select! {
+            let ended = tokio::select! {
                 item = self.consumer.next(), if room => {
-                    if let Some(ended) = self.item(item, &mut inflight, &mut acks).await {
-                        detach(inflight);
-                        return ended;
-                    }
+                    self.item(item, &mut inflight, &mut acks).await
                 }
                 Some(done) = inflight.next(), if !inflight.is_empty() => {
-                    self.finish(&mut acks, done).await;
+                    self.finish(&mut acks, done).await.err()
                 }
                 _ = sleep_until(flush_at), if flush_at.is_some() => {
-                    acks.flush(&self.channel).await;
+                    self.flush(&mut acks).await.err()
                 }
                 changed = self.control.changed() => {
                     if changed.is_err() {
                         // The actor is gone: stop at once.
-                        return self.stop(inflight, acks, Instant::now(), false).await;
+                        return self.stop(inflight, acks, Some(Instant::now()), false).await;
                     }
+                    None
                 }
+            };
+            if let Some(ended) = ended {
+                detach(inflight);
+                return ended;
             }
         }
+    }
+
+    async fn flush(&self, acks: &mut AckTracker) -> Result<(), Ended> {
+        acks.flush(&self.context.channel, self.timeout())
+            .await
+            .map_err(|stuck| Ended::Lost(stuck.0))
     }
 
     /// One item of lapin's stream. `Some` ends the loop.
@@ -209,78 +280,112 @@ impl ConsumerLoop {
         match item {
             None => Some(Ended::Cancelled),
             Some(Err(error)) => Some(Ended::Lost(error.to_string())),
-            Some(Ok(delivery)) => {
-                self.accept(delivery, inflight, acks).await;
-                None
-            }
+            Some(Ok(delivery)) => self.accept(delivery, inflight, acks).await.err(),
         }
     }
 
-    /// Decodes a delivery and starts its responders (or settles it at once).
-    async fn accept(&mut self, delivery: Delivery, inflight: &mut InFlight, acks: &mut AckTracker) {
-        let shared = &self.shared;
+    /// Checks and decodes a delivery, then starts its work (or settles it at once).
+    async fn accept(
+        &mut self,
+        delivery: Delivery,
+        inflight: &mut InFlight,
+        acks: &mut AckTracker,
+    ) -> Result<(), Ended> {
+        let shared = self.shared.clone();
         let settings = &shared.settings;
         shared.stats.received.increment();
+        self.unsettled.fetch_add(1, Ordering::Relaxed);
         let tag = delivery.delivery_tag;
         let settles = self.settles();
         if settles {
             acks.delivered(tag);
         }
-        let properties = &delivery.properties;
-        let envelope = match Envelope::decode(
-            &delivery.data,
-            properties.content_type().as_ref().map(|s| s.as_str()),
-            properties.content_encoding().as_ref().map(|s| s.as_str()),
-        ) {
-            Ok(envelope) => envelope,
-            Err(error) => {
-                tracing::warn!(listener = %shared.name, queue = %self.queue, routing_key = %delivery.routing_key, %error, "message is not a valid envelope; rejected");
-                shared.stats.undecodable.increment();
-                if settles {
-                    shared.stats.rejected.increment();
-                    acks.settle(&self.channel, tag, Outcome::Reject).await;
-                }
-                return;
-            }
+        let before = shared.failures.before(&delivery, settings.quorum);
+        let decoded = if before > settings.max_redeliveries {
+            Err(Refusal::TooOften(before))
+        } else {
+            decode(&delivery, settings.max_message_bytes)
+                .await
+                .map_err(Refusal::Decode)
         };
-        let (redeliveries, key) = shared.redeliveries.observe(&delivery);
-        if redeliveries > settings.max_redeliveries {
-            tracing::warn!(listener = %shared.name, msg_id = envelope.msg_id().unwrap_or(""), redeliveries, limit = settings.max_redeliveries, "message redelivered too often; rejected");
-            shared.stats.redelivery_limit.increment();
-            if let Some(key) = key {
-                shared.redeliveries.forget(key);
-            }
-            if settles {
-                shared.stats.rejected.increment();
-                acks.settle(&self.channel, tag, Outcome::Reject).await;
-            }
-            return;
-        }
+        let envelope = match decoded {
+            Ok(envelope) => envelope,
+            Err(refusal) => return self.refuse(delivery, refusal, inflight, acks).await,
+        };
         if settings.ack == AckMode::OnReceipt {
             shared.stats.acked.increment();
-            acks.settle(&self.channel, tag, Outcome::Ack).await;
+            self.settle(acks, tag, Outcome::Ack).await?;
         }
+        let Delivery {
+            data,
+            exchange,
+            routing_key,
+            redelivered,
+            properties,
+            ..
+        } = delivery;
         let event = Event::new(
             envelope,
             DeliveryInfo {
-                exchange: delivery.exchange.to_string(),
-                routing_key: delivery.routing_key.to_string(),
-                redelivered: delivery.redelivered,
+                exchange: exchange.to_string(),
+                routing_key: routing_key.to_string(),
+                redelivered,
                 delivery_tag: tag,
-                properties: delivery.properties,
+                properties,
                 queue: self.queue.clone(),
-                broker: self.broker.clone(),
-                lease: self.lease,
+                broker: self.context.broker.clone(),
+                lease: self.context.lease,
             },
             Some(Outbox {
-                channel: self.channel.clone(),
+                channel: self.context.channel.clone(),
                 stamp: settings.stamp.clone(),
                 timeout: settings.publish_timeout,
                 listener: shared.listener.clone(),
             }),
         );
-        let dispatch = shared.listener.on_event(&event);
-        let handlers = match dispatch {
+        let handlers = match self.dispatch(&event) {
+            Some(handlers) => handlers,
+            // `on_event` panicked: a failure of this message, like a responder's panic.
+            None => {
+                let work = self.conclude(event, data, before, Outcome::Requeue);
+                self.start(tag, work, inflight);
+                return Ok(());
+            }
+        };
+        if handlers.is_empty() {
+            if before > 0 {
+                shared
+                    .failures
+                    .forget(body_key(&data, &event.delivery().routing_key));
+            }
+            let verdict = match settings.ack {
+                AckMode::Manual => Verdict::Ack,
+                _ => Verdict::Settled,
+            };
+            return self.finish(acks, (tag, verdict)).await;
+        }
+        let outcome = run_handlers(shared.clone(), event.clone(), handlers);
+        let conclusion = self.conclude_after(event, data, before, outcome);
+        self.start(tag, conclusion, inflight);
+        Ok(())
+    }
+
+    /// The hook, then the matching responders; `None` when the hook panicked.
+    fn dispatch(&self, event: &Event) -> Option<Vec<Handler>> {
+        let shared = &self.shared;
+        let listener = shared.listener.clone();
+        let dispatch = match std::panic::catch_unwind(AssertUnwindSafe(|| listener.on_event(event)))
+        {
+            Ok(dispatch) => dispatch,
+            Err(panic) => {
+                shared.stats.handler_panics.increment();
+                log_message(shared, "panic", |held| {
+                    tracing::error!(listener = %shared.name, msg_id = event.envelope().msg_id().unwrap_or(""), panic = panic_text(panic.as_ref()), suppressed = held, "on_event panicked; message requeued");
+                });
+                return None;
+            }
+        };
+        Some(match dispatch {
             Dispatch::Suppress => {
                 shared.stats.suppressed.increment();
                 Vec::new()
@@ -296,72 +401,142 @@ impl ConsumerLoop {
                 }
                 handlers
             }
-        };
-        if handlers.is_empty() {
-            if settings.ack == AckMode::Manual {
-                shared.stats.acked.increment();
-                acks.settle(&self.channel, tag, Outcome::Ack).await;
+        })
+    }
+
+    /// A message refused before any handler ran: off the queue once (dead-lettered or
+    /// parked), never requeued.
+    async fn refuse(
+        &mut self,
+        delivery: Delivery,
+        refusal: Refusal,
+        inflight: &mut InFlight,
+        acks: &mut AckTracker,
+    ) -> Result<(), Ended> {
+        let shared = self.shared.clone();
+        let reason = match &refusal {
+            Refusal::Decode(error) => {
+                shared.stats.undecodable.increment();
+                log_message(&shared, "undecodable", |held| {
+                    tracing::warn!(listener = %shared.name, queue = %self.queue, routing_key = %delivery.routing_key, %error, suppressed = held, "message is not a valid envelope; taken off the queue");
+                });
+                format!("not a valid envelope: {error}")
             }
-            return;
+            Refusal::TooOften(failures) => {
+                shared.stats.redelivery_limit.increment();
+                log_message(&shared, "limit", |held| {
+                    tracing::warn!(listener = %shared.name, queue = %self.queue, failures, limit = shared.settings.max_redeliveries, suppressed = held, "message failed too often; taken off the queue");
+                });
+                format!(
+                    "handlers failed on it {failures} times (max_redeliveries = {})",
+                    shared.settings.max_redeliveries
+                )
+            }
+        };
+        if !self.settles() {
+            self.unsettled.fetch_sub(1, Ordering::Relaxed);
+            return Ok(());
         }
-        let shared = shared.clone();
-        let work = async move {
-            let mut outcome = Outcome::Ack;
-            for result in futures::future::join_all(handlers.into_iter().map(|handler| {
-                let event = event.clone();
-                AssertUnwindSafe(async move { handler(event).await }).catch_unwind()
-            }))
-            .await
-            {
-                let this = match result {
-                    Ok(Ok(())) => Outcome::Ack,
-                    Ok(Err(HandlerError::Retry(reason))) => {
-                        tracing::warn!(listener = %shared.name, msg_id = event.envelope().msg_id().unwrap_or(""), %reason, "handler asked to retry; message requeued");
-                        Outcome::Requeue
-                    }
-                    Ok(Err(HandlerError::Reject(reason))) => {
-                        tracing::warn!(listener = %shared.name, msg_id = event.envelope().msg_id().unwrap_or(""), %reason, "handler rejected the message");
-                        Outcome::Reject
-                    }
-                    Err(panic) => {
-                        shared.stats.handler_panics.increment();
-                        tracing::error!(listener = %shared.name, msg_id = event.envelope().msg_id().unwrap_or(""), category = event.category(), name = event.name(), panic = panic_text(panic.as_ref()), "handler panicked; message requeued");
-                        Outcome::Requeue
-                    }
+        let tag = delivery.delivery_tag;
+        if shared.settings.dead_letter {
+            return self.finish(acks, (tag, Verdict::DeadLetter)).await;
+        }
+        let work = {
+            let (shared, context) = (shared.clone(), self.context.clone());
+            async move {
+                let Delivery {
+                    data,
+                    exchange,
+                    routing_key,
+                    properties,
+                    ..
+                } = delivery;
+                let message = parking::Message {
+                    data: &data,
+                    properties: &properties,
+                    exchange: exchange.as_str(),
+                    routing_key: routing_key.as_str(),
                 };
-                outcome = outcome.combine(this);
+                park_or_requeue(&shared, &context, message, &reason).await
             }
-            outcome
         };
+        self.start(tag, Box::pin(work), inflight);
+        Ok(())
+    }
+
+    /// The work that settles a message whose handlers ended with `outcome`.
+    fn conclude_after(
+        &self,
+        event: Event,
+        data: Vec<u8>,
+        before: u32,
+        outcome: BoxFuture<'static, Outcome>,
+    ) -> BoxFuture<'static, Verdict> {
+        let (shared, context) = (self.shared.clone(), self.context.clone());
+        Box::pin(async move {
+            let outcome = outcome.await;
+            conclusion(&shared, &context, &event, &data, before, outcome).await
+        })
+    }
+
+    /// The same, for an outcome known at once.
+    fn conclude(
+        &self,
+        event: Event,
+        data: Vec<u8>,
+        before: u32,
+        outcome: Outcome,
+    ) -> BoxFuture<'static, Verdict> {
+        self.conclude_after(event, data, before, Box::pin(async move { outcome }))
+    }
+
+    fn start(&self, tag: u64, work: BoxFuture<'static, Verdict>, inflight: &mut InFlight) {
         let work = if self.shared.settings.concurrency == 1 {
-            Work::Inline(Box::pin(work))
+            Work::Inline(work)
         } else {
             Work::Spawned(tokio::spawn(work))
         };
-        inflight.push(Running { tag, key, work });
+        inflight.push(Running { tag, work });
     }
 
-    /// A message's handlers finished: settle it (in manual mode) and count it.
+    async fn settle(&self, acks: &mut AckTracker, tag: u64, outcome: Outcome) -> Result<(), Ended> {
+        acks.settle(&self.context.channel, tag, outcome, self.timeout())
+            .await
+            .map_err(|stuck| Ended::Lost(stuck.0))
+    }
+
+    /// A message's work finished: settle it and count it.
     async fn finish(
         &mut self,
         acks: &mut AckTracker,
-        (tag, key, outcome): (u64, Option<BodyKey>, Outcome),
-    ) {
-        if self.shared.settings.ack != AckMode::Manual {
-            return;
+        (tag, verdict): (u64, Verdict),
+    ) -> Result<(), Ended> {
+        self.unsettled.fetch_sub(1, Ordering::Relaxed);
+        if !self.settles() {
+            return Ok(());
         }
         let stats = &self.shared.stats;
-        match outcome {
-            Outcome::Ack => stats.acked.increment(),
-            Outcome::Requeue => stats.requeued.increment(),
-            Outcome::Reject => stats.rejected.increment(),
-        }
-        if outcome != Outcome::Requeue
-            && let Some(key) = key
-        {
-            self.shared.redeliveries.forget(key);
-        }
-        acks.settle(&self.channel, tag, outcome).await;
+        let wire = match verdict {
+            Verdict::Settled => return Ok(()),
+            Verdict::Ack => {
+                stats.acked.increment();
+                Outcome::Ack
+            }
+            Verdict::Requeue => {
+                stats.requeued.increment();
+                Outcome::Requeue
+            }
+            Verdict::DeadLetter => {
+                stats.rejected.increment();
+                Outcome::Reject
+            }
+            Verdict::Parked => {
+                stats.rejected.increment();
+                stats.parked.increment();
+                Outcome::Ack
+            }
+        };
+        self.settle(acks, tag, wire).await
     }
 
     /// Cancels the consumer and finishes within the deadline.
@@ -369,47 +544,222 @@ impl ConsumerLoop {
         &mut self,
         mut inflight: InFlight,
         mut acks: AckTracker,
-        deadline: Instant,
+        deadline: Option<Instant>,
         finish_buffered: bool,
     ) -> Ended {
-        let deadline = tokio::time::Instant::from_std(deadline);
-        if let Err(error) = self
-            .channel
-            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
-            .await
+        if let Err(error) = topology::cancel(&self.context.channel, &self.tag, self.timeout()).await
         {
             tracing::debug!(listener = %self.shared.name, %error, "basic.cancel failed");
         }
+        let deadline = deadline.map(tokio::time::Instant::from_std);
         let concurrency = self.shared.settings.concurrency;
+        let mut control = self.control.clone();
         if finish_buffered {
             // What the broker sent before the cancel is ours: handle it, until cancel-ok.
             loop {
                 let room = inflight.len() < concurrency;
-                tokio::select! {
+                let step = tokio::select! {
                     item = self.consumer.next(), if room => match item {
                         None => break,
-                        Some(Err(error)) => return Ended::Lost(error.to_string()),
+                        Some(Err(error)) => Err(Ended::Lost(error.to_string())),
                         Some(Ok(delivery)) => self.accept(delivery, &mut inflight, &mut acks).await,
                     },
                     Some(done) = inflight.next(), if !inflight.is_empty() => self.finish(&mut acks, done).await,
-                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = sleep_until(deadline), if deadline.is_some() => break,
+                    abandon = abandoned(&mut control) => {
+                        if abandon { Err(Ended::Abandoned) } else { Ok(()) }
+                    }
+                };
+                if let Err(ended) = step {
+                    detach(inflight);
+                    return ended;
                 }
             }
         }
         while !inflight.is_empty() {
-            tokio::select! {
+            let step = tokio::select! {
                 Some(done) = inflight.next() => self.finish(&mut acks, done).await,
-                _ = tokio::time::sleep_until(deadline) => {
-                    tracing::warn!(listener = %self.shared.name, running = inflight.len(), "handlers still running at the stop deadline: aborted, their messages go back to the queue");
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    tracing::warn!(listener = %self.shared.name, running = inflight.len(), "handlers still running at the stop deadline: abandoned, their messages go back to the queue");
                     for running in inflight.iter() {
                         running.abort();
                     }
                     break;
                 }
+                abandon = abandoned(&mut control) => {
+                    if abandon { Err(Ended::Abandoned) } else { Ok(()) }
+                }
+            };
+            if let Err(ended) = step {
+                detach(inflight);
+                return ended;
             }
         }
-        acks.flush(&self.channel).await;
+        if let Err(ended) = self.flush(&mut acks).await {
+            return ended;
+        }
         Ended::Stopped
+    }
+}
+
+/// Resolves when the control changes: true when the actor now abandons the channel.
+async fn abandoned(control: &mut watch::Receiver<Control>) -> bool {
+    match control.changed().await {
+        Ok(()) => *control.borrow() == Control::Abandon,
+        Err(_) => {
+            // The actor is gone; nothing will change any more.
+            std::future::pending::<()>().await;
+            false
+        }
+    }
+}
+
+/// Decodes a delivery's body as a kapi envelope; a body above `max_bytes` is refused
+/// unread.
+async fn decode(delivery: &Delivery, max_bytes: usize) -> Result<Envelope, DecodeError> {
+    if delivery.data.len() > max_bytes {
+        return Err(DecodeError::TooLarge { limit: max_bytes });
+    }
+    let properties = &delivery.properties;
+    Envelope::decode(
+        &delivery.data,
+        properties.content_type().as_ref().map(|s| s.as_str()),
+        properties.content_encoding().as_ref().map(|s| s.as_str()),
+    )
+}
+
+/// Runs every matching handler, each with its panics caught, and combines their results.
+fn run_handlers(
+    shared: Arc<ListenerShared>,
+    event: Event,
+    handlers: Vec<Handler>,
+) -> BoxFuture<'static, Outcome> {
+    Box::pin(async move {
+        let mut outcome = Outcome::Ack;
+        for result in futures::future::join_all(handlers.into_iter().map(|handler| {
+            let event = event.clone();
+            AssertUnwindSafe(async move { handler(event).await }).catch_unwind()
+        }))
+        .await
+        {
+            let msg_id = event.envelope().msg_id().unwrap_or("");
+            let this = match result {
+                Ok(Ok(())) => Outcome::Ack,
+                Ok(Err(HandlerError::Retry(reason))) => {
+                    log_message(&shared, "retry", |held| {
+                        tracing::warn!(listener = %shared.name, msg_id, %reason, suppressed = held, "handler asked to retry; message requeued");
+                    });
+                    Outcome::Requeue
+                }
+                Ok(Err(HandlerError::Reject(reason))) => {
+                    log_message(&shared, "reject", |held| {
+                        tracing::warn!(listener = %shared.name, msg_id, %reason, suppressed = held, "handler rejected the message");
+                    });
+                    Outcome::Reject
+                }
+                Ok(Err(HandlerError::Defer(reason))) => {
+                    tracing::debug!(listener = %shared.name, msg_id, %reason, "handler deferred the message");
+                    Outcome::Defer
+                }
+                Err(panic) => {
+                    shared.stats.handler_panics.increment();
+                    log_message(&shared, "panic", |held| {
+                        tracing::error!(listener = %shared.name, msg_id, category = event.category(), name = event.name(), panic = panic_text(panic.as_ref()), suppressed = held, "handler panicked; message requeued");
+                    });
+                    Outcome::Requeue
+                }
+            };
+            outcome = outcome.combine(this);
+        }
+        outcome
+    })
+}
+
+/// What becomes of a message whose handlers ended with `outcome`: a failure is counted,
+/// and one past the limit (or a rejection) leaves the queue for good.
+async fn conclusion(
+    shared: &ListenerShared,
+    context: &LeaseContext,
+    event: &Event,
+    data: &[u8],
+    before: u32,
+    outcome: Outcome,
+) -> Verdict {
+    let settings = &shared.settings;
+    if settings.ack != AckMode::Manual {
+        // Acked on receipt, or no-ack: the message is not the queue's any more.
+        return Verdict::Settled;
+    }
+    let routing_key = event.delivery().routing_key.as_str();
+    let reason = match outcome {
+        Outcome::Ack => {
+            if before > 0 {
+                shared.failures.forget(body_key(data, routing_key));
+            }
+            return Verdict::Ack;
+        }
+        Outcome::Defer => {
+            shared.stats.deferred.increment();
+            return Verdict::Requeue;
+        }
+        Outcome::Requeue => {
+            let key = body_key(data, routing_key);
+            let failures = shared.failures.failed(key, before, settings.quorum);
+            if failures <= settings.max_redeliveries {
+                return Verdict::Requeue;
+            }
+            shared.stats.redelivery_limit.increment();
+            shared.failures.forget(key);
+            log_message(shared, "limit", |held| {
+                tracing::warn!(listener = %shared.name, msg_id = event.envelope().msg_id().unwrap_or(""), failures, limit = settings.max_redeliveries, suppressed = held, "message failed too often; taken off the queue");
+            });
+            format!(
+                "handlers failed on it {failures} times (max_redeliveries = {})",
+                settings.max_redeliveries
+            )
+        }
+        Outcome::Reject => {
+            if before > 0 {
+                shared.failures.forget(body_key(data, routing_key));
+            }
+            "rejected by a handler".to_string()
+        }
+    };
+    if settings.dead_letter {
+        return Verdict::DeadLetter;
+    }
+    let delivery = event.delivery();
+    let message = parking::Message {
+        data,
+        properties: &delivery.properties,
+        exchange: &delivery.exchange,
+        routing_key,
+    };
+    park_or_requeue(shared, context, message, &reason).await
+}
+
+/// Parks a message; if that fails it goes back to the queue (nothing is dropped).
+async fn park_or_requeue(
+    shared: &ListenerShared,
+    context: &LeaseContext,
+    message: parking::Message<'_>,
+    reason: &str,
+) -> Verdict {
+    match parking::park(shared, context, message, reason).await {
+        Ok(()) => Verdict::Parked,
+        Err(error) => {
+            log_message(shared, "park", |held| {
+                tracing::error!(listener = %shared.name, parking = %shared.settings.parking, %error, suppressed = held, "cannot park a message; it goes back to the queue");
+            });
+            Verdict::Requeue
+        }
+    }
+}
+
+/// Logs a line about messages of `shared`'s listener, at most once per interval per kind.
+fn log_message(shared: &ListenerShared, kind: &str, log: impl FnOnce(u64)) {
+    if let Some(held) = MESSAGE_LOGS.allow(&format!("{}:{kind}", shared.name)) {
+        log(held);
     }
 }
 
@@ -420,7 +770,7 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
+pub(crate) fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
     if let Some(text) = panic.downcast_ref::<&str>() {
         text
     } else if let Some(text) = panic.downcast_ref::<String>() {

@@ -16,17 +16,19 @@ use ractor::{Actor, ActorCell, ActorRef};
 use tokio::sync::watch;
 use warren_runtime::assignments::{Assignments, ChannelKind};
 use warren_runtime::envelope::{Envelope, Stamp};
+use warren_runtime::exchanges::TARGETED;
 use warren_runtime::node::NodeContext;
 use warren_runtime::publish::{PublishError, PublishOptions, Published, publish_confirmed};
+use warren_runtime::readiness::Readiness;
 use warren_runtime::registry::BrokerId;
 use warren_runtime::supervisor::ChildSpec;
 
 use super::Listener;
 use super::actor::{ListenerActor, ListenerMsg};
 use super::event::Event;
-use super::redelivery::RedeliveryCounts;
+use super::redelivery::FailureCounts;
 use super::responders::{HandlerResult, ResponderId, Responders};
-use super::spec::{AckMode, Binding, QueueName};
+use super::spec::{AckMode, Binding, Exchange, QueueName};
 use super::topology::Topology;
 use crate::app::AppContext;
 
@@ -42,6 +44,10 @@ pub enum ListenerError {
     Broker(String),
     #[error("cannot start the listener: {0}")]
     Start(String),
+    /// The broker did not answer within `[amqp] operation_timeout_ms`; the channel is
+    /// treated as lost and replaced.
+    #[error("the broker did not answer: {0}")]
+    Timeout(String),
 }
 
 /// A counter readable while it is being updated.
@@ -70,6 +76,9 @@ pub(crate) struct Stats {
     pub redelivery_limit: Counter,
     pub suppressed: Counter,
     pub unmatched: Counter,
+    pub parked: Counter,
+    pub deferred: Counter,
+    pub notice_panics: Counter,
 }
 
 /// A copy of a listener's counters.
@@ -79,13 +88,49 @@ pub struct StatsSnapshot {
     pub acked: u64,
     /// Nacked with requeue (retry, panic).
     pub requeued: u64,
-    /// Rejected without requeue (handler reject, undecodable, past the redelivery limit).
+    /// Taken off the queue for good because they cannot succeed (handler reject,
+    /// undecodable, too large, invalid fields, past the redelivery limit): dead-lettered
+    /// to the queue's DLX, or parked (see `parked`).
     pub rejected: u64,
+    /// Panics in app code on a message: a responder or `on_event`.
     pub handler_panics: u64,
+    /// Bodies that are not a kapi envelope (or too large, or with invalid fields).
     pub undecodable: u64,
     pub redelivery_limit: u64,
     pub suppressed: u64,
     pub unmatched: u64,
+    /// Of `rejected`: moved to the parking queue (the queue has no dead-letter exchange).
+    pub parked: u64,
+    /// Requeued without counting as a failure (e.g. a pool worker whose holder did not
+    /// read).
+    pub deferred: u64,
+    /// Panics in `on_notice` (logged and ignored).
+    pub notice_panics: u64,
+}
+
+/// What a listener's actor says about itself (for operators and tests).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerStatus {
+    /// The broker and lease generation of the active channel, if any.
+    pub active: Option<(BrokerId, u64)>,
+    /// The topology is declared on the active channel.
+    pub declared: bool,
+    /// A consumer runs on the active channel.
+    pub consuming: bool,
+    /// Paused by the app.
+    pub paused: bool,
+    /// Old leases still drained (or watched) after a fail-back: broker and generation.
+    pub draining: Vec<(BrokerId, u64)>,
+}
+
+/// What removing a binding did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Removed {
+    /// The listener had the binding.
+    pub existed: bool,
+    /// It is gone from every broker where the queue may have had it: nothing routed by
+    /// it can reach the queue any more.
+    pub clean: bool,
 }
 
 /// Settings fixed when the listener is created.
@@ -96,6 +141,24 @@ pub(crate) struct Settings {
     pub max_redeliveries: u32,
     pub stop_timeout: Duration,
     pub publish_timeout: Duration,
+    /// Bound for one broker operation.
+    pub operation_timeout: Duration,
+    /// Bound for a fail-back drain.
+    pub drain_timeout: Duration,
+    /// How long a named queue left on the old broker is still consumed after a drain.
+    pub fail_back_watch: Duration,
+    /// How often a queue without a consumer (paused) is re-declared so that it does not
+    /// expire; `None` when the queue has no `x-expires`.
+    pub keepalive: Option<Duration>,
+    /// Largest body accepted, before and after gzip.
+    pub max_message_bytes: usize,
+    /// The queue is a quorum queue: trust `x-delivery-count`.
+    pub quorum: bool,
+    /// Messages that cannot succeed go to the queue's dead-letter exchange; otherwise to
+    /// `parking`.
+    pub dead_letter: bool,
+    /// The parking queue.
+    pub parking: String,
     pub channel: ChannelKind,
     pub stamp: Arc<Stamp>,
 }
@@ -110,7 +173,7 @@ pub(crate) struct ListenerShared {
     pub topology: Mutex<Topology>,
     pub responders: RwLock<Responders>,
     pub stats: Stats,
-    pub redeliveries: RedeliveryCounts,
+    pub failures: FailureCounts,
     pub consuming: watch::Sender<bool>,
     /// The channel the topology is declared on, for publishing outside events.
     pub channel: watch::Sender<Option<Channel>>,
@@ -118,6 +181,20 @@ pub(crate) struct ListenerShared {
     pub current: RwLock<Option<(BrokerId, u64)>>,
     pub actor: RwLock<Option<ActorRef<ListenerMsg>>>,
     pub assignments: Assignments,
+    pub readiness: Readiness,
+}
+
+/// The longest listener name used inside queue names and consumer tags: with the longest
+/// node name config.ini allows, they stay within AMQP's 255 bytes.
+const NAME_IN_TAGS: usize = 64;
+
+/// `name` cut to at most `max` bytes, at a character boundary.
+fn cut(name: &str, max: usize) -> &str {
+    let mut end = name.len().min(max);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
 }
 
 impl ListenerShared {
@@ -126,10 +203,20 @@ impl ListenerShared {
         let config = &node.config;
         let suffix = warren_runtime::envelope::new_msg_id();
         let unique = &suffix[..12];
+        let short_name = cut(&spec.name, NAME_IN_TAGS);
+        let mut queue = spec.queue.clone();
         let queue_name = match &spec.queue.name {
             QueueName::Named(name) => name.clone(),
-            QueueName::Anonymous => format!("{}-{}-{unique}", spec.name, config.service.node),
+            QueueName::Anonymous => {
+                format!("{short_name}-{}-{unique}", config.service.node)
+            }
         };
+        let anonymous = spec.queue.name == QueueName::Anonymous;
+        if anonymous && !queue.arguments.inner().contains_key("x-expires") {
+            queue = queue.expires(config.listener.anonymous_queue_expiry);
+        }
+        let keepalive =
+            expiry_of(&queue).map(|expiry| (expiry / 3).max(Duration::from_millis(500)));
         let mut bindings = spec.bindings.clone();
         for exchange in &spec.own_queue_bindings {
             let own = Binding::new(exchange.as_str(), queue_name.as_str());
@@ -137,20 +224,29 @@ impl ListenerShared {
                 bindings.push(own);
             }
         }
+        // `targeted` first (replies reach requesters through it), durable unless the
+        // operator fixed other flags; then the app's exchanges, with their fixed flags.
+        let mut exchanges = vec![Exchange::direct(TARGETED).durable().overridden(config)];
+        for exchange in &spec.exchanges {
+            if exchange.name != TARGETED {
+                exchanges.push(exchange.clone().overridden(config));
+            }
+        }
         let topology = Topology {
-            exchanges: spec.exchanges.clone(),
-            queue: spec.queue.clone(),
+            exchanges,
+            queue: queue.clone(),
             queue_name,
             bindings,
             exclusive_consumer: spec.exclusive_consumer,
             confirms: spec.confirms,
             paused: false,
         };
+        let parking = super::topology::parking_queue(&topology, &spec.name);
         let (consuming, _) = watch::channel(false);
         let (channel, _) = watch::channel(None);
         let prefetch = spec.prefetch.unwrap_or(config.amqp.prefetch).max(1);
         Arc::new(ListenerShared {
-            consumer_tag: format!("{}.{}.{unique}", spec.name, config.service.node),
+            consumer_tag: format!("{short_name}.{}.{unique}", config.service.node),
             name: spec.name.clone(),
             settings: Settings {
                 ack: spec.ack,
@@ -161,21 +257,43 @@ impl ListenerShared {
                     .unwrap_or(config.listener.max_redeliveries),
                 stop_timeout: config.listener.stop_timeout,
                 publish_timeout: config.listener.publish_timeout,
+                operation_timeout: config.amqp.operation_timeout,
+                drain_timeout: config.listener.drain_timeout,
+                fail_back_watch: config.listener.fail_back_watch,
+                keepalive,
+                max_message_bytes: config.listener.max_message_bytes,
+                quorum: queue.is_quorum(),
+                dead_letter: queue.has_dead_letter_exchange(),
+                parking,
                 channel: spec.channel.clone(),
                 stamp: Arc::new(stamp),
             },
             topology: Mutex::new(topology),
             responders: RwLock::new(spec.responders),
             stats: Stats::default(),
-            redeliveries: RedeliveryCounts::default(),
+            failures: FailureCounts::default(),
             consuming,
             channel,
             current: RwLock::new(None),
             actor: RwLock::new(None),
             assignments: node.assignments.clone(),
+            readiness: node.readiness.clone(),
             listener,
         })
     }
+}
+
+/// The queue's `x-expires`, if it has one.
+fn expiry_of(queue: &super::spec::QueueSpec) -> Option<Duration> {
+    use lapin::types::AMQPValue;
+    let millis = match queue.arguments.inner().get("x-expires")? {
+        AMQPValue::LongUInt(n) => u64::from(*n),
+        AMQPValue::LongInt(n) => u64::try_from(*n).ok()?,
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok()?,
+        AMQPValue::ShortUInt(n) => u64::from(*n),
+        _ => return None,
+    };
+    Some(Duration::from_millis(millis))
 }
 
 /// A handle to one listener: query it, change it at run time, stop it.
@@ -285,7 +403,18 @@ impl ListenerHandle {
             redelivery_limit: s.redelivery_limit.get(),
             suppressed: s.suppressed.get(),
             unmatched: s.unmatched.get(),
+            parked: s.parked.get(),
+            deferred: s.deferred.get(),
+            notice_panics: s.notice_panics.get(),
         }
+    }
+
+    /// What the listener's actor says about itself (a round trip to the actor, so it
+    /// reflects every change the actor made before).
+    pub async fn status(&self) -> Result<ListenerStatus, ListenerError> {
+        let actor = self.actor()?;
+        ractor::call_t!(actor, ListenerMsg::Status, CALL_TIMEOUT.as_millis() as u64)
+            .map_err(|_| ListenerError::NotRunning)
     }
 
     /// Adds a binding now (and on every later channel).
@@ -302,6 +431,15 @@ impl ListenerHandle {
 
     /// Removes a binding; false if the listener did not have it.
     pub async fn remove_binding(&self, binding: Binding) -> Result<bool, ListenerError> {
+        Ok(self.remove_binding_cleanly(binding).await?.existed)
+    }
+
+    /// Removes a binding and says whether it is gone from every broker the queue may
+    /// have had it on (pool workers are reused only then).
+    pub(crate) async fn remove_binding_cleanly(
+        &self,
+        binding: Binding,
+    ) -> Result<Removed, ListenerError> {
         let actor = self.actor()?;
         ractor::call_t!(
             actor,

@@ -1,10 +1,15 @@
-//! Counting redeliveries, so that a message that keeps failing is rejected (dead-lettered)
-//! instead of being requeued forever.
+//! Counting handler failures, so that a message that keeps failing is dead-lettered (or
+//! parked) instead of being requeued forever — and only such a message.
 //!
-//! Quorum queues count deliveries themselves (`x-delivery-count`); that count is used when
-//! present. Classic queues only flag a message as redelivered, so the listener counts the
-//! redeliveries it sees itself, keyed by a hash of the body (a redelivered message carries
-//! the same body, even when it has no Msg-ID). The table is bounded: when full it is
+//! A message counts as failing only when a handler failed on it (an error asking for a
+//! retry, or a panic). A redelivery caused by the infrastructure (a channel that died, a
+//! stop that requeued it, a pool worker whose holder did not read) is not a failure.
+//!
+//! Quorum queues count deliveries themselves (`x-delivery-count`); that count is trusted on
+//! quorum queues only. On a classic queue any publisher can set the header (a crafted
+//! `x-delivery-count: 0` would otherwise disable the limit), so there the listener counts
+//! failures itself, keyed by a hash of the body and routing key (a redelivered message
+//! carries the same ones, even without a Msg-ID). The table is bounded: when full it is
 //! cleared, which can only make a poison message survive a few more rounds.
 
 use std::collections::HashMap;
@@ -17,39 +22,53 @@ use parking_lot::Mutex;
 /// Entries kept before the table is cleared.
 const CAPACITY: usize = 10_000;
 
-/// Redeliveries seen per message body.
+/// Handler failures seen per message, on classic queues.
 #[derive(Default)]
-pub(crate) struct RedeliveryCounts {
+pub(crate) struct FailureCounts {
     counts: Mutex<HashMap<u64, u32>>,
 }
 
-/// Identifies one message body across its redeliveries.
+/// Identifies one message across its redeliveries.
 pub(crate) type BodyKey = u64;
 
-impl RedeliveryCounts {
-    /// How many times this delivery has been redelivered (0 for a first delivery), and the
-    /// key under which it was counted, if it was.
-    pub fn observe(&self, delivery: &Delivery) -> (u32, Option<BodyKey>) {
+/// The key a message is counted under.
+pub(crate) fn body_key(data: &[u8], routing_key: &str) -> BodyKey {
+    let mut hasher = DefaultHasher::new();
+    data.hash(&mut hasher);
+    routing_key.hash(&mut hasher);
+    hasher.finish()
+}
+
+impl FailureCounts {
+    /// How often handlers failed on this delivery before. `quorum`: the queue is a quorum
+    /// queue, whose `x-delivery-count` is the broker's own count.
+    pub fn before(&self, delivery: &Delivery, quorum: bool) -> u32 {
+        if quorum {
+            return delivery_count_header(delivery).unwrap_or(0);
+        }
         if !delivery.redelivered {
-            return (0, None);
+            return 0;
         }
-        if let Some(count) = delivery_count_header(delivery) {
-            return (count, None);
+        let key = body_key(&delivery.data, delivery.routing_key.as_str());
+        self.counts.lock().get(&key).copied().unwrap_or(0)
+    }
+
+    /// A handler failed on the message: its failures so far, this one included.
+    /// `before` is what [`FailureCounts::before`] said at its delivery.
+    pub fn failed(&self, key: BodyKey, before: u32, quorum: bool) -> u32 {
+        if quorum {
+            return before.saturating_add(1);
         }
-        let mut hasher = DefaultHasher::new();
-        delivery.data.hash(&mut hasher);
-        delivery.routing_key.as_str().hash(&mut hasher);
-        let key = hasher.finish();
         let mut counts = self.counts.lock();
         if counts.len() >= CAPACITY && !counts.contains_key(&key) {
             counts.clear();
         }
         let count = counts.entry(key).or_insert(0);
-        *count += 1;
-        (*count, Some(key))
+        *count = (*count).max(before).saturating_add(1);
+        *count
     }
 
-    /// The message is settled for good (acked or rejected): forget it.
+    /// The message is settled for good (acked, dead-lettered, parked): forget it.
     pub fn forget(&self, key: BodyKey) {
         self.counts.lock().remove(&key);
     }
@@ -91,31 +110,48 @@ mod tests {
         delivery
     }
 
-    #[test]
-    fn first_deliveries_are_not_counted() {
-        let counts = RedeliveryCounts::default();
-        assert_eq!(counts.observe(&delivery(b"a", false, None)).0, 0);
-    }
-
-    #[test]
-    fn classic_queue_redeliveries_are_counted_per_body() {
-        let counts = RedeliveryCounts::default();
-        let (first, key) = counts.observe(&delivery(b"a", true, None));
-        assert_eq!(first, 1);
-        assert_eq!(counts.observe(&delivery(b"a", true, None)).0, 2);
-        assert_eq!(counts.observe(&delivery(b"b", true, None)).0, 1);
-        counts.forget(key.expect("counted under a key"));
-        assert_eq!(counts.observe(&delivery(b"a", true, None)).0, 1);
-    }
-
-    #[test]
-    fn quorum_delivery_count_wins() {
-        let counts = RedeliveryCounts::default();
+    fn count_header(n: i64) -> FieldTable {
         let mut headers = FieldTable::default();
-        headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(7));
+        headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(n));
+        headers
+    }
+
+    #[test]
+    fn only_handler_failures_count() {
+        let counts = FailureCounts::default();
+        let key = body_key(b"a", "rk");
+        // Redelivered after a channel loss, nothing failed: no failure.
+        assert_eq!(counts.before(&delivery(b"a", true, None), false), 0);
+        assert_eq!(counts.failed(key, 0, false), 1);
+        assert_eq!(counts.before(&delivery(b"a", true, None), false), 1);
+        assert_eq!(counts.failed(key, 1, false), 2);
         assert_eq!(
-            counts.observe(&delivery(b"a", true, Some(headers))),
-            (7, None)
+            counts.before(&delivery(b"a", false, None), false),
+            0,
+            "a first delivery (the same body published again) starts at 0"
         );
+        assert_eq!(counts.before(&delivery(b"b", true, None), false), 0);
+        counts.forget(key);
+        assert_eq!(counts.before(&delivery(b"a", true, None), false), 0);
+    }
+
+    #[test]
+    fn a_crafted_delivery_count_is_ignored_on_classic_queues() {
+        let counts = FailureCounts::default();
+        let key = body_key(b"a", "rk");
+        counts.failed(key, 0, false);
+        counts.failed(key, 1, false);
+        let crafted = delivery(b"a", true, Some(count_header(0)));
+        assert_eq!(counts.before(&crafted, false), 2, "the header says 0");
+        let crafted = delivery(b"c", true, Some(count_header(1000)));
+        assert_eq!(counts.before(&crafted, false), 0, "nor can it park");
+    }
+
+    #[test]
+    fn quorum_queues_use_the_brokers_count() {
+        let counts = FailureCounts::default();
+        let quorum = delivery(b"a", true, Some(count_header(7)));
+        assert_eq!(counts.before(&quorum, true), 7);
+        assert_eq!(counts.failed(body_key(b"a", "rk"), 7, true), 8);
     }
 }

@@ -2,7 +2,8 @@
 //! whole field, and what their results mean for the message.
 //!
 //! Every matching responder runs for an event. Their results combine into one outcome:
-//! any reject → reject; else any retry or panic → nack with requeue; else ack.
+//! any reject → reject; else any retry or panic → nack with requeue (a failure, counted
+//! towards `max_redeliveries`); else any defer → nack with requeue, not counted; else ack.
 
 use std::fmt;
 use std::future::Future;
@@ -24,8 +25,12 @@ pub type HandlerResult = Result<(), HandlerError>;
 pub enum HandlerError {
     /// Try again later: nack with requeue (until `max_redeliveries`).
     Retry(String),
-    /// Never: reject without requeue.
+    /// Never: the message is taken off the queue for good (dead-lettered to the queue's
+    /// DLX, or parked when it has none).
     Reject(String),
+    /// Not this message's fault (no capacity right now): requeue it without counting a
+    /// failure towards `max_redeliveries`.
+    Defer(String),
 }
 
 impl HandlerError {
@@ -35,6 +40,10 @@ impl HandlerError {
 
     pub fn reject(reason: impl fmt::Display) -> Self {
         HandlerError::Reject(reason.to_string())
+    }
+
+    pub fn defer(reason: impl fmt::Display) -> Self {
+        HandlerError::Defer(reason.to_string())
     }
 }
 
@@ -48,10 +57,12 @@ impl<E: std::error::Error> From<E> for HandlerError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
     Ack,
-    /// Nack with requeue.
+    /// Nack with requeue: a handler failed (counted towards `max_redeliveries`).
     Requeue,
-    /// Reject without requeue (dead-lettered if the queue has a DLX).
+    /// Off the queue for good: dead-lettered to the queue's DLX, or parked.
     Reject,
+    /// Nack with requeue, not counted as a failure.
+    Defer,
 }
 
 impl Outcome {
@@ -60,6 +71,7 @@ impl Outcome {
         match (self, other) {
             (Outcome::Reject, _) | (_, Outcome::Reject) => Outcome::Reject,
             (Outcome::Requeue, _) | (_, Outcome::Requeue) => Outcome::Requeue,
+            (Outcome::Defer, _) | (_, Outcome::Defer) => Outcome::Defer,
             _ => Outcome::Ack,
         }
     }
@@ -213,6 +225,8 @@ mod tests {
         assert_eq!(Ack.combine(Requeue), Requeue);
         assert_eq!(Requeue.combine(Reject), Reject);
         assert_eq!(Reject.combine(Ack), Reject);
+        assert_eq!(Defer.combine(Ack), Defer);
+        assert_eq!(Defer.combine(Requeue), Requeue);
     }
 
     #[test]

@@ -27,7 +27,9 @@ pub struct Exchange {
 }
 
 impl Exchange {
-    /// An exchange of the given kind; transient and not auto-deleted, as Kazoo declares them.
+    /// An exchange of the given kind; transient and not auto-deleted, as Kazoo declares
+    /// them. Declare an exchange `durable()` when a durable queue is bound to it: a
+    /// transient exchange (and with it the binding) is gone after a broker restart.
     pub fn new(name: impl Into<String>, kind: ExchangeKind) -> Self {
         Exchange {
             name: name.into(),
@@ -60,11 +62,16 @@ impl Exchange {
         self.durable = true;
         self
     }
-}
 
-/// How long an anonymous queue survives without a consumer (e.g. after its listener
-/// crashed): long enough for a pause or an outage, short enough not to pile up.
-pub const ANONYMOUS_QUEUE_EXPIRY: Duration = Duration::from_secs(600);
+    /// The same exchange with the flags an operator fixed for it (`[exchanges.<name>]`).
+    pub(crate) fn overridden(mut self, config: &warren_runtime::config::Config) -> Self {
+        if let Some(fixed) = config.exchange(&self.name) {
+            self.durable = fixed.durable.unwrap_or(self.durable);
+            self.auto_delete = fixed.auto_delete.unwrap_or(self.auto_delete);
+        }
+        self
+    }
+}
 
 /// How the listener's queue is named.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,8 +108,9 @@ impl QueueSpec {
     }
 
     /// A queue of this listener alone. It is deleted when the listener stops, and expires
-    /// after [`ANONYMOUS_QUEUE_EXPIRY`] unused (after a crash); it is not auto-deleted, so
-    /// pausing the listener or a short broker connection gap keeps it and its messages.
+    /// after `[listener] anonymous_queue_expiry_ms` unused (its node died; a live listener
+    /// re-declares it well within that time, also while paused); it is not auto-deleted,
+    /// so pausing the listener or a short broker connection gap keeps it and its messages.
     pub fn anonymous() -> Self {
         QueueSpec {
             name: QueueName::Anonymous,
@@ -111,7 +119,6 @@ impl QueueSpec {
             auto_delete: false,
             arguments: FieldTable::default(),
         }
-        .expires(ANONYMOUS_QUEUE_EXPIRY)
     }
 
     /// The broker deletes the queue after it has been unused (no consumer, no declare)
@@ -159,6 +166,22 @@ impl QueueSpec {
             "x-dead-letter-exchange",
             AMQPValue::LongString(LongString::from(exchange)),
         )
+    }
+
+    /// Whether the queue is a quorum queue (the broker counts deliveries in
+    /// `x-delivery-count`, which warren then trusts).
+    pub fn is_quorum(&self) -> bool {
+        matches!(
+            self.arguments.inner().get("x-queue-type"),
+            Some(AMQPValue::LongString(kind)) if kind.as_bytes() == b"quorum"
+        )
+    }
+
+    /// Whether rejected messages go to a dead-letter exchange of the queue's own.
+    pub fn has_dead_letter_exchange(&self) -> bool {
+        self.arguments
+            .inner()
+            .contains_key("x-dead-letter-exchange")
     }
 
     /// Routing key for dead-lettered messages (defaults to their own).

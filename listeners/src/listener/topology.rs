@@ -1,23 +1,34 @@
 //! A listener's topology and how it is replayed on a channel: confirm mode (for publishes
-//! from handlers, unless switched off) → exchanges (the `targeted` exchange first) → queue → qos → bindings;
-//! consuming is started by the actor once all of that succeeded.
+//! from handlers, unless switched off) → exchanges (the `targeted` exchange first) → queue
+//! → qos → bindings; consuming is started by the actor once all of that succeeded.
+//!
+//! Every broker operation here is bounded by the node's `operation_timeout`: a broker that
+//! hangs (or a path that drops everything, with heartbeats off) is a timed-out step, which
+//! the actor treats as a lost channel, never a hung actor. A declaration the broker refuses
+//! because the object exists with other flags (406) is reported once, naming the object,
+//! warren's flags and the broker's complaint, so an operator can fix it.
 //!
 //! The topology is the listener's own record: bindings added at run time are in it, so a
 //! new channel on any broker gets everything. Nothing here keeps state of its own.
 
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
 use lapin::options::{
-    BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Channel, Consumer, ExchangeKind};
-use warren_runtime::exchanges::TARGETED;
+use lapin::{Channel, Consumer, ErrorKind};
 
 use super::spec::{Binding, Exchange, QueueName, QueueSpec};
 
 /// What the listener declares on every channel, including run-time changes.
 #[derive(Clone, Debug)]
 pub(crate) struct Topology {
+    /// Every exchange declared before the queue (`targeted` first), with the flags the
+    /// operator fixed in `[exchanges.<name>]` applied.
     pub exchanges: Vec<Exchange>,
     pub queue: QueueSpec,
     /// The queue's name on the broker (anonymous queues get one generated once).
@@ -30,76 +41,178 @@ pub(crate) struct Topology {
     pub paused: bool,
 }
 
-/// A step of the replay failed; the channel is probably closed by the broker.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum SetupError {
-    #[error("confirm.select: {0}")]
-    Confirm(lapin::Error),
-    #[error("declaring exchange `{name}`: {error}")]
-    Exchange { name: String, error: lapin::Error },
-    #[error("declaring queue `{name}`: {error}")]
-    Queue { name: String, error: lapin::Error },
-    #[error("basic.qos: {0}")]
-    Qos(lapin::Error),
-    #[error("binding to `{exchange}` with `{routing_key}`: {error}")]
-    Bind {
-        exchange: String,
-        routing_key: String,
-        error: lapin::Error,
-    },
-    #[error("basic.consume on `{queue}`: {error}")]
-    Consume { queue: String, error: lapin::Error },
+/// Why a broker operation failed.
+#[derive(Debug)]
+pub(crate) enum Cause {
+    /// The broker (or the connection) said no.
+    Broker(lapin::Error),
+    /// The object exists on the broker with other flags or arguments (406).
+    Mismatch(String),
+    /// No answer within the operation timeout.
+    Timeout(Duration),
 }
 
-/// Confirm mode, exchanges, queue, qos and bindings, in that order.
+/// One step of the replay (or of a run-time change) failed.
+#[derive(Debug)]
+pub(crate) struct SetupError {
+    /// What was being done, e.g. "declaring exchange `targeted` (direct, durable)".
+    pub step: String,
+    pub cause: Cause,
+}
+
+impl SetupError {
+    /// The channel cannot be trusted any more (timed out, or closed by the broker).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self.cause, Cause::Timeout(_))
+    }
+
+    /// A declaration refused because the object exists with other flags: it will fail the
+    /// same way on every channel until an operator acts.
+    pub fn is_mismatch(&self) -> bool {
+        matches!(self.cause, Cause::Mismatch(_))
+    }
+}
+
+impl fmt::Display for SetupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.cause {
+            Cause::Broker(error) => write!(f, "{}: {error}", self.step),
+            Cause::Timeout(after) => write!(f, "{}: no answer within {after:?}", self.step),
+            Cause::Mismatch(hint) => write!(f, "{}: {hint}", self.step),
+        }
+    }
+}
+
+impl std::error::Error for SetupError {}
+
+/// Runs one broker operation within `timeout`, naming it in the error.
+pub(crate) async fn bounded<T>(
+    timeout: Duration,
+    step: impl FnOnce() -> String,
+    operation: impl Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, SetupError> {
+    match tokio::time::timeout(timeout, operation).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(SetupError {
+            step: step(),
+            cause: Cause::Broker(error),
+        }),
+        Err(_) => Err(SetupError {
+            step: step(),
+            cause: Cause::Timeout(timeout),
+        }),
+    }
+}
+
+/// The broker's text for a 406 PRECONDITION_FAILED, if that is what `error` is.
+fn precondition_failed(error: &SetupError) -> Option<String> {
+    let Cause::Broker(error) = &error.cause else {
+        return None;
+    };
+    match error.kind() {
+        ErrorKind::ProtocolError(amqp) if amqp.get_id() == 406 => {
+            Some(amqp.get_message().to_string())
+        }
+        _ => None,
+    }
+}
+
+/// How an exchange is declared, in words (for errors).
+fn exchange_flags(exchange: &Exchange) -> String {
+    format!(
+        "{:?}, {}, {}{}",
+        exchange.kind,
+        if exchange.durable {
+            "durable"
+        } else {
+            "transient"
+        },
+        if exchange.auto_delete {
+            "auto-delete"
+        } else {
+            "not auto-delete"
+        },
+        if exchange.internal { ", internal" } else { "" }
+    )
+    .to_lowercase()
+}
+
+/// How a queue is declared, in words (for errors).
+fn queue_flags(queue: &QueueSpec) -> String {
+    let mut flags = vec![
+        if queue.durable {
+            "durable"
+        } else {
+            "transient"
+        }
+        .to_string(),
+        if queue.exclusive {
+            "exclusive"
+        } else {
+            "not exclusive"
+        }
+        .to_string(),
+        if queue.auto_delete {
+            "auto-delete"
+        } else {
+            "not auto-delete"
+        }
+        .to_string(),
+    ];
+    for (key, value) in queue.arguments.inner() {
+        flags.push(format!("{key} = {value:?}"));
+    }
+    flags.join(", ")
+}
+
+/// Confirm mode, exchanges, queue, qos and bindings, in that order, each step bounded.
 pub(crate) async fn declare(
     channel: &Channel,
     topology: &Topology,
     prefetch: Option<u16>,
+    timeout: Duration,
 ) -> Result<(), SetupError> {
     if topology.confirms {
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(SetupError::Confirm)?;
-    }
-    let targeted = Exchange::new(TARGETED, ExchangeKind::Direct);
-    for exchange in std::iter::once(&targeted).chain(&topology.exchanges) {
-        declare_exchange(channel, exchange).await?;
-    }
-    let queue = &topology.queue;
-    channel
-        .queue_declare(
-            topology.queue_name.as_str().into(),
-            QueueDeclareOptions {
-                passive: false,
-                durable: queue.durable,
-                exclusive: queue.exclusive,
-                auto_delete: queue.auto_delete,
-                nowait: false,
-            },
-            queue.arguments.clone(),
+        bounded(
+            timeout,
+            || "confirm.select".to_string(),
+            channel.confirm_select(ConfirmSelectOptions::default()),
         )
-        .await
-        .map_err(|error| SetupError::Queue {
-            name: topology.queue_name.clone(),
-            error,
-        })?;
+        .await?;
+    }
+    for exchange in &topology.exchanges {
+        declare_exchange(channel, exchange, timeout).await?;
+    }
+    declare_queue(channel, topology, timeout).await?;
     if let Some(prefetch) = prefetch {
-        channel
-            .basic_qos(prefetch, BasicQosOptions { global: false })
-            .await
-            .map_err(SetupError::Qos)?;
+        bounded(
+            timeout,
+            || format!("basic.qos {prefetch}"),
+            channel.basic_qos(prefetch, BasicQosOptions { global: false }),
+        )
+        .await?;
     }
     for binding in &topology.bindings {
-        bind(channel, &topology.queue_name, binding).await?;
+        bind(channel, &topology.queue_name, binding, timeout).await?;
     }
     Ok(())
 }
 
-async fn declare_exchange(channel: &Channel, exchange: &Exchange) -> Result<(), SetupError> {
-    channel
-        .exchange_declare(
+async fn declare_exchange(
+    channel: &Channel,
+    exchange: &Exchange,
+    timeout: Duration,
+) -> Result<(), SetupError> {
+    let declared = bounded(
+        timeout,
+        || {
+            format!(
+                "declaring exchange `{}` ({})",
+                exchange.name,
+                exchange_flags(exchange)
+            )
+        },
+        channel.exchange_declare(
             exchange.name.as_str().into(),
             exchange.kind.clone(),
             ExchangeDeclareOptions {
@@ -110,11 +223,63 @@ async fn declare_exchange(channel: &Channel, exchange: &Exchange) -> Result<(), 
                 nowait: false,
             },
             exchange.arguments.clone(),
-        )
-        .await
-        .map_err(|error| SetupError::Exchange {
-            name: exchange.name.clone(),
-            error,
+        ),
+    )
+    .await;
+    declared.map_err(|error| match precondition_failed(&error) {
+        Some(broker) => SetupError {
+            step: error.step,
+            cause: Cause::Mismatch(format!(
+                "the broker has this exchange with other flags ({broker}); declare it as the \
+                 broker has it with [exchanges.{}] in config.ini (durable / auto_delete), or \
+                 delete it on the broker",
+                exchange.name
+            )),
+        },
+        None => error,
+    })
+}
+
+/// Declares the listener's queue (also to keep an anonymous queue from expiring).
+pub(crate) async fn declare_queue(
+    channel: &Channel,
+    topology: &Topology,
+    timeout: Duration,
+) -> Result<(), SetupError> {
+    let queue = &topology.queue;
+    let declared = bounded(
+        timeout,
+        || {
+            format!(
+                "declaring queue `{}` ({})",
+                topology.queue_name,
+                queue_flags(queue)
+            )
+        },
+        channel.queue_declare(
+            topology.queue_name.as_str().into(),
+            QueueDeclareOptions {
+                passive: false,
+                durable: queue.durable,
+                exclusive: queue.exclusive,
+                auto_delete: queue.auto_delete,
+                nowait: false,
+            },
+            queue.arguments.clone(),
+        ),
+    )
+    .await;
+    declared
+        .map(|_| ())
+        .map_err(|error| match precondition_failed(&error) {
+            Some(broker) => SetupError {
+                step: error.step,
+                cause: Cause::Mismatch(format!(
+                    "the broker has this queue with other flags or arguments ({broker}); declare \
+                 it the same way in the listener's QueueSpec, or delete it on the broker"
+                )),
+            },
+            None => error,
         })
 }
 
@@ -123,21 +288,25 @@ pub(crate) async fn bind(
     channel: &Channel,
     queue: &str,
     binding: &Binding,
+    timeout: Duration,
 ) -> Result<(), SetupError> {
-    channel
-        .queue_bind(
+    bounded(
+        timeout,
+        || {
+            format!(
+                "binding to `{}` with `{}`",
+                binding.exchange, binding.routing_key
+            )
+        },
+        channel.queue_bind(
             queue.into(),
             binding.exchange.as_str().into(),
             binding.routing_key.as_str().into(),
             QueueBindOptions::default(),
             binding.arguments.clone(),
-        )
-        .await
-        .map_err(|error| SetupError::Bind {
-            exchange: binding.exchange.clone(),
-            routing_key: binding.routing_key.clone(),
-            error,
-        })
+        ),
+    )
+    .await
 }
 
 /// Removes a binding of the queue.
@@ -145,20 +314,24 @@ pub(crate) async fn unbind(
     channel: &Channel,
     queue: &str,
     binding: &Binding,
+    timeout: Duration,
 ) -> Result<(), SetupError> {
-    channel
-        .queue_unbind(
+    bounded(
+        timeout,
+        || {
+            format!(
+                "unbinding from `{}` with `{}`",
+                binding.exchange, binding.routing_key
+            )
+        },
+        channel.queue_unbind(
             queue.into(),
             binding.exchange.as_str().into(),
             binding.routing_key.as_str().into(),
             binding.arguments.clone(),
-        )
-        .await
-        .map_err(|error| SetupError::Bind {
-            exchange: binding.exchange.clone(),
-            routing_key: binding.routing_key.clone(),
-            error,
-        })
+        ),
+    )
+    .await
 }
 
 /// Starts consuming the queue.
@@ -167,9 +340,12 @@ pub(crate) async fn consume(
     topology: &Topology,
     tag: &str,
     no_ack: bool,
+    timeout: Duration,
 ) -> Result<Consumer, SetupError> {
-    channel
-        .basic_consume(
+    bounded(
+        timeout,
+        || format!("basic.consume on `{}`", topology.queue_name),
+        channel.basic_consume(
             topology.queue_name.as_str().into(),
             tag.into(),
             BasicConsumeOptions {
@@ -179,41 +355,108 @@ pub(crate) async fn consume(
                 nowait: false,
             },
             FieldTable::default(),
-        )
-        .await
-        .map_err(|error| SetupError::Consume {
-            queue: topology.queue_name.clone(),
-            error,
-        })
+        ),
+    )
+    .await
 }
 
-/// Whether the queue has no ready messages left (for draining an old lease).
-pub(crate) async fn is_empty(channel: &Channel, queue: &str) -> Result<bool, lapin::Error> {
-    let queue = channel
-        .queue_declare(
+/// Cancels a consumer.
+pub(crate) async fn cancel(
+    channel: &Channel,
+    tag: &str,
+    timeout: Duration,
+) -> Result<(), SetupError> {
+    bounded(
+        timeout,
+        || format!("basic.cancel of `{tag}`"),
+        channel.basic_cancel(tag.into(), BasicCancelOptions::default()),
+    )
+    .await
+}
+
+/// Ready messages in the queue (a passive declare: it never creates the queue).
+pub(crate) async fn ready_count(
+    channel: &Channel,
+    queue: &str,
+    timeout: Duration,
+) -> Result<u32, SetupError> {
+    let queue = bounded(
+        timeout,
+        || format!("checking queue `{queue}`"),
+        channel.queue_declare(
             queue.into(),
             QueueDeclareOptions {
                 passive: true,
                 ..QueueDeclareOptions::default()
             },
             FieldTable::default(),
-        )
-        .await?;
-    Ok(queue.message_count() == 0)
+        ),
+    )
+    .await?;
+    Ok(queue.message_count())
 }
 
-/// Deletes the listener's queue if it is anonymous (its messages are nobody else's).
-pub(crate) async fn delete_if_anonymous(channel: &Channel, topology: &Topology) {
+/// Deletes the listener's queue if it is anonymous (its messages are nobody else's), and
+/// only if it is empty and nobody consumes it: a queue that still holds messages, or that
+/// a newer lease consumes, stays. Whether it was deleted.
+pub(crate) async fn delete_if_anonymous(
+    channel: &Channel,
+    topology: &Topology,
+    timeout: Duration,
+) -> bool {
     if topology.queue.name != QueueName::Anonymous || !channel.status().connected() {
-        return;
+        return false;
     }
-    if let Err(error) = channel
-        .queue_delete(
+    let deleted = bounded(
+        timeout,
+        || format!("deleting queue `{}`", topology.queue_name),
+        channel.queue_delete(
             topology.queue_name.as_str().into(),
-            QueueDeleteOptions::default(),
-        )
-        .await
-    {
-        tracing::debug!(queue = %topology.queue_name, %error, "cannot delete the anonymous queue");
+            QueueDeleteOptions {
+                if_unused: true,
+                if_empty: true,
+                nowait: false,
+            },
+        ),
+    )
+    .await;
+    match deleted {
+        Ok(_) => true,
+        Err(error) => {
+            tracing::debug!(queue = %topology.queue_name, %error, "the anonymous queue stays");
+            false
+        }
     }
+}
+
+/// The durable queue a listener's messages that cannot succeed go to when its queue has
+/// no dead-letter exchange: `<queue>.parked`, or `<listener>.parked` for an anonymous
+/// queue (whose own name dies with the listener).
+pub(crate) fn parking_queue(topology: &Topology, listener: &str) -> String {
+    match topology.queue.name {
+        QueueName::Named(_) => format!("{}.parked", topology.queue_name),
+        QueueName::Anonymous => format!("{listener}.parked"),
+    }
+}
+
+/// Declares a parking queue (durable, classic, no arguments).
+pub(crate) async fn declare_parking(
+    channel: &Channel,
+    name: &str,
+    timeout: Duration,
+) -> Result<(), SetupError> {
+    bounded(
+        timeout,
+        || format!("declaring the parking queue `{name}`"),
+        channel.queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .map(|_| ())
 }

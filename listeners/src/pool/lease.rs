@@ -4,7 +4,10 @@
 //! their deliveries, and makes calls on the worker's channel (see `rpc`).
 //!
 //! The lease goes back to the pool when it is dropped, also when its holder panics; check-in
-//! removes the bindings the lease added. `checkin().await` does the same and waits for it.
+//! removes the bindings the lease added. `checkin().await` does the same and waits for it;
+//! the check-in runs as a task of its own, so a caller that drops the `checkin` future (or
+//! any lease call) half-way still gives the worker back. A worker whose bindings cannot be
+//! shown to be gone from every broker is retired instead of being handed out again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +45,15 @@ impl PoolLease {
         self.worker().handle.queue_name()
     }
 
+    /// The broker the worker consumes on now, if it has a channel.
+    pub fn broker(&self) -> Option<warren_runtime::registry::BrokerId> {
+        self.worker()
+            .handle
+            .current()
+            .filter(|_| self.worker().handle.is_consuming())
+            .map(|(broker, _)| broker)
+    }
+
     /// Publishes with confirms (stamped as the app) and waits for the broker's answer.
     pub async fn publish(
         &self,
@@ -60,17 +72,18 @@ impl PoolLease {
         }
     }
 
-    /// Binds the worker's queue for the time of this lease; removed at check-in.
+    /// Binds the worker's queue for the time of this lease; removed at check-in. The
+    /// binding is recorded before the broker is asked, so that a caller that gives up
+    /// half-way cannot leave it behind for the next holder.
     pub async fn bind(&mut self, binding: Binding) -> Result<(), ListenerError> {
         if self.added.contains(&binding) {
             return Ok(());
         }
         let existing = self.worker().handle.bindings().contains(&binding);
-        self.worker().handle.add_binding(binding.clone()).await?;
         if !existing {
-            self.added.push(binding);
+            self.added.push(binding.clone());
         }
-        Ok(())
+        self.worker().handle.add_binding(binding).await
     }
 
     /// The next delivery of a temporary binding, if one arrives within `timeout`.
@@ -86,17 +99,18 @@ impl PoolLease {
         futures::stream::poll_fn(move |cx| self.mailbox.deliveries.poll_recv(cx))
     }
 
-    /// Gives the worker back, after removing the lease's bindings.
+    /// Gives the worker back, after removing the lease's bindings; returns once done.
+    /// Dropping this future does not stop the check-in.
     pub async fn checkin(mut self) {
         self.released = true;
         let added = std::mem::take(&mut self.added);
-        release(
+        let release = tokio::spawn(release(
             self.pool.clone(),
             self.worker.clone(),
             added,
             self.generation,
-        )
-        .await;
+        ));
+        let _ = release.await;
     }
 }
 
@@ -115,7 +129,8 @@ impl Drop for PoolLease {
             Ok(runtime) => {
                 runtime.spawn(release(pool, worker, added, generation));
             }
-            // No runtime (process exit): the bindings die with the worker's queue.
+            // No runtime (process exit): the bindings cannot be removed; the worker is not
+            // reused unless it had none.
             Err(_) => {
                 worker.inbox.close();
                 pool.checkin(worker, generation, added.is_empty());
@@ -124,14 +139,18 @@ impl Drop for PoolLease {
     }
 }
 
-/// Check-in: stop routing to this lease, remove its bindings, return the worker.
+/// Check-in: stop routing to this lease, remove its bindings, return the worker — clean
+/// only if every binding is gone from every broker its queue may have it on.
 async fn release(pool: Arc<PoolInner>, worker: Arc<Worker>, added: Vec<Binding>, generation: u64) {
     worker.inbox.close();
     let mut clean = true;
     for binding in added {
-        if let Err(error) = worker.handle.remove_binding(binding).await {
-            tracing::warn!(pool = %pool.name, worker = %worker.id, %error, "cannot remove a temporary binding");
-            clean = false;
+        match worker.handle.remove_binding_cleanly(binding).await {
+            Ok(removed) => clean &= removed.clean,
+            Err(error) => {
+                tracing::warn!(pool = %pool.name, worker = %worker.id, %error, "cannot remove a temporary binding");
+                clean = false;
+            }
         }
     }
     pool.checkin(worker, generation, clean);

@@ -7,7 +7,8 @@
 //! the `Msg-ID`s it is waiting for; late replies are dropped. Deliveries of temporary
 //! bindings go to the holder's delivery stream. Both buffers are bounded: a holder that
 //! does not read makes the worker's consumer wait (and so the broker, via prefetch); after
-//! a while the message is requeued instead of piling up.
+//! a while the message is requeued (deferred: not counted as a failure of the message)
+//! instead of piling up.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -140,7 +141,8 @@ async fn forward(inbox: &Inbox, event: Event) -> Result<(), HandlerError> {
         Ok(Ok(())) => Ok(()),
         // The lease ended meanwhile: nobody wants it any more.
         Ok(Err(_)) => Ok(()),
-        Err(_) => Err(HandlerError::retry(
+        // Not the message's fault: back to the queue, not counted as a failure.
+        Err(_) => Err(HandlerError::defer(
             "the lease holder does not read its deliveries",
         )),
     }

@@ -1134,11 +1134,20 @@ fn fault_handling_keys_are_read() {
             auto_delete: None,
         })
     );
-    assert_eq!(config.exchange("callmgr").and_then(|e| e.auto_delete), Some(true));
+    assert_eq!(
+        config.exchange("callmgr").and_then(|e| e.auto_delete),
+        Some(true)
+    );
     assert!(config.exchange("echo").is_none());
     let effective = config.effective_toml();
-    assert!(effective.contains("[exchanges.targeted]\ndurable = false\n"), "{effective}");
-    assert!(effective.contains("operation_timeout_ms = 750"), "{effective}");
+    assert!(
+        effective.contains("[exchanges.targeted]\ndurable = false\n"),
+        "{effective}"
+    );
+    assert!(
+        effective.contains("operation_timeout_ms = 750"),
+        "{effective}"
+    );
     let again = parse(&effective).unwrap();
     assert_eq!(again.exchanges, config.exchanges);
     assert_eq!(again.listener, config.listener);
@@ -1151,10 +1160,25 @@ fn bad_fault_handling_values_are_located() {
         None,
     );
     assert_at(&refusal, 2, 29, "listener.anonymous_queue_expiry_ms", "");
-    let refusal = refuse(&format!("[exchanges.targeted]\ndurable = \"yes\"\n{LOCAL_ZONE}"), None);
+    let refusal = refuse(
+        &format!("[exchanges.targeted]\ndurable = \"yes\"\n{LOCAL_ZONE}"),
+        None,
+    );
     assert_at(&refusal, 2, 11, "exchanges.targeted.durable", "wrong type");
-    let refusal = refuse(&format!("[exchanges.targeted]\ndurabel = true\n{LOCAL_ZONE}"), None);
-    assert_at(&refusal, 2, 1, "exchanges.targeted.durabel", "did you mean `durable`");
-    let refusal = refuse(&format!("[exchanges.\"\"]\ndurable = true\n{LOCAL_ZONE}"), None);
+    let refusal = refuse(
+        &format!("[exchanges.targeted]\ndurabel = true\n{LOCAL_ZONE}"),
+        None,
+    );
+    assert_at(
+        &refusal,
+        2,
+        1,
+        "exchanges.targeted.durabel",
+        "did you mean `durable`",
+    );
+    let refusal = refuse(
+        &format!("[exchanges.\"\"]\ndurable = true\n{LOCAL_ZONE}"),
+        None,
+    );
     assert_eq!(refusal.problem, Problem::EmptyExchange);
 }

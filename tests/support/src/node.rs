@@ -381,7 +381,14 @@ impl BrokerNode {
 
     /// `rabbitmqctl -n <node> -q <args>`; returns stdout.
     pub fn ctl(&self, args: &[&str]) -> Result<String, SupportError> {
-        let mut cmd = Command::new(bin_dir().join("rabbitmqctl"));
+        self.tool("rabbitmqctl", args)
+    }
+
+    /// Another of RabbitMQ's CLI tools against this node, e.g. `rabbitmq-upgrade drain`
+    /// (maintenance mode: client connections closed, listeners suspended, queues kept) and
+    /// `rabbitmq-upgrade revive`; returns stdout.
+    pub fn tool(&self, tool: &str, args: &[&str]) -> Result<String, SupportError> {
+        let mut cmd = Command::new(bin_dir().join(tool));
         scrub_env(&mut cmd);
         cmd.env("HOME", self.home())
             .env("RABBITMQ_CONF_ENV_FILE", self.path("rabbitmq-env.conf"))
