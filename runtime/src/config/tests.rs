@@ -1134,11 +1134,20 @@ fn fault_handling_keys_are_read() {
             auto_delete: None,
         })
     );
-    assert_eq!(config.exchange("callmgr").and_then(|e| e.auto_delete), Some(true));
+    assert_eq!(
+        config.exchange("callmgr").and_then(|e| e.auto_delete),
+        Some(true)
+    );
     assert!(config.exchange("echo").is_none());
     let effective = config.effective_toml();
-    assert!(effective.contains("[exchanges.targeted]\ndurable = false\n"), "{effective}");
-    assert!(effective.contains("operation_timeout_ms = 750"), "{effective}");
+    assert!(
+        effective.contains("[exchanges.targeted]\ndurable = false\n"),
+        "{effective}"
+    );
+    assert!(
+        effective.contains("operation_timeout_ms = 750"),
+        "{effective}"
+    );
     let again = parse(&effective).unwrap();
     assert_eq!(again.exchanges, config.exchanges);
     assert_eq!(again.listener, config.listener);
@@ -1151,10 +1160,75 @@ fn bad_fault_handling_values_are_located() {
         None,
     );
     assert_at(&refusal, 2, 29, "listener.anonymous_queue_expiry_ms", "");
-    let refusal = refuse(&format!("[exchanges.targeted]\ndurable = \"yes\"\n{LOCAL_ZONE}"), None);
+    let refusal = refuse(
+        &format!("[exchanges.targeted]\ndurable = \"yes\"\n{LOCAL_ZONE}"),
+        None,
+    );
     assert_at(&refusal, 2, 11, "exchanges.targeted.durable", "wrong type");
-    let refusal = refuse(&format!("[exchanges.targeted]\ndurabel = true\n{LOCAL_ZONE}"), None);
-    assert_at(&refusal, 2, 1, "exchanges.targeted.durabel", "did you mean `durable`");
-    let refusal = refuse(&format!("[exchanges.\"\"]\ndurable = true\n{LOCAL_ZONE}"), None);
+    let refusal = refuse(
+        &format!("[exchanges.targeted]\ndurabel = true\n{LOCAL_ZONE}"),
+        None,
+    );
+    assert_at(
+        &refusal,
+        2,
+        1,
+        "exchanges.targeted.durabel",
+        "did you mean `durable`",
+    );
+    let refusal = refuse(
+        &format!("[exchanges.\"\"]\ndurable = true\n{LOCAL_ZONE}"),
+        None,
+    );
     assert_eq!(refusal.problem, Problem::EmptyExchange);
+}
+
+#[test]
+fn a_node_name_too_long_for_queue_names_is_refused() {
+    let node = |name: &str| format!("# node\n[service]\nnode = \"{name}\"\n{LOCAL_ZONE}");
+    let longest = "n".repeat(MAX_NODE_BYTES);
+    let config = parse(&node(&longest)).unwrap();
+    assert_eq!(config.service.node, longest);
+    // Surrounding blanks are trimmed before the length is counted.
+    let config = parse(&node(&format!("  {longest} "))).unwrap();
+    assert_eq!(config.service.node, longest);
+
+    let refusal = refuse(&node(&"n".repeat(MAX_NODE_BYTES + 1)), None);
+    assert_at(
+        &refusal,
+        3,
+        8,
+        "service.node",
+        "129 bytes long; at most 128",
+    );
+    assert_eq!(
+        refusal.problem,
+        Problem::NodeTooLong {
+            length: 129,
+            limit: 128
+        }
+    );
+    // Bytes, not characters: 65 two-byte characters are 130 bytes.
+    let refusal = refuse(&node(&"é".repeat(65)), None);
+    assert_eq!(
+        refusal.problem,
+        Problem::NodeTooLong {
+            length: 130,
+            limit: 128
+        }
+    );
+    assert!(
+        refusal
+            .message
+            .starts_with("config.ini:3:8: `service.node`: "),
+        "{}",
+        refusal.message
+    );
+}
+
+#[test]
+fn the_default_node_name_fits_the_limit() {
+    let config = parse(LOCAL_ZONE).unwrap();
+    assert!(config.service.node.starts_with("warren@"));
+    assert!(config.service.node.len() <= MAX_NODE_BYTES);
 }
