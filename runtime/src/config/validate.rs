@@ -1,6 +1,6 @@
 //! From the file as written ([`RawConfig`]) to the checked [`Config`]: defaults filled
-//! in, meaning checked (zones, brokers and their tags, zero values, pools, apps), every
-//! refusal located.
+//! in, meaning checked (the node name's length, zones, brokers and their tags, zero
+//! values, pools, apps), every refusal located.
 //!
 //! Checks run in the order of the file's sections and the first mistake is reported.
 
