@@ -1,4 +1,6 @@
-//! `warren run`: start the tree, log one line when ready, stop in order on a signal.
+//! `warren run`: start the tree, log one line when ready, stop in order on a signal. Also
+//! the logging every command sets up: RUST_LOG, within caps that keep bodies and passwords
+//! out of the log.
 
 use std::io::IsTerminal;
 use std::path::Path;
@@ -6,7 +8,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{FilterExt, LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 use warren_runtime::config::Config;
 use warren_runtime::node::Node;
 
@@ -105,21 +110,31 @@ pub async fn run(config_path: &Path) -> ExitCode {
     }
 }
 
-/// Logs go to stderr; the level comes from RUST_LOG (default: `level`; warn for ractor,
-/// whose per-actor spans would prefix every line; error for lapin, which logs returned
-/// messages with their bodies at warn and reports what warren handles itself).
+/// Logs go to stderr; the level comes from RUST_LOG (default: `level`, and warn for
+/// ractor, whose per-actor spans would prefix every line), within [`log_caps`], which no
+/// RUST_LOG can lift.
 pub fn init_logging(level: &str) {
-    let mut filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("{level},ractor=warn,lapin=error")));
-    // amq-protocol-tcp traces the whole AMQP URI, password included: never let it through.
-    if let Ok(cap) = "amq_protocol_tcp=debug".parse() {
-        filter = filter.add_directive(cap);
-    }
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let wanted = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},ractor=warn")));
+    // Two filters, both of which must let an event through: RUST_LOG cannot outrank the
+    // caps, whatever directives it holds.
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_filter(wanted.and(log_caps()));
+    tracing_subscriber::registry().with(layer).init();
+}
+
+/// What is never logged, whatever RUST_LOG says: lapin's events, which dump message
+/// bodies (returned messages at warn, deliveries at error, every frame at trace, the
+/// AMQP start-ok with the password among them) and report what warren handles and logs
+/// itself; and amq-protocol's below info (amq-protocol-tcp traces the whole AMQP URI,
+/// password included).
+fn log_caps() -> Targets {
+    Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_target("lapin", LevelFilter::OFF)
+        .with_target("amq_protocol", LevelFilter::INFO)
 }
 
 /// SIGINT and SIGTERM.
@@ -140,6 +155,30 @@ impl Signals {
         tokio::select! {
             _ = self.interrupt.recv() => "SIGINT",
             _ = self.terminate.recv() => "SIGTERM",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing::Level;
+
+    use super::log_caps;
+
+    #[test]
+    fn the_caps_silence_lapin_and_amq_protocol_below_info() {
+        let caps = log_caps();
+        for level in [Level::ERROR, Level::WARN, Level::TRACE] {
+            assert!(!caps.would_enable("lapin", &level), "lapin at {level}");
+            assert!(!caps.would_enable("lapin::io_loop", &level), "{level}");
+        }
+        for target in ["amq_protocol_tcp", "amq_protocol_uri", "amq_protocol"] {
+            assert!(!caps.would_enable(target, &Level::DEBUG), "{target}");
+            assert!(!caps.would_enable(target, &Level::TRACE), "{target}");
+            assert!(caps.would_enable(target, &Level::INFO), "{target}");
+        }
+        for target in ["warren", "warren_runtime::connection", "ractor"] {
+            assert!(caps.would_enable(target, &Level::TRACE), "{target}");
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The `warren` binary as an operator meets it: config errors (exit 2, file:line:column and
 //! key), `check-config` redacting passwords, start-up blocking until a broker appears, the
-//! start-up timeout naming every broker, and an orderly stop on SIGTERM.
+//! start-up timeout naming every broker, an orderly stop on SIGTERM, and logs that no
+//! RUST_LOG can make print a password or a message body.
 
 mod common;
 
@@ -26,12 +27,20 @@ fn write_config(dir: &Path, text: &str) -> PathBuf {
 
 /// Runs `warren <args>` to completion and returns (status, stdout, stderr).
 fn warren(args: &[&str]) -> (ExitStatus, String, String) {
-    let output = Command::new(WARREN)
+    warren_with_log(args, None)
+}
+
+/// [`warren`] with RUST_LOG set to `rust_log` (`None`: as the test runs).
+fn warren_with_log(args: &[&str], rust_log: Option<&str>) -> (ExitStatus, String, String) {
+    let mut command = Command::new(WARREN);
+    command
         .args(args)
         .env_remove("WARREN_ZONE")
-        .env_remove("WARREN_CONFIG")
-        .output()
-        .expect("run warren");
+        .env_remove("WARREN_CONFIG");
+    if let Some(rust_log) = rust_log {
+        command.env("RUST_LOG", rust_log);
+    }
+    let output = command.output().expect("run warren");
     (
         output.status,
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -47,10 +56,14 @@ struct Running {
 
 impl Running {
     fn start(config: &Path) -> Running {
+        Running::start_with_log(config, "info")
+    }
+
+    fn start_with_log(config: &Path, rust_log: &str) -> Running {
         let mut child = Command::new(WARREN)
             .args(["run", "--config"])
             .arg(config)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .env_remove("WARREN_ZONE")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -460,4 +473,157 @@ async fn warren_call_prints_the_reply_and_explains_failures() {
     assert_eq!(status.code(), Some(2), "{stderr}");
     echo.stop().await.expect("stop");
     node.stop().await.expect("node stops");
+}
+
+/// A `[service] node` too long for the queue names built from it stops `check-config` and
+/// `run` with exit 2 at the key, instead of a node that restarts its listeners forever.
+#[test]
+fn a_node_name_too_long_for_amqp_names_exits_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        "[service]\nnode = \"{}\"\n\n[zones.local]\nbrokers = [\"{}\"]\n",
+        "n".repeat(129),
+        local_uri()
+    );
+    let path = write_config(dir.path(), &text);
+    let config = path.to_str().expect("utf-8 path");
+    for command in ["check-config", "run"] {
+        let (status, stdout, stderr) = warren(&[command, "--config", config]);
+        assert_eq!(status.code(), Some(2), "{command}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{}:2:8: `service.node`", path.display())),
+            "{command}: {stderr}"
+        );
+        assert!(
+            stderr.contains("129 bytes long; at most 128"),
+            "{command}: {stderr}"
+        );
+        assert!(!stderr.contains("warren ready"), "{command}: {stderr}");
+        assert!(stdout.is_empty(), "{command}: {stdout}");
+    }
+}
+
+/// Whether `output` shows `secret`, as text or as the decimal bytes that a Debug-printed
+/// byte buffer (a frame, a body, a SASL response) shows it as.
+fn shows(output: &str, secret: &str) -> bool {
+    let bytes = secret
+        .bytes()
+        .map(|byte| byte.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    output.contains(secret) || output.contains(&bytes)
+}
+
+/// A user of the shared broker with a password found nowhere else, deleted on drop.
+struct BrokerUser {
+    name: String,
+    password: String,
+}
+
+impl BrokerUser {
+    fn create(label: &str) -> BrokerUser {
+        let name = unique_node(label);
+        let password = format!("pw{}", &warren_runtime::envelope::new_msg_id()[..20]);
+        local_ctl(&["add_user", &name, &password]).expect("add a broker user");
+        local_ctl(&["set_permissions", "-p", "/", &name, ".*", ".*", ".*"])
+            .expect("grant the user the default vhost");
+        BrokerUser { name, password }
+    }
+
+    fn uri(&self) -> String {
+        format!("amqp://{}:{}@127.0.0.1:5672/%2f", self.name, self.password)
+    }
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = local_ctl(&["delete_user", &self.name]);
+    }
+}
+
+/// Whatever RUST_LOG says, neither lapin (which traces the AMQP start-ok, SASL response
+/// and all) nor amq-protocol-tcp (which traces the URI) gets to print the password.
+#[test]
+fn rust_log_never_prints_the_broker_password() {
+    let user = BrokerUser::create("log-password");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_node("log-password");
+    let path = write_config(dir.path(), &config_text(&name, &[user.uri()], ""));
+    for rust_log in [
+        "trace",
+        "info,lapin=trace,amq_protocol_tcp=trace,amq_protocol=trace",
+    ] {
+        let mut run = Running::start_with_log(&path, rust_log);
+        assert!(
+            eventually_blocking(Duration::from_secs(30), || run.saw("warren ready")),
+            "{rust_log}: not ready: {}",
+            run.output()
+        );
+        run.signal("TERM");
+        let status = run.wait_exit(Duration::from_secs(15));
+        let output = run.output();
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{rust_log}: {status:?}"
+        );
+        assert!(
+            !shows(&output, &user.password),
+            "{rust_log}: the password was logged"
+        );
+        assert!(
+            !output.contains(" lapin::") && !output.contains(" amq_protocol_tcp:"),
+            "{rust_log}: lapin or amq-protocol-tcp logged"
+        );
+        if rust_log == "trace" {
+            assert!(
+                output.contains(" TRACE ") || output.contains(" DEBUG "),
+                "RUST_LOG=trace still shows other crates' detail: {output}"
+            );
+        }
+    }
+}
+
+/// A mandatory request nobody can route comes back from the broker; lapin would log the
+/// returned message, body and all, at warn. With RUST_LOG=trace the body stays out of the
+/// log, and the operator still gets warren's own message.
+#[tokio::test(flavor = "multi_thread")]
+async fn rust_log_never_prints_a_message_body() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_node("log-body");
+    let path = write_config(dir.path(), &config_text(&name, &[local_uri()], ""));
+    let marker = format!(
+        "body-marker-{}",
+        &warren_runtime::envelope::new_msg_id()[..12]
+    );
+    let json =
+        format!(r#"{{"Event-Category": "echo", "Event-Name": "req", "Payload": "{marker}"}}"#);
+    let config = path.to_str().expect("utf-8 path").to_string();
+    let routing_key = format!("{name}-nobody");
+    let (status, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        warren_with_log(
+            &[
+                "call",
+                "--config",
+                &config,
+                "--exchange",
+                "targeted",
+                "--routing-key",
+                &routing_key,
+                "--json",
+                &json,
+                "--timeout-ms",
+                "1000",
+            ],
+            Some("trace"),
+        )
+    })
+    .await
+    .expect("call");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stdout.is_empty());
+    assert!(
+        stderr.contains("unroutable") && stderr.contains("NO_ROUTE"),
+        "the returned message was seen: {stderr}"
+    );
+    assert!(!shows(&stderr, &marker), "the body was logged: {stderr}");
 }

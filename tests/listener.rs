@@ -571,7 +571,7 @@ async fn every_message_is_handled_at_least_once_across_a_closed_connection() {
                 confirms.push(confirm);
             }
             for confirm in confirms {
-                assert!(confirm.await.expect("confirm").is_ack());
+                common::client::expect_ack(confirm).await;
             }
         })
     };

@@ -118,12 +118,22 @@ pub async fn publish_all(
         );
         if confirms.len() == 1000 {
             for confirm in confirms.drain(..) {
-                confirm.await.expect("confirm");
+                expect_ack(confirm).await;
             }
         }
     }
     for confirm in confirms {
-        confirm.await.expect("confirm");
+        expect_ack(confirm).await;
+    }
+}
+
+/// Waits for a publisher confirm; a nack (a message the broker lost) stops the bench.
+pub async fn expect_ack(confirm: lapin::PublisherConfirm) {
+    match confirm.await {
+        Ok(lapin::Confirmation::Ack(_)) => {}
+        Ok(lapin::Confirmation::Nack(_)) => panic!("the broker nacked a publish"),
+        Ok(lapin::Confirmation::NotRequested) => panic!("publish on a channel without confirms"),
+        Err(error) => panic!("no confirm: {error}"),
     }
 }
 

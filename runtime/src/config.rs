@@ -33,6 +33,15 @@ use crate::uri::BrokerUri;
 /// The environment variable that overrides `[amqp] zone`.
 pub const ZONE_ENV: &str = "WARREN_ZONE";
 
+/// The longest `[service] node`, in bytes (128).
+///
+/// It exists because warren builds AMQP short strings (at most 255 bytes) from the node
+/// name: anonymous queue names `{listener}-{node}-{12 hex}` and consumer tags
+/// `{listener}.{node}.{12 hex}.{lease}.{task}` (lease and task up to 20 digits each). With
+/// a node of at most 128 bytes, a listener name of up to 64 bytes keeps every one within
+/// 255 (64 + 128 + 56 = 248). A longer node is a config error, not a restart loop.
+pub const MAX_NODE_BYTES: usize = 128;
+
 /// The whole validated configuration of one warren node.
 ///
 /// It exists so that the rest of the runtime never sees a raw or partial configuration:
@@ -67,7 +76,8 @@ pub struct Config {
 /// It exists to keep node identity and shutdown policy apart from broker settings.
 #[derive(Clone, Debug)]
 pub struct ServiceConfig {
-    /// Node name put in envelopes ("Node"); an empty `node` becomes `warren@<hostname>`.
+    /// Node name put in envelopes ("Node"); an empty `node` becomes `warren@<hostname>`
+    /// (the host name cut short if need be). At most [`MAX_NODE_BYTES`] long.
     pub node: String,
     /// Bound for an orderly stop on SIGINT/SIGTERM.
     pub shutdown_timeout: Duration,

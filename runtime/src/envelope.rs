@@ -10,15 +10,22 @@
 //! Decoding runs once per delivery, on the hot path: the body is parsed straight into
 //! the envelope's map, and nothing is allocated beyond that unless a Msg-ID must be
 //! generated or the body must be gunzipped.
+//!
+//! Bodies come from anyone who can publish, so decoding is bounded everywhere
+//! ([`DecodeLimits`]): a body above the limit is refused before it is read, gzip output
+//! stops at the limit, the parsed JSON is bounded in values and in nesting depth, and a
+//! field that warren would turn into an AMQP short string (Server-ID) is checked against
+//! AMQP's 255 bytes. Large work runs off the async worker threads ([`decode_owned`]).
 
 use std::io::Read;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use flate2::Compression;
 use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
 use lapin::BasicProperties;
-use lapin::types::ShortString;
+use lapin::types::{MAX_SHORT_STRING_LENGTH, ShortString};
 use rand::Rng;
 use serde_json::{Map, Value};
 
@@ -86,11 +93,85 @@ pub const CONTENT_TYPE: &str = "application/json";
 /// The content encoding of a compressed envelope; the only compression Kazoo uses.
 pub const GZIP_ENCODING: &str = "gzip";
 
-/// The largest body, in bytes, that a gzip-encoded delivery may decompress to.
+/// The default largest body, in bytes, before and after gzip decoding (16 MiB, the
+/// default of `[listener] max_message_bytes`).
 ///
-/// It exists so that a small compressed body (a "zip bomb") is a decode error rather
-/// than an out-of-memory crash of the whole service.
-pub const MAX_DECOMPRESSED_SIZE: usize = 64 * 1024 * 1024;
+/// It exists so that [`Envelope::decode`] is bounded even for callers that have no
+/// configuration at hand: a huge body or a small compressed one (a "zip bomb") is a
+/// decode error rather than an out-of-memory crash of the whole service.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// The most bytes an envelope field may hold when warren turns it into an AMQP short
+/// string (a routing key): 255, AMQP 0-9-1's limit.
+///
+/// It exists because lapin panics on a longer short string: a Server-ID above it must be
+/// refused when the request is decoded, not when its reply is published.
+pub const MAX_SHORT_STRING_BYTES: usize = MAX_SHORT_STRING_LENGTH;
+
+/// Plain (identity) bodies up to this many bytes are decoded on the calling thread by
+/// [`decode_owned`]; larger ones on tokio's blocking pool.
+///
+/// 64 KiB: serde_json parses a few hundred MB/s into a map, so the largest inline body
+/// costs a worker about 0.1–0.3 ms, the order of a task's fair share between two awaits;
+/// below it, the hand-off to the blocking pool (tens of µs) would be a large part of the
+/// work. Typical kapi messages are well under 4 KiB and never leave the fast path.
+pub const INLINE_PLAIN_MAX: usize = 64 * 1024;
+
+/// Gzip bodies up to this many bytes are decoded on the calling thread by
+/// [`decode_owned`]; larger ones on tokio's blocking pool.
+///
+/// 256 bytes, because what gzip costs is its output, and deflate inflates up to about
+/// 1032:1: a 256-byte body yields at most ~260 KiB, which keeps the worst inline case
+/// (inflate, then parse) near the cost of the largest inline plain body. Any gzip body big
+/// enough to be worth compressing decodes off the async workers.
+pub const INLINE_GZIP_MAX: usize = 256;
+
+/// How many bytes of the limit each JSON value of a decoded body may take, at least:
+/// [`DecodeLimits::max_json_values`] is `max_bytes / 16`.
+///
+/// A parsed JSON value takes 32 bytes or more in memory (plus its map node or vector
+/// slot), so a body of nothing but tiny values (`[0,0,0,…]`) would grow 16 to 30 times
+/// in parsing. One value per 16 bytes of the limit keeps the parsed form within a small
+/// multiple of the limit, and no valid body under an eighth of the limit can reach it
+/// (valid JSON takes at least two bytes of text per value).
+pub const BYTES_PER_JSON_VALUE: usize = 16;
+
+/// The fewest JSON values [`DecodeLimits::max_json_values`] allows, whatever the limit.
+///
+/// It exists so that a small `max_message_bytes` does not refuse ordinary messages for
+/// their shape: 4096 values take well under a MiB once parsed.
+pub const MIN_JSON_VALUES: usize = 4096;
+
+/// How much a decode may read, inflate and parse.
+///
+/// It exists so that every decoder of deliveries applies the operator's
+/// `[listener] max_message_bytes` to the raw body, to the gzip output and (through
+/// [`DecodeLimits::max_json_values`]) to the parsed JSON, in one value that is cheap to
+/// pass around. [`Default`] is [`DEFAULT_MAX_MESSAGE_BYTES`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeLimits {
+    /// The largest body, in bytes, before and after gzip decoding.
+    pub max_bytes: usize,
+}
+
+impl DecodeLimits {
+    /// Limits with `max_bytes` for the body before and after gzip decoding.
+    pub fn new(max_bytes: usize) -> DecodeLimits {
+        DecodeLimits { max_bytes }
+    }
+
+    /// The most JSON values (objects, arrays, keys and scalars) a body may hold:
+    /// `max_bytes / BYTES_PER_JSON_VALUE`, at least [`MIN_JSON_VALUES`].
+    pub fn max_json_values(&self) -> usize {
+        (self.max_bytes / BYTES_PER_JSON_VALUE).max(MIN_JSON_VALUES)
+    }
+}
+
+impl Default for DecodeLimits {
+    fn default() -> DecodeLimits {
+        DecodeLimits::new(DEFAULT_MAX_MESSAGE_BYTES)
+    }
+}
 
 /// A kapi message: a JSON object body with Kazoo's default headers (Event-Category, Event-Name, App-Name, App-Version, Msg-ID, Node, Server-ID on requests).
 ///
@@ -132,11 +213,12 @@ impl Envelope {
     /// Wraps a JSON object built elsewhere, validating it exactly as [`Envelope::decode`] does.
     ///
     /// Event-Category and Event-Name must be non-empty strings; Msg-ID and Server-ID must
-    /// be strings (or null) when present. A missing, null or empty Msg-ID is generated.
+    /// be strings (or null) when present, and a Server-ID (the routing key of the reply)
+    /// at most [`MAX_SHORT_STRING_BYTES`] long. A missing, null or empty Msg-ID is generated.
     pub fn from_map(mut fields: Map<String, Value>) -> Result<Envelope, DecodeError> {
         required_str(&fields, keys::EVENT_CATEGORY)?;
         required_str(&fields, keys::EVENT_NAME)?;
-        optional_str(&fields, keys::SERVER_ID)?;
+        routing_key_str(&fields, keys::SERVER_ID)?;
         if optional_str(&fields, keys::MSG_ID)?.is_none_or(str::is_empty) {
             fields.insert(keys::MSG_ID.to_owned(), Value::String(new_msg_id()));
         }
@@ -271,18 +353,48 @@ impl Envelope {
         reply
     }
 
-    /// Decodes a delivery's body, given its AMQP `content_type` and `content_encoding`.
-    ///
-    /// Accepts content type absent, empty or `application/json` (case-insensitive,
-    /// parameters such as `; charset=utf-8` ignored) and content encoding absent, empty, `identity`
-    /// or `gzip`; a gzip body may not decompress beyond [`MAX_DECOMPRESSED_SIZE`]. The
-    /// body must then pass [`Envelope::from_map`]. Every decoded envelope has a Msg-ID.
+    /// [`Envelope::decode_with`] with the default limits ([`DEFAULT_MAX_MESSAGE_BYTES`]).
     pub fn decode(
         body: &[u8],
         content_type: Option<&str>,
         content_encoding: Option<&str>,
     ) -> Result<Envelope, DecodeError> {
-        decode_limited(body, content_type, content_encoding, MAX_DECOMPRESSED_SIZE)
+        Envelope::decode_with(
+            body,
+            content_type,
+            content_encoding,
+            &DecodeLimits::default(),
+        )
+    }
+
+    /// Decodes a delivery's body, given its AMQP `content_type` and `content_encoding`,
+    /// within `limits`.
+    ///
+    /// In this order: a body above `limits.max_bytes` is [`DecodeError::TooLarge`] before
+    /// anything else is looked at (rejected unread); the content type must be absent,
+    /// empty or `application/json` (case-insensitive, parameters such as `; charset=utf-8`
+    /// ignored) and the content encoding absent, empty, `identity` or `gzip`; a gzip body
+    /// is inflated (all members) and is [`DecodeError::TooLarge`] as soon as its output
+    /// passes `limits.max_bytes`; the JSON may hold at most
+    /// [`DecodeLimits::max_json_values`] values ([`DecodeError::TooManyValues`]) nested
+    /// at most 128 deep (serde_json's recursion limit, [`DecodeError::InvalidJson`]);
+    /// then it must pass [`Envelope::from_map`]. Every decoded envelope has a Msg-ID.
+    ///
+    /// Runs on the calling thread: from async code, use [`decode_owned`] unless
+    /// [`decode_is_small`] says the body is small.
+    pub fn decode_with(
+        body: &[u8],
+        content_type: Option<&str>,
+        content_encoding: Option<&str>,
+        limits: &DecodeLimits,
+    ) -> Result<Envelope, DecodeError> {
+        let gzip = precheck(body.len(), content_type, content_encoding, limits)?;
+        if gzip {
+            let plain = gunzip(body, limits.max_bytes)?;
+            parse(&plain, limits)
+        } else {
+            parse(body, limits)
+        }
     }
 
     /// The body to publish: compact JSON, to go with `publish_properties(false)`.
@@ -329,6 +441,69 @@ pub fn new_msg_id() -> String {
     format!("{bits:032x}")
 }
 
+/// Whether decoding a body of `body_len` bytes with this content encoding is cheap enough
+/// to run on an async worker thread: plain bodies up to [`INLINE_PLAIN_MAX`], gzip bodies
+/// up to [`INLINE_GZIP_MAX`] (an unknown encoding counts as plain: it fails at once).
+///
+/// It exists so that a consumer loop can keep its inline fast path
+/// ([`Envelope::decode_with`] on the borrowed body) and build [`decode_owned`]'s future
+/// only for the rare large body.
+pub fn decode_is_small(body_len: usize, content_encoding: Option<&str>) -> bool {
+    let gzip = content_encoding.is_some_and(|encoding| is_gzip(Some(encoding)).unwrap_or(false));
+    if gzip {
+        body_len <= INLINE_GZIP_MAX
+    } else {
+        body_len <= INLINE_PLAIN_MAX
+    }
+}
+
+/// [`Envelope::decode_with`] for async callers, keeping the async worker threads free:
+/// a small body (see [`decode_is_small`]) and any body refused on its size or headers
+/// alone are decoded on the calling thread; any other on tokio's blocking pool.
+///
+/// The body is given back with the result, whatever the result (the caller may need it
+/// to park the message). Should the blocking task not finish (a panic, or the runtime
+/// shutting down), the result is [`DecodeError::Aborted`]. Needs a tokio runtime.
+pub async fn decode_owned(
+    body: Vec<u8>,
+    content_type: Option<String>,
+    content_encoding: Option<String>,
+    limits: DecodeLimits,
+) -> (Vec<u8>, Result<Envelope, DecodeError>) {
+    let content_type_ref = content_type.as_deref();
+    let content_encoding_ref = content_encoding.as_deref();
+    if let Err(error) = precheck(body.len(), content_type_ref, content_encoding_ref, &limits) {
+        return (body, Err(error));
+    }
+    if decode_is_small(body.len(), content_encoding_ref) {
+        let result = Envelope::decode_with(&body, content_type_ref, content_encoding_ref, &limits);
+        return (body, result);
+    }
+    // Shared, so that the body survives whatever happens to the blocking task.
+    let shared = Arc::new(body);
+    let worker = Arc::clone(&shared);
+    let joined = tokio::task::spawn_blocking(move || {
+        Envelope::decode_with(
+            &worker,
+            content_type.as_deref(),
+            content_encoding.as_deref(),
+            &limits,
+        )
+    })
+    .await;
+    let body = Arc::try_unwrap(shared).unwrap_or_else(|still_shared| still_shared.to_vec());
+    let result = joined.unwrap_or_else(|error| {
+        Err(DecodeError::Aborted {
+            reason: if error.is_panic() {
+                "the decoding task panicked"
+            } else {
+                "the decoding task was cancelled"
+            },
+        })
+    });
+    (body, result)
+}
+
 /// AMQP properties for publishing an envelope: content_type application/json, timestamp (seconds since the epoch), content_encoding "gzip" when `gzip`.
 ///
 /// Exists so that every publisher labels envelopes the way [`Envelope::decode`] (and
@@ -364,10 +539,16 @@ pub enum DecodeError {
     /// The body claims gzip but does not decompress.
     #[error("gzip body does not decompress: {0}")]
     Gzip(#[source] std::io::Error),
-    /// The gzip body decompresses beyond the limit (probably a zip bomb).
-    #[error("body decompresses to more than {limit} bytes")]
+    /// The body, or its gzip output (probably a zip bomb), is larger than the limit.
+    #[error("body larger than {limit} bytes (max_message_bytes), before or after gzip decoding")]
     TooLarge {
         /// The limit that was exceeded, in bytes.
+        limit: usize,
+    },
+    /// The JSON holds more values than [`DecodeLimits::max_json_values`] allows.
+    #[error("body holds more than {limit} JSON values")]
+    TooManyValues {
+        /// The limit that was exceeded, in values.
         limit: usize,
     },
     /// The body is not valid JSON.
@@ -398,6 +579,21 @@ pub enum DecodeError {
         /// The JSON type found instead.
         found: &'static str,
     },
+    /// A field holds a value warren cannot use, e.g. a Server-ID longer than a routing
+    /// key may be. The reason never quotes the value (it is outside data).
+    #[error("field {field} is invalid: {reason}")]
+    InvalidField {
+        /// The field's name.
+        field: &'static str,
+        /// What is wrong, e.g. its length and the limit.
+        reason: String,
+    },
+    /// Decoding on the blocking pool did not finish ([`decode_owned`] only).
+    #[error("decoding did not finish: {reason}")]
+    Aborted {
+        /// Why: the task panicked or was cancelled.
+        reason: &'static str,
+    },
 }
 
 impl DecodeError {
@@ -411,20 +607,21 @@ impl DecodeError {
     }
 }
 
-/// [`Envelope::decode`] with a chosen decompression limit (tests use a small one).
-fn decode_limited(
-    body: &[u8],
+/// The checks that need no look at the body: its size, then its content type and
+/// encoding. Whether it must be gunzipped.
+fn precheck(
+    body_len: usize,
     content_type: Option<&str>,
     content_encoding: Option<&str>,
-    limit: usize,
-) -> Result<Envelope, DecodeError> {
-    check_content_type(content_type)?;
-    if is_gzip(content_encoding)? {
-        let plain = gunzip(body, limit)?;
-        parse(&plain)
-    } else {
-        parse(body)
+    limits: &DecodeLimits,
+) -> Result<bool, DecodeError> {
+    if body_len > limits.max_bytes {
+        return Err(DecodeError::TooLarge {
+            limit: limits.max_bytes,
+        });
     }
+    check_content_type(content_type)?;
+    is_gzip(content_encoding)
 }
 
 /// Accepts an absent or empty content type, or `application/json` with any parameters.
@@ -455,23 +652,78 @@ fn is_gzip(content_encoding: Option<&str>) -> Result<bool, DecodeError> {
     }
 }
 
-/// Decompresses a gzip body (all members), failing once it exceeds `limit` bytes.
+/// Decompresses a gzip body (all members), failing as soon as its output passes `limit`
+/// bytes. The buffer never grows beyond `limit + 1` bytes.
 fn gunzip(body: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
-    // Reading one byte past the limit tells "exactly at the limit" from "beyond it".
-    let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
-    let mut plain = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
-    MultiGzDecoder::new(body)
-        .take(cap)
-        .read_to_end(&mut plain)
-        .map_err(DecodeError::Gzip)?;
-    if plain.len() > limit {
+    // Room for one byte past the limit tells "exactly at the limit" from "beyond it".
+    let room = limit.saturating_add(1);
+    let mut decoder = MultiGzDecoder::new(body);
+    let mut plain = vec![0u8; body.len().saturating_mul(4).max(1024).min(room)];
+    let mut filled = 0;
+    loop {
+        if filled == plain.len() {
+            if filled >= room {
+                return Err(DecodeError::TooLarge { limit });
+            }
+            let grown = filled.saturating_mul(2).min(room);
+            plain.reserve_exact(grown - filled);
+            plain.resize(grown, 0);
+        }
+        match decoder.read(&mut plain[filled..]) {
+            Ok(0) => break,
+            Ok(read) => filled += read,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(DecodeError::Gzip(error)),
+        }
+    }
+    if filled > limit {
         return Err(DecodeError::TooLarge { limit });
     }
+    plain.truncate(filled);
     Ok(plain)
 }
 
+/// An upper bound of the JSON values (keys included) in `json`, counted up to `stop`:
+/// one, plus one per `[`, `{`, `:` and `,` outside strings.
+///
+/// Only called when the body is long enough to hold `stop` values at all, so the hot path
+/// (small bodies) never pays for it.
+fn json_values_over(json: &[u8], stop: usize) -> bool {
+    let mut values = 1usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in json {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if byte == b'\\' {
+                escaped = true;
+            } else if byte == b'"' {
+                in_string = false;
+            }
+        } else {
+            match byte {
+                b'"' => in_string = true,
+                b'[' | b'{' | b':' | b',' => {
+                    values += 1;
+                    if values > stop {
+                        return true;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    false
+}
+
 /// Parses JSON straight into the envelope's map, then validates it.
-fn parse(json: &[u8]) -> Result<Envelope, DecodeError> {
+fn parse(json: &[u8], limits: &DecodeLimits) -> Result<Envelope, DecodeError> {
+    // A body of n bytes holds at most n + 1 values: count only when it could be too many.
+    let max_values = limits.max_json_values();
+    if json.len() >= max_values && json_values_over(json, max_values) {
+        return Err(DecodeError::TooManyValues { limit: max_values });
+    }
     let first = json.iter().find(|byte| !byte.is_ascii_whitespace());
     if first != Some(&b'{') {
         // Cold path: tell "valid JSON of the wrong shape" from "not JSON at all".
@@ -492,6 +744,27 @@ fn required_str(fields: &Map<String, Value>, key: &'static str) -> Result<(), De
         Some(text) if !text.is_empty() => Ok(()),
         _ => Err(DecodeError::MissingField(key)),
     }
+}
+
+/// `key`'s string value, which warren may use as a routing key: at most
+/// [`MAX_SHORT_STRING_BYTES`] long.
+fn routing_key_str<'a>(
+    fields: &'a Map<String, Value>,
+    key: &'static str,
+) -> Result<Option<&'a str>, DecodeError> {
+    let text = optional_str(fields, key)?;
+    if let Some(text) = text
+        && text.len() > MAX_SHORT_STRING_BYTES
+    {
+        return Err(DecodeError::InvalidField {
+            field: key,
+            reason: format!(
+                "{} bytes long; a routing key holds at most {MAX_SHORT_STRING_BYTES}",
+                text.len()
+            ),
+        });
+    }
+    Ok(text)
 }
 
 /// `key`'s string value; absent and null are `None`, any other type is an error.

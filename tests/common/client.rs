@@ -11,7 +11,10 @@ use lapin::options::{
     QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
+    ExchangeKind, PublisherConfirm,
+};
 use warren_runtime::envelope::{Envelope, publish_properties};
 
 /// A test's own AMQP client.
@@ -79,7 +82,7 @@ impl Client {
         .await;
     }
 
-    /// Publishes any body (confirmed).
+    /// Publishes any body (confirmed: a nack fails the test).
     pub async fn publish_raw(
         &self,
         exchange: &str,
@@ -87,7 +90,8 @@ impl Client {
         body: &[u8],
         properties: BasicProperties,
     ) {
-        self.channel
+        let confirm = self
+            .channel
             .basic_publish(
                 exchange.into(),
                 routing_key.into(),
@@ -96,9 +100,8 @@ impl Client {
                 properties,
             )
             .await
-            .expect("publish")
-            .await
-            .expect("confirm");
+            .expect("publish");
+        expect_ack(confirm).await;
     }
 
     /// A request carrying this client's queue as Server-ID.
@@ -171,6 +174,17 @@ impl Client {
             .channel
             .queue_delete(name.into(), QueueDeleteOptions::default())
             .await;
+    }
+}
+
+/// Waits for a publisher confirm and fails the test unless the broker acked the message:
+/// a nack (or a channel without confirms) is a lost message, not a success.
+pub async fn expect_ack(confirm: PublisherConfirm) {
+    match confirm.await {
+        Ok(Confirmation::Ack(_)) => {}
+        Ok(Confirmation::Nack(_)) => panic!("the broker nacked a publish"),
+        Ok(Confirmation::NotRequested) => panic!("publish on a channel without confirms"),
+        Err(error) => panic!("no confirm: {error}"),
     }
 }
 

@@ -153,6 +153,17 @@ pub enum Problem {
         /// `amqp.reconnect_max_ms`.
         max: u64,
     },
+    /// A `[service] node` too long for the queue names and consumer tags built from it.
+    #[error(
+        "the node name is {length} bytes long; at most {limit} are allowed, so that the \
+         queue names and consumer tags built from it fit AMQP's 255 bytes"
+    )]
+    NodeTooLong {
+        /// The node name's length, in bytes (after trimming).
+        length: usize,
+        /// The most allowed ([`crate::config::MAX_NODE_BYTES`]).
+        limit: usize,
+    },
     /// An `[apps.<name>]` section for an app this binary does not contain (the name is
     /// the last segment of the error's key, as for [`Problem::UnknownKey`]).
     #[error("unknown app{}", Hint(suggestion.as_deref(), known))]

@@ -96,7 +96,7 @@ pub(super) struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawService {
-    pub node: Option<String>,
+    pub node: Option<Spanned<String>>,
     pub shutdown_timeout_secs: Option<Spanned<u64>>,
 }
 

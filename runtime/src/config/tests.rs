@@ -1182,3 +1182,53 @@ fn bad_fault_handling_values_are_located() {
     );
     assert_eq!(refusal.problem, Problem::EmptyExchange);
 }
+
+#[test]
+fn a_node_name_too_long_for_queue_names_is_refused() {
+    let node = |name: &str| format!("# node\n[service]\nnode = \"{name}\"\n{LOCAL_ZONE}");
+    let longest = "n".repeat(MAX_NODE_BYTES);
+    let config = parse(&node(&longest)).unwrap();
+    assert_eq!(config.service.node, longest);
+    // Surrounding blanks are trimmed before the length is counted.
+    let config = parse(&node(&format!("  {longest} "))).unwrap();
+    assert_eq!(config.service.node, longest);
+
+    let refusal = refuse(&node(&"n".repeat(MAX_NODE_BYTES + 1)), None);
+    assert_at(
+        &refusal,
+        3,
+        8,
+        "service.node",
+        "129 bytes long; at most 128",
+    );
+    assert_eq!(
+        refusal.problem,
+        Problem::NodeTooLong {
+            length: 129,
+            limit: 128
+        }
+    );
+    // Bytes, not characters: 65 two-byte characters are 130 bytes.
+    let refusal = refuse(&node(&"é".repeat(65)), None);
+    assert_eq!(
+        refusal.problem,
+        Problem::NodeTooLong {
+            length: 130,
+            limit: 128
+        }
+    );
+    assert!(
+        refusal
+            .message
+            .starts_with("config.ini:3:8: `service.node`: "),
+        "{}",
+        refusal.message
+    );
+}
+
+#[test]
+fn the_default_node_name_fits_the_limit() {
+    let config = parse(LOCAL_ZONE).unwrap();
+    assert!(config.service.node.starts_with("warren@"));
+    assert!(config.service.node.len() <= MAX_NODE_BYTES);
+}

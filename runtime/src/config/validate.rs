@@ -1,6 +1,6 @@
 //! From the file as written ([`RawConfig`]) to the checked [`Config`]: defaults filled
-//! in, meaning checked (zones, brokers and their tags, zero values, pools, apps), every
-//! refusal located.
+//! in, meaning checked (the node name's length, zones, brokers and their tags, zero
+//! values, pools, apps), every refusal located.
 //!
 //! Checks run in the order of the file's sections and the first mistake is reported.
 
@@ -19,8 +19,8 @@ use super::raw::{
 };
 use super::read::closest;
 use super::{
-    AmqpConfig, AppConfig, Config, ConfiguredBroker, ExchangeOverride, ListenerConfig, PoolConfig,
-    PublisherConfig, RouterConfig, ServiceConfig, Zone,
+    AmqpConfig, AppConfig, Config, ConfiguredBroker, ExchangeOverride, ListenerConfig,
+    MAX_NODE_BYTES, PoolConfig, PublisherConfig, RouterConfig, ServiceConfig, Zone,
 };
 use crate::uri::BrokerUri;
 
@@ -58,11 +58,27 @@ pub(super) fn validate(raw: RawConfig, inputs: &Inputs<'_>) -> Result<Config, Co
     })
 }
 
-/// `[service]`.
+/// The prefix of the default node name, `warren@<hostname>`.
+const DEFAULT_NODE_PREFIX: &str = "warren@";
+
+/// `[service]`: the node name at most [`MAX_NODE_BYTES`] long.
 fn service(raw: &RawService, source: &Source<'_>) -> Result<ServiceConfig, ConfigError> {
-    let node = match raw.node.as_deref().map(str::trim) {
-        Some(node) if !node.is_empty() => node.to_string(),
-        _ => format!("warren@{}", hostname()),
+    let written = raw
+        .node
+        .as_ref()
+        .map(|node| (node.get_ref().trim(), node.span()));
+    let node = match written {
+        Some((node, span)) if !node.is_empty() => {
+            if node.len() > MAX_NODE_BYTES {
+                let problem = Problem::NodeTooLong {
+                    length: node.len(),
+                    limit: MAX_NODE_BYTES,
+                };
+                return Err(source.error(span.start, "service.node", problem));
+            }
+            node.to_string()
+        }
+        _ => default_node(&hostname()),
     };
     let shutdown = positive(
         raw.shutdown_timeout_secs.as_ref(),
@@ -529,6 +545,17 @@ fn pool_size(
     }
 }
 
+/// `warren@<hostname>`, the host name cut (at a character boundary) so that the whole
+/// stays within [`MAX_NODE_BYTES`].
+fn default_node(hostname: &str) -> String {
+    let room = MAX_NODE_BYTES - DEFAULT_NODE_PREFIX.len();
+    let mut end = hostname.len().min(room);
+    while !hostname.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{DEFAULT_NODE_PREFIX}{}", &hostname[..end])
+}
+
 /// This machine's host name, for the default node name.
 fn hostname() -> String {
     hostname_from(Path::new("/proc/sys/kernel/hostname"))
@@ -559,6 +586,22 @@ mod tests {
         assert_eq!(hostname_from(&file), "localhost");
         std::fs::write(&file, "box-1\n").unwrap();
         assert_eq!(hostname_from(&file), "box-1");
+    }
+
+    #[test]
+    fn a_long_hostname_is_cut_to_fit_the_node_limit() {
+        assert_eq!(default_node("box-1"), "warren@box-1");
+        let long = "h".repeat(300);
+        let node = default_node(&long);
+        assert_eq!(node.len(), MAX_NODE_BYTES);
+        assert!(node.starts_with("warren@hhh"));
+        // Never inside a character: 2-byte characters around the cut.
+        let wide = "é".repeat(100);
+        let node = default_node(&wide);
+        assert!(node.len() <= MAX_NODE_BYTES && node.len() >= MAX_NODE_BYTES - 1);
+        assert!(node.ends_with('é'));
+        let exact = "x".repeat(MAX_NODE_BYTES - DEFAULT_NODE_PREFIX.len());
+        assert_eq!(default_node(&exact), format!("warren@{exact}"));
     }
 
     #[test]

@@ -83,9 +83,14 @@ fn decompression_is_capped() {
     let body = gzip(&json);
     assert!(body.len() < 200);
 
-    let at_limit = decode_limited(&body, None, Some("gzip"), json.len());
+    let at_limit = Envelope::decode_with(&body, None, Some("gzip"), &DecodeLimits::new(json.len()));
     assert!(at_limit.is_ok(), "{at_limit:?}");
-    let over = decode_limited(&body, None, Some("gzip"), json.len() - 1);
+    let over = Envelope::decode_with(
+        &body,
+        None,
+        Some("gzip"),
+        &DecodeLimits::new(json.len() - 1),
+    );
     assert!(
         matches!(over, Err(DecodeError::TooLarge { limit }) if limit == json.len() - 1),
         "{over:?}"
@@ -94,13 +99,13 @@ fn decompression_is_capped() {
 
 #[test]
 fn zip_bomb_over_the_real_limit_is_an_error() {
-    // A body a few hundred KiB that would inflate past 64 MiB.
+    // A body a few hundred KiB that would inflate past 16 MiB.
     let mut encoder = GzEncoder::new(Vec::new(), Compression::best());
     encoder
         .write_all(br#"{"Event-Category":"c","Event-Name":"n","Pad":""#)
         .expect("gzip in memory");
     let zeros = vec![b'0'; 1024 * 1024];
-    for _ in 0..=MAX_DECOMPRESSED_SIZE / zeros.len() {
+    for _ in 0..=DEFAULT_MAX_MESSAGE_BYTES / zeros.len() {
         encoder.write_all(&zeros).expect("gzip in memory");
     }
     let body = encoder.finish().expect("gzip in memory");
@@ -110,10 +115,326 @@ fn zip_bomb_over_the_real_limit_is_an_error() {
         matches!(
             result,
             Err(DecodeError::TooLarge {
-                limit: MAX_DECOMPRESSED_SIZE
+                limit: DEFAULT_MAX_MESSAGE_BYTES
             })
         ),
         "{result:?}"
+    );
+}
+
+/// A valid envelope whose body is exactly `len` bytes (a padding field fills it up).
+fn body_of_len(len: usize) -> Vec<u8> {
+    let head = br#"{"Event-Category":"c","Event-Name":"n","Pad":""#;
+    let tail = br#""}"#;
+    let pad = len
+        .checked_sub(head.len() + tail.len())
+        .expect("long enough for the fields");
+    let mut body = head.to_vec();
+    body.resize(head.len() + pad, b'p');
+    body.extend_from_slice(tail);
+    assert_eq!(body.len(), len);
+    body
+}
+
+/// A gzip body of `members` concatenated members, each 1 MiB of zero bytes: about a KiB
+/// per member on the wire, `members` MiB once inflated.
+fn gzip_bomb(members: usize) -> Vec<u8> {
+    let mut encoder = GzEncoder::new(Vec::new(), Compression::best());
+    encoder
+        .write_all(&vec![0u8; 1024 * 1024])
+        .expect("gzip in memory");
+    let member = encoder.finish().expect("gzip in memory");
+    let mut bomb = Vec::with_capacity(member.len() * members);
+    for _ in 0..members {
+        bomb.extend_from_slice(&member);
+    }
+    bomb
+}
+
+#[test]
+fn a_body_above_the_limit_is_rejected_unread() {
+    let limits = DecodeLimits::new(4096);
+    let at_limit = Envelope::decode_with(&body_of_len(4096), None, None, &limits);
+    assert!(at_limit.is_ok(), "{at_limit:?}");
+    // One byte over: refused before the content type, the encoding or the JSON is looked
+    // at (each of them would be an error too, a different one).
+    let over = vec![0xff; 4097];
+    for (content_type, encoding) in [
+        (None, None),
+        (Some("text/plain"), None),
+        (None, Some("br")),
+        (None, Some("gzip")),
+    ] {
+        let result = Envelope::decode_with(&over, content_type, encoding, &limits);
+        assert!(
+            matches!(result, Err(DecodeError::TooLarge { limit: 4096 })),
+            "{content_type:?} {encoding:?}: {result:?}"
+        );
+    }
+    let message = DecodeError::TooLarge { limit: 4096 }.to_string();
+    assert!(message.contains("4096"), "{message}");
+}
+
+#[test]
+fn decode_uses_the_default_limit_of_16_mib() {
+    assert_eq!(DecodeLimits::default().max_bytes, 16 * 1024 * 1024);
+    assert_eq!(DEFAULT_MAX_MESSAGE_BYTES, 16 * 1024 * 1024);
+    let at_limit = body_of_len(DEFAULT_MAX_MESSAGE_BYTES);
+    let result = Envelope::decode(&at_limit, None, None);
+    assert!(result.is_ok(), "{:?}", result.map(|_| ()));
+    let mut over = at_limit;
+    over.push(b' ');
+    let result = Envelope::decode(&over, None, None);
+    assert!(
+        matches!(
+            result,
+            Err(DecodeError::TooLarge {
+                limit: DEFAULT_MAX_MESSAGE_BYTES
+            })
+        ),
+        "{:?}",
+        result.map(|_| ())
+    );
+}
+
+#[test]
+fn a_multi_member_gzip_bomb_stops_at_the_limit() {
+    // 2048 members of 1 MiB: 2 GiB once inflated, a couple of MiB on the wire.
+    let bomb = gzip_bomb(2048);
+    assert!(bomb.len() < 4 * 1024 * 1024, "{} bytes", bomb.len());
+    for limits in [DecodeLimits::default(), DecodeLimits::new(3 * 1024 * 1024)] {
+        let result = Envelope::decode_with(&bomb, Some(CONTENT_TYPE), Some("gzip"), &limits);
+        assert!(
+            matches!(result, Err(DecodeError::TooLarge { limit }) if limit == limits.max_bytes),
+            "{result:?}"
+        );
+    }
+    // Below the limit the same members inflate whole (and then are not JSON).
+    let small = gzip_bomb(2);
+    let result = Envelope::decode_with(&small, None, Some("gzip"), &DecodeLimits::default());
+    assert!(
+        matches!(result, Err(DecodeError::InvalidJson { .. })),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn gunzip_never_holds_more_than_the_limit() {
+    let limit = 3 * 1024 * 1024 + 17;
+    let plain = gunzip(&gzip_bomb(3), limit).expect("3 MiB is under the limit");
+    assert_eq!(plain.len(), 3 * 1024 * 1024);
+    assert!(plain.capacity() <= limit + 1, "{}", plain.capacity());
+    let exact = gunzip(&gzip_bomb(3), 3 * 1024 * 1024).expect("exactly at the limit");
+    assert_eq!(exact.len(), 3 * 1024 * 1024);
+    assert!(exact.capacity() <= 3 * 1024 * 1024 + 1);
+    let over = gunzip(&gzip_bomb(3), 3 * 1024 * 1024 - 1);
+    assert!(
+        matches!(over, Err(DecodeError::TooLarge { .. })),
+        "{over:?}"
+    );
+}
+
+#[test]
+fn deep_nesting_is_a_clean_error_not_a_stack_overflow() {
+    // serde_json stops at 128 levels; 200 000 would overflow any stack if it recursed.
+    let depth = 200_000;
+    let mut inside = br#"{"Event-Category":"c","Event-Name":"n","Deep":"#.to_vec();
+    inside.extend(std::iter::repeat_n(b'[', depth));
+    inside.extend(std::iter::repeat_n(b']', depth));
+    inside.push(b'}');
+    let mut bare = vec![b'['; depth];
+    bare.extend(std::iter::repeat_n(b']', depth));
+    for body in [&inside, &bare] {
+        match Envelope::decode(body, None, None) {
+            Err(error @ DecodeError::InvalidJson { .. }) => {
+                assert!(error.to_string().contains("recursion limit"), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // Ordinary nesting is fine.
+    let mut nested = br#"{"Event-Category":"c","Event-Name":"n","Deep":"#.to_vec();
+    nested.extend(std::iter::repeat_n(b'[', 100));
+    nested.extend(std::iter::repeat_n(b']', 100));
+    nested.push(b'}');
+    assert!(Envelope::decode(&nested, None, None).is_ok());
+}
+
+#[test]
+fn the_number_of_json_values_is_bounded() {
+    let limits = DecodeLimits::new(64 * 1024);
+    assert_eq!(limits.max_json_values(), MIN_JSON_VALUES);
+    assert_eq!(DecodeLimits::default().max_json_values(), 1024 * 1024);
+    let with_zeros = |zeros: usize| {
+        let mut body = br#"{"Event-Category":"c","Event-Name":"n","A":[0"#.to_vec();
+        for _ in 1..zeros {
+            body.extend_from_slice(b",0");
+        }
+        body.extend_from_slice(b"]}");
+        body
+    };
+    // 1 object + 3 keys + 2 strings + 1 array + the zeros.
+    let fits = with_zeros(MIN_JSON_VALUES - 7);
+    assert!(Envelope::decode_with(&fits, None, None, &limits).is_ok());
+    let over = with_zeros(MIN_JSON_VALUES - 6);
+    assert!(over.len() < limits.max_bytes / 4, "small in bytes");
+    let result = Envelope::decode_with(&over, None, None, &limits);
+    assert!(
+        matches!(
+            result,
+            Err(DecodeError::TooManyValues {
+                limit: MIN_JSON_VALUES
+            })
+        ),
+        "{result:?}"
+    );
+    // Commas, colons and brackets inside strings (escaped quotes included) are text.
+    let mut text = br#"{"Event-Category":"c","Event-Name":"n","T":"\"\\"#.to_vec();
+    for _ in 0..MIN_JSON_VALUES {
+        text.extend_from_slice(b",:[{");
+    }
+    text.extend_from_slice(br#"\""}"#);
+    let envelope = Envelope::decode_with(&text, None, None, &limits).expect("one string");
+    assert!(
+        envelope
+            .get_str("T")
+            .is_some_and(|t| t.len() > 4 * MIN_JSON_VALUES)
+    );
+}
+
+#[test]
+fn a_dense_body_under_an_eighth_of_the_limit_fits() {
+    // Two bytes per value, the densest valid JSON: 2 MiB is an eighth of 16 MiB.
+    let limits = DecodeLimits::default();
+    let mut body = br#"{"Event-Category":"c","Event-Name":"n","A":[0"#.to_vec();
+    while body.len() + 4 <= limits.max_bytes / 8 {
+        body.extend_from_slice(b",0");
+    }
+    body.extend_from_slice(b"]}");
+    assert!(body.len() <= limits.max_bytes / 8);
+    let result = Envelope::decode_with(&body, None, None, &limits);
+    assert!(result.is_ok(), "{:?}", result.map(|_| ()));
+}
+
+#[test]
+fn a_server_id_longer_than_a_routing_key_is_refused() {
+    let with_server_id = |id: &str| Envelope::new("c", "n").with(keys::SERVER_ID, id).encode();
+    let longest = "q".repeat(MAX_SHORT_STRING_BYTES);
+    let envelope = Envelope::decode(&with_server_id(&longest), None, None).expect("255 is fine");
+    assert_eq!(envelope.server_id(), Some(longest.as_str()));
+    // 256 bytes: as ASCII, and as 128 two-byte characters (the limit is in bytes).
+    for id in ["q".repeat(256), "é".repeat(128), "s".repeat(300)] {
+        let result = Envelope::decode(&with_server_id(&id), None, None);
+        match result {
+            Err(ref error @ DecodeError::InvalidField { field, ref reason }) => {
+                assert_eq!(field, keys::SERVER_ID);
+                let length = id.len().to_string();
+                assert!(
+                    reason.contains(&length) && reason.contains("255"),
+                    "{reason}"
+                );
+                let message = error.to_string();
+                assert!(message.contains("Server-ID"), "{message}");
+                assert!(
+                    !message.contains(&id[..16]),
+                    "the value is not quoted: {message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut fields = Envelope::new("c", "n").into_fields();
+    fields.insert(keys::SERVER_ID.into(), Value::String("x".repeat(256)));
+    assert!(matches!(
+        Envelope::from_map(fields),
+        Err(DecodeError::InvalidField {
+            field: keys::SERVER_ID,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn small_bodies_decode_inline() {
+    assert!(decode_is_small(0, None));
+    assert!(decode_is_small(INLINE_PLAIN_MAX, None));
+    assert!(decode_is_small(INLINE_PLAIN_MAX, Some("identity")));
+    assert!(!decode_is_small(INLINE_PLAIN_MAX + 1, None));
+    assert!(!decode_is_small(INLINE_PLAIN_MAX + 1, Some("")));
+    for gzip in ["gzip", " GZIP "] {
+        assert!(decode_is_small(INLINE_GZIP_MAX, Some(gzip)));
+        assert!(!decode_is_small(INLINE_GZIP_MAX + 1, Some(gzip)));
+    }
+    // An unknown encoding is refused without reading the body.
+    assert!(decode_is_small(INLINE_PLAIN_MAX, Some("br")));
+}
+
+#[tokio::test]
+async fn decode_owned_gives_the_body_back_with_every_result() {
+    let limits = DecodeLimits::new(1024 * 1024);
+    let small = Envelope::new("c", "n").encode();
+    let large = body_of_len(INLINE_PLAIN_MAX * 2);
+    let bomb = gzip_bomb(4);
+    let too_large = vec![b' '; limits.max_bytes + 1];
+    // What each result is, in a word, to compare with what each case expects.
+    let kind = |result: &Result<Envelope, DecodeError>| match result {
+        Ok(_) => "ok",
+        Err(DecodeError::TooLarge { limit: 1_048_576 }) => "too large",
+        Err(DecodeError::UnsupportedContentEncoding(_)) => "encoding",
+        Err(_) => "other error",
+    };
+    let cases = [
+        (&small, None, "ok"),
+        (&large, None, "ok"),
+        (&bomb, Some("gzip"), "too large"),
+        (&too_large, None, "too large"),
+        (&large, Some("deflate"), "encoding"),
+    ];
+    for (body, encoding, expected) in cases {
+        let (back, result) = decode_owned(
+            body.clone(),
+            Some(CONTENT_TYPE.to_string()),
+            encoding.map(str::to_string),
+            limits,
+        )
+        .await;
+        assert_eq!(kind(&result), expected, "{} bytes: {result:?}", body.len());
+        assert!(&back == body, "the body comes back unchanged");
+    }
+}
+
+/// On a single-threaded runtime, a decode that ran inline would stop every other task
+/// until it finished; off the async thread, a ticker keeps ticking meanwhile.
+#[tokio::test(flavor = "current_thread")]
+async fn large_decodes_leave_the_async_thread_free() {
+    let bomb = gzip_bomb(2048);
+    let ticks = std::sync::atomic::AtomicUsize::new(0);
+    let ticker = async {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    };
+    let decode = decode_owned(
+        bomb,
+        None,
+        Some("gzip".to_string()),
+        DecodeLimits::default(),
+    );
+    let started = Instant::now();
+    let (_, result) = tokio::select! {
+        decoded = decode => decoded,
+        () = ticker => unreachable!("the ticker never ends"),
+    };
+    let took = started.elapsed();
+    assert!(
+        matches!(result, Err(DecodeError::TooLarge { .. })),
+        "{result:?}"
+    );
+    let ticked = ticks.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        ticked >= 2,
+        "the async thread was blocked: {ticked} ticks in {took:?}"
     );
 }
 
