@@ -159,15 +159,19 @@ async fn bound_queue(channel: &Channel, queue: &str, exchange: &str, key: &str) 
 }
 
 async fn declare(channel: &Channel) {
-    for (name, kind) in [
-        (EXCHANGE, ExchangeKind::Topic),
-        ("targeted", ExchangeKind::Direct),
+    // `targeted` as warren declares it: durable.
+    for (name, kind, durable) in [
+        (EXCHANGE, ExchangeKind::Topic, false),
+        ("targeted", ExchangeKind::Direct, true),
     ] {
         channel
             .exchange_declare(
                 name.into(),
                 kind,
-                ExchangeDeclareOptions::default(),
+                ExchangeDeclareOptions {
+                    durable,
+                    ..ExchangeDeclareOptions::default()
+                },
                 FieldTable::default(),
             )
             .await

@@ -39,15 +39,19 @@ impl Client {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .expect("confirm mode");
+        // As warren declares it by default: durable.
         channel
             .exchange_declare(
                 "targeted".into(),
                 ExchangeKind::Direct,
-                ExchangeDeclareOptions::default(),
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
                 FieldTable::default(),
             )
             .await
-            .expect("targeted exchange");
+            .expect("targeted exchange (durable, as warren declares it)");
         let queue = format!("{name}-replies");
         let replies = reply_queue(&channel, &queue, false).await;
         Client {

@@ -29,7 +29,9 @@ use lapin::message::Delivery;
 use lapin::{Channel, Consumer};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use warren_runtime::envelope::{DecodeError, Envelope};
+use warren_runtime::envelope::{
+    DecodeError, DecodeLimits, Envelope, decode_is_small, decode_owned,
+};
 use warren_runtime::log_limit::LogLimit;
 use warren_runtime::registry::Broker;
 
@@ -287,7 +289,7 @@ impl ConsumerLoop {
     /// Checks and decodes a delivery, then starts its work (or settles it at once).
     async fn accept(
         &mut self,
-        delivery: Delivery,
+        mut delivery: Delivery,
         inflight: &mut InFlight,
         acks: &mut AckTracker,
     ) -> Result<(), Ended> {
@@ -304,7 +306,7 @@ impl ConsumerLoop {
         let decoded = if before > settings.max_redeliveries {
             Err(Refusal::TooOften(before))
         } else {
-            decode(&delivery, settings.max_message_bytes)
+            decode(&mut delivery, settings.max_message_bytes)
                 .await
                 .map_err(Refusal::Decode)
         };
@@ -614,18 +616,25 @@ async fn abandoned(control: &mut watch::Receiver<Control>) -> bool {
     }
 }
 
-/// Decodes a delivery's body as a kapi envelope; a body above `max_bytes` is refused
-/// unread.
-async fn decode(delivery: &Delivery, max_bytes: usize) -> Result<Envelope, DecodeError> {
-    if delivery.data.len() > max_bytes {
-        return Err(DecodeError::TooLarge { limit: max_bytes });
-    }
+/// Decodes a delivery's body as a kapi envelope within the listener's limits (a body
+/// above `max_bytes` is refused unread); a large or compressed body is decoded off the
+/// async worker threads.
+async fn decode(delivery: &mut Delivery, max_bytes: usize) -> Result<Envelope, DecodeError> {
+    let limits = DecodeLimits::new(max_bytes);
     let properties = &delivery.properties;
-    Envelope::decode(
-        &delivery.data,
-        properties.content_type().as_ref().map(|s| s.as_str()),
-        properties.content_encoding().as_ref().map(|s| s.as_str()),
-    )
+    let content_type = properties.content_type().as_ref().map(|s| s.as_str());
+    let content_encoding = properties.content_encoding().as_ref().map(|s| s.as_str());
+    if decode_is_small(delivery.data.len(), content_encoding) {
+        return Envelope::decode_with(&delivery.data, content_type, content_encoding, &limits);
+    }
+    let (content_type, content_encoding) = (
+        content_type.map(str::to_string),
+        content_encoding.map(str::to_string),
+    );
+    let body = std::mem::take(&mut delivery.data);
+    let (body, decoded) = decode_owned(body, content_type, content_encoding, limits).await;
+    delivery.data = body;
+    decoded
 }
 
 /// Runs every matching handler, each with its panics caught, and combines their results.

@@ -47,11 +47,7 @@ pub(crate) async fn park(
         context.parking_declared.store(true, Ordering::Relaxed);
     }
     let queue = shared.topology.lock().queue_name.clone();
-    let mut headers = message
-        .properties
-        .headers()
-        .clone()
-        .unwrap_or_default();
+    let mut headers = message.properties.headers().clone().unwrap_or_default();
     let mut text = |key: &str, value: &str| {
         headers.insert(
             key.into(),
