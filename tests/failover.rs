@@ -617,3 +617,332 @@ async fn echo_serves_through_the_secondary_and_moves_back() {
     echo.stop().await.expect("stop");
     node.stop().await.expect("node stops");
 }
+
+/// A handler that waits while `gate` is closed (bounded), then records the message.
+fn gated(
+    gate: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    seen: &Seen,
+) -> impl Fn(
+    warren_listeners::Event,
+) -> futures::future::BoxFuture<'static, warren_listeners::HandlerResult>
++ Send
++ Sync
++ 'static {
+    let (gate, seen) = (gate.clone(), seen.clone());
+    move |event| {
+        let (gate, seen) = (gate.clone(), seen.clone());
+        Box::pin(async move {
+            let until = Instant::now() + Duration::from_secs(60);
+            while !gate.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            seen.record(event.envelope().msg_id().unwrap_or(""));
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_broker_times_out_operations_instead_of_hanging_the_listener() {
+    let brokers = Broker::start_many(1).await;
+    let a = &brokers[0];
+    let name = unique_node("hung");
+    let exchange = format!("{name}-ex");
+    // No heartbeats: nothing but warren's own deadlines notices a broker that hangs.
+    let node = start_node(config(
+        &name,
+        &[a.uri()],
+        "prechannels = 3\nheartbeat_secs = 0\noperation_timeout_ms = 1000",
+    ))
+    .await;
+    let seen = Seen::default();
+    let spec = ListenerSpec::new("hung")
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "k")
+        .responder("t", "*", recording(&seen, Duration::ZERO));
+    let handle = spawn_listener(SpecListener(spec), &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(eventually(SOON, || on(&handle, A)).await);
+
+    a.freeze().await;
+    let started = Instant::now();
+    let added = handle
+        .add_binding(warren_listeners::Binding::new(&exchange, "k2"))
+        .await;
+    let took = started.elapsed();
+    assert!(added.is_err(), "a bind to a hung broker cannot succeed");
+    assert!(
+        took < Duration::from_secs(3),
+        "the bind waited {took:?} for a hung broker"
+    );
+    let started = Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(5), handle.status())
+        .await
+        .expect("the actor answers while the broker hangs")
+        .expect("status");
+    println!("while frozen: {status:?} after {:?}", started.elapsed());
+    assert!(!status.consuming || status.active.is_some_and(|(_, lease)| lease > 1));
+
+    a.thaw().await;
+    assert!(
+        eventually(Duration::from_secs(30), || on(&handle, A)
+            && handle.current().is_some_and(|(_, lease)| lease > 1))
+        .await,
+        "consuming again on a new channel once the broker answers"
+    );
+    let client = Client::connect(&a.uri(), &name).await;
+    client
+        .publish(
+            &exchange,
+            "k",
+            &Envelope::new("t", "x").with("Msg-ID", "after-thaw"),
+        )
+        .await;
+    assert!(eventually(SOON, || seen.first_seen("after-thaw").is_some()).await);
+    handle.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fail_back_drain_is_bounded_and_never_deletes_a_queue_with_messages() {
+    let brokers = Broker::start_many(2).await;
+    let (a, b) = (&brokers[0], &brokers[1]);
+    let name = unique_node("bounded");
+    let exchange = format!("{name}-ex");
+    let node = start_node(config(
+        &name,
+        &[a.uri(), b.uri()],
+        &format!(
+            "{FAST}\n\n[listener]\ndrain_timeout_ms = 1500\nfail_back_watch_ms = 0\nstop_timeout_ms = 500"
+        ),
+    ))
+    .await;
+    let gate = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let seen = Seen::default();
+    let spec = ListenerSpec::new("bounded")
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "#")
+        .prefetch(1)
+        .responder("t", "*", gated(&gate, &seen));
+    let handle = spawn_listener(SpecListener(spec), &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(eventually(SOON, || on(&handle, A)).await);
+    let queue = handle.queue_name();
+    a.kill().await;
+    assert!(eventually(SOON, || on(&handle, B)).await, "no failover");
+    // Handlers hang from now on: the backlog on B cannot drain.
+    gate.store(false, std::sync::atomic::Ordering::SeqCst);
+    let client_b = Client::connect(&b.uri(), &name).await;
+    for i in 0..5 {
+        client_b
+            .publish(
+                &exchange,
+                "k",
+                &Envelope::new("t", "x").with("Msg-ID", format!("stuck-{i}")),
+            )
+            .await;
+    }
+    a.restart().await;
+    assert!(eventually(Duration::from_secs(15), || on(&handle, A)).await);
+    let draining_since = Instant::now();
+    assert!(
+        until(Duration::from_secs(15), || no_draining(&node)).await,
+        "the drain of B did not end by its timeout"
+    );
+    println!("drain ended after {:?}", draining_since.elapsed());
+    assert!(
+        until(SOON, || async { client_b.ready(&queue).await == 5 }).await,
+        "the old queue keeps its messages: {} ready",
+        client_b.ready(&queue).await
+    );
+    gate.store(true, std::sync::atomic::Ordering::SeqCst);
+    handle.stop().await.expect("stop");
+    client_b.delete_queue(&queue).await;
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_primary_flap_during_a_drain_never_deletes_the_queue_a_newer_lease_consumes() {
+    let brokers = Broker::start_many(2).await;
+    let (a, b) = (&brokers[0], &brokers[1]);
+    let name = unique_node("flap");
+    let exchange = format!("{name}-ex");
+    let node = start_node(config(
+        &name,
+        &[a.uri(), b.uri()],
+        &format!("{FAST}\n\n[listener]\nfail_back_watch_ms = 0"),
+    ))
+    .await;
+    let gate = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let seen = Seen::default();
+    let spec = ListenerSpec::new("flap")
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "#")
+        .prefetch(1)
+        .responder("t", "*", gated(&gate, &seen));
+    let handle = spawn_listener(SpecListener(spec), &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(eventually(SOON, || on(&handle, A)).await);
+    a.kill().await;
+    assert!(eventually(SOON, || on(&handle, B)).await);
+    gate.store(false, std::sync::atomic::Ordering::SeqCst);
+    let client_b = Client::connect(&b.uri(), &name).await;
+    for i in 0..3 {
+        client_b
+            .publish(
+                &exchange,
+                "k",
+                &Envelope::new("t", "x").with("Msg-ID", format!("flap-{i}")),
+            )
+            .await;
+    }
+    a.restart().await;
+    assert!(eventually(Duration::from_secs(15), || on(&handle, A)).await);
+    assert!(
+        eventually(SOON, || !handle
+            .current()
+            .is_some_and(|(broker, _)| broker == B))
+        .await
+    );
+    // The primary dies again while B is still being drained: the listener is back on B,
+    // on the same (anonymous) queue the drain consumes.
+    a.kill().await;
+    assert!(eventually(SOON, || on(&handle, B)).await, "no second failover");
+    let lease_on_b = handle.current().map(|(_, lease)| lease);
+    gate.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        eventually(SOON, || seen.distinct() == 3).await,
+        "{} of 3 handled",
+        seen.distinct()
+    );
+    assert!(
+        until(SOON, || no_draining(&node)).await,
+        "the drain ended"
+    );
+    assert_eq!(
+        handle.current().map(|(_, lease)| lease),
+        lease_on_b,
+        "the queue under the newer lease was deleted (its consumer was cancelled)"
+    );
+    client_b
+        .publish(
+            &exchange,
+            "k",
+            &Envelope::new("t", "x").with("Msg-ID", "after-flap"),
+        )
+        .await;
+    assert!(eventually(SOON, || seen.first_seen("after-flap").is_some()).await);
+    handle.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_sent_to_the_secondary_after_a_fail_back_are_not_stranded() {
+    let brokers = Broker::start_many(2).await;
+    let (a, b) = (&brokers[0], &brokers[1]);
+    let name = unique_node("stranded");
+    let (exchange, queue) = (format!("{name}-ex"), format!("{name}-q"));
+    let node = start_node(config(
+        &name,
+        &[a.uri(), b.uri()],
+        &format!("{FAST}\n\n[listener]\nfail_back_watch_ms = 4000"),
+    ))
+    .await;
+    let client_b = Client::connect(&b.uri(), &name).await;
+    prepare(&client_b, &exchange, &queue, true).await;
+    let seen = Seen::default();
+    let spec = ListenerSpec::new("stranded")
+        .queue(QueueSpec::named(&queue).durable())
+        .exchange(Exchange::topic(&exchange).durable())
+        .bind(&exchange, "#")
+        .responder("t", "*", recording(&seen, Duration::ZERO));
+    let handle = spawn_listener(SpecListener(spec), &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(eventually(SOON, || on(&handle, A)).await);
+    a.kill().await;
+    assert!(eventually(SOON, || on(&handle, B)).await);
+    a.restart().await;
+    assert!(eventually(Duration::from_secs(15), || on(&handle, A)).await);
+    // The drain of B found its queue empty; another publisher still sends there.
+    assert!(
+        until(SOON, || async {
+            client_b.ready(&queue).await == 0
+                && (no_draining(&node).await
+                    || handle.status().await.is_ok_and(|s| !s.watching.is_empty()))
+        })
+        .await
+    );
+    let sent = Instant::now();
+    for i in 0..5 {
+        client_b
+            .publish(
+                &exchange,
+                "k",
+                &Envelope::new("t", "x").with("Msg-ID", format!("late-{i}")),
+            )
+            .await;
+    }
+    assert!(
+        eventually(Duration::from_secs(3), || seen.distinct() == 5).await,
+        "{} of 5 requests sent to the secondary after the fail-back were handled",
+        seen.distinct()
+    );
+    println!("late requests on the secondary handled within {:?}", sent.elapsed());
+    assert_eq!(client_b.ready(&queue).await, 0);
+    // The watch ends, and with it the old lease.
+    assert!(until(SOON, || no_draining(&node)).await);
+    assert!(on(&handle, A));
+    handle.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shipped_declarations_survive_a_broker_restart() {
+    let brokers = Broker::start_many(1).await;
+    let a = &brokers[0];
+    let name = unique_node("durable");
+    let node = start_node(config(&name, &[a.uri()], FAST)).await;
+    let echo = spawn_listener(warren_app_echo::EchoListener, &app_context(&node, "echo"))
+        .await
+        .expect("echo starts");
+    assert!(eventually(SOON, || on(&echo, A)).await);
+    echo.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+    a.kill().await;
+    a.restart().await;
+    let exchanges = a.ctl(&["list_exchanges", "--no-table-headers", "name", "durable"]).await;
+    for exchange in ["echo", "targeted"] {
+        assert!(
+            exchanges.contains(&format!("{exchange}\ttrue")),
+            "`{exchange}` is durable and survived: {exchanges}"
+        );
+    }
+    // A request published while no warren runs is routed to the echo queue, and kept.
+    let client = Client::connect(&a.uri(), &name).await;
+    let request = client.request("echo", "req").with("Payload", "while-away");
+    let confirm = client
+        .channel
+        .basic_publish(
+            "echo".into(),
+            "echo.req".into(),
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &request.encode(),
+            warren_runtime::envelope::publish_properties(false).with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(
+        matches!(confirm, lapin::Confirmation::Ack(None)),
+        "routed, not returned: {confirm:?}"
+    );
+    assert_eq!(client.ready("echo").await, 1, "waiting in the durable queue");
+}

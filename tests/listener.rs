@@ -273,6 +273,23 @@ async fn every_outcome_acks_requeues_or_dead_letters() {
     node.stop().await.expect("node stops");
 }
 
+/// The broker's consumer count of a queue (`None` if the queue does not exist).
+fn consumers_of(queue: &str) -> Option<u32> {
+    queue_column(queue, "consumers").and_then(|v| v.parse().ok())
+}
+
+/// One column of `rabbitmqctl list_queues` for a queue, as the broker sees it (without
+/// touching the queue: no declare, so no expiry is reset).
+fn queue_column(queue: &str, column: &str) -> Option<String> {
+    local_ctl(&["list_queues", "-q", "--no-table-headers", "name", column])
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split('\t');
+            (fields.next()? == queue).then(|| fields.next().unwrap_or("").to_string())
+        })
+}
+
 /// `rabbitmqctl list_bindings` rows (exchange, routing key) for one queue.
 fn bindings_of(queue: &str) -> Vec<(String, String)> {
     let out = local_ctl(&[
@@ -429,7 +446,18 @@ async fn pause_and_resume_survive_a_reconnect() {
         .await,
         "no new lease"
     );
-    assert!(!handle.is_consuming(), "paused across the reconnect");
+    // The status is a round trip to the actor: it answers after the new channel's set-up
+    // finished, which would have started a consumer had the pause been forgotten.
+    let status = handle.status().await.expect("status");
+    assert!(
+        status.declared && status.paused && !status.consuming,
+        "paused across the reconnect: {status:?}"
+    );
+    assert_eq!(
+        consumers_of(&queue),
+        Some(0),
+        "the broker sees no consumer on the queue"
+    );
     assert_eq!(handled.load(Ordering::SeqCst), 0);
     assert_eq!(
         client.ready(&queue).await,
@@ -749,5 +777,374 @@ async fn pausing_keeps_an_anonymous_queue_and_stopping_deletes_it() {
         gone.is_err(),
         "a stopped listener deletes its anonymous queue"
     );
+    node.stop().await.expect("node stops");
+}
+
+/// A listener whose hook panics on category "boom" and whose notices panic too.
+struct Panicky(ListenerSpec);
+
+impl Listener for Panicky {
+    fn spec(&self) -> ListenerSpec {
+        self.0.clone()
+    }
+
+    fn on_event(&self, event: &Event) -> Dispatch {
+        if event.category() == "boom" {
+            panic!("on_event cannot take this");
+        }
+        Dispatch::Responders
+    }
+
+    fn on_notice(&self, notice: &Notice) {
+        if let Notice::QueueCreated { .. } = notice {
+            panic!("on_notice cannot take this either");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panic_in_on_event_is_a_nack_and_the_listener_keeps_consuming() {
+    let name = unique_node("hookpanic");
+    let (exchange, queue) = (format!("{name}-ex"), format!("{name}-q"));
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let handled = counter();
+    let spec = ListenerSpec::new("hookpanic")
+        .queue(QueueSpec::named(&queue))
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "#")
+        .max_redeliveries(1)
+        .responder("t", "*", counting(&handled));
+    let handle = spawn_listener(Panicky(spec), &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+    assert!(handle.stats().notice_panics >= 1, "{:?}", handle.stats());
+    let client = Client::connect(&local_uri(), &name).await;
+    client
+        .publish(&exchange, "k", &Envelope::new("boom", "x"))
+        .await;
+    client
+        .publish(&exchange, "k", &Envelope::new("t", "after"))
+        .await;
+    assert!(
+        eventually(SOON, || handled.load(Ordering::SeqCst) == 1).await,
+        "the listener handles the next message: {:?}",
+        handle.stats()
+    );
+    // Two failures (max_redeliveries 1): parked, not requeued forever.
+    assert!(
+        eventually(SOON, || handle.stats().parked == 1).await,
+        "{:?}",
+        handle.stats()
+    );
+    let stats = handle.stats();
+    assert_eq!(stats.handler_panics, 2, "{stats:?}");
+    assert_eq!(stats.requeued, 1, "{stats:?}");
+    assert!(handle.is_consuming());
+    assert_eq!(client.ready(&format!("{queue}.parked")).await, 1);
+    assert_eq!(client.ready(&queue).await, 0);
+    handle.stop().await.expect("stop");
+    client.delete_queue(&queue).await;
+    client.delete_queue(&format!("{queue}.parked")).await;
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_and_resume_back_to_back_leave_the_listener_consuming() {
+    let name = unique_node("flicker");
+    let exchange = format!("{name}-ex");
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let handled = counter();
+    let spec = ListenerSpec::new("flicker")
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "#")
+        .responder("t", "*", counting(&handled));
+    let (listener, _) = TestListener::new(spec);
+    let handle = spawn_listener(listener, &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+    for _ in 0..20 {
+        handle.pause().await.expect("pause");
+        handle.resume().await.expect("resume");
+    }
+    assert!(
+        eventually(SOON, || handle.is_consuming()).await,
+        "consuming after the last resume"
+    );
+    let client = Client::connect(&local_uri(), &name).await;
+    client
+        .publish(&exchange, "k", &Envelope::new("t", "x"))
+        .await;
+    assert!(
+        eventually(SOON, || handled.load(Ordering::SeqCst) == 1).await,
+        "a message after the flicker is handled: {:?}",
+        handle.status().await
+    );
+    let status = handle.status().await.expect("status");
+    assert!(status.consuming && !status.paused, "{status:?}");
+    assert_eq!(consumers_of(&handle.queue_name()), Some(1), "one consumer");
+    handle.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_channel_lets_running_handlers_finish() {
+    let name = unique_node("inflight");
+    let (exchange, queue) = (format!("{name}-ex"), format!("{name}-q"));
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let started = counter();
+    let finished: Arc<Mutex<Vec<usize>>> = Arc::new(Mutex::new(Vec::new()));
+    let (started_in, finished_in) = (started.clone(), finished.clone());
+    let spec = ListenerSpec::new("inflight")
+        .queue(QueueSpec::named(&queue))
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "#")
+        .responder("t", "slow", move |_e: Event| {
+            let (started, finished) = (started_in.clone(), finished_in.clone());
+            async move {
+                let run = started.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                finished.lock().push(run);
+                Ok(())
+            }
+        });
+    let (listener, _) = TestListener::new(spec);
+    let handle = spawn_listener(listener, &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+    let client = Client::connect(&local_uri(), &name).await;
+    client
+        .publish(&exchange, "k", &Envelope::new("t", "slow"))
+        .await;
+    assert!(eventually(SOON, || started.load(Ordering::SeqCst) == 1).await);
+    let closed = blocking({
+        let name = name.clone();
+        move || close_connections(local_ctl, &format!("{name}/consume"), "test: mid-handler")
+    })
+    .await
+    .expect("close");
+    assert_eq!(closed, 1);
+    assert!(
+        eventually(SOON, || finished.lock().contains(&1)).await,
+        "the handler running when the channel died was dropped mid-flight: finished {:?}",
+        finished.lock()
+    );
+    // Its ack went nowhere: the broker redelivered, and the message was handled again.
+    assert!(eventually(SOON, || finished.lock().len() == 2).await);
+    assert!(eventually(SOON, || handle.stats().acked >= 1).await);
+    handle.stop().await.expect("stop");
+    client.delete_queue(&queue).await;
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_anonymous_queue_does_not_expire() {
+    let name = unique_node("expiry");
+    let exchange = format!("{name}-ex");
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let handled = counter();
+    let spec = ListenerSpec::new("expiry")
+        .queue(QueueSpec::anonymous().expires(Duration::from_millis(1500)))
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "#")
+        .responder("t", "*", counting(&handled));
+    let (listener, _) = TestListener::new(spec);
+    let handle = spawn_listener(listener, &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+    let queue = handle.queue_name();
+    handle.pause().await.expect("pause");
+    assert!(handle.wait_consuming(false, SOON).await);
+    // Three expiry periods without a consumer: the broker only looks (list_queues does not
+    // count as a use of the queue).
+    let until = Instant::now() + Duration::from_millis(4500);
+    while Instant::now() < until {
+        assert!(
+            queue_column(&queue, "name").is_some(),
+            "the paused listener's queue expired"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    handle.resume().await.expect("resume");
+    let client = Client::connect(&local_uri(), &name).await;
+    client
+        .publish(&exchange, "k", &Envelope::new("t", "x"))
+        .await;
+    assert!(eventually(SOON, || handled.load(Ordering::SeqCst) == 1).await);
+    handle.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_anonymous_queue_expiry_is_the_configured_one() {
+    let name = unique_node("expirykey");
+    let node = start_node(config(
+        &name,
+        &[local_uri()],
+        "\n[listener]\nanonymous_queue_expiry_ms = 45000",
+    ))
+    .await;
+    let (listener, _) = TestListener::new(ListenerSpec::new("expirykey"));
+    let handle = spawn_listener(listener, &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+    let arguments = queue_column(&handle.queue_name(), "arguments").unwrap_or_default();
+    assert!(arguments.contains("45000"), "{arguments}");
+    handle.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}
+
+/// A listener on a classic queue without a dead-letter exchange whose handlers fail.
+async fn poison_listener(
+    node: &warren_runtime::node::Node,
+    name: &str,
+    exchange: &str,
+    queue: &str,
+) -> (warren_listeners::ListenerHandle, Arc<AtomicUsize>) {
+    let runs = counter();
+    let runs_in = runs.clone();
+    let spec = ListenerSpec::new(name)
+        .queue(QueueSpec::named(queue))
+        .exchange(Exchange::topic(exchange))
+        .bind(exchange, "#")
+        .max_redeliveries(2)
+        .responder("t", "retry", move |_e: Event| {
+            runs_in.fetch_add(1, Ordering::SeqCst);
+            async { Err(HandlerError::retry("never works")) }
+        })
+        .responder("t", "reject", |_e: Event| async {
+            Err(HandlerError::reject("not for us"))
+        });
+    let (listener, _) = TestListener::new(spec);
+    let handle = spawn_listener(listener, &app_context(node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+    (handle, runs)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_messages_are_parked_and_a_crafted_delivery_count_is_ignored() {
+    let name = unique_node("poison");
+    let (exchange, queue) = (format!("{name}-ex"), format!("{name}-q"));
+    let parked = format!("{queue}.parked");
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let (handle, runs) = poison_listener(&node, "poison", &exchange, &queue).await;
+    let client = Client::connect(&local_uri(), &name).await;
+    // A publisher claims the message was never delivered before.
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-delivery-count".into(),
+        lapin::types::AMQPValue::LongLongInt(0),
+    );
+    let crafted = Envelope::new("t", "retry").with("Msg-ID", "crafted");
+    client
+        .publish_raw(
+            &exchange,
+            "k",
+            &crafted.encode(),
+            warren_runtime::envelope::publish_properties(false).with_headers(headers),
+        )
+        .await;
+    client
+        .publish(&exchange, "k", &Envelope::new("t", "reject"))
+        .await;
+    assert!(
+        eventually(Duration::from_secs(20), || handle.stats().parked == 2).await,
+        "{:?}",
+        handle.stats()
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        3,
+        "max_redeliveries 2: three runs, then parked"
+    );
+    assert_eq!(client.ready(&queue).await, 0, "nothing left to retry");
+    let mut parked_messages = Vec::new();
+    let deadline = Instant::now() + SOON;
+    while parked_messages.len() < 2 && Instant::now() < deadline {
+        parked_messages.extend(client.drain(&parked).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut names: Vec<String> = parked_messages
+        .iter()
+        .filter_map(|(_, envelope)| envelope.as_ref().map(|e| e.name().to_string()))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["reject", "retry"], "both parked, bodies intact");
+    let stats = handle.stats();
+    assert_eq!((stats.rejected, stats.redelivery_limit), (2, 1), "{stats:?}");
+    handle.stop().await.expect("stop");
+    client.delete_queue(&queue).await;
+    client.delete_queue(&parked).await;
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redeliveries_caused_by_lost_channels_are_not_failures() {
+    let name = unique_node("notpoison");
+    let (exchange, queue) = (format!("{name}-ex"), format!("{name}-q"));
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let runs = counter();
+    let closes = counter();
+    let (runs_in, closes_in) = (runs.clone(), closes.clone());
+    let spec = ListenerSpec::new("notpoison")
+        .queue(QueueSpec::named(&queue))
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "#")
+        .max_redeliveries(1)
+        .responder("t", "x", move |_e: Event| {
+            let (runs, closes) = (runs_in.clone(), closes_in.clone());
+            async move {
+                let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                // The first three runs are cut short by a lost channel; the fourth succeeds.
+                let until = Instant::now() + Duration::from_secs(20);
+                while run <= 3 && closes.load(Ordering::SeqCst) < run && Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Ok(())
+            }
+        });
+    let (listener, _) = TestListener::new(spec);
+    let handle = spawn_listener(listener, &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+    let client = Client::connect(&local_uri(), &name).await;
+    client
+        .publish(&exchange, "k", &Envelope::new("t", "x"))
+        .await;
+    for cut in 1..=3 {
+        assert!(
+            eventually(SOON, || runs.load(Ordering::SeqCst) == cut).await,
+            "run {cut} did not start: {:?}",
+            handle.stats()
+        );
+        blocking({
+            let name = name.clone();
+            move || close_connections(local_ctl, &format!("{name}/consume"), "test: cut")
+        })
+        .await
+        .expect("close");
+        closes.store(cut, Ordering::SeqCst);
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || handle.stats().acked == 1).await,
+        "{:?}",
+        handle.stats()
+    );
+    let stats = handle.stats();
+    assert_eq!(
+        (stats.parked, stats.redelivery_limit, stats.rejected),
+        (0, 0, 0),
+        "three redeliveries after lost channels are not three failures: {stats:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 4);
+    handle.stop().await.expect("stop");
+    client.delete_queue(&queue).await;
     node.stop().await.expect("node stops");
 }

@@ -793,6 +793,16 @@ impl ListenerState {
                 .iter()
                 .map(|h| (h.broker(), h.lease()))
                 .collect(),
+            watching: self
+                .draining
+                .iter()
+                .filter(|h| {
+                    h.drain
+                        .as_ref()
+                        .is_some_and(|d| matches!(d.phase, drain::Phase::Watching { .. }))
+                })
+                .map(|h| (h.broker(), h.lease()))
+                .collect(),
         }
     }
 

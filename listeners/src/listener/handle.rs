@@ -121,6 +121,9 @@ pub struct ListenerStatus {
     pub paused: bool,
     /// Old leases still drained (or watched) after a fail-back: broker and generation.
     pub draining: Vec<(BrokerId, u64)>,
+    /// Of `draining`: those whose queue was empty once and are still consumed for
+    /// `[listener] fail_back_watch_ms`.
+    pub watching: Vec<(BrokerId, u64)>,
 }
 
 /// What removing a binding did.
