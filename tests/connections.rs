@@ -18,6 +18,15 @@ use warren_test_support::{
 const FIRST: BrokerId = BrokerId(0);
 const SECOND: BrokerId = BrokerId(1);
 
+/// The port of an `amqp://…@127.0.0.1:<port>/…` URI.
+fn port_of(uri: &str) -> u16 {
+    uri.rsplit(':')
+        .next()
+        .and_then(|tail| tail.split('/').next())
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {uri}"))
+}
+
 async fn start_broker() -> BrokerNode {
     blocking(|| BrokerNode::start().expect("broker node starts")).await
 }
@@ -314,5 +323,233 @@ async fn a_dead_consumer_loses_its_lease_and_its_channel() {
         "its channel is closed on the broker"
     );
     assert!(!lease.channel.status().connected());
+    node.stop().await.expect("orderly stop");
+}
+
+/// A connection actor killed and restarted by its supervisor never hands out a generation
+/// it handed out before: stale channels must never look current.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_connection_actor_never_reuses_a_generation() {
+    let node = start_node(config(
+        &unique_node("generation"),
+        &[local_uri()],
+        "prechannels = 1",
+    ))
+    .await;
+    let registry = node.context().registry.clone();
+    let connections = node.context().connections.clone();
+    let before = registry.status(FIRST).map(|s| s.generation);
+    assert_eq!(before, Some(1));
+    let actor = registry.connection(FIRST).expect("a connection actor");
+    let old_id = actor.get_id();
+    actor.kill();
+    // The new actor is connected, and the registry shows what it reported.
+    let restarted = common::until(SOON, || async {
+        let new_actor = registry
+            .connection(FIRST)
+            .is_some_and(|a| a.get_id() != old_id);
+        new_actor
+            && connections.inspect(FIRST).await.is_ok_and(|r| {
+                r.connected
+                    && registry
+                        .status(FIRST)
+                        .is_some_and(|s| s.available && s.generation == r.generation)
+            })
+    })
+    .await;
+    assert!(
+        restarted,
+        "the supervisor did not restart the connection actor"
+    );
+    let after = registry.status(FIRST).map(|s| s.generation).unwrap_or(0);
+    assert!(
+        after > 1,
+        "the restarted actor reused generation {after} (before: 1)"
+    );
+    node.stop().await.expect("orderly stop");
+}
+
+/// Losing only the publish connection leaves consumers alone (their channels live on the
+/// consume connection), and publishing comes back on its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_publish_connection_does_not_touch_consumers() {
+    use warren_runtime::assignments::{ChannelKind, LeaseEvent};
+    use warren_runtime::envelope::Envelope;
+    use warren_runtime::publish::Published;
+
+    let name = unique_node("publish-loss");
+    let node = start_node(config(&name, &[local_uri()], "prechannels = 2")).await;
+    let registry = node.context().registry.clone();
+    let publisher = node.context().publisher.clone();
+    let (_client, mut events) = node
+        .context()
+        .assignments
+        .register("survivor", ChannelKind::Float)
+        .expect("register");
+    let lease = match tokio::time::timeout(SOON, events.next()).await {
+        Ok(Some(LeaseEvent::Granted(lease))) => lease,
+        _ => panic!("no lease granted"),
+    };
+    let queue = format!("{name}-q");
+    lease
+        .channel
+        .queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("declare a queue");
+    let consume_generation = registry.status(FIRST).map(|s| s.generation);
+
+    let publish_name = format!("{name}/publish");
+    let closed = blocking(move || {
+        warren_test_support::close_connections(local_ctl, &publish_name, "test: publish only")
+    })
+    .await
+    .expect("close the publish connection");
+    assert_eq!(closed, 1, "exactly the publish connection is closed");
+
+    // The consumer hears nothing: no Lost, no new lease.
+    match tokio::time::timeout(Duration::from_secs(3), events.next()).await {
+        Err(_) => {}
+        Ok(Some(LeaseEvent::Lost { generation })) => {
+            panic!("the consumer lost lease {generation} with the publish connection")
+        }
+        Ok(Some(LeaseEvent::Granted(l))) => panic!("unexpected new lease {}", l.generation),
+        Ok(None) => panic!("assignments stopped"),
+    }
+    assert!(
+        lease.channel.status().connected(),
+        "the lease's channel is open"
+    );
+    assert_eq!(
+        registry.status(FIRST).map(|s| s.generation),
+        consume_generation,
+        "the consume connection was not replaced"
+    );
+
+    let started = Instant::now();
+    let published = publisher
+        .publish(
+            "",
+            &queue,
+            Envelope::new("test", "publish-loss"),
+            publisher.options().mandatory(),
+        )
+        .await;
+    assert!(
+        matches!(published, Ok(Published::Routed)),
+        "publishing after the loss: {published:?}"
+    );
+    println!("published again {:?} after the check", started.elapsed());
+    node.stop().await.expect("orderly stop");
+}
+
+/// A returning primary is connected to within a second of accepting connections, even
+/// after the reconnect backoff has grown to its maximum (5 s here): the port is probed
+/// cheaply while it refuses TCP.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_returning_broker_is_noticed_within_a_second_after_a_long_outage() {
+    let broker = common::Broker::start_many(1).await.remove(0);
+    let text = common::config_text(&unique_node("fast-return"), &[broker.uri()], "")
+        .replace("reconnect_max_ms = 500", "reconnect_max_ms = 5000");
+    let config =
+        warren_runtime::config::Config::parse(&text, std::path::Path::new("test.ini"), &[], None)
+            .expect("config");
+    let node = start_node(config).await;
+    let registry = node.context().registry.clone();
+    let mut returns = Vec::new();
+    for cycle in 0..3 {
+        broker.kill().await;
+        assert!(
+            eventually(Duration::from_secs(30), || registry
+                .status(FIRST)
+                .is_some_and(|s| !s.available && s.failed_attempts >= 6))
+            .await,
+            "cycle {cycle}: the backoff did not grow"
+        );
+        let grown = registry.status(FIRST).map_or(0, |s| s.failed_attempts);
+        // When the port starts accepting TCP again (polled every 5 ms, bounded).
+        let port = port_of(&broker.uri());
+        let accepting = tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+                {
+                    return Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            None
+        });
+        broker.restart().await;
+        let restarted = Instant::now();
+        assert!(
+            eventually(Duration::from_secs(15), || registry.is_available(FIRST)).await,
+            "cycle {cycle}: no reconnect"
+        );
+        let available = Instant::now();
+        let accepted = accepting.await.ok().flatten().expect("the port accepts");
+        let after_accept = available.saturating_duration_since(accepted);
+        let after_restart = available.saturating_duration_since(restarted);
+        println!(
+            "cycle {cycle}: available {after_accept:?} after the port accepted, \
+             {after_restart:?} after restart() returned ({grown} failed attempts before)"
+        );
+        returns.push(after_accept.max(after_restart));
+    }
+    returns.sort();
+    let median = returns[returns.len() / 2];
+    assert!(
+        median < Duration::from_secs(1),
+        "median return {median:?} of {returns:?}"
+    );
+    node.stop().await.expect("orderly stop");
+}
+
+/// With heartbeats off, a broker that hangs (SIGSTOP) never closes the connection; a
+/// channel open must still give up within `operation_timeout` instead of waiting forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_channel_open_on_a_hung_broker_gives_up_within_the_operation_timeout() {
+    use warren_runtime::connection::ChannelError;
+
+    let broker = common::Broker::start_many(1).await.remove(0);
+    let node = start_node(config(
+        &unique_node("hung-open"),
+        &[broker.uri()],
+        "heartbeat_secs = 0\noperation_timeout_ms = 500\nprechannels = 0",
+    ))
+    .await;
+    let connections = node.context().connections.clone();
+    broker.freeze().await;
+    let started = Instant::now();
+    let taken = connections.take_channel(FIRST).await;
+    let waited = started.elapsed();
+    broker.thaw().await;
+    match taken {
+        Err(ChannelError::Open { error, .. }) => {
+            assert!(error.contains("500 ms"), "{error}")
+        }
+        Err(other) => panic!("expected a timed-out open, got {other}"),
+        Ok(_) => panic!("a frozen broker opened a channel"),
+    }
+    assert!(
+        waited >= Duration::from_millis(500) && waited < Duration::from_secs(2),
+        "gave up after {waited:?}"
+    );
+    // The broker is back: the connection (never lost) serves channels again.
+    assert!(
+        common::until(SOON, || async {
+            connections.take_channel(FIRST).await.is_ok()
+        })
+        .await,
+        "no channel after the thaw"
+    );
     node.stop().await.expect("orderly stop");
 }

@@ -206,6 +206,12 @@ impl Publisher {
             let Some(status) = registry.status(primary.id) else {
                 return Err(PublishError::NoBroker(timeout));
             };
+            if !status.publish_available {
+                if !wait_for_change(&mut changes, deadline).await {
+                    return Err(PublishError::NoBroker(timeout));
+                }
+                continue;
+            }
             if let Some(reason) = status.publish_blocked {
                 if !wait_for_change(&mut changes, deadline).await {
                     return Err(PublishError::Blocked {
@@ -215,14 +221,14 @@ impl Publisher {
                 }
                 continue;
             }
-            if let Some(open) = self.usable(primary.id, status.generation) {
+            if let Some(open) = self.usable(primary.id, status.publish_generation) {
                 return Ok(open);
             }
             let Ok(_guard) = tokio::time::timeout_at(deadline, self.inner.opening.lock()).await
             else {
                 return Err(PublishError::Timeout(timeout));
             };
-            if let Some(open) = self.usable(primary.id, status.generation) {
+            if let Some(open) = self.usable(primary.id, status.publish_generation) {
                 return Ok(open);
             }
             match tokio::time::timeout_at(
