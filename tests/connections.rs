@@ -513,6 +513,159 @@ async fn a_returning_broker_is_noticed_within_a_second_after_a_long_outage() {
     node.stop().await.expect("orderly stop");
 }
 
+/// Events of `warren_runtime` seen by the process-wide counting subscriber: (level,
+/// message, every field rendered), so a test can count the lines about its own broker.
+mod events {
+    use std::sync::{Mutex, OnceLock};
+
+    use tracing::field::{Field, Visit};
+    use tracing::{Event, Level, Metadata, Subscriber};
+    use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+
+    /// One recorded event.
+    #[derive(Clone, Debug)]
+    pub struct Seen {
+        pub level: Level,
+        pub message: String,
+        pub fields: String,
+        pub at: std::time::Instant,
+    }
+
+    static SEEN: Mutex<Vec<Seen>> = Mutex::new(Vec::new());
+    /// The counting layer keeps at most this many events (a bound for a long test run).
+    const CAP: usize = 200_000;
+
+    struct Counting;
+
+    struct Fields {
+        message: String,
+        fields: String,
+    }
+
+    impl Visit for Fields {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "message" {
+                self.message = format!("{value:?}");
+            } else {
+                self.fields
+                    .push_str(&format!(" {}={value:?}", field.name()));
+            }
+        }
+
+        fn record_str(&mut self, field: &Field, value: &str) {
+            if field.name() == "message" {
+                self.message = value.to_string();
+            } else {
+                self.fields.push_str(&format!(" {}={value}", field.name()));
+            }
+        }
+    }
+
+    impl<S: Subscriber> Layer<S> for Counting {
+        fn enabled(&self, metadata: &Metadata<'_>, _: Context<'_, S>) -> bool {
+            metadata.target().starts_with("warren_runtime")
+        }
+
+        fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+            let mut fields = Fields {
+                message: String::new(),
+                fields: String::new(),
+            };
+            event.record(&mut fields);
+            let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.len() < CAP {
+                seen.push(Seen {
+                    level: *event.metadata().level(),
+                    message: fields.message,
+                    fields: fields.fields,
+                    at: std::time::Instant::now(),
+                });
+            }
+        }
+    }
+
+    /// Installs the counting subscriber once for the whole test process.
+    pub fn install() {
+        static ONCE: OnceLock<()> = OnceLock::new();
+        ONCE.get_or_init(|| {
+            let subscriber = tracing_subscriber::registry().with(Counting);
+            let _ = tracing::subscriber::set_global_default(subscriber);
+        });
+    }
+
+    /// Events recorded so far that mention `needle` in a field and satisfy `keep`.
+    pub fn about(needle: &str, keep: impl Fn(&Seen) -> bool) -> Vec<Seen> {
+        SEEN.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|e| e.fields.contains(needle) && keep(e))
+            .cloned()
+            .collect()
+    }
+}
+
+/// A broker that refuses channels (channel_max reached) is retried with a growing,
+/// jittered delay per consumer, and the refusals are logged a few times, not once per
+/// retry.
+#[tokio::test(flavor = "multi_thread")]
+async fn channel_refusals_are_retried_slowly_and_logged_rarely() {
+    use warren_runtime::assignments::ChannelKind;
+
+    events::install();
+    let broker =
+        blocking(|| BrokerNode::start_with(&["channel_max = 8"]).expect("broker node")).await;
+    let port = format!("127.0.0.1:{}", broker.amqp_port());
+    let node = start_node(config(
+        &unique_node("channel-max"),
+        &[broker.uri()],
+        "prechannels = 2",
+    ))
+    .await;
+    let assignments = node.context().assignments.clone();
+    const CONSUMERS: usize = 12;
+    let mut held = Vec::new();
+    for i in 0..CONSUMERS {
+        held.push(
+            assignments
+                .register(format!("greedy-{i}"), ChannelKind::Float)
+                .expect("register"),
+        );
+    }
+    let window_start = Instant::now();
+    let is_refusal = |e: &events::Seen| e.message.starts_with("no channel from the broker");
+    assert!(
+        eventually(SOON, || !events::about(&port, is_refusal).is_empty()).await,
+        "no channel was refused"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let window = window_start.elapsed();
+    let report = assignments.inspect().await.expect("inspect");
+    let waiting = report.reservations.len();
+    assert!(waiting > 0, "some consumers must wait for a channel");
+    let warnings: Vec<_> = events::about(&port, |e| {
+        e.level == tracing::Level::WARN && e.at <= window_start + window
+    });
+    let attempts = events::about(&port, |e| is_refusal(e) && e.at <= window_start + window).len();
+    println!(
+        "{waiting} consumers waiting; {attempts} refused takes and {} warnings in {window:?}",
+        warnings.len()
+    );
+    assert!(
+        warnings.len() <= 3,
+        "{} warnings in {window:?}: {:#?}",
+        warnings.len(),
+        warnings.iter().map(|w| &w.message).collect::<Vec<_>>()
+    );
+    let per_consumer = attempts as f64 / waiting as f64;
+    assert!(
+        per_consumer <= 7.0,
+        "{per_consumer:.1} take attempts per waiting consumer in {window:?}"
+    );
+    drop(held);
+    node.stop().await.expect("orderly stop");
+    drop(broker);
+}
+
 /// With heartbeats off, a broker that hangs (SIGSTOP) never closes the connection; a
 /// channel open must still give up within `operation_timeout` instead of waiting forever.
 #[tokio::test(flavor = "multi_thread")]
