@@ -1,7 +1,7 @@
 //! Exponential backoff with jitter.
 //!
 //! Owns the one delay policy warren uses wherever something is retried: broker
-//! reconnects and supervisor restarts. It is a plain value type with no clock and
+//! reconnects, channel takes, TCP probes and supervisor restarts. It is a plain value type with no clock and
 //! no sleeping; callers decide how to wait (usually a scheduled self-message).
 
 use std::time::Duration;

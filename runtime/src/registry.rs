@@ -633,4 +633,20 @@ brokers = ["amqp://a:5672/%2f", { uri = "amqp://b:5672/%2f", tags = ["reports", 
         assert!(in_zone("east").is_empty());
         assert!(registry.primary().is_none(), "nothing is available yet");
     }
+
+    #[test]
+    fn generations_grow_per_broker_and_connection_and_are_never_reused() {
+        let text = "[zones.local]\nbrokers = [\"amqp://a:5672/%2f\", \"amqp://b:5672/%2f\"]\n";
+        let config = Config::parse(text, Path::new("config.ini"), &[], None).unwrap();
+        let registry = ConnectionRegistry::new(&config);
+        let (a, b) = (BrokerId(0), BrokerId(1));
+        assert_eq!(registry.next_generation(a, Role::Consume), 1);
+        assert_eq!(registry.next_generation(a, Role::Consume), 2);
+        assert_eq!(registry.next_generation(a, Role::Publish), 1, "own counter");
+        assert_eq!(registry.next_generation(b, Role::Consume), 1, "per broker");
+        // A clone (what a restarted connection actor gets) shares the counters.
+        let again = registry.clone();
+        assert_eq!(again.next_generation(a, Role::Consume), 3);
+        assert_eq!(registry.next_generation(BrokerId(9), Role::Consume), 0);
+    }
 }
