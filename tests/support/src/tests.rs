@@ -356,6 +356,14 @@ fn sweep_kills_orphaned_nodes_and_removes_their_dirs() {
         .stdin(Stdio::piped())
         .spawn()
         .expect("spawn fake beam");
+    // Until the child has exec'd, its cmdline is still ours: sweeping then would miss it.
+    let cmdline = format!("/proc/{}/cmdline", fake_beam.id());
+    assert!(
+        eventually_blocking(Duration::from_secs(5), || {
+            std::fs::read(&cmdline).is_ok_and(|c| c.windows(5).any(|w| w == b"-home"))
+        }),
+        "the fake beam did not start"
+    );
 
     crate::node::sweep_orphans();
 
