@@ -18,6 +18,15 @@ use warren_test_support::{
 const FIRST: BrokerId = BrokerId(0);
 const SECOND: BrokerId = BrokerId(1);
 
+/// The port of an `amqp://…@127.0.0.1:<port>/…` URI.
+fn port_of(uri: &str) -> u16 {
+    uri.rsplit(':')
+        .next()
+        .and_then(|tail| tail.split('/').next())
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {uri}"))
+}
+
 async fn start_broker() -> BrokerNode {
     blocking(|| BrokerNode::start().expect("broker node starts")).await
 }
@@ -314,5 +323,386 @@ async fn a_dead_consumer_loses_its_lease_and_its_channel() {
         "its channel is closed on the broker"
     );
     assert!(!lease.channel.status().connected());
+    node.stop().await.expect("orderly stop");
+}
+
+/// A connection actor killed and restarted by its supervisor never hands out a generation
+/// it handed out before: stale channels must never look current.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_connection_actor_never_reuses_a_generation() {
+    let node = start_node(config(
+        &unique_node("generation"),
+        &[local_uri()],
+        "prechannels = 1",
+    ))
+    .await;
+    let registry = node.context().registry.clone();
+    let connections = node.context().connections.clone();
+    let before = registry.status(FIRST).map(|s| s.generation);
+    assert_eq!(before, Some(1));
+    let actor = registry.connection(FIRST).expect("a connection actor");
+    let old_id = actor.get_id();
+    actor.kill();
+    // The new actor is connected, and the registry shows what it reported.
+    let restarted = common::until(SOON, || async {
+        let new_actor = registry
+            .connection(FIRST)
+            .is_some_and(|a| a.get_id() != old_id);
+        new_actor
+            && connections.inspect(FIRST).await.is_ok_and(|r| {
+                r.connected
+                    && registry
+                        .status(FIRST)
+                        .is_some_and(|s| s.available && s.generation == r.generation)
+            })
+    })
+    .await;
+    assert!(
+        restarted,
+        "the supervisor did not restart the connection actor"
+    );
+    let after = registry.status(FIRST).map(|s| s.generation).unwrap_or(0);
+    assert!(
+        after > 1,
+        "the restarted actor reused generation {after} (before: 1)"
+    );
+    node.stop().await.expect("orderly stop");
+}
+
+/// Losing only the publish connection leaves consumers alone (their channels live on the
+/// consume connection), and publishing comes back on its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_publish_connection_does_not_touch_consumers() {
+    use warren_runtime::assignments::{ChannelKind, LeaseEvent};
+    use warren_runtime::envelope::Envelope;
+    use warren_runtime::publish::Published;
+
+    let name = unique_node("publish-loss");
+    let node = start_node(config(&name, &[local_uri()], "prechannels = 2")).await;
+    let registry = node.context().registry.clone();
+    let publisher = node.context().publisher.clone();
+    let (_client, mut events) = node
+        .context()
+        .assignments
+        .register("survivor", ChannelKind::Float)
+        .expect("register");
+    let lease = match tokio::time::timeout(SOON, events.next()).await {
+        Ok(Some(LeaseEvent::Granted(lease))) => lease,
+        _ => panic!("no lease granted"),
+    };
+    let queue = format!("{name}-q");
+    lease
+        .channel
+        .queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("declare a queue");
+    let consume_generation = registry.status(FIRST).map(|s| s.generation);
+
+    let publish_name = format!("{name}/publish");
+    let closed = blocking(move || {
+        warren_test_support::close_connections(local_ctl, &publish_name, "test: publish only")
+    })
+    .await
+    .expect("close the publish connection");
+    assert_eq!(closed, 1, "exactly the publish connection is closed");
+
+    // The consumer hears nothing: no Lost, no new lease.
+    match tokio::time::timeout(Duration::from_secs(3), events.next()).await {
+        Err(_) => {}
+        Ok(Some(LeaseEvent::Lost { generation })) => {
+            panic!("the consumer lost lease {generation} with the publish connection")
+        }
+        Ok(Some(LeaseEvent::Granted(l))) => panic!("unexpected new lease {}", l.generation),
+        Ok(None) => panic!("assignments stopped"),
+    }
+    assert!(
+        lease.channel.status().connected(),
+        "the lease's channel is open"
+    );
+    assert_eq!(
+        registry.status(FIRST).map(|s| s.generation),
+        consume_generation,
+        "the consume connection was not replaced"
+    );
+
+    let started = Instant::now();
+    let published = publisher
+        .publish(
+            "",
+            &queue,
+            Envelope::new("test", "publish-loss"),
+            publisher.options().mandatory(),
+        )
+        .await;
+    assert!(
+        matches!(published, Ok(Published::Routed)),
+        "publishing after the loss: {published:?}"
+    );
+    println!("published again {:?} after the check", started.elapsed());
+    node.stop().await.expect("orderly stop");
+}
+
+/// A returning primary is connected to within a second of accepting connections, even
+/// after the reconnect backoff has grown to its maximum (5 s here): the port is probed
+/// cheaply while it refuses TCP.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_returning_broker_is_noticed_within_a_second_after_a_long_outage() {
+    let broker = common::Broker::start_many(1).await.remove(0);
+    let text = common::config_text(&unique_node("fast-return"), &[broker.uri()], "")
+        .replace("reconnect_max_ms = 500", "reconnect_max_ms = 5000");
+    let config =
+        warren_runtime::config::Config::parse(&text, std::path::Path::new("test.ini"), &[], None)
+            .expect("config");
+    let node = start_node(config).await;
+    let registry = node.context().registry.clone();
+    let mut returns = Vec::new();
+    for cycle in 0..3 {
+        broker.kill().await;
+        assert!(
+            eventually(Duration::from_secs(30), || registry
+                .status(FIRST)
+                .is_some_and(|s| !s.available && s.failed_attempts >= 6))
+            .await,
+            "cycle {cycle}: the backoff did not grow"
+        );
+        let grown = registry.status(FIRST).map_or(0, |s| s.failed_attempts);
+        // When the port starts accepting TCP again (polled every 5 ms, bounded).
+        let port = port_of(&broker.uri());
+        let accepting = tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+                {
+                    return Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            None
+        });
+        broker.restart().await;
+        let restarted = Instant::now();
+        assert!(
+            eventually(Duration::from_secs(15), || registry.is_available(FIRST)).await,
+            "cycle {cycle}: no reconnect"
+        );
+        let available = Instant::now();
+        let accepted = accepting.await.ok().flatten().expect("the port accepts");
+        let after_accept = available.saturating_duration_since(accepted);
+        let after_restart = available.saturating_duration_since(restarted);
+        println!(
+            "cycle {cycle}: available {after_accept:?} after the port accepted, \
+             {after_restart:?} after restart() returned ({grown} failed attempts before)"
+        );
+        returns.push(after_accept.max(after_restart));
+    }
+    returns.sort();
+    let median = returns[returns.len() / 2];
+    assert!(
+        median < Duration::from_secs(1),
+        "median return {median:?} of {returns:?}"
+    );
+    node.stop().await.expect("orderly stop");
+}
+
+/// Events of `warren_runtime` seen by the process-wide counting subscriber: (level,
+/// message, every field rendered), so a test can count the lines about its own broker.
+mod events {
+    use std::sync::{Mutex, OnceLock};
+
+    use tracing::field::{Field, Visit};
+    use tracing::{Event, Level, Metadata, Subscriber};
+    use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+
+    /// One recorded event.
+    #[derive(Clone, Debug)]
+    pub struct Seen {
+        pub level: Level,
+        pub message: String,
+        pub fields: String,
+        pub at: std::time::Instant,
+    }
+
+    static SEEN: Mutex<Vec<Seen>> = Mutex::new(Vec::new());
+    /// The counting layer keeps at most this many events (a bound for a long test run).
+    const CAP: usize = 200_000;
+
+    struct Counting;
+
+    struct Fields {
+        message: String,
+        fields: String,
+    }
+
+    impl Visit for Fields {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "message" {
+                self.message = format!("{value:?}");
+            } else {
+                self.fields
+                    .push_str(&format!(" {}={value:?}", field.name()));
+            }
+        }
+
+        fn record_str(&mut self, field: &Field, value: &str) {
+            if field.name() == "message" {
+                self.message = value.to_string();
+            } else {
+                self.fields.push_str(&format!(" {}={value}", field.name()));
+            }
+        }
+    }
+
+    impl<S: Subscriber> Layer<S> for Counting {
+        fn enabled(&self, metadata: &Metadata<'_>, _: Context<'_, S>) -> bool {
+            metadata.target().starts_with("warren_runtime")
+        }
+
+        fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+            let mut fields = Fields {
+                message: String::new(),
+                fields: String::new(),
+            };
+            event.record(&mut fields);
+            let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.len() < CAP {
+                seen.push(Seen {
+                    level: *event.metadata().level(),
+                    message: fields.message,
+                    fields: fields.fields,
+                    at: std::time::Instant::now(),
+                });
+            }
+        }
+    }
+
+    /// Installs the counting subscriber once for the whole test process.
+    pub fn install() {
+        static ONCE: OnceLock<()> = OnceLock::new();
+        ONCE.get_or_init(|| {
+            let subscriber = tracing_subscriber::registry().with(Counting);
+            let _ = tracing::subscriber::set_global_default(subscriber);
+        });
+    }
+
+    /// Events recorded so far that mention `needle` in a field and satisfy `keep`.
+    pub fn about(needle: &str, keep: impl Fn(&Seen) -> bool) -> Vec<Seen> {
+        SEEN.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|e| e.fields.contains(needle) && keep(e))
+            .cloned()
+            .collect()
+    }
+}
+
+/// A broker that refuses channels (channel_max reached) is retried with a growing,
+/// jittered delay per consumer, and the refusals are logged a few times, not once per
+/// retry.
+#[tokio::test(flavor = "multi_thread")]
+async fn channel_refusals_are_retried_slowly_and_logged_rarely() {
+    use warren_runtime::assignments::ChannelKind;
+
+    events::install();
+    let broker =
+        blocking(|| BrokerNode::start_with(&["channel_max = 8"]).expect("broker node")).await;
+    let port = format!("127.0.0.1:{}", broker.amqp_port());
+    let node = start_node(config(
+        &unique_node("channel-max"),
+        &[broker.uri()],
+        "prechannels = 2",
+    ))
+    .await;
+    let assignments = node.context().assignments.clone();
+    const CONSUMERS: usize = 12;
+    let mut held = Vec::new();
+    for i in 0..CONSUMERS {
+        held.push(
+            assignments
+                .register(format!("greedy-{i}"), ChannelKind::Float)
+                .expect("register"),
+        );
+    }
+    let window_start = Instant::now();
+    let is_refusal = |e: &events::Seen| e.message.starts_with("no channel from the broker");
+    assert!(
+        eventually(SOON, || !events::about(&port, is_refusal).is_empty()).await,
+        "no channel was refused"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let window = window_start.elapsed();
+    let report = assignments.inspect().await.expect("inspect");
+    let waiting = report.reservations.len();
+    assert!(waiting > 0, "some consumers must wait for a channel");
+    let warnings: Vec<_> = events::about(&port, |e| {
+        e.level == tracing::Level::WARN && e.at <= window_start + window
+    });
+    let attempts = events::about(&port, |e| is_refusal(e) && e.at <= window_start + window).len();
+    println!(
+        "{waiting} consumers waiting; {attempts} refused takes and {} warnings in {window:?}",
+        warnings.len()
+    );
+    assert!(
+        warnings.len() <= 3,
+        "{} warnings in {window:?}: {:#?}",
+        warnings.len(),
+        warnings.iter().map(|w| &w.message).collect::<Vec<_>>()
+    );
+    let per_consumer = attempts as f64 / waiting as f64;
+    assert!(
+        per_consumer <= 7.0,
+        "{per_consumer:.1} take attempts per waiting consumer in {window:?}"
+    );
+    drop(held);
+    node.stop().await.expect("orderly stop");
+    drop(broker);
+}
+
+/// With heartbeats off, a broker that hangs (SIGSTOP) never closes the connection; a
+/// channel open must still give up within `operation_timeout` instead of waiting forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_channel_open_on_a_hung_broker_gives_up_within_the_operation_timeout() {
+    use warren_runtime::connection::ChannelError;
+
+    let broker = common::Broker::start_many(1).await.remove(0);
+    let node = start_node(config(
+        &unique_node("hung-open"),
+        &[broker.uri()],
+        "heartbeat_secs = 0\noperation_timeout_ms = 500\nprechannels = 0",
+    ))
+    .await;
+    let connections = node.context().connections.clone();
+    broker.freeze().await;
+    let started = Instant::now();
+    let taken = connections.take_channel(FIRST).await;
+    let waited = started.elapsed();
+    broker.thaw().await;
+    match taken {
+        Err(ChannelError::Open { error, .. }) => {
+            assert!(error.contains("500 ms"), "{error}")
+        }
+        Err(other) => panic!("expected a timed-out open, got {other}"),
+        Ok(_) => panic!("a frozen broker opened a channel"),
+    }
+    assert!(
+        waited >= Duration::from_millis(500) && waited < Duration::from_secs(2),
+        "gave up after {waited:?}"
+    );
+    // The broker is back: the connection (never lost) serves channels again.
+    assert!(
+        common::until(SOON, || async {
+            connections.take_channel(FIRST).await.is_ok()
+        })
+        .await,
+        "no channel after the thaw"
+    );
     node.stop().await.expect("orderly stop");
 }

@@ -9,6 +9,10 @@
 //! (make-before-break). Sticky consumers never move. Every lease carries a generation, so a
 //! stale event or a late channel is recognised and dropped.
 //!
+//! A broker that cannot hand out a channel (down, or refusing channels) is asked again per
+//! consumer after a jittered, growing delay (reset by a success), and the refusals are
+//! logged once per broker and interval with a count, not once per retry.
+//!
 //! Assignments owns leases and reservations. Channels come from the connections'
 //! prechannel buffers (`Connections::take_channel`); availability comes from the registry.
 //! It must not touch queues, consumers or messages: those belong to the listener.
@@ -23,13 +27,19 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::backoff::Backoff;
 use crate::connection::{ChannelError, TakenChannel};
 use crate::connections::Connections;
+use crate::log_limit::LogLimit;
 use crate::registry::{Broker, BrokerId, ConnectionRegistry};
 use crate::supervisor::ChildSpec;
 
-/// Delay before retrying when a broker could not hand out a channel.
-const RETRY_TAKE_AFTER: Duration = Duration::from_millis(200);
+/// Delays between a consumer's attempts to take a channel from a broker that could not
+/// hand one out: 100–200 ms for the first retry, doubling up to 5 s.
+const RETRY_TAKE: Backoff = Backoff {
+    min: Duration::from_millis(200),
+    max: Duration::from_secs(5),
+};
 
 /// Where a consumer's channel may come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -249,6 +259,7 @@ enum Purpose {
 struct Pending {
     token: u64,
     purpose: Purpose,
+    broker: BrokerId,
 }
 
 struct ConsumerEntry {
@@ -262,6 +273,8 @@ struct ConsumerEntry {
     pending: Option<Pending>,
     /// A retry is scheduled after a failed take.
     retrying: bool,
+    /// Failed takes in a row (the retry backoff's exponent); reset by a granted channel.
+    take_failures: u32,
     next_generation: u64,
     watcher: JoinHandle<()>,
 }
@@ -287,6 +300,8 @@ pub struct AssignmentsState {
     consumers: HashMap<ConsumerId, ConsumerEntry>,
     next_token: u64,
     registry_watch: Option<JoinHandle<()>>,
+    /// Keeps "no channel from the broker" to one line per broker and interval.
+    logs: LogLimit,
 }
 
 /// The actor behind [`Assignments`].
@@ -416,7 +431,11 @@ impl AssignmentsState {
         let Some(entry) = self.consumers.get_mut(&id) else {
             return;
         };
-        entry.pending = Some(Pending { token, purpose });
+        entry.pending = Some(Pending {
+            token,
+            purpose,
+            broker,
+        });
         let connections = self.connections.clone();
         let myself = myself.clone();
         tokio::spawn(async move {
@@ -447,12 +466,28 @@ impl AssignmentsState {
         let taken = match result {
             Ok(taken) => taken,
             Err(error) => {
-                tracing::warn!(consumer = %entry.label, %error, "no channel from the broker; retrying");
+                let delay = RETRY_TAKE.delay(entry.take_failures);
+                entry.take_failures = entry.take_failures.saturating_add(1);
                 entry.retrying = true;
-                myself.send_after(RETRY_TAKE_AFTER, move || AssignmentsMsg::Retry(id));
+                myself.send_after(delay, move || AssignmentsMsg::Retry(id));
+                let key = format!("no channel {}", pending.broker);
+                let broker = registry
+                    .broker(pending.broker)
+                    .map_or_else(|| pending.broker.to_string(), |b| b.to_string());
+                let retry_ms = delay.as_millis() as u64;
+                let attempts = entry.take_failures;
+                match self.logs.allow(&key) {
+                    Some(held_back) => {
+                        tracing::warn!(%broker, consumer = %entry.label, attempts, held_back, retry_ms, %error, "no channel from the broker; retrying")
+                    }
+                    None => {
+                        tracing::debug!(%broker, consumer = %entry.label, attempts, retry_ms, %error, "no channel from the broker; retrying")
+                    }
+                }
                 return;
             }
         };
+        entry.take_failures = 0;
         let current = registry.status(taken.broker);
         if !current.is_some_and(|s| s.available && s.generation == taken.generation) {
             // The connection died while the channel was on its way.
@@ -520,6 +555,7 @@ impl Actor for AssignmentsActor {
             consumers: HashMap::new(),
             next_token: 0,
             registry_watch: None,
+            logs: LogLimit::default(),
         })
     }
 
@@ -572,6 +608,7 @@ impl Actor for AssignmentsActor {
                         draining: Vec::new(),
                         pending: None,
                         retrying: false,
+                        take_failures: 0,
                         next_generation: 0,
                         watcher,
                     },

@@ -1,7 +1,7 @@
 //! Exponential backoff with jitter.
 //!
 //! Owns the one delay policy warren uses wherever something is retried: broker
-//! reconnects and supervisor restarts. It is a plain value type with no clock and
+//! reconnects, channel takes, TCP probes and supervisor restarts. It is a plain value type with no clock and
 //! no sleeping; callers decide how to wait (usually a scheduled self-message).
 
 use std::time::Duration;
@@ -11,12 +11,14 @@ use rand::Rng;
 /// Exponential backoff with jitter, bounded by [min, max]: used for reconnects and supervisor restarts.
 ///
 /// It exists so that every retry loop in warren spaces its attempts the same way:
-/// the first retry waits `min`, each further attempt doubles the base delay up to
-/// `max`, and jitter spreads simultaneous retries (many consumers losing the same
-/// broker) so they do not hit the broker in lockstep.
+/// the first retry waits between `min / 2` and `min`, each further attempt doubles the
+/// base delay up to `max`, and jitter (the first attempt's too) spreads simultaneous
+/// retries (many consumers losing the same broker) so they do not hit the broker in
+/// lockstep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backoff {
-    /// Delay of the first attempt, and the lower bound of every delay.
+    /// Base delay of the first attempt (which waits between `min / 2` and `min`), and the
+    /// lower bound of every later delay.
     pub min: Duration,
     /// Upper bound of every delay.
     pub max: Duration,
@@ -34,11 +36,17 @@ impl Backoff {
     /// The delay before retry number `attempt` (0-based).
     ///
     /// The base delay is `min * 2^attempt`, capped at `max` (no overflow for any
-    /// `attempt`). The result is drawn uniformly from `[max(min, base / 2), base]`,
-    /// so attempt 0 always waits exactly `min` and no delay leaves `[min, max]`.
+    /// `attempt`). Attempt 0 is drawn uniformly from `[min / 2, min]`; a later one from
+    /// `[max(min, base / 2), base]`. So the first retry is jittered too (clients that lost
+    /// the same broker at the same moment do not return in lockstep), no delay exceeds
+    /// `max`, and only the first one is below `min`.
     pub fn delay(&self, attempt: u32) -> Duration {
         let base = self.base(attempt);
-        let low = self.min.max(base / 2);
+        let low = if attempt == 0 {
+            base / 2
+        } else {
+            self.min.max(base / 2)
+        };
         if low >= base {
             return base;
         }
@@ -88,7 +96,11 @@ mod tests {
     #[test]
     fn every_delay_stays_within_bounds() {
         let b = Backoff::new(ms(100), Duration::from_secs(30));
-        for attempt in 0..=200 {
+        for _ in 0..50 {
+            let d = b.delay(0);
+            assert!(d >= b.min / 2 && d <= b.min, "attempt 0: {d:?}");
+        }
+        for attempt in 1..=200 {
             let d = b.delay(attempt);
             assert!(d >= b.min && d <= b.max, "attempt {attempt}: {d:?}");
         }
@@ -100,11 +112,17 @@ mod tests {
     }
 
     #[test]
-    fn first_attempt_waits_exactly_min() {
+    fn first_attempt_is_jittered_below_min() {
         let b = Backoff::new(ms(250), Duration::from_secs(10));
-        for _ in 0..50 {
-            assert_eq!(b.delay(0), ms(250));
+        let delays: Vec<Duration> = (0..50).map(|_| b.delay(0)).collect();
+        for d in &delays {
+            assert!(*d >= ms(125) && *d <= ms(250), "{d:?}");
         }
+        let first = delays[0];
+        assert!(
+            delays.iter().any(|d| *d != first),
+            "no jitter on the first attempt: {delays:?}"
+        );
     }
 
     #[test]
@@ -137,9 +155,11 @@ mod tests {
     }
 
     #[test]
-    fn min_equal_to_max_is_constant() {
+    fn min_equal_to_max_is_constant_after_the_first_attempt() {
         let b = Backoff::new(ms(300), ms(300));
-        for attempt in [0, 1, 5, 64, 200, u32::MAX] {
+        let first = b.delay(0);
+        assert!(first >= ms(150) && first <= ms(300), "{first:?}");
+        for attempt in [1, 5, 64, 200, u32::MAX] {
             assert_eq!(b.delay(attempt), ms(300));
         }
     }
@@ -157,7 +177,9 @@ mod tests {
     #[test]
     fn huge_bounds_do_not_overflow() {
         let b = Backoff::new(Duration::from_secs(1), Duration::MAX);
-        for attempt in [0, 1, 63, 64, 65, 200, u32::MAX] {
+        let d = b.delay(0);
+        assert!(d >= b.min / 2 && d <= b.min, "attempt 0: {d:?}");
+        for attempt in [1, 63, 64, 65, 200, u32::MAX] {
             let d = b.delay(attempt);
             assert!(d >= b.min && d <= b.max, "attempt {attempt}: {d:?}");
         }

@@ -1,11 +1,20 @@
-//! One broker's connections: a consume connection, a dedicated publish connection, and a
-//! buffer of pre-opened channels on the consume connection.
+//! One broker's connections: a consume connection with a buffer of pre-opened channels,
+//! and a dedicated publish connection. The two live, fail and reconnect independently: a
+//! dead publish connection never takes consumers' channels with it.
 //!
-//! The actor connects in a message it sends itself (never in `pre_start`), retries with
-//! exponential backoff and jitter (the first connect too), always drains lapin's event
-//! streams, records `connection.blocked` in the registry, and on any loss reports the broker
-//! unavailable and reconnects. lapin's own auto-recovery stays off: warren moves channels
-//! itself, and two recovery layers would make duplicate consumers.
+//! The actor connects in messages it sends itself (never in `pre_start`). After a failed
+//! attempt it retries with exponential backoff and jitter (the first retry too). While the
+//! broker's port refuses TCP it also probes the port cheaply (a plain TCP connect every
+//! 125–250 ms) and tries AMQP as soon as the port accepts, whatever the backoff has grown
+//! to, so a returning broker is noticed within a fraction of a second. A failure after TCP
+//! was accepted (handshake, authentication, no answer) keeps backing off: a broker that
+//! accepts TCP but refuses AMQP is not hammered. "cannot connect" is logged once per broker
+//! and interval, with a count. Each connection takes its generation from the registry, so a
+//! restarted actor never reuses one. Channel opens are bounded by `operation_timeout`.
+//!
+//! The actor always drains lapin's event streams, records `connection.blocked` in the
+//! registry, and reports every change of either connection. lapin's own auto-recovery stays
+//! off: warren moves channels itself, and two recovery layers would make duplicate consumers.
 //!
 //! It owns the lapin `Connection`s and the prechannel buffer. It must not decide which
 //! consumer gets which channel (that is assignments' job) nor write the registry directly.
@@ -21,6 +30,7 @@ use tokio::task::JoinHandle;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::log_limit::LogLimit;
 use crate::registry::{Broker, BrokerId, ConnectionRegistry, StatusUpdate};
 use crate::uri::redact_uri;
 
@@ -29,6 +39,14 @@ use crate::uri::redact_uri;
 const HEALTH_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Bound for closing both connections on shutdown.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause between two TCP probes of a port that refuses connections: `delay(0)` of this
+/// backoff, i.e. uniform in 125–250 ms.
+const PROBE_PAUSE: Backoff = Backoff {
+    min: Duration::from_millis(250),
+    max: Duration::from_millis(250),
+};
+/// Bound of one TCP probe.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// Connection settings shared by every broker of a node.
 #[derive(Clone, Debug)]
@@ -40,6 +58,9 @@ pub struct ConnectionSettings {
     pub reconnect: Backoff,
     /// Size of the prechannel buffer.
     pub prechannels: usize,
+    /// Bound for one broker operation: a channel open here, `confirm.select` in the
+    /// publisher. One that takes longer is an error like any other.
+    pub operation_timeout: Duration,
 }
 
 impl ConnectionSettings {
@@ -50,11 +71,12 @@ impl ConnectionSettings {
             connect_timeout: config.amqp.connect_timeout,
             reconnect: Backoff::new(config.amqp.reconnect_min, config.amqp.reconnect_max),
             prechannels: config.amqp.prechannels,
+            operation_timeout: config.amqp.operation_timeout,
         }
     }
 }
 
-/// Which of a broker's two connections an event or channel belongs to.
+/// Which of a broker's two connections an event, a status or a channel belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
     /// Consumers' channels (and the prechannel buffer).
@@ -64,10 +86,19 @@ pub enum Role {
 }
 
 impl Role {
-    fn name(self) -> &'static str {
+    /// `consume` or `publish`: the suffix of the connection name the broker shows.
+    pub fn name(self) -> &'static str {
         match self {
             Role::Consume => "consume",
             Role::Publish => "publish",
+        }
+    }
+
+    /// 0 for consume, 1 for publish: for tables indexed by role.
+    pub(crate) fn index(self) -> usize {
+        match self {
+            Role::Consume => 0,
+            Role::Publish => 1,
         }
     }
 }
@@ -90,10 +121,12 @@ pub enum ChannelError {
     NoAnswer { broker: String },
 }
 
-/// What a connection actor says about itself (for operators and tests).
+/// What a connection actor says about itself (for operators and tests). The unprefixed
+/// fields describe the consume connection.
 #[derive(Clone, Debug)]
 pub struct ConnectionReport {
     pub connected: bool,
+    /// The consume connection's current generation, or its last one while it is down.
     pub generation: u64,
     /// Channels ready in the buffer.
     pub prechannels: usize,
@@ -101,27 +134,41 @@ pub struct ConnectionReport {
     pub opening: usize,
     pub failed_attempts: u32,
     pub last_error: Option<String>,
+    pub publish_connected: bool,
+    pub publish_generation: u64,
+    pub publish_failed_attempts: u32,
+    pub publish_last_error: Option<String>,
 }
 
 /// Result of a connect attempt, sent by the connect task to the actor.
-pub struct Opened(Result<Box<(Connection, Connection)>, String>);
+pub struct Attempt(Result<Connection, ConnectFailure>);
+
+/// Why a connect attempt failed.
+struct ConnectFailure {
+    error: String,
+    /// The broker's port refused the TCP connection (nothing listens there now).
+    refused: bool,
+}
 
 /// Messages of a connection actor.
 pub enum ConnectionMsg {
-    /// Try to connect (self-sent, first at start, then after each backoff delay).
-    Connect,
+    /// Try to connect one connection (self-sent: at start and after a backoff delay).
+    /// `token` names the wait it ends; a stale one is ignored.
+    Connect { role: Role, token: u64 },
+    /// The TCP probe saw the broker's port accept connections again.
+    ProbeAccepted,
     /// A connect attempt finished.
-    Opened(Opened),
+    Opened { role: Role, attempt: Attempt },
     /// An event from one of lapin's event streams.
     Event {
         generation: u64,
         role: Role,
         event: Event,
     },
-    /// A prechannel finished opening.
+    /// A prechannel finished opening (or failed, or timed out).
     PrechannelOpened {
         generation: u64,
-        result: Result<Channel, lapin::Error>,
+        result: Result<Channel, String>,
     },
     /// Take a channel from the buffer (one is opened on demand if the buffer is empty).
     TakeChannel(RpcReplyPort<Result<TakenChannel, ChannelError>>),
@@ -145,33 +192,80 @@ pub struct ConnectionArgs {
 /// The actor that owns one broker's connections.
 pub struct ConnectionActor;
 
-/// A live pair of connections and what hangs off them.
+/// A live connection and the task draining its events.
 struct Link {
     generation: u64,
-    consume: Arc<Connection>,
-    publish: Arc<Connection>,
-    prechannels: VecDeque<Channel>,
-    opening: usize,
-    event_tasks: Vec<JoinHandle<()>>,
+    connection: Arc<Connection>,
+    events: JoinHandle<()>,
 }
 
 impl Link {
-    fn connection(&self, role: Role) -> &Arc<Connection> {
-        match role {
-            Role::Consume => &self.consume,
-            Role::Publish => &self.publish,
-        }
-    }
-
     fn is_up(&self) -> bool {
-        self.consume.status().connected() && self.publish.status().connected()
+        self.connection.status().connected()
     }
 }
 
 impl Drop for Link {
     fn drop(&mut self) {
-        for task in &self.event_tasks {
-            task.abort();
+        self.events.abort();
+    }
+}
+
+/// One of the broker's connections and its reconnect state.
+struct Slot {
+    role: Role,
+    link: Option<Link>,
+    /// A connect attempt is in flight.
+    connecting: bool,
+    /// Names the current wait between attempts; a `Connect` carrying another token comes
+    /// from an earlier wait's timer and is ignored.
+    token: u64,
+    /// The last generation this connection had (0 before the first).
+    generation: u64,
+    /// Failed attempts since the connection was last up (reported).
+    failed_attempts: u32,
+    /// Exponent of the backoff: reset when the connection comes up, is lost, or when the
+    /// port accepts again after refusing.
+    step: u32,
+    /// The last attempt failed because the port refused TCP: the probe may cut the wait.
+    refused: bool,
+    last_error: Option<String>,
+}
+
+impl Slot {
+    fn new(role: Role) -> Self {
+        Slot {
+            role,
+            link: None,
+            connecting: false,
+            token: 0,
+            generation: 0,
+            failed_attempts: 0,
+            step: 0,
+            refused: false,
+            last_error: None,
+        }
+    }
+
+    /// Waiting for its next attempt (neither connected nor connecting).
+    fn waiting(&self) -> bool {
+        self.link.is_none() && !self.connecting
+    }
+
+    fn status(&self) -> StatusUpdate {
+        match &self.link {
+            Some(link) => StatusUpdate::Up {
+                role: self.role,
+                generation: link.generation,
+            },
+            None => StatusUpdate::Down {
+                role: self.role,
+                error: self
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "not connected yet".to_string()),
+                failed_attempts: self.failed_attempts,
+            },
         }
     }
 }
@@ -181,24 +275,46 @@ pub struct ConnectionState {
     broker: Arc<Broker>,
     registry: ConnectionRegistry,
     settings: ConnectionSettings,
-    link: Option<Link>,
-    /// Generation of the last link; the next one gets `generation + 1`.
-    generation: u64,
-    connecting: bool,
-    failed_attempts: u32,
-    last_error: Option<String>,
+    consume: Slot,
+    publish: Slot,
+    /// Prechannels on the consume connection (of `consume.link`'s generation).
+    prechannels: VecDeque<Channel>,
+    /// Buffer refills in flight.
+    opening: usize,
+    /// Probes the broker's port while it refuses TCP.
+    probe: Option<JoinHandle<()>>,
+    /// Keeps "cannot connect" and its kin to one line per interval.
+    logs: LogLimit,
     health: Option<JoinHandle<()>>,
 }
 
 impl ConnectionState {
+    fn slot(&self, role: Role) -> &Slot {
+        match role {
+            Role::Consume => &self.consume,
+            Role::Publish => &self.publish,
+        }
+    }
+
+    fn slot_mut(&mut self, role: Role) -> &mut Slot {
+        match role {
+            Role::Consume => &mut self.consume,
+            Role::Publish => &mut self.publish,
+        }
+    }
+
     fn report(&self) -> ConnectionReport {
         ConnectionReport {
-            connected: self.link.is_some(),
-            generation: self.generation,
-            prechannels: self.link.as_ref().map_or(0, |l| l.prechannels.len()),
-            opening: self.link.as_ref().map_or(0, |l| l.opening),
-            failed_attempts: self.failed_attempts,
-            last_error: self.last_error.clone(),
+            connected: self.consume.link.is_some(),
+            generation: self.consume.generation,
+            prechannels: self.prechannels.len(),
+            opening: self.opening,
+            failed_attempts: self.consume.failed_attempts,
+            last_error: self.consume.last_error.clone(),
+            publish_connected: self.publish.link.is_some(),
+            publish_generation: self.publish.generation,
+            publish_failed_attempts: self.publish.failed_attempts,
+            publish_last_error: self.publish.last_error.clone(),
         }
     }
 
@@ -212,52 +328,358 @@ impl ConnectionState {
         }
     }
 
+    /// Starts a connect attempt for `role` if `token` names its current wait.
+    fn connect(&mut self, myself: &ActorRef<ConnectionMsg>, role: Role, token: u64) {
+        let slot = self.slot_mut(role);
+        if !slot.waiting() || slot.token != token {
+            return;
+        }
+        slot.connecting = true;
+        let broker = self.broker.clone();
+        let settings = self.settings.clone();
+        let myself = myself.clone();
+        tokio::spawn(async move {
+            let attempt = Attempt(open_connection(&broker, &settings, role).await);
+            let _ = myself.cast(ConnectionMsg::Opened { role, attempt });
+        });
+    }
+
+    /// The port accepts TCP again: every connection that was waiting because it refused
+    /// tries at once, with its backoff started over.
+    fn probe_accepted(&mut self, myself: &ActorRef<ConnectionMsg>) {
+        self.probe = None;
+        for role in [Role::Consume, Role::Publish] {
+            let slot = self.slot_mut(role);
+            if slot.waiting() && slot.refused {
+                tracing::debug!(broker = %self.broker, role = role.name(), "the port accepts again; connecting now");
+                let slot = self.slot_mut(role);
+                slot.refused = false;
+                slot.step = 0;
+                slot.token += 1;
+                let token = slot.token;
+                self.connect(myself, role, token);
+            }
+        }
+    }
+
+    /// A connect attempt finished.
+    fn opened(
+        &mut self,
+        myself: &ActorRef<ConnectionMsg>,
+        role: Role,
+        result: Result<Connection, ConnectFailure>,
+    ) {
+        self.slot_mut(role).connecting = false;
+        match result {
+            Ok(connection) => self.up(myself, role, connection),
+            Err(failure) => self.failed(myself, role, failure),
+        }
+    }
+
+    fn up(&mut self, myself: &ActorRef<ConnectionMsg>, role: Role, connection: Connection) {
+        let generation = self.registry.next_generation(self.broker.id, role);
+        let events = drain_events(&connection, generation, role, myself.clone());
+        let slot = self.slot_mut(role);
+        slot.link = Some(Link {
+            generation,
+            connection: Arc::new(connection),
+            events,
+        });
+        slot.generation = generation;
+        slot.failed_attempts = 0;
+        slot.step = 0;
+        slot.refused = false;
+        tracing::info!(broker = %self.broker, role = role.name(), generation, "connected");
+        self.registry
+            .report(self.broker.id, StatusUpdate::Up { role, generation });
+        if self.consume.link.is_some() && self.publish.link.is_some() {
+            self.stop_probe();
+        }
+        if role == Role::Consume {
+            self.prechannels.clear();
+            self.opening = 0;
+            self.refill(myself);
+        }
+    }
+
+    fn failed(&mut self, myself: &ActorRef<ConnectionMsg>, role: Role, failure: ConnectFailure) {
+        let slot = self.slot_mut(role);
+        slot.failed_attempts = slot.failed_attempts.saturating_add(1);
+        slot.refused = failure.refused;
+        slot.last_error = Some(failure.error.clone());
+        let attempts = slot.failed_attempts;
+        match self.logs.allow("cannot connect") {
+            Some(held_back) => {
+                tracing::warn!(broker = %self.broker, role = role.name(), attempts, held_back, error = %failure.error, "cannot connect")
+            }
+            None => {
+                tracing::debug!(broker = %self.broker, role = role.name(), attempts, error = %failure.error, "cannot connect")
+            }
+        }
+        self.registry.report(
+            self.broker.id,
+            StatusUpdate::Down {
+                role,
+                error: failure.error,
+                failed_attempts: attempts,
+            },
+        );
+        self.schedule_connect(myself, role);
+        if failure.refused {
+            self.start_probe(myself);
+        }
+    }
+
+    /// Schedules the next attempt of `role` after its backoff delay.
+    fn schedule_connect(&mut self, myself: &ActorRef<ConnectionMsg>, role: Role) {
+        let reconnect = self.settings.reconnect;
+        let slot = self.slot_mut(role);
+        let delay = reconnect.delay(slot.step);
+        slot.step = slot.step.saturating_add(1);
+        slot.token += 1;
+        let token = slot.token;
+        tracing::debug!(broker = %self.broker, role = role.name(), delay_ms = delay.as_millis() as u64, "reconnect scheduled");
+        myself.send_after(delay, move || ConnectionMsg::Connect { role, token });
+    }
+
+    /// Probes the broker's port until it accepts TCP (one probe task per broker).
+    fn start_probe(&mut self, myself: &ActorRef<ConnectionMsg>) {
+        if self.probe.as_ref().is_some_and(|p| !p.is_finished()) {
+            return;
+        }
+        let host = self.broker.uri.host().to_string();
+        let port = self.broker.uri.port();
+        let myself = myself.clone();
+        self.probe = Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PROBE_PAUSE.delay(0)).await;
+                let connect = tokio::net::TcpStream::connect((host.as_str(), port));
+                if let Ok(Ok(_stream)) = tokio::time::timeout(PROBE_TIMEOUT, connect).await {
+                    let _ = myself.cast(ConnectionMsg::ProbeAccepted);
+                    return;
+                }
+            }
+        }));
+    }
+
+    fn stop_probe(&mut self) {
+        if let Some(probe) = self.probe.take() {
+            probe.abort();
+        }
+    }
+
+    /// A connection died: report, drop it (and, for consume, its prechannels), and
+    /// schedule a reconnect. The other connection is not touched.
+    fn lose(&mut self, myself: &ActorRef<ConnectionMsg>, role: Role, reason: String) {
+        let reason = redact_uri(&reason);
+        let slot = self.slot_mut(role);
+        let Some(link) = slot.link.take() else {
+            return;
+        };
+        slot.last_error = Some(reason.clone());
+        slot.failed_attempts = 0;
+        slot.step = 0;
+        slot.refused = false;
+        let generation = link.generation;
+        close_in_background(link);
+        let key = format!("lost {}", role.name());
+        match self.logs.allow(&key) {
+            Some(held_back) => {
+                tracing::warn!(broker = %self.broker, role = role.name(), generation, held_back, %reason, "connection lost")
+            }
+            None => {
+                tracing::debug!(broker = %self.broker, role = role.name(), generation, %reason, "connection lost")
+            }
+        }
+        if role == Role::Consume {
+            // Dropping them closes them if the broker still has them.
+            self.prechannels.clear();
+            self.opening = 0;
+        }
+        self.registry.report(
+            self.broker.id,
+            StatusUpdate::Down {
+                role,
+                error: reason,
+                failed_attempts: 0,
+            },
+        );
+        self.schedule_connect(myself, role);
+    }
+
     /// Starts as many channel opens as the buffer is short of.
     fn refill(&mut self, myself: &ActorRef<ConnectionMsg>) {
         let target = self.settings.prechannels;
-        let Some(link) = self.link.as_mut() else {
+        let Some(link) = self.consume.link.as_ref() else {
             return;
         };
-        while link.prechannels.len() + link.opening < target {
-            link.opening += 1;
-            let connection = link.consume.clone();
+        while self.prechannels.len() + self.opening < target {
+            self.opening += 1;
+            let connection = link.connection.clone();
             let generation = link.generation;
+            let timeout = self.settings.operation_timeout;
             let myself = myself.clone();
             tokio::spawn(async move {
-                let result = connection.create_channel().await;
+                let result = open_channel(&connection, timeout).await;
                 let _ = myself.cast(ConnectionMsg::PrechannelOpened { generation, result });
             });
         }
     }
 
-    /// The link died: report, drop it, and schedule a reconnect.
-    fn lose(&mut self, myself: &ActorRef<ConnectionMsg>, reason: String) {
-        let Some(link) = self.link.take() else {
+    fn event(
+        &mut self,
+        myself: &ActorRef<ConnectionMsg>,
+        role: Role,
+        generation: u64,
+        event: Event,
+    ) {
+        let Some(link) = self
+            .slot(role)
+            .link
+            .as_ref()
+            .filter(|l| l.generation == generation)
+        else {
             return;
         };
-        let reason = redact_uri(&reason);
-        tracing::warn!(broker = %self.broker, generation = link.generation, %reason, "connection lost");
-        close_in_background(link);
-        self.last_error = Some(reason.clone());
-        self.failed_attempts = 0;
-        self.registry.report(
-            self.broker.id,
-            StatusUpdate::Down {
-                error: reason,
-                failed_attempts: 0,
-            },
-        );
-        self.schedule_connect(myself);
+        match event {
+            Event::Error(error) => {
+                if link.is_up() {
+                    // A channel-level error: the channel's owner sees it itself.
+                    tracing::debug!(broker = %self.broker, role = role.name(), %error, "channel error");
+                } else {
+                    self.lose(myself, role, format!("{} connection: {error}", role.name()));
+                }
+            }
+            Event::ConnectionBlocked(reason) => self.registry.report(
+                self.broker.id,
+                StatusUpdate::Blocked {
+                    role,
+                    reason: Some(reason),
+                },
+            ),
+            Event::ConnectionUnblocked => self
+                .registry
+                .report(self.broker.id, StatusUpdate::Blocked { role, reason: None }),
+            other => {
+                tracing::debug!(broker = %self.broker, role = role.name(), event = ?other, "connection event")
+            }
+        }
     }
 
-    fn schedule_connect(&mut self, myself: &ActorRef<ConnectionMsg>) {
-        let delay = self.settings.reconnect.delay(self.failed_attempts);
-        tracing::debug!(broker = %self.broker, delay_ms = delay.as_millis() as u64, "reconnect scheduled");
-        myself.send_after(delay, || ConnectionMsg::Connect);
+    fn prechannel_opened(
+        &mut self,
+        myself: &ActorRef<ConnectionMsg>,
+        generation: u64,
+        result: Result<Channel, String>,
+    ) {
+        let Some(link) = self
+            .consume
+            .link
+            .as_ref()
+            .filter(|l| l.generation == generation)
+        else {
+            // A channel of a dead link: dropping it closes it if it is still open.
+            return;
+        };
+        self.opening = self.opening.saturating_sub(1);
+        match result {
+            Ok(channel) => self.prechannels.push_back(channel),
+            Err(error) if link.is_up() => match self.logs.allow("prechannel") {
+                Some(held_back) => {
+                    tracing::warn!(broker = %self.broker, held_back, %error, "cannot open a prechannel; retrying at the next check")
+                }
+                None => {
+                    tracing::debug!(broker = %self.broker, %error, "cannot open a prechannel; retrying at the next check")
+                }
+            },
+            Err(error) => self.lose(myself, Role::Consume, format!("opening a channel: {error}")),
+        }
+    }
+
+    fn take_channel(
+        &mut self,
+        myself: &ActorRef<ConnectionMsg>,
+        reply: RpcReplyPort<Result<TakenChannel, ChannelError>>,
+    ) {
+        let Some(link) = self.consume.link.as_ref() else {
+            let _ = reply.send(Err(self.not_connected()));
+            return;
+        };
+        let broker = self.broker.id;
+        let generation = link.generation;
+        let connection = link.connection.clone();
+        // Skip channels the broker closed while they waited in the buffer.
+        while let Some(channel) = self.prechannels.pop_front() {
+            if channel.status().connected() {
+                let _ = reply.send(Ok(TakenChannel {
+                    channel,
+                    broker,
+                    generation,
+                }));
+                self.refill(myself);
+                return;
+            }
+        }
+        // Buffer empty: open one for this caller without making the actor wait.
+        open_for(
+            connection,
+            self.settings.operation_timeout,
+            broker,
+            generation,
+            self.broker_name(),
+            reply,
+        );
+        self.refill(myself);
+    }
+
+    fn open_publish_channel(&self, reply: RpcReplyPort<Result<TakenChannel, ChannelError>>) {
+        let Some(link) = self.publish.link.as_ref() else {
+            let _ = reply.send(Err(self.not_connected()));
+            return;
+        };
+        open_for(
+            link.connection.clone(),
+            self.settings.operation_timeout,
+            self.broker.id,
+            link.generation,
+            self.broker_name(),
+            reply,
+        );
+    }
+
+    /// Reports both connections (and any block) to the registry again.
+    fn report_status(&self) {
+        for slot in [&self.consume, &self.publish] {
+            self.registry.report(self.broker.id, slot.status());
+            if slot
+                .link
+                .as_ref()
+                .is_some_and(|l| l.connection.status().blocked())
+            {
+                self.registry.report(
+                    self.broker.id,
+                    StatusUpdate::Blocked {
+                        role: slot.role,
+                        reason: Some("blocked (reported again)".to_string()),
+                    },
+                );
+            }
+        }
+    }
+
+    /// The periodic backstop: a connection that closed without an event is lost; the
+    /// buffer is topped up.
+    fn check(&mut self, myself: &ActorRef<ConnectionMsg>) {
+        for role in [Role::Consume, Role::Publish] {
+            if self.slot(role).link.as_ref().is_some_and(|l| !l.is_up()) {
+                self.lose(myself, role, format!("{} connection closed", role.name()));
+            }
+        }
+        self.refill(myself);
     }
 }
 
-/// Closes a dead or unwanted link's connections without making the actor wait.
+/// Closes a dead or unwanted connection without making the actor wait.
 fn close_in_background(link: Link) {
     tokio::spawn(async move {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, close_link(&link)).await;
@@ -265,9 +687,7 @@ fn close_in_background(link: Link) {
 }
 
 async fn close_link(link: &Link) {
-    let consume = link.consume.close(200, "warren: closing".into());
-    let publish = link.publish.close(200, "warren: closing".into());
-    let _ = futures::future::join(consume, publish).await;
+    let _ = link.connection.close(200, "warren: closing".into()).await;
 }
 
 /// Opens one lapin connection with the node's settings and a bounded handshake.
@@ -275,7 +695,7 @@ async fn open_connection(
     broker: &Broker,
     settings: &ConnectionSettings,
     role: Role,
-) -> Result<Connection, String> {
+) -> Result<Connection, ConnectFailure> {
     let mut uri = broker.uri.amqp().clone();
     if uri.query.heartbeat.is_none() {
         uri.query.heartbeat = Some(settings.heartbeat_secs);
@@ -291,10 +711,42 @@ async fn open_connection(
     .await
     {
         Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(error)) => Err(redact_uri(&format!("{} connection: {error}", role.name()))),
+        Ok(Err(error)) => Err(ConnectFailure {
+            refused: refused(&error),
+            error: redact_uri(&format!("{} connection: {error}", role.name())),
+        }),
+        Err(_) => Err(ConnectFailure {
+            error: format!(
+                "{} connection: no answer within {timeout_ms} ms",
+                role.name()
+            ),
+            refused: false,
+        }),
+    }
+}
+
+/// Whether a connect error means nothing accepts TCP on the broker's port (so probing the
+/// port tells when to try again), as opposed to a failure after TCP was accepted.
+fn refused(error: &lapin::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::IOError(io) if matches!(
+            io.kind(),
+            ErrorKind::ConnectionRefused | ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable
+        )
+    )
+}
+
+/// Opens a channel, waiting at most `timeout` for the broker's `channel.open-ok`. A channel
+/// that arrives later is dropped, which closes it.
+async fn open_channel(connection: &Connection, timeout: Duration) -> Result<Channel, String> {
+    match tokio::time::timeout(timeout, connection.create_channel()).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(error)) => Err(error.to_string()),
         Err(_) => Err(format!(
-            "{} connection: no answer within {timeout_ms} ms",
-            role.name()
+            "no channel.open-ok within {} ms",
+            timeout.as_millis()
         )),
     }
 }
@@ -303,14 +755,14 @@ async fn open_connection(
 /// wait for the broker.
 fn open_for(
     connection: Arc<Connection>,
+    timeout: Duration,
     broker: BrokerId,
     generation: u64,
     name: String,
     reply: RpcReplyPort<Result<TakenChannel, ChannelError>>,
 ) {
     tokio::spawn(async move {
-        let result = connection
-            .create_channel()
+        let result = open_channel(&connection, timeout)
             .await
             .map(|channel| TakenChannel {
                 channel,
@@ -319,7 +771,7 @@ fn open_for(
             })
             .map_err(|error| ChannelError::Open {
                 broker: name,
-                error: error.to_string(),
+                error,
             });
         let _ = reply.send(result);
     });
@@ -361,16 +813,29 @@ impl Actor for ConnectionActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         args.registry
             .attach_connection(args.broker.id, myself.clone());
-        myself.cast(ConnectionMsg::Connect)?;
+        for role in [Role::Consume, Role::Publish] {
+            // A restarted actor has no connection yet, whatever its killed predecessor
+            // last reported: leases of the old generations are dead.
+            args.registry.report(
+                args.broker.id,
+                StatusUpdate::Down {
+                    role,
+                    error: format!("{} connection: connecting", role.name()),
+                    failed_attempts: 0,
+                },
+            );
+            myself.cast(ConnectionMsg::Connect { role, token: 0 })?;
+        }
         Ok(ConnectionState {
             broker: args.broker,
             registry: args.registry,
             settings: args.settings,
-            link: None,
-            generation: 0,
-            connecting: false,
-            failed_attempts: 0,
-            last_error: None,
+            consume: Slot::new(Role::Consume),
+            publish: Slot::new(Role::Publish),
+            prechannels: VecDeque::new(),
+            opening: 0,
+            probe: None,
+            logs: LogLimit::default(),
             health: None,
         })
     }
@@ -391,204 +856,24 @@ impl Actor for ConnectionActor {
         state: &mut ConnectionState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            ConnectionMsg::Connect => {
-                if state.link.is_some() || state.connecting {
-                    return Ok(());
-                }
-                state.connecting = true;
-                let broker = state.broker.clone();
-                let settings = state.settings.clone();
-                let myself = myself.clone();
-                tokio::spawn(async move {
-                    let consume = open_connection(&broker, &settings, Role::Consume).await;
-                    let result = match consume {
-                        Ok(consume) => open_connection(&broker, &settings, Role::Publish)
-                            .await
-                            .map(|publish| Box::new((consume, publish))),
-                        Err(error) => Err(error),
-                    };
-                    let _ = myself.cast(ConnectionMsg::Opened(Opened(result)));
-                });
-            }
-            ConnectionMsg::Opened(Opened(result)) => {
-                state.connecting = false;
-                match result {
-                    Ok(pair) => {
-                        let (consume, publish) = *pair;
-                        state.generation += 1;
-                        let generation = state.generation;
-                        let event_tasks = vec![
-                            drain_events(&consume, generation, Role::Consume, myself.clone()),
-                            drain_events(&publish, generation, Role::Publish, myself.clone()),
-                        ];
-                        state.link = Some(Link {
-                            generation,
-                            consume: Arc::new(consume),
-                            publish: Arc::new(publish),
-                            prechannels: VecDeque::new(),
-                            opening: 0,
-                            event_tasks,
-                        });
-                        state.failed_attempts = 0;
-                        tracing::info!(broker = %state.broker, generation, "connected");
-                        state
-                            .registry
-                            .report(state.broker.id, StatusUpdate::Up { generation });
-                        state.refill(&myself);
-                    }
-                    Err(error) => {
-                        state.failed_attempts = state.failed_attempts.saturating_add(1);
-                        if state.failed_attempts == 1 || state.failed_attempts.is_multiple_of(10) {
-                            tracing::warn!(broker = %state.broker, attempts = state.failed_attempts, %error, "cannot connect");
-                        } else {
-                            tracing::debug!(broker = %state.broker, attempts = state.failed_attempts, %error, "cannot connect");
-                        }
-                        state.last_error = Some(error.clone());
-                        state.registry.report(
-                            state.broker.id,
-                            StatusUpdate::Down {
-                                error,
-                                failed_attempts: state.failed_attempts,
-                            },
-                        );
-                        state.schedule_connect(&myself);
-                    }
-                }
-            }
+            ConnectionMsg::Connect { role, token } => state.connect(&myself, role, token),
+            ConnectionMsg::ProbeAccepted => state.probe_accepted(&myself),
+            ConnectionMsg::Opened { role, attempt } => state.opened(&myself, role, attempt.0),
             ConnectionMsg::Event {
                 generation,
                 role,
                 event,
-            } => {
-                let Some(link) = state.link.as_ref().filter(|l| l.generation == generation) else {
-                    return Ok(());
-                };
-                match event {
-                    Event::Error(error) => {
-                        if link.connection(role).status().connected() {
-                            // A channel-level error: the channel's owner sees it itself.
-                            tracing::debug!(broker = %state.broker, role = role.name(), %error, "channel error");
-                        } else {
-                            state.lose(&myself, format!("{} connection: {error}", role.name()));
-                        }
-                    }
-                    Event::ConnectionBlocked(reason) => state.registry.report(
-                        state.broker.id,
-                        StatusUpdate::Blocked {
-                            publish: role == Role::Publish,
-                            reason: Some(reason),
-                        },
-                    ),
-                    Event::ConnectionUnblocked => state.registry.report(
-                        state.broker.id,
-                        StatusUpdate::Blocked {
-                            publish: role == Role::Publish,
-                            reason: None,
-                        },
-                    ),
-                    other => {
-                        tracing::debug!(broker = %state.broker, role = role.name(), event = ?other, "connection event")
-                    }
-                }
-            }
+            } => state.event(&myself, role, generation, event),
             ConnectionMsg::PrechannelOpened { generation, result } => {
-                let Some(link) = state.link.as_mut().filter(|l| l.generation == generation) else {
-                    // A channel of a dead link: dropping it closes it if it is still open.
-                    return Ok(());
-                };
-                link.opening = link.opening.saturating_sub(1);
-                match result {
-                    Ok(channel) => link.prechannels.push_back(channel),
-                    Err(error) => {
-                        if link.is_up() {
-                            tracing::warn!(broker = %state.broker, %error, "cannot open a prechannel; retrying at the next check");
-                        } else {
-                            state.lose(&myself, format!("opening a channel: {error}"));
-                        }
-                    }
-                }
+                state.prechannel_opened(&myself, generation, result)
             }
-            ConnectionMsg::TakeChannel(reply) => {
-                let Some(link) = state.link.as_mut() else {
-                    let _ = reply.send(Err(state.not_connected()));
-                    return Ok(());
-                };
-                let broker = state.broker.id;
-                let generation = link.generation;
-                // Skip channels the broker closed while they waited in the buffer.
-                while let Some(channel) = link.prechannels.pop_front() {
-                    if channel.status().connected() {
-                        let _ = reply.send(Ok(TakenChannel {
-                            channel,
-                            broker,
-                            generation,
-                        }));
-                        state.refill(&myself);
-                        return Ok(());
-                    }
-                }
-                // Buffer empty: open one for this caller without making the actor wait.
-                open_for(
-                    link.consume.clone(),
-                    broker,
-                    generation,
-                    state.broker_name(),
-                    reply,
-                );
-                state.refill(&myself);
-            }
-            ConnectionMsg::OpenPublishChannel(reply) => {
-                let Some(link) = state.link.as_ref() else {
-                    let _ = reply.send(Err(state.not_connected()));
-                    return Ok(());
-                };
-                open_for(
-                    link.publish.clone(),
-                    state.broker.id,
-                    link.generation,
-                    state.broker_name(),
-                    reply,
-                );
-            }
+            ConnectionMsg::TakeChannel(reply) => state.take_channel(&myself, reply),
+            ConnectionMsg::OpenPublishChannel(reply) => state.open_publish_channel(reply),
             ConnectionMsg::Inspect(reply) => {
                 let _ = reply.send(state.report());
             }
-            ConnectionMsg::ReportStatus => {
-                let update = match &state.link {
-                    Some(link) => StatusUpdate::Up {
-                        generation: link.generation,
-                    },
-                    None => StatusUpdate::Down {
-                        error: state
-                            .last_error
-                            .clone()
-                            .unwrap_or_else(|| "not connected yet".to_string()),
-                        failed_attempts: state.failed_attempts,
-                    },
-                };
-                state.registry.report(state.broker.id, update);
-                if let Some(link) = &state.link {
-                    for role in [Role::Consume, Role::Publish] {
-                        if link.connection(role).status().blocked() {
-                            state.registry.report(
-                                state.broker.id,
-                                StatusUpdate::Blocked {
-                                    publish: role == Role::Publish,
-                                    reason: Some("blocked (reported again)".to_string()),
-                                },
-                            );
-                        }
-                    }
-                }
-            }
-            ConnectionMsg::Check => {
-                let down = state.link.as_ref().is_some_and(|l| !l.is_up());
-                if down {
-                    state.lose(&myself, "connection closed".to_string());
-                } else {
-                    state.refill(&myself);
-                }
-            }
+            ConnectionMsg::ReportStatus => state.report_status(),
+            ConnectionMsg::Check => state.check(&myself),
         }
         Ok(())
     }
@@ -601,12 +886,16 @@ impl Actor for ConnectionActor {
         if let Some(health) = state.health.take() {
             health.abort();
         }
+        state.stop_probe();
         state.registry.detach_connection(state.broker.id, &myself);
-        if let Some(link) = state.link.take() {
-            if tokio::time::timeout(CLOSE_TIMEOUT, close_link(&link))
-                .await
-                .is_err()
-            {
+        state.prechannels.clear();
+        let links: Vec<Link> = [state.consume.link.take(), state.publish.link.take()]
+            .into_iter()
+            .flatten()
+            .collect();
+        if !links.is_empty() {
+            let closing = futures::future::join_all(links.iter().map(close_link));
+            if tokio::time::timeout(CLOSE_TIMEOUT, closing).await.is_err() {
                 tracing::warn!(broker = %state.broker, "connections did not close in time");
             } else {
                 tracing::info!(broker = %state.broker, "connections closed");

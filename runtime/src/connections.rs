@@ -58,6 +58,11 @@ impl Connections {
         &self.registry
     }
 
+    /// The settings every connection actor runs with (timeouts, backoff, buffer size).
+    pub fn settings(&self) -> &ConnectionSettings {
+        &self.settings
+    }
+
     /// The child spec of the connections supervisor, for the node's root supervisor.
     pub fn supervisor_child(&self) -> ChildSpec {
         let this = self.clone();
@@ -156,7 +161,8 @@ impl Connections {
         })?
     }
 
-    /// Opens a channel on a broker's publish connection.
+    /// Opens a channel on a broker's publish connection (its generation is the publish
+    /// connection's, see `BrokerStatus::publish_generation`).
     pub async fn publish_channel(&self, id: BrokerId) -> Result<TakenChannel, ChannelError> {
         let actor = self.actor(id)?;
         ractor::call_t!(

@@ -5,14 +5,21 @@
 //! Used by listeners (replies and publishes from handlers, on the listener's channel), by
 //! pool workers, and by the node's [`Publisher`](crate::publisher::Publisher), which adds
 //! retries on a new primary. The channel must be in confirm mode (`confirm_select`); on a
-//! channel without confirms a publish counts as routed once written. This module owns the
-//! meaning of a publish result; it does not choose channels or brokers.
+//! channel without confirms a publish counts as routed once written.
+//!
+//! Every AMQP short string a caller hands in (exchange, routing key, header keys) is
+//! checked here before anything is written: longer than 255 bytes is
+//! [`PublishError::Invalid`], never a panic (lapin's `ShortString::from` panics).
+//!
+//! This module owns the meaning of a publish result and of valid publish input; it does not
+//! choose channels or brokers.
 
 use std::time::Duration;
 
 use lapin::message::BasicReturnMessage;
 use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 
 use crate::envelope::{Envelope, publish_properties};
 
@@ -110,6 +117,14 @@ pub enum PublishError {
     NoServerId,
     #[error("no broker of the local zone was available within {0:?}")]
     NoBroker(Duration),
+    /// The one broker this publish must go to had no publish connection for the whole
+    /// timeout (see `Publisher::to_broker`).
+    #[error("broker {broker} had no publish connection within {waited:?}")]
+    BrokerUnavailable { broker: String, waited: Duration },
+    /// The publish cannot be expressed in AMQP (e.g. a routing key over 255 bytes); nothing
+    /// was written. The message names the field and its length, never its value.
+    #[error("invalid publish: {0}")]
+    Invalid(String),
 }
 
 impl PublishError {
@@ -119,20 +134,58 @@ impl PublishError {
     }
 }
 
-/// Publishes `body` and waits for the broker's confirm, however long that takes; callers
-/// bound it.
-pub async fn send(
-    channel: &Channel,
+/// Longest AMQP short string, in bytes.
+const SHORT_STRING_MAX: usize = 255;
+
+/// `value` as an AMQP short string, or `Invalid` naming `what` and the length (not the
+/// value) when it is longer than 255 bytes.
+pub fn short_string(what: &str, value: &str) -> Result<ShortString, PublishError> {
+    ShortString::try_new(value).map_err(|_| {
+        PublishError::Invalid(format!(
+            "{what} is {} bytes long; AMQP allows at most {SHORT_STRING_MAX}",
+            value.len()
+        ))
+    })
+}
+
+/// The exchange and routing key of a publish as AMQP short strings, or `Invalid`.
+pub fn address(
     exchange: &str,
     routing_key: &str,
+) -> Result<(ShortString, ShortString), PublishError> {
+    Ok((
+        short_string("the exchange name", exchange)?,
+        short_string("the routing key", routing_key)?,
+    ))
+}
+
+/// An AMQP header table from `(key, value)` pairs, or `Invalid` if a key is longer than
+/// 255 bytes. Use it instead of building a `FieldTable` with `ShortString::from`, which
+/// panics on such a key.
+pub fn headers<'a>(
+    pairs: impl IntoIterator<Item = (&'a str, AMQPValue)>,
+) -> Result<FieldTable, PublishError> {
+    let mut table = FieldTable::default();
+    for (key, value) in pairs {
+        table.insert(short_string("a header key", key)?, value);
+    }
+    Ok(table)
+}
+
+/// Writes one message on `channel` and returns once it is written (handed to the
+/// connection), with the confirm to wait for; see [`confirmation`].
+pub async fn write(
+    channel: &Channel,
+    exchange: ShortString,
+    routing_key: ShortString,
     body: &[u8],
     properties: BasicProperties,
     mandatory: bool,
-) -> Result<Published, PublishError> {
-    let confirm = channel
+) -> Result<PublisherConfirm, PublishError> {
+    channel
         .basic_publish(
-            exchange.into(),
-            routing_key.into(),
+            exchange,
+            routing_key,
             BasicPublishOptions {
                 mandatory,
                 ..BasicPublishOptions::default()
@@ -141,12 +194,32 @@ pub async fn send(
             properties,
         )
         .await
-        .map_err(classify)?;
+        .map_err(classify)
+}
+
+/// What the broker answered to a written message, however long that takes; callers bound
+/// it.
+pub async fn confirmation(confirm: PublisherConfirm) -> Result<Published, PublishError> {
     match confirm.await.map_err(classify)? {
         Confirmation::Nack(_) => Err(PublishError::Nacked),
         Confirmation::Ack(Some(message)) => Ok(Published::Returned(returned(&message))),
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(Published::Routed),
     }
+}
+
+/// Publishes `body` and waits for the broker's confirm, however long that takes; callers
+/// bound it. An exchange or routing key over 255 bytes is `Invalid`, before any write.
+pub async fn send(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+    mandatory: bool,
+) -> Result<Published, PublishError> {
+    let (exchange, routing_key) = address(exchange, routing_key)?;
+    let confirm = write(channel, exchange, routing_key, body, properties, mandatory).await?;
+    confirmation(confirm).await
 }
 
 /// A returned message as warren reports it.
@@ -187,7 +260,8 @@ fn classify(error: lapin::Error) -> PublishError {
 }
 
 /// Publishes `envelope` on this channel and waits (up to `options.timeout`) for the
-/// broker's confirm. No retry: the caller owns the channel.
+/// broker's confirm. No retry: the caller owns the channel. Invalid input (see
+/// [`address`]) fails before the envelope is even encoded.
 pub async fn publish_confirmed(
     channel: &Channel,
     exchange: &str,
@@ -195,6 +269,7 @@ pub async fn publish_confirmed(
     envelope: &Envelope,
     options: &PublishOptions,
 ) -> Result<Published, PublishError> {
+    address(exchange, routing_key)?;
     let (body, properties) = options.encode(envelope);
     tokio::time::timeout(
         options.timeout,
@@ -209,4 +284,60 @@ pub async fn publish_confirmed(
     )
     .await
     .unwrap_or(Err(PublishError::Timeout(options.timeout)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_strings_up_to_255_bytes_pass() {
+        let longest = "k".repeat(255);
+        let (exchange, routing_key) = address("", &longest).expect("255 bytes is fine");
+        assert_eq!(exchange.as_str(), "");
+        assert_eq!(routing_key.as_str().len(), 255);
+        // Length is in bytes: 127 two-byte characters are 254 bytes.
+        assert!(short_string("x", &"é".repeat(127)).is_ok());
+    }
+
+    #[test]
+    fn a_long_exchange_or_routing_key_is_invalid_without_echoing_it() {
+        let secret = format!("secret-{}", "x".repeat(300));
+        for (exchange, routing_key, field) in [
+            (secret.as_str(), "rk", "exchange"),
+            ("ex", secret.as_str(), "routing key"),
+        ] {
+            match address(exchange, routing_key) {
+                Err(PublishError::Invalid(message)) => {
+                    assert!(message.contains(field), "{message}");
+                    assert!(message.contains(&secret.len().to_string()), "{message}");
+                    assert!(!message.contains("secret"), "the value leaked: {message}");
+                }
+                other => panic!("expected Invalid, got {other:?}"),
+            }
+        }
+        // 128 two-byte characters are 256 bytes: over the limit although 128 chars.
+        assert!(matches!(
+            short_string("the routing key", &"é".repeat(128)),
+            Err(PublishError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn a_long_header_key_is_invalid() {
+        let table = headers([("ok", AMQPValue::Boolean(true))]).expect("a short key");
+        assert_eq!(table.inner().len(), 1);
+        let long = "h".repeat(256);
+        match headers([
+            ("ok", AMQPValue::Boolean(true)),
+            (long.as_str(), AMQPValue::Void),
+        ]) {
+            Err(PublishError::Invalid(message)) => {
+                assert!(message.contains("header key"), "{message}");
+                assert!(!message.contains(&long), "{message}");
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+        assert!(!PublishError::Invalid(String::new()).is_retryable());
+    }
 }

@@ -6,8 +6,13 @@
 //! status. If the registry actor restarts it asks every connection actor to report again,
 //! so its state is rebuilt from its children rather than from nothing.
 //!
-//! This module owns broker identity (`BrokerId`, `Broker`) and availability. It must not
-//! touch lapin connections or channels: those belong to `connection`.
+//! A broker has two connections, reported separately: the consume connection (consumers,
+//! prechannels, the primary) and the publish connection (publishers). The registry also
+//! hands out connection generations, per broker and connection, from counters that live
+//! as long as the registry: a restarted connection actor never reuses one.
+//!
+//! This module owns broker identity (`BrokerId`, `Broker`), availability and generation
+//! numbers. It must not touch lapin connections or channels: those belong to `connection`.
 
 use std::fmt;
 use std::sync::Arc;
@@ -18,7 +23,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::connection::ConnectionMsg;
+use crate::connection::{ConnectionMsg, Role};
 use crate::uri::BrokerUri;
 
 /// A broker's position in the node's broker list: local zone first, then the other zones,
@@ -59,20 +64,33 @@ impl fmt::Display for Broker {
 }
 
 /// What the registry knows about one broker right now.
+///
+/// It exists so that everyone who needs a broker (assignments, the publisher, bootstrap,
+/// tests) reads one snapshot instead of asking the connection actor.
 #[derive(Clone, Debug)]
 pub struct BrokerStatus {
-    /// Both of the broker's connections (consume and publish) are up.
+    /// The broker's consume connection is up: consumers and prechannels can be served,
+    /// and a local broker can be primary.
     pub available: bool,
-    /// Incremented each time the broker's connections come up; lets consumers tell an old
-    /// connection's channels from a new one's.
+    /// Generation of the consume connection: it grows each time that connection comes
+    /// up and is never reused for the broker (not even by a restarted connection actor),
+    /// so consumers tell an old connection's channels from a new one's.
     pub generation: u64,
+    /// The broker's publish connection is up (it lives and reconnects independently of
+    /// the consume connection).
+    pub publish_available: bool,
+    /// Generation of the publish connection, with the same guarantees as `generation`.
+    pub publish_generation: u64,
+    /// Failed connect attempts of the publish connection since it was last up.
+    pub publish_failed_attempts: u32,
     /// `connection.blocked` reason for the publish connection, if the broker blocked it.
     pub publish_blocked: Option<String>,
     /// `connection.blocked` reason for the consume connection, if the broker blocked it.
     pub consume_blocked: Option<String>,
-    /// The last connect or connection error (passwords redacted).
+    /// The last connect or connection error of either connection (passwords redacted;
+    /// the message names the connection).
     pub last_error: Option<String>,
-    /// Failed connect attempts since the broker was last available.
+    /// Failed connect attempts of the consume connection since it was last up.
     pub failed_attempts: u32,
     /// When `available` last changed.
     pub since: Instant,
@@ -83,6 +101,9 @@ impl BrokerStatus {
         BrokerStatus {
             available: false,
             generation: 0,
+            publish_available: false,
+            publish_generation: 0,
+            publish_failed_attempts: 0,
             publish_blocked: None,
             consume_blocked: None,
             last_error: None,
@@ -92,20 +113,22 @@ impl BrokerStatus {
     }
 }
 
-/// A change a connection actor reports about its broker.
+/// A change a connection actor reports about one of its broker's connections.
 #[derive(Clone, Debug)]
 pub enum StatusUpdate {
-    /// The broker's connections are up (generation `n`).
-    Up { generation: u64 },
-    /// The broker's connections went down, or a connect attempt failed.
-    Down { error: String, failed_attempts: u32 },
-    /// The connection actor stopped (node shutdown or a restart of the actor).
-    Stopped,
-    /// The broker blocked or unblocked one of the connections (`reason` None = unblocked).
-    Blocked {
-        publish: bool,
-        reason: Option<String>,
+    /// The connection is up, with this generation (from [`ConnectionRegistry::next_generation`]).
+    Up { role: Role, generation: u64 },
+    /// The connection went down, or a connect attempt failed.
+    Down {
+        role: Role,
+        error: String,
+        failed_attempts: u32,
     },
+    /// The connection actor stopped (node shutdown or a restart of the actor): both
+    /// connections are gone.
+    Stopped,
+    /// The broker blocked or unblocked the connection (`reason` None = unblocked).
+    Blocked { role: Role, reason: Option<String> },
 }
 
 /// Startup gave up: no local broker became available in time. Names every broker tried.
@@ -148,6 +171,9 @@ struct Inner {
     connections: Mutex<Vec<Option<ActorRef<ConnectionMsg>>>>,
     /// The registry actor, for connection actors to send their status to.
     actor: RwLock<Option<ActorRef<RegistryMsg>>>,
+    /// The last generation handed out per broker, [consume, publish]. Outlives connection
+    /// actors (and the registry actor), so generations are never reused.
+    generations: Mutex<Vec<[u64; 2]>>,
     /// Bumped on every status change; `wait_until_ready` and subscribers watch it.
     version: watch::Sender<u64>,
 }
@@ -184,6 +210,7 @@ impl ConnectionRegistry {
                 added: RwLock::new(vec![false; n]),
                 connections: Mutex::new(vec![None; n]),
                 actor: RwLock::new(None),
+                generations: Mutex::new(vec![[0, 0]; n]),
                 version,
             }),
         }
@@ -224,7 +251,7 @@ impl ConnectionRegistry {
             .cloned()
     }
 
-    /// Whether a broker's connections are up.
+    /// Whether a broker's consume connection is up.
     pub fn is_available(&self, id: BrokerId) -> bool {
         self.inner
             .status
@@ -233,12 +260,33 @@ impl ConnectionRegistry {
             .is_some_and(|s| s.available)
     }
 
+    /// Whether a broker's publish connection is up.
+    pub fn is_publish_available(&self, id: BrokerId) -> bool {
+        self.inner
+            .status
+            .read()
+            .get(id.0)
+            .is_some_and(|s| s.publish_available)
+    }
+
+    /// A new generation for one of a broker's connections: larger than every generation
+    /// handed out for it before, by any connection actor. 0 for an unknown broker.
+    pub(crate) fn next_generation(&self, id: BrokerId, role: Role) -> u64 {
+        let mut generations = self.inner.generations.lock();
+        let Some(slot) = generations.get_mut(id.0) else {
+            return 0;
+        };
+        let counter = &mut slot[role.index()];
+        *counter += 1;
+        *counter
+    }
+
     /// A copy of one broker's status.
     pub fn status(&self, id: BrokerId) -> Option<BrokerStatus> {
         self.inner.status.read().get(id.0).cloned()
     }
 
-    /// Availability of every broker, indexed by `BrokerId`.
+    /// Availability (of the consume connection) of every broker, indexed by `BrokerId`.
     pub fn availability(&self) -> Vec<bool> {
         self.inner
             .status
@@ -361,52 +409,36 @@ impl ConnectionRegistry {
                 return;
             };
             match update {
-                StatusUpdate::Up { generation } => {
-                    if !status.available {
-                        tracing::info!(broker = %broker, generation, "broker available");
-                        status.since = Instant::now();
-                    }
-                    status.available = true;
-                    status.generation = generation;
-                    status.failed_attempts = 0;
-                    status.publish_blocked = None;
-                    status.consume_blocked = None;
+                StatusUpdate::Up { role, generation } => {
+                    Self::up(&broker, status, role, generation)
                 }
                 StatusUpdate::Down {
+                    role,
                     error,
                     failed_attempts,
-                } => {
+                } => Self::down(&broker, status, role, error, failed_attempts),
+                StatusUpdate::Stopped => {
+                    tracing::debug!(broker = %broker, "connection actor stopped");
                     if status.available {
-                        tracing::warn!(broker = %broker, %error, "broker unavailable");
                         status.since = Instant::now();
                     }
                     status.available = false;
-                    status.last_error = Some(error);
-                    status.failed_attempts = failed_attempts;
+                    status.publish_available = false;
                     status.publish_blocked = None;
                     status.consume_blocked = None;
                 }
-                StatusUpdate::Stopped => {
-                    tracing::debug!(broker = %broker, "connection actor stopped");
-                    status.available = false;
-                    status.since = Instant::now();
-                    status.publish_blocked = None;
-                    status.consume_blocked = None;
-                }
-                StatusUpdate::Blocked { publish, reason } => {
-                    let which = if publish { "publish" } else { "consume" };
+                StatusUpdate::Blocked { role, reason } => {
                     match &reason {
                         Some(reason) => {
-                            tracing::warn!(broker = %broker, connection = which, %reason, "broker blocked the connection")
+                            tracing::warn!(broker = %broker, connection = role.name(), %reason, "broker blocked the connection")
                         }
                         None => {
-                            tracing::info!(broker = %broker, connection = which, "broker unblocked the connection")
+                            tracing::info!(broker = %broker, connection = role.name(), "broker unblocked the connection")
                         }
                     }
-                    if publish {
-                        status.publish_blocked = reason;
-                    } else {
-                        status.consume_blocked = reason;
+                    match role {
+                        Role::Publish => status.publish_blocked = reason,
+                        Role::Consume => status.consume_blocked = reason,
                     }
                 }
             }
@@ -420,6 +452,61 @@ impl ConnectionRegistry {
             }
         }
         self.inner.version.send_modify(|v| *v += 1);
+    }
+
+    /// One connection came up.
+    fn up(broker: &Broker, status: &mut BrokerStatus, role: Role, generation: u64) {
+        match role {
+            Role::Consume => {
+                if !status.available {
+                    tracing::info!(broker = %broker, generation, "broker available");
+                    status.since = Instant::now();
+                }
+                status.available = true;
+                status.generation = generation;
+                status.failed_attempts = 0;
+                status.consume_blocked = None;
+            }
+            Role::Publish => {
+                if !status.publish_available {
+                    tracing::info!(broker = %broker, generation, "publish connection up");
+                }
+                status.publish_available = true;
+                status.publish_generation = generation;
+                status.publish_failed_attempts = 0;
+                status.publish_blocked = None;
+            }
+        }
+    }
+
+    /// One connection went down, or a connect attempt failed.
+    fn down(
+        broker: &Broker,
+        status: &mut BrokerStatus,
+        role: Role,
+        error: String,
+        failed_attempts: u32,
+    ) {
+        match role {
+            Role::Consume => {
+                if status.available {
+                    tracing::warn!(broker = %broker, %error, "broker unavailable");
+                    status.since = Instant::now();
+                }
+                status.available = false;
+                status.failed_attempts = failed_attempts;
+                status.consume_blocked = None;
+            }
+            Role::Publish => {
+                if status.publish_available {
+                    tracing::warn!(broker = %broker, %error, "publish connection down");
+                }
+                status.publish_available = false;
+                status.publish_failed_attempts = failed_attempts;
+                status.publish_blocked = None;
+            }
+        }
+        status.last_error = Some(error);
     }
 }
 
@@ -545,5 +632,21 @@ brokers = ["amqp://a:5672/%2f", { uri = "amqp://b:5672/%2f", tags = ["reports", 
         assert_eq!(in_zone("west"), ["w"]);
         assert!(in_zone("east").is_empty());
         assert!(registry.primary().is_none(), "nothing is available yet");
+    }
+
+    #[test]
+    fn generations_grow_per_broker_and_connection_and_are_never_reused() {
+        let text = "[zones.local]\nbrokers = [\"amqp://a:5672/%2f\", \"amqp://b:5672/%2f\"]\n";
+        let config = Config::parse(text, Path::new("config.ini"), &[], None).unwrap();
+        let registry = ConnectionRegistry::new(&config);
+        let (a, b) = (BrokerId(0), BrokerId(1));
+        assert_eq!(registry.next_generation(a, Role::Consume), 1);
+        assert_eq!(registry.next_generation(a, Role::Consume), 2);
+        assert_eq!(registry.next_generation(a, Role::Publish), 1, "own counter");
+        assert_eq!(registry.next_generation(b, Role::Consume), 1, "per broker");
+        // A clone (what a restarted connection actor gets) shares the counters.
+        let again = registry.clone();
+        assert_eq!(again.next_generation(a, Role::Consume), 3);
+        assert_eq!(registry.next_generation(BrokerId(9), Role::Consume), 0);
     }
 }

@@ -435,7 +435,8 @@ async fn backoff_delay_is_applied_before_a_restart() {
     let crashed = log.time_of("crash:b", 0);
     let restarted = log.time_of("start:b", 1);
     let waited = restarted.duration_since(crashed);
-    assert!(waited >= ms(300), "restarted after {waited:?}");
+    // The first restart waits between min / 2 and min (jittered).
+    assert!(waited >= ms(150), "restarted after {waited:?}");
     sup.stop_and_wait(None, Some(DEADLINE)).await.unwrap();
 }
 

@@ -1,7 +1,7 @@
 //! Private RabbitMQ nodes for failover tests.
 
 use std::fs::{self, OpenOptions};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Seek, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
@@ -18,7 +18,7 @@ use crate::ctl::CTL_TIMEOUT;
 use crate::ports::try_free_port;
 use crate::process::{bin_dir, describe, run_captured, scrub_env, wait_with_deadline};
 
-/// How long [`BrokerNode::start`] / [`BrokerNode::restart`] wait for AMQP.
+/// How long [`BrokerNode::start`] / [`BrokerNode::restart`] wait for the node to be ready.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long we wait for a SIGKILLed node to be reaped and its port to close.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,6 +31,11 @@ const START_ATTEMPTS: u32 = 3;
 const LOG_TAIL_LINES: usize = 30;
 /// Temp dir prefix; the owning test process's pid follows, so stale nodes can be found.
 const DIR_PREFIX: &str = "warren-test-node-";
+/// What RabbitMQ logs once its boot is over (boot state `ready`: every boot step ran,
+/// durable queues are recovered, `rabbitmqctl` commands that need the app accept).
+/// The AMQP listener starts a few boot steps earlier, 150–250 ms before this line on an
+/// idle machine and seconds before it on a loaded one.
+const BOOT_COMPLETE: &str = "Server startup complete";
 
 static NEXT_NODE: AtomicU32 = AtomicU32::new(1);
 static SWEEP: Once = Once::new();
@@ -53,6 +58,11 @@ pub struct BrokerNode {
     dist_port: u16,
     /// Root of everything the node writes; removed on drop.
     dir: TempDir,
+    /// Lines appended to `rabbitmq.conf` (see [`BrokerNode::start_with`]).
+    extra_config: Vec<String>,
+    /// Length of the node's log file when the node was last spawned: readiness is read
+    /// from what the node logged after that.
+    log_offset: u64,
     proc: Mutex<ProcState>,
 }
 
@@ -64,14 +74,22 @@ enum ProcState {
 }
 
 impl BrokerNode {
-    /// Starts a fresh node and waits (up to 60 s) until it accepts AMQP.
+    /// Starts a fresh node and waits (up to 60 s) until it is ready: it accepts AMQP and
+    /// has finished booting (see [`BrokerNode::wait_ready`]).
     pub fn start() -> Result<BrokerNode, SupportError> {
+        BrokerNode::start_with(&[])
+    }
+
+    /// Like [`BrokerNode::start`], with `config_lines` appended to the node's
+    /// `rabbitmq.conf` (new-style `key = value` lines, e.g. `"channel_max = 8"`). They stay
+    /// in effect across restarts.
+    pub fn start_with(config_lines: &[&str]) -> Result<BrokerNode, SupportError> {
         SWEEP.call_once(sweep_orphans);
         let mut attempt = 1;
         loop {
             let amqp_port = try_free_port()?;
             let dist_port = try_free_port()?;
-            let mut node = BrokerNode::create(amqp_port, dist_port)?;
+            let mut node = BrokerNode::create_with(amqp_port, dist_port, config_lines)?;
             node.spawn()?;
             match node.wait_ready(START_TIMEOUT) {
                 Ok(()) => return Ok(node),
@@ -95,6 +113,14 @@ impl BrokerNode {
 
     /// Prepares dirs and config for a node on the given ports without starting it.
     pub(crate) fn create(amqp_port: u16, dist_port: u16) -> Result<BrokerNode, SupportError> {
+        BrokerNode::create_with(amqp_port, dist_port, &[])
+    }
+
+    fn create_with(
+        amqp_port: u16,
+        dist_port: u16,
+        config_lines: &[&str],
+    ) -> Result<BrokerNode, SupportError> {
         let n = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let name = format!("warren-test-{pid}-{n}@localhost");
@@ -107,6 +133,8 @@ impl BrokerNode {
             amqp_port,
             dist_port,
             dir,
+            extra_config: config_lines.iter().map(|l| l.to_string()).collect(),
+            log_offset: 0,
             proc: Mutex::new(ProcState::NotRunning),
         };
         node.write_files()?;
@@ -129,13 +157,17 @@ impl BrokerNode {
         cookie
             .write_all(make_cookie(&self.name).as_bytes())
             .map_err(|e| io("Erlang cookie", e))?;
-        let config = format!(
+        let mut config = format!(
             "listeners.tcp.1 = 127.0.0.1:{}\n\
              loopback_users.guest = true\n\
              disk_free_limit.absolute = 1MB\n\
              log.file.level = info\n",
             self.amqp_port
         );
+        for line in &self.extra_config {
+            config.push_str(line);
+            config.push('\n');
+        }
         fs::write(self.path("rabbitmq.conf"), config).map_err(|e| io("rabbitmq.conf", e))?;
         // No plugins: management/prometheus would take fixed ports shared by all nodes.
         fs::write(self.path("enabled_plugins"), "[].\n").map_err(|e| io("enabled_plugins", e))?;
@@ -194,6 +226,8 @@ impl BrokerNode {
             .stdout(log)
             .stderr(log2)
             .process_group(0);
+        // Readiness is judged by what the node logs from now on.
+        self.log_offset = fs::metadata(self.node_log()).map_or(0, |m| m.len());
         let child = cmd
             .spawn()
             .map_err(|e| SupportError::io(format!("spawning `{}`", describe(&cmd)), e))?;
@@ -338,8 +372,9 @@ impl BrokerNode {
         self.wait_port_closed(KILL_TIMEOUT)
     }
 
-    /// Starts the node again on the same ports, name and data dir and waits until it
-    /// accepts AMQP. A node that is still running is SIGKILLed first.
+    /// Starts the node again on the same ports, name and data dir and waits until it is
+    /// ready (see [`BrokerNode::wait_ready`]). A node that is still running is SIGKILLed
+    /// first.
     pub fn restart(&mut self) -> Result<(), SupportError> {
         self.start_again_in_background()?;
         self.wait_ready(START_TIMEOUT)
@@ -352,8 +387,13 @@ impl BrokerNode {
         self.spawn()
     }
 
-    /// Waits until the node accepts AMQP (TCP connect, send the AMQP 0-9-1 header, receive
-    /// the first byte of a method frame). Fails early if the node process exits.
+    /// Waits until the node is ready: it accepts AMQP (TCP connect, send the AMQP 0-9-1
+    /// header, receive the first byte of a method frame) **and** has finished booting (it
+    /// logged `Server startup complete` since it was spawned), so durable queues are
+    /// recovered and `rabbitmqctl` commands see a running node. Accepting AMQP alone is
+    /// not enough: the listener starts a few boot steps before the end, and commands sent
+    /// in between met a node still booting (issue #19). Fails early if the node process
+    /// exits.
     pub fn wait_ready(&self, timeout: Duration) -> Result<(), SupportError> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -366,12 +406,18 @@ impl BrokerNode {
             if let Some(reason) = exited {
                 return Err(self.start_error(reason));
             }
-            if accepts_amqp(self.amqp_port, Duration::from_millis(500)) {
+            let booted = self.logged_since_spawn(BOOT_COMPLETE);
+            if booted && accepts_amqp(self.amqp_port, Duration::from_millis(500)) {
                 return Ok(());
             }
             if Instant::now() >= deadline {
+                let what = if booted {
+                    "not accepting AMQP"
+                } else {
+                    "boot not complete (no `Server startup complete` in its log)"
+                };
                 return Err(self.start_error(format!(
-                    "not accepting AMQP on 127.0.0.1:{} after {timeout:?}",
+                    "{what} on 127.0.0.1:{} after {timeout:?}",
                     self.amqp_port
                 )));
             }
@@ -398,11 +444,26 @@ impl BrokerNode {
         run_captured(cmd, CTL_TIMEOUT)
     }
 
+    /// Whether the node's log has a line containing `text` written since the last spawn.
+    fn logged_since_spawn(&self, text: &str) -> bool {
+        let Ok(mut file) = fs::File::open(self.node_log()) else {
+            return false;
+        };
+        let mut bytes = Vec::new();
+        if file
+            .seek(std::io::SeekFrom::Start(self.log_offset))
+            .and_then(|_| file.read_to_end(&mut bytes))
+            .is_err()
+        {
+            return false;
+        }
+        String::from_utf8_lossy(&bytes).contains(text)
+    }
+
     /// The last lines of the node's stdout/stderr and of its log file.
     pub fn log_tail(&self) -> String {
-        let node_log = self.log_dir().join(format!("{}.log", self.name));
         let mut out = String::new();
-        for path in [self.stdout_log(), node_log] {
+        for path in [self.stdout_log(), self.node_log()] {
             out.push_str(&format!("==> {} <==\n", path.display()));
             match fs::read(&path) {
                 Ok(bytes) => {
@@ -468,6 +529,11 @@ impl BrokerNode {
 
     fn log_dir(&self) -> PathBuf {
         self.path("log")
+    }
+
+    /// The node's own log file (RabbitMQ names it after the node).
+    pub fn node_log(&self) -> PathBuf {
+        self.log_dir().join(format!("{}.log", self.name))
     }
 
     fn stdout_log(&self) -> PathBuf {

@@ -356,6 +356,14 @@ fn sweep_kills_orphaned_nodes_and_removes_their_dirs() {
         .stdin(Stdio::piped())
         .spawn()
         .expect("spawn fake beam");
+    // Until the child has exec'd, its cmdline is still ours: sweeping then would miss it.
+    let cmdline = format!("/proc/{}/cmdline", fake_beam.id());
+    assert!(
+        eventually_blocking(Duration::from_secs(5), || {
+            std::fs::read(&cmdline).is_ok_and(|c| c.windows(5).any(|w| w == b"-home"))
+        }),
+        "the fake beam did not start"
+    );
 
     crate::node::sweep_orphans();
 
@@ -370,4 +378,56 @@ fn sweep_kills_orphaned_nodes_and_removes_their_dirs() {
     for d in [&own_dir, &unrelated] {
         let _ = std::fs::remove_dir_all(d);
     }
+}
+
+/// Issue #19: `start` and `restart` used to return as soon as the port accepted AMQP, which
+/// happens a few boot steps (150–250 ms idle, seconds under load) before the node has
+/// booted; a `rabbitmqctl` command sent at once (the lifecycle test's `list_queues`) then
+/// met a node still booting. Now they return after the node logged the end of its boot.
+#[test]
+fn start_and_restart_return_once_the_node_has_booted() {
+    let boots = |node: &BrokerNode| {
+        let log = node
+            .dir()
+            .join("log")
+            .join(format!("{}.log", node.node_name()));
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .matches("Server startup complete")
+            .count()
+    };
+    let mut node = BrokerNode::start().expect("start node");
+    assert_eq!(boots(&node), 1, "start returned before the boot was over");
+    let rt = runtime();
+    let uri = node.uri();
+    let queue = "warren-support-booted";
+    rt.block_on(async {
+        let conn = connect_named(&uri, &unique("booted")).await;
+        let ch = conn.create_channel().await.expect("channel");
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.queue_declare(queue.into(), durable, FieldTable::default())
+            .await
+            .expect("declare durable queue");
+        let _ = conn.close(200, "done".into()).await;
+    });
+    node.kill().expect("kill");
+    let t = Instant::now();
+    node.restart().expect("restart");
+    let took = t.elapsed();
+    let after_restart = boots(&node);
+    eprintln!("restart until booted took {took:?}");
+    assert_eq!(
+        after_restart, 2,
+        "restart returned before the boot was over"
+    );
+    let queues = node
+        .ctl(&["list_queues", "--no-table-headers", "name", "durable"])
+        .expect("list_queues");
+    assert!(
+        queues.contains(&format!("{queue}\ttrue")),
+        "durable queue listed right after restart: {queues:?}"
+    );
 }

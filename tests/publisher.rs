@@ -1,0 +1,211 @@
+//! The node's publisher against real brokers: a publisher pinned to one broker
+//! (`to_broker`) while the primary is up and after its broker died, `send` returning at the
+//! write with a future for the confirm, and input AMQP cannot carry refused before any
+//! write.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::client::Client;
+use common::{Broker, SOON, config, start_node, unique_node};
+use lapin::types::FieldTable;
+use warren_runtime::envelope::Envelope;
+use warren_runtime::publish::{PublishError, PublishOptions, Published};
+use warren_runtime::registry::BrokerId;
+use warren_test_support::{eventually, local_uri};
+
+const A: BrokerId = BrokerId(0);
+const B: BrokerId = BrokerId(1);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn to_broker_publishes_on_that_broker_and_fails_in_time_when_it_is_down() {
+    let b = Broker::start_many(1).await.remove(0);
+    let name = unique_node("to-broker");
+    let node = start_node(config(&name, &[local_uri(), b.uri()], "")).await;
+    let registry = node.context().registry.clone();
+    assert!(
+        eventually(SOON, || registry.is_publish_available(A)
+            && registry.is_publish_available(B))
+        .await,
+        "both publish connections come up"
+    );
+    assert_eq!(registry.primary().map(|p| p.id), Some(A), "A is primary");
+
+    let queue = format!("{name}-on-b");
+    let on_b = Client::connect(&b.uri(), &name).await;
+    on_b.queue(&queue, FieldTable::default()).await;
+    let to_b = node.context().publisher.to_broker(B);
+    let published = to_b
+        .publish(
+            "",
+            &queue,
+            Envelope::new("test", "to-broker"),
+            to_b.options().mandatory(),
+        )
+        .await;
+    assert!(
+        matches!(published, Ok(Published::Routed)),
+        "routed on B (the queue exists only there): {published:?}"
+    );
+    assert_eq!(to_b.broker(), Some(B));
+    assert_eq!(on_b.ready(&queue).await, 1, "B's queue received it");
+    // The primary publisher still goes to A, where that queue does not exist.
+    let primary = node.context().publisher.clone();
+    let on_a = primary
+        .publish(
+            "",
+            &queue,
+            Envelope::new("test", "primary"),
+            primary.options().mandatory(),
+        )
+        .await;
+    assert!(
+        matches!(on_a, Ok(Published::Returned(_))),
+        "the primary publisher published on A: {on_a:?}"
+    );
+    drop(on_b);
+
+    b.kill().await;
+    assert!(
+        eventually(SOON, || !registry.is_publish_available(B)).await,
+        "B's publish connection is seen down"
+    );
+    let bound = Duration::from_millis(800);
+    let started = Instant::now();
+    let outcome = to_b
+        .publish(
+            "",
+            &queue,
+            Envelope::new("test", "to-dead-broker"),
+            PublishOptions::new(bound),
+        )
+        .await;
+    let waited = started.elapsed();
+    match &outcome {
+        Err(PublishError::BrokerUnavailable { broker, .. }) => {
+            assert!(!broker.contains("guest:guest"), "no password: {broker}");
+            assert!(
+                broker.contains(&format!("{}", port_of(&b.uri()))),
+                "the error names the broker: {broker}"
+            );
+        }
+        other => panic!("expected BrokerUnavailable, got {other:?}"),
+    }
+    assert!(
+        waited >= bound && waited < bound + Duration::from_secs(2),
+        "waited {waited:?} for a bound of {bound:?}"
+    );
+    let still = primary
+        .publish(
+            "",
+            "nowhere",
+            Envelope::new("test", "primary"),
+            primary.options(),
+        )
+        .await;
+    assert!(
+        still.is_ok(),
+        "the primary publisher is unaffected: {still:?}"
+    );
+    node.stop().await.expect("orderly stop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn send_returns_at_the_write_and_its_future_gives_the_confirm() {
+    let broker = Broker::start_many(1).await.remove(0);
+    let node = start_node(config(&unique_node("send"), &[broker.uri()], "")).await;
+    let publisher = node.context().publisher.clone();
+    let warm = publisher
+        .publish(
+            "",
+            "nowhere",
+            Envelope::new("test", "warm-up"),
+            publisher.options(),
+        )
+        .await;
+    assert!(warm.is_ok(), "a channel is open: {warm:?}");
+
+    // A frozen broker still takes the bytes (the kernel buffers them) but confirms nothing.
+    broker.freeze().await;
+    let options = PublishOptions::new(Duration::from_secs(10)).mandatory();
+    let sent = tokio::time::timeout(
+        Duration::from_secs(3),
+        publisher.send("", "nowhere-at-all", Envelope::new("test", "sent"), options),
+    )
+    .await;
+    let mut sent = match sent {
+        Ok(Ok(sent)) => sent,
+        Ok(Err(error)) => {
+            broker.thaw().await;
+            panic!("send failed: {error}");
+        }
+        Err(_) => {
+            broker.thaw().await;
+            panic!("send did not return at the write");
+        }
+    };
+    let early = tokio::time::timeout(Duration::from_millis(300), &mut sent).await;
+    broker.thaw().await;
+    assert!(
+        early.is_err(),
+        "the confirm cannot have arrived from a frozen broker: {early:?}"
+    );
+    match tokio::time::timeout(SOON, sent).await {
+        Ok(Ok(Published::Returned(returned))) => {
+            assert_eq!(returned.routing_key, "nowhere-at-all");
+            assert_eq!(returned.reply_code, 312, "NO_ROUTE");
+        }
+        other => panic!("expected Returned, got {other:?}"),
+    }
+    node.stop().await.expect("orderly stop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn input_amqp_cannot_carry_is_invalid_before_any_write() {
+    let node = start_node(config(&unique_node("invalid"), &[local_uri()], "")).await;
+    let publisher = node.context().publisher.clone();
+    let long = "k".repeat(256);
+    let outcomes = [
+        publisher
+            .publish("", &long, Envelope::new("t", "n"), publisher.options())
+            .await
+            .map(|_| ()),
+        publisher
+            .send(&long, "rk", Envelope::new("t", "n"), publisher.options())
+            .await
+            .map(|_| ()),
+        publisher
+            .to_broker(A)
+            .publish("", &long, Envelope::new("t", "n"), publisher.options())
+            .await
+            .map(|_| ()),
+    ];
+    for outcome in outcomes {
+        match outcome {
+            Err(PublishError::Invalid(message)) => {
+                assert!(message.contains("256"), "{message}");
+                assert!(
+                    !message.contains(&long),
+                    "the value is not echoed: {message}"
+                );
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        publisher.broker(),
+        None,
+        "nothing was written, so no channel was needed"
+    );
+    node.stop().await.expect("orderly stop");
+}
+
+/// The port of an `amqp://…@127.0.0.1:<port>/…` URI.
+fn port_of(uri: &str) -> u16 {
+    uri.rsplit(':')
+        .next()
+        .and_then(|tail| tail.split('/').next())
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {uri}"))
+}
