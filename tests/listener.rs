@@ -1077,7 +1077,11 @@ async fn poison_messages_are_parked_and_a_crafted_delivery_count_is_ignored() {
     names.sort();
     assert_eq!(names, ["reject", "retry"], "both parked, bodies intact");
     let stats = handle.stats();
-    assert_eq!((stats.rejected, stats.redelivery_limit), (2, 1), "{stats:?}");
+    assert_eq!(
+        (stats.rejected, stats.redelivery_limit),
+        (2, 1),
+        "{stats:?}"
+    );
     handle.stop().await.expect("stop");
     client.delete_queue(&queue).await;
     client.delete_queue(&parked).await;

@@ -958,3 +958,132 @@ async fn a_binding_left_on_another_broker_retires_the_worker() {
     pool.stop().await;
     node.stop().await.expect("node stops");
 }
+
+/// `rabbitmqctl list_queues` of a private node: (ready, unacked) of one queue.
+async fn depth(broker: &Broker, queue: &str) -> Option<(u32, u32)> {
+    let out = broker
+        .ctl(&[
+            "list_queues",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])
+        .await;
+    out.lines().find_map(|line| {
+        let mut fields = line.split('\t');
+        (fields.next()? == queue).then(|| {
+            let ready = fields.next()?.trim().parse().ok()?;
+            let unacked = fields.next()?.trim().parse().ok()?;
+            Some((ready, unacked))
+        })?
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blocked_broker_fails_publishes_with_blocked_while_consumers_keep_acking() {
+    let brokers = Broker::start_many(1).await;
+    let broker = &brokers[0];
+    let name = unique_node("alarm");
+    let (exchange, queue) = (format!("{name}-ex"), format!("{name}-q"));
+    let node = start_node(config(
+        &name,
+        &[broker.uri()],
+        "prechannels = 2\n\n[listener]\npublish_timeout_ms = 1000\n\n[publisher]\ntimeout_ms = 1000",
+    ))
+    .await;
+    let replies: Arc<parking_lot::Mutex<Vec<String>>> = Arc::default();
+    let replies_in = replies.clone();
+    let noops = Arc::new(AtomicUsize::new(0));
+    let noops_in = noops.clone();
+    let spec = ListenerSpec::new("alarm")
+        .queue(QueueSpec::named(&queue))
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "#")
+        .responder("t", "noop", move |_e: Event| {
+            noops_in.fetch_add(1, Ordering::SeqCst);
+            async { Ok(()) }
+        })
+        .responder("t", "publish", move |event: Event| {
+            let replies = replies_in.clone();
+            async move {
+                let outcome = event
+                    .publish("", "nowhere", Envelope::new("t", "out"))
+                    .await;
+                replies.lock().push(match outcome {
+                    Ok(_) => "ok".to_string(),
+                    Err(error) => error.to_string(),
+                });
+                Ok(())
+            }
+        });
+    let handle = spawn_listener(SpecListener(spec), &app_context(&node, "alarm"))
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+    handle.pause().await.expect("pause");
+    assert!(handle.wait_consuming(false, SOON).await);
+    let client = Client::connect(&broker.uri(), &name).await;
+    client
+        .publish(&exchange, "k", &Envelope::new("t", "publish"))
+        .await;
+    for _ in 0..20 {
+        client
+            .publish(&exchange, "k", &Envelope::new("t", "noop"))
+            .await;
+    }
+    let pool = pool(&node, "alarm", 1, 0, 2000, 60_000).await;
+
+    broker.ctl(&["set_vm_memory_high_watermark", "0"]).await;
+    handle.resume().await.expect("resume");
+    let started = Instant::now();
+    let blocked_in_time = eventually(Duration::from_secs(5), || !replies.lock().is_empty()).await;
+    let waited = started.elapsed();
+    // Consumers on the blocked broker still receive and ack: the broker sees them settled.
+    let settled = until(SOON, || async {
+        depth(broker, &queue).await == Some((0, 0))
+    })
+    .await;
+    let call_started = Instant::now();
+    let call = pool
+        .call(
+            &exchange,
+            "k",
+            Envelope::new("t", "noop"),
+            Duration::from_millis(1000),
+        )
+        .await;
+    let call_took = call_started.elapsed();
+    broker.ctl(&["set_vm_memory_high_watermark", "0.4"]).await;
+
+    assert!(blocked_in_time, "the handler's publish hung");
+    let first = replies.lock().first().cloned().unwrap_or_default();
+    assert!(
+        first.contains("blocks publishing"),
+        "a handler's publish fails with Blocked: {first} (after {waited:?})"
+    );
+    assert!(
+        settled,
+        "the broker still holds unsettled messages: {:?} (noops handled: {})",
+        depth(broker, &queue).await,
+        noops.load(Ordering::SeqCst)
+    );
+    assert!(
+        matches!(call, Err(RpcError::Publish(PublishError::Blocked { .. }))),
+        "a pool call fails with Blocked: {call:?}"
+    );
+    assert!(call_took < Duration::from_secs(3), "{call_took:?}");
+
+    // Unblocked: publishing from handlers works again.
+    client
+        .publish(&exchange, "k", &Envelope::new("t", "publish"))
+        .await;
+    assert!(
+        eventually(SOON, || replies.lock().iter().any(|r| r == "ok")).await,
+        "{:?}",
+        replies.lock()
+    );
+    pool.stop().await;
+    handle.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}

@@ -2,10 +2,10 @@
 //! returned (mandatory and unroutable), nacked, refused (the broker closed the channel),
 //! or lost with the connection.
 //!
-//! Used by listeners (replies and publishes from handlers, on the listener's channel), by
-//! pool workers, and by the node's [`Publisher`](crate::publisher::Publisher), which adds
-//! retries on a new primary. The channel must be in confirm mode (`confirm_select`); on a
-//! channel without confirms a publish counts as routed once written.
+//! Used by the node's [`Publisher`](crate::publisher::Publisher), through which every
+//! publish of warren goes (handlers' replies, pool calls, parking), on publish connections.
+//! The channel must be in confirm mode (`confirm_select`); on a channel without confirms a
+//! publish counts as routed once written.
 //!
 //! Every AMQP short string a caller hands in (exchange, routing key, header keys) is
 //! checked here before anything is written: longer than 255 bytes is
@@ -207,21 +207,6 @@ pub async fn confirmation(confirm: PublisherConfirm) -> Result<Published, Publis
     }
 }
 
-/// Publishes `body` and waits for the broker's confirm, however long that takes; callers
-/// bound it. An exchange or routing key over 255 bytes is `Invalid`, before any write.
-pub async fn send(
-    channel: &Channel,
-    exchange: &str,
-    routing_key: &str,
-    body: &[u8],
-    properties: BasicProperties,
-    mandatory: bool,
-) -> Result<Published, PublishError> {
-    let (exchange, routing_key) = address(exchange, routing_key)?;
-    let confirm = write(channel, exchange, routing_key, body, properties, mandatory).await?;
-    confirmation(confirm).await
-}
-
 /// A returned message as warren reports it.
 fn returned(message: &BasicReturnMessage) -> Returned {
     let properties = &message.delivery.properties;
@@ -240,15 +225,6 @@ fn returned(message: &BasicReturnMessage) -> Returned {
     }
 }
 
-/// Mandatory messages the broker returned on a channel without confirm mode, since the
-/// last look (they are taken: each is seen once).
-pub async fn take_returned(channel: &Channel) -> Vec<Returned> {
-    match channel.wait_for_confirms().await {
-        Ok(messages) => messages.iter().map(returned).collect(),
-        Err(_) => Vec::new(),
-    }
-}
-
 /// A channel-level AMQP error means the broker refused this publish; anything else means
 /// the channel or connection is gone.
 fn classify(error: lapin::Error) -> PublishError {
@@ -257,33 +233,6 @@ fn classify(error: lapin::Error) -> PublishError {
     } else {
         PublishError::Channel(error.to_string())
     }
-}
-
-/// Publishes `envelope` on this channel and waits (up to `options.timeout`) for the
-/// broker's confirm. No retry: the caller owns the channel. Invalid input (see
-/// [`address`]) fails before the envelope is even encoded.
-pub async fn publish_confirmed(
-    channel: &Channel,
-    exchange: &str,
-    routing_key: &str,
-    envelope: &Envelope,
-    options: &PublishOptions,
-) -> Result<Published, PublishError> {
-    address(exchange, routing_key)?;
-    let (body, properties) = options.encode(envelope);
-    tokio::time::timeout(
-        options.timeout,
-        send(
-            channel,
-            exchange,
-            routing_key,
-            &body,
-            properties,
-            options.mandatory,
-        ),
-    )
-    .await
-    .unwrap_or(Err(PublishError::Timeout(options.timeout)))
 }
 
 #[cfg(test)]

@@ -196,6 +196,37 @@ impl Publisher {
         options: PublishOptions,
     ) -> Result<Published, PublishError> {
         let outgoing = self.prepare(exchange, routing_key, envelope, &options)?;
+        self.publish_outgoing(outgoing, options).await
+    }
+
+    /// Publishes a body as it is (no envelope, no stamp: e.g. a message moved to a parking
+    /// queue, with its own properties) and waits for the confirm, as
+    /// [`Publisher::publish`] does. `options.gzip` and `options.persistent` are ignored:
+    /// `properties` say what the body is.
+    pub async fn publish_raw(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: Vec<u8>,
+        properties: BasicProperties,
+        options: PublishOptions,
+    ) -> Result<Published, PublishError> {
+        let (exchange, routing_key) = publish::address(exchange, routing_key)?;
+        let outgoing = Outgoing {
+            exchange,
+            routing_key,
+            body,
+            properties,
+            mandatory: options.mandatory,
+        };
+        self.publish_outgoing(outgoing, options).await
+    }
+
+    async fn publish_outgoing(
+        &self,
+        outgoing: Outgoing,
+        options: PublishOptions,
+    ) -> Result<Published, PublishError> {
         let deadline = Instant::now() + options.timeout;
         let _permit = self.permit(deadline, options.timeout).await?;
         let mut last_loss: Option<String> = None;

@@ -125,10 +125,42 @@ impl Broker {
         blocking(move || this.node().kill().expect("kill")).await;
     }
 
-    /// Starts again on the same port and data; returns once it accepts AMQP.
+    /// Starts again on the same port and data; returns once it has booted (it accepts
+    /// AMQP somewhat earlier: see `restart_timed`).
     pub async fn restart(&self) {
         let this = self.clone();
         blocking(move || this.node().restart().expect("restart")).await;
+    }
+
+    /// Starts again and returns when the port first accepted AMQP (after waiting for the
+    /// boot to finish): the moment clients can see the broker again.
+    pub async fn restart_timed(&self) -> std::time::Instant {
+        let this = self.clone();
+        let port = blocking(move || {
+            let mut node = this.node();
+            node.start_again_in_background().expect("start again");
+            node.amqp_port()
+        })
+        .await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let accepted = blocking(move || {
+            while std::time::Instant::now() < deadline {
+                if speaks_amqp(port) {
+                    return std::time::Instant::now();
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            panic!("the restarted broker did not accept AMQP within 60 s");
+        })
+        .await;
+        let this = self.clone();
+        blocking(move || {
+            this.node()
+                .wait_ready(Duration::from_secs(60))
+                .expect("booted")
+        })
+        .await;
+        accepted
     }
 
     /// SIGSTOP: the broker hangs with its sockets open.
@@ -179,6 +211,21 @@ impl Broker {
         })
         .await
     }
+}
+
+/// Whether something on `port` answers the AMQP 0-9-1 header with a method frame.
+fn speaks_amqp(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let timeout = Duration::from_millis(200);
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
+        return false;
+    };
+    let mut first = [0u8; 1];
+    stream.set_read_timeout(Some(timeout)).is_ok()
+        && stream.write_all(b"AMQP\x00\x00\x09\x01").is_ok()
+        && stream.read_exact(&mut first).is_ok()
+        && first[0] == 1
 }
 
 /// Which messages a test listener handled, how often, and when first.

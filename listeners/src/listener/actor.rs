@@ -262,6 +262,7 @@ impl ListenerState {
         let context = Arc::new(LeaseContext {
             lease: lease.generation,
             channel: lease.channel,
+            publisher: self.shared.settings.publisher.to_broker(lease.broker.id),
             broker: lease.broker,
             parking_declared: AtomicBool::new(false),
         });

@@ -83,6 +83,8 @@ pub(crate) struct LeaseContext {
     pub lease: u64,
     pub channel: Channel,
     pub broker: Arc<Broker>,
+    /// The listener's publisher pinned to this broker (replies, parking).
+    pub publisher: warren_runtime::publisher::Publisher,
     /// The parking queue was declared on this channel.
     pub parking_declared: AtomicBool,
 }
@@ -339,8 +341,7 @@ impl ConsumerLoop {
                 lease: self.context.lease,
             },
             Some(Outbox {
-                channel: self.context.channel.clone(),
-                stamp: settings.stamp.clone(),
+                publisher: self.context.publisher.clone(),
                 timeout: settings.publish_timeout,
                 listener: shared.listener.clone(),
             }),
@@ -454,7 +455,7 @@ impl ConsumerLoop {
                     ..
                 } = delivery;
                 let message = parking::Message {
-                    data: &data,
+                    data,
                     properties: &properties,
                     exchange: exchange.as_str(),
                     routing_key: routing_key.as_str(),
@@ -477,7 +478,7 @@ impl ConsumerLoop {
         let (shared, context) = (self.shared.clone(), self.context.clone());
         Box::pin(async move {
             let outcome = outcome.await;
-            conclusion(&shared, &context, &event, &data, before, outcome).await
+            conclusion(&shared, &context, &event, data, before, outcome).await
         })
     }
 
@@ -690,7 +691,7 @@ async fn conclusion(
     shared: &ListenerShared,
     context: &LeaseContext,
     event: &Event,
-    data: &[u8],
+    data: Vec<u8>,
     before: u32,
     outcome: Outcome,
 ) -> Verdict {
@@ -703,7 +704,7 @@ async fn conclusion(
     let reason = match outcome {
         Outcome::Ack => {
             if before > 0 {
-                shared.failures.forget(body_key(data, routing_key));
+                shared.failures.forget(body_key(&data, routing_key));
             }
             return Verdict::Ack;
         }
@@ -712,7 +713,7 @@ async fn conclusion(
             return Verdict::Requeue;
         }
         Outcome::Requeue => {
-            let key = body_key(data, routing_key);
+            let key = body_key(&data, routing_key);
             let failures = shared.failures.failed(key, before, settings.quorum);
             if failures <= settings.max_redeliveries {
                 return Verdict::Requeue;
@@ -729,7 +730,7 @@ async fn conclusion(
         }
         Outcome::Reject => {
             if before > 0 {
-                shared.failures.forget(body_key(data, routing_key));
+                shared.failures.forget(body_key(&data, routing_key));
             }
             "rejected by a handler".to_string()
         }

@@ -1,17 +1,21 @@
 //! What a responder receives: the decoded envelope, the delivery's metadata, and a way to
-//! publish and reply on the listener's channel (the one the event arrived on).
+//! publish and reply through the broker the event came from.
 //!
-//! An [`Event`] is cheap to clone (every matching responder gets one). Publishing waits for
-//! the broker's confirm, so `reply().await` returning `Ok` means the broker has the reply.
+//! An [`Event`] is cheap to clone (every matching responder gets one). Publishing goes out
+//! on that broker's publish connection (never on the channel the listener consumes on, so a
+//! broker that blocks publishing during a resource alarm cannot stall the consumers) and
+//! waits for the broker's confirm, so `reply().await` returning `Ok` means the broker has
+//! the reply; a blocked broker makes it fail with `Blocked` after the publish timeout.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use lapin::BasicProperties;
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel};
-use warren_runtime::envelope::{Envelope, Stamp, keys};
+use warren_runtime::envelope::{Envelope, keys};
 use warren_runtime::exchanges::TARGETED;
-use warren_runtime::publish::{PublishError, PublishOptions, Published, publish_confirmed};
+use warren_runtime::publish::{PublishError, PublishOptions, Published};
+use warren_runtime::publisher::Publisher;
 use warren_runtime::registry::Broker;
 
 use super::{Listener, Notice};
@@ -41,11 +45,11 @@ impl DeliveryInfo {
     }
 }
 
-/// Publishing on the listener's channel.
+/// Publishing through the broker an event came from.
 #[derive(Clone)]
 pub(crate) struct Outbox {
-    pub channel: Channel,
-    pub stamp: Arc<Stamp>,
+    /// The node's publisher, stamping as the app, pinned to the event's broker.
+    pub publisher: Publisher,
     pub timeout: Duration,
     pub listener: Arc<dyn Listener>,
 }
@@ -108,7 +112,7 @@ impl Event {
         self.publish(TARGETED, &server_id, reply).await
     }
 
-    /// Publishes on the listener's channel and waits for the broker's confirm.
+    /// Publishes through the event's broker and waits for the broker's confirm.
     pub async fn publish(
         &self,
         exchange: &str,
@@ -135,7 +139,7 @@ impl Event {
         &self,
         exchange: &str,
         routing_key: &str,
-        mut envelope: Envelope,
+        envelope: Envelope,
         options: PublishOptions,
     ) -> Result<Published, PublishError> {
         let outbox = self
@@ -143,13 +147,18 @@ impl Event {
             .outbox
             .as_ref()
             .ok_or_else(|| PublishError::Channel("this event has no channel".to_string()))?;
-        envelope.stamp(&outbox.stamp);
-        let published =
-            publish_confirmed(&outbox.channel, exchange, routing_key, &envelope, &options).await?;
+        let published = outbox
+            .publisher
+            .publish(exchange, routing_key, envelope, options)
+            .await?;
         if let Published::Returned(returned) = &published {
-            outbox
-                .listener
-                .on_notice(&Notice::Returned(returned.clone()));
+            let listener = outbox.listener.clone();
+            let notice = Notice::Returned(returned.clone());
+            // App code: a panic here is the handler's (caught where it runs) but must not
+            // lose the publish result.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                listener.on_notice(&notice)
+            }));
         }
         Ok(published)
     }

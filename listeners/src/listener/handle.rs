@@ -18,7 +18,8 @@ use warren_runtime::assignments::{Assignments, ChannelKind};
 use warren_runtime::envelope::{Envelope, Stamp};
 use warren_runtime::exchanges::TARGETED;
 use warren_runtime::node::NodeContext;
-use warren_runtime::publish::{PublishError, PublishOptions, Published, publish_confirmed};
+use warren_runtime::publish::{PublishError, PublishOptions, Published};
+use warren_runtime::publisher::Publisher;
 use warren_runtime::readiness::Readiness;
 use warren_runtime::registry::BrokerId;
 use warren_runtime::supervisor::ChildSpec;
@@ -163,7 +164,9 @@ pub(crate) struct Settings {
     /// The parking queue.
     pub parking: String,
     pub channel: ChannelKind,
-    pub stamp: Arc<Stamp>,
+    /// The node's publisher, stamping as the app: handlers' publishes and replies, and
+    /// parking, go out on publish connections, never on the consume channel.
+    pub publisher: Publisher,
 }
 
 /// State shared by a listener's handle, actor and consumer loops.
@@ -241,7 +244,6 @@ impl ListenerShared {
             queue_name,
             bindings,
             exclusive_consumer: spec.exclusive_consumer,
-            confirms: spec.confirms,
             paused: false,
         };
         let parking = super::topology::parking_queue(&topology, &spec.name);
@@ -269,7 +271,7 @@ impl ListenerShared {
                 dead_letter: queue.has_dead_letter_exchange(),
                 parking,
                 channel: spec.channel.clone(),
-                stamp: Arc::new(stamp),
+                publisher: node.publisher.with_stamp(stamp),
             },
             topology: Mutex::new(topology),
             responders: RwLock::new(spec.responders),
@@ -471,23 +473,23 @@ impl ListenerHandle {
         self.shared.responders.write().remove(id)
     }
 
-    /// Publishes on the listener's channel (waiting, within `options.timeout`, for one if
-    /// the listener is between channels) and waits for the broker's confirm.
+    /// Publishes through the broker the listener consumes from (waiting, within
+    /// `options.timeout`, for a channel if the listener is between channels), on that
+    /// broker's publish connection, and waits for the broker's confirm.
     pub async fn publish(
         &self,
         exchange: &str,
         routing_key: &str,
-        mut envelope: Envelope,
+        envelope: Envelope,
         options: PublishOptions,
     ) -> Result<Published, PublishError> {
-        envelope.stamp(&self.shared.settings.stamp);
         let deadline = tokio::time::Instant::now() + options.timeout;
         let mut rx = self.shared.channel.subscribe();
-        let channel = match tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await {
-            Ok(Ok(channel)) => channel.clone(),
-            _ => None,
-        };
-        let Some(channel) = channel else {
+        let ready = tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        let broker = self.current().map(|(broker, _)| broker);
+        let (true, Some(broker)) = (ready, broker) else {
             return Err(PublishError::Channel(format!(
                 "listener `{}` has no channel",
                 self.shared.name
@@ -498,7 +500,12 @@ impl ListenerHandle {
             timeout: remaining,
             ..options
         };
-        publish_confirmed(&channel, exchange, routing_key, &envelope, &options).await
+        self.shared
+            .settings
+            .publisher
+            .to_broker(broker)
+            .publish(exchange, routing_key, envelope, options)
+            .await
     }
 
     /// Stops consuming (messages already received are handled); stays paused across

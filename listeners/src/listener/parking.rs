@@ -11,9 +11,8 @@
 use std::sync::atomic::Ordering;
 
 use lapin::BasicProperties;
-use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, LongString};
-use lapin::{Confirmation, options::ConfirmSelectOptions};
+use warren_runtime::publish::{PublishOptions, Published};
 
 use super::consumer::LeaseContext;
 use super::handle::ListenerShared;
@@ -24,13 +23,14 @@ const MAX_REASON: usize = 512;
 
 /// The message to park, as it arrived.
 pub(crate) struct Message<'a> {
-    pub data: &'a [u8],
+    pub data: Vec<u8>,
     pub properties: &'a BasicProperties,
     pub exchange: &'a str,
     pub routing_key: &'a str,
 }
 
-/// Copies `message` to the parking queue and waits for the broker to have it.
+/// Copies `message` to the parking queue, through the publish connection of the broker it
+/// came from, and waits for the broker to confirm it.
 pub(crate) async fn park(
     shared: &ListenerShared,
     context: &LeaseContext,
@@ -38,12 +38,14 @@ pub(crate) async fn park(
     reason: &str,
 ) -> Result<(), String> {
     let settings = &shared.settings;
-    let timeout = settings.operation_timeout;
-    let channel = &context.channel;
     if !context.parking_declared.load(Ordering::Relaxed) {
-        topology::declare_parking(channel, &settings.parking, timeout)
-            .await
-            .map_err(|e| e.to_string())?;
+        topology::declare_parking(
+            &context.channel,
+            &settings.parking,
+            settings.operation_timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         context.parking_declared.store(true, Ordering::Relaxed);
     }
     let queue = shared.topology.lock().queue_name.clone();
@@ -62,33 +64,26 @@ pub(crate) async fn park(
     text("x-warren-parked-from", &queue);
     text("x-warren-original-exchange", message.exchange);
     text("x-warren-original-routing-key", message.routing_key);
-    let properties = message.properties.clone().with_headers(headers);
-    let publish = async {
-        let _ = channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await;
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                settings.parking.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                message.data,
-                properties.with_delivery_mode(2),
-            )
-            .await?;
-        confirm.await
-    };
-    match tokio::time::timeout(timeout, publish).await {
-        Ok(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)) => Ok(()),
-        Ok(Ok(Confirmation::Ack(Some(_)))) => Err(format!(
-            "the parking queue `{}` does not exist",
-            settings.parking
-        )),
-        Ok(Ok(Confirmation::Nack(_))) => Err("the broker refused the copy (nack)".to_string()),
-        Ok(Err(error)) => Err(error.to_string()),
-        Err(_) => Err(format!("no confirm within {timeout:?}")),
+    let properties = message
+        .properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    let options = PublishOptions::new(settings.publish_timeout).mandatory();
+    match context
+        .publisher
+        .publish_raw("", &settings.parking, message.data, properties, options)
+        .await
+    {
+        Ok(Published::Routed) => Ok(()),
+        Ok(Published::Returned(_)) => {
+            // Deleted since it was declared on this channel: declare it again next time.
+            context.parking_declared.store(false, Ordering::Relaxed);
+            Err(format!(
+                "the parking queue `{}` does not exist",
+                settings.parking
+            ))
+        }
+        Err(error) => Err(error.to_string()),
     }
 }

@@ -245,9 +245,6 @@ pub struct ListenerSpec {
     pub exclusive_consumer: bool,
     /// `None` = `[listener] max_redeliveries`.
     pub max_redeliveries: Option<u32>,
-    /// Put the channel in confirm mode, so publishes from handlers are confirmed (default).
-    /// Confirm mode costs every publish on the channel a little latency.
-    pub confirms: bool,
     pub responders: Responders,
 }
 
@@ -266,7 +263,6 @@ impl ListenerSpec {
             channel: ChannelKind::Float,
             exclusive_consumer: false,
             max_redeliveries: None,
-            confirms: true,
             responders: Responders::default(),
         }
     }
@@ -329,13 +325,6 @@ impl ListenerSpec {
 
     pub fn exclusive_consumer(mut self) -> Self {
         self.exclusive_consumer = true;
-        self
-    }
-
-    /// No confirm mode on this listener's channel: publishes from it are not confirmed
-    /// (pool workers, whose requests are confirmed by their replies).
-    pub fn without_confirms(mut self) -> Self {
-        self.confirms = false;
         self
     }
 

@@ -1,6 +1,7 @@
-//! A listener's topology and how it is replayed on a channel: confirm mode (for publishes
-//! from handlers, unless switched off) → exchanges (the `targeted` exchange first) → queue
-//! → qos → bindings; consuming is started by the actor once all of that succeeded.
+//! A listener's topology and how it is replayed on a channel: exchanges (the `targeted`
+//! exchange first) → queue → qos → bindings; consuming is started by the actor once all of
+//! that succeeded. (Nothing is published on this channel: publishes go out on publish
+//! connections, so the consume channel needs no confirm mode.)
 //!
 //! Every broker operation here is bounded by the node's `operation_timeout`: a broker that
 //! hangs (or a path that drops everything, with heartbeats off) is a timed-out step, which
@@ -16,8 +17,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer, ErrorKind};
@@ -35,8 +36,6 @@ pub(crate) struct Topology {
     pub queue_name: String,
     pub bindings: Vec<Binding>,
     pub exclusive_consumer: bool,
-    /// Confirm mode on the channel.
-    pub confirms: bool,
     /// Consuming was paused by the app; a new channel does not resume it.
     pub paused: bool,
 }
@@ -165,21 +164,13 @@ fn queue_flags(queue: &QueueSpec) -> String {
     flags.join(", ")
 }
 
-/// Confirm mode, exchanges, queue, qos and bindings, in that order, each step bounded.
+/// Exchanges, queue, qos and bindings, in that order, each step bounded.
 pub(crate) async fn declare(
     channel: &Channel,
     topology: &Topology,
     prefetch: Option<u16>,
     timeout: Duration,
 ) -> Result<(), SetupError> {
-    if topology.confirms {
-        bounded(
-            timeout,
-            || "confirm.select".to_string(),
-            channel.confirm_select(ConfirmSelectOptions::default()),
-        )
-        .await?;
-    }
     for exchange in &topology.exchanges {
         declare_exchange(channel, exchange, timeout).await?;
     }

@@ -54,6 +54,16 @@ impl PoolLease {
             .map(|(broker, _)| broker)
     }
 
+    /// The publisher a call's request goes out through: the worker's broker (where its
+    /// queue, and so the reply, is), or the primary while it is between channels.
+    pub(super) fn request_publisher(&self) -> Option<Publisher> {
+        let publisher = self.publisher.as_ref()?;
+        Some(match self.worker().handle.current() {
+            Some((broker, _)) => publisher.to_broker(broker),
+            None => publisher.clone(),
+        })
+    }
+
     /// Publishes with confirms (stamped as the app) and waits for the broker's answer.
     pub async fn publish(
         &self,

@@ -8,25 +8,27 @@
 //!   and returns the replies so far.
 //! - `cast`: publish only (confirmed, through the node's publisher).
 //!
-//! A call's request goes out on the worker's own channel, mandatory and without confirm
-//! mode: the reply is the confirmation, and an unroutable request comes back from the
-//! broker (`basic.return`) within milliseconds as `Returned`, instead of waiting for a reply
-//! that cannot come.
+//! A call's request goes out on the publish connection of the broker the worker's queue is
+//! on (its replies come back there), mandatory and confirmed: the call waits for the reply
+//! and the confirm at once, so the confirm adds no latency, and an unroutable request
+//! comes back as `Returned` within milliseconds instead of waiting for a reply that cannot
+//! come. A broker that blocks publishing makes the call fail with `Blocked` after its
+//! timeout; it never stalls the worker's consumer.
 
 use std::fmt;
 use std::time::Duration;
 
 use tokio::time::Instant;
 use warren_runtime::envelope::{Envelope, keys};
-use warren_runtime::publish::{PublishError, PublishOptions, Published, Returned, take_returned};
+use warren_runtime::publish::{PublishError, PublishOptions, Published, Returned};
+use warren_runtime::publisher::Sent;
 
 use super::PoolError;
 use super::lease::PoolLease;
 
-/// First look for a returned request this long after publishing; then twice as long, up
-/// to `RETURN_CHECK_MAX`. A reply usually comes before the first look.
-const RETURN_CHECK_FIRST: Duration = Duration::from_millis(1);
-const RETURN_CHECK_MAX: Duration = Duration::from_millis(50);
+/// How long, at a call's deadline, the request's confirm may still take to say why no
+/// reply came (e.g. `Blocked`).
+const LAST_WORD: Duration = Duration::from_millis(50);
 
 /// Why a call did not produce a reply.
 #[derive(Debug, thiserror::Error)]
@@ -83,19 +85,20 @@ pub struct Collected {
 enum Waited {
     Reply(Envelope),
     Returned(Returned),
+    /// The request's publish failed (nacked, blocked, channel lost).
+    Failed(PublishError),
     Deadline,
 }
 
-/// One call in progress: its Msg-ID, deadline, and when to look for a return next.
+/// One call in progress: its Msg-ID, deadline, and the request's confirm until it came.
 struct Pending {
     msg_id: String,
     deadline: Instant,
-    check_every: Duration,
-    next_check: Instant,
+    sent: Option<Sent>,
 }
 
 impl PoolLease {
-    /// Publishes a request on the worker's channel (mandatory); the call is then pending.
+    /// Writes a request (mandatory) through the worker's broker; the call is then pending.
     async fn send_request(
         &self,
         exchange: &str,
@@ -109,51 +112,55 @@ impl PoolLease {
         let worker = self.worker();
         worker.inbox.expect(&msg_id);
         let options = PublishOptions::new(timeout).mandatory();
-        let failure = match worker
-            .handle
-            .publish(exchange, routing_key, request, options)
-            .await
-        {
-            Ok(Published::Routed) => {
-                let now = Instant::now();
-                return Ok(Pending {
-                    msg_id,
-                    deadline,
-                    check_every: RETURN_CHECK_FIRST,
-                    next_check: now + RETURN_CHECK_FIRST,
-                });
+        let sent = match self.request_publisher() {
+            Some(publisher) => {
+                publisher
+                    .send(exchange, routing_key, request, options)
+                    .await
             }
-            Ok(Published::Returned(returned)) => RpcError::Returned(returned),
-            Err(error) => RpcError::Publish(error),
+            None => Err(PublishError::NoBroker(timeout)),
         };
-        worker.inbox.forget(&msg_id);
-        Err(failure)
+        match sent {
+            Ok(sent) => Ok(Pending {
+                msg_id,
+                deadline,
+                sent: Some(sent),
+            }),
+            Err(error) => {
+                worker.inbox.forget(&msg_id);
+                Err(RpcError::Publish(error))
+            }
+        }
     }
 
-    /// The next reply to the pending call, a return of its request, or the deadline.
+    /// The next reply to the pending call, the request's failure, or the deadline.
     async fn wait(&mut self, pending: &mut Pending) -> Waited {
         loop {
-            let wake = pending.deadline.min(pending.next_check);
-            match tokio::time::timeout_at(wake, self.mailbox.replies.recv()).await {
-                Ok(Some(event)) => {
-                    if event.envelope().msg_id() == Some(pending.msg_id.as_str()) {
-                        return Waited::Reply(event.envelope().clone());
-                    }
+            let confirm = async {
+                match pending.sent.as_mut() {
+                    Some(sent) => sent.await,
+                    None => std::future::pending().await,
                 }
-                Ok(None) => return Waited::Deadline,
-                Err(_) if Instant::now() >= pending.deadline => return Waited::Deadline,
-                Err(_) => {
-                    if let Some(channel) = self.worker().handle.channel() {
-                        for returned in take_returned(&channel).await {
-                            let ours = returned.envelope.as_ref().and_then(|e| e.msg_id())
-                                == Some(pending.msg_id.as_str());
-                            if ours {
-                                return Waited::Returned(returned);
+            };
+            tokio::select! {
+                reply = tokio::time::timeout_at(pending.deadline, self.mailbox.replies.recv()) => {
+                    match reply {
+                        Ok(Some(event)) => {
+                            if event.envelope().msg_id() == Some(pending.msg_id.as_str()) {
+                                return Waited::Reply(event.envelope().clone());
                             }
                         }
+                        Ok(None) => return Waited::Deadline,
+                        Err(_) => return last_word(pending).await,
                     }
-                    pending.check_every = (pending.check_every * 2).min(RETURN_CHECK_MAX);
-                    pending.next_check = Instant::now() + pending.check_every;
+                }
+                confirmed = confirm => {
+                    pending.sent = None;
+                    match confirmed {
+                        Ok(Published::Routed) => {}
+                        Ok(Published::Returned(returned)) => return Waited::Returned(returned),
+                        Err(error) => return Waited::Failed(error),
+                    }
                 }
             }
         }
@@ -176,6 +183,7 @@ impl PoolLease {
                 Waited::Reply(reply) if reply.defer_response() => deferred = Some(reply),
                 Waited::Reply(reply) => break Ok(reply),
                 Waited::Returned(returned) => break Err(RpcError::Returned(returned)),
+                Waited::Failed(error) => break Err(RpcError::Publish(error)),
                 Waited::Deadline => break deferred.take().ok_or(RpcError::Timeout(timeout)),
             }
         };
@@ -203,6 +211,7 @@ impl PoolLease {
             match self.wait(&mut pending).await {
                 Waited::Reply(reply) => replies.push(reply),
                 Waited::Returned(returned) => break Err(RpcError::Returned(returned)),
+                Waited::Failed(error) => break Err(RpcError::Publish(error)),
                 Waited::Deadline => {
                     break Ok(Collected {
                         replies,
@@ -230,6 +239,21 @@ impl PoolLease {
             Ok(Published::Returned(returned)) => Err(RpcError::Returned(returned)),
             Err(error) => Err(RpcError::Publish(error)),
         }
+    }
+}
+
+/// At the deadline without a reply: the request's confirm, if it is still due, may say why
+/// (`Blocked`, `Nacked`); otherwise it is a plain timeout.
+async fn last_word(pending: &mut Pending) -> Waited {
+    let Some(sent) = pending.sent.take() else {
+        return Waited::Deadline;
+    };
+    match tokio::time::timeout(LAST_WORD, sent).await {
+        Ok(Ok(Published::Returned(returned))) => Waited::Returned(returned),
+        Ok(Err(error @ (PublishError::Blocked { .. } | PublishError::Nacked))) => {
+            Waited::Failed(error)
+        }
+        _ => Waited::Deadline,
     }
 }
 

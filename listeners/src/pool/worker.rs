@@ -1,7 +1,7 @@
 //! A pool worker: a listener with its own channel and its own anonymous queue, bound to
 //! `targeted` with the queue's name as routing key (its `Server-ID`), whose deliveries go
-//! to whoever holds the worker's lease. Its channel carries call requests and is not in
-//! confirm mode (a request is confirmed by its reply).
+//! to whoever holds the worker's lease. Its channel only consumes: call requests go out on
+//! the publish connection of the worker's broker (see `rpc`).
 //!
 //! Replies (deliveries via `targeted` to the worker's own queue) reach the holder only for
 //! the `Msg-ID`s it is waiting for; late replies are dropped. Deliveries of temporary
@@ -114,8 +114,6 @@ impl Listener for WorkerListener {
             .bind_own_queue(TARGETED)
             // One at a time: the holder sees deliveries in queue order; forwarding is quick.
             .concurrency(1)
-            // Requests are confirmed by their replies; confirm mode would only add latency.
-            .without_confirms()
             .responder("*", "*", move |event: Event| {
                 let inbox = inbox.clone();
                 async move { forward(&inbox, event).await }
