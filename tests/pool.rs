@@ -401,16 +401,29 @@ async fn checkout_fails_with_pool_full_and_idle_overflow_retires() {
     );
     assert_eq!(pool.stats().full, 1);
 
-    // A waiting checkout gets the first lease that comes back.
+    // A waiting checkout is woken by the first lease that comes back (not by its timeout,
+    // and not because it came late and found the worker idle).
     let waiting = tokio::spawn({
         let pool = pool.clone();
-        async move { pool.checkout().await.map(|lease| lease.queue()) }
+        async move {
+            let lease = pool.checkout().await;
+            (Instant::now(), lease.map(|lease| lease.queue()))
+        }
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        eventually(SOON, || pool.stats().waiting == 1).await,
+        "the checkout waits"
+    );
     let returned = leases.pop().expect("a lease");
     let queue = returned.queue();
     returned.checkin().await;
-    assert_eq!(waiting.await.expect("task").expect("checkout"), queue);
+    let checked_in = Instant::now();
+    let (woken, got) = waiting.await.expect("task");
+    assert_eq!(got.expect("checkout"), queue);
+    assert!(
+        woken.saturating_duration_since(checked_in) < Duration::from_millis(500),
+        "woken by the check-in, not by its 1 s timeout"
+    );
 
     drop(leases);
     // The overflow worker retires after being idle for the idle timeout; the base stays.
@@ -446,7 +459,23 @@ async fn the_pool_grows_under_two_hundred_concurrent_callers() {
             Ok::<_, RpcError>(reply.get("Payload") == Some(&json!(i)))
         }
     });
+    // Channels on the node's consume connection while the callers run: the workers' and
+    // the runtime's own (prechannels, the responder).
+    let consume = format!("{name}/consume");
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (sampling, consume) = (sampling.clone(), consume.clone());
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while sampling.load(Ordering::SeqCst) {
+                peak = peak.max(channel_count(local_ctl, &consume).unwrap_or(0));
+            }
+            peak
+        })
+    };
     let results = futures::future::join_all(calls).await;
+    sampling.store(false, Ordering::SeqCst);
+    let peak = sampler.join().expect("sampler");
     let failures: Vec<_> = results.iter().filter(|r| !matches!(r, Ok(true))).collect();
     assert!(
         failures.is_empty(),
@@ -457,9 +486,15 @@ async fn the_pool_grows_under_two_hundred_concurrent_callers() {
     let stats = pool.stats();
     println!("200 concurrent callers: {stats:?}");
     assert!(stats.overflow_started > 0, "the pool grew: {stats:?}");
+    // Prechannels (10 by default) and the responder's channel besides the workers'.
+    let own = 10 + 1;
     assert!(
-        stats.workers <= 32,
-        "never beyond size + overflow: {stats:?}"
+        peak as usize <= 2 + 30 + own,
+        "the broker saw {peak} channels: more than size + overflow + the runtime's {own}"
+    );
+    assert!(
+        peak as usize > own,
+        "the sampler saw the workers' channels ({peak})"
     );
     pool.stop().await;
     server.stop().await.expect("stop");
@@ -552,15 +587,38 @@ async fn temporary_bindings_deliver_to_the_lease_and_go_at_check_in() {
         keys.contains(&queue),
         "the worker's own binding stays: {keys:?}"
     );
-    // The next holder does not get the old lease's deliveries.
+    // The next holder does not get what reached the old lease and was never read: a
+    // delivery of another binding, routed to the worker's queue while the first lease held it.
+    let mut lease = pool.checkout().await.expect("checkout");
+    assert_eq!(lease.queue(), queue, "the same worker again");
+    lease
+        .bind(Binding::new(&exchange, "calls.43.#"))
+        .await
+        .expect("bind");
     client
-        .publish(&exchange, "calls.42.event", &Envelope::new("call", "event"))
+        .publish(
+            &exchange,
+            "calls.43.event",
+            &Envelope::new("call", "unread"),
+        )
         .await;
-    let mut next = pool.checkout().await.expect("checkout");
     assert!(
-        next.next_delivery(Duration::from_millis(300))
+        eventually(SOON, || keys_bound_to(&queue)
+            .contains(&"calls.43.#".to_string()))
+        .await
+    );
+    assert!(
+        until(SOON, || async { client.ready(&queue).await == 0 }).await,
+        "the delivery reached the worker"
+    );
+    lease.checkin().await;
+    let mut next = pool.checkout().await.expect("checkout");
+    assert_eq!(next.queue(), queue, "the same worker again");
+    assert!(
+        next.next_delivery(Duration::from_millis(500))
             .await
-            .is_none()
+            .is_none(),
+        "the next holder got a delivery meant for the previous one"
     );
     next.checkin().await;
     pool.stop().await;

@@ -242,7 +242,23 @@ impl ListenerPool {
                 }
             };
             match next {
-                Next::Idle(worker, generation) => return Ok(inner.lease(worker, generation)),
+                Next::Idle(worker, generation) => {
+                    // A lease is handed out ready: its worker consumes (its queue exists
+                    // and is bound), or the checkout waits for that, within its deadline.
+                    let lease = inner.lease(worker, generation);
+                    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    if lease.worker().handle.is_consuming()
+                        || lease.worker().handle.wait_consuming(true, remaining).await
+                    {
+                        return Ok(lease);
+                    }
+                    // Dropping the lease gives the worker back.
+                    drop(lease);
+                    return Err(PoolError::NotReady {
+                        pool: inner.name.clone(),
+                        waited: started.elapsed(),
+                    });
+                }
                 Next::Start(generation) => {
                     let worker = inner.start_overflow(generation, deadline).await?;
                     return Ok(inner.lease(worker, generation));

@@ -36,7 +36,7 @@ pub struct PoolLease {
 }
 
 impl PoolLease {
-    pub(super) fn worker(&self) -> &Arc<Worker> {
+    pub(crate) fn worker(&self) -> &Arc<Worker> {
         &self.worker
     }
 
