@@ -627,3 +627,92 @@ async fn rust_log_never_prints_a_message_body() {
     );
     assert!(!shows(&stderr, &marker), "the body was logged: {stderr}");
 }
+
+/// A `targeted` exchange declared by someone else with other flags (Kazoo declares it
+/// transient) is one clear error naming the object and the flags, the node is not ready
+/// (no "warren ready"), retries back off, and no lapin error lines appear.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_declaration_is_one_clear_error_and_the_node_is_not_ready() {
+    let brokers = common::Broker::start_many(1).await;
+    let broker = &brokers[0];
+    // Declared transient, as a Kazoo deployment does.
+    let connection =
+        lapin::Connection::connect(&broker.uri(), lapin::ConnectionProperties::default())
+            .await
+            .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .exchange_declare(
+            "targeted".into(),
+            lapin::ExchangeKind::Direct,
+            lapin::options::ExchangeDeclareOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("a transient targeted");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique_node("refused");
+    let text = format!(
+        "{}\n[apps.echo]\nenabled = true\n",
+        config_text(&name, &[broker.uri()], "")
+            .replace("startup_timeout_secs = 30", "startup_timeout_secs = 3")
+    );
+    let path = write_config(dir.path(), &text);
+    let mut run = Running::start(&path);
+    let watched = Instant::now();
+    let lines = run.lines.clone();
+    let saw_not_ready = tokio::task::spawn_blocking(move || {
+        eventually_blocking(Duration::from_secs(20), || {
+            lines
+                .lock()
+                .expect("lines lock")
+                .iter()
+                .any(|l| l.contains("warren not ready yet"))
+        })
+    })
+    .await
+    .expect("wait");
+    // Let the retries run a while longer, then count.
+    let until = watched + Duration::from_secs(8);
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let window = watched.elapsed();
+    let output = run.output();
+    run.signal("TERM");
+    let _ = run.wait_exit(Duration::from_secs(15));
+    assert!(saw_not_ready, "{output}");
+    assert!(!output.contains("warren ready"), "{output}");
+    let refusals: Vec<&str> = output
+        .lines()
+        .filter(|l| l.contains("a declaration is refused"))
+        .collect();
+    assert!(
+        !refusals.is_empty() && refusals.len() <= 2,
+        "one clear error (per 10 s), got {} in {window:?}:\n{output}",
+        refusals.len()
+    );
+    let refusal = refusals[0];
+    for needed in ["exchange `targeted`", "durable", "[exchanges.targeted]"] {
+        assert!(
+            refusal.contains(needed),
+            "`{needed}` missing from: {refusal}"
+        );
+    }
+    assert!(
+        !output.contains("lapin"),
+        "lapin's own error lines leak through:\n{output}"
+    );
+    // The broker saw the refused declarations: few, spaced out by the backoff.
+    let log = std::fs::read_to_string(broker.node_log()).unwrap_or_default();
+    let attempts = log
+        .lines()
+        .filter(|l| l.contains("inequivalent arg 'durable'"))
+        .count();
+    println!("{attempts} refused declarations in {window:?}");
+    assert!(
+        attempts <= 30,
+        "{attempts} declarations in {window:?}: retries do not back off"
+    );
+    let _ = connection.close(200, "done".into()).await;
+}

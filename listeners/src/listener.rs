@@ -22,6 +22,7 @@ mod event;
 mod handle;
 mod parking;
 mod redelivery;
+mod refusals;
 mod responders;
 mod spec;
 mod topology;

@@ -119,6 +119,11 @@ impl Broker {
         self.node().uri()
     }
 
+    /// The node's own log file.
+    pub fn node_log(&self) -> std::path::PathBuf {
+        self.node().node_log()
+    }
+
     /// SIGKILL; returns once the port refuses connections.
     pub async fn kill(&self) {
         let this = self.clone();

@@ -31,6 +31,7 @@ use super::Notice;
 use super::consumer::{ConsumerLoop, Control, Ended, LeaseContext, panic_text};
 use super::drain::{self, Closed, Drain, Step};
 use super::handle::{ListenerError, ListenerShared, ListenerStatus, Removed};
+use super::refusals::REFUSALS;
 use super::spec::{AckMode, Binding, QueueName};
 use super::topology::{self, SetupError};
 
@@ -57,6 +58,11 @@ pub(crate) enum ListenerMsg {
     },
     /// The topology could not be set up on this lease; ask for another channel.
     RetrySetup {
+        lease: u64,
+    },
+    /// Declare the topology on the active lease now (its turn after a refused
+    /// declaration came).
+    Declare {
         lease: u64,
     },
     /// Re-declare queues that have no consumer (paused), so that they do not expire.
@@ -144,6 +150,8 @@ pub(crate) struct ListenerState {
     /// Bindings removed while some broker's queue may still have them: unbound there when
     /// the listener is next on that broker.
     tombstones: Vec<Placed>,
+    /// The refused declaration (broker and step) the last set-up failed on.
+    refused: Option<String>,
 }
 
 /// The actor behind a listener.
@@ -156,6 +164,13 @@ fn close_channel(channel: Channel) {
                 .await;
         }
     });
+}
+
+/// A little randomness, so that listeners waiting for the same moment do not all act at
+/// once.
+fn jitter() -> Duration {
+    let spread = Duration::from_millis(100);
+    Backoff::new(spread, spread).delay(0)
 }
 
 /// Adds `broker` to where `binding` may exist.
@@ -258,7 +273,6 @@ impl ListenerState {
 
     /// A new channel: declare everything on it, then consume (unless paused).
     async fn setup(&mut self, myself: &ActorRef<ListenerMsg>, lease: Lease) {
-        let topology = self.shared.topology.lock().clone();
         let context = Arc::new(LeaseContext {
             lease: lease.generation,
             channel: lease.channel,
@@ -266,21 +280,47 @@ impl ListenerState {
             broker: lease.broker,
             parking_declared: AtomicBool::new(false),
         });
+        self.active = Some(Held {
+            context,
+            ready: false,
+            consumer: None,
+            drain: None,
+        });
+        self.declare(myself).await;
+    }
+
+    /// Declares the topology on the active channel, unless a declaration the broker
+    /// refused is being probed by another listener: then it waits for its turn.
+    async fn declare(&mut self, myself: &ActorRef<ListenerMsg>) {
+        let Some(context) = self
+            .active
+            .as_ref()
+            .filter(|h| !h.ready)
+            .map(|h| h.context.clone())
+        else {
+            return;
+        };
+        let lease = context.lease;
+        if let Some(key) = &self.refused
+            && let Err(until) = REFUSALS.turn(key, Instant::now())
+        {
+            let delay = until.saturating_duration_since(Instant::now()) + jitter();
+            myself.send_after(delay, move || ListenerMsg::Declare { lease });
+            return;
+        }
+        let topology = self.shared.topology.lock().clone();
         let prefetch = match self.shared.settings.ack {
             AckMode::Broker => None,
             _ => Some(self.shared.settings.prefetch),
         };
         let result = topology::declare(&context.channel, &topology, prefetch, self.timeout()).await;
         let broker = context.broker.clone();
-        self.active = Some(Held {
-            context: context.clone(),
-            ready: false,
-            consumer: None,
-            drain: None,
-        });
         if let Err(error) = result {
-            self.setup_failed(myself, context.lease, &error);
+            self.setup_failed(myself, lease, &error);
             return;
+        }
+        if let Some(key) = self.refused.take() {
+            REFUSALS.succeeded(&key);
         }
         for binding in &topology.bindings {
             place(&mut self.placed, binding, broker.id);
@@ -292,8 +332,8 @@ impl ListenerState {
                 .channel
                 .send_replace(Some(held.channel().clone()));
         }
-        *self.shared.current.write() = Some((broker.id, context.lease));
-        tracing::info!(listener = %self.shared.name, queue = %topology.queue_name, broker = %broker, lease = context.lease, "topology declared");
+        *self.shared.current.write() = Some((broker.id, lease));
+        tracing::info!(listener = %self.shared.name, queue = %topology.queue_name, broker = %broker, lease, "topology declared");
         self.notice(Notice::QueueCreated {
             queue: topology.queue_name.clone(),
             broker: broker.uri.redacted().to_string(),
@@ -302,7 +342,7 @@ impl ListenerState {
             // Paused on purpose, with everything declared: that is ready.
             self.readiness.ready();
         } else {
-            self.start_consumer(myself, context.lease).await;
+            self.start_consumer(myself, lease).await;
         }
     }
 
@@ -333,8 +373,23 @@ impl ListenerState {
     /// does not spin; the node is not ready meanwhile and says why.
     fn setup_failed(&mut self, myself: &ActorRef<ListenerMsg>, lease: u64, error: &SetupError) {
         self.setup_failures = self.setup_failures.saturating_add(1);
-        let delay = Backoff::new(Duration::from_millis(100), Duration::from_secs(30))
-            .delay(self.setup_failures - 1);
+        let delay = if error.is_mismatch() {
+            // Every listener needing this object on this broker fails the same way: one
+            // probe per round for all of them.
+            let broker = self
+                .active
+                .as_ref()
+                .map(|h| h.context.broker.uri.redacted().to_string())
+                .unwrap_or_default();
+            let key = format!("{broker}|{}", error.step);
+            let until = REFUSALS.failed(&key, Instant::now());
+            self.refused = Some(key);
+            until.saturating_duration_since(Instant::now()) + jitter()
+        } else {
+            self.refused = None;
+            Backoff::new(Duration::from_millis(100), Duration::from_secs(30))
+                .delay(self.setup_failures - 1)
+        };
         let text = error.to_string();
         self.readiness.not_ready(text.clone());
         if let Some(held) = SETUP_LOGS.allow(&error.step) {
@@ -851,6 +906,7 @@ impl Actor for ListenerActor {
             readiness,
             placed: Vec::new(),
             tombstones: Vec::new(),
+            refused: None,
         })
     }
 
@@ -890,6 +946,11 @@ impl Actor for ListenerActor {
             }
             ListenerMsg::DrainCheck { lease } => state.drain_check(&myself, lease).await,
             ListenerMsg::RetrySetup { lease } => state.retry_setup(lease),
+            ListenerMsg::Declare { lease } => {
+                if state.is_active(lease) {
+                    state.declare(&myself).await;
+                }
+            }
             ListenerMsg::KeepAlive => state.keep_alive().await,
             ListenerMsg::AddBinding(binding, reply) => {
                 let _ = reply.send(state.add_binding(binding).await);
