@@ -195,6 +195,33 @@ async fn echo_queue_counts(broker: &Broker) -> Option<(u64, u64)> {
     })
 }
 
+/// Ready messages of a queue on the broker (0 if it is not listed).
+async fn ready_in(broker: &Broker, queue: &str) -> u64 {
+    let listing = broker.ctl(&["list_queues", "name", "messages_ready"]).await;
+    listing
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            match fields[..] {
+                [name, ready] if name == queue => ready.parse().ok(),
+                _ => None,
+            }
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until `queue` holds `n` ready messages; the last count seen.
+async fn wait_ready_in(broker: &Broker, queue: &str, n: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = ready_in(broker, queue).await;
+        if ready == n || Instant::now() >= deadline {
+            return ready;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Waits until queue `echo` holds nothing, ready or unacknowledged; the last counts seen.
 async fn wait_echo_queue_empty(broker: &Broker) -> Option<(u64, u64)> {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -272,6 +299,46 @@ async fn gzip_bombs_and_a_huge_body_leave_the_service_up_and_bounded() {
         !output.contains("requeued"),
         "a bad message went back to the queue: {output}"
     );
+    assert_eq!(
+        wait_ready_in(&broker, "echo.parked", 6).await,
+        6,
+        "the five bombs and the huge body are parked, not dropped"
+    );
+    let status = run.stop();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}: {output}");
+}
+
+/// A flood of bad messages is a few log lines, not one per message, and every one of them
+/// is parked.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_bad_messages_is_a_few_log_lines_and_all_are_parked() {
+    let (broker, _dir, mut run, mut client) = echo_service("hostile-flood").await;
+    for i in 0..300 {
+        client
+            .publish_raw(
+                "echo",
+                "echo.req",
+                format!("{{not json {i}").as_bytes(),
+                publish_properties(false),
+            )
+            .await;
+    }
+    let request = client.request("echo", "req").with("Payload", "after");
+    client.publish("echo", "echo.req", &request).await;
+    let (reply, _) = reply_to(&mut client, &request, Duration::from_secs(30)).await;
+    let parked = wait_ready_in(&broker, "echo.parked", 300).await;
+    let output = run.output();
+    assert!(reply.is_some(), "no reply after the flood: {output}");
+    assert_eq!(parked, 300, "{output}");
+    let lines = run
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("not a valid envelope"))
+        .count();
+    assert!(
+        (1..=2).contains(&lines),
+        "{lines} log lines for 300 bad messages: {output}"
+    );
     let status = run.stop();
     assert!(status.is_some_and(|s| s.success()), "{status:?}: {output}");
 }
@@ -325,6 +392,11 @@ async fn a_server_id_too_long_for_a_routing_key_is_one_rejection() {
     assert!(
         !output.contains("requeued"),
         "the bad request went back to the queue: {output}"
+    );
+    assert_eq!(
+        wait_ready_in(&broker, "echo.parked", 1).await,
+        1,
+        "the bad request is parked"
     );
     let status = run.stop();
     assert!(status.is_some_and(|s| s.success()), "{status:?}: {output}");
