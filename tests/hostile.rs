@@ -313,6 +313,7 @@ async fn gzip_bombs_and_a_huge_body_leave_the_service_up_and_bounded() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flood_of_bad_messages_is_a_few_log_lines_and_all_are_parked() {
     let (broker, _dir, mut run, mut client) = echo_service("hostile-flood").await;
+    let flood = Instant::now();
     for i in 0..300 {
         client
             .publish_raw(
@@ -335,8 +336,10 @@ async fn a_flood_of_bad_messages_is_a_few_log_lines_and_all_are_parked() {
         .into_iter()
         .filter(|l| l.contains("not a valid envelope"))
         .count();
+    // One line, then at most one per 10 s while the flood lasts.
+    let allowed = 1 + (flood.elapsed().as_secs() / 10) as usize;
     assert!(
-        (1..=2).contains(&lines),
+        (1..=allowed).contains(&lines),
         "{lines} log lines for 300 bad messages: {output}"
     );
     let status = run.stop();
