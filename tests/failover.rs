@@ -351,6 +351,9 @@ async fn no_channel_leaks_after_five_kill_restart_cycles() {
     .expect("sticky");
     let all_on = |broker: BrokerId| floats.iter().all(|h| on(h, broker));
     assert!(eventually(SOON, || all_on(A) && on(&sticky, B)).await);
+    // B is never killed: its connection must live through every cycle (closing one channel
+    // from two places at once makes lapin drop the whole connection).
+    let b_generation = node.context().registry.status(B).map(|s| s.generation);
 
     for cycle in 0..5 {
         a.kill().await;
@@ -368,6 +371,19 @@ async fn no_channel_leaks_after_five_kill_restart_cycles() {
             "cycle {cycle}: drained leases not released"
         );
         assert!(on(&sticky, B), "cycle {cycle}: the sticky listener moved");
+        if node.context().registry.status(B).map(|s| s.generation) != b_generation {
+            let log = std::fs::read_to_string(b.node_log()).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!(
+                "the last lines of B's log:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        assert_eq!(
+            node.context().registry.status(B).map(|s| s.generation),
+            b_generation,
+            "cycle {cycle}: B's connection was lost"
+        );
     }
     let consume = format!("{name}/consume");
     let expected_a = PRECHANNELS + 3;

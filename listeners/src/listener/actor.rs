@@ -119,12 +119,15 @@ impl Held {
         }
     }
 
-    /// The channel is lost: the consumer ends at once and its handlers finish on their own.
+    /// The lease is over: the consumer ends at once and its handlers finish on their own.
+    /// The channel is not closed here: assignments, which owns leases, closes it when it
+    /// learns the lease is over (lost, released or replaced). Two closes of one channel
+    /// racing each other make the broker answer twice, and lapin then closes the whole
+    /// connection over the unexpected `channel.close-ok`.
     fn abandon(self) {
         if let Some(consumer) = self.consumer {
             let _ = consumer.control.send(Control::Abandon);
         }
-        close_channel(self.context.channel.clone());
     }
 }
 
@@ -156,15 +159,6 @@ pub(crate) struct ListenerState {
 
 /// The actor behind a listener.
 pub(crate) struct ListenerActor;
-
-fn close_channel(channel: Channel) {
-    tokio::spawn(async move {
-        if channel.status().connected() {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "warren: done".into()))
-                .await;
-        }
-    });
-}
 
 /// A little randomness, so that listeners waiting for the same moment do not all act at
 /// once.
