@@ -895,16 +895,24 @@ async fn a_lost_channel_lets_running_handlers_finish() {
     let node = start_node(config(&name, &[local_uri()], "")).await;
     let started = counter();
     let finished: Arc<Mutex<Vec<usize>>> = Arc::new(Mutex::new(Vec::new()));
-    let (started_in, finished_in) = (started.clone(), finished.clone());
+    let closed = Arc::new(AtomicBool::new(false));
+    let (started_in, finished_in, closed_in) = (started.clone(), finished.clone(), closed.clone());
     let spec = ListenerSpec::new("inflight")
         .queue(QueueSpec::named(&queue))
         .exchange(Exchange::topic(&exchange))
         .bind(&exchange, "#")
         .responder("t", "slow", move |_e: Event| {
-            let (started, finished) = (started_in.clone(), finished_in.clone());
+            let (started, finished, closed) =
+                (started_in.clone(), finished_in.clone(), closed_in.clone());
             async move {
                 let run = started.fetch_add(1, Ordering::SeqCst) + 1;
-                tokio::time::sleep(Duration::from_millis(1500)).await;
+                // The first run is still at an await point when its channel dies, and goes
+                // on after that.
+                let until = Instant::now() + Duration::from_secs(30);
+                while run == 1 && !closed.load(Ordering::SeqCst) && Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
                 finished.lock().push(run);
                 Ok(())
             }
@@ -919,13 +927,14 @@ async fn a_lost_channel_lets_running_handlers_finish() {
         .publish(&exchange, "k", &Envelope::new("t", "slow"))
         .await;
     assert!(eventually(SOON, || started.load(Ordering::SeqCst) == 1).await);
-    let closed = blocking({
+    let closed_count = blocking({
         let name = name.clone();
         move || close_connections(local_ctl, &format!("{name}/consume"), "test: mid-handler")
     })
     .await
     .expect("close");
-    assert_eq!(closed, 1);
+    assert_eq!(closed_count, 1);
+    closed.store(true, Ordering::SeqCst);
     assert!(
         eventually(SOON, || finished.lock().contains(&1)).await,
         "the handler running when the channel died was dropped mid-flight: finished {:?}",
