@@ -313,8 +313,24 @@ impl BrokerNode {
 
     /// SIGSTOPs the node: its sockets stay open but nothing answers, as with a broker
     /// that hangs or a network path that drops everything. [`BrokerNode::thaw`] resumes it.
+    /// Returns once every thread of the node's BEAM is stopped: `kill` only queues the
+    /// signal, and a thread running on another core may still serve a request meanwhile.
     pub fn freeze(&self) -> Result<(), SupportError> {
-        self.signal_group(libc::SIGSTOP)
+        self.signal_group(libc::SIGSTOP)?;
+        let pid = self.os_pid().ok_or_else(|| {
+            SupportError::InvalidState(format!("node {} is not running", self.name))
+        })?;
+        let deadline = Instant::now() + KILL_TIMEOUT;
+        while Instant::now() < deadline {
+            if all_threads_stopped(pid) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Err(SupportError::Timeout {
+            what: format!("node {} to stop on SIGSTOP", self.name),
+            after: KILL_TIMEOUT,
+        })
     }
 
     /// SIGCONTs a node stopped by [`BrokerNode::freeze`].
@@ -559,6 +575,28 @@ impl std::fmt::Debug for BrokerNode {
             .field("dir", &self.dir.path())
             .finish()
     }
+}
+
+/// Whether every thread of process `pid` is stopped (state `T`, or `t` under a tracer).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let mut any = false;
+    for task in tasks.flatten() {
+        let Ok(stat) = fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) S …`: the state follows the last `)`, since comm may hold spaces.
+        let state = stat
+            .rfind(')')
+            .and_then(|end| stat[end + 1..].trim_start().chars().next());
+        match state {
+            Some('T' | 't') => any = true,
+            _ => return false,
+        }
+    }
+    any
 }
 
 /// Whether a failed start was caused by one of its ports being taken: the AMQP listener
