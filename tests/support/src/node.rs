@@ -460,6 +460,22 @@ impl BrokerNode {
         run_captured(cmd, CTL_TIMEOUT)
     }
 
+    /// Forces the node's metadata store (Mnesia's transaction log) to disk. Mnesia writes a
+    /// declaration to its log asynchronously, so a durable queue declared a moment before a
+    /// SIGKILL can be gone after the restart (CI saw it on a loaded machine); a test that
+    /// kills a node and expects a durable object back calls this first.
+    pub fn sync_metadata(&self) -> Result<(), SupportError> {
+        let out = self.ctl(&["eval", "mnesia:sync_log()."])?;
+        if out.trim() == "ok" {
+            Ok(())
+        } else {
+            Err(SupportError::Parse {
+                what: format!("the answer to mnesia:sync_log() on {}", self.name),
+                input: out,
+            })
+        }
+    }
+
     /// Whether the node's log has a line containing `text` written since the last spawn.
     fn logged_since_spawn(&self, text: &str) -> bool {
         let Ok(mut file) = fs::File::open(self.node_log()) else {

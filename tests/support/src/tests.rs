@@ -198,6 +198,7 @@ fn node_lifecycle_kill_restart_stop() {
             .expect("declare durable queue");
         conn
     });
+    node.sync_metadata().expect("sync the declaration to disk");
     let rows = list_connections(|a| node.ctl(a)).expect("list_connections on node");
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0].name, conn_name);
@@ -413,6 +414,7 @@ fn start_and_restart_return_once_the_node_has_booted() {
             .expect("declare durable queue");
         let _ = conn.close(200, "done".into()).await;
     });
+    node.sync_metadata().expect("sync the declaration to disk");
     node.kill().expect("kill");
     let t = Instant::now();
     node.restart().expect("restart");
