@@ -42,7 +42,7 @@ async fn main() {
         ),
     )
     .await;
-    let router = ConfigRouter::new(node.context());
+    let router = ConfigRouter::new(node.context()).expect("the router's spec");
     router.spawn().await.expect("router starts");
     assert!(
         router

@@ -17,24 +17,29 @@ pub fn names() -> Vec<&'static str> {
 }
 
 /// The node's services (the configuration-event router) and one `app:<name>` supervisor
-/// per enabled app, in config order; every app gets the router.
-pub fn children(node: &NodeContext) -> Children {
-    let router = ConfigRouter::new(node);
+/// per enabled app, in config order; every app gets the router. Refused when an app's
+/// listener spec breaks a rule: every refusal is named, and nothing starts.
+pub fn children(node: &NodeContext) -> Result<Children, String> {
+    let router = ConfigRouter::new(node).map_err(|error| format!("router: {error}"))?;
     let catalog = catalog();
-    let apps = node
-        .config
-        .apps
-        .iter()
-        .filter(|app| app.enabled)
-        .filter_map(|config| {
-            let app = catalog.iter().find(|app| app.name() == config.name)?;
-            let ctx = AppContext::new(app.as_ref(), node.clone(), config.clone())
-                .with_router(router.clone());
-            Some(app_child(app.as_ref(), ctx))
-        })
-        .collect();
-    Children {
+    let mut apps = Vec::new();
+    let mut refused = Vec::new();
+    for config in node.config.apps.iter().filter(|app| app.enabled) {
+        let Some(app) = catalog.iter().find(|app| app.name() == config.name) else {
+            continue;
+        };
+        let ctx =
+            AppContext::new(app.as_ref(), node.clone(), config.clone()).with_router(router.clone());
+        match app_child(app.as_ref(), ctx) {
+            Ok(child) => apps.push(child),
+            Err(error) => refused.push(error.to_string()),
+        }
+    }
+    if !refused.is_empty() {
+        return Err(refused.join("\n"));
+    }
+    Ok(Children {
         services: vec![router.child()],
         apps,
-    }
+    })
 }

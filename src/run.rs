@@ -13,7 +13,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 use warren_runtime::config::Config;
-use warren_runtime::node::Node;
+use warren_runtime::node::{Node, StartError};
 
 use crate::{EXIT_CONFIG, apps};
 
@@ -35,8 +35,14 @@ pub async fn run(config_path: &Path) -> ExitCode {
         .collect();
     tracing::info!(config = %config_path.display(), node = %node_name, "starting");
 
-    let mut node = match Node::start(config, apps::children).await {
+    let mut node = match Node::try_start(config, apps::children).await {
         Ok(node) => node,
+        Err(StartError::Refused(error)) => {
+            // A bad listener spec is found before anything starts; like a config error,
+            // restarting cannot fix it.
+            eprintln!("warren: an app cannot start:\n{error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
         Err(error) => {
             eprintln!("warren: cannot start: {error}");
             return ExitCode::FAILURE;

@@ -24,7 +24,7 @@ async fn router_node(label: &str, buffer: usize) -> (Node, ConfigRouter, String)
         &format!("\n[router]\nexchange = \"{exchange}\"\nbuffer = {buffer}"),
     ))
     .await;
-    let router = ConfigRouter::new(node.context());
+    let router = ConfigRouter::new(node.context()).expect("the router's spec");
     router.spawn().await.expect("router starts");
     assert!(
         router.listener().wait_consuming(true, SOON).await,

@@ -4,15 +4,18 @@
 //! node's `apps` supervisor, so a crashing app is restarted (within its restart intensity)
 //! without touching the others. This module owns that wiring and nothing else.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
+use ractor::ActorCell;
 use warren_runtime::backoff::Backoff;
 use warren_runtime::config::AppConfig;
 use warren_runtime::envelope::Stamp;
 use warren_runtime::node::NodeContext;
 use warren_runtime::supervisor::{ChildSpec, Intensity, Strategy, SupervisorSpec};
 
-use crate::listener::{Listener, listener_child};
+use crate::listener::{Listener, SpecError, listener_child};
 use crate::pool::ListenerPool;
 use crate::router::ConfigRouter;
 
@@ -22,10 +25,10 @@ pub trait App: Send + Sync + 'static {
     /// envelopes the app sends.
     fn name(&self) -> &'static str;
 
-    /// `App-Version` in the envelopes the app sends.
-    fn version(&self) -> &'static str {
-        env!("CARGO_PKG_VERSION")
-    }
+    /// `App-Version` in the envelopes the app sends: the app crate's own version, so
+    /// write `env!("CARGO_PKG_VERSION")` (a default here would give warren-listeners'
+    /// version instead).
+    fn version(&self) -> &'static str;
 
     /// The app's children (listeners, pools), started in order under `app:<name>`.
     fn children(&self, ctx: &AppContext) -> Vec<ChildSpec>;
@@ -42,6 +45,16 @@ pub struct AppContext {
     pub pool: ListenerPool,
     /// The node's configuration-event router, when the node runs one.
     pub router: Option<ConfigRouter>,
+    /// Listener specs refused while the app built its children; [`app_child`] reports them.
+    refused: Arc<Mutex<Vec<SpecError>>>,
+}
+
+/// An app could not be built: its listeners' specs break rules. `warren run` exits 2.
+#[derive(Debug, thiserror::Error)]
+#[error("app `{app}`: {}", .errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct AppError {
+    pub app: String,
+    pub errors: Vec<SpecError>,
 }
 
 impl AppContext {
@@ -60,6 +73,7 @@ impl AppContext {
             version: version.to_string(),
             pool,
             router: None,
+            refused: Arc::default(),
         };
         ctx.pool.attach(ctx.node.clone(), ctx.stamp());
         ctx
@@ -80,17 +94,38 @@ impl AppContext {
         }
     }
 
-    /// A listener of this app as a supervised child.
+    /// A listener of this app as a supervised child. A spec that breaks a rule is kept
+    /// for [`app_child`], which then refuses the app; the child returned in its place
+    /// fails to start with the same error.
     pub fn listener(&self, listener: impl Listener) -> ChildSpec {
-        listener_child(listener, self).0
+        match listener_child(listener, self) {
+            Ok((child, _)) => child,
+            Err(error) => {
+                let id = format!("listener:{}", error.listener);
+                let reason = error.to_string();
+                self.refused.lock().push(error);
+                ChildSpec::new(id, move |_parent: ActorCell| {
+                    let reason = reason.clone();
+                    async move { Err(ractor::SpawnErr::StartupFailed(reason.into())) }
+                })
+            }
+        }
     }
 }
 
 /// The supervisor child `app:<name>` that runs one app: its pool first, then its children.
-pub fn app_child(app: &dyn App, ctx: AppContext) -> ChildSpec {
+/// Refused if a listener's spec breaks a rule, naming every such listener and field.
+pub fn app_child(app: &dyn App, ctx: AppContext) -> Result<ChildSpec, AppError> {
     let mut children = vec![ctx.pool.child()];
     children.extend(app.children(&ctx));
-    ChildSpec::supervisor(SupervisorSpec {
+    let errors = std::mem::take(&mut *ctx.refused.lock());
+    if !errors.is_empty() {
+        return Err(AppError {
+            app: app.name().to_string(),
+            errors,
+        });
+    }
+    Ok(ChildSpec::supervisor(SupervisorSpec {
         name: format!("app:{}", app.name()),
         strategy: Strategy::OneForOne,
         intensity: Intensity {
@@ -99,5 +134,5 @@ pub fn app_child(app: &dyn App, ctx: AppContext) -> ChildSpec {
         },
         backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
         children,
-    })
+    }))
 }

@@ -5,19 +5,24 @@
 //! declarative topology and responders, with acks, recovery and graceful stop handled by
 //! warren. Short-lived work borrows a worker from the app's [`ListenerPool`] (publish,
 //! temporary bindings, call / call_collect / cast) instead of opening channels; the node's
-//! [`ConfigRouter`] fans configuration events out to local subscribers. This crate knows the runtime (connections, assignments, supervision); it knows
-//! no particular app.
+//! [`ConfigRouter`] fans configuration events out to local subscribers. An app imports
+//! [`prelude`] only; [`testkit`] runs events through a listener without a broker. This
+//! crate knows the runtime (connections, assignments, supervision); it knows no
+//! particular app.
 
 pub mod app;
 pub mod listener;
 pub mod pool;
+pub mod prelude;
 pub mod router;
+pub mod testkit;
 
-pub use app::{App, AppContext, app_child};
+pub use app::{App, AppContext, AppError, app_child};
 pub use listener::{
     AckMode, Binding, DeliveryInfo, Dispatch, Event, Exchange, HandlerError, HandlerResult,
     Listener, ListenerError, ListenerHandle, ListenerSpec, Notice, Outcome, Published, QueueName,
-    QueueSpec, ResponderId, Responders, Returned, StatsSnapshot, listener_child, spawn_listener,
+    QueueSpec, Recorded, ResponderId, Responders, Returned, SpecError, StatsSnapshot,
+    listener_child, spawn_listener,
 };
 pub use pool::{
     CollectEnd, Collected, ListenerPool, PoolError, PoolLease, PoolStats, RpcError, Until,

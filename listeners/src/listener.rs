@@ -7,12 +7,13 @@
 //! responders, acks / nacks / rejects by their outcome, replays everything on a new channel
 //! after any loss, and stops gracefully.
 //!
-//! Files: `spec` (declarations), `responders` (matching and outcomes), `event` (what a
-//! handler receives), `topology` (replay on a channel, every step bounded), `consumer`
-//! (the delivery loop), `acks` (coalesced acknowledgements), `redelivery` (counting
-//! handler failures), `parking` (messages that cannot succeed), `drain` (the fail-back
-//! drain's decisions), `actor` (leases, runtime changes, stop), `handle` (the handle apps
-//! and tests hold).
+//! Files: `spec` (declarations), `validate` (the rules a spec must follow), `responders`
+//! (matching and outcomes), `event` (what a handler receives), `handling` (one event
+//! through the hook and the responders, shared with the test kit), `topology` (replay on a
+//! channel, every step bounded), `consumer` (the delivery loop), `acks` (coalesced
+//! acknowledgements), `redelivery` (counting handler failures), `parking` (messages that
+//! cannot succeed), `drain` (the fail-back drain's decisions), `actor` (leases, runtime
+//! changes, stop), `handle` (the handle apps and tests hold).
 
 mod acks;
 mod actor;
@@ -20,20 +21,25 @@ mod consumer;
 mod drain;
 mod event;
 mod handle;
+pub(crate) mod handling;
 mod parking;
 mod redelivery;
 mod refusals;
 mod responders;
 mod spec;
 mod topology;
+mod validate;
 
-pub use event::{DeliveryInfo, Event};
+pub(crate) use event::Recorder;
+pub use event::{DeliveryInfo, Event, Recorded};
 pub(crate) use handle::node_listener_child;
 pub use handle::{
     ListenerError, ListenerHandle, ListenerStatus, StatsSnapshot, listener_child, spawn_listener,
 };
 pub use responders::{HandlerError, HandlerResult, Outcome, ResponderId, Responders};
 pub use spec::{AckMode, Binding, Exchange, ListenerSpec, QueueName, QueueSpec};
+pub(crate) use validate::SpecDefaults;
+pub use validate::SpecError;
 pub use warren_runtime::publish::{Published, Returned};
 
 /// What an app implements to consume messages.
@@ -52,6 +58,13 @@ pub trait Listener: Send + Sync + 'static {
 
     /// Lifecycle notices, in the order they happen.
     fn on_notice(&self, _notice: &Notice) {}
+
+    /// A decoded event leaves the queue for good because its handlers failed: a handler
+    /// rejected it, or it failed more than `max_redeliveries` times (Broadway's
+    /// `handle_failed`). Runs before the message is dead-lettered or parked, with the
+    /// reason warren records; a panic here is logged and ignored. At least once per such
+    /// message: if parking fails, the message goes back to the queue and may fail again.
+    fn on_failed(&self, _event: &Event, _reason: &str) {}
 }
 
 /// What [`Listener::on_event`] decides for one event.

@@ -380,7 +380,14 @@ impl PoolInner {
             name: format!("pool-{}-{n}", self.name),
             inbox: inbox.clone(),
         };
-        let (child, handle) = node_listener_child(listener, &node, stamp);
+        let (child, handle) = match node_listener_child(listener, &node, stamp) {
+            Ok(worker) => worker,
+            Err(error) => {
+                // The worker's spec is warren's own; only a bug gets here.
+                tracing::error!(pool = %self.name, %error, "cannot build a pool worker");
+                return None;
+            }
+        };
         let id = child.id.clone();
         let child = child.restart(if overflow {
             Restart::Transient

@@ -42,7 +42,8 @@ pub use pattern::Pattern;
 use table::{Subscriber, Table};
 
 use crate::listener::{
-    Binding, Event, Exchange, Listener, ListenerHandle, ListenerSpec, Notice, node_listener_child,
+    Binding, Event, Exchange, Listener, ListenerHandle, ListenerSpec, Notice, SpecError,
+    node_listener_child,
 };
 
 /// A configuration event as subscribers receive it (shared by all of them, not copied).
@@ -159,8 +160,9 @@ impl Listener for RouterListener {
 
 impl ConfigRouter {
     /// The router of a node (`[router]` exchange and buffer); it runs once its child (or
-    /// `spawn`) is started.
-    pub fn new(node: &NodeContext) -> Self {
+    /// `spawn`) is started. Fails only if config.ini's `[router] exchange` cannot be an
+    /// exchange name (config validation refuses such names first).
+    pub fn new(node: &NodeContext) -> Result<Self, SpecError> {
         let config = &node.config.router;
         let table = Arc::new(Table::new(node.config.service.node.clone(), config.buffer));
         let listener = RouterListener {
@@ -173,9 +175,9 @@ impl ConfigRouter {
             app_version: env!("CARGO_PKG_VERSION").to_string(),
             node: node.config.service.node.clone(),
         };
-        let (mut child, handle) = node_listener_child(listener, node, stamp);
+        let (mut child, handle) = node_listener_child(listener, node, stamp)?;
         child.id = "router".to_string();
-        ConfigRouter {
+        Ok(ConfigRouter {
             inner: Arc::new(RouterInner {
                 exchange: config.exchange.clone(),
                 table,
@@ -184,7 +186,7 @@ impl ConfigRouter {
                 bindings: Mutex::new(HashMap::new()),
                 standalone: RwLock::new(None),
             }),
-        }
+        })
     }
 
     /// The supervisor child `router` (the node runs it between bootstrap and the apps).

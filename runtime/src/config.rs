@@ -26,6 +26,8 @@ use serde::Deserialize;
 
 pub use self::error::{ConfigError, Problem};
 use self::locate::Source;
+/// `[amqp] prefetch` when config.ini does not set it.
+pub use self::raw::PREFETCH as DEFAULT_PREFETCH;
 use self::raw::RawConfig;
 use self::validate::Inputs;
 use crate::uri::BrokerUri;

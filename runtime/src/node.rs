@@ -74,11 +74,17 @@ pub struct Node {
     context: NodeContext,
 }
 
-/// The node could not start (a child failed to start, e.g. no broker within the startup
-/// timeout). The message is the readable chain of causes.
+/// The node could not start. The message is the readable chain of causes.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct StartError(pub String);
+pub enum StartError {
+    /// The children could not be built (an app's listener spec breaks a rule); nothing
+    /// was started.
+    #[error("{0}")]
+    Refused(String),
+    /// A child failed to start, e.g. no broker within the startup timeout.
+    #[error("{0}")]
+    Failed(String),
+}
 
 /// The node did not stop within its shutdown timeout; what was left was killed.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +97,18 @@ impl Node {
     pub async fn start<C: Into<Children>>(
         config: Config,
         children: impl FnOnce(&NodeContext) -> C,
+    ) -> Result<Node, StartError> {
+        Node::try_start(config, |context| {
+            Ok::<_, std::convert::Infallible>(children(context))
+        })
+        .await
+    }
+
+    /// As [`Node::start`], with children that may refuse to be built: their error is
+    /// [`StartError::Refused`] and nothing is started.
+    pub async fn try_start<C: Into<Children>, E: std::fmt::Display>(
+        config: Config,
+        children: impl FnOnce(&NodeContext) -> Result<C, E>,
     ) -> Result<Node, StartError> {
         let config = Arc::new(config);
         let registry = ConnectionRegistry::new(&config);
@@ -109,7 +127,9 @@ impl Node {
             }),
             readiness: Readiness::default(),
         };
-        let Children { services, apps } = children(&context).into();
+        let Children { services, apps } = children(&context)
+            .map_err(|error| StartError::Refused(error.to_string()))?
+            .into();
 
         let registry_child = {
             let registry = registry.clone();
@@ -169,7 +189,7 @@ impl Node {
         };
         let (root, done) = Supervisor::spawn(root)
             .await
-            .map_err(|e| StartError(spawn_error_reason(&e)))?;
+            .map_err(|e| StartError::Failed(spawn_error_reason(&e)))?;
         tracing::info!(node = %config.service.node, "supervision tree started");
         Ok(Node {
             root,

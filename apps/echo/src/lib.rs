@@ -7,12 +7,7 @@
 //! (durable like the queue, so the binding survives a broker restart).
 
 use serde_json::Value;
-use warren_listeners::{
-    App, AppContext, Envelope, Event, Exchange, HandlerError, HandlerResult, Listener,
-    ListenerSpec, QueueSpec,
-};
-use warren_runtime::publish::PublishError;
-use warren_runtime::supervisor::ChildSpec;
+use warren_listeners::prelude::*;
 
 /// The echo app.
 pub struct Echo;
@@ -57,5 +52,82 @@ async fn echo(request: Event) -> HandlerResult {
         // Without a Server-ID there is nobody to answer: retrying cannot help.
         Err(PublishError::NoServerId) => Err(HandlerError::reject("request without Server-ID")),
         Err(error) => Err(error.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use warren_listeners::testkit::TestEvent;
+
+    fn request() -> Envelope {
+        Envelope::new("echo", "req")
+            .with("Server-ID", "caller-queue")
+            .with("Msg-ID", "m-1")
+            .with("Payload", json!({"n": 42}))
+    }
+
+    #[tokio::test]
+    async fn a_request_is_answered_to_its_server_id_with_its_payload() {
+        let handled = TestEvent::new(request())
+            .run(&EchoListener)
+            .await
+            .expect("a valid spec");
+        assert_eq!(handled.outcome, Outcome::Ack, "{:?}", handled.errors);
+        assert_eq!(handled.responders, 1);
+        let [reply] = handled.published.as_slice() else {
+            panic!("one reply: {:?}", handled.published);
+        };
+        assert_eq!(
+            (reply.exchange.as_str(), reply.routing_key.as_str()),
+            ("targeted", "caller-queue")
+        );
+        assert_eq!(
+            (reply.envelope.category(), reply.envelope.name()),
+            ("echo", "resp")
+        );
+        assert_eq!(reply.envelope.msg_id(), Some("m-1"));
+        assert_eq!(reply.envelope.get("Payload"), Some(&json!({"n": 42})));
+    }
+
+    #[tokio::test]
+    async fn a_request_without_server_id_is_rejected_not_retried() {
+        let mut envelope = request();
+        envelope.remove("Server-ID");
+        let handled = TestEvent::new(envelope)
+            .run(&EchoListener)
+            .await
+            .expect("spec");
+        assert_eq!(handled.outcome, Outcome::Reject);
+        assert!(handled.published.is_empty());
+        assert_eq!(handled.failed.as_deref(), Some("rejected by a handler"));
+    }
+
+    #[tokio::test]
+    async fn a_blocked_broker_makes_the_request_retry() {
+        let blocked = PublishError::Blocked {
+            reason: "low on memory".to_string(),
+            waited: std::time::Duration::from_secs(5),
+        };
+        let handled = TestEvent::new(request())
+            .publishes_fail_with(blocked)
+            .run(&EchoListener)
+            .await
+            .expect("spec");
+        assert_eq!(handled.outcome, Outcome::Requeue);
+        assert_eq!(
+            handled.failed, None,
+            "a retry is not final before the last attempt"
+        );
+    }
+
+    #[tokio::test]
+    async fn other_events_reach_no_responder() {
+        let handled = TestEvent::new(Envelope::new("echo", "other"))
+            .run(&EchoListener)
+            .await
+            .expect("spec");
+        assert_eq!((handled.outcome, handled.responders), (Outcome::Ack, 0));
     }
 }

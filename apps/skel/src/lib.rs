@@ -4,8 +4,7 @@
 //! An app is a name and the children warren supervises for it; here one listener: an
 //! anonymous queue bound to the topic exchange `skel`, and one responder.
 
-use warren_listeners::{App, AppContext, Event, Exchange, HandlerResult, Listener, ListenerSpec};
-use warren_runtime::supervisor::ChildSpec;
+use warren_listeners::prelude::*;
 
 /// The template app.
 pub struct Skel;
@@ -13,6 +12,10 @@ pub struct Skel;
 impl App for Skel {
     fn name(&self) -> &'static str {
         "skel"
+    }
+
+    fn version(&self) -> &'static str {
+        env!("CARGO_PKG_VERSION")
     }
 
     fn children(&self, ctx: &AppContext) -> Vec<ChildSpec> {

@@ -28,9 +28,10 @@ use warren_runtime::readiness::ReadinessEntry;
 use warren_runtime::registry::BrokerId;
 
 use super::Notice;
-use super::consumer::{ConsumerLoop, Control, Ended, LeaseContext, panic_text};
+use super::consumer::{ConsumerLoop, Control, Ended, LeaseContext};
 use super::drain::{self, Closed, Drain, Step};
 use super::handle::{ListenerError, ListenerShared, ListenerStatus, Removed};
+use super::handling::panic_text;
 use super::refusals::REFUSALS;
 use super::spec::{AckMode, Binding, QueueName};
 use super::topology::{self, SetupError};

@@ -39,6 +39,7 @@ use super::Dispatch;
 use super::acks::AckTracker;
 use super::event::{DeliveryInfo, Event, Outbox};
 use super::handle::ListenerShared;
+use super::handling::{self, HandlerEnd, panic_text};
 use super::parking;
 use super::redelivery::body_key;
 use super::responders::{Handler, HandlerError, Outcome};
@@ -376,24 +377,8 @@ impl ConsumerLoop {
     /// The hook, then the matching responders; `None` when the hook panicked.
     fn dispatch(&self, event: &Event) -> Option<Vec<Handler>> {
         let shared = &self.shared;
-        let listener = shared.listener.clone();
-        let dispatch = match std::panic::catch_unwind(AssertUnwindSafe(|| listener.on_event(event)))
-        {
-            Ok(dispatch) => dispatch,
-            Err(panic) => {
-                shared.stats.handler_panics.increment();
-                log_message(shared, "panic", |held| {
-                    tracing::error!(listener = %shared.name, msg_id = event.envelope().msg_id().unwrap_or(""), panic = panic_text(panic.as_ref()), suppressed = held, "on_event panicked; message requeued");
-                });
-                return None;
-            }
-        };
-        Some(match dispatch {
-            Dispatch::Suppress => {
-                shared.stats.suppressed.increment();
-                Vec::new()
-            }
-            Dispatch::Responders => {
+        match handling::hook(shared.listener.as_ref(), event) {
+            Ok(Dispatch::Responders) => {
                 let handlers = shared
                     .responders
                     .read()
@@ -402,9 +387,20 @@ impl ConsumerLoop {
                     shared.stats.unmatched.increment();
                     tracing::debug!(listener = %shared.name, category = event.category(), name = event.name(), "no responder for this event");
                 }
-                handlers
+                Some(handlers)
             }
-        })
+            Ok(Dispatch::Suppress) => {
+                shared.stats.suppressed.increment();
+                Some(Vec::new())
+            }
+            Err(panic) => {
+                shared.stats.handler_panics.increment();
+                log_message(shared, "panic", |held| {
+                    tracing::error!(listener = %shared.name, msg_id = event.envelope().msg_id().unwrap_or(""), %panic, suppressed = held, "on_event panicked; message requeued");
+                });
+                None
+            }
+        }
     }
 
     /// A message refused before any handler ran: off the queue once (dead-lettered or
@@ -638,50 +634,41 @@ async fn decode(delivery: &mut Delivery, max_bytes: usize) -> Result<Envelope, D
     decoded
 }
 
-/// Runs every matching handler, each with its panics caught, and combines their results.
+/// Runs every matching handler, each with its panics caught, logs how they failed, and
+/// combines their results.
 fn run_handlers(
     shared: Arc<ListenerShared>,
     event: Event,
     handlers: Vec<Handler>,
 ) -> BoxFuture<'static, Outcome> {
     Box::pin(async move {
-        let mut outcome = Outcome::Ack;
-        for result in futures::future::join_all(handlers.into_iter().map(|handler| {
-            let event = event.clone();
-            AssertUnwindSafe(async move { handler(event).await }).catch_unwind()
-        }))
-        .await
-        {
-            let msg_id = event.envelope().msg_id().unwrap_or("");
-            let this = match result {
-                Ok(Ok(())) => Outcome::Ack,
-                Ok(Err(HandlerError::Retry(reason))) => {
+        let ends = handling::run(&event, handlers).await;
+        let msg_id = event.envelope().msg_id().unwrap_or("");
+        for end in &ends {
+            match end {
+                HandlerEnd::Returned(Ok(())) => {}
+                HandlerEnd::Returned(Err(HandlerError::Retry(reason))) => {
                     log_message(&shared, "retry", |held| {
                         tracing::warn!(listener = %shared.name, msg_id, %reason, suppressed = held, "handler asked to retry; message requeued");
                     });
-                    Outcome::Requeue
                 }
-                Ok(Err(HandlerError::Reject(reason))) => {
+                HandlerEnd::Returned(Err(HandlerError::Reject(reason))) => {
                     log_message(&shared, "reject", |held| {
                         tracing::warn!(listener = %shared.name, msg_id, %reason, suppressed = held, "handler rejected the message");
                     });
-                    Outcome::Reject
                 }
-                Ok(Err(HandlerError::Defer(reason))) => {
+                HandlerEnd::Returned(Err(HandlerError::Defer(reason))) => {
                     tracing::debug!(listener = %shared.name, msg_id, %reason, "handler deferred the message");
-                    Outcome::Defer
                 }
-                Err(panic) => {
+                HandlerEnd::Panicked(panic) => {
                     shared.stats.handler_panics.increment();
                     log_message(&shared, "panic", |held| {
-                        tracing::error!(listener = %shared.name, msg_id, category = event.category(), name = event.name(), panic = panic_text(panic.as_ref()), suppressed = held, "handler panicked; message requeued");
+                        tracing::error!(listener = %shared.name, msg_id, category = event.category(), name = event.name(), %panic, suppressed = held, "handler panicked; message requeued");
                     });
-                    Outcome::Requeue
                 }
-            };
-            outcome = outcome.combine(this);
+            }
         }
-        outcome
+        handling::combine(&ends)
     })
 }
 
@@ -735,6 +722,12 @@ async fn conclusion(
             "rejected by a handler".to_string()
         }
     };
+    if let Err(panic) = handling::failed(shared.listener.as_ref(), event, &reason) {
+        shared.stats.handler_panics.increment();
+        log_message(shared, "panic", |held| {
+            tracing::error!(listener = %shared.name, msg_id = event.envelope().msg_id().unwrap_or(""), %panic, suppressed = held, "on_failed panicked; ignored");
+        });
+    }
     if settings.dead_letter {
         return Verdict::DeadLetter;
     }
@@ -777,15 +770,5 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-pub(crate) fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
-    if let Some(text) = panic.downcast_ref::<&str>() {
-        text
-    } else if let Some(text) = panic.downcast_ref::<String>() {
-        text
-    } else {
-        "(not a string)"
     }
 }

@@ -12,13 +12,40 @@ use std::time::Duration;
 
 use lapin::BasicProperties;
 use lapin::types::FieldTable;
+use parking_lot::Mutex;
 use warren_runtime::envelope::{Envelope, keys};
 use warren_runtime::exchanges::TARGETED;
-use warren_runtime::publish::{PublishError, PublishOptions, Published};
+use warren_runtime::publish::{PublishError, PublishOptions, Published, address};
 use warren_runtime::publisher::Publisher;
 use warren_runtime::registry::Broker;
 
 use super::{Listener, Notice};
+
+/// Publish bound of events that do not come from a listener's channel.
+const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Recorder {
+    /// Checks and records one publish, or fails it as the test asked.
+    fn record(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        envelope: Envelope,
+        options: PublishOptions,
+    ) -> Result<Published, PublishError> {
+        address(exchange, routing_key)?;
+        if let Some(error) = &self.fail_with {
+            return Err(error.clone());
+        }
+        self.published.lock().push(Recorded {
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+            envelope,
+            options,
+        });
+        Ok(Published::Routed)
+    }
+}
 
 /// Where and how a message arrived.
 #[derive(Clone, Debug)]
@@ -54,6 +81,33 @@ pub(crate) struct Outbox {
     pub listener: Arc<dyn Listener>,
 }
 
+/// A publish an event made under the test kit ([`crate::testkit`]) instead of reaching a
+/// broker: what the handler asked for, after the same checks a real publish makes.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub exchange: String,
+    pub routing_key: String,
+    pub envelope: Envelope,
+    pub options: PublishOptions,
+}
+
+/// The test kit's stand-in for the broker: what was published, and the error every
+/// publish fails with, if the test asked for one.
+#[derive(Clone, Default)]
+pub(crate) struct Recorder {
+    pub published: Arc<Mutex<Vec<Recorded>>>,
+    pub fail_with: Option<PublishError>,
+}
+
+/// Where an event's publishes go.
+#[derive(Clone)]
+enum Outlet {
+    Broker(Outbox),
+    Recorder(Recorder),
+    /// Events built without a way to publish (unit tests of warren itself).
+    Nowhere,
+}
+
 /// One decoded message, as a responder sees it.
 #[derive(Clone)]
 pub struct Event {
@@ -63,16 +117,28 @@ pub struct Event {
 struct EventInner {
     envelope: Envelope,
     delivery: DeliveryInfo,
-    outbox: Option<Outbox>,
+    outlet: Outlet,
 }
 
 impl Event {
     pub(crate) fn new(envelope: Envelope, delivery: DeliveryInfo, outbox: Option<Outbox>) -> Self {
+        let outlet = outbox.map_or(Outlet::Nowhere, Outlet::Broker);
         Event {
             inner: Arc::new(EventInner {
                 envelope,
                 delivery,
-                outbox,
+                outlet,
+            }),
+        }
+    }
+
+    /// An event whose publishes go to `recorder` (the test kit).
+    pub(crate) fn recorded(envelope: Envelope, delivery: DeliveryInfo, recorder: Recorder) -> Self {
+        Event {
+            inner: Arc::new(EventInner {
+                envelope,
+                delivery,
+                outlet: Outlet::Recorder(recorder),
             }),
         }
     }
@@ -119,11 +185,10 @@ impl Event {
         routing_key: &str,
         envelope: Envelope,
     ) -> Result<Published, PublishError> {
-        let timeout = self
-            .inner
-            .outbox
-            .as_ref()
-            .map_or(Duration::from_secs(5), |o| o.timeout);
+        let timeout = match &self.inner.outlet {
+            Outlet::Broker(outbox) => outbox.timeout,
+            _ => DEFAULT_PUBLISH_TIMEOUT,
+        };
         self.publish_with(
             exchange,
             routing_key,
@@ -142,11 +207,17 @@ impl Event {
         envelope: Envelope,
         options: PublishOptions,
     ) -> Result<Published, PublishError> {
-        let outbox = self
-            .inner
-            .outbox
-            .as_ref()
-            .ok_or_else(|| PublishError::Channel("this event has no channel".to_string()))?;
+        let outbox = match &self.inner.outlet {
+            Outlet::Broker(outbox) => outbox,
+            Outlet::Recorder(recorder) => {
+                return recorder.record(exchange, routing_key, envelope, options);
+            }
+            Outlet::Nowhere => {
+                return Err(PublishError::Channel(
+                    "this event has no channel".to_string(),
+                ));
+            }
+        };
         let published = outbox
             .publisher
             .publish(exchange, routing_key, envelope, options)

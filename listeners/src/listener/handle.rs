@@ -31,6 +31,7 @@ use super::redelivery::FailureCounts;
 use super::responders::{HandlerResult, ResponderId, Responders};
 use super::spec::{AckMode, Binding, Exchange, QueueName};
 use super::topology::Topology;
+use super::validate::{SpecDefaults, SpecError};
 use crate::app::AppContext;
 
 /// How long handle calls wait for the actor.
@@ -45,6 +46,9 @@ pub enum ListenerError {
     Broker(String),
     #[error("cannot start the listener: {0}")]
     Start(String),
+    /// The listener's spec breaks a rule (see [`SpecError`]).
+    #[error(transparent)]
+    Spec(#[from] SpecError),
     /// The broker did not answer within `[amqp] operation_timeout_ms`; the channel is
     /// treated as lost and replaced.
     #[error("the broker did not answer: {0}")]
@@ -204,9 +208,16 @@ fn cut(name: &str, max: usize) -> &str {
 }
 
 impl ListenerShared {
-    fn new(listener: Arc<dyn Listener>, node: &NodeContext, stamp: Stamp) -> Arc<Self> {
+    fn new(
+        listener: Arc<dyn Listener>,
+        node: &NodeContext,
+        stamp: Stamp,
+    ) -> Result<Arc<Self>, SpecError> {
         let spec = listener.spec();
         let config = &node.config;
+        spec.validate(SpecDefaults {
+            prefetch: config.amqp.prefetch,
+        })?;
         let suffix = warren_runtime::envelope::new_msg_id();
         let unique = &suffix[..12];
         let short_name = cut(&spec.name, NAME_IN_TAGS);
@@ -249,13 +260,13 @@ impl ListenerShared {
         let parking = super::topology::parking_queue(&topology, &spec.name);
         let (consuming, _) = watch::channel(false);
         let (channel, _) = watch::channel(None);
-        let prefetch = spec.prefetch.unwrap_or(config.amqp.prefetch).max(1);
-        Arc::new(ListenerShared {
+        let prefetch = spec.prefetch.unwrap_or(config.amqp.prefetch);
+        Ok(Arc::new(ListenerShared {
             consumer_tag: format!("{short_name}.{}.{unique}", config.service.node),
             name: spec.name.clone(),
             settings: Settings {
                 ack: spec.ack,
-                concurrency: spec.concurrency.max(1),
+                concurrency: spec.concurrency,
                 prefetch,
                 max_redeliveries: spec
                     .max_redeliveries
@@ -284,7 +295,7 @@ impl ListenerShared {
             assignments: node.assignments.clone(),
             readiness: node.readiness.clone(),
             listener,
-        })
+        }))
     }
 }
 
@@ -307,8 +318,12 @@ pub struct ListenerHandle {
     shared: Arc<ListenerShared>,
 }
 
-/// The listener as a supervised child (for an app's `children`), and its handle.
-pub fn listener_child(listener: impl Listener, ctx: &AppContext) -> (ChildSpec, ListenerHandle) {
+/// The listener as a supervised child (for an app's `children`), and its handle; a spec
+/// that breaks a rule is refused here, before anything reaches a broker.
+pub fn listener_child(
+    listener: impl Listener,
+    ctx: &AppContext,
+) -> Result<(ChildSpec, ListenerHandle), SpecError> {
     node_listener_child(listener, &ctx.node, ctx.stamp())
 }
 
@@ -317,8 +332,8 @@ pub(crate) fn node_listener_child(
     listener: impl Listener,
     node: &NodeContext,
     stamp: Stamp,
-) -> (ChildSpec, ListenerHandle) {
-    let shared = ListenerShared::new(Arc::new(listener), node, stamp);
+) -> Result<(ChildSpec, ListenerHandle), SpecError> {
+    let shared = ListenerShared::new(Arc::new(listener), node, stamp)?;
     let handle = ListenerHandle {
         shared: shared.clone(),
     };
@@ -334,7 +349,7 @@ pub(crate) fn node_listener_child(
         },
     )
     .shutdown(shutdown);
-    (child, handle)
+    Ok((child, handle))
 }
 
 /// Starts a listener outside any supervisor (tests, tools); stop it with
@@ -343,7 +358,7 @@ pub async fn spawn_listener(
     listener: impl Listener,
     ctx: &AppContext,
 ) -> Result<ListenerHandle, ListenerError> {
-    let shared = ListenerShared::new(Arc::new(listener), &ctx.node, ctx.stamp());
+    let shared = ListenerShared::new(Arc::new(listener), &ctx.node, ctx.stamp())?;
     Actor::spawn(None, ListenerActor, shared.clone())
         .await
         .map_err(|e| ListenerError::Start(e.to_string()))?;

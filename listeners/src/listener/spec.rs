@@ -23,6 +23,9 @@ pub struct Exchange {
     pub durable: bool,
     pub auto_delete: bool,
     pub internal: bool,
+    /// Declared passively: the exchange must exist already (someone else declares it);
+    /// warren checks it is there and never creates or changes it.
+    pub passive: bool,
     pub arguments: FieldTable,
 }
 
@@ -37,7 +40,17 @@ impl Exchange {
             durable: false,
             auto_delete: false,
             internal: false,
+            passive: false,
             arguments: FieldTable::default(),
+        }
+    }
+
+    /// An exchange another party declares: the listener binds to it and checks that it
+    /// exists (a passive declare), but never creates it. Its kind does not matter.
+    pub fn existing(name: impl Into<String>) -> Self {
+        Exchange {
+            passive: true,
+            ..Exchange::new(name, ExchangeKind::Topic)
         }
     }
 
@@ -65,6 +78,9 @@ impl Exchange {
 
     /// The same exchange with the flags an operator fixed for it (`[exchanges.<name>]`).
     pub(crate) fn overridden(mut self, config: &warren_runtime::config::Config) -> Self {
+        if self.passive {
+            return self;
+        }
         if let Some(fixed) = config.exchange(&self.name) {
             self.durable = fixed.durable.unwrap_or(self.durable);
             self.auto_delete = fixed.auto_delete.unwrap_or(self.auto_delete);
@@ -311,9 +327,10 @@ impl ListenerSpec {
         self
     }
 
-    /// How many messages are handled at once (at least 1).
+    /// How many messages are handled at once: at least 1 and at most the prefetch (the
+    /// app's start fails otherwise).
     pub fn concurrency(mut self, concurrency: usize) -> Self {
-        self.concurrency = concurrency.max(1);
+        self.concurrency = concurrency;
         self
     }
 

@@ -197,17 +197,21 @@ async fn declare_exchange(
     let declared = bounded(
         timeout,
         || {
-            format!(
-                "declaring exchange `{}` ({})",
-                exchange.name,
-                exchange_flags(exchange)
-            )
+            if exchange.passive {
+                format!("checking that exchange `{}` exists", exchange.name)
+            } else {
+                format!(
+                    "declaring exchange `{}` ({})",
+                    exchange.name,
+                    exchange_flags(exchange)
+                )
+            }
         },
         channel.exchange_declare(
             exchange.name.as_str().into(),
             exchange.kind.clone(),
             ExchangeDeclareOptions {
-                passive: false,
+                passive: exchange.passive,
                 durable: exchange.durable,
                 auto_delete: exchange.auto_delete,
                 internal: exchange.internal,

@@ -139,6 +139,11 @@ pub enum Problem {
     /// An exchange name that is empty.
     #[error("the exchange name must not be empty")]
     EmptyExchange,
+    /// An exchange name the broker would refuse: longer than 255 bytes or `amq.`-prefixed.
+    #[error(
+        "`{0}` cannot be declared: exchange names are at most 255 bytes and `amq.` names are the broker's"
+    )]
+    BadExchange(String),
     /// Zero where only a positive number makes sense.
     #[error("must be greater than 0")]
     Zero,

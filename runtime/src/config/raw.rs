@@ -19,7 +19,7 @@ pub(super) const SHUTDOWN_TIMEOUT_SECS: u64 = 10;
 /// `[amqp] zone`.
 pub(super) const ZONE: &str = "local";
 /// `[amqp] prefetch`.
-pub(super) const PREFETCH: u16 = 50;
+pub const PREFETCH: u16 = 50;
 /// `[amqp] heartbeat_secs`.
 pub(super) const HEARTBEAT_SECS: u16 = 10;
 /// `[amqp] connect_timeout_ms`.

@@ -1111,6 +1111,16 @@ fn an_empty_router_exchange_is_refused() {
 }
 
 #[test]
+fn a_router_exchange_the_broker_would_refuse_is_a_config_error() {
+    for name in ["amq.mine".to_string(), "x".repeat(256)] {
+        let text = format!("{LOCAL_ZONE}[router]\nexchange = \"{name}\"\n");
+        let refusal = refuse(&text, None);
+        assert_eq!(refusal.key, "router.exchange");
+        assert_eq!(refusal.problem, Problem::BadExchange(name));
+    }
+}
+
+#[test]
 fn fault_handling_keys_are_read() {
     let text = format!(
         "[amqp]\noperation_timeout_ms = 750\n\

@@ -239,6 +239,13 @@ fn router(raw: &RawRouter, source: &Source<'_>) -> Result<RouterConfig, ConfigEr
         Some(name) if name.get_ref().trim().is_empty() => {
             return Err(source.error(name.span().start, "router.exchange", Problem::EmptyExchange));
         }
+        Some(name) if name.get_ref().len() > 255 || name.get_ref().starts_with("amq.") => {
+            return Err(source.error(
+                name.span().start,
+                "router.exchange",
+                Problem::BadExchange(name.get_ref().clone()),
+            ));
+        }
         Some(name) => name.get_ref().clone(),
         None => raw::ROUTER_EXCHANGE.to_string(),
     };

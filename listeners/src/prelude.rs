@@ -1,0 +1,17 @@
+//! Everything an app needs, in one import: `use warren_listeners::prelude::*;`.
+//!
+//! Owns: the app-facing names and nothing else. An app crate depends on warren-listeners
+//! alone and imports only this; anything an app needs and cannot reach from here is a gap
+//! to fill here, not a reason to import warren-runtime.
+
+pub use crate::app::{App, AppContext};
+pub use crate::listener::{
+    AckMode, Binding, DeliveryInfo, Dispatch, Event, Exchange, HandlerError, HandlerResult,
+    Listener, ListenerHandle, ListenerSpec, Notice, Outcome, Published, QueueSpec, Returned,
+};
+pub use crate::pool::{ListenerPool, PoolError, PoolLease, RpcError};
+pub use crate::router::{ConfigEvent, ConfigRouter, Subscription};
+pub use warren_runtime::assignments::ChannelKind;
+pub use warren_runtime::envelope::Envelope;
+pub use warren_runtime::publish::{PublishError, PublishOptions};
+pub use warren_runtime::supervisor::ChildSpec;
