@@ -132,7 +132,7 @@ pub fn app_child(app: &dyn App, ctx: AppContext) -> Result<ChildSpec, AppError> 
             max_restarts: 5,
             within: Duration::from_secs(30),
         },
-        backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+        backoff: Backoff::for_restarts(),
         children,
     }))
 }

@@ -23,10 +23,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use ractor::{ActorCell, ActorRef};
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
+use warren_runtime::actor_slot::ActorSlot;
 use warren_runtime::backoff::Backoff;
 use warren_runtime::config::PoolConfig;
 use warren_runtime::envelope::{Envelope, Stamp};
@@ -93,7 +94,7 @@ pub(crate) struct PoolInner {
     state: Mutex<PoolState>,
     /// A worker was checked in or capacity freed.
     available: Notify,
-    supervisor: RwLock<Option<ActorRef<SupervisorMsg>>>,
+    supervisor: ActorSlot<SupervisorMsg>,
     reaper: Mutex<Option<JoinHandle<()>>>,
     next_worker: AtomicU64,
     checkouts: AtomicU64,
@@ -133,7 +134,7 @@ impl ListenerPool {
                     generation: 0,
                 }),
                 available: Notify::new(),
-                supervisor: RwLock::new(None),
+                supervisor: ActorSlot::default(),
                 reaper: Mutex::new(None),
                 next_worker: AtomicU64::new(0),
                 checkouts: AtomicU64::new(0),
@@ -207,7 +208,7 @@ impl ListenerPool {
         if let Some(reaper) = self.inner.reaper.lock().take() {
             reaper.abort();
         }
-        let supervisor = self.inner.supervisor.write().take();
+        let supervisor = self.inner.supervisor.take();
         if let Some(supervisor) = supervisor {
             let _ = supervisor
                 .stop_and_wait(None, Some(inner_shutdown(&self.inner)))
@@ -227,7 +228,7 @@ impl ListenerPool {
             available.as_mut().enable();
             let next = {
                 let mut state = inner.state.lock();
-                if inner.supervisor.read().is_none() {
+                if inner.supervisor.is_empty() {
                     return Err(PoolError::NotRunning(inner.name.clone()));
                 }
                 if let Some(worker) = state.idle.pop() {
@@ -429,14 +430,14 @@ impl PoolInner {
                 max_restarts: 10,
                 within: Duration::from_secs(30),
             },
-            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+            backoff: Backoff::for_restarts(),
             children,
         }
     }
 
     /// The supervisor is up: remember it and start retiring idle overflow workers.
     fn started(self: &Arc<Self>, supervisor: ActorRef<SupervisorMsg>) {
-        *self.supervisor.write() = Some(supervisor);
+        self.supervisor.set(supervisor);
         let weak = Arc::downgrade(self);
         let every = (self.config.idle_timeout / 4).max(Duration::from_millis(25));
         let reaper = tokio::spawn(async move {
@@ -485,7 +486,7 @@ impl PoolInner {
     ) -> Result<Arc<Worker>, PoolError> {
         let not_running = || PoolError::NotRunning(self.name.clone());
         let started = async {
-            let supervisor = self.supervisor.read().clone().ok_or_else(not_running)?;
+            let supervisor = self.supervisor.get().ok_or_else(not_running)?;
             let (child, worker) = self.new_worker(true).ok_or_else(not_running)?;
             supervisor::start_child(&supervisor, child)
                 .await
@@ -576,7 +577,7 @@ impl PoolInner {
 
     /// Starts a base worker in place of a retired one (already counted in `total`).
     async fn replace_base(self: &Arc<Self>, generation: u64) {
-        let Some(supervisor) = self.supervisor.read().clone() else {
+        let Some(supervisor) = self.supervisor.get() else {
             return;
         };
         let Some((child, worker)) = self.new_worker(false) else {
@@ -628,7 +629,7 @@ impl PoolInner {
     }
 
     fn terminate(&self, worker: Arc<Worker>) {
-        let Some(supervisor) = self.supervisor.read().clone() else {
+        let Some(supervisor) = self.supervisor.get() else {
             return;
         };
         tokio::spawn(async move {

@@ -28,9 +28,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
-use parking_lot::RwLock;
-use ractor::ActorRef;
 use tokio::sync::{Mutex, mpsc};
+use warren_runtime::actor_slot::ActorSlot;
 use warren_runtime::backoff::Backoff;
 use warren_runtime::envelope::{Envelope, Stamp};
 use warren_runtime::node::NodeContext;
@@ -124,7 +123,7 @@ struct RouterInner {
     /// Subscribers per pattern; changes to bindings happen under this lock, in order.
     bindings: Mutex<HashMap<String, usize>>,
     /// A router started with `spawn` (outside the tree).
-    standalone: RwLock<Option<ActorRef<SupervisorMsg>>>,
+    standalone: ActorSlot<SupervisorMsg>,
 }
 
 /// The listener behind the router.
@@ -184,7 +183,7 @@ impl ConfigRouter {
                 handle,
                 child,
                 bindings: Mutex::new(HashMap::new()),
-                standalone: RwLock::new(None),
+                standalone: ActorSlot::default(),
             }),
         })
     }
@@ -203,19 +202,19 @@ impl ConfigRouter {
                 max_restarts: 5,
                 within: Duration::from_secs(30),
             },
-            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+            backoff: Backoff::for_restarts(),
             children: vec![self.child()],
         };
         let (supervisor, _) = Supervisor::spawn(spec)
             .await
             .map_err(|_| RouterError::NotRunning)?;
-        *self.inner.standalone.write() = Some(supervisor);
+        self.inner.standalone.set(supervisor);
         Ok(())
     }
 
     /// Stops a router started with `spawn`.
     pub async fn stop(&self) {
-        let supervisor = self.inner.standalone.write().take();
+        let supervisor = self.inner.standalone.take();
         if let Some(supervisor) = supervisor {
             let _ = supervisor
                 .stop_and_wait(None, Some(Duration::from_secs(15)))

@@ -22,11 +22,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::Channel;
-use parking_lot::RwLock;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::actor_slot::ActorSlot;
 use crate::backoff::Backoff;
 use crate::connection::{ChannelError, TakenChannel};
 use crate::connections::Connections;
@@ -145,7 +145,7 @@ pub struct AssignmentsReport {
 /// Handle to the assignments actor: cheap to clone, survives its restarts.
 #[derive(Clone)]
 pub struct Assignments {
-    actor: Arc<RwLock<Option<ActorRef<AssignmentsMsg>>>>,
+    actor: Arc<ActorSlot<AssignmentsMsg>>,
     connections: Connections,
     next_id: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -153,7 +153,7 @@ pub struct Assignments {
 impl Assignments {
     pub fn new(connections: Connections) -> Self {
         Assignments {
-            actor: Arc::new(RwLock::new(None)),
+            actor: Arc::default(),
             connections,
             next_id: Arc::new(std::sync::atomic::AtomicU64::new(1)),
         }
@@ -168,7 +168,7 @@ impl Assignments {
                 let (actor, _) =
                     Actor::spawn_linked(None, AssignmentsActor, this.connections.clone(), parent)
                         .await?;
-                *this.actor.write() = Some(actor.clone());
+                this.actor.set(actor.clone());
                 Ok(actor.get_cell())
             }
         })
@@ -180,11 +180,7 @@ impl Assignments {
         label: impl Into<String>,
         kind: ChannelKind,
     ) -> Result<(LeaseClient, LeaseEvents), AssignmentsError> {
-        let actor = self
-            .actor
-            .read()
-            .clone()
-            .ok_or(AssignmentsError::NotRunning)?;
+        let actor = self.actor.get().ok_or(AssignmentsError::NotRunning)?;
         let id = ConsumerId(
             self.next_id
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -203,11 +199,7 @@ impl Assignments {
 
     /// The current leases and reservations.
     pub async fn inspect(&self) -> Result<AssignmentsReport, AssignmentsError> {
-        let actor = self
-            .actor
-            .read()
-            .clone()
-            .ok_or(AssignmentsError::NotRunning)?;
+        let actor = self.actor.get().ok_or(AssignmentsError::NotRunning)?;
         ractor::call_t!(actor, AssignmentsMsg::Inspect, 5_000)
             .map_err(|_| AssignmentsError::NotRunning)
     }

@@ -25,6 +25,13 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// The pause between a supervisor's restarts of a failed child: from 100 ms, doubling
+    /// to 5 s. Every supervisor below the root uses it, so a crash loop never spins and a
+    /// change of policy is made here once.
+    pub fn for_restarts() -> Self {
+        Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
+    }
+
     /// A backoff between `min` and `max`; a `max` below `min` is raised to `min`.
     pub fn new(min: Duration, max: Duration) -> Self {
         Self {

@@ -9,9 +9,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::RwLock;
-use ractor::{Actor, ActorCell, ActorRef};
+use ractor::{ActorCell, ActorRef};
 
+use crate::actor_slot::ActorSlot;
 use crate::backoff::Backoff;
 use crate::connection::{
     ChannelError, ConnectionActor, ConnectionArgs, ConnectionMsg, ConnectionReport,
@@ -30,7 +30,7 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Connections {
     registry: ConnectionRegistry,
     settings: ConnectionSettings,
-    supervisor: Arc<RwLock<Option<ActorRef<SupervisorMsg>>>>,
+    supervisor: Arc<ActorSlot<SupervisorMsg>>,
 }
 
 /// Why a broker could not be added.
@@ -49,7 +49,7 @@ impl Connections {
         Connections {
             registry,
             settings,
-            supervisor: Arc::new(RwLock::new(None)),
+            supervisor: Arc::default(),
         }
     }
 
@@ -82,11 +82,11 @@ impl Connections {
                         max_restarts: 10,
                         within: Duration::from_secs(30),
                     },
-                    backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+                    backoff: Backoff::for_restarts(),
                     children,
                 };
                 let (actor, _) = Supervisor::spawn_linked(spec, parent).await?;
-                *this.supervisor.write() = Some(actor.clone());
+                this.supervisor.set(actor.clone());
                 Ok(actor.get_cell())
             }
         })
@@ -96,16 +96,13 @@ impl Connections {
         let registry = self.registry.clone();
         let settings = self.settings.clone();
         let id = format!("connection:{}", broker.uri.redacted());
-        ChildSpec::new(id, move |parent: ActorCell| {
+        ChildSpec::actor(id, move || {
             let args = ConnectionArgs {
                 broker: broker.clone(),
                 registry: registry.clone(),
                 settings: settings.clone(),
             };
-            async move {
-                let (actor, _) = Actor::spawn_linked(None, ConnectionActor, args, parent).await?;
-                Ok(actor.get_cell())
-            }
+            (ConnectionActor, args)
         })
     }
 
@@ -120,11 +117,7 @@ impl Connections {
         if !self.registry.mark_added(id) {
             return Ok(());
         }
-        let supervisor = self
-            .supervisor
-            .read()
-            .clone()
-            .ok_or(AddBrokerError::NotRunning)?;
+        let supervisor = self.supervisor.get().ok_or(AddBrokerError::NotRunning)?;
         supervisor::start_child(&supervisor, self.connection_child(broker.clone()))
             .await
             .map(|_| ())

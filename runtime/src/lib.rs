@@ -14,6 +14,7 @@
 //!
 //! Dependencies point one way: apps → listeners → runtime.
 
+pub mod actor_slot;
 pub mod assignments;
 pub mod backoff;
 pub mod bootstrap;

@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorCell, ActorRef};
+use ractor::ActorRef;
 use tokio::task::JoinHandle;
 
 use crate::assignments::Assignments;
@@ -133,27 +133,17 @@ impl Node {
 
         let registry_child = {
             let registry = registry.clone();
-            ChildSpec::new("registry", move |parent: ActorCell| {
-                let registry = registry.clone();
-                async move {
-                    let (actor, _) =
-                        Actor::spawn_linked(None, RegistryActor, registry, parent).await?;
-                    Ok(actor.get_cell())
-                }
-            })
+            ChildSpec::actor("registry", move || (RegistryActor, registry.clone()))
         };
         let bootstrap_child = {
             let connections = connections.clone();
             let startup_timeout = config.amqp.startup_timeout;
-            ChildSpec::new("bootstrap", move |parent: ActorCell| {
+            ChildSpec::actor("bootstrap", move || {
                 let args = BootstrapArgs {
                     connections: connections.clone(),
                     startup_timeout,
                 };
-                async move {
-                    let (actor, _) = Actor::spawn_linked(None, Bootstrap, args, parent).await?;
-                    Ok(actor.get_cell())
-                }
+                (Bootstrap, args)
             })
             .restart(Restart::Temporary)
         };
@@ -164,7 +154,7 @@ impl Node {
                 max_restarts: 10,
                 within: Duration::from_secs(60),
             },
-            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+            backoff: Backoff::for_restarts(),
             children: apps,
         });
 

@@ -22,6 +22,7 @@ use parking_lot::{Mutex, RwLock};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::watch;
 
+use crate::actor_slot::ActorSlot;
 use crate::config::Config;
 use crate::connection::{ConnectionMsg, Role};
 use crate::uri::BrokerUri;
@@ -170,7 +171,7 @@ struct Inner {
     /// registry can ask it to report again.
     connections: Mutex<Vec<Option<ActorRef<ConnectionMsg>>>>,
     /// The registry actor, for connection actors to send their status to.
-    actor: RwLock<Option<ActorRef<RegistryMsg>>>,
+    actor: ActorSlot<RegistryMsg>,
     /// The last generation handed out per broker, [consume, publish]. Outlives connection
     /// actors (and the registry actor), so generations are never reused.
     generations: Mutex<Vec<[u64; 2]>>,
@@ -209,7 +210,7 @@ impl ConnectionRegistry {
                 status: RwLock::new((0..n).map(|_| BrokerStatus::new()).collect()),
                 added: RwLock::new(vec![false; n]),
                 connections: Mutex::new(vec![None; n]),
-                actor: RwLock::new(None),
+                actor: ActorSlot::default(),
                 generations: Mutex::new(vec![[0, 0]; n]),
                 version,
             }),
@@ -391,7 +392,7 @@ impl ConnectionRegistry {
     /// Sends a status change to the registry actor. If the actor is restarting the update
     /// is lost, which is fine: the restarted actor asks every connection to report again.
     pub(crate) fn report(&self, id: BrokerId, update: StatusUpdate) {
-        if let Some(actor) = self.inner.actor.read().as_ref() {
+        if let Some(actor) = self.inner.actor.get() {
             let _ = actor.cast(RegistryMsg::Update(id, update));
         }
     }
@@ -529,7 +530,7 @@ impl Actor for RegistryActor {
         myself: ActorRef<Self::Msg>,
         registry: ConnectionRegistry,
     ) -> Result<Self::State, ActorProcessingErr> {
-        *registry.inner.actor.write() = Some(myself);
+        registry.inner.actor.set(myself);
         Ok(registry)
     }
 
@@ -570,10 +571,7 @@ impl Actor for RegistryActor {
         myself: ActorRef<Self::Msg>,
         registry: &mut ConnectionRegistry,
     ) -> Result<(), ActorProcessingErr> {
-        let mut slot = registry.inner.actor.write();
-        if slot.as_ref().is_some_and(|a| a.get_id() == myself.get_id()) {
-            *slot = None;
-        }
+        registry.inner.actor.clear_if(&myself);
         Ok(())
     }
 }

@@ -885,7 +885,7 @@ impl Actor for ListenerActor {
         myself: ActorRef<Self::Msg>,
         shared: Arc<ListenerShared>,
     ) -> Result<Self::State, ActorProcessingErr> {
-        *shared.actor.write() = Some(myself);
+        shared.actor.set(myself);
         let readiness = shared
             .readiness
             .register(format!("listener:{}", shared.name));
@@ -1021,13 +1021,7 @@ impl Actor for ListenerActor {
             task.abort();
         }
         state.client = None;
-        let mut actor = state.shared.actor.write();
-        if actor
-            .as_ref()
-            .is_some_and(|a| a.get_id() == myself.get_id())
-        {
-            *actor = None;
-        }
+        state.shared.actor.clear_if(&myself);
         tracing::info!(listener = %state.shared.name, "listener stopped");
         Ok(())
     }

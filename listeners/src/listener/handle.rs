@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use lapin::Channel;
 use parking_lot::{Mutex, RwLock};
-use ractor::{Actor, ActorCell, ActorRef};
+use ractor::{Actor, ActorRef};
 use tokio::sync::watch;
+use warren_runtime::actor_slot::ActorSlot;
 use warren_runtime::assignments::{Assignments, ChannelKind};
 use warren_runtime::envelope::{Envelope, Stamp};
 use warren_runtime::exchanges::TARGETED;
@@ -189,7 +190,7 @@ pub(crate) struct ListenerShared {
     pub channel: watch::Sender<Option<Channel>>,
     /// The broker and lease of the current channel.
     pub current: RwLock<Option<(BrokerId, u64)>>,
-    pub actor: RwLock<Option<ActorRef<ListenerMsg>>>,
+    pub actor: ActorSlot<ListenerMsg>,
     pub assignments: Assignments,
     pub readiness: Readiness,
 }
@@ -291,7 +292,7 @@ impl ListenerShared {
             consuming,
             channel,
             current: RwLock::new(None),
-            actor: RwLock::new(None),
+            actor: ActorSlot::default(),
             assignments: node.assignments.clone(),
             readiness: node.readiness.clone(),
             listener,
@@ -338,17 +339,8 @@ pub(crate) fn node_listener_child(
         shared: shared.clone(),
     };
     let shutdown = shared.settings.stop_timeout + Duration::from_secs(3);
-    let child = ChildSpec::new(
-        format!("listener:{}", shared.name),
-        move |parent: ActorCell| {
-            let shared = shared.clone();
-            async move {
-                let (actor, _) = Actor::spawn_linked(None, ListenerActor, shared, parent).await?;
-                Ok(actor.get_cell())
-            }
-        },
-    )
-    .shutdown(shutdown);
+    let id = format!("listener:{}", shared.name);
+    let child = ChildSpec::actor(id, move || (ListenerActor, shared.clone())).shutdown(shutdown);
     Ok((child, handle))
 }
 
@@ -367,11 +359,7 @@ pub async fn spawn_listener(
 
 impl ListenerHandle {
     fn actor(&self) -> Result<ActorRef<ListenerMsg>, ListenerError> {
-        self.shared
-            .actor
-            .read()
-            .clone()
-            .ok_or(ListenerError::NotRunning)
+        self.shared.actor.get().ok_or(ListenerError::NotRunning)
     }
 
     /// The listener's name.

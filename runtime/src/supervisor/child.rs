@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use ractor::{ActorCell, SpawnErr};
+use ractor::{Actor, ActorCell, SpawnErr};
 
 use super::error::{SupervisorError, spawn_error_reason};
 
@@ -75,6 +75,22 @@ impl ChildSpec {
             shutdown: DEFAULT_SHUTDOWN,
             start,
         }
+    }
+
+    /// A child that is one actor, spawned linked and unnamed: `make` gives the actor and
+    /// its arguments for each (re)start. The common case of [`ChildSpec::new`].
+    pub fn actor<A, F>(id: impl Into<String>, make: F) -> Self
+    where
+        A: Actor,
+        F: Fn() -> (A, A::Arguments) + Send + Sync + 'static,
+    {
+        ChildSpec::new(id, move |parent: ActorCell| {
+            let (actor, arguments) = make();
+            async move {
+                let (actor, _) = Actor::spawn_linked(None, actor, arguments, parent).await?;
+                Ok(actor.get_cell())
+            }
+        })
     }
 
     /// Set when the child is restarted.
