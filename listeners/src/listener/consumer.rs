@@ -341,11 +341,11 @@ impl ConsumerLoop {
                 broker: self.context.broker.clone(),
                 lease: self.context.lease,
             },
-            Some(Outbox {
+            Outbox {
                 publisher: self.context.publisher.clone(),
                 timeout: settings.publish_timeout,
                 listener: shared.listener.clone(),
-            }),
+            },
         );
         let handlers = match self.dispatch(&event) {
             Some(handlers) => handlers,

@@ -21,31 +21,8 @@ use warren_runtime::registry::Broker;
 
 use super::{Listener, Notice};
 
-/// Publish bound of events that do not come from a listener's channel.
+/// Publish bound of test kit events (a listener's events use `publish_timeout_ms`).
 const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
-
-impl Recorder {
-    /// Checks and records one publish, or fails it as the test asked.
-    fn record(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        envelope: Envelope,
-        options: PublishOptions,
-    ) -> Result<Published, PublishError> {
-        address(exchange, routing_key)?;
-        if let Some(error) = &self.fail_with {
-            return Err(error.clone());
-        }
-        self.published.lock().push(Recorded {
-            exchange: exchange.to_string(),
-            routing_key: routing_key.to_string(),
-            envelope,
-            options,
-        });
-        Ok(Published::Routed)
-    }
-}
 
 /// Where and how a message arrived.
 #[derive(Clone, Debug)]
@@ -99,13 +76,34 @@ pub(crate) struct Recorder {
     pub fail_with: Option<PublishError>,
 }
 
+impl Recorder {
+    /// Checks and records one publish, or fails it as the test asked.
+    fn record(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        envelope: Envelope,
+        options: PublishOptions,
+    ) -> Result<Published, PublishError> {
+        address(exchange, routing_key)?;
+        if let Some(error) = &self.fail_with {
+            return Err(error.clone());
+        }
+        self.published.lock().push(Recorded {
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+            envelope,
+            options,
+        });
+        Ok(Published::Routed)
+    }
+}
+
 /// Where an event's publishes go.
 #[derive(Clone)]
 enum Outlet {
     Broker(Outbox),
     Recorder(Recorder),
-    /// Events built without a way to publish (unit tests of warren itself).
-    Nowhere,
 }
 
 /// One decoded message, as a responder sees it.
@@ -121,13 +119,12 @@ struct EventInner {
 }
 
 impl Event {
-    pub(crate) fn new(envelope: Envelope, delivery: DeliveryInfo, outbox: Option<Outbox>) -> Self {
-        let outlet = outbox.map_or(Outlet::Nowhere, Outlet::Broker);
+    pub(crate) fn new(envelope: Envelope, delivery: DeliveryInfo, outbox: Outbox) -> Self {
         Event {
             inner: Arc::new(EventInner {
                 envelope,
                 delivery,
-                outlet,
+                outlet: Outlet::Broker(outbox),
             }),
         }
     }
@@ -187,7 +184,7 @@ impl Event {
     ) -> Result<Published, PublishError> {
         let timeout = match &self.inner.outlet {
             Outlet::Broker(outbox) => outbox.timeout,
-            _ => DEFAULT_PUBLISH_TIMEOUT,
+            Outlet::Recorder(_) => DEFAULT_PUBLISH_TIMEOUT,
         };
         self.publish_with(
             exchange,
@@ -211,11 +208,6 @@ impl Event {
             Outlet::Broker(outbox) => outbox,
             Outlet::Recorder(recorder) => {
                 return recorder.record(exchange, routing_key, envelope, options);
-            }
-            Outlet::Nowhere => {
-                return Err(PublishError::Channel(
-                    "this event has no channel".to_string(),
-                ));
             }
         };
         let published = outbox
