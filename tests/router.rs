@@ -198,24 +198,27 @@ async fn a_slow_subscriber_gets_resync_and_the_others_are_not_slowed() {
     let (node, router, exchange) = router_node("router-slow", BUFFER).await;
     let mut slow = router.subscribe("#").await.expect("subscribe");
     let mut fast = router.subscribe("#").await.expect("subscribe");
-    let reader = tokio::spawn(async move {
-        let mut keys = Vec::new();
-        while keys.len() < EVENTS {
+    // Published in rounds smaller than a buffer, each read by the fast subscriber before the
+    // next: it can never lag, however the machine schedules it, while the slow one (never
+    // read) fills up after the first round. Were delivery to wait on a full buffer, the
+    // second round would never reach the fast one.
+    const ROUND: usize = BUFFER / 2;
+    let mut published = Vec::new();
+    let mut fast_keys = Vec::new();
+    for round in 0..EVENTS / ROUND {
+        for i in round * ROUND..(round + 1) * ROUND {
+            let update = DocUpdate::doc(DocAction::Edited, "db", "user", format!("{i}"));
+            published.push(update.routing_key());
+            publish(&node, &exchange, &update).await;
+        }
+        while fast_keys.len() < published.len() {
             match fast.next_within(SOON).await {
-                Some(RouterEvent::Event(event)) => keys.push(event.routing_key().to_string()),
+                Some(RouterEvent::Event(event)) => fast_keys.push(event.routing_key().to_string()),
                 Some(RouterEvent::Resync) => panic!("the fast subscriber never lags"),
-                None => break,
+                None => panic!("round {round}: the fast subscriber waited in vain"),
             }
         }
-        keys
-    });
-    let mut published = Vec::new();
-    for i in 0..EVENTS {
-        let update = DocUpdate::doc(DocAction::Edited, "db", "user", format!("{i}"));
-        published.push(update.routing_key());
-        publish(&node, &exchange, &update).await;
     }
-    let fast_keys = reader.await.expect("reader");
     assert_eq!(
         fast_keys, published,
         "the fast subscriber got every event, in order"
