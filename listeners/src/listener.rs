@@ -7,13 +7,20 @@
 //! responders, acks / nacks / rejects by their outcome, replays everything on a new channel
 //! after any loss, and stops gracefully.
 //!
-//! Files: `spec` (declarations), `validate` (the rules a spec must follow), `responders`
-//! (matching and outcomes), `event` (what a handler receives), `handling` (one event
-//! through the hook and the responders, shared with the test kit), `topology` (replay on a
-//! channel, every step bounded), `consumer` (the delivery loop), `acks` (coalesced
-//! acknowledgements), `redelivery` (counting handler failures), `parking` (messages that
-//! cannot succeed), `drain` (the fail-back drain's decisions), `actor` (leases, runtime
-//! changes, stop), `handle` (the handle apps and tests hold).
+//! Files, from what the app declares to what runs:
+//! - `spec` (declarations) and `validate` (the rules a spec must follow);
+//! - `shared` (the state handle, actor and consumer loops share: settings, topology,
+//!   responders, counters, the lease a loop runs on) and `status` (what a listener
+//!   reports: errors, status, counters);
+//! - one delivery, top to bottom: `consumer` (the delivery loop) → `event` (what a
+//!   handler receives) → `handling` (the hook and the responders, shared with the test kit)
+//!   → `responders` (matching and outcomes) → `acks` (the ack-mode policy and coalesced
+//!   acknowledgements), with `redelivery` (counting handler failures) and `parking`
+//!   (messages that cannot succeed);
+//! - `topology` (replay on a channel, every step bounded), `drain` (the fail-back drain's
+//!   decisions), `refusals` (declarations the broker refused), `actor` (leases, run-time
+//!   changes, stop; it gets the consumer loop's end as a message) and `handle` (what apps
+//!   and tests hold).
 
 mod acks;
 mod actor;
@@ -26,18 +33,19 @@ mod parking;
 mod redelivery;
 mod refusals;
 mod responders;
+mod shared;
 mod spec;
+mod status;
 mod topology;
 mod validate;
 
 pub(crate) use event::Recorder;
 pub use event::{DeliveryInfo, Event, Recorded};
 pub(crate) use handle::node_listener_child;
-pub use handle::{
-    ListenerError, ListenerHandle, ListenerStatus, StatsSnapshot, listener_child, spawn_listener,
-};
+pub use handle::{ListenerHandle, listener_child, spawn_listener};
 pub use responders::{HandlerError, HandlerResult, Outcome, ResponderId, Responders};
 pub use spec::{AckMode, Binding, Exchange, ListenerSpec, QueueName, QueueSpec};
+pub use status::{ListenerError, ListenerStatus, StatsSnapshot};
 pub(crate) use validate::SpecDefaults;
 pub use validate::SpecError;
 pub use warren_runtime::publish::{Published, Returned};

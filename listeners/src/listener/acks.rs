@@ -1,4 +1,11 @@
-//! Coalesced acknowledgements for one channel.
+//! What a listener's ack mode means for each message ([`AckPolicy`]), and coalesced
+//! acknowledgements for one channel ([`AckTracker`]).
+//!
+//! The ack mode matters at three points of a delivery: when it is received (track it?
+//! ack it at once?), when it is refused before any handler ran (is it still the queue's
+//! to take off?), and when its handlers finished (does their outcome settle it?). The
+//! policy answers all three, and what the consumer and the qos ask of the broker, so the
+//! consumer loop asks it instead of testing the mode.
 //!
 //! Deliveries are settled in any order (handlers finish when they finish). A success is
 //! not acked on its own: one `basic.ack` with `multiple = true` acknowledges every
@@ -22,9 +29,86 @@ use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 
 use super::responders::Outcome;
+use super::spec::AckMode;
 
 /// Longest an ack may wait to be coalesced with others.
 pub(crate) const MAX_ACK_DELAY: Duration = Duration::from_millis(10);
+
+/// A listener's ack mode, asked at each point of a delivery where it matters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct AckPolicy(AckMode);
+
+/// What to do with a delivery when it arrives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Received {
+    /// No-ack: the broker considers it delivered; nothing is ever sent for it.
+    Untracked,
+    /// Ack it at once, before the responders run.
+    AckNow,
+    /// Hold it until its handlers finish.
+    Hold,
+}
+
+/// A delivery refused before any handler ran (undecodable, too large, past the
+/// redelivery limit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// It is not the queue's any more (no-ack): nothing to do.
+    Gone,
+    /// Take it off the queue once: dead-letter or park it.
+    TakeOff,
+}
+
+/// A delivery whose handlers finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Finished {
+    /// Their outcome settles it (ack, requeue, reject).
+    ByOutcome,
+    /// It was settled before (acked on receipt, or no-ack).
+    Settled,
+}
+
+impl AckPolicy {
+    pub fn new(mode: AckMode) -> Self {
+        AckPolicy(mode)
+    }
+
+    /// What to do with a delivery when it arrives.
+    pub fn received(self) -> Received {
+        match self.0 {
+            AckMode::Broker => Received::Untracked,
+            AckMode::OnReceipt => Received::AckNow,
+            AckMode::Manual => Received::Hold,
+        }
+    }
+
+    /// What to do with a delivery refused before any handler ran. It is refused before an
+    /// ack on receipt, so only no-ack leaves nothing to do.
+    pub fn undecodable(self) -> Refused {
+        match self.0 {
+            AckMode::Broker => Refused::Gone,
+            AckMode::OnReceipt | AckMode::Manual => Refused::TakeOff,
+        }
+    }
+
+    /// What to do with a delivery whose handlers finished.
+    pub fn finished(self) -> Finished {
+        match self.0 {
+            AckMode::Manual => Finished::ByOutcome,
+            AckMode::OnReceipt | AckMode::Broker => Finished::Settled,
+        }
+    }
+
+    /// The consumer is registered with `no_ack`.
+    pub fn no_ack(self) -> bool {
+        self.0 == AckMode::Broker
+    }
+
+    /// The `basic.qos` prefetch to set: none under no-ack, where it has no effect.
+    pub fn qos(self, prefetch: u16) -> Option<u16> {
+        (!self.no_ack()).then_some(prefetch)
+    }
+}
 
 /// Where one delivery stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,6 +260,34 @@ async fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_policy_answers_for_each_mode() {
+        let manual = AckPolicy::new(AckMode::Manual);
+        let receipt = AckPolicy::new(AckMode::OnReceipt);
+        let broker = AckPolicy::new(AckMode::Broker);
+        assert_eq!(
+            [manual.received(), receipt.received(), broker.received()],
+            [Received::Hold, Received::AckNow, Received::Untracked]
+        );
+        assert_eq!(
+            [
+                manual.undecodable(),
+                receipt.undecodable(),
+                broker.undecodable()
+            ],
+            [Refused::TakeOff, Refused::TakeOff, Refused::Gone]
+        );
+        assert_eq!(
+            [manual.finished(), receipt.finished(), broker.finished()],
+            [Finished::ByOutcome, Finished::Settled, Finished::Settled]
+        );
+        assert_eq!(
+            [manual.qos(7), receipt.qos(7), broker.qos(7)],
+            [Some(7), Some(7), None]
+        );
+        assert!(broker.no_ack() && !manual.no_ack() && !receipt.no_ack());
+    }
 
     fn tracker(tags: std::ops::RangeInclusive<u64>) -> AckTracker {
         let mut acks = AckTracker::new(200);

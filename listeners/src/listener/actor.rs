@@ -21,6 +21,7 @@ use lapin::Channel;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use warren_runtime::actor_slot::ActorSlot;
 use warren_runtime::assignments::{Lease, LeaseClient, LeaseEvent};
 use warren_runtime::backoff::Backoff;
 use warren_runtime::log_limit::LogLimit;
@@ -28,12 +29,13 @@ use warren_runtime::readiness::ReadinessEntry;
 use warren_runtime::registry::BrokerId;
 
 use super::Notice;
-use super::consumer::{ConsumerLoop, Control, Ended, LeaseContext};
+use super::consumer::{ConsumerLoop, Control, Ended};
 use super::drain::{self, Closed, Drain, Step};
-use super::handle::{ListenerError, ListenerShared, ListenerStatus, Removed};
 use super::handling::panic_text;
 use super::refusals::REFUSALS;
-use super::spec::{AckMode, Binding, QueueName};
+use super::shared::{LeaseContext, ListenerShared};
+use super::spec::{Binding, QueueName};
+use super::status::{ListenerError, ListenerStatus, Removed};
 use super::topology::{self, SetupError};
 
 /// Bound for closing a channel.
@@ -42,6 +44,14 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Set-up failures: one line per failing step (e.g. an exchange declared with other flags,
 /// which every listener of the node hits) per interval, with a count.
 static SETUP_LOGS: LazyLock<LogLimit> = LazyLock::new(LogLimit::default);
+
+/// What a listener's actor starts from: the state shared with its handle, and the slot
+/// where it leaves its address for the handle while it runs.
+#[derive(Clone)]
+pub(crate) struct Started {
+    pub shared: Arc<ListenerShared>,
+    pub slot: Arc<ActorSlot<ListenerMsg>>,
+}
 
 /// Messages of the listener actor.
 pub(crate) enum ListenerMsg {
@@ -141,6 +151,8 @@ struct Placed {
 /// State of the listener actor.
 pub(crate) struct ListenerState {
     shared: Arc<ListenerShared>,
+    /// Where the handle finds this actor while it runs.
+    slot: Arc<ActorSlot<ListenerMsg>>,
     client: Option<LeaseClient>,
     forward: Option<JoinHandle<()>>,
     keepalive: Option<JoinHandle<()>>,
@@ -304,10 +316,7 @@ impl ListenerState {
             return;
         }
         let topology = self.shared.topology.lock().clone();
-        let prefetch = match self.shared.settings.ack {
-            AckMode::Broker => None,
-            _ => Some(self.shared.settings.prefetch),
-        };
+        let prefetch = self.shared.settings.ack.qos(self.shared.settings.prefetch);
         let result = topology::declare(&context.channel, &topology, prefetch, self.timeout()).await;
         let broker = context.broker.clone();
         if let Err(error) = result {
@@ -403,7 +412,7 @@ impl ListenerState {
         self.next_task += 1;
         let task = self.next_task;
         let tag = format!("{}.{lease}.{task}", self.shared.consumer_tag);
-        let no_ack = self.shared.settings.ack == AckMode::Broker;
+        let no_ack = self.shared.settings.ack.no_ack();
         let timeout = self.timeout();
         let shared = self.shared.clone();
         let Some(held) = self.held_mut(lease) else {
@@ -878,19 +887,20 @@ impl ListenerState {
 impl Actor for ListenerActor {
     type Msg = ListenerMsg;
     type State = ListenerState;
-    type Arguments = Arc<ListenerShared>;
+    type Arguments = Started;
 
     async fn pre_start(
         &self,
         myself: ActorRef<Self::Msg>,
-        shared: Arc<ListenerShared>,
+        Started { shared, slot }: Started,
     ) -> Result<Self::State, ActorProcessingErr> {
-        shared.actor.set(myself);
+        slot.set(myself);
         let readiness = shared
             .readiness
             .register(format!("listener:{}", shared.name));
         Ok(ListenerState {
             shared,
+            slot,
             client: None,
             forward: None,
             keepalive: None,
@@ -1021,7 +1031,7 @@ impl Actor for ListenerActor {
             task.abort();
         }
         state.client = None;
-        state.shared.actor.clear_if(&myself);
+        state.slot.clear_if(&myself);
         tracing::info!(listener = %state.shared.name, "listener stopped");
         Ok(())
     }

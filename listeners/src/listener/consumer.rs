@@ -18,32 +18,30 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::LazyLock;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
+use lapin::Consumer;
 use lapin::message::Delivery;
-use lapin::{Channel, Consumer};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use warren_runtime::envelope::{
     DecodeError, DecodeLimits, Envelope, decode_is_small, decode_owned,
 };
 use warren_runtime::log_limit::LogLimit;
-use warren_runtime::registry::Broker;
 
 use super::Dispatch;
-use super::acks::AckTracker;
+use super::acks::{AckTracker, Finished, Received, Refused};
 use super::event::{DeliveryInfo, Event, Outbox};
-use super::handle::ListenerShared;
 use super::handling::{self, HandlerEnd, panic_text};
 use super::parking;
 use super::redelivery::body_key;
 use super::responders::{Handler, HandlerError, Outcome};
-use super::spec::AckMode;
+use super::shared::{LeaseContext, ListenerShared};
 use super::topology;
 
 /// Repeating warnings about messages (bad bodies, rejects, retries): one line per listener
@@ -77,17 +75,6 @@ pub(crate) enum Ended {
     Stopped,
     /// The actor abandoned the channel.
     Abandoned,
-}
-
-/// The lease a consumer loop runs on, shared with its messages' work.
-pub(crate) struct LeaseContext {
-    pub lease: u64,
-    pub channel: Channel,
-    pub broker: Arc<Broker>,
-    /// The listener's publisher pinned to this broker (replies, parking).
-    pub publisher: warren_runtime::publisher::Publisher,
-    /// The parking queue was declared on this channel.
-    pub parking_declared: AtomicBool,
 }
 
 /// Everything one consumer loop needs.
@@ -185,10 +172,6 @@ impl ConsumerLoop {
                 panic_text(panic.as_ref())
             )),
         }
-    }
-
-    fn settles(&self) -> bool {
-        self.shared.settings.ack != AckMode::Broker
     }
 
     fn timeout(&self) -> std::time::Duration {
@@ -301,8 +284,8 @@ impl ConsumerLoop {
         shared.stats.received.increment();
         self.unsettled.fetch_add(1, Ordering::Relaxed);
         let tag = delivery.delivery_tag;
-        let settles = self.settles();
-        if settles {
+        let received = settings.ack.received();
+        if received != Received::Untracked {
             acks.delivered(tag);
         }
         let before = shared.failures.before(&delivery, settings.quorum);
@@ -317,7 +300,7 @@ impl ConsumerLoop {
             Ok(envelope) => envelope,
             Err(refusal) => return self.refuse(delivery, refusal, inflight, acks).await,
         };
-        if settings.ack == AckMode::OnReceipt {
+        if received == Received::AckNow {
             shared.stats.acked.increment();
             self.settle(acks, tag, Outcome::Ack).await?;
         }
@@ -362,9 +345,9 @@ impl ConsumerLoop {
                     .failures
                     .forget(body_key(&data, &event.delivery().routing_key));
             }
-            let verdict = match settings.ack {
-                AckMode::Manual => Verdict::Ack,
-                _ => Verdict::Settled,
+            let verdict = match settings.ack.finished() {
+                Finished::ByOutcome => Verdict::Ack,
+                Finished::Settled => Verdict::Settled,
             };
             return self.finish(acks, (tag, verdict)).await;
         }
@@ -432,7 +415,7 @@ impl ConsumerLoop {
                 )
             }
         };
-        if !self.settles() {
+        if shared.settings.ack.undecodable() == Refused::Gone {
             self.unsettled.fetch_sub(1, Ordering::Relaxed);
             return Ok(());
         }
@@ -511,9 +494,6 @@ impl ConsumerLoop {
         (tag, verdict): (u64, Verdict),
     ) -> Result<(), Ended> {
         self.unsettled.fetch_sub(1, Ordering::Relaxed);
-        if !self.settles() {
-            return Ok(());
-        }
         let stats = &self.shared.stats;
         let wire = match verdict {
             Verdict::Settled => return Ok(()),
@@ -683,8 +663,7 @@ async fn conclusion(
     outcome: Outcome,
 ) -> Verdict {
     let settings = &shared.settings;
-    if settings.ack != AckMode::Manual {
-        // Acked on receipt, or no-ack: the message is not the queue's any more.
+    if settings.ack.finished() == Finished::Settled {
         return Verdict::Settled;
     }
     let routing_key = event.delivery().routing_key.as_str();

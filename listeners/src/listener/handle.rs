@@ -1,322 +1,41 @@
-//! The handle to a listener, and the state it shares with the listener's actor and
-//! consumer loops.
+//! The handle to a listener: what apps and tests hold to query it, change it at run time
+//! and stop it.
 //!
-//! A [`ListenerHandle`] outlives restarts of the actor: the topology (with run-time
-//! bindings), the responders and the counters live here, so a restarted actor carries on
-//! with them. Run-time changes that touch the broker go through the actor; responders are
-//! a local table the handle edits directly.
+//! Owns: the address of the listener's actor (set by the actor when it starts, cleared
+//! when it stops) and the state shared with it. A [`ListenerHandle`] outlives restarts of
+//! the actor. Run-time changes that touch the broker go through the actor; responders are
+//! a local table the handle edits directly. Must not touch: the broker, the topology.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use lapin::Channel;
-use parking_lot::{Mutex, RwLock};
 use ractor::{Actor, ActorRef};
-use tokio::sync::watch;
 use warren_runtime::actor_slot::ActorSlot;
-use warren_runtime::assignments::{Assignments, ChannelKind};
 use warren_runtime::envelope::{Envelope, Stamp};
-use warren_runtime::exchanges::TARGETED;
 use warren_runtime::node::NodeContext;
 use warren_runtime::publish::{PublishError, PublishOptions, Published};
-use warren_runtime::publisher::Publisher;
-use warren_runtime::readiness::Readiness;
 use warren_runtime::registry::BrokerId;
 use warren_runtime::supervisor::ChildSpec;
 
 use super::Listener;
-use super::actor::{ListenerActor, ListenerMsg};
+use super::actor::{ListenerActor, ListenerMsg, Started};
 use super::event::Event;
-use super::redelivery::FailureCounts;
-use super::responders::{HandlerResult, ResponderId, Responders};
-use super::spec::{AckMode, Binding, Exchange, QueueName};
-use super::topology::Topology;
-use super::validate::{SpecDefaults, SpecError};
+use super::responders::{HandlerResult, ResponderId};
+use super::shared::ListenerShared;
+use super::spec::Binding;
+use super::status::{ListenerError, ListenerStatus, Removed, StatsSnapshot};
+use super::validate::SpecError;
 use crate::app::AppContext;
 
 /// How long handle calls wait for the actor.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Why a run-time change or a query failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ListenerError {
-    #[error("the listener is not running")]
-    NotRunning,
-    #[error("the broker refused: {0}")]
-    Broker(String),
-    #[error("cannot start the listener: {0}")]
-    Start(String),
-    /// The listener's spec breaks a rule (see [`SpecError`]).
-    #[error(transparent)]
-    Spec(#[from] SpecError),
-    /// The broker did not answer within `[amqp] operation_timeout_ms`; the channel is
-    /// treated as lost and replaced.
-    #[error("the broker did not answer: {0}")]
-    Timeout(String),
-}
-
-/// A counter readable while it is being updated.
-#[derive(Default)]
-pub(crate) struct Counter(AtomicU64);
-
-impl Counter {
-    pub fn increment(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// What happened to the listener's messages.
-#[derive(Default)]
-pub(crate) struct Stats {
-    pub received: Counter,
-    pub acked: Counter,
-    pub requeued: Counter,
-    pub rejected: Counter,
-    pub handler_panics: Counter,
-    pub undecodable: Counter,
-    pub redelivery_limit: Counter,
-    pub suppressed: Counter,
-    pub unmatched: Counter,
-    pub parked: Counter,
-    pub deferred: Counter,
-    pub notice_panics: Counter,
-}
-
-/// A copy of a listener's counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct StatsSnapshot {
-    pub received: u64,
-    pub acked: u64,
-    /// Nacked with requeue (retry, panic).
-    pub requeued: u64,
-    /// Taken off the queue for good because they cannot succeed (handler reject,
-    /// undecodable, too large, invalid fields, past the redelivery limit): dead-lettered
-    /// to the queue's DLX, or parked (see `parked`).
-    pub rejected: u64,
-    /// Panics in app code on a message: a responder or `on_event`.
-    pub handler_panics: u64,
-    /// Bodies that are not a kapi envelope (or too large, or with invalid fields).
-    pub undecodable: u64,
-    pub redelivery_limit: u64,
-    pub suppressed: u64,
-    pub unmatched: u64,
-    /// Of `rejected`: moved to the parking queue (the queue has no dead-letter exchange).
-    pub parked: u64,
-    /// Requeued without counting as a failure (e.g. a pool worker whose holder did not
-    /// read).
-    pub deferred: u64,
-    /// Panics in `on_notice` (logged and ignored).
-    pub notice_panics: u64,
-}
-
-/// What a listener's actor says about itself (for operators and tests).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ListenerStatus {
-    /// The broker and lease generation of the active channel, if any.
-    pub active: Option<(BrokerId, u64)>,
-    /// The topology is declared on the active channel.
-    pub declared: bool,
-    /// A consumer runs on the active channel.
-    pub consuming: bool,
-    /// Paused by the app.
-    pub paused: bool,
-    /// Old leases still drained (or watched) after a fail-back: broker and generation.
-    pub draining: Vec<(BrokerId, u64)>,
-    /// Of `draining`: those whose queue was empty once and are still consumed for
-    /// `[listener] fail_back_watch_ms`.
-    pub watching: Vec<(BrokerId, u64)>,
-}
-
-/// What removing a binding did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Removed {
-    /// The listener had the binding.
-    pub existed: bool,
-    /// It is gone from every broker where the queue may have had it: nothing routed by
-    /// it can reach the queue any more.
-    pub clean: bool,
-}
-
-/// Settings fixed when the listener is created.
-pub(crate) struct Settings {
-    pub ack: AckMode,
-    pub concurrency: usize,
-    pub prefetch: u16,
-    pub max_redeliveries: u32,
-    pub stop_timeout: Duration,
-    pub publish_timeout: Duration,
-    /// Bound for one broker operation.
-    pub operation_timeout: Duration,
-    /// Bound for a fail-back drain.
-    pub drain_timeout: Duration,
-    /// How long a named queue left on the old broker is still consumed after a drain.
-    pub fail_back_watch: Duration,
-    /// How often a queue without a consumer (paused) is re-declared so that it does not
-    /// expire; `None` when the queue has no `x-expires`.
-    pub keepalive: Option<Duration>,
-    /// Largest body accepted, before and after gzip.
-    pub max_message_bytes: usize,
-    /// The queue is a quorum queue: trust `x-delivery-count`.
-    pub quorum: bool,
-    /// Messages that cannot succeed go to the queue's dead-letter exchange; otherwise to
-    /// `parking`.
-    pub dead_letter: bool,
-    /// The parking queue.
-    pub parking: String,
-    pub channel: ChannelKind,
-    /// The node's publisher, stamping as the app: handlers' publishes and replies, and
-    /// parking, go out on publish connections, never on the consume channel.
-    pub publisher: Publisher,
-}
-
-/// State shared by a listener's handle, actor and consumer loops.
-pub(crate) struct ListenerShared {
-    pub name: String,
-    /// Prefix of consumer tags (unique per listener instance).
-    pub consumer_tag: String,
-    pub listener: Arc<dyn Listener>,
-    pub settings: Settings,
-    pub topology: Mutex<Topology>,
-    pub responders: RwLock<Responders>,
-    pub stats: Stats,
-    pub failures: FailureCounts,
-    pub consuming: watch::Sender<bool>,
-    /// The channel the topology is declared on, for publishing outside events.
-    pub channel: watch::Sender<Option<Channel>>,
-    /// The broker and lease of the current channel.
-    pub current: RwLock<Option<(BrokerId, u64)>>,
-    pub actor: ActorSlot<ListenerMsg>,
-    pub assignments: Assignments,
-    pub readiness: Readiness,
-}
-
-/// The longest listener name used inside queue names and consumer tags: with the longest
-/// node name config.ini allows, they stay within AMQP's 255 bytes.
-const NAME_IN_TAGS: usize = 64;
-
-/// `name` cut to at most `max` bytes, at a character boundary.
-fn cut(name: &str, max: usize) -> &str {
-    let mut end = name.len().min(max);
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    &name[..end]
-}
-
-impl ListenerShared {
-    fn new(
-        listener: Arc<dyn Listener>,
-        node: &NodeContext,
-        stamp: Stamp,
-    ) -> Result<Arc<Self>, SpecError> {
-        let spec = listener.spec();
-        let config = &node.config;
-        spec.validate(SpecDefaults {
-            prefetch: config.amqp.prefetch,
-        })?;
-        let suffix = warren_runtime::envelope::new_msg_id();
-        let unique = &suffix[..12];
-        let short_name = cut(&spec.name, NAME_IN_TAGS);
-        let mut queue = spec.queue.clone();
-        let queue_name = match &spec.queue.name {
-            QueueName::Named(name) => name.clone(),
-            QueueName::Anonymous => {
-                format!("{short_name}-{}-{unique}", config.service.node)
-            }
-        };
-        let anonymous = spec.queue.name == QueueName::Anonymous;
-        if anonymous && !queue.arguments.inner().contains_key("x-expires") {
-            queue = queue.expires(config.listener.anonymous_queue_expiry);
-        }
-        let keepalive =
-            expiry_of(&queue).map(|expiry| (expiry / 3).max(Duration::from_millis(500)));
-        let mut bindings = spec.bindings.clone();
-        for exchange in &spec.own_queue_bindings {
-            let own = Binding::new(exchange.as_str(), queue_name.as_str());
-            if !bindings.contains(&own) {
-                bindings.push(own);
-            }
-        }
-        // `targeted` first (replies reach requesters through it), durable unless the
-        // operator fixed other flags; then the app's exchanges, with their fixed flags.
-        let mut exchanges = vec![Exchange::direct(TARGETED).durable().overridden(config)];
-        for exchange in &spec.exchanges {
-            if exchange.name != TARGETED {
-                exchanges.push(exchange.clone().overridden(config));
-            }
-        }
-        let topology = Topology {
-            exchanges,
-            queue: queue.clone(),
-            queue_name,
-            bindings,
-            exclusive_consumer: spec.exclusive_consumer,
-            paused: false,
-        };
-        let parking = super::topology::parking_queue(&topology, &spec.name);
-        let (consuming, _) = watch::channel(false);
-        let (channel, _) = watch::channel(None);
-        let prefetch = spec.prefetch.unwrap_or(config.amqp.prefetch);
-        Ok(Arc::new(ListenerShared {
-            consumer_tag: format!("{short_name}.{}.{unique}", config.service.node),
-            name: spec.name.clone(),
-            settings: Settings {
-                ack: spec.ack,
-                concurrency: spec.concurrency,
-                prefetch,
-                max_redeliveries: spec
-                    .max_redeliveries
-                    .unwrap_or(config.listener.max_redeliveries),
-                stop_timeout: config.listener.stop_timeout,
-                publish_timeout: config.listener.publish_timeout,
-                operation_timeout: config.amqp.operation_timeout,
-                drain_timeout: config.listener.drain_timeout,
-                fail_back_watch: config.listener.fail_back_watch,
-                keepalive,
-                max_message_bytes: config.listener.max_message_bytes,
-                quorum: queue.is_quorum(),
-                dead_letter: queue.has_dead_letter_exchange(),
-                parking,
-                channel: spec.channel.clone(),
-                publisher: node.publisher.with_stamp(stamp),
-            },
-            topology: Mutex::new(topology),
-            responders: RwLock::new(spec.responders),
-            stats: Stats::default(),
-            failures: FailureCounts::default(),
-            consuming,
-            channel,
-            current: RwLock::new(None),
-            actor: ActorSlot::default(),
-            assignments: node.assignments.clone(),
-            readiness: node.readiness.clone(),
-            listener,
-        }))
-    }
-}
-
-/// The queue's `x-expires`, if it has one.
-fn expiry_of(queue: &super::spec::QueueSpec) -> Option<Duration> {
-    use lapin::types::AMQPValue;
-    let millis = match queue.arguments.inner().get("x-expires")? {
-        AMQPValue::LongUInt(n) => u64::from(*n),
-        AMQPValue::LongInt(n) => u64::try_from(*n).ok()?,
-        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok()?,
-        AMQPValue::ShortUInt(n) => u64::from(*n),
-        _ => return None,
-    };
-    Some(Duration::from_millis(millis))
-}
-
 /// A handle to one listener: query it, change it at run time, stop it.
 #[derive(Clone)]
 pub struct ListenerHandle {
     shared: Arc<ListenerShared>,
+    actor: Arc<ActorSlot<ListenerMsg>>,
 }
 
 /// The listener as a supervised child (for an app's `children`), and its handle; a spec
@@ -334,13 +53,11 @@ pub(crate) fn node_listener_child(
     node: &NodeContext,
     stamp: Stamp,
 ) -> Result<(ChildSpec, ListenerHandle), SpecError> {
-    let shared = ListenerShared::new(Arc::new(listener), node, stamp)?;
-    let handle = ListenerHandle {
-        shared: shared.clone(),
-    };
-    let shutdown = shared.settings.stop_timeout + Duration::from_secs(3);
-    let id = format!("listener:{}", shared.name);
-    let child = ChildSpec::actor(id, move || (ListenerActor, shared.clone())).shutdown(shutdown);
+    let handle = ListenerHandle::new(ListenerShared::new(Arc::new(listener), node, stamp)?);
+    let shutdown = handle.shared.settings.stop_timeout + Duration::from_secs(3);
+    let id = format!("listener:{}", handle.shared.name);
+    let started = handle.started();
+    let child = ChildSpec::actor(id, move || (ListenerActor, started.clone())).shutdown(shutdown);
     Ok((child, handle))
 }
 
@@ -350,16 +67,35 @@ pub async fn spawn_listener(
     listener: impl Listener,
     ctx: &AppContext,
 ) -> Result<ListenerHandle, ListenerError> {
-    let shared = ListenerShared::new(Arc::new(listener), &ctx.node, ctx.stamp())?;
-    Actor::spawn(None, ListenerActor, shared.clone())
+    let handle = ListenerHandle::new(ListenerShared::new(
+        Arc::new(listener),
+        &ctx.node,
+        ctx.stamp(),
+    )?);
+    Actor::spawn(None, ListenerActor, handle.started())
         .await
         .map_err(|e| ListenerError::Start(e.to_string()))?;
-    Ok(ListenerHandle { shared })
+    Ok(handle)
 }
 
 impl ListenerHandle {
+    fn new(shared: Arc<ListenerShared>) -> Self {
+        ListenerHandle {
+            shared,
+            actor: Arc::default(),
+        }
+    }
+
+    /// What an actor of this listener starts from.
+    fn started(&self) -> Started {
+        Started {
+            shared: self.shared.clone(),
+            slot: self.actor.clone(),
+        }
+    }
+
     fn actor(&self) -> Result<ActorRef<ListenerMsg>, ListenerError> {
-        self.shared.actor.get().ok_or(ListenerError::NotRunning)
+        self.actor.get().ok_or(ListenerError::NotRunning)
     }
 
     /// The listener's name.
@@ -400,21 +136,7 @@ impl ListenerHandle {
     }
 
     pub fn stats(&self) -> StatsSnapshot {
-        let s = &self.shared.stats;
-        StatsSnapshot {
-            received: s.received.get(),
-            acked: s.acked.get(),
-            requeued: s.requeued.get(),
-            rejected: s.rejected.get(),
-            handler_panics: s.handler_panics.get(),
-            undecodable: s.undecodable.get(),
-            redelivery_limit: s.redelivery_limit.get(),
-            suppressed: s.suppressed.get(),
-            unmatched: s.unmatched.get(),
-            parked: s.parked.get(),
-            deferred: s.deferred.get(),
-            notice_panics: s.notice_panics.get(),
-        }
+        self.shared.stats.snapshot()
     }
 
     /// What the listener's actor says about itself (a round trip to the actor, so it

@@ -14,8 +14,7 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, LongString};
 use warren_runtime::publish::{PublishOptions, Published};
 
-use super::consumer::LeaseContext;
-use super::handle::ListenerShared;
+use super::shared::{LeaseContext, ListenerShared};
 use super::topology;
 
 /// Longest reason kept in the header.

@@ -1,0 +1,263 @@
+//! The state a listener's handle, actor and consumer loops share: what the listener is
+//! (name, settings, topology, responders), what happened to its messages (counters,
+//! failure counts), what it runs on now (consuming, channel, broker and grant), and the
+//! context of one lease that a consumer loop and its messages' work share.
+//!
+//! Owns: building that state from a spec and the node's configuration. Must not touch: the
+//! actor (the handle holds the actor's address, not this state), the broker.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use lapin::Channel;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::watch;
+use warren_runtime::assignments::{Assignments, ChannelKind};
+use warren_runtime::envelope::Stamp;
+use warren_runtime::exchanges::TARGETED;
+use warren_runtime::node::NodeContext;
+use warren_runtime::publisher::Publisher;
+use warren_runtime::readiness::Readiness;
+use warren_runtime::registry::{Broker, BrokerId};
+
+use super::Listener;
+use super::acks::AckPolicy;
+use super::redelivery::FailureCounts;
+use super::responders::Responders;
+use super::spec::{Binding, Exchange, QueueName, QueueSpec};
+use super::status::StatsSnapshot;
+use super::topology::{self, Topology};
+use super::validate::{SpecDefaults, SpecError};
+
+/// A counter readable while it is being updated.
+#[derive(Default)]
+pub(crate) struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn increment(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// What happened to the listener's messages.
+#[derive(Default)]
+pub(crate) struct Stats {
+    pub received: Counter,
+    pub acked: Counter,
+    pub requeued: Counter,
+    pub rejected: Counter,
+    pub handler_panics: Counter,
+    pub undecodable: Counter,
+    pub redelivery_limit: Counter,
+    pub suppressed: Counter,
+    pub unmatched: Counter,
+    pub parked: Counter,
+    pub deferred: Counter,
+    pub notice_panics: Counter,
+}
+
+impl Stats {
+    /// A copy of the counters now.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            received: self.received.get(),
+            acked: self.acked.get(),
+            requeued: self.requeued.get(),
+            rejected: self.rejected.get(),
+            handler_panics: self.handler_panics.get(),
+            undecodable: self.undecodable.get(),
+            redelivery_limit: self.redelivery_limit.get(),
+            suppressed: self.suppressed.get(),
+            unmatched: self.unmatched.get(),
+            parked: self.parked.get(),
+            deferred: self.deferred.get(),
+            notice_panics: self.notice_panics.get(),
+        }
+    }
+}
+
+/// Settings fixed when the listener is created.
+pub(crate) struct Settings {
+    pub ack: AckPolicy,
+    pub concurrency: usize,
+    pub prefetch: u16,
+    pub max_redeliveries: u32,
+    pub stop_timeout: Duration,
+    pub publish_timeout: Duration,
+    /// Bound for one broker operation.
+    pub operation_timeout: Duration,
+    /// Bound for a fail-back drain.
+    pub drain_timeout: Duration,
+    /// How long a named queue left on the old broker is still consumed after a drain.
+    pub fail_back_watch: Duration,
+    /// How often a queue without a consumer (paused) is re-declared so that it does not
+    /// expire; `None` when the queue has no `x-expires`.
+    pub keepalive: Option<Duration>,
+    /// Largest body accepted, before and after gzip.
+    pub max_message_bytes: usize,
+    /// The queue is a quorum queue: trust `x-delivery-count`.
+    pub quorum: bool,
+    /// Messages that cannot succeed go to the queue's dead-letter exchange; otherwise to
+    /// `parking`.
+    pub dead_letter: bool,
+    /// The parking queue.
+    pub parking: String,
+    pub channel: ChannelKind,
+    /// The node's publisher, stamping as the app: handlers' publishes and replies, and
+    /// parking, go out on publish connections, never on the consume channel.
+    pub publisher: Publisher,
+}
+
+/// State shared by a listener's handle, actor and consumer loops; it outlives restarts
+/// of the actor.
+pub(crate) struct ListenerShared {
+    pub name: String,
+    /// Prefix of consumer tags (unique per listener instance).
+    pub consumer_tag: String,
+    pub listener: Arc<dyn Listener>,
+    pub settings: Settings,
+    pub topology: Mutex<Topology>,
+    pub responders: RwLock<Responders>,
+    pub stats: Stats,
+    pub failures: FailureCounts,
+    pub consuming: watch::Sender<bool>,
+    /// The channel the topology is declared on, for publishing outside events.
+    pub channel: watch::Sender<Option<Channel>>,
+    /// The broker and lease of the current channel.
+    pub current: RwLock<Option<(BrokerId, u64)>>,
+    pub assignments: Assignments,
+    pub readiness: Readiness,
+}
+
+/// The longest listener name used inside queue names and consumer tags: with the longest
+/// node name config.ini allows, they stay within AMQP's 255 bytes.
+const NAME_IN_TAGS: usize = 64;
+
+/// `name` cut to at most `max` bytes, at a character boundary.
+fn cut(name: &str, max: usize) -> &str {
+    let mut end = name.len().min(max);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
+impl ListenerShared {
+    pub fn new(
+        listener: Arc<dyn Listener>,
+        node: &NodeContext,
+        stamp: Stamp,
+    ) -> Result<Arc<Self>, SpecError> {
+        let spec = listener.spec();
+        let config = &node.config;
+        spec.validate(SpecDefaults {
+            prefetch: config.amqp.prefetch,
+        })?;
+        let suffix = warren_runtime::envelope::new_msg_id();
+        let unique = &suffix[..12];
+        let short_name = cut(&spec.name, NAME_IN_TAGS);
+        let mut queue = spec.queue.clone();
+        let queue_name = match &spec.queue.name {
+            QueueName::Named(name) => name.clone(),
+            QueueName::Anonymous => {
+                format!("{short_name}-{}-{unique}", config.service.node)
+            }
+        };
+        let anonymous = spec.queue.name == QueueName::Anonymous;
+        if anonymous && !queue.arguments.inner().contains_key("x-expires") {
+            queue = queue.expires(config.listener.anonymous_queue_expiry);
+        }
+        let keepalive =
+            expiry_of(&queue).map(|expiry| (expiry / 3).max(Duration::from_millis(500)));
+        let mut bindings = spec.bindings.clone();
+        for exchange in &spec.own_queue_bindings {
+            let own = Binding::new(exchange.as_str(), queue_name.as_str());
+            if !bindings.contains(&own) {
+                bindings.push(own);
+            }
+        }
+        // `targeted` first (replies reach requesters through it), durable unless the
+        // operator fixed other flags; then the app's exchanges, with their fixed flags.
+        let mut exchanges = vec![Exchange::direct(TARGETED).durable().overridden(config)];
+        for exchange in &spec.exchanges {
+            if exchange.name != TARGETED {
+                exchanges.push(exchange.clone().overridden(config));
+            }
+        }
+        let topology = Topology {
+            exchanges,
+            queue: queue.clone(),
+            queue_name,
+            bindings,
+            exclusive_consumer: spec.exclusive_consumer,
+            paused: false,
+        };
+        let parking = topology::parking_queue(&topology, &spec.name);
+        let (consuming, _) = watch::channel(false);
+        let (channel, _) = watch::channel(None);
+        let prefetch = spec.prefetch.unwrap_or(config.amqp.prefetch);
+        Ok(Arc::new(ListenerShared {
+            consumer_tag: format!("{short_name}.{}.{unique}", config.service.node),
+            name: spec.name.clone(),
+            settings: Settings {
+                ack: AckPolicy::new(spec.ack),
+                concurrency: spec.concurrency,
+                prefetch,
+                max_redeliveries: spec
+                    .max_redeliveries
+                    .unwrap_or(config.listener.max_redeliveries),
+                stop_timeout: config.listener.stop_timeout,
+                publish_timeout: config.listener.publish_timeout,
+                operation_timeout: config.amqp.operation_timeout,
+                drain_timeout: config.listener.drain_timeout,
+                fail_back_watch: config.listener.fail_back_watch,
+                keepalive,
+                max_message_bytes: config.listener.max_message_bytes,
+                quorum: queue.is_quorum(),
+                dead_letter: queue.has_dead_letter_exchange(),
+                parking,
+                channel: spec.channel.clone(),
+                publisher: node.publisher.with_stamp(stamp),
+            },
+            topology: Mutex::new(topology),
+            responders: RwLock::new(spec.responders),
+            stats: Stats::default(),
+            failures: FailureCounts::default(),
+            consuming,
+            channel,
+            current: RwLock::new(None),
+            assignments: node.assignments.clone(),
+            readiness: node.readiness.clone(),
+            listener,
+        }))
+    }
+}
+
+/// The queue's `x-expires`, if it has one.
+fn expiry_of(queue: &QueueSpec) -> Option<Duration> {
+    use lapin::types::AMQPValue;
+    let millis = match queue.arguments.inner().get("x-expires")? {
+        AMQPValue::LongUInt(n) => u64::from(*n),
+        AMQPValue::LongInt(n) => u64::try_from(*n).ok()?,
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok()?,
+        AMQPValue::ShortUInt(n) => u64::from(*n),
+        _ => return None,
+    };
+    Some(Duration::from_millis(millis))
+}
+
+/// The lease a consumer loop runs on, shared with its messages' work.
+pub(crate) struct LeaseContext {
+    pub lease: u64,
+    pub channel: Channel,
+    pub broker: Arc<Broker>,
+    /// The listener's publisher pinned to this broker (replies, parking).
+    pub publisher: Publisher,
+    /// The parking queue was declared on this channel.
+    pub parking_declared: AtomicBool,
+}
