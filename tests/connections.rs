@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use common::{SOON, blocking, config, unique_node};
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
+use warren_runtime::broker::BrokerId;
 use warren_runtime::node::Node;
-use warren_runtime::registry::BrokerId;
 use warren_test_support::{
     BrokerNode, channel_count, eventually, list_connections, local_ctl, local_uri,
 };
@@ -340,12 +340,12 @@ async fn a_restarted_connection_actor_never_reuses_a_generation() {
     let connections = node.context().connections.clone();
     let before = registry.status(FIRST).map(|s| s.generation);
     assert_eq!(before, Some(1));
-    let actor = registry.connection(FIRST).expect("a connection actor");
+    let actor = connections.connection(FIRST).expect("a connection actor");
     let old_id = actor.get_id();
     actor.kill();
     // The new actor is connected, and the registry shows what it reported.
     let restarted = common::until(SOON, || async {
-        let new_actor = registry
+        let new_actor = connections
             .connection(FIRST)
             .is_some_and(|a| a.get_id() != old_id);
         new_actor

@@ -20,9 +20,9 @@ use lapin::types::FieldTable;
 use warren_listeners::{
     ChannelKind, Envelope, Exchange, ListenerHandle, ListenerSpec, QueueSpec, spawn_listener,
 };
+use warren_runtime::broker::BrokerId;
 use warren_runtime::node::Node;
 use warren_runtime::publish::PublishError;
-use warren_runtime::registry::BrokerId;
 use warren_test_support::eventually;
 
 const A: BrokerId = BrokerId(0);

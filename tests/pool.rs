@@ -969,7 +969,7 @@ async fn a_binding_left_on_another_broker_retires_the_worker() {
     a.upgrade(&["drain"]).await;
     assert!(
         eventually(SOON, || node.context().registry.primary().map(|p| p.id)
-            == Some(warren_runtime::registry::BrokerId(1)))
+            == Some(warren_runtime::broker::BrokerId(1)))
         .await,
         "failover to B"
     );
@@ -986,7 +986,7 @@ async fn a_binding_left_on_another_broker_retires_the_worker() {
     let mut holder_b = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             let lease = until_checked_out(&pool).await;
-            if lease.broker() == Some(warren_runtime::registry::BrokerId(0)) {
+            if lease.broker() == Some(warren_runtime::broker::BrokerId(0)) {
                 return lease;
             }
             lease.checkin().await;

@@ -26,11 +26,11 @@ use std::sync::Arc;
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
+use warren_runtime::broker::{Broker, BrokerId};
 use warren_runtime::config::DEFAULT_PREFETCH;
 use warren_runtime::envelope::{Envelope, publish_properties};
 use warren_runtime::exchanges::TARGETED;
 use warren_runtime::publish::{PublishError, headers};
-use warren_runtime::registry::{Broker, BrokerId};
 use warren_runtime::uri::BrokerUri;
 
 use crate::listener::handling::{self, HandlerEnd};

@@ -28,10 +28,11 @@ use tokio::task::JoinHandle;
 
 use crate::actor_slot::ActorSlot;
 use crate::backoff::Backoff;
+use crate::broker::{Broker, BrokerId};
 use crate::connection::{ChannelError, TakenChannel};
 use crate::connections::Connections;
 use crate::log_limit::LogLimit;
-use crate::registry::{Broker, BrokerId, ConnectionRegistry};
+use crate::registry::ConnectionRegistry;
 use crate::supervisor::ChildSpec;
 
 /// Delays between a consumer's attempts to take a channel from a broker that could not

@@ -29,9 +29,10 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::task::JoinHandle;
 
 use crate::backoff::Backoff;
+use crate::broker::{Broker, BrokerId, Role};
 use crate::config::Config;
 use crate::log_limit::LogLimit;
-use crate::registry::{Broker, BrokerId, ConnectionRegistry, StatusUpdate};
+use crate::registry::{ConnectionRegistry, StatusUpdate};
 use crate::uri::redact_uri;
 
 /// How often the actor double-checks that its connections are still up, in case an event
@@ -72,33 +73,6 @@ impl ConnectionSettings {
             reconnect: Backoff::new(config.amqp.reconnect_min, config.amqp.reconnect_max),
             prechannels: config.amqp.prechannels,
             operation_timeout: config.amqp.operation_timeout,
-        }
-    }
-}
-
-/// Which of a broker's two connections an event, a status or a channel belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    /// Consumers' channels (and the prechannel buffer).
-    Consume,
-    /// Publishers' channels, so that a blocked publisher never stalls consumers.
-    Publish,
-}
-
-impl Role {
-    /// `consume` or `publish`: the suffix of the connection name the broker shows.
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Consume => "consume",
-            Role::Publish => "publish",
-        }
-    }
-
-    /// 0 for consume, 1 for publish: for tables indexed by role.
-    pub(crate) fn index(self) -> usize {
-        match self {
-            Role::Consume => 0,
-            Role::Publish => 1,
         }
     }
 }
@@ -286,6 +260,8 @@ pub struct ConnectionState {
     /// Keeps "cannot connect" and its kin to one line per interval.
     logs: LogLimit,
     health: Option<JoinHandle<()>>,
+    /// Reports the status again whenever a registry actor starts.
+    rereport: Option<JoinHandle<()>>,
 }
 
 impl ConnectionState {
@@ -811,8 +787,6 @@ impl Actor for ConnectionActor {
         myself: ActorRef<Self::Msg>,
         args: ConnectionArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        args.registry
-            .attach_connection(args.broker.id, myself.clone());
         for role in [Role::Consume, Role::Publish] {
             // A restarted actor has no connection yet, whatever its killed predecessor
             // last reported: leases of the old generations are dead.
@@ -837,6 +811,7 @@ impl Actor for ConnectionActor {
             probe: None,
             logs: LogLimit::default(),
             health: None,
+            rereport: None,
         })
     }
 
@@ -846,6 +821,15 @@ impl Actor for ConnectionActor {
         state: &mut ConnectionState,
     ) -> Result<(), ActorProcessingErr> {
         state.health = Some(myself.send_interval(HEALTH_CHECK_EVERY, || ConnectionMsg::Check));
+        // A restarted registry knows nothing: tell it again what this actor knows.
+        let mut restarts = state.registry.restarts();
+        state.rereport = Some(tokio::spawn(async move {
+            while restarts.changed().await.is_ok() {
+                if myself.cast(ConnectionMsg::ReportStatus).is_err() {
+                    break;
+                }
+            }
+        }));
         Ok(())
     }
 
@@ -880,14 +864,16 @@ impl Actor for ConnectionActor {
 
     async fn post_stop(
         &self,
-        myself: ActorRef<Self::Msg>,
+        _myself: ActorRef<Self::Msg>,
         state: &mut ConnectionState,
     ) -> Result<(), ActorProcessingErr> {
-        if let Some(health) = state.health.take() {
-            health.abort();
+        for task in [state.health.take(), state.rereport.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
         }
         state.stop_probe();
-        state.registry.detach_connection(state.broker.id, &myself);
         state.prechannels.clear();
         let links: Vec<Link> = [state.consume.link.take(), state.publish.link.take()]
             .into_iter()

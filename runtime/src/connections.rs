@@ -3,21 +3,25 @@
 //!
 //! The supervisor's children are the brokers the registry marks as added; when the
 //! supervisor itself is restarted it starts one connection actor per added broker again,
-//! so nothing depends on bootstrap running twice. This module owns the wiring only: the
-//! connection life-cycle is in `connection`, availability in `registry`.
+//! so nothing depends on bootstrap running twice. It keeps the directory of the connection
+//! actor serving each broker (recorded as the supervisor starts one), through which
+//! channels are taken. This module owns the wiring only: the connection life-cycle is in
+//! `connection`, availability in `registry`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{ActorCell, ActorRef};
+use parking_lot::Mutex;
+use ractor::{Actor, ActorCell, ActorRef, ActorStatus};
 
 use crate::actor_slot::ActorSlot;
 use crate::backoff::Backoff;
+use crate::broker::{Broker, BrokerId};
 use crate::connection::{
     ChannelError, ConnectionActor, ConnectionArgs, ConnectionMsg, ConnectionReport,
     ConnectionSettings, TakenChannel,
 };
-use crate::registry::{Broker, BrokerId, ConnectionRegistry};
+use crate::registry::ConnectionRegistry;
 use crate::supervisor::{
     self, ChildSpec, Intensity, Strategy, Supervisor, SupervisorMsg, SupervisorSpec,
 };
@@ -31,6 +35,8 @@ pub struct Connections {
     registry: ConnectionRegistry,
     settings: ConnectionSettings,
     supervisor: Arc<ActorSlot<SupervisorMsg>>,
+    /// The connection actor last started for each broker, indexed by `BrokerId`.
+    directory: Arc<Mutex<Vec<Option<ActorRef<ConnectionMsg>>>>>,
 }
 
 /// Why a broker could not be added.
@@ -46,10 +52,12 @@ pub enum AddBrokerError {
 
 impl Connections {
     pub fn new(registry: ConnectionRegistry, settings: ConnectionSettings) -> Self {
+        let directory = vec![None; registry.brokers().len()];
         Connections {
             registry,
             settings,
             supervisor: Arc::default(),
+            directory: Arc::new(Mutex::new(directory)),
         }
     }
 
@@ -92,18 +100,36 @@ impl Connections {
         })
     }
 
+    /// A broker's connection actor as a child; each (re)start records it in the directory.
     fn connection_child(&self, broker: Arc<Broker>) -> ChildSpec {
-        let registry = self.registry.clone();
-        let settings = self.settings.clone();
+        let this = self.clone();
         let id = format!("connection:{}", broker.uri.redacted());
-        ChildSpec::actor(id, move || {
+        ChildSpec::new(id, move |parent: ActorCell| {
             let args = ConnectionArgs {
                 broker: broker.clone(),
-                registry: registry.clone(),
-                settings: settings.clone(),
+                registry: this.registry.clone(),
+                settings: this.settings.clone(),
             };
-            (ConnectionActor, args)
+            let directory = this.directory.clone();
+            async move {
+                let id = args.broker.id;
+                let (actor, _) = Actor::spawn_linked(None, ConnectionActor, args, parent).await?;
+                if let Some(slot) = directory.lock().get_mut(id.0) {
+                    *slot = Some(actor.clone());
+                }
+                Ok(actor.get_cell())
+            }
         })
+    }
+
+    /// The connection actor serving a broker now, if one runs.
+    pub fn connection(&self, id: BrokerId) -> Option<ActorRef<ConnectionMsg>> {
+        let actor = self.directory.lock().get(id.0).cloned().flatten()?;
+        let gone = matches!(
+            actor.get_status(),
+            ActorStatus::Stopping | ActorStatus::Stopped
+        );
+        (!gone).then_some(actor)
     }
 
     /// Adds a broker: marks it in the registry and starts its connection actor, which
@@ -128,8 +154,7 @@ impl Connections {
     }
 
     fn actor(&self, id: BrokerId) -> Result<ActorRef<ConnectionMsg>, ChannelError> {
-        self.registry
-            .connection(id)
+        self.connection(id)
             .ok_or_else(|| ChannelError::NotConnected {
                 broker: self.broker_name(id),
             })

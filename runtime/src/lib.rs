@@ -2,7 +2,7 @@
 //!
 //! - configuration: `config`, `uri`;
 //! - OTP-style supervision: `supervisor`, `backoff`;
-//! - brokers: `registry` (who is up, who is primary), `connection` (one broker's
+//! - brokers: `broker` (identity), `registry` (who is up, who is primary), `connection` (one broker's
 //!   connections), `connections` (their supervisor), `bootstrap` (start-up);
 //! - channels: `assignments` (float and sticky leases, failover, fail-back);
 //! - the wire: `envelope` (kapi format), `conf` (configuration events), `exchanges`,
@@ -18,6 +18,7 @@ pub mod actor_slot;
 pub mod assignments;
 pub mod backoff;
 pub mod bootstrap;
+pub mod broker;
 pub mod conf;
 pub mod config;
 pub mod connection;

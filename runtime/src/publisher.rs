@@ -34,11 +34,12 @@ use parking_lot::RwLock;
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 
+use crate::broker::BrokerId;
 use crate::config::PublisherConfig;
 use crate::connections::Connections;
 use crate::envelope::{Envelope, Stamp};
 use crate::publish::{self, PublishError, PublishOptions, Published};
-use crate::registry::{BrokerId, ConnectionRegistry};
+use crate::registry::ConnectionRegistry;
 
 /// Pause before trying again after a failed channel open or a lost publish.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);

@@ -3,18 +3,19 @@
 //! Readers (assignments, publishers, tests, the binary) look at a `parking_lot` snapshot
 //! without a message round trip, the way Kazoo callers read the `kz_amqp_connections` ETS
 //! table. Only the registry actor writes the status table; connection actors send it their
-//! status. If the registry actor restarts it asks every connection actor to report again,
-//! so its state is rebuilt from its children rather than from nothing.
+//! status. A registry actor that (re)starts bumps a counter every connection actor watches,
+//! and each reports its status again: its state is rebuilt from them, not from nothing. It
+//! never holds a connection actor's address.
 //!
 //! A broker has two connections, reported separately: the consume connection (consumers,
 //! prechannels, the primary) and the publish connection (publishers). The registry also
 //! hands out connection generations, per broker and connection, from counters that live
 //! as long as the registry: a restarted connection actor never reuses one.
 //!
-//! This module owns broker identity (`BrokerId`, `Broker`), availability and generation
-//! numbers. It must not touch lapin connections or channels: those belong to `connection`.
+//! This module owns availability and generation numbers (broker identity is `broker`'s).
+//! It must not touch lapin connections, channels or connection actors: those belong to
+//! `connection` and `connections`.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,46 +24,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::watch;
 
 use crate::actor_slot::ActorSlot;
+use crate::broker::{Broker, BrokerId, Role};
 use crate::config::Config;
-use crate::connection::{ConnectionMsg, Role};
-use crate::uri::BrokerUri;
-
-/// A broker's position in the node's broker list: local zone first, then the other zones,
-/// each in config order. Stable for the life of the process.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BrokerId(pub usize);
-
-impl fmt::Display for BrokerId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "#{}", self.0)
-    }
-}
-
-/// One broker as configured: where it is, which zone it serves and the tags it carries.
-#[derive(Debug)]
-pub struct Broker {
-    pub id: BrokerId,
-    pub zone: String,
-    /// True for brokers of this node's own zone; only they can be primary.
-    pub local: bool,
-    pub uri: BrokerUri,
-    /// The tags configured for this broker (`{ uri = "…", tags = [...] }` in config.ini);
-    /// the zone name is an implicit tag and is not repeated here.
-    pub tags: Vec<String>,
-}
-
-impl Broker {
-    /// Whether this broker carries `tag`: one of its configured tags, or its zone's name.
-    pub fn has_tag(&self, tag: &str) -> bool {
-        self.zone == tag || self.tags.iter().any(|own| own == tag)
-    }
-}
-
-impl fmt::Display for Broker {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({})", self.uri, self.zone)
-    }
-}
 
 /// What the registry knows about one broker right now.
 ///
@@ -167,9 +130,9 @@ struct Inner {
     /// Brokers that bootstrap (or an operator) added; the connections supervisor starts
     /// one connection actor for each. Indexed by `BrokerId`.
     added: RwLock<Vec<bool>>,
-    /// Each connection actor registers itself in its own slot so that a restarted
-    /// registry can ask it to report again.
-    connections: Mutex<Vec<Option<ActorRef<ConnectionMsg>>>>,
+    /// Bumped each time a registry actor starts: connection actors watch it and report
+    /// again, so a restarted registry is rebuilt from them.
+    restarts: watch::Sender<u64>,
     /// The registry actor, for connection actors to send their status to.
     actor: ActorSlot<RegistryMsg>,
     /// The last generation handed out per broker, [consume, publish]. Outlives connection
@@ -209,7 +172,7 @@ impl ConnectionRegistry {
                 brokers,
                 status: RwLock::new((0..n).map(|_| BrokerStatus::new()).collect()),
                 added: RwLock::new(vec![false; n]),
-                connections: Mutex::new(vec![None; n]),
+                restarts: watch::Sender::new(0),
                 actor: ActorSlot::default(),
                 generations: Mutex::new(vec![[0, 0]; n]),
                 version,
@@ -368,25 +331,10 @@ impl ConnectionRegistry {
             .collect()
     }
 
-    /// The connection actor currently serving a broker, if any.
-    pub fn connection(&self, id: BrokerId) -> Option<ActorRef<ConnectionMsg>> {
-        self.inner.connections.lock().get(id.0).cloned().flatten()
-    }
-
-    /// A connection actor registers itself in its broker's slot (its own slot only).
-    pub(crate) fn attach_connection(&self, id: BrokerId, actor: ActorRef<ConnectionMsg>) {
-        if let Some(slot) = self.inner.connections.lock().get_mut(id.0) {
-            *slot = Some(actor);
-        }
-    }
-
-    /// A stopping connection actor clears its slot, unless a newer actor took it already.
-    pub(crate) fn detach_connection(&self, id: BrokerId, actor: &ActorRef<ConnectionMsg>) {
-        if let Some(slot) = self.inner.connections.lock().get_mut(id.0)
-            && slot.as_ref().is_some_and(|a| a.get_id() == actor.get_id())
-        {
-            *slot = None;
-        }
+    /// Changes each time a registry actor starts; a connection actor reports its status
+    /// again on every change.
+    pub(crate) fn restarts(&self) -> watch::Receiver<u64> {
+        self.inner.restarts.subscribe()
     }
 
     /// Sends a status change to the registry actor. If the actor is restarting the update
@@ -539,18 +487,8 @@ impl Actor for RegistryActor {
         _myself: ActorRef<Self::Msg>,
         registry: &mut ConnectionRegistry,
     ) -> Result<(), ActorProcessingErr> {
-        // Rebuild from the children: every live connection actor reports its status again.
-        let connections: Vec<_> = registry
-            .inner
-            .connections
-            .lock()
-            .iter()
-            .flatten()
-            .cloned()
-            .collect();
-        for connection in connections {
-            let _ = connection.cast(ConnectionMsg::ReportStatus);
-        }
+        // Rebuild from the connections: each actor reports its status again.
+        registry.inner.restarts.send_modify(|n| *n += 1);
         Ok(())
     }
 
@@ -646,5 +584,49 @@ brokers = ["amqp://a:5672/%2f", { uri = "amqp://b:5672/%2f", tags = ["reports", 
         let again = registry.clone();
         assert_eq!(again.next_generation(a, Role::Consume), 3);
         assert_eq!(registry.next_generation(BrokerId(9), Role::Consume), 0);
+    }
+
+    /// Connection actors re-report when the counter changes: every start of a registry
+    /// actor must change it, and updates sent to it land in the shared table.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_start_of_a_registry_actor_asks_the_connections_to_report_again() {
+        let text = "[zones.local]\nbrokers = [\"amqp://a:5672/%2f\"]\n";
+        let config = Config::parse(text, Path::new("config.ini"), &[], None).unwrap();
+        let registry = ConnectionRegistry::new(&config);
+        let mut restarts = registry.restarts();
+        let wait = Duration::from_secs(5);
+        for round in 1..=2u64 {
+            let (actor, handle) = Actor::spawn(None, RegistryActor, registry.clone())
+                .await
+                .expect("registry actor");
+            tokio::time::timeout(wait, restarts.changed())
+                .await
+                .expect("the counter changes in time")
+                .expect("the registry is alive");
+            assert_eq!(*restarts.borrow_and_update(), round);
+            registry.report(
+                BrokerId(0),
+                StatusUpdate::Up {
+                    role: Role::Consume,
+                    generation: round,
+                },
+            );
+            let mut version = registry.subscribe();
+            let applied = tokio::time::timeout(
+                wait,
+                version.wait_for(|_| {
+                    registry
+                        .status(BrokerId(0))
+                        .is_some_and(|s| s.generation == round)
+                }),
+            )
+            .await;
+            assert!(
+                applied.is_ok(),
+                "round {round}: the report reached the table"
+            );
+            actor.stop(None);
+            handle.await.expect("the actor stops");
+        }
     }
 }

@@ -24,9 +24,9 @@ use tokio::task::JoinHandle;
 use warren_runtime::actor_slot::ActorSlot;
 use warren_runtime::assignments::{Lease, LeaseClient, LeaseEvent};
 use warren_runtime::backoff::Backoff;
+use warren_runtime::broker::BrokerId;
 use warren_runtime::log_limit::LogLimit;
 use warren_runtime::readiness::ReadinessEntry;
-use warren_runtime::registry::BrokerId;
 
 use super::Notice;
 use super::consumer::{ConsumerLoop, Control, Ended};

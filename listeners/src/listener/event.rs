@@ -13,11 +13,11 @@ use std::time::Duration;
 use lapin::BasicProperties;
 use lapin::types::FieldTable;
 use parking_lot::Mutex;
+use warren_runtime::broker::Broker;
 use warren_runtime::envelope::{Envelope, keys};
 use warren_runtime::exchanges::TARGETED;
 use warren_runtime::publish::{PublishError, PublishOptions, Published, address};
 use warren_runtime::publisher::Publisher;
-use warren_runtime::registry::Broker;
 
 use super::{Listener, Notice};
 

@@ -12,10 +12,10 @@ use std::time::Duration;
 use lapin::Channel;
 use ractor::{Actor, ActorRef};
 use warren_runtime::actor_slot::ActorSlot;
+use warren_runtime::broker::BrokerId;
 use warren_runtime::envelope::{Envelope, Stamp};
 use warren_runtime::node::NodeContext;
 use warren_runtime::publish::{PublishError, PublishOptions, Published};
-use warren_runtime::registry::BrokerId;
 use warren_runtime::supervisor::ChildSpec;
 
 use super::Listener;

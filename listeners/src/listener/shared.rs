@@ -14,12 +14,12 @@ use lapin::Channel;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 use warren_runtime::assignments::{Assignments, ChannelKind};
+use warren_runtime::broker::{Broker, BrokerId};
 use warren_runtime::envelope::Stamp;
 use warren_runtime::exchanges::TARGETED;
 use warren_runtime::node::NodeContext;
 use warren_runtime::publisher::Publisher;
 use warren_runtime::readiness::Readiness;
-use warren_runtime::registry::{Broker, BrokerId};
 
 use super::Listener;
 use super::acks::AckPolicy;

@@ -3,7 +3,7 @@
 //!
 //! Owns: these types. Must not touch: anything running; they are plain values.
 
-use warren_runtime::registry::BrokerId;
+use warren_runtime::broker::BrokerId;
 
 use super::validate::SpecError;
 

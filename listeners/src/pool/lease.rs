@@ -46,7 +46,7 @@ impl PoolLease {
     }
 
     /// The broker the worker consumes on now, if it has a channel.
-    pub fn broker(&self) -> Option<warren_runtime::registry::BrokerId> {
+    pub fn broker(&self) -> Option<warren_runtime::broker::BrokerId> {
         self.worker()
             .handle
             .current()
