@@ -72,7 +72,7 @@ impl Listener for NoOp {
 
 async fn warren_listener(node: &Node, queue: &str) -> f64 {
     let context = node.context().clone();
-    let pool = context.config.pool;
+    let pool = context.pool;
     let ctx = AppContext::with_version(
         "bench",
         context,

@@ -1,6 +1,7 @@
 //! The apps compiled into this binary. Add a new app's crate here to ship it.
 
 use warren_listeners::{App, AppContext, ConfigRouter, app_child};
+use warren_runtime::config::AppConfig;
 use warren_runtime::node::{Children, NodeContext};
 
 /// Every app this binary can run; config.ini's `[apps.<name>]` enables them.
@@ -17,14 +18,15 @@ pub fn names() -> Vec<&'static str> {
 }
 
 /// The node's services (the configuration-event router) and one `app:<name>` supervisor
-/// per enabled app, in config order; every app gets the router. Refused when an app's
+/// per enabled app of `configs` (config.ini's `[apps.<name>]`), in config order; every app
+/// gets the router. Refused when an app's
 /// listener spec breaks a rule: every refusal is named, and nothing starts.
-pub fn children(node: &NodeContext) -> Result<Children, String> {
+pub fn children(node: &NodeContext, configs: &[AppConfig]) -> Result<Children, String> {
     let router = ConfigRouter::new(node).map_err(|error| format!("router: {error}"))?;
     let catalog = catalog();
     let mut apps = Vec::new();
     let mut refused = Vec::new();
-    for config in node.config.apps.iter().filter(|app| app.enabled) {
+    for config in configs.iter().filter(|app| app.enabled) {
         let Some(app) = catalog.iter().find(|app| app.name() == config.name) else {
             continue;
         };

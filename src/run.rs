@@ -27,6 +27,8 @@ pub async fn run(config_path: &Path) -> ExitCode {
         }
     };
     let node_name = config.service.node.clone();
+    let startup_timeout = config.amqp.startup_timeout;
+    let app_configs = config.apps.clone();
     let enabled: Vec<String> = config
         .apps
         .iter()
@@ -35,7 +37,7 @@ pub async fn run(config_path: &Path) -> ExitCode {
         .collect();
     tracing::info!(config = %config_path.display(), node = %node_name, "starting");
 
-    let mut node = match Node::try_start(config, apps::children).await {
+    let mut node = match Node::try_start(config, |node| apps::children(node, &app_configs)).await {
         Ok(node) => node,
         Err(StartError::Refused(error)) => {
             // A bad listener spec is found before anything starts; like a config error,
@@ -49,7 +51,6 @@ pub async fn run(config_path: &Path) -> ExitCode {
         }
     };
     let context = node.context().clone();
-    let startup_timeout = context.config.amqp.startup_timeout;
     let ready_line = {
         let (node_name, enabled) = (node_name.clone(), enabled.join(","));
         move |context: &warren_runtime::node::NodeContext| {

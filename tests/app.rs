@@ -45,7 +45,7 @@ async fn a_bad_spec_refuses_the_app_before_anything_starts() {
         let app_config = AppConfig {
             name: "overcommitted".to_string(),
             enabled: true,
-            pool: node.config.pool,
+            pool: node.pool,
         };
         let ctx = AppContext::new(&Overcommitted, node.clone(), app_config);
         app_child(&Overcommitted, ctx).map(|app| vec![app])

@@ -254,7 +254,7 @@ async fn a_forced_reconnect_gives_every_subscriber_resync() {
         subscriptions.push(router.subscribe(pattern).await.expect("subscribe"));
     }
     let lease_before = router.listener().current().map(|(_, lease)| lease);
-    let name = node.context().config.service.node.clone();
+    let name = node.context().node.clone();
     let closed = blocking(move || {
         close_connections(local_ctl, &format!("{name}/consume"), "test: router gap")
     })

@@ -39,8 +39,9 @@ pub trait App: Send + Sync + 'static {
 pub struct AppContext {
     pub node: NodeContext,
     pub config: AppConfig,
-    /// The app's version, for `App-Version`.
-    pub version: String,
+    /// Who is sending (app name and version, node): filled into the app's outgoing
+    /// envelopes where missing.
+    stamp: Stamp,
     /// The app's pool of workers (`[apps.<name>] pool_size` …), run under `app:<name>`.
     pub pool: ListenerPool,
     /// The node's configuration-event router, when the node runs one.
@@ -66,17 +67,20 @@ impl AppContext {
 
     /// The context of an app of this name and version (tools and tests without an `App`).
     pub fn with_version(version: &str, node: NodeContext, config: AppConfig) -> Self {
-        let pool = ListenerPool::new(&config.name, config.pool);
-        let ctx = AppContext {
+        let stamp = Stamp {
+            app_name: config.name.clone(),
+            app_version: version.to_string(),
+            node: node.node.clone(),
+        };
+        let pool = ListenerPool::new(&config.name, config.pool, node.clone(), stamp.clone());
+        AppContext {
             node,
             config,
-            version: version.to_string(),
+            stamp,
             pool,
             router: None,
             refused: Arc::default(),
-        };
-        ctx.pool.attach(ctx.node.clone(), ctx.stamp());
-        ctx
+        }
     }
 
     /// The same context with the node's router.
@@ -87,11 +91,12 @@ impl AppContext {
 
     /// Who is sending: filled into the app's outgoing envelopes where missing.
     pub fn stamp(&self) -> Stamp {
-        Stamp {
-            app_name: self.config.name.clone(),
-            app_version: self.version.clone(),
-            node: self.node.config.service.node.clone(),
-        }
+        self.stamp.clone()
+    }
+
+    /// The app's version, for `App-Version`.
+    pub fn version(&self) -> &str {
+        &self.stamp.app_version
     }
 
     /// A listener of this app as a supervised child. A spec that breaks a rule is kept

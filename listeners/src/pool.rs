@@ -89,8 +89,8 @@ pub struct ListenerPool {
 pub(crate) struct PoolInner {
     name: String,
     config: PoolConfig,
-    /// What workers and leases are built with (set when the app context is made).
-    ctx: Mutex<Option<WorkerContext>>,
+    /// What workers and leases are built with.
+    ctx: WorkerContext,
     state: Mutex<PoolState>,
     /// A worker was checked in or capacity freed.
     available: Notify,
@@ -118,14 +118,21 @@ struct PoolState {
 }
 
 impl ListenerPool {
-    /// A pool for the app `name` sized by `config`; it runs once its child (or `spawn`) is
-    /// started.
-    pub(crate) fn new(name: &str, config: PoolConfig) -> Self {
+    /// A pool for the app `name` sized by `config`, whose workers run on `node` and send
+    /// as `stamp`; it runs once its child (or `spawn`) is started.
+    pub(crate) fn new(name: &str, config: PoolConfig, node: NodeContext, stamp: Stamp) -> Self {
+        let publisher = node.publisher.with_stamp(stamp.clone());
+        let stop_timeout = node.listeners.listener.stop_timeout;
         ListenerPool {
             inner: Arc::new(PoolInner {
                 name: name.to_string(),
                 config,
-                ctx: Mutex::new(None),
+                ctx: WorkerContext {
+                    node,
+                    stamp,
+                    publisher,
+                    stop_timeout,
+                },
                 state: Mutex::new(PoolState {
                     idle: Vec::new(),
                     base: Vec::new(),
@@ -145,16 +152,6 @@ impl ListenerPool {
                 waiting: std::sync::atomic::AtomicUsize::new(0),
             }),
         }
-    }
-
-    /// The node and stamp workers are built with (set by `AppContext::new`).
-    pub(crate) fn attach(&self, node: NodeContext, stamp: Stamp) {
-        let publisher = node.publisher.with_stamp(stamp.clone());
-        *self.inner.ctx.lock() = Some(WorkerContext {
-            node,
-            stamp,
-            publisher,
-        });
     }
 
     /// The pool's sizing.
@@ -327,11 +324,13 @@ impl ListenerPool {
 
 /// What a pool's workers and leases need from the node.
 #[derive(Clone)]
-pub(crate) struct WorkerContext {
+struct WorkerContext {
     node: NodeContext,
     stamp: Stamp,
     /// The node's publisher, stamping as the app.
     publisher: Publisher,
+    /// `[listener] stop_timeout`: how long one worker may take to stop.
+    stop_timeout: Duration,
 }
 
 /// Counts a waiting checkout for as long as it waits (also when its future is dropped).
@@ -359,14 +358,7 @@ enum Next {
 
 /// Bound for stopping the pool: its workers stop one after another.
 fn inner_shutdown(inner: &PoolInner) -> Duration {
-    let per_worker = inner
-        .ctx
-        .lock()
-        .as_ref()
-        .map_or(Duration::from_secs(5), |c| {
-            c.node.config.listener.stop_timeout
-        })
-        + Duration::from_secs(3);
+    let per_worker = inner.ctx.stop_timeout + Duration::from_secs(3);
     let workers = (inner.config.size + inner.config.overflow) as u32;
     per_worker.saturating_mul(workers.max(1)) + Duration::from_secs(1)
 }
@@ -374,14 +366,14 @@ fn inner_shutdown(inner: &PoolInner) -> Duration {
 impl PoolInner {
     /// A new worker (listener child and its shared state).
     fn new_worker(&self, overflow: bool) -> Option<(ChildSpec, Arc<Worker>)> {
-        let WorkerContext { node, stamp, .. } = self.ctx.lock().clone()?;
+        let WorkerContext { node, stamp, .. } = &self.ctx;
         let n = self.next_worker.fetch_add(1, Ordering::Relaxed);
         let inbox = Arc::new(Inbox::default());
         let listener = WorkerListener {
             name: format!("pool-{}-{n}", self.name),
             inbox: inbox.clone(),
         };
-        let (child, handle) = match node_listener_child(listener, &node, stamp) {
+        let (child, handle) = match node_listener_child(listener, node, stamp.clone()) {
             Ok(worker) => worker,
             Err(error) => {
                 // The worker's spec is warren's own; only a bug gets here.
@@ -530,10 +522,9 @@ impl PoolInner {
     fn lease(self: &Arc<Self>, worker: Arc<Worker>, generation: u64) -> PoolLease {
         self.checkouts.fetch_add(1, Ordering::Relaxed);
         let mailbox = worker.inbox.open();
-        let publisher = self.ctx.lock().as_ref().map(|c| c.publisher.clone());
         PoolLease {
             pool: self.clone(),
-            publisher,
+            publisher: self.ctx.publisher.clone(),
             worker,
             released: false,
             mailbox,

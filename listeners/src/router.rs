@@ -162,8 +162,8 @@ impl ConfigRouter {
     /// `spawn`) is started. Fails only if config.ini's `[router] exchange` cannot be an
     /// exchange name (config validation refuses such names first).
     pub fn new(node: &NodeContext) -> Result<Self, SpecError> {
-        let config = &node.config.router;
-        let table = Arc::new(Table::new(node.config.service.node.clone(), config.buffer));
+        let config = &node.router;
+        let table = Arc::new(Table::new(node.node.clone(), config.buffer));
         let listener = RouterListener {
             exchange: config.exchange.clone(),
             table: table.clone(),
@@ -172,7 +172,7 @@ impl ConfigRouter {
         let stamp = Stamp {
             app_name: "warren".to_string(),
             app_version: env!("CARGO_PKG_VERSION").to_string(),
-            node: node.config.service.node.clone(),
+            node: node.node.clone(),
         };
         let (mut child, handle) = node_listener_child(listener, node, stamp)?;
         child.id = "router".to_string();

@@ -164,6 +164,38 @@ pub struct ListenerConfig {
     pub anonymous_queue_expiry: Duration,
 }
 
+/// What every listener of a node is built with: `[listener]`, the `[amqp]` values a
+/// listener uses, and the operator's `[exchanges]` flags.
+///
+/// It exists so that listeners receive the settings they use, not the whole file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerSettings {
+    /// `[listener]`.
+    pub listener: ListenerConfig,
+    /// `[amqp] prefetch`: a listener's prefetch where its spec sets none.
+    pub prefetch: u16,
+    /// `[amqp] operation_timeout_ms`: the bound of one broker operation.
+    pub operation_timeout: Duration,
+    /// `[exchanges.<name>]`: flags that override a declaration.
+    pub exchanges: Vec<ExchangeOverride>,
+}
+
+impl ListenerSettings {
+    pub fn from_config(config: &Config) -> Self {
+        ListenerSettings {
+            listener: config.listener,
+            prefetch: config.amqp.prefetch,
+            operation_timeout: config.amqp.operation_timeout,
+            exchanges: config.exchanges.clone(),
+        }
+    }
+
+    /// The operator's flags for exchange `name`, if the file has an `[exchanges.<name>]`.
+    pub fn exchange(&self, name: &str) -> Option<&ExchangeOverride> {
+        self.exchanges.iter().find(|exchange| exchange.name == name)
+    }
+}
+
 /// How publishing behaves (`[publisher]`).
 ///
 /// It exists so that the bound on one publish and the back-pressure limit on unconfirmed

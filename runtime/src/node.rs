@@ -14,7 +14,6 @@
 //! each within its own shutdown timeout, the whole within `[service] shutdown_timeout_secs`.
 //! This module owns the tree's shape; each child owns its own behaviour.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::ActorRef;
@@ -23,7 +22,7 @@ use tokio::task::JoinHandle;
 use crate::assignments::Assignments;
 use crate::backoff::Backoff;
 use crate::bootstrap::{Bootstrap, BootstrapArgs};
-use crate::config::Config;
+use crate::config::{Config, ListenerSettings, PoolConfig, RouterConfig};
 use crate::connection::ConnectionSettings;
 use crate::connections::Connections;
 use crate::envelope::Stamp;
@@ -38,7 +37,15 @@ use crate::supervisor::{
 /// Handles to a running node's services, given to apps when they build their children.
 #[derive(Clone)]
 pub struct NodeContext {
-    pub config: Arc<Config>,
+    /// This node's name (`[service] node`): in connection and queue names, consumer tags
+    /// and the `Node` of envelopes.
+    pub node: String,
+    /// What the node's listeners are built with.
+    pub listeners: ListenerSettings,
+    /// `[router]`: the configuration-event router's exchange and buffer.
+    pub router: RouterConfig,
+    /// `[pool]`: an app's pool sizing where its own section sets none.
+    pub pool: PoolConfig,
     pub registry: ConnectionRegistry,
     pub connections: Connections,
     pub assignments: Assignments,
@@ -72,6 +79,8 @@ pub struct Node {
     root: ActorRef<SupervisorMsg>,
     done: JoinHandle<()>,
     context: NodeContext,
+    /// `[service] shutdown_timeout_secs`.
+    shutdown_timeout: Duration,
 }
 
 /// The node could not start. The message is the readable chain of causes.
@@ -110,13 +119,15 @@ impl Node {
         config: Config,
         children: impl FnOnce(&NodeContext) -> Result<C, E>,
     ) -> Result<Node, StartError> {
-        let config = Arc::new(config);
         let registry = ConnectionRegistry::new(&config);
         let connections =
             Connections::new(registry.clone(), ConnectionSettings::from_config(&config));
         let assignments = Assignments::new(connections.clone());
         let context = NodeContext {
-            config: config.clone(),
+            node: config.service.node.clone(),
+            listeners: ListenerSettings::from_config(&config),
+            router: config.router.clone(),
+            pool: config.pool,
             registry: registry.clone(),
             connections: connections.clone(),
             assignments: assignments.clone(),
@@ -185,6 +196,7 @@ impl Node {
             root,
             done,
             context,
+            shutdown_timeout: config.service.shutdown_timeout,
         })
     }
 
@@ -202,7 +214,7 @@ impl Node {
     /// Stops the tree in order: apps, assignments, connections, registry, bounded by
     /// `[service] shutdown_timeout_secs`.
     pub async fn stop(self) -> Result<(), StopTimeout> {
-        let timeout = self.context.config.service.shutdown_timeout;
+        let timeout = self.shutdown_timeout;
         match self
             .root
             .stop_and_wait(Some("node stopping".to_string()), Some(timeout))

@@ -81,7 +81,7 @@ pub async fn start_node(config: Config) -> Node {
 /// The context of a test app named `name` on `node`, for starting listeners by hand.
 pub fn app_context(node: &Node, name: &str) -> AppContext {
     let context = node.context().clone();
-    let pool = context.config.pool;
+    let pool = context.pool;
     AppContext::with_version(
         "0.0.0-test",
         context,

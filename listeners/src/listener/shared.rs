@@ -154,9 +154,9 @@ impl ListenerShared {
         stamp: Stamp,
     ) -> Result<Arc<Self>, SpecError> {
         let spec = listener.spec();
-        let config = &node.config;
+        let config = &node.listeners;
         spec.validate(SpecDefaults {
-            prefetch: config.amqp.prefetch,
+            prefetch: config.prefetch,
         })?;
         let suffix = warren_runtime::envelope::new_msg_id();
         let unique = &suffix[..12];
@@ -165,7 +165,7 @@ impl ListenerShared {
         let queue_name = match &spec.queue.name {
             QueueName::Named(name) => name.clone(),
             QueueName::Anonymous => {
-                format!("{short_name}-{}-{unique}", config.service.node)
+                format!("{short_name}-{}-{unique}", node.node)
             }
         };
         let anonymous = spec.queue.name == QueueName::Anonymous;
@@ -200,9 +200,9 @@ impl ListenerShared {
         let parking = topology::parking_queue(&topology, &spec.name);
         let (consuming, _) = watch::channel(false);
         let (channel, _) = watch::channel(None);
-        let prefetch = spec.prefetch.unwrap_or(config.amqp.prefetch);
+        let prefetch = spec.prefetch.unwrap_or(config.prefetch);
         Ok(Arc::new(ListenerShared {
-            consumer_tag: format!("{short_name}.{}.{unique}", config.service.node),
+            consumer_tag: format!("{short_name}.{}.{unique}", node.node),
             name: spec.name.clone(),
             settings: Settings {
                 ack: AckPolicy::new(spec.ack),
@@ -213,7 +213,7 @@ impl ListenerShared {
                     .unwrap_or(config.listener.max_redeliveries),
                 stop_timeout: config.listener.stop_timeout,
                 publish_timeout: config.listener.publish_timeout,
-                operation_timeout: config.amqp.operation_timeout,
+                operation_timeout: config.operation_timeout,
                 drain_timeout: config.listener.drain_timeout,
                 fail_back_watch: config.listener.fail_back_watch,
                 keepalive,

@@ -77,7 +77,7 @@ impl Exchange {
     }
 
     /// The same exchange with the flags an operator fixed for it (`[exchanges.<name>]`).
-    pub(crate) fn overridden(mut self, config: &warren_runtime::config::Config) -> Self {
+    pub(crate) fn overridden(mut self, config: &warren_runtime::config::ListenerSettings) -> Self {
         if self.passive {
             return self;
         }

@@ -25,7 +25,7 @@ use crate::listener::{Binding, Event, ListenerError};
 pub struct PoolLease {
     pub(super) pool: Arc<PoolInner>,
     /// The node's publisher, stamping as the app.
-    pub(super) publisher: Option<Publisher>,
+    pub(super) publisher: Publisher,
     pub(super) worker: Arc<Worker>,
     /// Checked in already (by `checkin`).
     pub(super) released: bool,
@@ -56,12 +56,11 @@ impl PoolLease {
 
     /// The publisher a call's request goes out through: the worker's broker (where its
     /// queue, and so the reply, is), or the primary while it is between channels.
-    pub(super) fn request_publisher(&self) -> Option<Publisher> {
-        let publisher = self.publisher.as_ref()?;
-        Some(match self.worker().handle.current() {
-            Some((broker, _)) => publisher.to_broker(broker),
-            None => publisher.clone(),
-        })
+    pub(super) fn request_publisher(&self) -> Publisher {
+        match self.worker().handle.current() {
+            Some((broker, _)) => self.publisher.to_broker(broker),
+            None => self.publisher.clone(),
+        }
     }
 
     /// Publishes with confirms (stamped as the app) and waits for the broker's answer.
@@ -72,14 +71,9 @@ impl PoolLease {
         envelope: Envelope,
         options: PublishOptions,
     ) -> Result<Published, PublishError> {
-        match &self.publisher {
-            Some(publisher) => {
-                publisher
-                    .publish(exchange, routing_key, envelope, options)
-                    .await
-            }
-            None => Err(PublishError::NoBroker(options.timeout)),
-        }
+        self.publisher
+            .publish(exchange, routing_key, envelope, options)
+            .await
     }
 
     /// Binds the worker's queue for the time of this lease; removed at check-in. The

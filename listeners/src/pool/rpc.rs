@@ -112,14 +112,10 @@ impl PoolLease {
         let worker = self.worker();
         worker.inbox.expect(&msg_id);
         let options = PublishOptions::new(timeout).mandatory();
-        let sent = match self.request_publisher() {
-            Some(publisher) => {
-                publisher
-                    .send(exchange, routing_key, request, options)
-                    .await
-            }
-            None => Err(PublishError::NoBroker(timeout)),
-        };
+        let sent = self
+            .request_publisher()
+            .send(exchange, routing_key, request, options)
+            .await;
         match sent {
             Ok(sent) => Ok(Pending {
                 msg_id,

@@ -1242,3 +1242,23 @@ fn the_default_node_name_fits_the_limit() {
     assert!(config.service.node.starts_with("warren@"));
     assert!(config.service.node.len() <= MAX_NODE_BYTES);
 }
+
+#[test]
+fn listener_settings_are_the_sections_a_listener_uses() {
+    let config = parse(&format!(
+        "[amqp]\nprefetch = 7\noperation_timeout_ms = 1234\n\
+         [listener]\nmax_redeliveries = 3\n\
+         [exchanges.targeted]\ndurable = false\n{LOCAL_ZONE}"
+    ))
+    .unwrap();
+    let settings = ListenerSettings::from_config(&config);
+    assert_eq!(settings.prefetch, 7);
+    assert_eq!(settings.operation_timeout, Duration::from_millis(1234));
+    assert_eq!(settings.listener, config.listener);
+    assert_eq!(settings.listener.max_redeliveries, 3);
+    assert_eq!(
+        settings.exchange("targeted").and_then(|e| e.durable),
+        Some(false)
+    );
+    assert!(settings.exchange("other").is_none());
+}
