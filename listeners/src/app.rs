@@ -13,7 +13,7 @@ use warren_runtime::backoff::Backoff;
 use warren_runtime::config::AppConfig;
 use warren_runtime::envelope::Stamp;
 use warren_runtime::node::NodeContext;
-use warren_runtime::supervisor::{ChildSpec, Intensity, Strategy, SupervisorSpec};
+use warren_runtime::supervisor::{ChildSpec, Intensity, StopOrder, Strategy, SupervisorSpec};
 
 use crate::listener::{Listener, SpecError, listener_child};
 use crate::pool::ListenerPool;
@@ -133,6 +133,8 @@ pub fn app_child(app: &dyn App, ctx: AppContext) -> Result<ChildSpec, AppError> 
     Ok(ChildSpec::supervisor(SupervisorSpec {
         name: format!("app:{}", app.name()),
         strategy: Strategy::OneForOne,
+        // In reverse start order: the app's listeners before the pool they may use.
+        stop: StopOrder::Sequential,
         intensity: Intensity {
             max_restarts: 5,
             within: Duration::from_secs(30),

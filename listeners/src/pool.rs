@@ -34,13 +34,14 @@ use warren_runtime::envelope::{Envelope, Stamp};
 use warren_runtime::node::NodeContext;
 use warren_runtime::publisher::Publisher;
 use warren_runtime::supervisor::{
-    self, ChildSpec, Intensity, Restart, Strategy, Supervisor, SupervisorMsg, SupervisorSpec,
+    self, ChildSpec, Intensity, Restart, StopDeadline, StopOrder, Strategy, Supervisor,
+    SupervisorMsg, SupervisorSpec, deadline,
 };
 
 pub use lease::PoolLease;
 pub use rpc::{CollectEnd, Collected, ReplyPredicate, RpcError, Until};
 
-use crate::listener::node_listener_child;
+use crate::listener::{CLOSE_RESERVE, node_listener_child};
 use worker::{Inbox, Worker, WorkerListener};
 
 /// Why a checkout failed.
@@ -95,6 +96,8 @@ pub(crate) struct PoolInner {
     /// A worker was checked in or capacity freed.
     available: Notify,
     supervisor: ActorSlot<SupervisorMsg>,
+    /// By when the pool's supervisor must have stopped, written by whoever stops it.
+    deadline: StopDeadline,
     reaper: Mutex<Option<JoinHandle<()>>>,
     next_worker: AtomicU64,
     checkouts: AtomicU64,
@@ -142,6 +145,7 @@ impl ListenerPool {
                 }),
                 available: Notify::new(),
                 supervisor: ActorSlot::default(),
+                deadline: StopDeadline::default(),
                 reaper: Mutex::new(None),
                 next_worker: AtomicU64::new(0),
                 checkouts: AtomicU64::new(0),
@@ -178,22 +182,25 @@ impl ListenerPool {
         let inner = self.inner.clone();
         let id = format!("pool:{}", inner.name);
         let shutdown = inner_shutdown(&inner);
+        let told = inner.deadline.clone();
         ChildSpec::new(id, move |parent: ActorCell| {
             let inner = inner.clone();
             async move {
                 let spec = inner.supervisor_spec();
-                let (actor, _) = Supervisor::spawn_linked(spec, parent).await?;
+                let deadline = inner.deadline.clone();
+                let (actor, _) = Supervisor::spawn_linked(spec, deadline, parent).await?;
                 inner.started(actor.clone());
                 Ok(actor.get_cell())
             }
         })
         .shutdown(shutdown)
+        .told(told)
     }
 
     /// Starts the pool outside any supervision tree (tools, tests); stop it with `stop`.
     pub async fn spawn(&self) -> Result<(), PoolError> {
         let spec = self.inner.supervisor_spec();
-        let (actor, _) = Supervisor::spawn(spec)
+        let (actor, _) = Supervisor::spawn_told(spec, self.inner.deadline.clone())
             .await
             .map_err(|_| PoolError::NotRunning(self.inner.name.clone()))?;
         self.inner.started(actor);
@@ -207,8 +214,10 @@ impl ListenerPool {
         }
         let supervisor = self.inner.supervisor.take();
         if let Some(supervisor) = supervisor {
+            let bound = inner_shutdown(&self.inner);
+            self.inner.deadline.set(tokio::time::Instant::now() + bound);
             let _ = supervisor
-                .stop_and_wait(None, Some(inner_shutdown(&self.inner)))
+                .stop_and_wait(None, Some(bound + deadline::MARGIN))
                 .await;
         }
     }
@@ -356,11 +365,15 @@ enum Next {
     Wait,
 }
 
-/// Bound for stopping the pool: its workers stop one after another.
+/// What the pool asks of its parent to stop: its workers stop together, each asking for
+/// what a listener does.
 fn inner_shutdown(inner: &PoolInner) -> Duration {
-    let per_worker = inner.ctx.stop_timeout + Duration::from_secs(3);
-    let workers = (inner.config.size + inner.config.overflow) as u32;
-    per_worker.saturating_mul(workers.max(1)) + Duration::from_secs(1)
+    let worker = inner.ctx.stop_timeout + CLOSE_RESERVE;
+    deadline::declared(
+        StopOrder::Concurrent,
+        [worker].into_iter(),
+        deadline::MARGIN,
+    )
 }
 
 impl PoolInner {
@@ -418,6 +431,8 @@ impl PoolInner {
         SupervisorSpec {
             name: format!("pool:{}", self.name),
             strategy: Strategy::OneForOne,
+            // Workers are independent: they stop together.
+            stop: StopOrder::Concurrent,
             intensity: Intensity {
                 max_restarts: 10,
                 within: Duration::from_secs(30),

@@ -34,7 +34,7 @@ use warren_runtime::backoff::Backoff;
 use warren_runtime::envelope::{Envelope, Stamp};
 use warren_runtime::node::NodeContext;
 use warren_runtime::supervisor::{
-    ChildSpec, Intensity, Strategy, Supervisor, SupervisorMsg, SupervisorSpec,
+    ChildSpec, Intensity, StopOrder, Strategy, Supervisor, SupervisorMsg, SupervisorSpec,
 };
 
 pub use pattern::Pattern;
@@ -198,6 +198,7 @@ impl ConfigRouter {
         let spec = SupervisorSpec {
             name: "router".to_string(),
             strategy: Strategy::OneForOne,
+            stop: StopOrder::Sequential,
             intensity: Intensity {
                 max_restarts: 5,
                 within: Duration::from_secs(30),

@@ -33,13 +33,18 @@ use crate::broker::{Broker, BrokerId, Role};
 use crate::config::Config;
 use crate::log_limit::LogLimit;
 use crate::registry::{ConnectionRegistry, StatusUpdate};
+use crate::supervisor::StopDeadline;
 use crate::uri::redact_uri;
 
 /// How often the actor double-checks that its connections are still up, in case an event
 /// was missed. lapin reports a closed socket at once; this is only a backstop.
 const HEALTH_CHECK_EVERY: Duration = Duration::from_secs(1);
-/// Bound for closing both connections on shutdown.
+/// Bound for closing both connections on shutdown (less when the stop deadline is nearer).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Kept after closing, before the deadline, for reporting and exiting.
+const CLOSE_MARGIN: Duration = Duration::from_millis(100);
+/// What a connection actor asks of its parent to stop: closing, and a little for itself.
+pub const STOP_WISH: Duration = Duration::from_millis(2500);
 /// Pause between two TCP probes of a port that refuses connections: `delay(0)` of this
 /// backoff, i.e. uniform in 125–250 ms.
 const PROBE_PAUSE: Backoff = Backoff {
@@ -161,6 +166,8 @@ pub struct ConnectionArgs {
     pub broker: Arc<Broker>,
     pub registry: ConnectionRegistry,
     pub settings: ConnectionSettings,
+    /// By when the actor must have stopped, written by its parent as it stops it.
+    pub deadline: StopDeadline,
 }
 
 /// The actor that owns one broker's connections.
@@ -249,6 +256,7 @@ pub struct ConnectionState {
     broker: Arc<Broker>,
     registry: ConnectionRegistry,
     settings: ConnectionSettings,
+    deadline: StopDeadline,
     consume: Slot,
     publish: Slot,
     /// Prechannels on the consume connection (of `consume.link`'s generation).
@@ -787,6 +795,7 @@ impl Actor for ConnectionActor {
         myself: ActorRef<Self::Msg>,
         args: ConnectionArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        args.deadline.clear();
         for role in [Role::Consume, Role::Publish] {
             // A restarted actor has no connection yet, whatever its killed predecessor
             // last reported: leases of the old generations are dead.
@@ -804,6 +813,7 @@ impl Actor for ConnectionActor {
             broker: args.broker,
             registry: args.registry,
             settings: args.settings,
+            deadline: args.deadline,
             consume: Slot::new(Role::Consume),
             publish: Slot::new(Role::Publish),
             prechannels: VecDeque::new(),
@@ -881,7 +891,12 @@ impl Actor for ConnectionActor {
             .collect();
         if !links.is_empty() {
             let closing = futures::future::join_all(links.iter().map(close_link));
-            if tokio::time::timeout(CLOSE_TIMEOUT, closing).await.is_err() {
+            let left = state
+                .deadline
+                .or_own(STOP_WISH)
+                .saturating_duration_since(tokio::time::Instant::now());
+            let bound = CLOSE_TIMEOUT.min(left.saturating_sub(CLOSE_MARGIN));
+            if tokio::time::timeout(bound, closing).await.is_err() {
                 tracing::warn!(broker = %state.broker, "connections did not close in time");
             } else {
                 tracing::info!(broker = %state.broker, "connections closed");

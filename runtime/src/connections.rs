@@ -19,11 +19,12 @@ use crate::backoff::Backoff;
 use crate::broker::{Broker, BrokerId};
 use crate::connection::{
     ChannelError, ConnectionActor, ConnectionArgs, ConnectionMsg, ConnectionReport,
-    ConnectionSettings, TakenChannel,
+    ConnectionSettings, STOP_WISH, TakenChannel,
 };
 use crate::registry::ConnectionRegistry;
 use crate::supervisor::{
-    self, ChildSpec, Intensity, Strategy, Supervisor, SupervisorMsg, SupervisorSpec,
+    self, ChildSpec, Intensity, StopDeadline, StopOrder, Strategy, Supervisor, SupervisorMsg,
+    SupervisorSpec, deadline,
 };
 
 /// How long a caller waits for a connection actor to answer.
@@ -74,8 +75,10 @@ impl Connections {
     /// The child spec of the connections supervisor, for the node's root supervisor.
     pub fn supervisor_child(&self) -> ChildSpec {
         let this = self.clone();
+        let deadline = StopDeadline::default();
+        let told = deadline.clone();
         ChildSpec::new("connections", move |parent: ActorCell| {
-            let this = this.clone();
+            let (this, deadline) = (this.clone(), deadline.clone());
             async move {
                 let children = this
                     .registry
@@ -86,6 +89,8 @@ impl Connections {
                 let spec = SupervisorSpec {
                     name: "connections".to_string(),
                     strategy: Strategy::OneForOne,
+                    // One broker's connections never wait for another's.
+                    stop: StopOrder::Concurrent,
                     intensity: Intensity {
                         max_restarts: 10,
                         within: Duration::from_secs(30),
@@ -93,22 +98,27 @@ impl Connections {
                     backoff: Backoff::for_restarts(),
                     children,
                 };
-                let (actor, _) = Supervisor::spawn_linked(spec, parent).await?;
+                let (actor, _) = Supervisor::spawn_linked(spec, deadline.clone(), parent).await?;
                 this.supervisor.set(actor.clone());
                 Ok(actor.get_cell())
             }
         })
+        .shutdown(STOP_WISH + deadline::MARGIN)
+        .told(told)
     }
 
     /// A broker's connection actor as a child; each (re)start records it in the directory.
     fn connection_child(&self, broker: Arc<Broker>) -> ChildSpec {
         let this = self.clone();
         let id = format!("connection:{}", broker.uri.redacted());
+        let deadline = StopDeadline::default();
+        let told = deadline.clone();
         ChildSpec::new(id, move |parent: ActorCell| {
             let args = ConnectionArgs {
                 broker: broker.clone(),
                 registry: this.registry.clone(),
                 settings: this.settings.clone(),
+                deadline: deadline.clone(),
             };
             let directory = this.directory.clone();
             async move {
@@ -120,6 +130,8 @@ impl Connections {
                 Ok(actor.get_cell())
             }
         })
+        .shutdown(STOP_WISH)
+        .told(told)
     }
 
     /// The connection actor serving a broker now, if one runs.

@@ -30,9 +30,13 @@ use crate::publisher::Publisher;
 use crate::readiness::Readiness;
 use crate::registry::{ConnectionRegistry, RegistryActor};
 use crate::supervisor::{
-    ChildSpec, Intensity, Restart, Strategy, Supervisor, SupervisorMsg, SupervisorSpec,
-    spawn_error_reason,
+    ChildSpec, Intensity, Restart, StopDeadline, StopOrder, Strategy, Supervisor, SupervisorMsg,
+    SupervisorSpec, spawn_error_reason,
 };
+
+/// How long past its deadline the root may take to report that it stopped, before it is
+/// killed (the deadline itself is kept by every supervisor below it).
+const ROOT_GRACE: Duration = Duration::from_millis(500);
 
 /// Handles to a running node's services, given to apps when they build their children.
 #[derive(Clone)]
@@ -79,8 +83,10 @@ pub struct Node {
     root: ActorRef<SupervisorMsg>,
     done: JoinHandle<()>,
     context: NodeContext,
-    /// `[service] shutdown_timeout_secs`.
+    /// `[service] shutdown_timeout_secs`: the whole stop budget.
     shutdown_timeout: Duration,
+    /// Where the stop deadline is written for the root.
+    deadline: StopDeadline,
 }
 
 /// The node could not start. The message is the readable chain of causes.
@@ -161,6 +167,8 @@ impl Node {
         let apps_child = ChildSpec::supervisor(SupervisorSpec {
             name: "apps".to_string(),
             strategy: Strategy::OneForOne,
+            // The apps are independent: they stop together, each by the same deadline.
+            stop: StopOrder::Concurrent,
             intensity: Intensity {
                 max_restarts: 10,
                 within: Duration::from_secs(60),
@@ -172,6 +180,7 @@ impl Node {
         let root = SupervisorSpec {
             name: "warren".to_string(),
             strategy: Strategy::RestForOne,
+            stop: StopOrder::Sequential,
             intensity: Intensity {
                 max_restarts: 3,
                 within: Duration::from_secs(60),
@@ -188,7 +197,8 @@ impl Node {
             .chain([apps_child])
             .collect(),
         };
-        let (root, done) = Supervisor::spawn(root)
+        let deadline = StopDeadline::default();
+        let (root, done) = Supervisor::spawn_told(root, deadline.clone())
             .await
             .map_err(|e| StartError::Failed(spawn_error_reason(&e)))?;
         tracing::info!(node = %config.service.node, "supervision tree started");
@@ -197,6 +207,7 @@ impl Node {
             done,
             context,
             shutdown_timeout: config.service.shutdown_timeout,
+            deadline,
         })
     }
 
@@ -211,13 +222,18 @@ impl Node {
         let _ = (&mut self.done).await;
     }
 
-    /// Stops the tree in order: apps, assignments, connections, registry, bounded by
-    /// `[service] shutdown_timeout_secs`.
+    /// Stops the tree in order: apps, services, assignments, connections, registry, out
+    /// of one budget, `[service] shutdown_timeout_secs`: each supervisor hands its
+    /// children deadlines out of its own (see `supervisor::deadline`).
     pub async fn stop(self) -> Result<(), StopTimeout> {
         let timeout = self.shutdown_timeout;
+        self.deadline.set(tokio::time::Instant::now() + timeout);
         match self
             .root
-            .stop_and_wait(Some("node stopping".to_string()), Some(timeout))
+            .stop_and_wait(
+                Some("node stopping".to_string()),
+                Some(timeout + ROOT_GRACE),
+            )
             .await
         {
             Ok(()) => Ok(()),

@@ -13,8 +13,9 @@
 //!   self-message (a handler never sleeps);
 //! - a restart intensity over a sliding window, past which the supervisor stops
 //!   its children and fails upward;
-//! - an orderly shutdown: children stop one at a time in reverse start order,
-//!   each within its shutdown timeout, then killed.
+//! - an orderly shutdown out of one budget: children stop one at a time in reverse
+//!   start order (or all at once, for independent children), each told its deadline
+//!   out of the supervisor's own (`deadline`), then killed there.
 //!
 //! Supervised actors are not registered under a name (ractor names are global
 //! and released only as an actor stops); a child's id is a label for logs and for
@@ -24,6 +25,7 @@
 
 mod actor;
 mod child;
+pub mod deadline;
 mod error;
 mod intensity;
 #[cfg(test)]
@@ -38,6 +40,7 @@ use ractor::{Actor, ActorCell, ActorRef, RpcReplyPort, SpawnErr};
 use crate::backoff::Backoff;
 
 pub use child::{ChildSpec, DEFAULT_SHUTDOWN, Restart};
+pub use deadline::{StopDeadline, StopOrder};
 pub use error::{SupervisorError, spawn_error_reason};
 pub use intensity::Intensity;
 
@@ -46,10 +49,6 @@ pub use intensity::Intensity;
 /// The supervisor handles one request at a time, and starting or terminating a
 /// child includes the child's own start or shutdown, so this is generous.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Extra time a nested supervisor gets, beyond its children's shutdown timeouts,
-/// when its `ChildSpec` is built by [`ChildSpec::supervisor`].
-const NESTED_SHUTDOWN_MARGIN: Duration = Duration::from_secs(1);
 
 /// How a supervisor reacts when one child dies (OTP strategies).
 ///
@@ -79,8 +78,22 @@ pub struct SupervisorSpec {
     pub intensity: Intensity,
     /// Delay before each restart.
     pub backoff: Backoff,
+    /// One at a time in reverse start order, or all at once.
+    pub stop: StopOrder,
     /// Children, in start order.
     pub children: Vec<ChildSpec>,
+}
+
+impl SupervisorSpec {
+    /// What this supervisor asks of its parent to stop: its children's wishes (in
+    /// sequence, or the largest when they stop together) and a margin for itself.
+    pub fn shutdown(&self) -> Duration {
+        deadline::declared(
+            self.stop,
+            self.children.iter().map(|child| child.shutdown),
+            deadline::MARGIN,
+        )
+    }
 }
 
 /// The supervisor actor.
@@ -138,42 +151,51 @@ impl Supervisor {
     pub async fn spawn(
         spec: SupervisorSpec,
     ) -> Result<(ActorRef<SupervisorMsg>, JoinHandle<()>), SpawnErr> {
-        <Self as Actor>::spawn(None, Supervisor, spec).await
+        Self::spawn_told(spec, StopDeadline::default()).await
+    }
+
+    /// As [`Supervisor::spawn`], stopping by the deadline written to `deadline` (by
+    /// whoever stops it; without one it takes [`SupervisorSpec::shutdown`]).
+    pub async fn spawn_told(
+        spec: SupervisorSpec,
+        deadline: StopDeadline,
+    ) -> Result<(ActorRef<SupervisorMsg>, JoinHandle<()>), SpawnErr> {
+        <Self as Actor>::spawn(None, Supervisor, (spec, deadline)).await
     }
 
     /// As [`Supervisor::spawn`], linked to `parent`, which then sees this
-    /// supervisor's exit (an `ActorFailed` when it gives up).
+    /// supervisor's exit (an `ActorFailed` when it gives up), and told its stop deadline
+    /// through `deadline` (pass the same to the child spec's [`ChildSpec::told`]).
     pub async fn spawn_linked(
         spec: SupervisorSpec,
+        deadline: StopDeadline,
         parent: ActorCell,
     ) -> Result<(ActorRef<SupervisorMsg>, JoinHandle<()>), SpawnErr> {
-        <Self as Actor>::spawn_linked(None, Supervisor, spec, parent).await
+        <Self as Actor>::spawn_linked(None, Supervisor, (spec, deadline), parent).await
     }
 }
 
 impl ChildSpec {
     /// A child that is itself a supervisor: how subtrees are nested.
     ///
-    /// The id is the spec's name. Its shutdown timeout defaults to the sum of its
-    /// children's plus a margin, so that its own orderly shutdown can complete;
-    /// override it with [`ChildSpec::shutdown`] if it gains dynamic children.
+    /// The id is the spec's name. It asks for [`SupervisorSpec::shutdown`] and stops by
+    /// the deadline its parent tells it; override the wish with [`ChildSpec::shutdown`]
+    /// if it gains dynamic children.
     pub fn supervisor(spec: SupervisorSpec) -> ChildSpec {
-        let shutdown = spec
-            .children
-            .iter()
-            .fold(NESTED_SHUTDOWN_MARGIN, |total, child| {
-                total.saturating_add(child.shutdown)
-            });
+        let shutdown = spec.shutdown();
         let id = spec.name.clone();
+        let deadline = StopDeadline::default();
+        let told = deadline.clone();
         ChildSpec::new(id, move |parent| {
-            let spec = spec.clone();
+            let (spec, deadline) = (spec.clone(), deadline.clone());
             async move {
-                Supervisor::spawn_linked(spec, parent)
+                Supervisor::spawn_linked(spec, deadline, parent)
                     .await
                     .map(|(sup, _)| sup.get_cell())
             }
         })
         .shutdown(shutdown)
+        .told(told)
     }
 }
 

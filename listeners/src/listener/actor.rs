@@ -27,6 +27,7 @@ use warren_runtime::backoff::Backoff;
 use warren_runtime::broker::BrokerId;
 use warren_runtime::log_limit::LogLimit;
 use warren_runtime::readiness::ReadinessEntry;
+use warren_runtime::supervisor::StopDeadline;
 
 use super::Notice;
 use super::consumer::{ConsumerLoop, Control, Ended};
@@ -38,8 +39,13 @@ use super::spec::{Binding, QueueName};
 use super::status::{ListenerError, ListenerStatus, Removed};
 use super::topology::{self, SetupError};
 
-/// Bound for closing a channel.
+/// Bound for closing a channel (less when the stop deadline is nearer).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Kept out of a stop's budget for what follows the handlers: the last acks, deleting an
+/// anonymous queue, closing the channel. A listener asks its parent for
+/// `[listener] stop_timeout` plus this.
+pub(crate) const CLOSE_RESERVE: Duration = Duration::from_secs(1);
 
 /// Set-up failures: one line per failing step (e.g. an exchange declared with other flags,
 /// which every listener of the node hits) per interval, with a count.
@@ -51,6 +57,8 @@ static SETUP_LOGS: LazyLock<LogLimit> = LazyLock::new(LogLimit::default);
 pub(crate) struct Started {
     pub shared: Arc<ListenerShared>,
     pub slot: Arc<ActorSlot<ListenerMsg>>,
+    /// By when a stop must be done, written by whoever stops the actor.
+    pub deadline: StopDeadline,
 }
 
 /// Messages of the listener actor.
@@ -153,6 +161,8 @@ pub(crate) struct ListenerState {
     shared: Arc<ListenerShared>,
     /// Where the handle finds this actor while it runs.
     slot: Arc<ActorSlot<ListenerMsg>>,
+    /// By when a stop must be done.
+    deadline: StopDeadline,
     client: Option<LeaseClient>,
     forward: Option<JoinHandle<()>>,
     keepalive: Option<JoinHandle<()>>,
@@ -892,8 +902,13 @@ impl Actor for ListenerActor {
     async fn pre_start(
         &self,
         myself: ActorRef<Self::Msg>,
-        Started { shared, slot }: Started,
+        Started {
+            shared,
+            slot,
+            deadline,
+        }: Started,
     ) -> Result<Self::State, ActorProcessingErr> {
+        deadline.clear();
         slot.set(myself);
         let readiness = shared
             .readiness
@@ -901,6 +916,7 @@ impl Actor for ListenerActor {
         Ok(ListenerState {
             shared,
             slot,
+            deadline,
             client: None,
             forward: None,
             keepalive: None,
@@ -985,9 +1001,19 @@ impl Actor for ListenerActor {
     ) -> Result<(), ActorProcessingErr> {
         // Cancel, let handlers finish until the deadline, ack, then close the channels. The
         // lease is given back only afterwards, so assignments cannot close the channel under
-        // the handlers.
+        // the handlers. All of it by the deadline this stop was given (or the listener's
+        // own, stopped on its own): handlers get `stop_timeout` of it, never the time kept
+        // for closing.
         let timeout = state.shared.settings.stop_timeout;
-        let deadline = Instant::now() + timeout;
+        let now = Instant::now();
+        let end = state
+            .deadline
+            .or_own(timeout + CLOSE_RESERVE)
+            .into_std()
+            .max(now);
+        let reserve = CLOSE_RESERVE.min(end.duration_since(now) / 2);
+        let deadline = (now + timeout).min(end - reserve);
+        let left = move || end.saturating_duration_since(Instant::now());
         let mut held_all: Vec<Held> = state.active.take().into_iter().collect();
         held_all.append(&mut state.draining);
         for held in &mut held_all {
@@ -1004,17 +1030,15 @@ impl Actor for ListenerActor {
         for held in &mut held_all {
             if let Some(consumer) = held.consumer.take() {
                 let mut handle = consumer.handle;
-                if tokio::time::timeout(timeout + Duration::from_secs(1), &mut handle)
-                    .await
-                    .is_err()
-                {
+                if tokio::time::timeout(left(), &mut handle).await.is_err() {
                     handle.abort();
                 }
             }
             if held.channel().status().connected() {
-                topology::delete_if_anonymous(held.channel(), &topology, operation).await;
+                topology::delete_if_anonymous(held.channel(), &topology, operation.min(left()))
+                    .await;
                 let _ = tokio::time::timeout(
-                    CLOSE_TIMEOUT,
+                    CLOSE_TIMEOUT.min(left()),
                     held.channel()
                         .close(200, "warren: listener stopping".into()),
                 )

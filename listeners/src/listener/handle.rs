@@ -16,10 +16,10 @@ use warren_runtime::broker::BrokerId;
 use warren_runtime::envelope::{Envelope, Stamp};
 use warren_runtime::node::NodeContext;
 use warren_runtime::publish::{PublishError, PublishOptions, Published};
-use warren_runtime::supervisor::ChildSpec;
+use warren_runtime::supervisor::{ChildSpec, StopDeadline};
 
 use super::Listener;
-use super::actor::{ListenerActor, ListenerMsg, Started};
+use super::actor::{CLOSE_RESERVE, ListenerActor, ListenerMsg, Started};
 use super::event::Event;
 use super::responders::{HandlerResult, ResponderId};
 use super::shared::ListenerShared;
@@ -31,11 +31,17 @@ use crate::app::AppContext;
 /// How long handle calls wait for the actor.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long past its stop deadline [`ListenerHandle::stop`] waits for the actor to report
+/// that it stopped.
+const STOP_GRACE: Duration = Duration::from_millis(500);
+
 /// A handle to one listener: query it, change it at run time, stop it.
 #[derive(Clone)]
 pub struct ListenerHandle {
     shared: Arc<ListenerShared>,
     actor: Arc<ActorSlot<ListenerMsg>>,
+    /// By when the actor must have stopped, written by whoever stops it.
+    deadline: StopDeadline,
 }
 
 /// The listener as a supervised child (for an app's `children`), and its handle; a spec
@@ -54,10 +60,11 @@ pub(crate) fn node_listener_child(
     stamp: Stamp,
 ) -> Result<(ChildSpec, ListenerHandle), SpecError> {
     let handle = ListenerHandle::new(ListenerShared::new(Arc::new(listener), node, stamp)?);
-    let shutdown = handle.shared.settings.stop_timeout + Duration::from_secs(3);
     let id = format!("listener:{}", handle.shared.name);
     let started = handle.started();
-    let child = ChildSpec::actor(id, move || (ListenerActor, started.clone())).shutdown(shutdown);
+    let child = ChildSpec::actor(id, move || (ListenerActor, started.clone()))
+        .shutdown(handle.stop_wish())
+        .told(handle.deadline.clone());
     Ok((child, handle))
 }
 
@@ -83,6 +90,7 @@ impl ListenerHandle {
         ListenerHandle {
             shared,
             actor: Arc::default(),
+            deadline: StopDeadline::default(),
         }
     }
 
@@ -91,7 +99,14 @@ impl ListenerHandle {
         Started {
             shared: self.shared.clone(),
             slot: self.actor.clone(),
+            deadline: self.deadline.clone(),
         }
+    }
+
+    /// What the listener asks of its parent to stop: its handlers' `stop_timeout`, and
+    /// the time kept for closing.
+    fn stop_wish(&self) -> Duration {
+        self.shared.settings.stop_timeout + CLOSE_RESERVE
     }
 
     fn actor(&self) -> Result<ActorRef<ListenerMsg>, ListenerError> {
@@ -250,9 +265,13 @@ impl ListenerHandle {
     /// Stops a listener started with [`spawn_listener`] gracefully and waits for it.
     pub async fn stop(&self) -> Result<(), ListenerError> {
         let actor = self.actor()?;
-        let bound = self.shared.settings.stop_timeout + Duration::from_secs(5);
+        let bound = self.stop_wish();
+        self.deadline.set(tokio::time::Instant::now() + bound);
         actor
-            .stop_and_wait(Some("stopped by its handle".to_string()), Some(bound))
+            .stop_and_wait(
+                Some("stopped by its handle".to_string()),
+                Some(bound + STOP_GRACE),
+            )
             .await
             .map_err(|_| ListenerError::NotRunning)
     }

@@ -10,6 +10,7 @@ use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, Supervisio
 use tokio::time::Instant;
 
 use super::child::{ChildSpec, Restart, stop_child};
+use super::deadline::{self, StopDeadline, StopOrder};
 use super::error::SupervisorError;
 use super::intensity::{Intensity, RestartWindow};
 use super::{ChildInfo, RestartToken, Strategy, Supervisor, SupervisorMsg, SupervisorSpec};
@@ -24,6 +25,9 @@ pub struct SupervisorState {
     strategy: Strategy,
     intensity: Intensity,
     backoff: Backoff,
+    stop: StopOrder,
+    /// Where the parent writes this supervisor's stop deadline.
+    deadline: StopDeadline,
     children: Vec<Child>,
     window: RestartWindow,
     next_token: u64,
@@ -67,18 +71,21 @@ impl Exit {
 impl Actor for Supervisor {
     type Msg = SupervisorMsg;
     type State = SupervisorState;
-    type Arguments = SupervisorSpec;
+    type Arguments = (SupervisorSpec, StopDeadline);
 
     async fn pre_start(
         &self,
         myself: ActorRef<SupervisorMsg>,
-        spec: SupervisorSpec,
+        (spec, deadline): (SupervisorSpec, StopDeadline),
     ) -> Result<SupervisorState, ActorProcessingErr> {
+        deadline.clear();
         let mut state = SupervisorState {
             name: spec.name,
             strategy: spec.strategy,
             intensity: spec.intensity,
             backoff: spec.backoff,
+            stop: spec.stop,
+            deadline,
             children: Vec::with_capacity(spec.children.len()),
             window: RestartWindow::default(),
             next_token: 0,
@@ -190,7 +197,7 @@ impl SupervisorState {
         };
         let child = self.children.remove(index);
         if let ChildStatus::Running(cell) = child.status {
-            stop_child(&child.spec.id, &cell, child.spec.shutdown).await;
+            stop_child(&child.spec, &cell, Instant::now() + child.spec.shutdown).await;
         }
         tracing::info!(supervisor = %self.name, child = %id, "child terminated on request");
         true
@@ -305,7 +312,7 @@ impl SupervisorState {
             let child = &self.children[later];
             if let ChildStatus::Running(cell) = status {
                 tracing::info!(supervisor = %self.name, child = %child.spec.id, "stopping child (rest_for_one)");
-                stop_child(&child.spec.id, &cell, child.spec.shutdown).await;
+                stop_child(&child.spec, &cell, Instant::now() + child.spec.shutdown).await;
             }
             if child.spec.restart == Restart::Temporary {
                 self.children.remove(later);
@@ -364,10 +371,38 @@ impl SupervisorState {
     }
 
     /// Stop all children, last started first, one at a time, and forget them.
+    /// Stops every child by this supervisor's deadline (the one its parent told it, or
+    /// its own wish): one at a time in reverse start order, or all at once.
     async fn stop_all(&mut self) {
-        while let Some(child) = self.children.pop() {
-            if let ChildStatus::Running(cell) = child.status {
-                stop_child(&child.spec.id, &cell, child.spec.shutdown).await;
+        let own = deadline::declared(
+            self.stop,
+            self.children.iter().map(|child| child.spec.shutdown),
+            std::time::Duration::ZERO,
+        );
+        let end = self.deadline.or_own(own);
+        let running: Vec<(ChildSpec, ActorCell)> = std::mem::take(&mut self.children)
+            .into_iter()
+            .rev()
+            .filter_map(|child| match child.status {
+                ChildStatus::Running(cell) => Some((child.spec, cell)),
+                _ => None,
+            })
+            .collect();
+        match self.stop {
+            StopOrder::Sequential => {
+                let count = running.len();
+                for (i, (spec, cell)) in running.iter().enumerate() {
+                    let now = Instant::now();
+                    let at = deadline::sequential(now, end, spec.shutdown, count - i - 1);
+                    stop_child(spec, cell, at).await;
+                }
+            }
+            StopOrder::Concurrent => {
+                let now = Instant::now();
+                futures::future::join_all(running.iter().map(|(spec, cell)| {
+                    stop_child(spec, cell, deadline::concurrent(now, end, spec.shutdown))
+                }))
+                .await;
             }
         }
     }

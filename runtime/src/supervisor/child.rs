@@ -10,7 +10,9 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use ractor::{Actor, ActorCell, SpawnErr};
+use tokio::time::Instant;
 
+use super::deadline::StopDeadline;
 use super::error::{SupervisorError, spawn_error_reason};
 
 /// Default time a child gets to stop gracefully before it is killed.
@@ -52,8 +54,12 @@ pub struct ChildSpec {
     pub id: String,
     /// When the child is restarted.
     pub restart: Restart,
-    /// How long the child may take to stop gracefully before it is killed (default 5 s).
+    /// The most the child asks for to stop gracefully (default 5 s); its parent gives it
+    /// a deadline out of its own budget, never later than this.
     pub shutdown: Duration,
+    /// Where the parent writes the child's stop deadline, for a child that plans its stop
+    /// by it (see [`ChildSpec::told`]).
+    told: Option<StopDeadline>,
     start: StartFn,
 }
 
@@ -73,6 +79,7 @@ impl ChildSpec {
             id: id.into(),
             restart: Restart::Permanent,
             shutdown: DEFAULT_SHUTDOWN,
+            told: None,
             start,
         }
     }
@@ -99,9 +106,16 @@ impl ChildSpec {
         self
     }
 
-    /// Set how long the child may take to stop before it is killed.
+    /// Set the most the child may take to stop before it is killed.
     pub fn shutdown(mut self, d: Duration) -> Self {
         self.shutdown = d;
+        self
+    }
+
+    /// The child reads its stop deadline from `deadline`: the parent writes it there just
+    /// before it asks the child to stop.
+    pub fn told(mut self, deadline: StopDeadline) -> Self {
+        self.told = Some(deadline);
         self
     }
 
@@ -154,18 +168,24 @@ impl std::fmt::Debug for ChildSpec {
     }
 }
 
-/// Stop a child gracefully: ask it to stop, wait up to `shutdown`, then kill it.
+/// Stop a child gracefully: tell it its deadline, ask it to stop, wait until the
+/// deadline, then kill it.
 ///
 /// Uses `stop` + `wait` rather than `stop_and_wait`: ractor's stop port is
 /// one-shot, so if someone else already asked the child to stop,
 /// `stop_and_wait` would return at once instead of waiting for the exit.
-pub(super) async fn stop_child(id: &str, cell: &ActorCell, shutdown: Duration) {
+pub(super) async fn stop_child(spec: &ChildSpec, cell: &ActorCell, deadline: Instant) {
+    let id = &spec.id;
+    if let Some(told) = &spec.told {
+        told.set(deadline);
+    }
     cell.stop(None);
+    let shutdown = deadline.saturating_duration_since(Instant::now());
     if cell.wait(Some(shutdown)).await.is_ok() {
         tracing::debug!(child = %id, "child stopped");
         return;
     }
-    tracing::warn!(child = %id, ?shutdown, "child did not stop within its shutdown timeout; killing it");
+    tracing::warn!(child = %id, ?shutdown, "child did not stop by its deadline; killing it");
     cell.kill();
     if cell.wait(Some(KILL_GRACE)).await.is_err() {
         tracing::error!(child = %id, "child still running after kill; abandoning it");

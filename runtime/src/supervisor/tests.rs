@@ -164,6 +164,7 @@ fn sup_spec(name: &str, strategy: Strategy, children: Vec<ChildSpec>) -> Supervi
             within: Duration::from_secs(60),
         },
         backoff: Backoff::new(ms(1), ms(10)),
+        stop: StopOrder::Sequential,
         children,
     }
 }
@@ -794,4 +795,66 @@ async fn exits_of_unknown_actors_are_ignored() {
     assert_eq!(info(&infos, "a").restarts, 0);
     assert_eq!(sup.get_status(), ActorStatus::Running);
     sup.stop_and_wait(None, Some(DEADLINE)).await.unwrap();
+}
+
+/// A supervisor told a deadline stops every child by it, however much they ask for: a
+/// hung child that asks for seconds is killed in time for the ones after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_told_deadline_bounds_the_whole_stop_and_leaves_the_later_children_their_floor() {
+    let log = Log::default();
+    let mut hung = args("hung", &log);
+    hung.hang_on_stop = true;
+    let deadline = StopDeadline::default();
+    let mut spec = sup_spec(
+        "told",
+        Strategy::OneForOne,
+        vec![
+            child("first", &log),
+            spec_for(hung).shutdown(Duration::from_secs(30)),
+        ],
+    );
+    spec.stop = StopOrder::Sequential;
+    let (sup, _) = Supervisor::spawn_told(spec, deadline.clone())
+        .await
+        .expect("supervisor starts");
+    let cells = children(&sup).await.unwrap();
+    let began = Instant::now();
+    deadline.set(tokio::time::Instant::now() + ms(1500));
+    sup.stop_and_wait(None, Some(DEADLINE)).await.unwrap();
+    let took = began.elapsed();
+    assert!(
+        took < ms(1900),
+        "the stop kept to its 1.5 s deadline: {took:?}"
+    );
+    // The hung child (stopped first) got the budget less one floor for "first".
+    let hung_stopped = log.time_of("stop:hung", 0);
+    let first_stopped = log.time_of("stop:first", 0);
+    let waited = first_stopped.duration_since(hung_stopped);
+    assert!(
+        waited >= ms(900) && waited <= ms(1300),
+        "the hung child was killed after {waited:?}, leaving a floor for the next"
+    );
+    assert_eq!(cell_of(&cells, "hung").get_status(), ActorStatus::Stopped);
+}
+
+/// Concurrent children stop together: two hung children cost one deadline, not two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_children_stop_together() {
+    let log = Log::default();
+    let hung = |id: &str| {
+        let mut a = args(id, &log);
+        a.hang_on_stop = true;
+        spec_for(a).shutdown(ms(400))
+    };
+    let mut spec = sup_spec("together", Strategy::OneForOne, vec![hung("x"), hung("y")]);
+    spec.stop = StopOrder::Concurrent;
+    let sup = start(spec).await;
+    let began = Instant::now();
+    sup.stop_and_wait(None, Some(DEADLINE)).await.unwrap();
+    let took = began.elapsed();
+    assert!(took >= ms(400), "each was given its 400 ms: {took:?}");
+    assert!(took < ms(750), "both in one 400 ms, not two: {took:?}");
+    let mut stops = log.entries();
+    stops.sort();
+    assert_eq!(stops, strings(&["start:x", "start:y", "stop:x", "stop:y"]));
 }
