@@ -109,7 +109,7 @@ async fn warren_publisher(node: &Node) -> f64 {
         if inflight.len() == WINDOW
             && let Some(result) = inflight.next().await
         {
-            let result: Result<_, warren_runtime::publish::PublishError> = result;
+            let result: Result<_, warren_runtime::confirm::PublishError> = result;
             result.expect("publish");
         }
         let publisher = publisher.clone();

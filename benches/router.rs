@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use warren_listeners::{ConfigRouter, RouterEvent};
-use warren_runtime::conf::{DocAction, DocUpdate};
+use warren_runtime::kapi_conf::{DocAction, DocUpdate};
 
 const EVENTS: usize = 100_000;
 const SUBSCRIBERS: usize = 100;

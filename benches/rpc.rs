@@ -263,8 +263,8 @@ async fn start_pool(node: &Node) -> ListenerPool {
     for _ in 0..CONCURRENT_CALLERS {
         ready.push(ctx.pool.checkout().await.expect("checkout"));
     }
-    for lease in ready {
-        let _ = lease
+    for checkout in ready {
+        let _ = checkout
             .publish(
                 "",
                 "nowhere",
@@ -272,7 +272,7 @@ async fn start_pool(node: &Node) -> ListenerPool {
                 ctx.node.publisher.options(),
             )
             .await;
-        lease.checkin().await;
+        checkout.checkin().await;
     }
     ctx.pool
 }

@@ -184,7 +184,7 @@ mod tests {
             assert!(!caps.would_enable(target, &Level::TRACE), "{target}");
             assert!(caps.would_enable(target, &Level::INFO), "{target}");
         }
-        for target in ["warren", "warren_runtime::connection", "ractor"] {
+        for target in ["warren", "warren_runtime::connection_actor", "ractor"] {
             assert!(caps.would_enable(target, &Level::TRACE), "{target}");
         }
     }

@@ -273,19 +273,19 @@ async fn a_blocked_publish_connection_is_recorded_in_the_registry() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_dead_consumer_loses_its_lease_and_its_channel() {
-    use warren_runtime::assignments::{ChannelKind, LeaseEvent};
+async fn a_dead_consumer_loses_its_grant_and_its_channel() {
+    use warren_runtime::assignments::{ChannelKind, GrantEvent};
     let name = unique_node("dead-consumer");
     let node = start_node(config(&name, &[local_uri()], "prechannels = 2")).await;
     let assignments = node.context().assignments.clone();
     let (client, mut events) = assignments
         .register("doomed", ChannelKind::Float)
         .expect("register");
-    let lease = match tokio::time::timeout(SOON, events.next()).await {
-        Ok(Some(LeaseEvent::Granted(lease))) => lease,
-        _ => panic!("no lease granted"),
+    let grant = match tokio::time::timeout(SOON, events.next()).await {
+        Ok(Some(GrantEvent::Granted(grant))) => grant,
+        _ => panic!("no channel granted"),
     };
-    assert_eq!(lease.generation, 1);
+    assert_eq!(grant.number, 1);
     let consume_name = format!("{name}/consume");
     let channels = |expected: u32| {
         let consume_name = consume_name.clone();
@@ -297,7 +297,7 @@ async fn a_dead_consumer_loses_its_lease_and_its_channel() {
             move || warren_test_support::eventually_blocking(SOON, check)
         })
         .await,
-        "2 prechannels + the leased one"
+        "2 prechannels + the granted one"
     );
 
     // The consumer dies without releasing anything (it even keeps a clone of the channel):
@@ -309,10 +309,10 @@ async fn a_dead_consumer_loses_its_lease_and_its_channel() {
             assignments
                 .inspect()
                 .await
-                .is_ok_and(|r| r.leases.is_empty() && r.reservations.is_empty())
+                .is_ok_and(|r| r.grants.is_empty() && r.reservations.is_empty())
         })
         .await,
-        "the lease is released"
+        "the grant is released"
     );
     assert!(
         blocking({
@@ -322,7 +322,7 @@ async fn a_dead_consumer_loses_its_lease_and_its_channel() {
         .await,
         "its channel is closed on the broker"
     );
-    assert!(!lease.channel.status().connected());
+    assert!(!grant.channel.status().connected());
     node.stop().await.expect("orderly stop");
 }
 
@@ -373,9 +373,9 @@ async fn a_restarted_connection_actor_never_reuses_a_generation() {
 /// consume connection), and publishing comes back on its own.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_publish_connection_does_not_touch_consumers() {
-    use warren_runtime::assignments::{ChannelKind, LeaseEvent};
+    use warren_runtime::assignments::{ChannelKind, GrantEvent};
+    use warren_runtime::confirm::Published;
     use warren_runtime::envelope::Envelope;
-    use warren_runtime::publish::Published;
 
     let name = unique_node("publish-loss");
     let node = start_node(config(&name, &[local_uri()], "prechannels = 2")).await;
@@ -386,12 +386,12 @@ async fn a_dead_publish_connection_does_not_touch_consumers() {
         .assignments
         .register("survivor", ChannelKind::Float)
         .expect("register");
-    let lease = match tokio::time::timeout(SOON, events.next()).await {
-        Ok(Some(LeaseEvent::Granted(lease))) => lease,
-        _ => panic!("no lease granted"),
+    let grant = match tokio::time::timeout(SOON, events.next()).await {
+        Ok(Some(GrantEvent::Granted(grant))) => grant,
+        _ => panic!("no channel granted"),
     };
     let queue = format!("{name}-q");
-    lease
+    grant
         .channel
         .queue_declare(
             queue.as_str().into(),
@@ -413,18 +413,18 @@ async fn a_dead_publish_connection_does_not_touch_consumers() {
     .expect("close the publish connection");
     assert_eq!(closed, 1, "exactly the publish connection is closed");
 
-    // The consumer hears nothing: no Lost, no new lease.
+    // The client hears nothing: no Lost, no new grant.
     match tokio::time::timeout(Duration::from_secs(3), events.next()).await {
         Err(_) => {}
-        Ok(Some(LeaseEvent::Lost { generation })) => {
-            panic!("the consumer lost lease {generation} with the publish connection")
+        Ok(Some(GrantEvent::Lost { number })) => {
+            panic!("the client lost grant {number} with the publish connection")
         }
-        Ok(Some(LeaseEvent::Granted(l))) => panic!("unexpected new lease {}", l.generation),
+        Ok(Some(GrantEvent::Granted(l))) => panic!("unexpected new grant {}", l.number),
         Ok(None) => panic!("assignments stopped"),
     }
     assert!(
-        lease.channel.status().connected(),
-        "the lease's channel is open"
+        grant.channel.status().connected(),
+        "the grant's channel is open"
     );
     assert_eq!(
         registry.status(FIRST).map(|s| s.generation),
@@ -670,7 +670,7 @@ async fn channel_refusals_are_retried_slowly_and_logged_rarely() {
 /// channel open must still give up within `operation_timeout` instead of waiting forever.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_channel_open_on_a_hung_broker_gives_up_within_the_operation_timeout() {
-    use warren_runtime::connection::ChannelError;
+    use warren_runtime::connection_actor::ChannelError;
 
     let broker = common::Broker::start_many(1).await.remove(0);
     let node = start_node(config(

@@ -1,5 +1,5 @@
 //! Assignments with two RabbitMQ nodes of the test's own, SIGKILLed and restarted: float
-//! failover (timed), fail-back make-before-break with drain, sticky leases that never move,
+//! failover (timed), fail-back make-before-break with drain, sticky grants that never move,
 //! no channel leak after kill/restart cycles, zones, publishers following the primary, a
 //! 20,000-message end-to-end run across a primary kill and restart, and echo serving
 //! through the secondary.
@@ -21,8 +21,8 @@ use warren_listeners::{
     ChannelKind, Envelope, Exchange, ListenerHandle, ListenerSpec, QueueSpec, spawn_listener,
 };
 use warren_runtime::broker::BrokerId;
+use warren_runtime::confirm::PublishError;
 use warren_runtime::node::Node;
-use warren_runtime::publish::PublishError;
 use warren_test_support::eventually;
 
 const A: BrokerId = BrokerId(0);
@@ -32,7 +32,7 @@ const PRECHANNELS: u32 = 3;
 /// Settings for quick reconnects in tests.
 const FAST: &str = "prechannels = 3\nheartbeat_secs = 5";
 
-/// FAST, and a short fail-back watch, for tests that wait for old leases to be released.
+/// FAST, and a short fail-back watch, for tests that wait for old grants to be released.
 const FAST_WATCH: &str =
     "prechannels = 3\nheartbeat_secs = 5\n\n[listener]\nfail_back_watch_ms = 300";
 
@@ -75,7 +75,7 @@ async fn no_draining(node: &Node) -> bool {
         .assignments
         .inspect()
         .await
-        .is_ok_and(|r| r.leases.iter().all(|l| !l.draining))
+        .is_ok_and(|r| r.grants.iter().all(|l| !l.draining))
 }
 
 fn median(mut values: Vec<Duration>) -> Duration {
@@ -108,7 +108,7 @@ async fn float_failover_and_fail_back_are_fast_and_exactly_once_per_loss() {
 
     let (mut failovers, mut failbacks) = (Vec::new(), Vec::new());
     for cycle in 0..5 {
-        let lease_before = handle.current().map_or(0, |(_, lease)| lease);
+        let grant_before = handle.current().map_or(0, |(_, grant)| grant);
         // A message already waiting on B is handled as soon as the listener consumes
         // there: the time from the SIGKILL to its handling is the failover time.
         let id = format!("failover-{cycle}");
@@ -128,9 +128,9 @@ async fn float_failover_and_fail_back_are_fast_and_exactly_once_per_loss() {
         let failover = seen.first_seen(&id).map_or(Duration::MAX, |at| at - killed);
         assert!(on(&handle, B));
         assert_eq!(
-            handle.current().map(|(_, lease)| lease),
-            Some(lease_before + 1),
-            "exactly one new lease per loss"
+            handle.current().map(|(_, grant)| grant),
+            Some(grant_before + 1),
+            "exactly one new grant per loss"
         );
 
         let back = a.restart_timed().await;
@@ -141,7 +141,7 @@ async fn float_failover_and_fail_back_are_fast_and_exactly_once_per_loss() {
         let failback = back.elapsed();
         assert!(
             until(SOON, || no_draining(&node)).await,
-            "cycle {cycle}: the old lease was not released"
+            "cycle {cycle}: the old grant was not released"
         );
         println!("cycle {cycle}: failover {failover:?}, fail-back {failback:?}");
         failovers.push(failover);
@@ -215,20 +215,20 @@ async fn fail_back_drains_the_secondary_before_closing_it() {
             .await;
     }
     a.restart().await;
-    // Make-before-break: the new lease on A is granted while the old one on B still drains.
+    // Make-before-break: the new grant on A is granted while the old one on B still drains.
     let mut saw_both = false;
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline && !saw_both {
         if let Ok(report) = node.context().assignments.inspect().await {
-            let active_on_a = report.leases.iter().any(|l| !l.draining && l.broker == A);
-            let draining_on_b = report.leases.iter().any(|l| l.draining && l.broker == B);
+            let active_on_a = report.grants.iter().any(|l| !l.draining && l.broker == A);
+            let draining_on_b = report.grants.iter().any(|l| l.draining && l.broker == B);
             saw_both = active_on_a && draining_on_b;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(
         saw_both,
-        "no moment with a new lease on A and a draining one on B"
+        "no moment with a new grant on A and a draining one on B"
     );
     assert!(
         client_b.ready(&queue).await > 0,
@@ -242,7 +242,7 @@ async fn fail_back_drains_the_secondary_before_closing_it() {
     );
     assert!(
         until(SOON, || no_draining(&node)).await,
-        "the drained lease was not released"
+        "the drained grant was not released"
     );
     assert_eq!(client_b.ready(&queue).await, 0, "nothing left on B");
     assert!(on(&handle, A));
@@ -263,7 +263,7 @@ async fn fail_back_drains_the_secondary_before_closing_it() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn sticky_leases_never_move() {
+async fn sticky_grants_never_move() {
     let brokers = Broker::start_many(2).await;
     let (a, b) = (&brokers[0], &brokers[1]);
     let name = unique_node("sticky");
@@ -304,8 +304,8 @@ async fn sticky_leases_never_move() {
         "waits as a reservation: {report:?}"
     );
     assert!(
-        report.leases.iter().all(|l| !l.consumer.contains("sticky")),
-        "no lease elsewhere: {report:?}"
+        report.grants.iter().all(|l| !l.client.contains("sticky")),
+        "no grant elsewhere: {report:?}"
     );
 
     b.restart().await;
@@ -313,7 +313,7 @@ async fn sticky_leases_never_move() {
         eventually(Duration::from_secs(15), || on(&handle, B)).await,
         "sticky resumes on B"
     );
-    assert_eq!(handle.current().map(|(_, lease)| lease), Some(2));
+    assert_eq!(handle.current().map(|(_, grant)| grant), Some(2));
     let client_b = Client::connect(&b.uri(), &name).await;
     client_b
         .publish(
@@ -368,7 +368,7 @@ async fn no_channel_leaks_after_five_kill_restart_cycles() {
         );
         assert!(
             until(SOON, || no_draining(&node)).await,
-            "cycle {cycle}: drained leases not released"
+            "cycle {cycle}: drained grants not released"
         );
         assert!(on(&sticky, B), "cycle {cycle}: the sticky listener moved");
         if node.context().registry.status(B).map(|s| s.generation) != b_generation {
@@ -556,7 +556,7 @@ async fn publishing_with_no_broker_waits_for_its_bound_then_fails() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn other_zones_are_never_primary_but_serve_sticky_leases() {
+async fn other_zones_are_never_primary_but_serve_sticky_grants() {
     let brokers = Broker::start_many(2).await;
     let (a, b) = (&brokers[0], &brokers[1]);
     let name = unique_node("zones");
@@ -596,7 +596,7 @@ async fn other_zones_are_never_primary_but_serve_sticky_leases() {
     assert!(eventually(SOON, || !float.is_consuming()).await);
     assert!(
         float.current().is_none(),
-        "a float lease never goes to another zone"
+        "a float grant never goes to another zone"
     );
     assert!(on(&east, B), "the sticky one stays on the east broker");
     a.restart().await;
@@ -705,12 +705,12 @@ async fn a_hung_broker_times_out_operations_instead_of_hanging_the_listener() {
         .expect("the actor answers while the broker hangs")
         .expect("status");
     println!("while frozen: {status:?} after {:?}", started.elapsed());
-    assert!(!status.consuming || status.active.is_some_and(|(_, lease)| lease > 1));
+    assert!(!status.consuming || status.active.is_some_and(|(_, grant)| grant > 1));
 
     a.thaw().await;
     assert!(
         eventually(Duration::from_secs(30), || on(&handle, A)
-            && handle.current().is_some_and(|(_, lease)| lease > 1))
+            && handle.current().is_some_and(|(_, grant)| grant > 1))
         .await,
         "consuming again on a new channel once the broker answers"
     );
@@ -787,7 +787,7 @@ async fn a_fail_back_drain_is_bounded_and_never_deletes_a_queue_with_messages() 
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_primary_flap_during_a_drain_never_deletes_the_queue_a_newer_lease_consumes() {
+async fn a_primary_flap_during_a_drain_never_deletes_the_queue_a_newer_grant_consumes() {
     let brokers = Broker::start_many(2).await;
     let (a, b) = (&brokers[0], &brokers[1]);
     let name = unique_node("flap");
@@ -831,7 +831,7 @@ async fn a_primary_flap_during_a_drain_never_deletes_the_queue_a_newer_lease_con
         eventually(SOON, || on(&handle, B)).await,
         "no second failover"
     );
-    let lease_on_b = handle.current().map(|(_, lease)| lease);
+    let grant_on_b = handle.current().map(|(_, grant)| grant);
     gate.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(
         eventually(SOON, || seen.distinct() == 3).await,
@@ -840,9 +840,9 @@ async fn a_primary_flap_during_a_drain_never_deletes_the_queue_a_newer_lease_con
     );
     assert!(until(SOON, || no_draining(&node)).await, "the drain ended");
     assert_eq!(
-        handle.current().map(|(_, lease)| lease),
-        lease_on_b,
-        "the queue under the newer lease was deleted (its consumer was cancelled)"
+        handle.current().map(|(_, grant)| grant),
+        grant_on_b,
+        "the queue under the newer grant was deleted (its consumer was cancelled)"
     );
     client_b
         .publish(
@@ -913,7 +913,7 @@ async fn requests_sent_to_the_secondary_after_a_fail_back_are_not_stranded() {
         sent.elapsed()
     );
     assert_eq!(client_b.ready(&queue).await, 0);
-    // The watch ends, and with it the old lease.
+    // The watch ends, and with it the old grant.
     assert!(until(SOON, || no_draining(&node)).await);
     assert!(on(&handle, A));
     handle.stop().await.expect("stop");

@@ -352,10 +352,10 @@ async fn runtime_bindings_and_responders_survive_a_forced_close() {
     assert!(
         eventually(SOON, || handle
             .current()
-            .is_some_and(|(_, lease)| lease == 2)
+            .is_some_and(|(_, grant)| grant == 2)
             && handle.is_consuming())
         .await,
-        "no new lease after the forced close"
+        "no new grant after the forced close"
     );
     let after = blocking({
         let queue = queue.clone();
@@ -442,9 +442,9 @@ async fn pause_and_resume_survive_a_reconnect() {
     assert!(
         eventually(SOON, || handle
             .current()
-            .is_some_and(|(_, lease)| lease == 2))
+            .is_some_and(|(_, grant)| grant == 2))
         .await,
-        "no new lease"
+        "no new grant"
     );
     // The status is a round trip to the actor: it answers after the new channel's set-up
     // finished, which would have started a consumer had the pause been forgotten.
@@ -633,7 +633,7 @@ async fn every_message_is_handled_at_least_once_across_a_closed_connection() {
     assert!(
         eventually(SOON, || handle
             .current()
-            .is_some_and(|(_, lease)| lease >= 2))
+            .is_some_and(|(_, grant)| grant >= 2))
         .await,
         "the listener moved to a new channel"
     );
@@ -697,7 +697,7 @@ async fn a_returned_mandatory_publish_is_reported() {
                         &target,
                         "nobody.listens",
                         Envelope::new("t", "lost"),
-                        warren_runtime::publish::PublishOptions::new(Duration::from_secs(5))
+                        warren_runtime::confirm::PublishOptions::new(Duration::from_secs(5))
                             .mandatory(),
                     )
                     .await?;
@@ -756,7 +756,7 @@ async fn pausing_keeps_an_anonymous_queue_and_stopping_deletes_it() {
     handle.resume().await.expect("resume");
     assert!(eventually(SOON, || handled.load(Ordering::SeqCst) == 1).await);
     assert_eq!(
-        handle.current().map(|(_, lease)| lease),
+        handle.current().map(|(_, grant)| grant),
         Some(1),
         "no new channel was needed"
     );

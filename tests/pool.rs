@@ -1,6 +1,6 @@
 //! Per-app pools and RPC against real RabbitMQ: every call outcome, the three
 //! oslo.messaging patterns (one named server, one of a group, all), PoolFull, idle overflow
-//! retiring, growth under 200 concurrent callers, leases returned on panic, temporary
+//! retiring, growth under 200 concurrent callers, checkouts returned on panic, temporary
 //! bindings removed at check-in, blocked publishing, and channel churn.
 
 mod common;
@@ -19,9 +19,9 @@ use warren_listeners::{
     ListenerSpec, PoolError, QueueSpec, RpcError, Until, spawn_listener,
 };
 use warren_runtime::config::{AppConfig, PoolConfig};
+use warren_runtime::confirm::PublishError;
 use warren_runtime::exchanges::TARGETED;
 use warren_runtime::node::Node;
-use warren_runtime::publish::PublishError;
 use warren_test_support::{channel_count, eventually, local_ctl, local_uri};
 
 /// A pool for a test app with the given sizing, started outside the tree.
@@ -378,9 +378,9 @@ async fn checkout_fails_with_pool_full_and_idle_overflow_retires() {
     let name = unique_node("poolfull");
     let node = start_node(config(&name, &[local_uri()], "")).await;
     let pool = pool(&node, "full", 2, 1, 1000, 400).await;
-    let mut leases = Vec::new();
+    let mut checkouts = Vec::new();
     for _ in 0..3 {
-        leases.push(pool.checkout().await.expect("size + overflow leases"));
+        checkouts.push(pool.checkout().await.expect("size + overflow checkouts"));
     }
     assert_eq!(pool.stats().workers, 3);
     assert_eq!(pool.stats().overflow_started, 1);
@@ -401,20 +401,20 @@ async fn checkout_fails_with_pool_full_and_idle_overflow_retires() {
     );
     assert_eq!(pool.stats().full, 1);
 
-    // A waiting checkout is woken by the first lease that comes back (not by its timeout,
+    // A waiting checkout is woken by the first checkout that comes back (not by its timeout,
     // and not because it came late and found the worker idle).
     let waiting = tokio::spawn({
         let pool = pool.clone();
         async move {
-            let lease = pool.checkout().await;
-            (Instant::now(), lease.map(|lease| lease.queue()))
+            let checkout = pool.checkout().await;
+            (Instant::now(), checkout.map(|checkout| checkout.queue()))
         }
     });
     assert!(
         eventually(SOON, || pool.stats().waiting == 1).await,
         "the checkout waits"
     );
-    let returned = leases.pop().expect("a lease");
+    let returned = checkouts.pop().expect("a checkout");
     let queue = returned.queue();
     returned.checkin().await;
     let checked_in = Instant::now();
@@ -425,7 +425,7 @@ async fn checkout_fails_with_pool_full_and_idle_overflow_retires() {
         "woken by the check-in, not by its 1 s timeout"
     );
 
-    drop(leases);
+    drop(checkouts);
     // The overflow worker retires after being idle for the idle timeout; the base stays.
     assert!(
         eventually(Duration::from_secs(5), || pool.stats().overflow_retired
@@ -436,8 +436,8 @@ async fn checkout_fails_with_pool_full_and_idle_overflow_retires() {
         "{:?}",
         pool.stats()
     );
-    let lease = pool.checkout().await.expect("the base workers still serve");
-    lease.checkin().await;
+    let checkout = pool.checkout().await.expect("the base workers still serve");
+    checkout.checkin().await;
     pool.stop().await;
     node.stop().await.expect("node stops");
 }
@@ -502,27 +502,27 @@ async fn the_pool_grows_under_two_hundred_concurrent_callers() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_lease_comes_back_when_its_holder_panics() {
+async fn a_checkout_comes_back_when_its_holder_panics() {
     let name = unique_node("panic");
     let node = start_node(config(&name, &[local_uri()], "")).await;
     let pool = pool(&node, "panic", 1, 0, 1000, 30_000).await;
     let holder = tokio::spawn({
         let pool = pool.clone();
         async move {
-            let _lease = pool.checkout().await.expect("checkout");
-            panic!("the holder dies with the lease");
+            let _checkout = pool.checkout().await.expect("checkout");
+            panic!("the holder dies with the checkout");
         }
     });
     assert!(holder.await.is_err(), "the holder panicked");
     assert!(
         eventually(SOON, || pool.stats().busy == 0).await,
-        "the lease went back"
+        "the checkout went back"
     );
-    let lease = pool
+    let checkout = pool
         .checkout()
         .await
         .expect("the worker is available again");
-    lease.checkin().await;
+    checkout.checkin().await;
     pool.stop().await;
     node.stop().await.expect("node stops");
 }
@@ -546,7 +546,7 @@ fn keys_bound_to(queue: &str) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn temporary_bindings_deliver_to_the_lease_and_go_at_check_in() {
+async fn temporary_bindings_deliver_to_the_checkout_and_go_at_check_in() {
     let name = unique_node("tempbind");
     let exchange = format!("{name}-ex");
     let node = start_node(config(&name, &[local_uri()], "")).await;
@@ -555,9 +555,9 @@ async fn temporary_bindings_deliver_to_the_lease_and_go_at_check_in() {
         .declare_exchange(&exchange, ExchangeKind::Topic)
         .await;
     let pool = pool(&node, "temp", 1, 0, 1000, 30_000).await;
-    let mut lease = pool.checkout().await.expect("checkout");
-    let queue = lease.queue();
-    lease
+    let mut checkout = pool.checkout().await.expect("checkout");
+    let queue = checkout.queue();
+    checkout
         .bind(Binding::new(&exchange, "calls.42.#"))
         .await
         .expect("bind");
@@ -571,13 +571,13 @@ async fn temporary_bindings_deliver_to_the_lease_and_go_at_check_in() {
             )
             .await;
     }
-    let events: Vec<Event> = lease.deliveries().take(3).collect::<Vec<_>>().await;
+    let events: Vec<Event> = checkout.deliveries().take(3).collect::<Vec<_>>().await;
     let numbers: Vec<_> = events
         .iter()
         .map(|e| e.envelope().get("N").cloned())
         .collect();
     assert_eq!(numbers, [Some(json!(0)), Some(json!(1)), Some(json!(2))]);
-    lease.checkin().await;
+    checkout.checkin().await;
     let keys = keys_bound_to(&queue);
     assert!(
         !keys.contains(&"calls.42.#".to_string()),
@@ -587,11 +587,11 @@ async fn temporary_bindings_deliver_to_the_lease_and_go_at_check_in() {
         keys.contains(&queue),
         "the worker's own binding stays: {keys:?}"
     );
-    // The next holder does not get what reached the old lease and was never read: a
-    // delivery of another binding, routed to the worker's queue while the first lease held it.
-    let mut lease = pool.checkout().await.expect("checkout");
-    assert_eq!(lease.queue(), queue, "the same worker again");
-    lease
+    // The next holder does not get what reached the old checkout and was never read: a
+    // delivery of another binding, routed to the worker's queue while the first checkout held it.
+    let mut checkout = pool.checkout().await.expect("checkout");
+    assert_eq!(checkout.queue(), queue, "the same worker again");
+    checkout
         .bind(Binding::new(&exchange, "calls.43.#"))
         .await
         .expect("bind");
@@ -611,7 +611,7 @@ async fn temporary_bindings_deliver_to_the_lease_and_go_at_check_in() {
         until(SOON, || async { client.ready(&queue).await == 0 }).await,
         "the delivery reached the worker"
     );
-    lease.checkin().await;
+    checkout.checkin().await;
     let mut next = pool.checkout().await.expect("checkout");
     assert_eq!(next.queue(), queue, "the same worker again");
     assert!(
@@ -715,12 +715,12 @@ async fn ten_thousand_short_tasks_share_the_pool_channels() {
         .for_each_concurrent(CONCURRENCY, |i| {
             let (pool, exchange, done) = (pool.clone(), exchange.clone(), done.clone());
             async move {
-                let mut lease = pool.checkout().await.expect("checkout");
-                lease
+                let mut checkout = pool.checkout().await.expect("checkout");
+                checkout
                     .bind(Binding::new(&exchange, format!("task.{i}")))
                     .await
                     .expect("bind");
-                let reply = lease
+                let reply = checkout
                     .call(
                         &exchange,
                         "rpc.echo",
@@ -730,7 +730,7 @@ async fn ten_thousand_short_tasks_share_the_pool_channels() {
                     .await
                     .expect("call");
                 assert_eq!(reply.get("Payload"), Some(&json!(i)));
-                lease.checkin().await;
+                checkout.checkin().await;
                 done.fetch_add(1, Ordering::Relaxed);
             }
         })
@@ -838,7 +838,7 @@ async fn overflow_worker_not_ready() {
     assert_eq!(
         (stats.busy, stats.workers),
         (1, 2),
-        "the held lease is busy; the late worker is counted, idle: {stats:?}"
+        "the held checkout is busy; the late worker is counted, idle: {stats:?}"
     );
     tokio::time::timeout(Duration::from_secs(5), first.checkin())
         .await
@@ -854,7 +854,7 @@ async fn overflow_worker_not_ready() {
         (a, b)
     })
     .await
-    .expect("two leases once the broker is back");
+    .expect("two checkouts once the broker is back");
     assert_ne!(a.queue(), b.queue());
     let consume = format!("{name}/consume");
     // One prechannel and the two workers' channels on the consume connection.
@@ -872,10 +872,10 @@ async fn overflow_worker_not_ready() {
 }
 
 /// Checks out, retrying while workers are not ready yet (bounded by the caller).
-async fn until_checked_out(pool: &ListenerPool) -> warren_listeners::PoolLease {
+async fn until_checked_out(pool: &ListenerPool) -> warren_listeners::Checkout {
     loop {
         match pool.checkout().await {
-            Ok(lease) => return lease,
+            Ok(checkout) => return checkout,
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
@@ -893,14 +893,14 @@ async fn a_cancelled_check_in_or_checkout_loses_no_worker() {
     let pool = pool(&node, "cancel", 1, 1, 2000, 60_000).await;
 
     // A check-in whose future is dropped after its first step still returns the worker.
-    let mut lease = pool.checkout().await.expect("checkout");
-    lease
+    let mut checkout = pool.checkout().await.expect("checkout");
+    checkout
         .bind(Binding::new(&exchange, "cancelled.#"))
         .await
         .expect("bind");
-    let queue = lease.queue();
+    let queue = checkout.queue();
     assert!(
-        lease.checkin().now_or_never().is_none(),
+        checkout.checkin().now_or_never().is_none(),
         "still removing the binding"
     );
     assert!(
@@ -985,11 +985,11 @@ async fn a_binding_left_on_another_broker_retires_the_worker() {
     a.upgrade(&["revive"]).await;
     let mut holder_b = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
-            let lease = until_checked_out(&pool).await;
-            if lease.broker() == Some(warren_runtime::broker::BrokerId(0)) {
-                return lease;
+            let checkout = until_checked_out(&pool).await;
+            if checkout.broker() == Some(warren_runtime::broker::BrokerId(0)) {
+                return checkout;
             }
-            lease.checkin().await;
+            checkout.checkin().await;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })

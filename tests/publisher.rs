@@ -11,8 +11,8 @@ use common::client::Client;
 use common::{Broker, SOON, config, start_node, unique_node};
 use lapin::types::FieldTable;
 use warren_runtime::broker::BrokerId;
+use warren_runtime::confirm::{PublishError, PublishOptions, Published};
 use warren_runtime::envelope::Envelope;
-use warren_runtime::publish::{PublishError, PublishOptions, Published};
 use warren_test_support::{eventually, local_uri};
 
 const A: BrokerId = BrokerId(0);

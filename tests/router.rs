@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{SOON, blocking, config, start_node, unique_node};
 use warren_listeners::{ConfigRouter, RouterEvent, Subscription};
-use warren_runtime::conf::{DbAction, DocAction, DocUpdate, binding_key};
+use warren_runtime::kapi_conf::{DbAction, DocAction, DocUpdate, binding_key};
 use warren_runtime::node::Node;
 use warren_test_support::{close_connections, eventually, local_ctl, local_uri};
 
@@ -253,7 +253,7 @@ async fn a_forced_reconnect_gives_every_subscriber_resync() {
     for pattern in ["#", "*.db.*.*", "doc_edited.#"] {
         subscriptions.push(router.subscribe(pattern).await.expect("subscribe"));
     }
-    let lease_before = router.listener().current().map(|(_, lease)| lease);
+    let grant_before = router.listener().current().map(|(_, grant)| grant);
     let name = node.context().node.clone();
     let closed = blocking(move || {
         close_connections(local_ctl, &format!("{name}/consume"), "test: router gap")
@@ -269,8 +269,8 @@ async fn a_forced_reconnect_gives_every_subscriber_resync() {
         );
     }
     assert_ne!(
-        router.listener().current().map(|(_, lease)| lease),
-        lease_before
+        router.listener().current().map(|(_, grant)| grant),
+        grant_before
     );
     // Bindings are back: events flow again.
     let update = DocUpdate::doc(DocAction::Edited, "db", "user", "1");

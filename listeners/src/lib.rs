@@ -25,7 +25,7 @@ pub use listener::{
     listener_child, spawn_listener,
 };
 pub use pool::{
-    CollectEnd, Collected, ListenerPool, PoolError, PoolLease, PoolStats, RpcError, Until,
+    Checkout, CollectEnd, Collected, ListenerPool, PoolError, PoolStats, RpcError, Until,
 };
 pub use router::{ConfigEvent, ConfigRouter, RouterError, RouterEvent, RouterStats, Subscription};
 pub use warren_runtime::assignments::ChannelKind;

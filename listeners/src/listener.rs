@@ -10,7 +10,7 @@
 //! Files, from what the app declares to what runs:
 //! - `spec` (declarations) and `validate` (the rules a spec must follow);
 //! - `shared` (the state handle, actor and consumer loops share: settings, topology,
-//!   responders, counters, the lease a loop runs on) and `status` (what a listener
+//!   responders, counters, the grant a loop runs on) and `status` (what a listener
 //!   reports: errors, status, counters);
 //! - one delivery, top to bottom: `consumer` (the delivery loop) → `event` (what a
 //!   handler receives) → `handling` (the hook and the responders, shared with the test kit)
@@ -18,7 +18,7 @@
 //!   acknowledgements), with `redelivery` (counting handler failures) and `parking`
 //!   (messages that cannot succeed);
 //! - `topology` (replay on a channel, every step bounded), `drain` (the fail-back drain's
-//!   decisions), `refusals` (declarations the broker refused), `actor` (leases, run-time
+//!   decisions), `refusals` (declarations the broker refused), `actor` (grants, run-time
 //!   changes, stop; it gets the consumer loop's end as a message) and `handle` (what apps
 //!   and tests hold).
 
@@ -49,7 +49,7 @@ pub use spec::{AckMode, Binding, Exchange, ListenerSpec, QueueName, QueueSpec};
 pub use status::{ListenerError, ListenerStatus, StatsSnapshot};
 pub(crate) use validate::SpecDefaults;
 pub use validate::SpecError;
-pub use warren_runtime::publish::{Published, Returned};
+pub use warren_runtime::confirm::{Published, Returned};
 
 /// What an app implements to consume messages.
 ///

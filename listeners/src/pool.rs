@@ -7,15 +7,14 @@
 //! [`PoolError::Full`] (or [`PoolError::NotReady`] when a new worker did not consume in
 //! time); the pool's counts stay exact on every path, also when a caller gives up (its
 //! future is dropped) half-way. A worker goes back to the idle set only when it is clean:
-//! every binding its lease added is gone from every broker its queue may have it on; one
+//! every binding its checkout added is gone from every broker its queue may have it on; one
 //! that cannot prove that is retired, and a base worker is replaced. Each worker is a listener (its own channel and queue, see `worker`),
 //! supervised by the pool's own supervisor `pool:<app>`, so a crashed worker is restarted
 //! and a lost channel is replaced like any listener's.
 //!
-//! Files: `worker` (a worker and how its deliveries reach the holder), `lease` (a checked
-//! out worker), `rpc` (call / call_collect / cast).
+//! Files: `worker` (a worker and how its deliveries reach the holder), `checkout` (a checked-out worker), `rpc` (call / call_collect / cast).
 
-mod lease;
+mod checkout;
 mod rpc;
 mod worker;
 
@@ -38,7 +37,7 @@ use warren_runtime::supervisor::{
     SupervisorMsg, SupervisorSpec, deadline,
 };
 
-pub use lease::PoolLease;
+pub use checkout::Checkout;
 pub use rpc::{CollectEnd, Collected, ReplyPredicate, RpcError, Until};
 
 use crate::listener::{CLOSE_RESERVE, node_listener_child};
@@ -90,7 +89,7 @@ pub struct ListenerPool {
 pub(crate) struct PoolInner {
     name: String,
     config: PoolConfig,
-    /// What workers and leases are built with.
+    /// What workers and checkouts are built with.
     ctx: WorkerContext,
     state: Mutex<PoolState>,
     /// A worker was checked in or capacity freed.
@@ -116,8 +115,8 @@ struct PoolState {
     busy: usize,
     /// Workers running or starting.
     total: usize,
-    /// Bumped when the pool's supervisor starts again: leases of older workers are dropped.
-    generation: u64,
+    /// Bumped when the pool's supervisor starts again: checkouts of older workers are dropped.
+    epoch: u64,
 }
 
 impl ListenerPool {
@@ -141,7 +140,7 @@ impl ListenerPool {
                     base: Vec::new(),
                     busy: 0,
                     total: 0,
-                    generation: 0,
+                    epoch: 0,
                 }),
                 available: Notify::new(),
                 supervisor: ActorSlot::default(),
@@ -224,7 +223,7 @@ impl ListenerPool {
 
     /// Checks a worker out, waiting up to the checkout timeout. Dropping the future at
     /// any point loses nothing: a worker being started for it goes to the idle set.
-    pub async fn checkout(&self) -> Result<PoolLease, PoolError> {
+    pub async fn checkout(&self) -> Result<Checkout, PoolError> {
         let inner = &self.inner;
         let started = tokio::time::Instant::now();
         let deadline = started + inner.config.checkout_timeout;
@@ -239,36 +238,40 @@ impl ListenerPool {
                 }
                 if let Some(worker) = state.idle.pop() {
                     state.busy += 1;
-                    Next::Idle(worker, state.generation)
+                    Next::Idle(worker, state.epoch)
                 } else if state.total < inner.config.size + inner.config.overflow {
                     state.total += 1;
                     state.busy += 1;
-                    Next::Start(state.generation)
+                    Next::Start(state.epoch)
                 } else {
                     Next::Wait
                 }
             };
             match next {
-                Next::Idle(worker, generation) => {
-                    // A lease is handed out ready: its worker consumes (its queue exists
+                Next::Idle(worker, epoch) => {
+                    // A checkout is handed out ready: its worker consumes (its queue exists
                     // and is bound), or the checkout waits for that, within its deadline.
-                    let lease = inner.lease(worker, generation);
+                    let checkout = inner.hand_out(worker, epoch);
                     let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    if lease.worker().handle.is_consuming()
-                        || lease.worker().handle.wait_consuming(true, remaining).await
+                    if checkout.worker().handle.is_consuming()
+                        || checkout
+                            .worker()
+                            .handle
+                            .wait_consuming(true, remaining)
+                            .await
                     {
-                        return Ok(lease);
+                        return Ok(checkout);
                     }
-                    // Dropping the lease gives the worker back.
-                    drop(lease);
+                    // Dropping the checkout gives the worker back.
+                    drop(checkout);
                     return Err(PoolError::NotReady {
                         pool: inner.name.clone(),
                         waited: started.elapsed(),
                     });
                 }
-                Next::Start(generation) => {
-                    let worker = inner.start_overflow(generation, deadline).await?;
-                    return Ok(inner.lease(worker, generation));
+                Next::Start(epoch) => {
+                    let worker = inner.start_overflow(epoch, deadline).await?;
+                    return Ok(inner.hand_out(worker, epoch));
                 }
                 Next::Wait => {
                     let _waiting = Waiting::new(&inner.waiting);
@@ -293,9 +296,9 @@ impl ListenerPool {
         request: Envelope,
         timeout: Duration,
     ) -> Result<Envelope, RpcError> {
-        let mut lease = self.checkout().await?;
-        let result = lease.call(exchange, routing_key, request, timeout).await;
-        lease.checkin().await;
+        let mut checkout = self.checkout().await?;
+        let result = checkout.call(exchange, routing_key, request, timeout).await;
+        checkout.checkin().await;
         result
     }
 
@@ -308,11 +311,11 @@ impl ListenerPool {
         until: Until,
         timeout: Duration,
     ) -> Result<Collected, RpcError> {
-        let mut lease = self.checkout().await?;
-        let result = lease
+        let mut checkout = self.checkout().await?;
+        let result = checkout
             .call_collect(exchange, routing_key, request, until, timeout)
             .await;
-        lease.checkin().await;
+        checkout.checkin().await;
         result
     }
 
@@ -324,14 +327,14 @@ impl ListenerPool {
         request: Envelope,
         timeout: Duration,
     ) -> Result<(), RpcError> {
-        let mut lease = self.checkout().await?;
-        let result = lease.cast(exchange, routing_key, request, timeout).await;
-        lease.checkin().await;
+        let mut checkout = self.checkout().await?;
+        let result = checkout.cast(exchange, routing_key, request, timeout).await;
+        checkout.checkin().await;
         result
     }
 }
 
-/// What a pool's workers and leases need from the node.
+/// What a pool's workers and checkouts need from the node.
 #[derive(Clone)]
 struct WorkerContext {
     node: NodeContext,
@@ -422,7 +425,7 @@ impl PoolInner {
         }
         {
             let mut state = self.state.lock();
-            state.generation += 1;
+            state.epoch += 1;
             state.idle = base.clone();
             state.total = base.len();
             state.busy = 0;
@@ -470,16 +473,16 @@ impl PoolInner {
     /// error the counts are put right exactly once.
     async fn start_overflow(
         self: &Arc<Self>,
-        generation: u64,
+        epoch: u64,
         deadline: tokio::time::Instant,
     ) -> Result<Arc<Worker>, PoolError> {
         let (tx, rx) = oneshot::channel();
         let inner = self.clone();
         tokio::spawn(async move {
-            let started = inner.start_overflow_now(generation, deadline).await;
+            let started = inner.start_overflow_now(epoch, deadline).await;
             if let Err(Ok(worker)) = tx.send(started) {
                 // The caller is gone: the worker is the pool's again.
-                inner.checkin(worker, generation, true);
+                inner.checkin(worker, epoch, true);
             }
         });
         rx.await
@@ -488,7 +491,7 @@ impl PoolInner {
 
     async fn start_overflow_now(
         self: &Arc<Self>,
-        generation: u64,
+        epoch: u64,
         deadline: tokio::time::Instant,
     ) -> Result<Arc<Worker>, PoolError> {
         let not_running = || PoolError::NotRunning(self.name.clone());
@@ -505,7 +508,7 @@ impl PoolInner {
             Ok(worker) => worker,
             Err(error) => {
                 // Never started: it is not counted any more.
-                self.forget_reserved(generation);
+                self.forget_reserved(epoch);
                 return Err(error);
             }
         };
@@ -514,7 +517,7 @@ impl PoolInner {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         if !worker.handle.wait_consuming(true, remaining).await {
             // Not ready in time: it stays in the pool, idle, for a later checkout.
-            self.checkin(worker, generation, true);
+            self.checkin(worker, epoch, true);
             return Err(PoolError::NotReady {
                 pool: self.name.clone(),
                 waited: self.config.checkout_timeout,
@@ -524,9 +527,9 @@ impl PoolInner {
     }
 
     /// A worker counted for a checkout was never started.
-    fn forget_reserved(&self, generation: u64) {
+    fn forget_reserved(&self, epoch: u64) {
         let mut state = self.state.lock();
-        if generation == state.generation {
+        if epoch == state.epoch {
             state.total = state.total.saturating_sub(1);
             state.busy = state.busy.saturating_sub(1);
         }
@@ -534,25 +537,25 @@ impl PoolInner {
         self.available.notify_one();
     }
 
-    fn lease(self: &Arc<Self>, worker: Arc<Worker>, generation: u64) -> PoolLease {
+    fn hand_out(self: &Arc<Self>, worker: Arc<Worker>, epoch: u64) -> Checkout {
         self.checkouts.fetch_add(1, Ordering::Relaxed);
         let mailbox = worker.inbox.open();
-        PoolLease {
+        Checkout {
             pool: self.clone(),
             publisher: self.ctx.publisher.clone(),
             worker,
             released: false,
             mailbox,
             added: Vec::new(),
-            generation,
+            epoch,
         }
     }
 
-    /// A worker comes back. A clean one goes to the idle set; one whose lease's bindings
+    /// A worker comes back. A clean one goes to the idle set; one whose checkout's bindings
     /// may remain somewhere is retired (a base worker is replaced by a fresh one).
-    fn checkin(self: &Arc<Self>, worker: Arc<Worker>, generation: u64, clean: bool) {
+    fn checkin(self: &Arc<Self>, worker: Arc<Worker>, epoch: u64, clean: bool) {
         let mut state = self.state.lock();
-        if generation != state.generation {
+        if epoch != state.epoch {
             return;
         }
         state.busy = state.busy.saturating_sub(1);
@@ -576,26 +579,26 @@ impl PoolInner {
         self.terminate(worker);
         if base {
             let inner = self.clone();
-            tokio::spawn(async move { inner.replace_base(generation).await });
+            tokio::spawn(async move { inner.replace_base(epoch).await });
         }
         self.available.notify_one();
     }
 
     /// Starts a base worker in place of a retired one (already counted in `total`).
-    async fn replace_base(self: &Arc<Self>, generation: u64) {
+    async fn replace_base(self: &Arc<Self>, epoch: u64) {
         let Some(supervisor) = self.supervisor.get() else {
             return;
         };
         let Some((child, worker)) = self.new_worker(false) else {
-            self.forget_replacement(generation);
+            self.forget_replacement(epoch);
             return;
         };
         if supervisor::start_child(&supervisor, child).await.is_err() {
-            self.forget_replacement(generation);
+            self.forget_replacement(epoch);
             return;
         }
         let mut state = self.state.lock();
-        if generation != state.generation {
+        if epoch != state.epoch {
             return;
         }
         *worker.idle_since.lock() = Instant::now();
@@ -605,9 +608,9 @@ impl PoolInner {
         self.available.notify_one();
     }
 
-    fn forget_replacement(&self, generation: u64) {
+    fn forget_replacement(&self, epoch: u64) {
         let mut state = self.state.lock();
-        if generation == state.generation {
+        if epoch == state.epoch {
             state.total = state.total.saturating_sub(1);
         }
         drop(state);

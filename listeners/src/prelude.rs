@@ -9,9 +9,9 @@ pub use crate::listener::{
     AckMode, Binding, DeliveryInfo, Dispatch, Event, Exchange, HandlerError, HandlerResult,
     Listener, ListenerHandle, ListenerSpec, Notice, Outcome, Published, QueueSpec, Returned,
 };
-pub use crate::pool::{ListenerPool, PoolError, PoolLease, RpcError};
+pub use crate::pool::{Checkout, ListenerPool, PoolError, RpcError};
 pub use crate::router::{ConfigEvent, ConfigRouter, Subscription};
 pub use warren_runtime::assignments::ChannelKind;
+pub use warren_runtime::confirm::{PublishError, PublishOptions};
 pub use warren_runtime::envelope::Envelope;
-pub use warren_runtime::publish::{PublishError, PublishOptions};
 pub use warren_runtime::supervisor::ChildSpec;

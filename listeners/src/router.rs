@@ -223,7 +223,7 @@ impl ConfigRouter {
         }
     }
 
-    /// The router's own listener (its queue, consuming state, current lease).
+    /// The router's own listener (its queue, consuming state, current grant).
     pub fn listener(&self) -> &ListenerHandle {
         &self.inner.handle
     }

@@ -28,9 +28,9 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use warren_runtime::broker::{Broker, BrokerId};
 use warren_runtime::config::DEFAULT_PREFETCH;
+use warren_runtime::confirm::{PublishError, headers};
 use warren_runtime::envelope::{Envelope, publish_properties};
 use warren_runtime::exchanges::TARGETED;
-use warren_runtime::publish::{PublishError, headers};
 use warren_runtime::uri::BrokerUri;
 
 use crate::listener::handling::{self, HandlerEnd};
@@ -233,7 +233,7 @@ impl TestEvent {
             properties,
             queue: format!("{listener}-test"),
             broker: Arc::new(broker),
-            lease: 1,
+            grant: 1,
         };
         Ok(Event::recorded(envelope, delivery, recorder))
     }

@@ -1,21 +1,21 @@
-//! Assignments: which consumer holds which channel, on which broker.
+//! Assignments: which client holds which channel, on which broker.
 //!
-//! A consumer never picks a broker. It registers with a [`ChannelKind`] and receives
-//! [`LeaseEvent`]s: `Granted(lease)` with a channel, and `Lost { generation }` when that
-//! channel's connection dies. Float consumers are served from the current primary and are
+//! A client never picks a broker. It registers with a [`ChannelKind`] and receives
+//! [`GrantEvent`]s: `Granted(grant)` with a channel, and `Lost { number }` when that
+//! channel's connection dies. Float clients are served from the current primary and are
 //! moved at once when it is lost (no fixed deferral); when a broker ahead of the current
-//! primary returns, each float consumer gets a new lease there first (`replaces` names the
-//! old one), keeps draining its old lease, and releases it when its queue there is empty
-//! (make-before-break). Sticky consumers never move. Every lease carries a generation, so a
+//! primary returns, each float client gets a new grant there first (`replaces` names the
+//! old one), keeps draining its old grant, and releases it when its queue there is empty
+//! (make-before-break). Sticky clients never move. Every grant carries a number, so a
 //! stale event or a late channel is recognised and dropped.
 //!
 //! A broker that cannot hand out a channel (down, or refusing channels) is asked again per
-//! consumer after a jittered, growing delay (reset by a success), and the refusals are
+//! client after a jittered, growing delay (reset by a success), and the refusals are
 //! logged once per broker and interval with a count, not once per retry.
 //!
-//! Assignments owns leases and reservations. Channels come from the connections'
+//! Assignments owns grants and reservations. Channels come from the connections'
 //! prechannel buffers (`Connections::take_channel`); availability comes from the registry.
-//! It must not touch queues, consumers or messages: those belong to the listener.
+//! It must not touch queues, AMQP consumers or messages: those belong to the listener.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,20 +29,20 @@ use tokio::task::JoinHandle;
 use crate::actor_slot::ActorSlot;
 use crate::backoff::Backoff;
 use crate::broker::{Broker, BrokerId};
-use crate::connection::{ChannelError, TakenChannel};
+use crate::connection_actor::{ChannelError, TakenChannel};
 use crate::connections::Connections;
 use crate::log_limit::LogLimit;
 use crate::registry::ConnectionRegistry;
 use crate::supervisor::ChildSpec;
 
-/// Delays between a consumer's attempts to take a channel from a broker that could not
+/// Delays between a client's attempts to take a channel from a broker that could not
 /// hand one out: 100–200 ms for the first retry, doubling up to 5 s.
 const RETRY_TAKE: Backoff = Backoff {
     min: Duration::from_millis(200),
     max: Duration::from_secs(5),
 };
 
-/// Where a consumer's channel may come from.
+/// Where a client's channel may come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ChannelKind {
     /// From the current primary; moved on failover and back on fail-back (the default).
@@ -56,90 +56,88 @@ pub enum ChannelKind {
     Tag(String),
 }
 
-/// A channel granted to one consumer.
-pub struct Lease {
+/// A channel granted to one client.
+pub struct Grant {
     pub channel: Channel,
     pub broker: Arc<Broker>,
-    /// Increases with every lease of the same consumer; events for older generations are
+    /// Increases with every grant of the same client; events for older numbers are
     /// stale.
-    pub generation: u64,
-    /// Set on fail-back: the generation of the lease this one replaces. The consumer keeps
-    /// draining the old lease and then releases it.
+    pub number: u64,
+    /// Set on fail-back: the number of the grant this one replaces. The client keeps
+    /// draining the old grant and then releases it.
     pub replaces: Option<u64>,
 }
 
-/// What assignments tells a consumer.
-pub enum LeaseEvent {
+/// What assignments tells a client.
+pub enum GrantEvent {
     /// A new channel: replay the topology on it.
-    Granted(Lease),
-    /// The channel of this lease is gone (its connection died). A float consumer gets a
-    /// new lease right after; a sticky one when its broker returns.
-    Lost { generation: u64 },
+    Granted(Grant),
+    /// The channel of this grant is gone (its connection died). A float client gets a
+    /// new grant right after; a sticky one when its broker returns.
+    Lost { number: u64 },
 }
 
-/// Identifies a registered consumer.
+/// Identifies a registered client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ConsumerId(u64);
+pub struct ClientId(u64);
 
-/// A consumer's side of the conversation: report losses and releases. Dropping the
-/// matching [`LeaseEvents`] unregisters the consumer and closes its channels.
+/// A client's side of the conversation: report losses and releases. Dropping the
+/// matching [`Grants`] unregisters the client and closes its channels.
 #[derive(Clone)]
-pub struct LeaseClient {
-    id: ConsumerId,
+pub struct Client {
+    id: ClientId,
     actor: ActorRef<AssignmentsMsg>,
 }
 
-impl LeaseClient {
-    /// The consumer saw the channel of this lease die (e.g. its consumer stream ended with
-    /// an error). Assignments answers with `Lost` (if it did not know yet) and a new lease.
-    pub fn report_lost(&self, generation: u64) {
+impl Client {
+    /// The client saw the channel of this grant die (e.g. its AMQP consumer stream ended with
+    /// an error). Assignments answers with `Lost` (if it did not know yet) and a new grant.
+    pub fn report_lost(&self, number: u64) {
         let _ = self
             .actor
-            .cast(AssignmentsMsg::LostReported(self.id, generation));
+            .cast(AssignmentsMsg::LostReported(self.id, number));
     }
 
-    /// The consumer is done with a lease it was draining; its channel is closed.
-    pub fn release(&self, generation: u64) {
-        let _ = self
-            .actor
-            .cast(AssignmentsMsg::Released(self.id, generation));
+    /// The client is done with a grant it was draining; its channel is closed.
+    pub fn release(&self, number: u64) {
+        let _ = self.actor.cast(AssignmentsMsg::Released(self.id, number));
     }
 }
 
-/// The stream of lease events of one consumer.
-pub struct LeaseEvents {
-    rx: mpsc::UnboundedReceiver<LeaseEvent>,
+/// The stream of grant events of one client.
+pub struct Grants {
+    rx: mpsc::UnboundedReceiver<GrantEvent>,
 }
 
-impl LeaseEvents {
+impl Grants {
     /// The next event; `None` once assignments stopped.
-    pub async fn next(&mut self) -> Option<LeaseEvent> {
+    pub async fn next(&mut self) -> Option<GrantEvent> {
         self.rx.recv().await
     }
 }
 
-/// Why a consumer could not register.
+/// Why a client could not register.
 #[derive(Debug, thiserror::Error)]
 pub enum AssignmentsError {
     #[error("assignments is not running")]
     NotRunning,
 }
 
-/// One lease as reported by [`Assignments::inspect`].
+/// One grant as reported by [`Assignments::inspect`].
 #[derive(Clone, Debug)]
-pub struct LeaseInfo {
-    pub consumer: String,
+pub struct GrantInfo {
+    pub client: String,
     pub kind: ChannelKind,
     pub broker: BrokerId,
-    pub generation: u64,
+    pub number: u64,
     pub draining: bool,
 }
 
 /// What assignments holds right now (for operators and tests).
 #[derive(Clone, Debug, Default)]
 pub struct AssignmentsReport {
-    pub leases: Vec<LeaseInfo>,
-    /// Consumers waiting for a channel.
+    pub grants: Vec<GrantInfo>,
+    /// Clients waiting for a channel.
     pub reservations: Vec<String>,
 }
 
@@ -175,14 +173,14 @@ impl Assignments {
         })
     }
 
-    /// Registers a consumer. Its channel arrives later as `Granted` on the returned events.
+    /// Registers a client. Its channel arrives later as `Granted` on the returned events.
     pub fn register(
         &self,
         label: impl Into<String>,
         kind: ChannelKind,
-    ) -> Result<(LeaseClient, LeaseEvents), AssignmentsError> {
+    ) -> Result<(Client, Grants), AssignmentsError> {
         let actor = self.actor.get().ok_or(AssignmentsError::NotRunning)?;
-        let id = ConsumerId(
+        let id = ClientId(
             self.next_id
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         );
@@ -195,10 +193,10 @@ impl Assignments {
                 tx,
             })
             .map_err(|_| AssignmentsError::NotRunning)?;
-        Ok((LeaseClient { id, actor }, LeaseEvents { rx }))
+        Ok((Client { id, actor }, Grants { rx }))
     }
 
-    /// The current leases and reservations.
+    /// The current grants and reservations.
     pub async fn inspect(&self) -> Result<AssignmentsReport, AssignmentsError> {
         let actor = self.actor.get().ok_or(AssignmentsError::NotRunning)?;
         ractor::call_t!(actor, AssignmentsMsg::Inspect, 5_000)
@@ -209,43 +207,43 @@ impl Assignments {
 /// Messages of the assignments actor.
 pub enum AssignmentsMsg {
     Register {
-        id: ConsumerId,
+        id: ClientId,
         label: String,
         kind: ChannelKind,
-        tx: mpsc::UnboundedSender<LeaseEvent>,
+        tx: mpsc::UnboundedSender<GrantEvent>,
     },
-    /// The consumer's event receiver is gone (it stopped or died).
-    Unregister(ConsumerId),
-    LostReported(ConsumerId, u64),
-    Released(ConsumerId, u64),
-    /// A channel requested for a consumer arrived (or could not be had).
+    /// The client's event receiver is gone (it stopped or died).
+    Unregister(ClientId),
+    LostReported(ClientId, u64),
+    Released(ClientId, u64),
+    /// A channel requested for a client arrived (or could not be had).
     Taken {
-        id: ConsumerId,
+        id: ClientId,
         token: u64,
         result: Box<Result<TakenChannel, ChannelError>>,
     },
-    /// Retry serving a consumer after a failed take.
-    Retry(ConsumerId),
+    /// Retry serving a client after a failed take.
+    Retry(ClientId),
     /// Some broker's status changed.
     RegistryChanged,
     Inspect(RpcReplyPort<AssignmentsReport>),
 }
 
-/// A lease as assignments keeps it.
+/// A grant as assignments keeps it.
 struct Held {
-    generation: u64,
+    number: u64,
     broker: BrokerId,
     /// The broker connection generation the channel lives on.
     connection: u64,
     channel: Channel,
 }
 
-/// Why a channel is being taken for a consumer.
+/// Why a channel is being taken for a client.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Purpose {
-    /// The consumer has no active lease.
+    /// The client has no active grant.
     Fresh,
-    /// The consumer has a float lease off the primary: make-before-break.
+    /// The client has a float grant off the primary: make-before-break.
     FailBack,
 }
 
@@ -255,11 +253,11 @@ struct Pending {
     broker: BrokerId,
 }
 
-struct ConsumerEntry {
+struct ClientEntry {
     label: String,
     kind: ChannelKind,
-    tx: mpsc::UnboundedSender<LeaseEvent>,
-    /// For `Tag` consumers: the broker the tag resolved to at the first grant.
+    tx: mpsc::UnboundedSender<GrantEvent>,
+    /// For `Tag` clients: the broker the tag resolved to at the first grant.
     stuck_to: Option<BrokerId>,
     active: Option<Held>,
     draining: Vec<Held>,
@@ -268,11 +266,11 @@ struct ConsumerEntry {
     retrying: bool,
     /// Failed takes in a row (the retry backoff's exponent); reset by a granted channel.
     take_failures: u32,
-    next_generation: u64,
+    next_number: u64,
     watcher: JoinHandle<()>,
 }
 
-impl Drop for ConsumerEntry {
+impl Drop for ClientEntry {
     fn drop(&mut self) {
         self.watcher.abort();
         for held in self
@@ -290,7 +288,7 @@ impl Drop for ConsumerEntry {
 pub struct AssignmentsState {
     connections: Connections,
     registry: ConnectionRegistry,
-    consumers: HashMap<ConsumerId, ConsumerEntry>,
+    clients: HashMap<ClientId, ClientEntry>,
     next_token: u64,
     registry_watch: Option<JoinHandle<()>>,
     /// Keeps "no channel from the broker" to one line per broker and interval.
@@ -305,7 +303,7 @@ fn close_in_background(channel: Channel) {
         if channel.status().connected() {
             let _ = tokio::time::timeout(
                 Duration::from_secs(2),
-                channel.close(200, "warren: lease released".into()),
+                channel.close(200, "warren: grant released".into()),
             )
             .await;
         }
@@ -313,17 +311,17 @@ fn close_in_background(channel: Channel) {
 }
 
 impl AssignmentsState {
-    /// Whether a held lease still lives on a connection that is up.
+    /// Whether a held grant still lives on a connection that is up.
     fn alive(&self, held: &Held) -> bool {
         self.registry
             .status(held.broker)
             .is_some_and(|s| s.available && s.generation == held.connection)
     }
 
-    /// The broker a consumer should be served from now, if any.
-    fn target(&mut self, id: ConsumerId) -> Option<BrokerId> {
+    /// The broker a client should be served from now, if any.
+    fn target(&mut self, id: ClientId) -> Option<BrokerId> {
         let registry = self.registry.clone();
-        let entry = self.consumers.get_mut(&id)?;
+        let entry = self.clients.get_mut(&id)?;
         match &entry.kind {
             ChannelKind::Float => registry.primary().map(|b| b.id),
             ChannelKind::Broker(broker) => registry.is_available(*broker).then_some(*broker),
@@ -338,11 +336,11 @@ impl AssignmentsState {
         }
     }
 
-    /// Brings one consumer in line with the registry: drop dead leases (telling the
-    /// consumer), serve a consumer without a lease, start fail-back for a float consumer
+    /// Brings one client in line with the registry: drop dead grants (telling the
+    /// client), serve a client without a grant, start fail-back for a float client
     /// that is off the primary.
-    fn reconcile(&mut self, myself: &ActorRef<AssignmentsMsg>, id: ConsumerId) {
-        let Some(entry) = self.consumers.get(&id) else {
+    fn reconcile(&mut self, myself: &ActorRef<AssignmentsMsg>, id: ClientId) {
+        let Some(entry) = self.clients.get(&id) else {
             return;
         };
         let active_dead = entry.active.as_ref().is_some_and(|h| !self.alive(h));
@@ -350,16 +348,16 @@ impl AssignmentsState {
             .draining
             .iter()
             .filter(|h| !self.alive(h))
-            .map(|h| h.generation)
+            .map(|h| h.number)
             .collect();
         if active_dead {
             self.lose(id, None);
         }
-        for generation in dead_draining {
-            self.lose(id, Some(generation));
+        for number in dead_draining {
+            self.lose(id, Some(number));
         }
 
-        let Some(entry) = self.consumers.get(&id) else {
+        let Some(entry) = self.clients.get(&id) else {
             return;
         };
         if entry.pending.is_some() || entry.retrying {
@@ -369,7 +367,7 @@ impl AssignmentsState {
         let is_float = entry.kind == ChannelKind::Float;
         let Some(target) = self.target(id) else {
             if active_broker.is_none() {
-                tracing::debug!(consumer = %self.label(id), "no broker for this consumer yet; reserved");
+                tracing::debug!(client = %self.label(id), "no broker for this client yet; reserved");
             }
             return;
         };
@@ -382,31 +380,31 @@ impl AssignmentsState {
         }
     }
 
-    fn label(&self, id: ConsumerId) -> String {
-        self.consumers
+    fn label(&self, id: ClientId) -> String {
+        self.clients
             .get(&id)
             .map_or_else(|| format!("{id:?}"), |e| e.label.clone())
     }
 
-    /// Tells the consumer that a lease is lost and forgets it. `None` = the active lease.
-    fn lose(&mut self, id: ConsumerId, draining: Option<u64>) {
-        let Some(entry) = self.consumers.get_mut(&id) else {
+    /// Tells the client that a grant is lost and forgets it. `None` = the active grant.
+    fn lose(&mut self, id: ClientId, draining: Option<u64>) {
+        let Some(entry) = self.clients.get_mut(&id) else {
             return;
         };
         let held = match draining {
             None => entry.active.take(),
-            Some(generation) => entry
+            Some(number) => entry
                 .draining
                 .iter()
-                .position(|h| h.generation == generation)
+                .position(|h| h.number == number)
                 .map(|i| entry.draining.remove(i)),
         };
         let Some(held) = held else {
             return;
         };
-        tracing::info!(consumer = %entry.label, generation = held.generation, broker = %held.broker, draining = draining.is_some(), "lease lost");
-        let _ = entry.tx.send(LeaseEvent::Lost {
-            generation: held.generation,
+        tracing::info!(client = %entry.label, number = held.number, broker = %held.broker, draining = draining.is_some(), "grant lost");
+        let _ = entry.tx.send(GrantEvent::Lost {
+            number: held.number,
         });
         close_in_background(held.channel);
     }
@@ -415,13 +413,13 @@ impl AssignmentsState {
     fn take(
         &mut self,
         myself: &ActorRef<AssignmentsMsg>,
-        id: ConsumerId,
+        id: ClientId,
         broker: BrokerId,
         purpose: Purpose,
     ) {
         self.next_token += 1;
         let token = self.next_token;
-        let Some(entry) = self.consumers.get_mut(&id) else {
+        let Some(entry) = self.clients.get_mut(&id) else {
             return;
         };
         entry.pending = Some(Pending {
@@ -444,12 +442,12 @@ impl AssignmentsState {
     fn taken(
         &mut self,
         myself: &ActorRef<AssignmentsMsg>,
-        id: ConsumerId,
+        id: ClientId,
         token: u64,
         result: Result<TakenChannel, ChannelError>,
     ) {
         let registry = self.registry.clone();
-        let Some(entry) = self.consumers.get_mut(&id) else {
+        let Some(entry) = self.clients.get_mut(&id) else {
             return;
         };
         let Some(pending) = entry.pending.take_if(|p| p.token == token) else {
@@ -471,10 +469,10 @@ impl AssignmentsState {
                 let attempts = entry.take_failures;
                 match self.logs.allow(&key) {
                     Some(held_back) => {
-                        tracing::warn!(%broker, consumer = %entry.label, attempts, held_back, retry_ms, %error, "no channel from the broker; retrying")
+                        tracing::warn!(%broker, client = %entry.label, attempts, held_back, retry_ms, %error, "no channel from the broker; retrying")
                     }
                     None => {
-                        tracing::debug!(%broker, consumer = %entry.label, attempts, retry_ms, %error, "no channel from the broker; retrying")
+                        tracing::debug!(%broker, client = %entry.label, attempts, retry_ms, %error, "no channel from the broker; retrying")
                     }
                 }
                 return;
@@ -490,22 +488,22 @@ impl AssignmentsState {
         let Some(broker) = registry.broker(taken.broker).cloned() else {
             return;
         };
-        entry.next_generation += 1;
-        let generation = entry.next_generation;
+        entry.next_number += 1;
+        let number = entry.next_number;
         if let ChannelKind::Tag(_) = entry.kind {
             entry.stuck_to.get_or_insert(taken.broker);
         }
         let held = Held {
-            generation,
+            number,
             broker: taken.broker,
             connection: taken.generation,
             channel: taken.channel.clone(),
         };
         let replaces = match pending.purpose {
             Purpose::FailBack => entry.active.take().map(|old| {
-                let old_generation = old.generation;
+                let old_number = old.number;
                 entry.draining.push(old);
-                old_generation
+                old_number
             }),
             Purpose::Fresh => {
                 if let Some(old) = entry.active.take() {
@@ -515,15 +513,15 @@ impl AssignmentsState {
             }
         };
         entry.active = Some(held);
-        tracing::info!(consumer = %entry.label, generation, broker = %broker, replaces, "lease granted");
-        let lease = Lease {
+        tracing::info!(client = %entry.label, number, broker = %broker, replaces, "channel granted");
+        let grant = Grant {
             channel: taken.channel,
             broker,
-            generation,
+            number,
             replaces,
         };
-        if entry.tx.send(LeaseEvent::Granted(lease)).is_err() {
-            self.consumers.remove(&id);
+        if entry.tx.send(GrantEvent::Granted(grant)).is_err() {
+            self.clients.remove(&id);
             return;
         }
         // The registry may have changed while the channel was on its way (e.g. the primary
@@ -545,7 +543,7 @@ impl Actor for AssignmentsActor {
         Ok(AssignmentsState {
             registry: connections.registry().clone(),
             connections,
-            consumers: HashMap::new(),
+            clients: HashMap::new(),
             next_token: 0,
             registry_watch: None,
             logs: LogLimit::default(),
@@ -589,10 +587,10 @@ impl Actor for AssignmentsActor {
                         let _ = myself.cast(AssignmentsMsg::Unregister(id));
                     })
                 };
-                tracing::debug!(consumer = %label, ?kind, "consumer registered");
-                state.consumers.insert(
+                tracing::debug!(client = %label, ?kind, "client registered");
+                state.clients.insert(
                     id,
-                    ConsumerEntry {
+                    ClientEntry {
                         label,
                         kind,
                         tx,
@@ -602,43 +600,40 @@ impl Actor for AssignmentsActor {
                         pending: None,
                         retrying: false,
                         take_failures: 0,
-                        next_generation: 0,
+                        next_number: 0,
                         watcher,
                     },
                 );
                 state.reconcile(&myself, id);
             }
             AssignmentsMsg::Unregister(id) => {
-                if let Some(entry) = state.consumers.remove(&id) {
-                    tracing::debug!(consumer = %entry.label, "consumer gone; its channels are closed");
+                if let Some(entry) = state.clients.remove(&id) {
+                    tracing::debug!(client = %entry.label, "client gone; its channels are closed");
                 }
             }
-            AssignmentsMsg::LostReported(id, generation) => {
+            AssignmentsMsg::LostReported(id, number) => {
                 let is_active = state
-                    .consumers
+                    .clients
                     .get(&id)
                     .and_then(|e| e.active.as_ref())
-                    .is_some_and(|h| h.generation == generation);
+                    .is_some_and(|h| h.number == number);
                 let is_draining = state
-                    .consumers
+                    .clients
                     .get(&id)
-                    .is_some_and(|e| e.draining.iter().any(|h| h.generation == generation));
+                    .is_some_and(|e| e.draining.iter().any(|h| h.number == number));
                 if is_active {
                     state.lose(id, None);
                 } else if is_draining {
-                    state.lose(id, Some(generation));
+                    state.lose(id, Some(number));
                 }
                 state.reconcile(&myself, id);
             }
-            AssignmentsMsg::Released(id, generation) => {
-                if let Some(entry) = state.consumers.get_mut(&id)
-                    && let Some(i) = entry
-                        .draining
-                        .iter()
-                        .position(|h| h.generation == generation)
+            AssignmentsMsg::Released(id, number) => {
+                if let Some(entry) = state.clients.get_mut(&id)
+                    && let Some(i) = entry.draining.iter().position(|h| h.number == number)
                 {
                     let held = entry.draining.remove(i);
-                    tracing::info!(consumer = %entry.label, generation, "drained lease released");
+                    tracing::info!(client = %entry.label, number, "drained grant released");
                     close_in_background(held.channel);
                 }
             }
@@ -646,31 +641,31 @@ impl Actor for AssignmentsActor {
                 state.taken(&myself, id, token, *result);
             }
             AssignmentsMsg::Retry(id) => {
-                if let Some(entry) = state.consumers.get_mut(&id) {
+                if let Some(entry) = state.clients.get_mut(&id) {
                     entry.retrying = false;
                 }
                 state.reconcile(&myself, id);
             }
             AssignmentsMsg::RegistryChanged => {
-                let ids: Vec<ConsumerId> = state.consumers.keys().copied().collect();
+                let ids: Vec<ClientId> = state.clients.keys().copied().collect();
                 for id in ids {
                     state.reconcile(&myself, id);
                 }
             }
             AssignmentsMsg::Inspect(reply) => {
                 let mut report = AssignmentsReport::default();
-                for entry in state.consumers.values() {
+                for entry in state.clients.values() {
                     for (held, draining) in entry
                         .active
                         .iter()
                         .map(|h| (h, false))
                         .chain(entry.draining.iter().map(|h| (h, true)))
                     {
-                        report.leases.push(LeaseInfo {
-                            consumer: entry.label.clone(),
+                        report.grants.push(GrantInfo {
+                            client: entry.label.clone(),
                             kind: entry.kind.clone(),
                             broker: held.broker,
-                            generation: held.generation,
+                            number: held.number,
                             draining,
                         });
                     }
@@ -692,7 +687,7 @@ impl Actor for AssignmentsActor {
         if let Some(watch) = state.registry_watch.take() {
             watch.abort();
         }
-        state.consumers.clear();
+        state.clients.clear();
         Ok(())
     }
 }

@@ -39,7 +39,7 @@ pub const ZONE_ENV: &str = "WARREN_ZONE";
 ///
 /// It exists because warren builds AMQP short strings (at most 255 bytes) from the node
 /// name: anonymous queue names `{listener}-{node}-{12 hex}` and consumer tags
-/// `{listener}.{node}.{12 hex}.{lease}.{task}` (lease and task up to 20 digits each). With
+/// `{listener}.{node}.{12 hex}.{grant}.{task}` (grant and task up to 20 digits each). With
 /// a node of at most 128 bytes, a listener name of up to 64 bytes keeps every one within
 /// 255 (64 + 128 + 56 = 248). A longer node is a config error, not a restart loop.
 pub const MAX_NODE_BYTES: usize = 128;

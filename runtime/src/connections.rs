@@ -6,7 +6,7 @@
 //! so nothing depends on bootstrap running twice. It keeps the directory of the connection
 //! actor serving each broker (recorded as the supervisor starts one), through which
 //! channels are taken. This module owns the wiring only: the connection life-cycle is in
-//! `connection`, availability in `registry`.
+//! `connection_actor`, availability in `registry`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +17,7 @@ use ractor::{Actor, ActorCell, ActorRef, ActorStatus};
 use crate::actor_slot::ActorSlot;
 use crate::backoff::Backoff;
 use crate::broker::{Broker, BrokerId};
-use crate::connection::{
+use crate::connection_actor::{
     ChannelError, ConnectionActor, ConnectionArgs, ConnectionMsg, ConnectionReport,
     ConnectionSettings, STOP_WISH, TakenChannel,
 };

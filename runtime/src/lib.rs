@@ -2,12 +2,13 @@
 //!
 //! - configuration: `config`, `uri`;
 //! - OTP-style supervision: `supervisor`, `backoff`;
-//! - brokers: `broker` (identity), `registry` (who is up, who is primary), `connection` (one broker's
-//!   connections), `connections` (their supervisor), `bootstrap` (start-up);
-//! - channels: `assignments` (float and sticky leases, failover, fail-back);
-//! - the wire: `envelope` (kapi format), `conf` (configuration events), `exchanges`,
-//!   `publish` (one confirmed publish),
-//!   `publisher` (the node's publisher that follows the primary);
+//! - brokers: `broker` (identity), `registry` (who is up, who is primary),
+//!   `connection_actor` (one broker's two connections), `connections` (their supervisor
+//!   and the directory of connection actors), `bootstrap` (start-up);
+//! - channels: `assignments` (float and sticky grants, failover, fail-back);
+//! - the wire: `envelope` (kapi format), `kapi_conf` (Kazoo's configuration events),
+//!   `exchanges`, `confirm` (one publish in confirm mode and its outcome), `publisher`
+//!   (the node's publisher that follows the primary);
 //! - `log_limit`: one log line per key and interval, for anything that can flood;
 //! - `readiness`: which parts of the node do their work, and why the others do not;
 //! - `node`: the root supervision tree and the handles apps are built with.
@@ -19,15 +20,15 @@ pub mod assignments;
 pub mod backoff;
 pub mod bootstrap;
 pub mod broker;
-pub mod conf;
 pub mod config;
-pub mod connection;
+pub mod confirm;
+pub mod connection_actor;
 pub mod connections;
 pub mod envelope;
 pub mod exchanges;
+pub mod kapi_conf;
 pub mod log_limit;
 pub mod node;
-pub mod publish;
 pub mod publisher;
 pub mod readiness;
 pub mod registry;

@@ -4,7 +4,7 @@
 //! warren (rest_for_one)
 //! ├─ registry      ConnectionRegistry writer
 //! ├─ connections   one_for_one, a connection actor per broker
-//! ├─ assignments   which consumer holds which channel (float / sticky leases)
+//! ├─ assignments   which consumer holds which channel (float / sticky grants)
 //! ├─ bootstrap     adds brokers, blocks start until a local broker is ready (temporary)
 //! ├─ services      given by the caller (the configuration-event router)
 //! └─ apps          one_for_one, a supervisor per enabled app
@@ -23,7 +23,7 @@ use crate::assignments::Assignments;
 use crate::backoff::Backoff;
 use crate::bootstrap::{Bootstrap, BootstrapArgs};
 use crate::config::{Config, ListenerSettings, PoolConfig, RouterConfig};
-use crate::connection::ConnectionSettings;
+use crate::connection_actor::ConnectionSettings;
 use crate::connections::Connections;
 use crate::envelope::Stamp;
 use crate::publisher::Publisher;

@@ -36,9 +36,9 @@ use tokio::time::Instant;
 
 use crate::broker::BrokerId;
 use crate::config::PublisherConfig;
+use crate::confirm::{self, PublishError, PublishOptions, Published};
 use crate::connections::Connections;
 use crate::envelope::{Envelope, Stamp};
-use crate::publish::{self, PublishError, PublishOptions, Published};
 use crate::registry::ConnectionRegistry;
 
 /// Pause before trying again after a failed channel open or a lost publish.
@@ -212,7 +212,7 @@ impl Publisher {
         properties: BasicProperties,
         options: PublishOptions,
     ) -> Result<Published, PublishError> {
-        let (exchange, routing_key) = publish::address(exchange, routing_key)?;
+        let (exchange, routing_key) = confirm::address(exchange, routing_key)?;
         let outgoing = Outgoing {
             exchange,
             routing_key,
@@ -235,7 +235,7 @@ impl Publisher {
             let (open, confirm) = self
                 .write(&outgoing, deadline, options.timeout, &mut last_loss)
                 .await?;
-            match tokio::time::timeout_at(deadline, publish::confirmation(confirm)).await {
+            match tokio::time::timeout_at(deadline, confirm::confirmation(confirm)).await {
                 Ok(Ok(published)) => return Ok(published),
                 Ok(Err(error)) if error.is_retryable() => {
                     tracing::debug!(broker = %open.broker, %error, "publish lost with its channel; retrying");
@@ -281,7 +281,7 @@ impl Publisher {
         let timeout = options.timeout;
         let future = async move {
             let _permit: OwnedSemaphorePermit = permit;
-            match tokio::time::timeout_at(deadline, publish::confirmation(confirm)).await {
+            match tokio::time::timeout_at(deadline, confirm::confirmation(confirm)).await {
                 Ok(Err(error @ PublishError::Refused(_))) => {
                     this.forget(&open);
                     Err(error)
@@ -304,7 +304,7 @@ impl Publisher {
         mut envelope: Envelope,
         options: &PublishOptions,
     ) -> Result<Outgoing, PublishError> {
-        let (exchange, routing_key) = publish::address(exchange, routing_key)?;
+        let (exchange, routing_key) = confirm::address(exchange, routing_key)?;
         match &self.stamp {
             Some(stamp) => envelope.stamp(stamp),
             None => {
@@ -354,7 +354,7 @@ impl Publisher {
             };
             let written = tokio::time::timeout_at(
                 deadline,
-                publish::write(
+                confirm::write(
                     &open.channel,
                     outgoing.exchange.clone(),
                     outgoing.routing_key.clone(),

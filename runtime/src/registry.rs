@@ -12,9 +12,9 @@
 //! hands out connection generations, per broker and connection, from counters that live
 //! as long as the registry: a restarted connection actor never reuses one.
 //!
-//! This module owns availability and generation numbers (broker identity is `broker`'s).
+//! This module owns availability and connection generations (broker identity is `broker`'s).
 //! It must not touch lapin connections, channels or connection actors: those belong to
-//! `connection` and `connections`.
+//! `connection_actor` and `connections`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

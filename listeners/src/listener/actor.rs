@@ -1,9 +1,9 @@
-//! The listener actor: it holds the listener's lease, replays the topology on every new
+//! The listener actor: it holds the listener's grant, replays the topology on every new
 //! channel (exactly once per grant), runs the consumer loop, applies run-time changes,
-//! drains an old lease after a fail-back, keeps a paused queue from expiring, reports its
+//! drains an old grant after a fail-back, keeps a paused queue from expiring, reports its
 //! readiness, and stops gracefully.
 //!
-//! Broker I/O never happens in `pre_start`: the lease request is made in `post_start` and
+//! Broker I/O never happens in `pre_start`: the grant request is made in `post_start` and
 //! everything else in messages; every broker operation is bounded (a timeout is a lost
 //! channel). State shared with the handle (topology, responders, stats) lives in
 //! `ListenerShared`; the actor is the only one that changes the topology. It also knows on
@@ -22,7 +22,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use warren_runtime::actor_slot::ActorSlot;
-use warren_runtime::assignments::{Lease, LeaseClient, LeaseEvent};
+use warren_runtime::assignments::{Client, Grant, GrantEvent};
 use warren_runtime::backoff::Backoff;
 use warren_runtime::broker::BrokerId;
 use warren_runtime::log_limit::LogLimit;
@@ -34,7 +34,7 @@ use super::consumer::{ConsumerLoop, Control, Ended};
 use super::drain::{self, Closed, Drain, Step};
 use super::handling::panic_text;
 use super::refusals::REFUSALS;
-use super::shared::{LeaseContext, ListenerShared};
+use super::shared::{GrantContext, ListenerShared};
 use super::spec::{Binding, QueueName};
 use super::status::{ListenerError, ListenerStatus, Removed};
 use super::topology::{self, SetupError};
@@ -64,25 +64,25 @@ pub(crate) struct Started {
 /// Messages of the listener actor.
 pub(crate) enum ListenerMsg {
     /// From assignments.
-    Lease(LeaseEvent),
+    Grant(GrantEvent),
     /// A consumer loop ended.
     ConsumerEnded {
-        lease: u64,
+        grant: u64,
         task: u64,
         ended: Ended,
     },
-    /// Check a draining lease.
+    /// Check a draining grant.
     DrainCheck {
-        lease: u64,
+        grant: u64,
     },
-    /// The topology could not be set up on this lease; ask for another channel.
+    /// The topology could not be set up on this grant; ask for another channel.
     RetrySetup {
-        lease: u64,
+        grant: u64,
     },
-    /// Declare the topology on the active lease now (its turn after a refused
+    /// Declare the topology on the active grant now (its turn after a refused
     /// declaration came).
     Declare {
-        lease: u64,
+        grant: u64,
     },
     /// Re-declare queues that have no consumer (paused), so that they do not expire.
     KeepAlive,
@@ -93,7 +93,7 @@ pub(crate) enum ListenerMsg {
     Status(RpcReplyPort<ListenerStatus>),
 }
 
-/// A consumer loop running on a lease's channel.
+/// A consumer loop running on a grant's channel.
 struct RunningConsumer {
     task: u64,
     control: watch::Sender<Control>,
@@ -104,19 +104,19 @@ struct RunningConsumer {
     unsettled: Arc<AtomicUsize>,
 }
 
-/// A lease the listener holds.
+/// A grant the listener holds.
 struct Held {
-    context: Arc<LeaseContext>,
+    context: Arc<GrantContext>,
     /// The topology is declared on this channel.
     ready: bool,
     consumer: Option<RunningConsumer>,
-    /// Set for an old lease being drained after a fail-back.
+    /// Set for an old grant being drained after a fail-back.
     drain: Option<Drain>,
 }
 
 impl Held {
-    fn lease(&self) -> u64 {
-        self.context.lease
+    fn grant(&self) -> u64 {
+        self.context.grant
     }
 
     fn broker(&self) -> BrokerId {
@@ -138,9 +138,9 @@ impl Held {
         }
     }
 
-    /// The lease is over: the consumer ends at once and its handlers finish on their own.
-    /// The channel is not closed here: assignments, which owns leases, closes it when it
-    /// learns the lease is over (lost, released or replaced). Two closes of one channel
+    /// The grant is over: the consumer ends at once and its handlers finish on their own.
+    /// The channel is not closed here: assignments, which owns grants, closes it when it
+    /// learns the grant is over (lost, released or replaced). Two closes of one channel
     /// racing each other make the broker answer twice, and lapin then closes the whole
     /// connection over the unexpected `channel.close-ok`.
     fn abandon(self) {
@@ -163,7 +163,7 @@ pub(crate) struct ListenerState {
     slot: Arc<ActorSlot<ListenerMsg>>,
     /// By when a stop must be done.
     deadline: StopDeadline,
-    client: Option<LeaseClient>,
+    client: Option<Client>,
     forward: Option<JoinHandle<()>>,
     keepalive: Option<JoinHandle<()>>,
     active: Option<Held>,
@@ -244,24 +244,24 @@ impl ListenerState {
         self.shared.topology.lock().paused
     }
 
-    fn held_mut(&mut self, lease: u64) -> Option<&mut Held> {
-        if self.active.as_ref().is_some_and(|h| h.lease() == lease) {
+    fn held_mut(&mut self, grant: u64) -> Option<&mut Held> {
+        if self.active.as_ref().is_some_and(|h| h.grant() == grant) {
             return self.active.as_mut();
         }
-        self.draining.iter_mut().find(|h| h.lease() == lease)
+        self.draining.iter_mut().find(|h| h.grant() == grant)
     }
 
-    fn is_active(&self, lease: u64) -> bool {
-        self.active.as_ref().is_some_and(|h| h.lease() == lease)
+    fn is_active(&self, grant: u64) -> bool {
+        self.active.as_ref().is_some_and(|h| h.grant() == grant)
     }
 
     /// A new grant from assignments.
-    async fn granted(&mut self, myself: &ActorRef<ListenerMsg>, lease: Lease) {
-        match lease.replaces {
+    async fn granted(&mut self, myself: &ActorRef<ListenerMsg>, grant: Grant) {
+        match grant.replaces {
             Some(old) if self.is_active(old) => {
-                // Make-before-break: the old lease keeps consuming until drained.
+                // Make-before-break: the old grant keeps consuming until drained.
                 if let Some(mut held) = self.active.take() {
-                    tracing::info!(listener = %self.shared.name, old, new = lease.generation, broker = %lease.broker, "moving back to the primary; draining the old lease");
+                    tracing::info!(listener = %self.shared.name, old, new = grant.number, broker = %grant.broker, "moving back to the primary; draining the old grant");
                     let settings = &self.shared.settings;
                     let anonymous = self.shared.topology.lock().queue.name == QueueName::Anonymous;
                     held.drain = Some(Drain::new(
@@ -272,12 +272,12 @@ impl ListenerState {
                     ));
                     self.draining.push(held);
                     myself.send_after(drain::CHECK_EVERY, move || ListenerMsg::DrainCheck {
-                        lease: old,
+                        grant: old,
                     });
                 }
             }
             Some(old) => {
-                // The lease to replace is already gone: nothing to drain.
+                // The grant to replace is already gone: nothing to drain.
                 if let Some(client) = &self.client {
                     client.release(old);
                 }
@@ -285,16 +285,16 @@ impl ListenerState {
             }
             None => self.drop_active("replaced"),
         }
-        self.setup(myself, lease).await;
+        self.setup(myself, grant).await;
     }
 
     /// A new channel: declare everything on it, then consume (unless paused).
-    async fn setup(&mut self, myself: &ActorRef<ListenerMsg>, lease: Lease) {
-        let context = Arc::new(LeaseContext {
-            lease: lease.generation,
-            channel: lease.channel,
-            publisher: self.shared.settings.publisher.to_broker(lease.broker.id),
-            broker: lease.broker,
+    async fn setup(&mut self, myself: &ActorRef<ListenerMsg>, grant: Grant) {
+        let context = Arc::new(GrantContext {
+            grant: grant.number,
+            channel: grant.channel,
+            publisher: self.shared.settings.publisher.to_broker(grant.broker.id),
+            broker: grant.broker,
             parking_declared: AtomicBool::new(false),
         });
         self.active = Some(Held {
@@ -317,12 +317,12 @@ impl ListenerState {
         else {
             return;
         };
-        let lease = context.lease;
+        let grant = context.grant;
         if let Some(key) = &self.refused
             && let Err(until) = REFUSALS.turn(key, Instant::now())
         {
             let delay = until.saturating_duration_since(Instant::now()) + jitter();
-            myself.send_after(delay, move || ListenerMsg::Declare { lease });
+            myself.send_after(delay, move || ListenerMsg::Declare { grant });
             return;
         }
         let topology = self.shared.topology.lock().clone();
@@ -330,7 +330,7 @@ impl ListenerState {
         let result = topology::declare(&context.channel, &topology, prefetch, self.timeout()).await;
         let broker = context.broker.clone();
         if let Err(error) = result {
-            self.setup_failed(myself, lease, &error);
+            self.setup_failed(myself, grant, &error);
             return;
         }
         if let Some(key) = self.refused.take() {
@@ -346,8 +346,8 @@ impl ListenerState {
                 .channel
                 .send_replace(Some(held.channel().clone()));
         }
-        *self.shared.current.write() = Some((broker.id, lease));
-        tracing::info!(listener = %self.shared.name, queue = %topology.queue_name, broker = %broker, lease, "topology declared");
+        *self.shared.current.write() = Some((broker.id, grant));
+        tracing::info!(listener = %self.shared.name, queue = %topology.queue_name, broker = %broker, grant, "topology declared");
         self.notice(Notice::QueueCreated {
             queue: topology.queue_name.clone(),
             broker: broker.uri.redacted().to_string(),
@@ -356,13 +356,13 @@ impl ListenerState {
             // Paused on purpose, with everything declared: that is ready.
             self.readiness.ready();
         } else {
-            self.start_consumer(myself, lease).await;
+            self.start_consumer(myself, grant).await;
         }
     }
 
     /// Unbinds, on a new channel, the bindings removed while its broker's queue may have
     /// kept them.
-    async fn clear_tombstones(&mut self, context: &LeaseContext) {
+    async fn clear_tombstones(&mut self, context: &GrantContext) {
         let queue = self.shared.topology.lock().queue_name.clone();
         let broker = context.broker.id;
         let timeout = self.timeout();
@@ -385,7 +385,7 @@ impl ListenerState {
     /// The topology could not be declared: ask for another channel after a backoff, so a
     /// persistent error (a missing exchange, an object declared differently elsewhere)
     /// does not spin; the node is not ready meanwhile and says why.
-    fn setup_failed(&mut self, myself: &ActorRef<ListenerMsg>, lease: u64, error: &SetupError) {
+    fn setup_failed(&mut self, myself: &ActorRef<ListenerMsg>, grant: u64, error: &SetupError) {
         self.setup_failures = self.setup_failures.saturating_add(1);
         let delay = if error.is_mismatch() {
             // Every listener needing this object on this broker fails the same way: one
@@ -410,22 +410,22 @@ impl ListenerState {
             if error.is_mismatch() {
                 tracing::error!(listener = %self.shared.name, error = %text, retry_in_ms = delay.as_millis() as u64, suppressed = held, "a declaration is refused; the listener is not ready");
             } else {
-                tracing::warn!(listener = %self.shared.name, lease, error = %text, retry_in_ms = delay.as_millis() as u64, suppressed = held, "cannot set up the listener on this channel");
+                tracing::warn!(listener = %self.shared.name, grant, error = %text, retry_in_ms = delay.as_millis() as u64, suppressed = held, "cannot set up the listener on this channel");
             }
         }
-        myself.send_after(delay, move || ListenerMsg::RetrySetup { lease });
+        myself.send_after(delay, move || ListenerMsg::RetrySetup { grant });
     }
 
-    /// Starts consuming on the held lease `lease` (active or draining).
-    async fn start_consumer(&mut self, myself: &ActorRef<ListenerMsg>, lease: u64) {
+    /// Starts consuming on the held grant `grant` (active or draining).
+    async fn start_consumer(&mut self, myself: &ActorRef<ListenerMsg>, grant: u64) {
         let topology = self.shared.topology.lock().clone();
         self.next_task += 1;
         let task = self.next_task;
-        let tag = format!("{}.{lease}.{task}", self.shared.consumer_tag);
+        let tag = format!("{}.{grant}.{task}", self.shared.consumer_tag);
         let no_ack = self.shared.settings.ack.no_ack();
         let timeout = self.timeout();
         let shared = self.shared.clone();
-        let Some(held) = self.held_mut(lease) else {
+        let Some(held) = self.held_mut(grant) else {
             return;
         };
         let context = held.context.clone();
@@ -445,9 +445,9 @@ impl ListenerState {
                 let actor = myself.clone();
                 let handle = tokio::spawn(async move {
                     let ended = consumer_loop.run().await;
-                    let _ = actor.cast(ListenerMsg::ConsumerEnded { lease, task, ended });
+                    let _ = actor.cast(ListenerMsg::ConsumerEnded { grant, task, ended });
                 });
-                if let Some(held) = self.held_mut(lease) {
+                if let Some(held) = self.held_mut(grant) {
                     held.consumer = Some(RunningConsumer {
                         task,
                         control,
@@ -456,21 +456,21 @@ impl ListenerState {
                         unsettled,
                     });
                 }
-                if self.is_active(lease) {
+                if self.is_active(grant) {
                     self.setup_failures = 0;
                     self.set_consuming(true);
                     self.readiness.ready();
                 }
             }
-            Err(error) if self.is_active(lease) => self.setup_failed(myself, lease, &error),
+            Err(error) if self.is_active(grant) => self.setup_failed(myself, grant, &error),
             Err(error) => {
-                tracing::warn!(listener = %self.shared.name, lease, %error, "cannot consume the old queue any more; it is left as it is");
-                self.release_draining(lease, false).await;
+                tracing::warn!(listener = %self.shared.name, grant, %error, "cannot consume the old queue any more; it is left as it is");
+                self.release_draining(grant, false).await;
             }
         }
     }
 
-    /// The active lease is gone: forget it (its handlers finish on their own) and tell
+    /// The active grant is gone: forget it (its handlers finish on their own) and tell
     /// the listener.
     fn drop_active(&mut self, why: &str) {
         if let Some(held) = self.active.take() {
@@ -484,19 +484,19 @@ impl ListenerState {
     }
 
     /// A lost channel seen by the listener itself: tell assignments, which replaces it.
-    fn lose_active(&mut self, lease: u64, why: &str) {
-        if self.is_active(lease) {
+    fn lose_active(&mut self, grant: u64, why: &str) {
+        if self.is_active(grant) {
             self.drop_active(why);
             if let Some(client) = &self.client {
-                client.report_lost(lease);
+                client.report_lost(grant);
             }
         }
     }
 
-    /// An old lease is done: delete its queue if that was decided (anonymous and empty,
-    /// and no newer lease consumes it on the same broker), close it, give it back.
-    async fn release_draining(&mut self, lease: u64, delete: bool) {
-        let Some(i) = self.draining.iter().position(|h| h.lease() == lease) else {
+    /// An old grant is done: delete its queue if that was decided (anonymous and empty,
+    /// and no newer grant consumes it on the same broker), close it, give it back.
+    async fn release_draining(&mut self, grant: u64, delete: bool) {
+        let Some(i) = self.draining.iter().position(|h| h.grant() == grant) else {
             return;
         };
         let held = self.draining.remove(i);
@@ -511,19 +511,19 @@ impl ListenerState {
         } else {
             false
         };
-        tracing::info!(listener = %self.shared.name, lease, deleted, "old lease drained and released");
+        tracing::info!(listener = %self.shared.name, grant, deleted, "old grant drained and released");
         held.abandon();
         if let Some(client) = &self.client {
-            client.release(lease);
+            client.release(grant);
         }
     }
 
-    /// Periodic look at a draining lease.
-    async fn drain_check(&mut self, myself: &ActorRef<ListenerMsg>, lease: u64) {
+    /// Periodic look at a draining grant.
+    async fn drain_check(&mut self, myself: &ActorRef<ListenerMsg>, grant: u64) {
         let paused = self.paused();
         let queue = self.shared.topology.lock().queue_name.clone();
         let timeout = self.timeout();
-        let Some(held) = self.draining.iter().find(|h| h.lease() == lease) else {
+        let Some(held) = self.draining.iter().find(|h| h.grant() == grant) else {
             return;
         };
         let closing = held
@@ -535,22 +535,22 @@ impl ListenerState {
             // decides): look again later.
             _ if paused => {
                 myself.send_after(drain::CHECK_EVERY, move || ListenerMsg::DrainCheck {
-                    lease,
+                    grant,
                 });
                 return;
             }
             Some(consumer) if consumer.stopping => {
                 myself.send_after(drain::CHECK_EVERY, move || ListenerMsg::DrainCheck {
-                    lease,
+                    grant,
                 });
                 return;
             }
             Some(_) => {}
-            None if closing => return self.closed_drain(myself, lease).await,
+            None if closing => return self.closed_drain(myself, grant).await,
             None => {
-                self.start_consumer(myself, lease).await;
+                self.start_consumer(myself, grant).await;
                 myself.send_after(drain::CHECK_EVERY, move || ListenerMsg::DrainCheck {
-                    lease,
+                    grant,
                 });
                 return;
             }
@@ -562,12 +562,12 @@ impl ListenerState {
         let ready = match topology::ready_count(&held.context.channel, &queue, timeout).await {
             Ok(ready) => ready,
             Err(error) => {
-                tracing::warn!(listener = %self.shared.name, lease, %error, "the old lease is gone while draining; its queue is left as it is");
-                self.release_draining(lease, false).await;
+                tracing::warn!(listener = %self.shared.name, grant, %error, "the old grant is gone while draining; its queue is left as it is");
+                self.release_draining(grant, false).await;
                 return;
             }
         };
-        let Some(held) = self.draining.iter_mut().find(|h| h.lease() == lease) else {
+        let Some(held) = self.draining.iter_mut().find(|h| h.grant() == grant) else {
             return;
         };
         let Some(drain) = held.drain.as_mut() else {
@@ -575,11 +575,11 @@ impl ListenerState {
         };
         match drain.checked(Instant::now(), ready, unsettled) {
             Step::CheckIn(after) => {
-                myself.send_after(after, move || ListenerMsg::DrainCheck { lease });
+                myself.send_after(after, move || ListenerMsg::DrainCheck { grant });
             }
             Step::Close => {
                 if ready > 0 || unsettled > 0 {
-                    tracing::warn!(listener = %self.shared.name, lease, ready, unsettled, "the drain ran out of time; what is left stays in the old queue");
+                    tracing::warn!(listener = %self.shared.name, grant, ready, unsettled, "the drain ran out of time; what is left stays in the old queue");
                 }
                 let deadline = Instant::now() + self.shared.settings.stop_timeout;
                 held.stop_consumer(Some(deadline));
@@ -587,120 +587,120 @@ impl ListenerState {
         }
     }
 
-    /// The consumer of a draining lease ended.
+    /// The consumer of a draining grant ended.
     async fn drain_consumer_ended(
         &mut self,
         myself: &ActorRef<ListenerMsg>,
-        lease: u64,
+        grant: u64,
         ended: Ended,
     ) {
         let paused = self.paused();
         match ended {
             Ended::Abandoned => {}
             Ended::Lost(_) | Ended::Cancelled => {
-                tracing::debug!(listener = %self.shared.name, lease, "old lease lost while draining");
-                self.release_draining(lease, false).await;
+                tracing::debug!(listener = %self.shared.name, grant, "old grant lost while draining");
+                self.release_draining(grant, false).await;
             }
             Ended::Stopped => {
                 let closing = self
                     .draining
                     .iter()
-                    .find(|h| h.lease() == lease)
+                    .find(|h| h.grant() == grant)
                     .and_then(|h| h.drain.as_ref())
                     .is_some_and(|d| d.phase == drain::Phase::Closing);
                 if !closing {
                     // Stopped for a pause: consume again once resumed.
                     if !paused {
-                        self.start_consumer(myself, lease).await;
+                        self.start_consumer(myself, grant).await;
                     }
                     return;
                 }
-                self.closed_drain(myself, lease).await;
+                self.closed_drain(myself, grant).await;
             }
         }
     }
 
     /// The last look at a drained queue once its consumer stopped.
-    async fn closed_drain(&mut self, myself: &ActorRef<ListenerMsg>, lease: u64) {
+    async fn closed_drain(&mut self, myself: &ActorRef<ListenerMsg>, grant: u64) {
         let queue = self.shared.topology.lock().queue_name.clone();
         let timeout = self.timeout();
-        let Some(held) = self.draining.iter().find(|h| h.lease() == lease) else {
+        let Some(held) = self.draining.iter().find(|h| h.grant() == grant) else {
             return;
         };
         let ready = match topology::ready_count(held.channel(), &queue, timeout).await {
             Ok(ready) => ready,
             Err(_) => {
-                self.release_draining(lease, false).await;
+                self.release_draining(grant, false).await;
                 return;
             }
         };
         let Some(drain) = self
             .draining
             .iter_mut()
-            .find(|h| h.lease() == lease)
+            .find(|h| h.grant() == grant)
             .and_then(|h| h.drain.as_mut())
         else {
             return;
         };
         match drain.closed(Instant::now(), ready) {
-            Closed::Release { delete } => self.release_draining(lease, delete).await,
+            Closed::Release { delete } => self.release_draining(grant, delete).await,
             Closed::DrainAgain => {
-                tracing::info!(listener = %self.shared.name, lease, ready, "messages arrived on the old queue; draining them too");
-                self.start_consumer(myself, lease).await;
+                tracing::info!(listener = %self.shared.name, grant, ready, "messages arrived on the old queue; draining them too");
+                self.start_consumer(myself, grant).await;
                 myself.send_after(drain::CHECK_EVERY, move || ListenerMsg::DrainCheck {
-                    lease,
+                    grant,
                 });
             }
         }
     }
 
-    /// The consumer of lease `lease`, task `task`, ended.
+    /// The consumer of grant `grant`, task `task`, ended.
     async fn consumer_ended(
         &mut self,
         myself: &ActorRef<ListenerMsg>,
-        lease: u64,
+        grant: u64,
         task: u64,
         ended: Ended,
     ) {
-        let Some(held) = self.held_mut(lease) else {
+        let Some(held) = self.held_mut(grant) else {
             return;
         };
         if held.consumer.as_ref().is_none_or(|c| c.task != task) {
             return;
         }
         held.consumer = None;
-        if !self.is_active(lease) {
-            self.drain_consumer_ended(myself, lease, ended).await;
+        if !self.is_active(grant) {
+            self.drain_consumer_ended(myself, grant, ended).await;
             return;
         }
         match ended {
             Ended::Stopped if self.paused() => self.set_consuming(false),
             // Resumed while the pause's stop was under way: consume again.
-            Ended::Stopped => self.start_consumer(myself, lease).await,
+            Ended::Stopped => self.start_consumer(myself, grant).await,
             Ended::Abandoned => {}
             Ended::Lost(reason) => {
-                tracing::warn!(listener = %self.shared.name, lease, %reason, "consumer failed; asking for a new channel");
-                self.lose_active(lease, "the consumer failed");
+                tracing::warn!(listener = %self.shared.name, grant, %reason, "consumer failed; asking for a new channel");
+                self.lose_active(grant, "the consumer failed");
             }
             Ended::Cancelled => {
-                tracing::warn!(listener = %self.shared.name, lease, "the broker cancelled the consumer; setting up again on a new channel");
-                self.lose_active(lease, "the broker cancelled the consumer");
+                tracing::warn!(listener = %self.shared.name, grant, "the broker cancelled the consumer; setting up again on a new channel");
+                self.lose_active(grant, "the broker cancelled the consumer");
             }
         }
     }
 
     /// After a set-up failure's backoff: give the channel back and ask for another.
-    fn retry_setup(&mut self, lease: u64) {
+    fn retry_setup(&mut self, grant: u64) {
         let still_failing = self
             .active
             .as_ref()
-            .is_some_and(|h| h.lease() == lease && !h.ready);
+            .is_some_and(|h| h.grant() == grant && !h.ready);
         if still_failing && let Some(held) = self.active.take() {
             held.abandon();
             *self.shared.current.write() = None;
             self.shared.channel.send_replace(None);
             if let Some(client) = &self.client {
-                client.report_lost(lease);
+                client.report_lost(grant);
             }
         }
     }
@@ -710,7 +710,7 @@ impl ListenerState {
     async fn keep_alive(&mut self) {
         let topology = self.shared.topology.lock().clone();
         let timeout = self.timeout();
-        let idle: Vec<Arc<LeaseContext>> = self
+        let idle: Vec<Arc<GrantContext>> = self
             .active
             .iter()
             .chain(&self.draining)
@@ -720,7 +720,7 @@ impl ListenerState {
         for context in idle {
             if let Err(error) = topology::declare_queue(&context.channel, &topology, timeout).await
             {
-                tracing::debug!(listener = %self.shared.name, lease = context.lease, %error, "cannot re-declare the queue now");
+                tracing::debug!(listener = %self.shared.name, grant = context.grant, %error, "cannot re-declare the queue now");
             }
         }
     }
@@ -739,7 +739,7 @@ impl ListenerState {
             // Applied with the rest of the topology on the next channel.
             return Ok(());
         };
-        let (lease, broker) = (held.lease(), held.broker());
+        let (grant, broker) = (held.grant(), held.broker());
         match topology::bind(held.channel(), &queue, &binding, self.timeout()).await {
             Ok(()) => {
                 place(&mut self.placed, &binding, broker);
@@ -753,7 +753,7 @@ impl ListenerState {
                     .retain(|b| b != &binding);
                 // The broker closes the channel over a refused bind; a timeout means it
                 // cannot be trusted: either way, a new one.
-                self.lose_active(lease, "a bind failed");
+                self.lose_active(grant, "a bind failed");
                 Err(if error.is_timeout() {
                     ListenerError::Timeout(error.to_string())
                 } else {
@@ -788,10 +788,10 @@ impl ListenerState {
             .iter()
             .chain(&self.draining)
             .filter(|h| h.ready)
-            .map(|h| (h.lease(), h.broker(), h.channel().clone()))
+            .map(|h| (h.grant(), h.broker(), h.channel().clone()))
             .collect();
         let mut failure = None;
-        for (lease, broker, channel) in held {
+        for (grant, broker, channel) in held {
             if !brokers.contains(&broker) {
                 continue;
             }
@@ -800,8 +800,8 @@ impl ListenerState {
                     brokers.remove(&broker);
                 }
                 Err(error) => {
-                    if self.is_active(lease) {
-                        self.lose_active(lease, "an unbind failed");
+                    if self.is_active(grant) {
+                        self.lose_active(grant, "an unbind failed");
                     }
                     failure = Some(error);
                 }
@@ -840,17 +840,17 @@ impl ListenerState {
             }
             // A consumer still stopping for the pause starts again when its stop ends.
             if held.ready && held.consumer.is_none() {
-                idle.push(held.lease());
+                idle.push(held.grant());
             }
         }
-        for lease in idle {
-            self.start_consumer(myself, lease).await;
+        for grant in idle {
+            self.start_consumer(myself, grant).await;
         }
     }
 
     fn status(&self) -> ListenerStatus {
         ListenerStatus {
-            active: self.active.as_ref().map(|h| (h.broker(), h.lease())),
+            active: self.active.as_ref().map(|h| (h.broker(), h.grant())),
             declared: self.active.as_ref().is_some_and(|h| h.ready),
             consuming: self
                 .active
@@ -861,7 +861,7 @@ impl ListenerState {
             draining: self
                 .draining
                 .iter()
-                .map(|h| (h.broker(), h.lease()))
+                .map(|h| (h.broker(), h.grant()))
                 .collect(),
             watching: self
                 .draining
@@ -871,22 +871,22 @@ impl ListenerState {
                         .as_ref()
                         .is_some_and(|d| matches!(d.phase, drain::Phase::Watching { .. }))
                 })
-                .map(|h| (h.broker(), h.lease()))
+                .map(|h| (h.broker(), h.grant()))
                 .collect(),
         }
     }
 
-    /// Lease events from assignments.
-    async fn lease_event(&mut self, myself: &ActorRef<ListenerMsg>, event: LeaseEvent) {
+    /// Grant events from assignments.
+    async fn grant_event(&mut self, myself: &ActorRef<ListenerMsg>, event: GrantEvent) {
         match event {
-            LeaseEvent::Granted(lease) => self.granted(myself, lease).await,
-            LeaseEvent::Lost { generation } => {
-                if self.is_active(generation) {
-                    tracing::warn!(listener = %self.shared.name, lease = generation, "channel lost");
+            GrantEvent::Granted(grant) => self.granted(myself, grant).await,
+            GrantEvent::Lost { number } => {
+                if self.is_active(number) {
+                    tracing::warn!(listener = %self.shared.name, grant = number, "channel lost");
                     self.drop_active("channel lost");
-                } else if let Some(i) = self.draining.iter().position(|h| h.lease() == generation) {
+                } else if let Some(i) = self.draining.iter().position(|h| h.grant() == number) {
                     let held = self.draining.remove(i);
-                    tracing::info!(listener = %self.shared.name, lease = generation, "old lease lost while draining; its queue is left as it is");
+                    tracing::info!(listener = %self.shared.name, grant = number, "old grant lost while draining; its queue is left as it is");
                     held.abandon();
                 }
             }
@@ -946,7 +946,7 @@ impl Actor for ListenerActor {
         }
         state.forward = Some(tokio::spawn(async move {
             while let Some(event) = events.next().await {
-                if myself.cast(ListenerMsg::Lease(event)).is_err() {
+                if myself.cast(ListenerMsg::Grant(event)).is_err() {
                     break;
                 }
             }
@@ -961,14 +961,14 @@ impl Actor for ListenerActor {
         state: &mut ListenerState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            ListenerMsg::Lease(event) => state.lease_event(&myself, event).await,
-            ListenerMsg::ConsumerEnded { lease, task, ended } => {
-                state.consumer_ended(&myself, lease, task, ended).await;
+            ListenerMsg::Grant(event) => state.grant_event(&myself, event).await,
+            ListenerMsg::ConsumerEnded { grant, task, ended } => {
+                state.consumer_ended(&myself, grant, task, ended).await;
             }
-            ListenerMsg::DrainCheck { lease } => state.drain_check(&myself, lease).await,
-            ListenerMsg::RetrySetup { lease } => state.retry_setup(lease),
-            ListenerMsg::Declare { lease } => {
-                if state.is_active(lease) {
+            ListenerMsg::DrainCheck { grant } => state.drain_check(&myself, grant).await,
+            ListenerMsg::RetrySetup { grant } => state.retry_setup(grant),
+            ListenerMsg::Declare { grant } => {
+                if state.is_active(grant) {
                     state.declare(&myself).await;
                 }
             }
@@ -1000,7 +1000,7 @@ impl Actor for ListenerActor {
         state: &mut ListenerState,
     ) -> Result<(), ActorProcessingErr> {
         // Cancel, let handlers finish until the deadline, ack, then close the channels. The
-        // lease is given back only afterwards, so assignments cannot close the channel under
+        // grant is given back only afterwards, so assignments cannot close the channel under
         // the handlers. All of it by the deadline this stop was given (or the listener's
         // own, stopped on its own): handlers get `stop_timeout` of it, never the time kept
         // for closing.

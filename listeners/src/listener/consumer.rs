@@ -41,7 +41,7 @@ use super::handling::{self, HandlerEnd, panic_text};
 use super::parking;
 use super::redelivery::body_key;
 use super::responders::{Handler, HandlerError, Outcome};
-use super::shared::{LeaseContext, ListenerShared};
+use super::shared::{GrantContext, ListenerShared};
 use super::topology;
 
 /// Repeating warnings about messages (bad bodies, rejects, retries): one line per listener
@@ -80,7 +80,7 @@ pub(crate) enum Ended {
 /// Everything one consumer loop needs.
 pub(crate) struct ConsumerLoop {
     pub tag: String,
-    pub context: Arc<LeaseContext>,
+    pub context: Arc<GrantContext>,
     pub consumer: Consumer,
     pub queue: String,
     pub shared: Arc<ListenerShared>,
@@ -322,7 +322,7 @@ impl ConsumerLoop {
                 properties,
                 queue: self.queue.clone(),
                 broker: self.context.broker.clone(),
-                lease: self.context.lease,
+                grant: self.context.grant,
             },
             Outbox {
                 publisher: self.context.publisher.clone(),
@@ -656,7 +656,7 @@ fn run_handlers(
 /// and one past the limit (or a rejection) leaves the queue for good.
 async fn conclusion(
     shared: &ListenerShared,
-    context: &LeaseContext,
+    context: &GrantContext,
     event: &Event,
     data: Vec<u8>,
     before: u32,
@@ -723,7 +723,7 @@ async fn conclusion(
 /// Parks a message; if that fails it goes back to the queue (nothing is dropped).
 async fn park_or_requeue(
     shared: &ListenerShared,
-    context: &LeaseContext,
+    context: &GrantContext,
     message: parking::Message<'_>,
     reason: &str,
 ) -> Verdict {

@@ -1,4 +1,4 @@
-//! The fail-back drain of one old lease, as decisions: when the listener moves back to
+//! The fail-back drain of one old grant, as decisions: when the listener moves back to
 //! the primary, the queue it leaves on the old broker is consumed until it is empty (ready
 //! and unacknowledged) or `drain_timeout` passed; a named queue is then still consumed for
 //! `fail_back_watch` (other publishers may still send there); finally the consumer is
@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-/// How often a draining lease's queue is checked.
+/// How often a draining grant's queue is checked.
 pub(crate) const CHECK_EVERY: Duration = Duration::from_millis(200);
 
 /// Where a drain stands.
@@ -24,7 +24,7 @@ pub(crate) enum Phase {
     Closing,
 }
 
-/// The drain of one old lease.
+/// The drain of one old grant.
 #[derive(Clone, Debug)]
 pub(crate) struct Drain {
     pub phase: Phase,
@@ -37,7 +37,7 @@ pub(crate) struct Drain {
     anonymous: bool,
 }
 
-/// What the actor does next with a draining lease.
+/// What the actor does next with a draining grant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Step {
     /// Check again after this long.
@@ -49,7 +49,7 @@ pub(crate) enum Step {
 /// What to do once the consumer of a closing drain ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Closed {
-    /// Done: give the lease back; delete the (anonymous, empty) queue first if `delete`.
+    /// Done: give the grant back; delete the (anonymous, empty) queue first if `delete`.
     Release { delete: bool },
     /// Messages arrived meanwhile: consume again and keep checking.
     DrainAgain,

@@ -14,9 +14,9 @@ use lapin::BasicProperties;
 use lapin::types::FieldTable;
 use parking_lot::Mutex;
 use warren_runtime::broker::Broker;
+use warren_runtime::confirm::{PublishError, PublishOptions, Published, address};
 use warren_runtime::envelope::{Envelope, keys};
 use warren_runtime::exchanges::TARGETED;
-use warren_runtime::publish::{PublishError, PublishOptions, Published, address};
 use warren_runtime::publisher::Publisher;
 
 use super::{Listener, Notice};
@@ -38,8 +38,8 @@ pub struct DeliveryInfo {
     pub queue: String,
     /// The broker the message came from.
     pub broker: Arc<Broker>,
-    /// The lease (channel generation) it came on.
-    pub lease: u64,
+    /// The number of the grant it came on (see `assignments::Grant`).
+    pub grant: u64,
 }
 
 impl DeliveryInfo {

@@ -13,9 +13,9 @@ use lapin::Channel;
 use ractor::{Actor, ActorRef};
 use warren_runtime::actor_slot::ActorSlot;
 use warren_runtime::broker::BrokerId;
+use warren_runtime::confirm::{PublishError, PublishOptions, Published};
 use warren_runtime::envelope::{Envelope, Stamp};
 use warren_runtime::node::NodeContext;
-use warren_runtime::publish::{PublishError, PublishOptions, Published};
 use warren_runtime::supervisor::{ChildSpec, StopDeadline};
 
 use super::Listener;
@@ -145,7 +145,7 @@ impl ListenerHandle {
         self.shared.channel.borrow().clone()
     }
 
-    /// The broker and lease generation of the current channel.
+    /// The broker and grant number of the current channel.
     pub fn current(&self) -> Option<(BrokerId, u64)> {
         *self.shared.current.read()
     }

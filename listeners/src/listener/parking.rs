@@ -12,9 +12,9 @@ use std::sync::atomic::Ordering;
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, LongString};
-use warren_runtime::publish::{PublishOptions, Published};
+use warren_runtime::confirm::{PublishOptions, Published};
 
-use super::shared::{LeaseContext, ListenerShared};
+use super::shared::{GrantContext, ListenerShared};
 use super::topology;
 
 /// Longest reason kept in the header.
@@ -32,7 +32,7 @@ pub(crate) struct Message<'a> {
 /// came from, and waits for the broker to confirm it.
 pub(crate) async fn park(
     shared: &ListenerShared,
-    context: &LeaseContext,
+    context: &GrantContext,
     message: Message<'_>,
     reason: &str,
 ) -> Result<(), String> {

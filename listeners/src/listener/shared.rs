@@ -1,7 +1,7 @@
 //! The state a listener's handle, actor and consumer loops share: what the listener is
 //! (name, settings, topology, responders), what happened to its messages (counters,
 //! failure counts), what it runs on now (consuming, channel, broker and grant), and the
-//! context of one lease that a consumer loop and its messages' work share.
+//! context of one grant that a consumer loop and its messages' work share.
 //!
 //! Owns: building that state from a spec and the node's configuration. Must not touch: the
 //! actor (the handle holds the actor's address, not this state), the broker.
@@ -128,7 +128,7 @@ pub(crate) struct ListenerShared {
     pub consuming: watch::Sender<bool>,
     /// The channel the topology is declared on, for publishing outside events.
     pub channel: watch::Sender<Option<Channel>>,
-    /// The broker and lease of the current channel.
+    /// The broker and grant of the current channel.
     pub current: RwLock<Option<(BrokerId, u64)>>,
     pub assignments: Assignments,
     pub readiness: Readiness,
@@ -251,9 +251,9 @@ fn expiry_of(queue: &QueueSpec) -> Option<Duration> {
     Some(Duration::from_millis(millis))
 }
 
-/// The lease a consumer loop runs on, shared with its messages' work.
-pub(crate) struct LeaseContext {
-    pub lease: u64,
+/// The grant a consumer loop runs on, shared with its messages' work.
+pub(crate) struct GrantContext {
+    pub grant: u64,
     pub channel: Channel,
     pub broker: Arc<Broker>,
     /// The listener's publisher pinned to this broker (replies, parking).

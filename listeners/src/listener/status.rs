@@ -55,7 +55,7 @@ pub struct StatsSnapshot {
 /// What a listener's actor says about itself (for operators and tests).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListenerStatus {
-    /// The broker and lease generation of the active channel, if any.
+    /// The broker and grant number of the active channel, if any.
     pub active: Option<(BrokerId, u64)>,
     /// The topology is declared on the active channel.
     pub declared: bool,
@@ -63,7 +63,7 @@ pub struct ListenerStatus {
     pub consuming: bool,
     /// Paused by the app.
     pub paused: bool,
-    /// Old leases still drained (or watched) after a fail-back: broker and generation.
+    /// Old grants still drained (or watched) after a fail-back: broker and grant number.
     pub draining: Vec<(BrokerId, u64)>,
     /// Of `draining`: those whose queue was empty once and are still consumed for
     /// `[listener] fail_back_watch_ms`.

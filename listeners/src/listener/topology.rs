@@ -393,7 +393,7 @@ pub(crate) async fn ready_count(
 
 /// Deletes the listener's queue if it is anonymous (its messages are nobody else's), and
 /// only if it is empty and nobody consumes it: a queue that still holds messages, or that
-/// a newer lease consumes, stays. Whether it was deleted.
+/// a newer grant consumes, stays. Whether it was deleted.
 pub(crate) async fn delete_if_anonymous(
     channel: &Channel,
     topology: &Topology,

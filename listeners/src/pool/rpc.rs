@@ -1,4 +1,4 @@
-//! RPC over the kapi envelope, through a leased worker (Kazoo's kz_amqp_worker calls).
+//! RPC over the kapi envelope, through a checked-out worker (Kazoo's kz_amqp_worker calls).
 //!
 //! A request carries the worker's queue as `Server-ID` and a `Msg-ID`; responders reply
 //! to `targeted` with routing key = `Server-ID` and the same `Msg-ID`.
@@ -19,12 +19,12 @@ use std::fmt;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use warren_runtime::confirm::{PublishError, PublishOptions, Published, Returned};
 use warren_runtime::envelope::{Envelope, keys};
-use warren_runtime::publish::{PublishError, PublishOptions, Published, Returned};
 use warren_runtime::publisher::Sent;
 
 use super::PoolError;
-use super::lease::PoolLease;
+use super::checkout::Checkout;
 
 /// How long, at a call's deadline, the request's confirm may still take to say why no
 /// reply came (e.g. `Blocked`).
@@ -97,7 +97,7 @@ struct Pending {
     sent: Option<Sent>,
 }
 
-impl PoolLease {
+impl Checkout {
     /// Writes a request (mandatory) through the worker's broker; the call is then pending.
     async fn send_request(
         &self,

@@ -1,6 +1,6 @@
 //! A pool worker: a listener with its own channel and its own anonymous queue, bound to
 //! `targeted` with the queue's name as routing key (its `Server-ID`), whose deliveries go
-//! to whoever holds the worker's lease. Its channel only consumes: call requests go out on
+//! to whoever holds the worker's checkout. Its channel only consumes: call requests go out on
 //! the publish connection of the worker's broker (see `rpc`).
 //!
 //! Replies (deliveries via `targeted` to the worker's own queue) reach the holder only for
@@ -27,13 +27,13 @@ pub(crate) const DELIVERY_BUFFER: usize = 256;
 /// How long a delivery may wait for room in a full holder buffer before it is requeued.
 const ROOM_WAIT: Duration = Duration::from_secs(1);
 
-/// Where a worker's deliveries go while it is leased.
+/// Where a worker's deliveries go while it is checked out.
 #[derive(Default)]
 pub(crate) struct Inbox {
     holder: Mutex<Option<Holder>>,
 }
 
-/// The current lease's side of the inbox.
+/// The current checkout's side of the inbox.
 struct Holder {
     replies: mpsc::Sender<Event>,
     deliveries: mpsc::Sender<Event>,
@@ -41,14 +41,14 @@ struct Holder {
     awaiting: HashSet<String>,
 }
 
-/// The receiving ends a lease reads.
+/// The receiving ends a checkout reads.
 pub(crate) struct Mailbox {
     pub replies: mpsc::Receiver<Event>,
     pub deliveries: mpsc::Receiver<Event>,
 }
 
 impl Inbox {
-    /// A new holder: fresh buffers, so nothing of the previous lease leaks into this one.
+    /// A new holder: fresh buffers, so nothing of the previous checkout leaks into this one.
     pub fn open(&self) -> Mailbox {
         let (replies, replies_rx) = mpsc::channel(REPLY_BUFFER);
         let (deliveries, deliveries_rx) = mpsc::channel(DELIVERY_BUFFER);
@@ -63,7 +63,7 @@ impl Inbox {
         }
     }
 
-    /// The lease is over: later deliveries are dropped.
+    /// The checkout is over: later deliveries are dropped.
     pub fn close(&self) {
         *self.holder.lock() = None;
     }
@@ -121,7 +121,7 @@ impl Listener for WorkerListener {
     }
 }
 
-/// Hands an event to the lease holder, waiting a little for room.
+/// Hands an event to the checkout holder, waiting a little for room.
 async fn forward(inbox: &Inbox, event: Event) -> Result<(), HandlerError> {
     let Some(sender) = inbox.route(&event) else {
         tracing::debug!(
@@ -137,11 +137,11 @@ async fn forward(inbox: &Inbox, event: Event) -> Result<(), HandlerError> {
     };
     match tokio::time::timeout(ROOM_WAIT, sender.send(event)).await {
         Ok(Ok(())) => Ok(()),
-        // The lease ended meanwhile: nobody wants it any more.
+        // The checkout ended meanwhile: nobody wants it any more.
         Ok(Err(_)) => Ok(()),
         // Not the message's fault: back to the queue, not counted as a failure.
         Err(_) => Err(HandlerError::defer(
-            "the lease holder does not read its deliveries",
+            "the checkout holder does not read its deliveries",
         )),
     }
 }

@@ -10,8 +10,8 @@
 
 use std::fmt::Write;
 
+use crate::confirm::{PublishError, Published};
 use crate::envelope::Envelope;
-use crate::publish::{PublishError, Published};
 use crate::publisher::Publisher;
 
 /// Event-Category of every configuration event.

@@ -798,7 +798,7 @@ impl Actor for ConnectionActor {
         args.deadline.clear();
         for role in [Role::Consume, Role::Publish] {
             // A restarted actor has no connection yet, whatever its killed predecessor
-            // last reported: leases of the old generations are dead.
+            // last reported: grants of the old generations are dead.
             args.registry.report(
                 args.broker.id,
                 StatusUpdate::Down {

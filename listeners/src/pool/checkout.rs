@@ -1,20 +1,20 @@
-//! A checked-out worker. Through a lease a task publishes (with confirms, through the
+//! A checked-out worker. Through a checkout a task publishes (with confirms, through the
 //! node's publisher and its publish connection, so a broker that blocks publishing never
 //! stalls the worker's consumer), adds temporary bindings to the worker's queue and reads
 //! their deliveries, and makes calls on the worker's channel (see `rpc`).
 //!
-//! The lease goes back to the pool when it is dropped, also when its holder panics; check-in
-//! removes the bindings the lease added. `checkin().await` does the same and waits for it;
+//! The checkout goes back to the pool when it is dropped, also when its holder panics; check-in
+//! removes the bindings the checkout added. `checkin().await` does the same and waits for it;
 //! the check-in runs as a task of its own, so a caller that drops the `checkin` future (or
-//! any lease call) half-way still gives the worker back. A worker whose bindings cannot be
+//! any checkout call) half-way still gives the worker back. A worker whose bindings cannot be
 //! shown to be gone from every broker is retired instead of being handed out again.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use warren_runtime::confirm::{PublishError, PublishOptions, Published};
 use warren_runtime::envelope::Envelope;
-use warren_runtime::publish::{PublishError, PublishOptions, Published};
 use warren_runtime::publisher::Publisher;
 
 use super::PoolInner;
@@ -22,7 +22,7 @@ use super::worker::{Mailbox, Worker};
 use crate::listener::{Binding, Event, ListenerError};
 
 /// A worker checked out of a pool.
-pub struct PoolLease {
+pub struct Checkout {
     pub(super) pool: Arc<PoolInner>,
     /// The node's publisher, stamping as the app.
     pub(super) publisher: Publisher,
@@ -31,11 +31,11 @@ pub struct PoolLease {
     pub(super) released: bool,
     pub(super) mailbox: Mailbox,
     pub(super) added: Vec<Binding>,
-    /// The pool generation the worker belongs to.
-    pub(super) generation: u64,
+    /// The pool epoch the worker belongs to.
+    pub(super) epoch: u64,
 }
 
-impl PoolLease {
+impl Checkout {
     pub(crate) fn worker(&self) -> &Arc<Worker> {
         &self.worker
     }
@@ -76,7 +76,7 @@ impl PoolLease {
             .await
     }
 
-    /// Binds the worker's queue for the time of this lease; removed at check-in. The
+    /// Binds the worker's queue for the time of this checkout; removed at check-in. The
     /// binding is recorded before the broker is asked, so that a caller that gives up
     /// half-way cannot leave it behind for the next holder.
     pub async fn bind(&mut self, binding: Binding) -> Result<(), ListenerError> {
@@ -103,7 +103,7 @@ impl PoolLease {
         futures::stream::poll_fn(move |cx| self.mailbox.deliveries.poll_recv(cx))
     }
 
-    /// Gives the worker back, after removing the lease's bindings; returns once done.
+    /// Gives the worker back, after removing the checkout's bindings; returns once done.
     /// Dropping this future does not stop the check-in.
     pub async fn checkin(mut self) {
         self.released = true;
@@ -112,40 +112,40 @@ impl PoolLease {
             self.pool.clone(),
             self.worker.clone(),
             added,
-            self.generation,
+            self.epoch,
         ));
         let _ = release.await;
     }
 }
 
-impl Drop for PoolLease {
+impl Drop for Checkout {
     fn drop(&mut self) {
         if self.released {
             return;
         }
         let worker = self.worker.clone();
-        let (pool, added, generation) = (
+        let (pool, added, epoch) = (
             self.pool.clone(),
             std::mem::take(&mut self.added),
-            self.generation,
+            self.epoch,
         );
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
-                runtime.spawn(release(pool, worker, added, generation));
+                runtime.spawn(release(pool, worker, added, epoch));
             }
             // No runtime (process exit): the bindings cannot be removed; the worker is not
             // reused unless it had none.
             Err(_) => {
                 worker.inbox.close();
-                pool.checkin(worker, generation, added.is_empty());
+                pool.checkin(worker, epoch, added.is_empty());
             }
         }
     }
 }
 
-/// Check-in: stop routing to this lease, remove its bindings, return the worker — clean
+/// Check-in: stop routing to this checkout, remove its bindings, return the worker — clean
 /// only if every binding is gone from every broker its queue may have it on.
-async fn release(pool: Arc<PoolInner>, worker: Arc<Worker>, added: Vec<Binding>, generation: u64) {
+async fn release(pool: Arc<PoolInner>, worker: Arc<Worker>, added: Vec<Binding>, epoch: u64) {
     worker.inbox.close();
     let mut clean = true;
     for binding in added {
@@ -157,5 +157,5 @@ async fn release(pool: Arc<PoolInner>, worker: Arc<Worker>, added: Vec<Binding>,
             }
         }
     }
-    pool.checkin(worker, generation, clean);
+    pool.checkin(worker, epoch, clean);
 }
