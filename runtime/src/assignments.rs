@@ -31,6 +31,7 @@ use crate::backoff::Backoff;
 use crate::broker::{Broker, BrokerId};
 use crate::connection_actor::{ChannelError, TakenChannel};
 use crate::connections::Connections;
+use crate::forward;
 use crate::log_limit::LogLimit;
 use crate::registry::ConnectionRegistry;
 use crate::supervisor::ChildSpec;
@@ -113,6 +114,17 @@ impl Grants {
     /// The next event; `None` once assignments stopped.
     pub async fn next(&mut self) -> Option<GrantEvent> {
         self.rx.recv().await
+    }
+}
+
+impl futures::Stream for Grants {
+    type Item = GrantEvent;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<GrantEvent>> {
+        self.rx.poll_recv(cx)
     }
 }
 
@@ -555,14 +567,11 @@ impl Actor for AssignmentsActor {
         myself: ActorRef<Self::Msg>,
         state: &mut AssignmentsState,
     ) -> Result<(), ActorProcessingErr> {
-        let mut changes = state.registry.subscribe();
-        state.registry_watch = Some(tokio::spawn(async move {
-            while changes.changed().await.is_ok() {
-                if myself.cast(AssignmentsMsg::RegistryChanged).is_err() {
-                    break;
-                }
-            }
-        }));
+        state.registry_watch = Some(forward::each_change(
+            state.registry.subscribe(),
+            myself,
+            || AssignmentsMsg::RegistryChanged,
+        ));
         Ok(())
     }
 

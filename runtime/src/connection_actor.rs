@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 use crate::backoff::Backoff;
 use crate::broker::{Broker, BrokerId, Role};
 use crate::config::Config;
+use crate::forward;
 use crate::log_limit::LogLimit;
 use crate::registry::{ConnectionRegistry, StatusUpdate};
 use crate::supervisor::StopDeadline;
@@ -832,14 +833,11 @@ impl Actor for ConnectionActor {
     ) -> Result<(), ActorProcessingErr> {
         state.health = Some(myself.send_interval(HEALTH_CHECK_EVERY, || ConnectionMsg::Check));
         // A restarted registry knows nothing: tell it again what this actor knows.
-        let mut restarts = state.registry.restarts();
-        state.rereport = Some(tokio::spawn(async move {
-            while restarts.changed().await.is_ok() {
-                if myself.cast(ConnectionMsg::ReportStatus).is_err() {
-                    break;
-                }
-            }
-        }));
+        state.rereport = Some(forward::each_change(
+            state.registry.restarts(),
+            myself,
+            || ConnectionMsg::ReportStatus,
+        ));
         Ok(())
     }
 

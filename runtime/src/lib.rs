@@ -9,6 +9,7 @@
 //! - the wire: `envelope` (kapi format), `kapi_conf` (Kazoo's configuration events),
 //!   `exchanges`, `confirm` (one publish in confirm mode and its outcome), `publisher`
 //!   (the node's publisher that follows the primary);
+//! - `forward`: a task that feeds an actor from a stream or a watched value;
 //! - `log_limit`: one log line per key and interval, for anything that can flood;
 //! - `readiness`: which parts of the node do their work, and why the others do not;
 //! - `node`: the root supervision tree and the handles apps are built with.
@@ -26,6 +27,7 @@ pub mod connection_actor;
 pub mod connections;
 pub mod envelope;
 pub mod exchanges;
+pub mod forward;
 pub mod kapi_conf;
 pub mod log_limit;
 pub mod node;

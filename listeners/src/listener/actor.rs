@@ -25,6 +25,7 @@ use warren_runtime::actor_slot::ActorSlot;
 use warren_runtime::assignments::{Client, Grant, GrantEvent};
 use warren_runtime::backoff::Backoff;
 use warren_runtime::broker::BrokerId;
+use warren_runtime::forward;
 use warren_runtime::log_limit::LogLimit;
 use warren_runtime::readiness::ReadinessEntry;
 use warren_runtime::supervisor::StopDeadline;
@@ -936,7 +937,7 @@ impl Actor for ListenerActor {
         myself: ActorRef<Self::Msg>,
         state: &mut ListenerState,
     ) -> Result<(), ActorProcessingErr> {
-        let (client, mut events) = state.shared.assignments.register(
+        let (client, events) = state.shared.assignments.register(
             format!("listener:{}", state.shared.name),
             state.shared.settings.channel.clone(),
         )?;
@@ -944,13 +945,7 @@ impl Actor for ListenerActor {
         if let Some(every) = state.shared.settings.keepalive {
             state.keepalive = Some(myself.send_interval(every, || ListenerMsg::KeepAlive));
         }
-        state.forward = Some(tokio::spawn(async move {
-            while let Some(event) = events.next().await {
-                if myself.cast(ListenerMsg::Grant(event)).is_err() {
-                    break;
-                }
-            }
-        }));
+        state.forward = Some(forward::each_item(events, myself, ListenerMsg::Grant));
         Ok(())
     }
 
