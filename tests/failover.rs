@@ -22,7 +22,6 @@ use warren_listeners::{
 };
 use warren_runtime::broker::BrokerId;
 use warren_runtime::confirm::PublishError;
-use warren_runtime::node::Node;
 use warren_test_support::eventually;
 
 const A: BrokerId = BrokerId(0);
@@ -70,12 +69,19 @@ fn on(handle: &ListenerHandle, broker: BrokerId) -> bool {
     handle.is_consuming() && handle.current().is_some_and(|(b, _)| b == broker)
 }
 
-async fn no_draining(node: &Node) -> bool {
-    node.context()
-        .assignments
-        .inspect()
-        .await
-        .is_ok_and(|r| r.grants.iter().all(|l| !l.draining))
+/// The listener drains no old grant any more (it gave the channel back).
+async fn drained(handle: &ListenerHandle) -> bool {
+    handle.status().await.is_ok_and(|s| s.draining.is_empty())
+}
+
+/// None of these listeners drains an old grant any more.
+async fn no_draining(handles: &[&ListenerHandle]) -> bool {
+    for handle in handles {
+        if !drained(handle).await {
+            return false;
+        }
+    }
+    true
 }
 
 fn median(mut values: Vec<Duration>) -> Duration {
@@ -140,7 +146,7 @@ async fn float_failover_and_fail_back_are_fast_and_exactly_once_per_loss() {
         );
         let failback = back.elapsed();
         assert!(
-            until(SOON, || no_draining(&node)).await,
+            until(SOON, || drained(&handle)).await,
             "cycle {cycle}: the old grant was not released"
         );
         println!("cycle {cycle}: failover {failover:?}, fail-back {failback:?}");
@@ -219,9 +225,9 @@ async fn fail_back_drains_the_secondary_before_closing_it() {
     let mut saw_both = false;
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline && !saw_both {
-        if let Ok(report) = node.context().assignments.inspect().await {
-            let active_on_a = report.grants.iter().any(|l| !l.draining && l.broker == A);
-            let draining_on_b = report.grants.iter().any(|l| l.draining && l.broker == B);
+        if let Ok(status) = handle.status().await {
+            let active_on_a = status.active.is_some_and(|(broker, _)| broker == A);
+            let draining_on_b = status.draining.iter().any(|(broker, _)| *broker == B);
             saw_both = active_on_a && draining_on_b;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -241,7 +247,7 @@ async fn fail_back_drains_the_secondary_before_closing_it() {
         seen.distinct()
     );
     assert!(
-        until(SOON, || no_draining(&node)).await,
+        until(SOON, || drained(&handle)).await,
         "the drained grant was not released"
     );
     assert_eq!(client_b.ready(&queue).await, 0, "nothing left on B");
@@ -367,8 +373,13 @@ async fn no_channel_leaks_after_five_kill_restart_cycles() {
             "cycle {cycle}: floats did not come back"
         );
         assert!(
-            until(SOON, || no_draining(&node)).await,
-            "cycle {cycle}: drained grants not released"
+            until(SOON, || async {
+                let mut all: Vec<&ListenerHandle> = floats.iter().collect();
+                all.push(&sticky);
+                no_draining(&all).await
+            })
+            .await,
+            "cycle {cycle}: drained grants not given back"
         );
         assert!(on(&sticky, B), "cycle {cycle}: the sticky listener moved");
         if node.context().registry.status(B).map(|s| s.generation) != b_generation {
@@ -771,7 +782,7 @@ async fn a_fail_back_drain_is_bounded_and_never_deletes_a_queue_with_messages() 
     assert!(eventually(Duration::from_secs(15), || on(&handle, A)).await);
     let draining_since = Instant::now();
     assert!(
-        until(Duration::from_secs(15), || no_draining(&node)).await,
+        until(Duration::from_secs(15), || drained(&handle)).await,
         "the drain of B did not end by its timeout"
     );
     println!("drain ended after {:?}", draining_since.elapsed());
@@ -838,7 +849,7 @@ async fn a_primary_flap_during_a_drain_never_deletes_the_queue_a_newer_grant_con
         "{} of 3 handled",
         seen.distinct()
     );
-    assert!(until(SOON, || no_draining(&node)).await, "the drain ended");
+    assert!(until(SOON, || drained(&handle)).await, "the drain ended");
     assert_eq!(
         handle.current().map(|(_, grant)| grant),
         grant_on_b,
@@ -888,7 +899,7 @@ async fn requests_sent_to_the_secondary_after_a_fail_back_are_not_stranded() {
     assert!(
         until(SOON, || async {
             client_b.ready(&queue).await == 0
-                && (no_draining(&node).await
+                && (drained(&handle).await
                     || handle.status().await.is_ok_and(|s| !s.watching.is_empty()))
         })
         .await
@@ -914,7 +925,7 @@ async fn requests_sent_to_the_secondary_after_a_fail_back_are_not_stranded() {
     );
     assert_eq!(client_b.ready(&queue).await, 0);
     // The watch ends, and with it the old grant.
-    assert!(until(SOON, || no_draining(&node)).await);
+    assert!(until(SOON, || drained(&handle)).await);
     assert!(on(&handle, A));
     handle.stop().await.expect("stop");
     node.stop().await.expect("node stops");

@@ -5,17 +5,20 @@
 //! channel's connection dies. Float clients are served from the current primary and are
 //! moved at once when it is lost (no fixed deferral); when a broker ahead of the current
 //! primary returns, each float client gets a new grant there first (`replaces` names the
-//! old one), keeps draining its old grant, and releases it when its queue there is empty
-//! (make-before-break). Sticky clients never move. Every grant carries a number, so a
-//! stale event or a late channel is recognised and dropped.
+//! old one; make-before-break). From then on the old grant is the client's alone: it drains
+//! it, decides when the drain ends, and gives the channel back with [`Client::release`];
+//! assignments keeps no record of it. Sticky clients never move. Every grant carries a
+//! number, so a stale event or a late channel is recognised and dropped.
 //!
 //! A broker that cannot hand out a channel (down, or refusing channels) is asked again per
 //! client after a jittered, growing delay (reset by a success), and the refusals are
 //! logged once per broker and interval with a count, not once per retry.
 //!
-//! Assignments owns grants and reservations. Channels come from the connections'
-//! prechannel buffers (`Connections::take_channel`); availability comes from the registry.
-//! It must not touch queues, AMQP consumers or messages: those belong to the listener.
+//! Assignments owns grants and reservations, and closes every channel it handed out (the
+//! one closer: two closes of one channel racing each other make lapin drop the whole
+//! connection). Channels come from the connections' prechannel buffers
+//! (`Connections::take_channel`); availability comes from the registry. It must not touch
+//! queues, AMQP consumers, messages or drains: those belong to the listener.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -64,8 +67,9 @@ pub struct Grant {
     /// Increases with every grant of the same client; events for older numbers are
     /// stale.
     pub number: u64,
-    /// Set on fail-back: the number of the grant this one replaces. The client keeps
-    /// draining the old grant and then releases it.
+    /// Set on fail-back: the number of the grant this one replaces. That grant is the
+    /// client's from now on: it drains it, and gives its channel back with
+    /// [`Client::release`] (or, if it does not hold it any more, has nothing to do).
     pub replaces: Option<u64>,
 }
 
@@ -73,8 +77,9 @@ pub struct Grant {
 pub enum GrantEvent {
     /// A new channel: replay the topology on it.
     Granted(Grant),
-    /// The channel of this grant is gone (its connection died). A float client gets a
-    /// new grant right after; a sticky one when its broker returns.
+    /// The channel of the client's current grant is gone (its connection died). A float
+    /// client gets a new grant right after; a sticky one when its broker returns. A
+    /// replaced grant the client drains is its own to watch.
     Lost { number: u64 },
 }
 
@@ -91,17 +96,19 @@ pub struct Client {
 }
 
 impl Client {
-    /// The client saw the channel of this grant die (e.g. its AMQP consumer stream ended with
-    /// an error). Assignments answers with `Lost` (if it did not know yet) and a new grant.
-    pub fn report_lost(&self, number: u64) {
+    /// The client gave up on the channel of this grant (e.g. its AMQP consumer stream
+    /// ended with an error) and gives it back. Assignments closes it, and answers with
+    /// `Lost` (if it did not know yet) and a new grant.
+    pub fn report_lost(&self, number: u64, channel: Channel) {
         let _ = self
             .actor
-            .cast(AssignmentsMsg::LostReported(self.id, number));
+            .cast(AssignmentsMsg::LostReported(self.id, number, channel));
     }
 
-    /// The client is done with a grant it was draining; its channel is closed.
-    pub fn release(&self, number: u64) {
-        let _ = self.actor.cast(AssignmentsMsg::Released(self.id, number));
+    /// The client is done with the channel of a grant that was replaced (it drained it):
+    /// assignments closes it.
+    pub fn release(&self, channel: Channel) {
+        let _ = self.actor.cast(AssignmentsMsg::Release(channel));
     }
 }
 
@@ -142,7 +149,6 @@ pub struct GrantInfo {
     pub kind: ChannelKind,
     pub broker: BrokerId,
     pub number: u64,
-    pub draining: bool,
 }
 
 /// What assignments holds right now (for operators and tests).
@@ -226,8 +232,9 @@ pub enum AssignmentsMsg {
     },
     /// The client's event receiver is gone (it stopped or died).
     Unregister(ClientId),
-    LostReported(ClientId, u64),
-    Released(ClientId, u64),
+    LostReported(ClientId, u64, Channel),
+    /// A client gives back the channel of a replaced grant.
+    Release(Channel),
     /// A channel requested for a client arrived (or could not be had).
     Taken {
         id: ClientId,
@@ -272,7 +279,6 @@ struct ClientEntry {
     /// For `Tag` clients: the broker the tag resolved to at the first grant.
     stuck_to: Option<BrokerId>,
     active: Option<Held>,
-    draining: Vec<Held>,
     pending: Option<Pending>,
     /// A retry is scheduled after a failed take.
     retrying: bool,
@@ -285,12 +291,7 @@ struct ClientEntry {
 impl Drop for ClientEntry {
     fn drop(&mut self) {
         self.watcher.abort();
-        for held in self
-            .active
-            .take()
-            .into_iter()
-            .chain(self.draining.drain(..))
-        {
+        if let Some(held) = self.active.take() {
             close_in_background(held.channel);
         }
     }
@@ -348,25 +349,15 @@ impl AssignmentsState {
         }
     }
 
-    /// Brings one client in line with the registry: drop dead grants (telling the
+    /// Brings one client in line with the registry: drop a dead grant (telling the
     /// client), serve a client without a grant, start fail-back for a float client
     /// that is off the primary.
     fn reconcile(&mut self, myself: &ActorRef<AssignmentsMsg>, id: ClientId) {
         let Some(entry) = self.clients.get(&id) else {
             return;
         };
-        let active_dead = entry.active.as_ref().is_some_and(|h| !self.alive(h));
-        let dead_draining: Vec<u64> = entry
-            .draining
-            .iter()
-            .filter(|h| !self.alive(h))
-            .map(|h| h.number)
-            .collect();
-        if active_dead {
-            self.lose(id, None);
-        }
-        for number in dead_draining {
-            self.lose(id, Some(number));
+        if entry.active.as_ref().is_some_and(|h| !self.alive(h)) {
+            self.lose(id);
         }
 
         let Some(entry) = self.clients.get(&id) else {
@@ -398,23 +389,15 @@ impl AssignmentsState {
             .map_or_else(|| format!("{id:?}"), |e| e.label.clone())
     }
 
-    /// Tells the client that a grant is lost and forgets it. `None` = the active grant.
-    fn lose(&mut self, id: ClientId, draining: Option<u64>) {
+    /// Tells the client that its grant is lost and forgets it.
+    fn lose(&mut self, id: ClientId) {
         let Some(entry) = self.clients.get_mut(&id) else {
             return;
         };
-        let held = match draining {
-            None => entry.active.take(),
-            Some(number) => entry
-                .draining
-                .iter()
-                .position(|h| h.number == number)
-                .map(|i| entry.draining.remove(i)),
-        };
-        let Some(held) = held else {
+        let Some(held) = entry.active.take() else {
             return;
         };
-        tracing::info!(client = %entry.label, number = held.number, broker = %held.broker, draining = draining.is_some(), "grant lost");
+        tracing::info!(client = %entry.label, number = held.number, broker = %held.broker, "grant lost");
         let _ = entry.tx.send(GrantEvent::Lost {
             number: held.number,
         });
@@ -511,17 +494,18 @@ impl AssignmentsState {
             connection: taken.generation,
             channel: taken.channel.clone(),
         };
-        let replaces = match pending.purpose {
-            Purpose::FailBack => entry.active.take().map(|old| {
-                let old_number = old.number;
-                entry.draining.push(old);
-                old_number
-            }),
+        // On fail-back the old grant becomes the client's to drain and give back.
+        let (replaced, replaces) = match pending.purpose {
+            Purpose::FailBack => {
+                let old = entry.active.take();
+                let number = old.as_ref().map(|old| old.number);
+                (old, number)
+            }
             Purpose::Fresh => {
                 if let Some(old) = entry.active.take() {
                     close_in_background(old.channel);
                 }
-                None
+                (None, None)
             }
         };
         entry.active = Some(held);
@@ -533,6 +517,10 @@ impl AssignmentsState {
             replaces,
         };
         if entry.tx.send(GrantEvent::Granted(grant)).is_err() {
+            // Nobody took the old grant over: it is still ours to close.
+            if let Some(old) = replaced {
+                close_in_background(old.channel);
+            }
             self.clients.remove(&id);
             return;
         }
@@ -605,7 +593,6 @@ impl Actor for AssignmentsActor {
                         tx,
                         stuck_to: None,
                         active: None,
-                        draining: Vec::new(),
                         pending: None,
                         retrying: false,
                         take_failures: 0,
@@ -620,32 +607,22 @@ impl Actor for AssignmentsActor {
                     tracing::debug!(client = %entry.label, "client gone; its channels are closed");
                 }
             }
-            AssignmentsMsg::LostReported(id, number) => {
+            AssignmentsMsg::LostReported(id, number, channel) => {
                 let is_active = state
                     .clients
                     .get(&id)
                     .and_then(|e| e.active.as_ref())
                     .is_some_and(|h| h.number == number);
-                let is_draining = state
-                    .clients
-                    .get(&id)
-                    .is_some_and(|e| e.draining.iter().any(|h| h.number == number));
                 if is_active {
-                    state.lose(id, None);
-                } else if is_draining {
-                    state.lose(id, Some(number));
+                    // `lose` closes the active grant's channel, which is this one.
+                    state.lose(id);
+                } else {
+                    // A grant already replaced (handed over on fail-back): ours to close.
+                    close_in_background(channel);
                 }
                 state.reconcile(&myself, id);
             }
-            AssignmentsMsg::Released(id, number) => {
-                if let Some(entry) = state.clients.get_mut(&id)
-                    && let Some(i) = entry.draining.iter().position(|h| h.number == number)
-                {
-                    let held = entry.draining.remove(i);
-                    tracing::info!(client = %entry.label, number, "drained grant released");
-                    close_in_background(held.channel);
-                }
-            }
+            AssignmentsMsg::Release(channel) => close_in_background(channel),
             AssignmentsMsg::Taken { id, token, result } => {
                 state.taken(&myself, id, token, *result);
             }
@@ -664,18 +641,12 @@ impl Actor for AssignmentsActor {
             AssignmentsMsg::Inspect(reply) => {
                 let mut report = AssignmentsReport::default();
                 for entry in state.clients.values() {
-                    for (held, draining) in entry
-                        .active
-                        .iter()
-                        .map(|h| (h, false))
-                        .chain(entry.draining.iter().map(|h| (h, true)))
-                    {
+                    if let Some(held) = &entry.active {
                         report.grants.push(GrantInfo {
                             client: entry.label.clone(),
                             kind: entry.kind.clone(),
                             broker: held.broker,
                             number: held.number,
-                            draining,
                         });
                     }
                     if entry.active.is_none() {

@@ -113,6 +113,17 @@ struct Held {
     consumer: Option<RunningConsumer>,
     /// Set for an old grant being drained after a fail-back.
     drain: Option<Drain>,
+    /// Set once assignments handed this grant over (it was replaced on fail-back): the
+    /// channel goes back to assignments, which closes it, when this is dropped.
+    give_back: Option<Client>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(client) = self.give_back.take() {
+            client.release(self.context.channel.clone());
+        }
+    }
 }
 
 impl Held {
@@ -140,12 +151,12 @@ impl Held {
     }
 
     /// The grant is over: the consumer ends at once and its handlers finish on their own.
-    /// The channel is not closed here: assignments, which owns grants, closes it when it
-    /// learns the grant is over (lost, released or replaced). Two closes of one channel
-    /// racing each other make the broker answer twice, and lapin then closes the whole
-    /// connection over the unexpected `channel.close-ok`.
-    fn abandon(self) {
-        if let Some(consumer) = self.consumer {
+    /// The channel is not closed here: assignments closes it when it learns the grant is
+    /// over (lost, reported lost, given back or replaced). Two closes of one channel racing
+    /// each other make the broker answer twice, and lapin then closes the whole connection
+    /// over the unexpected `channel.close-ok`.
+    fn abandon(mut self) {
+        if let Some(consumer) = self.consumer.take() {
             let _ = consumer.control.send(Control::Abandon);
         }
     }
@@ -263,6 +274,8 @@ impl ListenerState {
                 // Make-before-break: the old grant keeps consuming until drained.
                 if let Some(mut held) = self.active.take() {
                     tracing::info!(listener = %self.shared.name, old, new = grant.number, broker = %grant.broker, "moving back to the primary; draining the old grant");
+                    // The old grant is ours now: its channel goes back when we are done.
+                    held.give_back = self.client.clone();
                     let settings = &self.shared.settings;
                     let anonymous = self.shared.topology.lock().queue.name == QueueName::Anonymous;
                     held.drain = Some(Drain::new(
@@ -277,11 +290,9 @@ impl ListenerState {
                     });
                 }
             }
-            Some(old) => {
-                // The grant to replace is already gone: nothing to drain.
-                if let Some(client) = &self.client {
-                    client.release(old);
-                }
+            Some(_) => {
+                // The grant to replace is already gone (its channel went back with
+                // `report_lost`): nothing to drain.
                 self.drop_active("replaced");
             }
             None => self.drop_active("replaced"),
@@ -303,6 +314,7 @@ impl ListenerState {
             ready: false,
             consumer: None,
             drain: None,
+            give_back: None,
         });
         self.declare(myself).await;
     }
@@ -484,14 +496,23 @@ impl ListenerState {
         }
     }
 
-    /// A lost channel seen by the listener itself: tell assignments, which replaces it.
+    /// A lost channel seen by the listener itself: give it back to assignments, which
+    /// replaces it.
     fn lose_active(&mut self, grant: u64, why: &str) {
-        if self.is_active(grant) {
+        if let Some(channel) = self.active_channel(grant) {
             self.drop_active(why);
             if let Some(client) = &self.client {
-                client.report_lost(grant);
+                client.report_lost(grant, channel);
             }
         }
+    }
+
+    /// The channel of the active grant, if `grant` is the active one.
+    fn active_channel(&self, grant: u64) -> Option<Channel> {
+        self.active
+            .as_ref()
+            .filter(|h| h.grant() == grant)
+            .map(|h| h.channel().clone())
     }
 
     /// An old grant is done: delete its queue if that was decided (anonymous and empty,
@@ -512,11 +533,9 @@ impl ListenerState {
         } else {
             false
         };
-        tracing::info!(listener = %self.shared.name, grant, deleted, "old grant drained and released");
+        tracing::info!(listener = %self.shared.name, grant, deleted, "old grant drained and given back");
+        // Dropping it gives its channel back to assignments, which closes it.
         held.abandon();
-        if let Some(client) = &self.client {
-            client.release(grant);
-        }
     }
 
     /// Periodic look at a draining grant.
@@ -527,6 +546,12 @@ impl ListenerState {
         let Some(held) = self.draining.iter().find(|h| h.grant() == grant) else {
             return;
         };
+        if !held.channel().status().connected() {
+            // Its connection died (paused or not, nobody else tells us): done with it.
+            tracing::info!(listener = %self.shared.name, grant, "old grant lost while draining; its queue is left as it is");
+            self.release_draining(grant, false).await;
+            return;
+        }
         let closing = held
             .drain
             .as_ref()
@@ -697,11 +722,12 @@ impl ListenerState {
             .as_ref()
             .is_some_and(|h| h.grant() == grant && !h.ready);
         if still_failing && let Some(held) = self.active.take() {
+            let channel = held.channel().clone();
             held.abandon();
             *self.shared.current.write() = None;
             self.shared.channel.send_replace(None);
             if let Some(client) = &self.client {
-                client.report_lost(grant);
+                client.report_lost(grant, channel);
             }
         }
     }
@@ -881,14 +907,11 @@ impl ListenerState {
     async fn grant_event(&mut self, myself: &ActorRef<ListenerMsg>, event: GrantEvent) {
         match event {
             GrantEvent::Granted(grant) => self.granted(myself, grant).await,
+            // Only ever about the active grant: a drained one is ours to watch.
             GrantEvent::Lost { number } => {
                 if self.is_active(number) {
                     tracing::warn!(listener = %self.shared.name, grant = number, "channel lost");
                     self.drop_active("channel lost");
-                } else if let Some(i) = self.draining.iter().position(|h| h.grant() == number) {
-                    let held = self.draining.remove(i);
-                    tracing::info!(listener = %self.shared.name, grant = number, "old grant lost while draining; its queue is left as it is");
-                    held.abandon();
                 }
             }
         }
