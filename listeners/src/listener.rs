@@ -39,7 +39,7 @@ mod status;
 mod topology;
 mod validate;
 
-pub(crate) use actor::CLOSE_RESERVE;
+pub(crate) use actor::stop_wish;
 pub(crate) use event::Recorder;
 pub use event::{DeliveryInfo, Event, Recorded};
 pub(crate) use handle::node_listener_child;

@@ -40,7 +40,7 @@ use warren_runtime::supervisor::{
 pub use checkout::Checkout;
 pub use rpc::{CollectEnd, Collected, ReplyPredicate, RpcError, Until};
 
-use crate::listener::{CLOSE_RESERVE, node_listener_child};
+use crate::listener::{node_listener_child, stop_wish};
 use worker::{Inbox, Worker, WorkerListener};
 
 /// Why a checkout failed.
@@ -371,7 +371,7 @@ enum Next {
 /// What the pool asks of its parent to stop: its workers stop together, each asking for
 /// what a listener does.
 fn inner_shutdown(inner: &PoolInner) -> Duration {
-    let worker = inner.ctx.stop_timeout + CLOSE_RESERVE;
+    let worker = stop_wish(inner.ctx.stop_timeout);
     deadline::declared(
         StopOrder::Concurrent,
         [worker].into_iter(),

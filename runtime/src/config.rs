@@ -192,8 +192,16 @@ impl ListenerSettings {
 
     /// The operator's flags for exchange `name`, if the file has an `[exchanges.<name>]`.
     pub fn exchange(&self, name: &str) -> Option<&ExchangeOverride> {
-        self.exchanges.iter().find(|exchange| exchange.name == name)
+        exchange_override(&self.exchanges, name)
     }
+}
+
+/// The override for exchange `name` among `exchanges`.
+fn exchange_override<'a>(
+    exchanges: &'a [ExchangeOverride],
+    name: &str,
+) -> Option<&'a ExchangeOverride> {
+    exchanges.iter().find(|exchange| exchange.name == name)
 }
 
 /// How publishing behaves (`[publisher]`).
@@ -315,7 +323,7 @@ impl Config {
 
     /// The operator's flags for exchange `name`, if the file has an `[exchanges.<name>]`.
     pub fn exchange(&self, name: &str) -> Option<&ExchangeOverride> {
-        self.exchanges.iter().find(|exchange| exchange.name == name)
+        exchange_override(&self.exchanges, name)
     }
 
     /// The section of app `name`, if the file has one.

@@ -31,12 +31,8 @@ use crate::readiness::Readiness;
 use crate::registry::{ConnectionRegistry, RegistryActor};
 use crate::supervisor::{
     ChildSpec, Intensity, Restart, StopDeadline, StopOrder, Strategy, Supervisor, SupervisorMsg,
-    SupervisorSpec, spawn_error_reason,
+    SupervisorSpec, deadline, spawn_error_reason,
 };
-
-/// How long past its deadline the root may take to report that it stopped, before it is
-/// killed (the deadline itself is kept by every supervisor below it).
-const ROOT_GRACE: Duration = Duration::from_millis(500);
 
 /// Handles to a running node's services, given to apps when they build their children.
 #[derive(Clone)]
@@ -232,7 +228,7 @@ impl Node {
             .root
             .stop_and_wait(
                 Some("node stopping".to_string()),
-                Some(timeout + ROOT_GRACE),
+                Some(timeout + deadline::MARGIN),
             )
             .await
         {

@@ -46,7 +46,13 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Kept out of a stop's budget for what follows the handlers: the last acks, deleting an
 /// anonymous queue, closing the channel. A listener asks its parent for
 /// `[listener] stop_timeout` plus this.
-pub(crate) const CLOSE_RESERVE: Duration = Duration::from_secs(1);
+const CLOSE_RESERVE: Duration = Duration::from_secs(1);
+
+/// What a listener asks of its parent to stop: its handlers' `stop_timeout`, and the time
+/// kept for closing.
+pub(crate) fn stop_wish(stop_timeout: Duration) -> Duration {
+    stop_timeout + CLOSE_RESERVE
+}
 
 /// Set-up failures: one line per failing step (e.g. an exchange declared with other flags,
 /// which every listener of the node hits) per interval, with a count.
@@ -1026,7 +1032,7 @@ impl Actor for ListenerActor {
         let now = Instant::now();
         let end = state
             .deadline
-            .or_own(timeout + CLOSE_RESERVE)
+            .or_own(stop_wish(timeout))
             .into_std()
             .max(now);
         let reserve = CLOSE_RESERVE.min(end.duration_since(now) / 2);

@@ -16,10 +16,10 @@ use warren_runtime::broker::BrokerId;
 use warren_runtime::confirm::{PublishError, PublishOptions, Published};
 use warren_runtime::envelope::{Envelope, Stamp};
 use warren_runtime::node::NodeContext;
-use warren_runtime::supervisor::{ChildSpec, StopDeadline};
+use warren_runtime::supervisor::{ChildSpec, StopDeadline, deadline};
 
 use super::Listener;
-use super::actor::{CLOSE_RESERVE, ListenerActor, ListenerMsg, Started};
+use super::actor::{ListenerActor, ListenerMsg, Started, stop_wish};
 use super::event::Event;
 use super::responders::{HandlerResult, ResponderId};
 use super::shared::ListenerShared;
@@ -30,10 +30,6 @@ use crate::app::AppContext;
 
 /// How long handle calls wait for the actor.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long past its stop deadline [`ListenerHandle::stop`] waits for the actor to report
-/// that it stopped.
-const STOP_GRACE: Duration = Duration::from_millis(500);
 
 /// A handle to one listener: query it, change it at run time, stop it.
 #[derive(Clone)]
@@ -103,10 +99,9 @@ impl ListenerHandle {
         }
     }
 
-    /// What the listener asks of its parent to stop: its handlers' `stop_timeout`, and
-    /// the time kept for closing.
+    /// What the listener asks of its parent to stop.
     fn stop_wish(&self) -> Duration {
-        self.shared.settings.stop_timeout + CLOSE_RESERVE
+        stop_wish(self.shared.settings.stop_timeout)
     }
 
     fn actor(&self) -> Result<ActorRef<ListenerMsg>, ListenerError> {
@@ -270,7 +265,7 @@ impl ListenerHandle {
         actor
             .stop_and_wait(
                 Some("stopped by its handle".to_string()),
-                Some(bound + STOP_GRACE),
+                Some(bound + deadline::MARGIN),
             )
             .await
             .map_err(|_| ListenerError::NotRunning)

@@ -22,7 +22,8 @@ use tokio::time::Instant;
 /// Kept for each sequential child still to stop after the one being stopped.
 pub const FLOOR: Duration = Duration::from_millis(500);
 
-/// What a supervisor asks for itself, beyond its children's stop.
+/// What a supervisor asks for itself beyond its children's stop, and how long a caller
+/// that stops one waits past the deadline for it to report that it stopped.
 pub const MARGIN: Duration = Duration::from_millis(500);
 
 /// How a supervisor stops its children.
