@@ -38,7 +38,7 @@ use super::refusals::REFUSALS;
 use super::shared::{GrantContext, ListenerShared};
 use super::spec::{Binding, QueueName};
 use super::status::{ListenerError, ListenerStatus, Removed};
-use super::topology::{self, SetupError};
+use super::topology::{self, BindingChange, SetupError};
 
 /// Bound for closing a channel (less when the stop deadline is nearer).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -389,7 +389,15 @@ impl ListenerState {
             if !tombstone.brokers.contains(&broker) {
                 continue;
             }
-            match topology::unbind(&context.channel, &queue, &tombstone.binding, timeout).await {
+            match topology::change_binding(
+                &context.channel,
+                &queue,
+                &tombstone.binding,
+                BindingChange::Remove,
+                timeout,
+            )
+            .await
+            {
                 Ok(()) => {
                     tombstone.brokers.remove(&broker);
                 }
@@ -773,7 +781,15 @@ impl ListenerState {
             return Ok(());
         };
         let (grant, broker) = (held.grant(), held.broker());
-        match topology::bind(held.channel(), &queue, &binding, self.timeout()).await {
+        match topology::change_binding(
+            held.channel(),
+            &queue,
+            &binding,
+            BindingChange::Add,
+            self.timeout(),
+        )
+        .await
+        {
             Ok(()) => {
                 place(&mut self.placed, &binding, broker);
                 Ok(())
@@ -828,7 +844,15 @@ impl ListenerState {
             if !brokers.contains(&broker) {
                 continue;
             }
-            match topology::unbind(&channel, &queue, &binding, timeout).await {
+            match topology::change_binding(
+                &channel,
+                &queue,
+                &binding,
+                BindingChange::Remove,
+                timeout,
+            )
+            .await
+            {
                 Ok(()) => {
                     brokers.remove(&broker);
                 }

@@ -184,7 +184,14 @@ pub(crate) async fn declare(
         .await?;
     }
     for binding in &topology.bindings {
-        bind(channel, &topology.queue_name, binding, timeout).await?;
+        change_binding(
+            channel,
+            &topology.queue_name,
+            binding,
+            BindingChange::Add,
+            timeout,
+        )
+        .await?;
     }
     Ok(())
 }
@@ -278,55 +285,51 @@ pub(crate) async fn declare_queue(
         })
 }
 
-/// Binds the queue.
-pub(crate) async fn bind(
-    channel: &Channel,
-    queue: &str,
-    binding: &Binding,
-    timeout: Duration,
-) -> Result<(), SetupError> {
-    bounded(
-        timeout,
-        || {
-            format!(
-                "binding to `{}` with `{}`",
-                binding.exchange, binding.routing_key
-            )
-        },
-        channel.queue_bind(
-            queue.into(),
-            binding.exchange.as_str().into(),
-            binding.routing_key.as_str().into(),
-            QueueBindOptions::default(),
-            binding.arguments.clone(),
-        ),
-    )
-    .await
+/// Whether a binding is added to the queue or removed from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BindingChange {
+    Add,
+    Remove,
 }
 
-/// Removes a binding of the queue.
-pub(crate) async fn unbind(
+/// Adds a binding to the queue or removes it, bounded by `timeout`.
+pub(crate) async fn change_binding(
     channel: &Channel,
     queue: &str,
     binding: &Binding,
+    change: BindingChange,
     timeout: Duration,
 ) -> Result<(), SetupError> {
-    bounded(
-        timeout,
-        || {
-            format!(
-                "unbinding from `{}` with `{}`",
-                binding.exchange, binding.routing_key
-            )
-        },
-        channel.queue_unbind(
-            queue.into(),
-            binding.exchange.as_str().into(),
-            binding.routing_key.as_str().into(),
-            binding.arguments.clone(),
-        ),
-    )
-    .await
+    let step = || {
+        let verb = match change {
+            BindingChange::Add => "binding to",
+            BindingChange::Remove => "unbinding from",
+        };
+        format!(
+            "{verb} `{}` with `{}`",
+            binding.exchange, binding.routing_key
+        )
+    };
+    let (exchange, routing_key) = (binding.exchange.as_str(), binding.routing_key.as_str());
+    let arguments = binding.arguments.clone();
+    match change {
+        BindingChange::Add => {
+            let options = QueueBindOptions::default();
+            let call = channel.queue_bind(
+                queue.into(),
+                exchange.into(),
+                routing_key.into(),
+                options,
+                arguments,
+            );
+            bounded(timeout, step, call).await
+        }
+        BindingChange::Remove => {
+            let call =
+                channel.queue_unbind(queue.into(), exchange.into(), routing_key.into(), arguments);
+            bounded(timeout, step, call).await
+        }
+    }
 }
 
 /// Starts consuming the queue.
