@@ -168,14 +168,19 @@ async fn every_rpc_outcome() {
 
     // Collect by count, by predicate, and until the timeout.
     let collected = pool
-        .call_collect(
-            &exchange,
-            "rpc.three",
-            Envelope::new("rpc", "three"),
-            Until::Count(2),
-            timeout,
-        )
+        .with_checkout(async |checkout| {
+            checkout
+                .call_collect(
+                    &exchange,
+                    "rpc.three",
+                    Envelope::new("rpc", "three"),
+                    Until::Count(2),
+                    timeout,
+                )
+                .await
+        })
         .await
+        .expect("checkout")
         .expect("collect");
     assert_eq!(
         (collected.replies.len(), collected.ended),
@@ -185,28 +190,38 @@ async fn every_rpc_outcome() {
         replies.iter().any(|r| r.get("N") == Some(&json!(3)))
     }));
     let collected = pool
-        .call_collect(
-            &exchange,
-            "rpc.three",
-            Envelope::new("rpc", "three"),
-            until_three,
-            timeout,
-        )
+        .with_checkout(async |checkout| {
+            checkout
+                .call_collect(
+                    &exchange,
+                    "rpc.three",
+                    Envelope::new("rpc", "three"),
+                    until_three,
+                    timeout,
+                )
+                .await
+        })
         .await
+        .expect("checkout")
         .expect("collect");
     assert_eq!(
         (collected.replies.len(), collected.ended),
         (3, CollectEnd::Predicate)
     );
     let collected = pool
-        .call_collect(
-            &exchange,
-            "rpc.three",
-            Envelope::new("rpc", "three"),
-            Until::Count(4),
-            Duration::from_millis(1500),
-        )
+        .with_checkout(async |checkout| {
+            checkout
+                .call_collect(
+                    &exchange,
+                    "rpc.three",
+                    Envelope::new("rpc", "three"),
+                    Until::Count(4),
+                    Duration::from_millis(1500),
+                )
+                .await
+        })
         .await
+        .expect("checkout")
         .expect("collect");
     assert_eq!(collected.ended, CollectEnd::Timeout);
     assert_eq!(collected.replies.len(), 3, "the replies so far");
@@ -325,14 +340,19 @@ async fn the_three_oslo_patterns() {
     let mut answered = std::collections::BTreeSet::new();
     for _ in 0..6 {
         let collected = pool
-            .call_collect(
-                &exchange,
-                "group.who",
-                who(),
-                Until::Count(2),
-                Duration::from_millis(1500),
-            )
+            .with_checkout(async |checkout| {
+                checkout
+                    .call_collect(
+                        &exchange,
+                        "group.who",
+                        who(),
+                        Until::Count(2),
+                        Duration::from_millis(1500),
+                    )
+                    .await
+            })
             .await
+            .expect("checkout")
             .expect("collect");
         assert_eq!(
             collected.ended,
@@ -354,8 +374,13 @@ async fn the_three_oslo_patterns() {
 
     // To all: the fanout reaches every server.
     let collected = pool
-        .call_collect(&fanout, "", who(), Until::Count(3), Duration::from_secs(2))
+        .with_checkout(async |checkout| {
+            checkout
+                .call_collect(&fanout, "", who(), Until::Count(3), Duration::from_secs(2))
+                .await
+        })
         .await
+        .expect("checkout")
         .expect("collect");
     assert_eq!(collected.ended, CollectEnd::Count);
     let mut all: Vec<_> = collected

@@ -9,11 +9,10 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use ractor::ActorCell;
-use warren_runtime::backoff::Backoff;
 use warren_runtime::config::AppConfig;
 use warren_runtime::envelope::Stamp;
 use warren_runtime::node::NodeContext;
-use warren_runtime::supervisor::{ChildSpec, Intensity, StopOrder, Strategy, SupervisorSpec};
+use warren_runtime::supervisor::{ChildSpec, Intensity, StopOrder, SupervisorSpec};
 
 use crate::listener::{Listener, SpecError, listener_child};
 use crate::pool::ListenerPool;
@@ -130,16 +129,11 @@ pub fn app_child(app: &dyn App, ctx: AppContext) -> Result<ChildSpec, AppError> 
             errors,
         });
     }
-    Ok(ChildSpec::supervisor(SupervisorSpec {
-        name: format!("app:{}", app.name()),
-        strategy: Strategy::OneForOne,
-        // In reverse start order: the app's listeners before the pool they may use.
-        stop: StopOrder::Sequential,
-        intensity: Intensity {
-            max_restarts: 5,
-            within: Duration::from_secs(30),
-        },
-        backoff: Backoff::for_restarts(),
+    // In reverse start order: the app's listeners before the pool they may use.
+    Ok(ChildSpec::supervisor(SupervisorSpec::one_for_one(
+        format!("app:{}", app.name()),
+        StopOrder::Sequential,
+        Intensity::new(5, Duration::from_secs(30)),
         children,
-    }))
+    )))
 }

@@ -27,14 +27,13 @@ use ractor::{ActorCell, ActorRef};
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 use warren_runtime::actor_slot::ActorSlot;
-use warren_runtime::backoff::Backoff;
 use warren_runtime::config::PoolConfig;
 use warren_runtime::envelope::{Envelope, Stamp};
 use warren_runtime::node::NodeContext;
 use warren_runtime::publisher::Publisher;
 use warren_runtime::supervisor::{
-    self, ChildSpec, Intensity, Restart, StopDeadline, StopOrder, Strategy, Supervisor,
-    SupervisorMsg, SupervisorSpec, deadline,
+    self, ChildSpec, Intensity, Restart, StopDeadline, StopOrder, Supervisor, SupervisorMsg,
+    SupervisorSpec, deadline,
 };
 
 pub use checkout::Checkout;
@@ -288,7 +287,19 @@ impl ListenerPool {
         }
     }
 
-    /// Checkout, call, check-in.
+    /// Checks a worker out, runs `work` with it and checks it in again (a checkout that is
+    /// dropped half-way, by a panic or a cancelled caller, goes back to the pool too).
+    pub async fn with_checkout<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut Checkout) -> T,
+    ) -> Result<T, PoolError> {
+        let mut checkout = self.checkout().await?;
+        let result = work(&mut checkout).await;
+        checkout.checkin().await;
+        Ok(result)
+    }
+
+    /// Checkout, call, check-in: the first reply to `request` (see [`Checkout::call`]).
     pub async fn call(
         &self,
         exchange: &str,
@@ -296,27 +307,10 @@ impl ListenerPool {
         request: Envelope,
         timeout: Duration,
     ) -> Result<Envelope, RpcError> {
-        let mut checkout = self.checkout().await?;
-        let result = checkout.call(exchange, routing_key, request, timeout).await;
-        checkout.checkin().await;
-        result
-    }
-
-    /// Checkout, call_collect, check-in.
-    pub async fn call_collect(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        request: Envelope,
-        until: Until,
-        timeout: Duration,
-    ) -> Result<Collected, RpcError> {
-        let mut checkout = self.checkout().await?;
-        let result = checkout
-            .call_collect(exchange, routing_key, request, until, timeout)
-            .await;
-        checkout.checkin().await;
-        result
+        let call = async |checkout: &mut Checkout| {
+            checkout.call(exchange, routing_key, request, timeout).await
+        };
+        self.with_checkout(call).await?
     }
 
     /// Checkout, cast, check-in.
@@ -431,18 +425,13 @@ impl PoolInner {
             state.busy = 0;
             state.base = base;
         }
-        SupervisorSpec {
-            name: format!("pool:{}", self.name),
-            strategy: Strategy::OneForOne,
-            // Workers are independent: they stop together.
-            stop: StopOrder::Concurrent,
-            intensity: Intensity {
-                max_restarts: 10,
-                within: Duration::from_secs(30),
-            },
-            backoff: Backoff::for_restarts(),
+        // Workers are independent: they stop together.
+        SupervisorSpec::one_for_one(
+            format!("pool:{}", self.name),
+            StopOrder::Concurrent,
+            Intensity::new(10, Duration::from_secs(30)),
             children,
-        }
+        )
     }
 
     /// The supervisor is up: remember it and start retiring idle overflow workers.

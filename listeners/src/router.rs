@@ -30,11 +30,10 @@ use std::time::Duration;
 use futures::Stream;
 use tokio::sync::{Mutex, mpsc};
 use warren_runtime::actor_slot::ActorSlot;
-use warren_runtime::backoff::Backoff;
 use warren_runtime::envelope::{Envelope, Stamp};
 use warren_runtime::node::NodeContext;
 use warren_runtime::supervisor::{
-    ChildSpec, Intensity, StopOrder, Strategy, Supervisor, SupervisorMsg, SupervisorSpec,
+    ChildSpec, Intensity, StopOrder, Supervisor, SupervisorMsg, SupervisorSpec,
 };
 
 pub use pattern::Pattern;
@@ -195,17 +194,12 @@ impl ConfigRouter {
 
     /// Starts the router outside the tree (tools, tests); stop it with `stop`.
     pub async fn spawn(&self) -> Result<(), RouterError> {
-        let spec = SupervisorSpec {
-            name: "router".to_string(),
-            strategy: Strategy::OneForOne,
-            stop: StopOrder::Sequential,
-            intensity: Intensity {
-                max_restarts: 5,
-                within: Duration::from_secs(30),
-            },
-            backoff: Backoff::for_restarts(),
-            children: vec![self.child()],
-        };
+        let spec = SupervisorSpec::one_for_one(
+            "router",
+            StopOrder::Sequential,
+            Intensity::new(5, Duration::from_secs(30)),
+            vec![self.child()],
+        );
         let (supervisor, _) = Supervisor::spawn(spec)
             .await
             .map_err(|_| RouterError::NotRunning)?;

@@ -15,7 +15,6 @@ use parking_lot::Mutex;
 use ractor::{Actor, ActorCell, ActorRef, ActorStatus};
 
 use crate::actor_slot::ActorSlot;
-use crate::backoff::Backoff;
 use crate::broker::{Broker, BrokerId};
 use crate::connection_actor::{
     ChannelError, ConnectionActor, ConnectionArgs, ConnectionMsg, ConnectionReport,
@@ -23,8 +22,8 @@ use crate::connection_actor::{
 };
 use crate::registry::ConnectionRegistry;
 use crate::supervisor::{
-    self, ChildSpec, Intensity, StopDeadline, StopOrder, Strategy, Supervisor, SupervisorMsg,
-    SupervisorSpec, deadline,
+    self, ChildSpec, Intensity, StopDeadline, StopOrder, Supervisor, SupervisorMsg, SupervisorSpec,
+    deadline,
 };
 
 /// How long a caller waits for a connection actor to answer.
@@ -86,18 +85,13 @@ impl Connections {
                     .into_iter()
                     .map(|broker| this.connection_child(broker))
                     .collect();
-                let spec = SupervisorSpec {
-                    name: "connections".to_string(),
-                    strategy: Strategy::OneForOne,
-                    // One broker's connections never wait for another's.
-                    stop: StopOrder::Concurrent,
-                    intensity: Intensity {
-                        max_restarts: 10,
-                        within: Duration::from_secs(30),
-                    },
-                    backoff: Backoff::for_restarts(),
+                // One broker's connections never wait for another's.
+                let spec = SupervisorSpec::one_for_one(
+                    "connections",
+                    StopOrder::Concurrent,
+                    Intensity::new(10, Duration::from_secs(30)),
                     children,
-                };
+                );
                 let (actor, _) = Supervisor::spawn_linked(spec, deadline.clone(), parent).await?;
                 this.supervisor.set(actor.clone());
                 Ok(actor.get_cell())

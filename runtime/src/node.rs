@@ -160,18 +160,13 @@ impl Node {
             })
             .restart(Restart::Temporary)
         };
-        let apps_child = ChildSpec::supervisor(SupervisorSpec {
-            name: "apps".to_string(),
-            strategy: Strategy::OneForOne,
-            // The apps are independent: they stop together, each by the same deadline.
-            stop: StopOrder::Concurrent,
-            intensity: Intensity {
-                max_restarts: 10,
-                within: Duration::from_secs(60),
-            },
-            backoff: Backoff::for_restarts(),
-            children: apps,
-        });
+        // The apps are independent: they stop together, each by the same deadline.
+        let apps_child = ChildSpec::supervisor(SupervisorSpec::one_for_one(
+            "apps",
+            StopOrder::Concurrent,
+            Intensity::new(10, Duration::from_secs(60)),
+            apps,
+        ));
 
         let root = SupervisorSpec {
             name: "warren".to_string(),

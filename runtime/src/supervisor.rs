@@ -85,6 +85,24 @@ pub struct SupervisorSpec {
 }
 
 impl SupervisorSpec {
+    /// A one-for-one supervisor that restarts with [`Backoff::for_restarts`]: what every
+    /// supervisor of the tree but the root is.
+    pub fn one_for_one(
+        name: impl Into<String>,
+        stop: StopOrder,
+        intensity: Intensity,
+        children: Vec<ChildSpec>,
+    ) -> Self {
+        SupervisorSpec {
+            name: name.into(),
+            strategy: Strategy::OneForOne,
+            intensity,
+            backoff: Backoff::for_restarts(),
+            stop,
+            children,
+        }
+    }
+
     /// What this supervisor asks of its parent to stop: its children's wishes (in
     /// sequence, or the largest when they stop together) and a margin for itself.
     pub fn shutdown(&self) -> Duration {

@@ -23,6 +23,16 @@ pub struct Intensity {
     pub within: Duration,
 }
 
+impl Intensity {
+    /// At most `max_restarts` within `within`.
+    pub const fn new(max_restarts: u32, within: Duration) -> Self {
+        Intensity {
+            max_restarts,
+            within,
+        }
+    }
+}
+
 /// The restarts a supervisor made recently, over all of its children.
 #[derive(Debug, Default)]
 pub(super) struct RestartWindow {
