@@ -5,6 +5,7 @@
 //! node actually runs with; it parses back as a valid config.ini.
 
 use std::fmt::{self, Write};
+use std::time::Duration;
 
 use super::locate::segment;
 use super::{Config, ConfiguredBroker, PoolConfig};
@@ -27,36 +28,20 @@ fn write_config(out: &mut String, config: &Config) -> fmt::Result {
 
     let service = &config.service;
     writeln!(out, "\n[service]")?;
-    writeln!(out, "node = {}", quote(&service.node))?;
-    writeln!(
-        out,
-        "shutdown_timeout_secs = {}",
-        service.shutdown_timeout.as_secs()
-    )?;
+    key(out, "node", quote(&service.node))?;
+    secs(out, "shutdown_timeout_secs", service.shutdown_timeout)?;
 
     let amqp = &config.amqp;
     writeln!(out, "\n[amqp]")?;
-    writeln!(out, "zone = {}", quote(&amqp.zone))?;
-    writeln!(out, "prefetch = {}", amqp.prefetch)?;
-    writeln!(out, "heartbeat_secs = {}", amqp.heartbeat_secs)?;
-    writeln!(
-        out,
-        "connect_timeout_ms = {}",
-        amqp.connect_timeout.as_millis()
-    )?;
-    writeln!(out, "reconnect_min_ms = {}", amqp.reconnect_min.as_millis())?;
-    writeln!(out, "reconnect_max_ms = {}", amqp.reconnect_max.as_millis())?;
-    writeln!(
-        out,
-        "startup_timeout_secs = {}",
-        amqp.startup_timeout.as_secs()
-    )?;
-    writeln!(out, "prechannels = {}", amqp.prechannels)?;
-    writeln!(
-        out,
-        "operation_timeout_ms = {}",
-        amqp.operation_timeout.as_millis()
-    )?;
+    key(out, "zone", quote(&amqp.zone))?;
+    key(out, "prefetch", amqp.prefetch)?;
+    key(out, "heartbeat_secs", amqp.heartbeat_secs)?;
+    millis(out, "connect_timeout_ms", amqp.connect_timeout)?;
+    millis(out, "reconnect_min_ms", amqp.reconnect_min)?;
+    millis(out, "reconnect_max_ms", amqp.reconnect_max)?;
+    secs(out, "startup_timeout_secs", amqp.startup_timeout)?;
+    key(out, "prechannels", amqp.prechannels)?;
+    millis(out, "operation_timeout_ms", amqp.operation_timeout)?;
 
     for zone in &config.zones {
         let brokers: Vec<String> = zone.brokers.iter().map(broker).collect();
@@ -66,42 +51,26 @@ fn write_config(out: &mut String, config: &Config) -> fmt::Result {
 
     let listener = &config.listener;
     writeln!(out, "\n[listener]")?;
-    writeln!(out, "max_redeliveries = {}", listener.max_redeliveries)?;
-    writeln!(
+    key(out, "max_redeliveries", listener.max_redeliveries)?;
+    millis(out, "stop_timeout_ms", listener.stop_timeout)?;
+    millis(out, "publish_timeout_ms", listener.publish_timeout)?;
+    key(out, "max_message_bytes", listener.max_message_bytes)?;
+    millis(out, "drain_timeout_ms", listener.drain_timeout)?;
+    millis(out, "fail_back_watch_ms", listener.fail_back_watch)?;
+    millis(
         out,
-        "stop_timeout_ms = {}",
-        listener.stop_timeout.as_millis()
-    )?;
-    writeln!(
-        out,
-        "publish_timeout_ms = {}",
-        listener.publish_timeout.as_millis()
-    )?;
-    writeln!(out, "max_message_bytes = {}", listener.max_message_bytes)?;
-    writeln!(
-        out,
-        "drain_timeout_ms = {}",
-        listener.drain_timeout.as_millis()
-    )?;
-    writeln!(
-        out,
-        "fail_back_watch_ms = {}",
-        listener.fail_back_watch.as_millis()
-    )?;
-    writeln!(
-        out,
-        "anonymous_queue_expiry_ms = {}",
-        listener.anonymous_queue_expiry.as_millis()
+        "anonymous_queue_expiry_ms",
+        listener.anonymous_queue_expiry,
     )?;
 
     let publisher = &config.publisher;
     writeln!(out, "\n[publisher]")?;
-    writeln!(out, "timeout_ms = {}", publisher.timeout.as_millis())?;
-    writeln!(out, "confirm_window = {}", publisher.confirm_window)?;
+    millis(out, "timeout_ms", publisher.timeout)?;
+    key(out, "confirm_window", publisher.confirm_window)?;
 
     writeln!(out, "\n[router]")?;
-    writeln!(out, "exchange = {}", quote(&config.router.exchange))?;
-    writeln!(out, "buffer = {}", config.router.buffer)?;
+    key(out, "exchange", quote(&config.router.exchange))?;
+    key(out, "buffer", config.router.buffer)?;
 
     writeln!(out, "\n[pool]")?;
     pool_lines(out, "", &config.pool)?;
@@ -109,16 +78,16 @@ fn write_config(out: &mut String, config: &Config) -> fmt::Result {
     for exchange in &config.exchanges {
         writeln!(out, "\n[exchanges.{}]", segment(&exchange.name))?;
         if let Some(durable) = exchange.durable {
-            writeln!(out, "durable = {durable}")?;
+            key(out, "durable", durable)?;
         }
         if let Some(auto_delete) = exchange.auto_delete {
-            writeln!(out, "auto_delete = {auto_delete}")?;
+            key(out, "auto_delete", auto_delete)?;
         }
     }
 
     for app in &config.apps {
         writeln!(out, "\n[apps.{}]", segment(&app.name))?;
-        writeln!(out, "enabled = {}", app.enabled)?;
+        key(out, "enabled", app.enabled)?;
         pool_lines(out, "pool_", &app.pool)?;
     }
     Ok(())
@@ -129,12 +98,23 @@ fn write_config(out: &mut String, config: &Config) -> fmt::Result {
 fn pool_lines(out: &mut String, prefix: &str, pool: &PoolConfig) -> fmt::Result {
     writeln!(out, "{prefix}size = {}", pool.size)?;
     writeln!(out, "{prefix}overflow = {}", pool.overflow)?;
-    writeln!(
-        out,
-        "checkout_timeout_ms = {}",
-        pool.checkout_timeout.as_millis()
-    )?;
-    writeln!(out, "idle_timeout_ms = {}", pool.idle_timeout.as_millis())
+    millis(out, "checkout_timeout_ms", pool.checkout_timeout)?;
+    millis(out, "idle_timeout_ms", pool.idle_timeout)
+}
+
+/// One `key = value` line.
+fn key(out: &mut String, key: &str, value: impl fmt::Display) -> fmt::Result {
+    writeln!(out, "{key} = {value}")
+}
+
+/// A `…_ms` key.
+fn millis(out: &mut String, key_name: &str, value: Duration) -> fmt::Result {
+    key(out, key_name, value.as_millis())
+}
+
+/// A `…_secs` key.
+fn secs(out: &mut String, key_name: &str, value: Duration) -> fmt::Result {
+    key(out, key_name, value.as_secs())
 }
 
 /// One entry of `brokers`: the redacted URI as a string, or an inline table when the
