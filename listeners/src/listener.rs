@@ -44,7 +44,7 @@ pub(crate) use event::Recorder;
 pub use event::{DeliveryInfo, Event, Recorded};
 pub(crate) use handle::node_listener_child;
 pub use handle::{ListenerHandle, listener_child, spawn_listener};
-pub use responders::{HandlerError, HandlerResult, Outcome, ResponderId, Responders};
+pub use responders::{HandlerError, HandlerFn, HandlerResult, Outcome, ResponderId, Responders};
 pub use spec::{AckMode, Binding, Exchange, ListenerSpec, QueueName, QueueSpec};
 pub use status::{ListenerError, ListenerStatus, StatsSnapshot};
 pub(crate) use validate::SpecDefaults;

@@ -10,26 +10,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::Channel;
-use ractor::{Actor, ActorRef};
+use ractor::{Actor, ActorRef, RpcReplyPort};
 use warren_runtime::actor_slot::ActorSlot;
 use warren_runtime::broker::BrokerId;
-use warren_runtime::confirm::{PublishError, PublishOptions, Published};
-use warren_runtime::envelope::{Envelope, Stamp};
+use warren_runtime::confirm::PublishError;
+use warren_runtime::envelope::Stamp;
 use warren_runtime::node::NodeContext;
+use warren_runtime::publisher::Publisher;
 use warren_runtime::supervisor::{ChildSpec, StopDeadline, deadline};
 
 use super::Listener;
 use super::actor::{ListenerActor, ListenerMsg, Started, stop_wish};
-use super::event::Event;
-use super::responders::{HandlerResult, ResponderId};
+use super::responders::{HandlerFn, ResponderId};
 use super::shared::ListenerShared;
 use super::spec::Binding;
 use super::status::{ListenerError, ListenerStatus, Removed, StatsSnapshot};
 use super::validate::SpecError;
 use crate::app::AppContext;
-
-/// How long handle calls wait for the actor.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A handle to one listener: query it, change it at run time, stop it.
 #[derive(Clone)]
@@ -108,6 +105,20 @@ impl ListenerHandle {
         self.actor.get().ok_or(ListenerError::NotRunning)
     }
 
+    /// How long handle calls wait for the actor.
+    const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// One round trip to the actor, bounded by [`Self::CALL_TIMEOUT`]; a listener that is
+    /// not running (or does not answer in time) is `NotRunning`.
+    async fn ask<T: Send + 'static>(
+        &self,
+        message: impl FnOnce(RpcReplyPort<T>) -> ListenerMsg,
+    ) -> Result<T, ListenerError> {
+        let call = self.actor()?.call(message, Some(Self::CALL_TIMEOUT)).await;
+        let answer = call.map_err(|_| ListenerError::NotRunning)?;
+        answer.success_or(ListenerError::NotRunning)
+    }
+
     /// The listener's name.
     pub fn name(&self) -> &str {
         &self.shared.name
@@ -152,21 +163,13 @@ impl ListenerHandle {
     /// What the listener's actor says about itself (a round trip to the actor, so it
     /// reflects every change the actor made before).
     pub async fn status(&self) -> Result<ListenerStatus, ListenerError> {
-        let actor = self.actor()?;
-        ractor::call_t!(actor, ListenerMsg::Status, CALL_TIMEOUT.as_millis() as u64)
-            .map_err(|_| ListenerError::NotRunning)
+        self.ask(ListenerMsg::Status).await
     }
 
     /// Adds a binding now (and on every later channel).
     pub async fn add_binding(&self, binding: Binding) -> Result<(), ListenerError> {
-        let actor = self.actor()?;
-        ractor::call_t!(
-            actor,
-            ListenerMsg::AddBinding,
-            CALL_TIMEOUT.as_millis() as u64,
-            binding
-        )
-        .map_err(|_| ListenerError::NotRunning)?
+        self.ask(|reply| ListenerMsg::AddBinding(binding, reply))
+            .await?
     }
 
     /// Removes a binding; false if the listener did not have it.
@@ -180,27 +183,17 @@ impl ListenerHandle {
         &self,
         binding: Binding,
     ) -> Result<Removed, ListenerError> {
-        let actor = self.actor()?;
-        ractor::call_t!(
-            actor,
-            ListenerMsg::RemoveBinding,
-            CALL_TIMEOUT.as_millis() as u64,
-            binding
-        )
-        .map_err(|_| ListenerError::NotRunning)?
+        self.ask(|reply| ListenerMsg::RemoveBinding(binding, reply))
+            .await?
     }
 
     /// Adds a responder for (`category`, `name`) (`"*"` = any).
-    pub fn add_responder<F, Fut>(
+    pub fn add_responder(
         &self,
         category: impl Into<String>,
         name: impl Into<String>,
-        handler: F,
-    ) -> ResponderId
-    where
-        F: Fn(Event) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = HandlerResult> + Send + 'static,
-    {
+        handler: impl HandlerFn,
+    ) -> ResponderId {
         self.shared.responders.write().add(category, name, handler)
     }
 
@@ -208,53 +201,31 @@ impl ListenerHandle {
         self.shared.responders.write().remove(id)
     }
 
-    /// Publishes through the broker the listener consumes from (waiting, within
-    /// `options.timeout`, for a channel if the listener is between channels), on that
-    /// broker's publish connection, and waits for the broker's confirm.
-    pub async fn publish(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        envelope: Envelope,
-        options: PublishOptions,
-    ) -> Result<Published, PublishError> {
-        let deadline = tokio::time::Instant::now() + options.timeout;
+    /// The publisher of the broker the listener consumes from (on that broker's publish
+    /// connection), waiting up to `timeout` for a channel if the listener is between
+    /// channels.
+    pub async fn publisher(&self, timeout: Duration) -> Result<Publisher, PublishError> {
         let mut rx = self.shared.channel.subscribe();
-        let ready = tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some))
+        let ready = tokio::time::timeout(timeout, rx.wait_for(Option::is_some))
             .await
             .is_ok_and(|r| r.is_ok());
-        let broker = self.current().map(|(broker, _)| broker);
-        let (true, Some(broker)) = (ready, broker) else {
-            return Err(PublishError::Channel(format!(
+        match (ready, self.current()) {
+            (true, Some((broker, _))) => Ok(self.shared.settings.publisher.to_broker(broker)),
+            _ => Err(PublishError::Channel(format!(
                 "listener `{}` has no channel",
                 self.shared.name
-            )));
-        };
-        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let options = PublishOptions {
-            timeout: remaining,
-            ..options
-        };
-        self.shared
-            .settings
-            .publisher
-            .to_broker(broker)
-            .publish(exchange, routing_key, envelope, options)
-            .await
+            ))),
+        }
     }
 
     /// Stops consuming (messages already received are handled); stays paused across
     /// reconnects until [`ListenerHandle::resume`].
     pub async fn pause(&self) -> Result<(), ListenerError> {
-        let actor = self.actor()?;
-        ractor::call_t!(actor, ListenerMsg::Pause, CALL_TIMEOUT.as_millis() as u64)
-            .map_err(|_| ListenerError::NotRunning)
+        self.ask(ListenerMsg::Pause).await
     }
 
     pub async fn resume(&self) -> Result<(), ListenerError> {
-        let actor = self.actor()?;
-        ractor::call_t!(actor, ListenerMsg::Resume, CALL_TIMEOUT.as_millis() as u64)
-            .map_err(|_| ListenerError::NotRunning)?
+        self.ask(ListenerMsg::Resume).await?
     }
 
     /// Stops a listener started with [`spawn_listener`] gracefully and waits for it.

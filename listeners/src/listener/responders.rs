@@ -77,6 +77,22 @@ impl Outcome {
     }
 }
 
+/// Any async function of an event that can be a responder's handler: the one bound
+/// `ListenerSpec::responder`, `ListenerHandle::add_responder` and `Responders::add` share
+/// (a closure `|event| async move { … }` is one).
+pub trait HandlerFn: Fn(Event) -> <Self as HandlerFn>::Output + Send + Sync + 'static {
+    /// The future the handler returns.
+    type Output: Future<Output = HandlerResult> + Send + 'static;
+}
+
+impl<F, Fut> HandlerFn for F
+where
+    F: Fn(Event) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    type Output = Fut;
+}
+
 /// A handler, boxed so that responders of any closure type live in one table.
 pub(crate) type Handler = Arc<dyn Fn(Event) -> BoxFuture<'static, HandlerResult> + Send + Sync>;
 
@@ -115,16 +131,12 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Responders {
     /// Adds a responder for (`category`, `name`); `"*"` matches any value of that field.
-    pub fn add<F, Fut>(
+    pub fn add(
         &mut self,
         category: impl Into<String>,
         name: impl Into<String>,
-        handler: F,
-    ) -> ResponderId
-    where
-        F: Fn(Event) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = HandlerResult> + Send + 'static,
-    {
+        handler: impl HandlerFn,
+    ) -> ResponderId {
         let id = ResponderId(NEXT_ID.fetch_add(1, Ordering::Relaxed));
         let handler: Handler = Arc::new(move |event| Box::pin(handler(event)));
         self.entries.push(Responder {

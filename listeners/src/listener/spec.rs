@@ -5,15 +5,13 @@
 //! topology, changes it at run time (bindings added and removed), and replays all of it on
 //! every new channel, so nothing depends on the broker remembering anything.
 
-use std::future::Future;
 use std::time::Duration;
 
 use lapin::ExchangeKind;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use warren_runtime::assignments::ChannelKind;
 
-use super::event::Event;
-use super::responders::{HandlerResult, Responders};
+use super::responders::{HandlerFn, Responders};
 
 /// An exchange the listener declares (on every channel) before its queue.
 #[derive(Clone, Debug, PartialEq)]
@@ -352,16 +350,12 @@ impl ListenerSpec {
 
     /// Runs `handler` for every event whose `Event-Category` and `Event-Name` match;
     /// `"*"` matches a whole field.
-    pub fn responder<F, Fut>(
+    pub fn responder(
         mut self,
         category: impl Into<String>,
         name: impl Into<String>,
-        handler: F,
-    ) -> Self
-    where
-        F: Fn(Event) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = HandlerResult> + Send + 'static,
-    {
+        handler: impl HandlerFn,
+    ) -> Self {
         self.responders.add(category, name, handler);
         self
     }
