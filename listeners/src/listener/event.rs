@@ -78,23 +78,12 @@ pub(crate) struct Recorder {
 
 impl Recorder {
     /// Checks and records one publish, or fails it as the test asked.
-    fn record(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        envelope: Envelope,
-        options: PublishOptions,
-    ) -> Result<Published, PublishError> {
-        address(exchange, routing_key)?;
+    fn record(&self, publish: Recorded) -> Result<Published, PublishError> {
+        address(&publish.exchange, &publish.routing_key)?;
         if let Some(error) = &self.fail_with {
             return Err(error.clone());
         }
-        self.published.lock().push(Recorded {
-            exchange: exchange.to_string(),
-            routing_key: routing_key.to_string(),
-            envelope,
-            options,
-        });
+        self.published.lock().push(publish);
         Ok(Published::Routed)
     }
 }
@@ -207,7 +196,12 @@ impl Event {
         let outbox = match &self.inner.outlet {
             Outlet::Broker(outbox) => outbox,
             Outlet::Recorder(recorder) => {
-                return recorder.record(exchange, routing_key, envelope, options);
+                return recorder.record(Recorded {
+                    exchange: exchange.to_string(),
+                    routing_key: routing_key.to_string(),
+                    envelope,
+                    options,
+                });
             }
         };
         let published = outbox

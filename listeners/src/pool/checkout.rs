@@ -13,8 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use warren_runtime::confirm::{PublishError, PublishOptions, Published};
-use warren_runtime::envelope::Envelope;
 use warren_runtime::publisher::Publisher;
 
 use super::PoolInner;
@@ -63,17 +61,10 @@ impl Checkout {
         }
     }
 
-    /// Publishes with confirms (stamped as the app) and waits for the broker's answer.
-    pub async fn publish(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        envelope: Envelope,
-        options: PublishOptions,
-    ) -> Result<Published, PublishError> {
-        self.publisher
-            .publish(exchange, routing_key, envelope, options)
-            .await
+    /// The node's publisher, stamping as the app: publishes with confirms on the primary,
+    /// through the publish connection, so a blocked broker never stalls the worker.
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
     }
 
     /// Binds the worker's queue for the time of this checkout; removed at check-in. The

@@ -230,7 +230,10 @@ impl Checkout {
         timeout: Duration,
     ) -> Result<(), RpcError> {
         let options = PublishOptions::new(timeout).mandatory();
-        match self.publish(exchange, routing_key, request, options).await {
+        let published = self
+            .publisher
+            .publish(exchange, routing_key, request, options);
+        match published.await {
             Ok(Published::Routed) => Ok(()),
             Ok(Published::Returned(returned)) => Err(RpcError::Returned(returned)),
             Err(error) => Err(RpcError::Publish(error)),
