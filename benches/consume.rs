@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::{MESSAGES, ROUNDS, SIZE};
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -17,19 +19,15 @@ use warren_listeners::{AppContext, Event, Listener, ListenerSpec, QueueSpec, spa
 use warren_runtime::config::AppConfig;
 use warren_runtime::node::Node;
 
-const MESSAGES: usize = 200_000;
-const SIZE: usize = 256;
 const PREFETCH: u16 = 200;
-const ROUNDS: usize = 3;
 const EXCHANGE: &str = "warren-bench-consume";
 
 #[tokio::main]
 async fn main() {
-    let setup = common::connect("bench-consume/setup").await;
-    let channel = setup.create_channel().await.expect("channel");
+    let (_setup, channel) = common::setup_channel("bench-consume/setup").await;
     let node = common::start_node("consume", "").await;
     let queue = format!("warren-bench-consume-{}", std::process::id());
-    let (mut lapin_rates, mut warren_rates) = (Vec::new(), Vec::new());
+    let mut rounds = common::Rounds::default();
     for round in 1..=ROUNDS {
         common::fresh_queue(&channel, EXCHANGE, &queue).await;
         common::prepublish(&channel, EXCHANGE, MESSAGES, SIZE).await;
@@ -37,16 +35,11 @@ async fn main() {
         common::fresh_queue(&channel, EXCHANGE, &queue).await;
         common::prepublish(&channel, EXCHANGE, MESSAGES, SIZE).await;
         let warren = warren_listener(&node, &queue).await;
-        eprintln!("round {round}: lapin {lapin:.0} msg/s, warren {warren:.0} msg/s");
-        lapin_rates.push(lapin);
-        warren_rates.push(warren);
+        rounds.push(round, "msg/s", warren, lapin);
     }
-    let _ = channel
-        .queue_delete(queue.as_str().into(), Default::default())
-        .await;
+    common::delete_queue(&channel, &queue).await;
     let _ = node.stop().await;
-    let (warren, lapin) = (common::median(warren_rates), common::median(lapin_rates));
-    common::report("consume", warren, lapin, warren / lapin);
+    rounds.report("consume");
 }
 
 /// A no-op listener: one responder that counts.

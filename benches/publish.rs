@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::{MESSAGES, ROUNDS, SIZE};
+
 use std::time::Instant;
 
 use futures::StreamExt;
@@ -14,38 +16,29 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use warren_runtime::envelope::{Envelope, publish_properties};
 use warren_runtime::node::Node;
 
-const MESSAGES: usize = 200_000;
-const SIZE: usize = 256;
 const WINDOW: usize = 1000;
-const ROUNDS: usize = 3;
 const EXCHANGE: &str = "warren-bench-publish";
 
 #[tokio::main]
 async fn main() {
-    let setup = common::connect("bench-publish/setup").await;
-    let channel = setup.create_channel().await.expect("channel");
+    let (_setup, channel) = common::setup_channel("bench-publish/setup").await;
     let queue = format!("warren-bench-publish-{}", std::process::id());
     let node = common::start_node(
         "publish",
         &format!("[publisher]\nconfirm_window = {WINDOW}"),
     )
     .await;
-    let (mut lapin_rates, mut warren_rates) = (Vec::new(), Vec::new());
+    let mut rounds = common::Rounds::default();
     for round in 1..=ROUNDS {
         common::fresh_queue(&channel, EXCHANGE, &queue).await;
         let lapin = lapin_publisher().await;
         common::fresh_queue(&channel, EXCHANGE, &queue).await;
         let warren = warren_publisher(&node).await;
-        eprintln!("round {round}: lapin {lapin:.0} msg/s, warren {warren:.0} msg/s");
-        lapin_rates.push(lapin);
-        warren_rates.push(warren);
+        rounds.push(round, "msg/s", warren, lapin);
     }
-    let _ = channel
-        .queue_delete(queue.as_str().into(), Default::default())
-        .await;
+    common::delete_queue(&channel, &queue).await;
     let _ = node.stop().await;
-    let (warren, lapin) = (common::median(warren_rates), common::median(lapin_rates));
-    common::report("publish", warren, lapin, warren / lapin);
+    rounds.report("publish");
 }
 
 fn envelope(i: usize) -> Envelope {

@@ -15,8 +15,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
 use warren_listeners::{ConfigRouter, RouterEvent};
 use warren_runtime::kapi_conf::{DocAction, DocUpdate};
 
@@ -71,32 +69,11 @@ async fn main() {
         });
     }
 
-    let setup = common::connect("bench-router/setup").await;
-    let channel = setup.create_channel().await.expect("channel");
+    let (_setup, channel) = common::setup_channel("bench-router/setup").await;
     let queue = format!("{exchange}-lapin");
-    let (mut router_rates, mut lapin_rates) = (Vec::new(), Vec::new());
+    let mut rounds = common::Rounds::default();
     for round in 1..=ROUNDS {
-        let _ = channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await;
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("queue");
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                exchange.as_str().into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind");
+        common::recreate_queue(&channel, &exchange, &queue).await;
         router.listener().pause().await.expect("pause the router");
         assert!(
             router
@@ -127,24 +104,20 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let warren = common::rate(EVENTS, started.elapsed());
+        rounds.push(round, "events/s", warren, lapin);
         eprintln!(
-            "round {round}: router {warren:.0} events/s to {SUBSCRIBERS} subscribers ({:.0} deliveries/s), lapin {lapin:.0} events/s; resyncs so far {}",
+            "  the router's events went to {SUBSCRIBERS} subscribers ({:.0} deliveries/s); resyncs so far {}",
             warren * SUBSCRIBERS as f64,
             resyncs.load(Ordering::Relaxed)
         );
-        router_rates.push(warren);
-        lapin_rates.push(lapin);
     }
     let stats = router.stats();
     eprintln!("router stats: {stats:?}");
     assert_eq!(stats.dropped, 0, "no subscriber fell behind");
-    let _ = channel
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await;
+    common::delete_queue(&channel, &queue).await;
     router.stop().await;
     let _ = node.stop().await;
-    let (warren, lapin) = (common::median(router_rates), common::median(lapin_rates));
-    common::report("router", warren, lapin, warren / lapin);
+    rounds.report("router");
 }
 
 /// Publishes the events once (confirmed, pipelined); both queues get them.

@@ -12,10 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ExchangeKind};
 use tokio::sync::Mutex;
@@ -97,18 +94,7 @@ async fn start_responder() -> Connection {
     declare(&channel).await;
     let queue = format!("warren-bench-rpc-{}", std::process::id());
     bound_queue(&channel, &queue, EXCHANGE, "ping").await;
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "responder".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
+    let mut consumer = common::consume_no_ack(&channel, &queue, "responder").await;
     tokio::spawn(async move {
         while let Some(Ok(delivery)) = consumer.next().await {
             let Ok(request) = Envelope::decode(&delivery.data, None, None) else {
@@ -134,28 +120,13 @@ async fn start_responder() -> Connection {
 
 /// An exclusive, auto-deleted queue bound to `exchange` with `key`.
 async fn bound_queue(channel: &Channel, queue: &str, exchange: &str, key: &str) {
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("queue");
-    channel
-        .queue_bind(
-            queue.into(),
-            exchange.into(),
-            key.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..QueueDeclareOptions::default()
+    };
+    common::declare_queue(channel, queue, options).await;
+    common::bind(channel, queue, exchange, key).await;
 }
 
 async fn declare(channel: &Channel) {
@@ -194,18 +165,7 @@ impl LapinClient {
         declare(&channel).await;
         let queue = format!("{name}-{}", warren_runtime::envelope::new_msg_id());
         bound_queue(&channel, &queue, "targeted", &queue).await;
-        let replies = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "replies".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume");
+        let replies = common::consume_no_ack(&channel, &queue, "replies").await;
         LapinClient {
             _connection: connection,
             channel,
@@ -265,6 +225,7 @@ async fn start_pool(node: &Node) -> ListenerPool {
     }
     for checkout in ready {
         let _ = checkout
+            .publisher()
             .publish(
                 "",
                 "nowhere",

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -43,7 +43,21 @@ pub fn envelope_of_size(category: &str, name: &str, i: usize, size: usize) -> Ve
     body
 }
 
-/// Declares an exchange and a queue bound to it with `#`, empty.
+/// Messages per round in the consume and publish benchmarks, so their figures compare.
+pub const MESSAGES: usize = 200_000;
+/// The encoded size of each benchmark envelope, in bytes.
+pub const SIZE: usize = 256;
+/// Rounds per benchmark; the median is reported.
+pub const ROUNDS: usize = 3;
+
+/// A set-up connection and a channel on it.
+pub async fn setup_channel(name: &str) -> (Connection, Channel) {
+    let connection = connect(name).await;
+    let channel = connection.create_channel().await.expect("channel");
+    (connection, channel)
+}
+
+/// Declares a topic exchange and a queue bound to it with `#`, empty.
 pub async fn fresh_queue(channel: &Channel, exchange: &str, queue: &str) {
     channel
         .exchange_declare(
@@ -54,31 +68,54 @@ pub async fn fresh_queue(channel: &Channel, exchange: &str, queue: &str) {
         )
         .await
         .expect("exchange");
+    recreate_queue(channel, exchange, queue).await;
+    channel
+        .queue_purge(queue.into(), QueuePurgeOptions::default())
+        .await
+        .expect("purge");
+}
+
+/// Deletes `queue`, declares it again and binds it to `exchange` with `#`.
+pub async fn recreate_queue(channel: &Channel, exchange: &str, queue: &str) {
     let _ = channel
         .queue_delete(queue.into(), QueueDeleteOptions::default())
         .await;
+    declare_queue(channel, queue, QueueDeclareOptions::default()).await;
+    bind(channel, queue, exchange, "#").await;
+}
+
+/// Declares `queue` with `options` and no arguments.
+pub async fn declare_queue(channel: &Channel, queue: &str, options: QueueDeclareOptions) {
     channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        )
+        .queue_declare(queue.into(), options, FieldTable::default())
         .await
         .expect("queue");
+}
+
+/// Binds `queue` to `exchange` with `key`.
+pub async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) {
     channel
         .queue_bind(
             queue.into(),
             exchange.into(),
-            "#".into(),
+            key.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
         .await
         .expect("bind");
+}
+
+/// Consumes `queue` without acks.
+pub async fn consume_no_ack(channel: &Channel, queue: &str, tag: &str) -> lapin::Consumer {
+    let options = BasicConsumeOptions {
+        no_ack: true,
+        ..BasicConsumeOptions::default()
+    };
     channel
-        .queue_purge(queue.into(), QueuePurgeOptions::default())
+        .basic_consume(queue.into(), tag.into(), options, FieldTable::default())
         .await
-        .expect("purge");
+        .expect("consume")
 }
 
 /// Publishes `count` envelopes of `size` bytes (confirmed, pipelined).
@@ -146,6 +183,35 @@ pub fn rate(count: usize, elapsed: Duration) -> f64 {
 pub fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values[values.len() / 2]
+}
+
+/// The figures of every round, for both sides; the median of each is reported.
+#[derive(Default)]
+pub struct Rounds {
+    warren: Vec<f64>,
+    lapin: Vec<f64>,
+}
+
+impl Rounds {
+    /// Records one round's figures (and prints them in `unit`).
+    pub fn push(&mut self, round: usize, unit: &str, warren: f64, lapin: f64) {
+        eprintln!("round {round}: lapin {lapin:.0} {unit}, warren {warren:.0} {unit}");
+        self.warren.push(warren);
+        self.lapin.push(lapin);
+    }
+
+    /// Prints the last line: the medians and their ratio (warren / lapin).
+    pub fn report(self, bench: &str) {
+        let (warren, lapin) = (median(self.warren), median(self.lapin));
+        report(bench, warren, lapin, warren / lapin);
+    }
+}
+
+/// Deletes a benchmark's queue at the end (best effort).
+pub async fn delete_queue(channel: &Channel, queue: &str) {
+    let _ = channel
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await;
 }
 
 /// The last line of every benchmark.
