@@ -798,6 +798,87 @@ async fn a_fail_back_drain_is_bounded_and_never_deletes_a_queue_with_messages() 
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_listener_killed_mid_drain_gives_the_drained_channel_back() {
+    let brokers = Broker::start_many(2).await;
+    let (a, b) = (&brokers[0], &brokers[1]);
+    let name = unique_node("killed");
+    let (exchange, queue) = (format!("{name}-ex"), format!("{name}-q"));
+    let node = start_node(config(
+        &name,
+        &[a.uri(), b.uri()],
+        &format!("{FAST}\n\n[listener]\ndrain_timeout_ms = 60000\nfail_back_watch_ms = 0"),
+    ))
+    .await;
+    let client_b = Client::connect(&b.uri(), &name).await;
+    prepare(&client_b, &exchange, &queue, false).await;
+    let gate = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let seen = Seen::default();
+    let spec = ListenerSpec::new("killed")
+        .queue(QueueSpec::named(&queue).durable())
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "#")
+        .prefetch(1)
+        .responder("t", "*", gated(&gate, &seen));
+    let handle = spawn_listener(SpecListener(spec), &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(eventually(SOON, || on(&handle, A)).await);
+    a.kill().await;
+    assert!(eventually(SOON, || on(&handle, B)).await, "no failover");
+    // Handlers hang from now on: the drain of B cannot end by itself.
+    gate.store(false, std::sync::atomic::Ordering::SeqCst);
+    const BACKLOG: usize = 5;
+    for i in 0..BACKLOG {
+        client_b
+            .publish(
+                &exchange,
+                "k",
+                &Envelope::new("t", "x").with("Msg-ID", format!("held-{i}")),
+            )
+            .await;
+    }
+    a.restart().await;
+    assert!(
+        until(Duration::from_secs(15), || async {
+            handle.status().await.is_ok_and(|status| {
+                status.active.is_some_and(|(broker, _)| broker == A)
+                    && status.draining.iter().any(|(broker, _)| *broker == B)
+            })
+        })
+        .await,
+        "no drain of B under way"
+    );
+    let consume_b = format!("{name}/consume");
+    assert!(
+        b.channels(&consume_b).await > PRECHANNELS,
+        "B's grant is open"
+    );
+
+    // Killed: no post_stop runs; dropping the drained grant gives its channel back, and
+    // assignments closes it.
+    handle.kill();
+    assert!(
+        until(SOON, || async {
+            b.channels(&consume_b).await == PRECHANNELS
+        })
+        .await,
+        "the drained channel leaked on B: {} open",
+        b.channels(&consume_b).await
+    );
+    assert!(
+        until(SOON, || async {
+            client_b.ready(&queue).await == BACKLOG as u32
+        })
+        .await,
+        "the unacked messages are back on B's queue: {} ready",
+        client_b.ready(&queue).await
+    );
+    gate.store(true, std::sync::atomic::Ordering::SeqCst);
+    client_b.delete_queue(&queue).await;
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_primary_flap_during_a_drain_never_deletes_the_queue_a_newer_grant_consumes() {
     let brokers = Broker::start_many(2).await;
     let (a, b) = (&brokers[0], &brokers[1]);

@@ -228,6 +228,15 @@ impl ListenerHandle {
         self.ask(ListenerMsg::Resume).await?
     }
 
+    /// Ends the listener's actor at once, skipping its stop steps: what a supervisor does
+    /// to a child that overruns its stop deadline. For tests of that path.
+    #[doc(hidden)]
+    pub fn kill(&self) {
+        if let Ok(actor) = self.actor() {
+            actor.kill();
+        }
+    }
+
     /// Stops a listener started with [`spawn_listener`] gracefully and waits for it.
     pub async fn stop(&self) -> Result<(), ListenerError> {
         let actor = self.actor()?;
