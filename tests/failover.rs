@@ -22,6 +22,7 @@ use warren_listeners::{
 };
 use warren_runtime::broker::BrokerId;
 use warren_runtime::confirm::PublishError;
+use warren_runtime::node::Node;
 use warren_test_support::eventually;
 
 const A: BrokerId = BrokerId(0);
@@ -84,6 +85,45 @@ async fn no_draining(handles: &[&ListenerHandle]) -> bool {
     true
 }
 
+/// Fails a listener on A over to B, makes its handlers hang (closes `gate`), publishes
+/// `count` messages to B (Msg-IDs `<prefix>-<i>`) and restarts A: a fail-back begins
+/// with a backlog on B that cannot drain until the gate opens.
+async fn fail_back_with_backlog(
+    handle: &ListenerHandle,
+    (a, client_b): (&Broker, &Client),
+    exchange: &str,
+    gate: &std::sync::atomic::AtomicBool,
+    (count, prefix): (usize, &str),
+) {
+    assert!(eventually(SOON, || on(handle, A)).await);
+    a.kill().await;
+    assert!(eventually(SOON, || on(handle, B)).await, "no failover");
+    gate.store(false, std::sync::atomic::Ordering::SeqCst);
+    for i in 0..count {
+        let message = Envelope::new("t", "x").with("Msg-ID", format!("{prefix}-{i}"));
+        client_b.publish(exchange, "k", &message).await;
+    }
+    a.restart().await;
+}
+
+/// Two brokers of the test's own (A primary, B secondary), a node on both, and a client on
+/// B that has declared the test's exchange and durable queue there: (brokers, node name,
+/// exchange, queue, node, client on B).
+async fn two_brokers(
+    label: &str,
+    settings: &str,
+    durable_exchange: bool,
+) -> (Vec<Broker>, String, String, String, Node, Client) {
+    let brokers = Broker::start_many(2).await;
+    let name = unique_node(label);
+    let (exchange, queue) = (format!("{name}-ex"), format!("{name}-q"));
+    let uris = [brokers[0].uri(), brokers[1].uri()];
+    let node = start_node(config(&name, &uris, settings)).await;
+    let client_b = Client::connect(&uris[1], &name).await;
+    prepare(&client_b, &exchange, &queue, durable_exchange).await;
+    (brokers, name, exchange, queue, node, client_b)
+}
+
 fn median(mut values: Vec<Duration>) -> Duration {
     values.sort();
     values[values.len() / 2]
@@ -91,13 +131,9 @@ fn median(mut values: Vec<Duration>) -> Duration {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn float_failover_and_fail_back_are_fast_and_exactly_once_per_loss() {
-    let brokers = Broker::start_many(2).await;
-    let (a, b) = (&brokers[0], &brokers[1]);
-    let name = unique_node("failover");
-    let (exchange, queue) = (format!("{name}-ex"), format!("{name}-q"));
-    let node = start_node(config(&name, &[a.uri(), b.uri()], FAST_WATCH)).await;
-    let client_b = Client::connect(&b.uri(), &name).await;
-    prepare(&client_b, &exchange, &queue, false).await;
+    let setup = two_brokers("failover", FAST_WATCH, false).await;
+    let (brokers, _, exchange, queue, node, client_b) = setup;
+    let a = &brokers[0];
     let seen = Seen::default();
     let spec = ListenerSpec::new("failover")
         .queue(QueueSpec::named(&queue).durable())
@@ -174,13 +210,9 @@ async fn float_failover_and_fail_back_are_fast_and_exactly_once_per_loss() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn fail_back_drains_the_secondary_before_closing_it() {
-    let brokers = Broker::start_many(2).await;
+    let setup = two_brokers("drain", FAST_WATCH, false).await;
+    let (brokers, name, exchange, queue, node, client_b) = setup;
     let (a, b) = (&brokers[0], &brokers[1]);
-    let name = unique_node("drain");
-    let (exchange, queue) = (format!("{name}-ex"), format!("{name}-q"));
-    let node = start_node(config(&name, &[a.uri(), b.uri()], FAST_WATCH)).await;
-    let client_b = Client::connect(&b.uri(), &name).await;
-    prepare(&client_b, &exchange, &queue, false).await;
     let seen = Seen::default();
     // While the gate is closed, handlers wait: the backlog is certainly still on B when A
     // comes back.
@@ -205,22 +237,8 @@ async fn fail_back_drains_the_secondary_before_closing_it() {
     let handle = spawn_listener(SpecListener(spec), &app_context(&node, "test"))
         .await
         .expect("listener starts");
-    assert!(eventually(SOON, || on(&handle, A)).await);
-
-    a.kill().await;
-    assert!(eventually(SOON, || on(&handle, B)).await, "no failover");
-    gate.store(false, std::sync::atomic::Ordering::SeqCst);
     const BACKLOG: usize = 1_000;
-    for i in 0..BACKLOG {
-        client_b
-            .publish(
-                &exchange,
-                "k",
-                &Envelope::new("t", "x").with("Msg-ID", format!("b-{i}")),
-            )
-            .await;
-    }
-    a.restart().await;
+    fail_back_with_backlog(&handle, (a, &client_b), &exchange, &gate, (BACKLOG, "b")).await;
     // Make-before-break: the new grant on A is granted while the old one on B still drains.
     let mut saw_both = false;
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -656,24 +674,37 @@ async fn echo_serves_through_the_secondary_and_moves_back() {
 fn gated(
     gate: &std::sync::Arc<std::sync::atomic::AtomicBool>,
     seen: &Seen,
-) -> impl Fn(
-    warren_listeners::Event,
-) -> futures::future::BoxFuture<'static, warren_listeners::HandlerResult>
-+ Send
-+ Sync
-+ 'static {
+) -> impl warren_listeners::HandlerFn {
     let (gate, seen) = (gate.clone(), seen.clone());
-    move |event| {
+    move |event: warren_listeners::Event| {
         let (gate, seen) = (gate.clone(), seen.clone());
-        Box::pin(async move {
+        async move {
             let until = Instant::now() + Duration::from_secs(60);
             while !gate.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < until {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             seen.record(event.envelope().msg_id().unwrap_or(""));
             Ok(())
-        })
+        }
     }
+}
+
+/// Starts `spec` bound to `exchange` with `#`, one message at a time, every message
+/// handled by `responder` (a `gated` one).
+async fn gated_listener(
+    node: &Node,
+    spec: ListenerSpec,
+    exchange: &str,
+    responder: impl warren_listeners::HandlerFn,
+) -> ListenerHandle {
+    let spec = spec
+        .exchange(Exchange::topic(exchange))
+        .bind(exchange, "#")
+        .prefetch(1)
+        .responder("t", "*", responder);
+    spawn_listener(SpecListener(spec), &app_context(node, "test"))
+        .await
+        .expect("listener starts")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -754,31 +785,12 @@ async fn a_fail_back_drain_is_bounded_and_never_deletes_a_queue_with_messages() 
     .await;
     let gate = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let seen = Seen::default();
-    let spec = ListenerSpec::new("bounded")
-        .exchange(Exchange::topic(&exchange))
-        .bind(&exchange, "#")
-        .prefetch(1)
-        .responder("t", "*", gated(&gate, &seen));
-    let handle = spawn_listener(SpecListener(spec), &app_context(&node, "test"))
-        .await
-        .expect("listener starts");
-    assert!(eventually(SOON, || on(&handle, A)).await);
+    let spec = ListenerSpec::new("bounded");
+    let handle = gated_listener(&node, spec, &exchange, gated(&gate, &seen)).await;
     let queue = handle.queue_name();
-    a.kill().await;
-    assert!(eventually(SOON, || on(&handle, B)).await, "no failover");
-    // Handlers hang from now on: the backlog on B cannot drain.
-    gate.store(false, std::sync::atomic::Ordering::SeqCst);
     let client_b = Client::connect(&b.uri(), &name).await;
-    for i in 0..5 {
-        client_b
-            .publish(
-                &exchange,
-                "k",
-                &Envelope::new("t", "x").with("Msg-ID", format!("stuck-{i}")),
-            )
-            .await;
-    }
-    a.restart().await;
+    // Handlers hang from now on: the backlog on B cannot drain.
+    fail_back_with_backlog(&handle, (a, &client_b), &exchange, &gate, (5, "stuck")).await;
     assert!(eventually(Duration::from_secs(15), || on(&handle, A)).await);
     let draining_since = Instant::now();
     assert!(
@@ -799,45 +811,18 @@ async fn a_fail_back_drain_is_bounded_and_never_deletes_a_queue_with_messages() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_listener_killed_mid_drain_gives_the_drained_channel_back() {
-    let brokers = Broker::start_many(2).await;
+    let settings =
+        format!("{FAST}\n\n[listener]\ndrain_timeout_ms = 60000\nfail_back_watch_ms = 0");
+    let setup = two_brokers("killed", &settings, false).await;
+    let (brokers, name, exchange, queue, node, client_b) = setup;
     let (a, b) = (&brokers[0], &brokers[1]);
-    let name = unique_node("killed");
-    let (exchange, queue) = (format!("{name}-ex"), format!("{name}-q"));
-    let node = start_node(config(
-        &name,
-        &[a.uri(), b.uri()],
-        &format!("{FAST}\n\n[listener]\ndrain_timeout_ms = 60000\nfail_back_watch_ms = 0"),
-    ))
-    .await;
-    let client_b = Client::connect(&b.uri(), &name).await;
-    prepare(&client_b, &exchange, &queue, false).await;
     let gate = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let seen = Seen::default();
-    let spec = ListenerSpec::new("killed")
-        .queue(QueueSpec::named(&queue).durable())
-        .exchange(Exchange::topic(&exchange))
-        .bind(&exchange, "#")
-        .prefetch(1)
-        .responder("t", "*", gated(&gate, &seen));
-    let handle = spawn_listener(SpecListener(spec), &app_context(&node, "test"))
-        .await
-        .expect("listener starts");
-    assert!(eventually(SOON, || on(&handle, A)).await);
-    a.kill().await;
-    assert!(eventually(SOON, || on(&handle, B)).await, "no failover");
+    let spec = ListenerSpec::new("killed").queue(QueueSpec::named(&queue).durable());
+    let handle = gated_listener(&node, spec, &exchange, gated(&gate, &seen)).await;
     // Handlers hang from now on: the drain of B cannot end by itself.
-    gate.store(false, std::sync::atomic::Ordering::SeqCst);
     const BACKLOG: usize = 5;
-    for i in 0..BACKLOG {
-        client_b
-            .publish(
-                &exchange,
-                "k",
-                &Envelope::new("t", "x").with("Msg-ID", format!("held-{i}")),
-            )
-            .await;
-    }
-    a.restart().await;
+    fail_back_with_backlog(&handle, (a, &client_b), &exchange, &gate, (BACKLOG, "held")).await;
     assert!(
         until(Duration::from_secs(15), || async {
             handle.status().await.is_ok_and(|status| {
@@ -950,18 +935,10 @@ async fn a_primary_flap_during_a_drain_never_deletes_the_queue_a_newer_grant_con
 
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_sent_to_the_secondary_after_a_fail_back_are_not_stranded() {
-    let brokers = Broker::start_many(2).await;
-    let (a, b) = (&brokers[0], &brokers[1]);
-    let name = unique_node("stranded");
-    let (exchange, queue) = (format!("{name}-ex"), format!("{name}-q"));
-    let node = start_node(config(
-        &name,
-        &[a.uri(), b.uri()],
-        &format!("{FAST}\n\n[listener]\nfail_back_watch_ms = 4000"),
-    ))
-    .await;
-    let client_b = Client::connect(&b.uri(), &name).await;
-    prepare(&client_b, &exchange, &queue, true).await;
+    let settings = format!("{FAST}\n\n[listener]\nfail_back_watch_ms = 4000");
+    let setup = two_brokers("stranded", &settings, true).await;
+    let (brokers, _, exchange, queue, node, client_b) = setup;
+    let a = &brokers[0];
     let seen = Seen::default();
     let spec = ListenerSpec::new("stranded")
         .queue(QueueSpec::named(&queue).durable())

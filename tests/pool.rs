@@ -15,8 +15,9 @@ use futures::{FutureExt, StreamExt};
 use lapin::ExchangeKind;
 use serde_json::json;
 use warren_listeners::{
-    AppContext, Binding, CollectEnd, Envelope, Event, Exchange, ListenerHandle, ListenerPool,
-    ListenerSpec, PoolError, QueueSpec, RpcError, Until, spawn_listener,
+    AppContext, Binding, Checkout, CollectEnd, Collected, Envelope, Event, Exchange,
+    ListenerHandle, ListenerPool, ListenerSpec, PoolError, QueueSpec, RpcError, Until,
+    spawn_listener,
 };
 use warren_runtime::config::{AppConfig, PoolConfig};
 use warren_runtime::confirm::PublishError;
@@ -107,6 +108,25 @@ async fn responder(node: &Node, name: &str, exchange: &str) -> ListenerHandle {
     handle
 }
 
+/// Checkout, call_collect, check-in; the replies (or the test fails).
+async fn collect(
+    pool: &ListenerPool,
+    (exchange, key): (&str, &str),
+    request: Envelope,
+    until: Until,
+    timeout: Duration,
+) -> Collected {
+    let call = async |checkout: &mut Checkout| {
+        checkout
+            .call_collect(exchange, key, request, until, timeout)
+            .await
+    };
+    pool.with_checkout(call)
+        .await
+        .expect("checkout")
+        .expect("collect")
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_rpc_outcome() {
     let name = unique_node("rpc");
@@ -167,21 +187,14 @@ async fn every_rpc_outcome() {
     );
 
     // Collect by count, by predicate, and until the timeout.
-    let collected = pool
-        .with_checkout(async |checkout| {
-            checkout
-                .call_collect(
-                    &exchange,
-                    "rpc.three",
-                    Envelope::new("rpc", "three"),
-                    Until::Count(2),
-                    timeout,
-                )
-                .await
-        })
-        .await
-        .expect("checkout")
-        .expect("collect");
+    let collected = collect(
+        &pool,
+        (&exchange, "rpc.three"),
+        Envelope::new("rpc", "three"),
+        Until::Count(2),
+        timeout,
+    )
+    .await;
     assert_eq!(
         (collected.replies.len(), collected.ended),
         (2, CollectEnd::Count)
@@ -189,40 +202,26 @@ async fn every_rpc_outcome() {
     let until_three = Until::Predicate(Box::new(|replies: &[Envelope]| {
         replies.iter().any(|r| r.get("N") == Some(&json!(3)))
     }));
-    let collected = pool
-        .with_checkout(async |checkout| {
-            checkout
-                .call_collect(
-                    &exchange,
-                    "rpc.three",
-                    Envelope::new("rpc", "three"),
-                    until_three,
-                    timeout,
-                )
-                .await
-        })
-        .await
-        .expect("checkout")
-        .expect("collect");
+    let collected = collect(
+        &pool,
+        (&exchange, "rpc.three"),
+        Envelope::new("rpc", "three"),
+        until_three,
+        timeout,
+    )
+    .await;
     assert_eq!(
         (collected.replies.len(), collected.ended),
         (3, CollectEnd::Predicate)
     );
-    let collected = pool
-        .with_checkout(async |checkout| {
-            checkout
-                .call_collect(
-                    &exchange,
-                    "rpc.three",
-                    Envelope::new("rpc", "three"),
-                    Until::Count(4),
-                    Duration::from_millis(1500),
-                )
-                .await
-        })
-        .await
-        .expect("checkout")
-        .expect("collect");
+    let collected = collect(
+        &pool,
+        (&exchange, "rpc.three"),
+        Envelope::new("rpc", "three"),
+        Until::Count(4),
+        Duration::from_millis(1500),
+    )
+    .await;
     assert_eq!(collected.ended, CollectEnd::Timeout);
     assert_eq!(collected.replies.len(), 3, "the replies so far");
 
@@ -339,21 +338,14 @@ async fn the_three_oslo_patterns() {
     // To one of a group: the shared queue gives each request to exactly one member.
     let mut answered = std::collections::BTreeSet::new();
     for _ in 0..6 {
-        let collected = pool
-            .with_checkout(async |checkout| {
-                checkout
-                    .call_collect(
-                        &exchange,
-                        "group.who",
-                        who(),
-                        Until::Count(2),
-                        Duration::from_millis(1500),
-                    )
-                    .await
-            })
-            .await
-            .expect("checkout")
-            .expect("collect");
+        let collected = collect(
+            &pool,
+            (&exchange, "group.who"),
+            who(),
+            Until::Count(2),
+            Duration::from_millis(1500),
+        )
+        .await;
         assert_eq!(
             collected.ended,
             CollectEnd::Timeout,
@@ -373,15 +365,14 @@ async fn the_three_oslo_patterns() {
     );
 
     // To all: the fanout reaches every server.
-    let collected = pool
-        .with_checkout(async |checkout| {
-            checkout
-                .call_collect(&fanout, "", who(), Until::Count(3), Duration::from_secs(2))
-                .await
-        })
-        .await
-        .expect("checkout")
-        .expect("collect");
+    let collected = collect(
+        &pool,
+        (&fanout, ""),
+        who(),
+        Until::Count(3),
+        Duration::from_secs(2),
+    )
+    .await;
     assert_eq!(collected.ended, CollectEnd::Count);
     let mut all: Vec<_> = collected
         .replies

@@ -6,8 +6,9 @@
 
 pub use crate::app::{App, AppContext};
 pub use crate::listener::{
-    AckMode, Binding, DeliveryInfo, Dispatch, Event, Exchange, HandlerError, HandlerResult,
-    Listener, ListenerHandle, ListenerSpec, Notice, Outcome, Published, QueueSpec, Returned,
+    AckMode, Binding, DeliveryInfo, Dispatch, Event, Exchange, HandlerError, HandlerFn,
+    HandlerResult, Listener, ListenerHandle, ListenerSpec, Notice, Outcome, Published, QueueSpec,
+    Returned,
 };
 pub use crate::pool::{Checkout, ListenerPool, PoolError, RpcError};
 pub use crate::router::{ConfigEvent, ConfigRouter, Subscription};
