@@ -700,6 +700,7 @@ async fn a_returned_mandatory_publish_is_reported() {
                         warren_runtime::confirm::PublishOptions::new(Duration::from_secs(5))
                             .mandatory(),
                     )
+                    .await?
                     .await?;
                 *outcome.lock() = Some(format!("{published:?}"));
                 Ok(())
@@ -722,6 +723,140 @@ async fn a_returned_mandatory_publish_is_reported() {
         "{outcome}"
     );
     assert!(notices.lock().contains(&"returned".to_string()));
+    handle.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_whose_reply_is_not_confirmed_is_retried_never_acked() {
+    let name = unique_node("unconfirmed");
+    let exchange = format!("{name}-ex");
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let runs = counter();
+    let (runs_in, target) = (runs.clone(), exchange.clone());
+    let spec = ListenerSpec::new("unconfirmed")
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "in")
+        .max_redeliveries(1)
+        .responder("t", "go", move |event: Event| {
+            let (runs, target) = (runs_in.clone(), target.clone());
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                // Not awaited: the delivery waits for this confirm, and it is a return.
+                let options = warren_runtime::confirm::PublishOptions::new(SOON).mandatory();
+                let reply = Envelope::new("t", "lost");
+                event
+                    .publish_with(&target, "nobody.listens", reply, options)
+                    .await?;
+                Ok(())
+            }
+        });
+    let (listener, _) = TestListener::new(spec);
+    let handle = spawn_listener(listener, &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+    let client = Client::connect(&local_uri(), &name).await;
+    client
+        .publish(&exchange, "in", &Envelope::new("t", "go"))
+        .await;
+    // A retry, then (max_redeliveries 1) parked: never acked as if the reply had gone out.
+    assert!(
+        eventually(SOON, || handle.stats().parked == 1).await,
+        "{:?}",
+        handle.stats()
+    );
+    let stats = handle.stats();
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "handled twice");
+    assert_eq!(stats.unconfirmed, 2, "{stats:?}");
+    assert_eq!(stats.acked, 0, "{stats:?}");
+    assert_eq!(stats.requeued, 1, "{stats:?}");
+    handle.stop().await.expect("stop");
+    client
+        .delete_queue(&format!("{}.parked", handle.queue_name()))
+        .await;
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_concurrency_one_the_next_delivery_starts_before_the_reply_is_confirmed() {
+    let broker = common::Broker::start_many(1).await.remove(0);
+    let name = unique_node("pipelined");
+    let (exchange, queue) = (format!("{name}-ex"), format!("{name}-q"));
+    let node = start_node(config(&name, &[broker.uri()], "")).await;
+    let gate = Arc::new(AtomicBool::new(true));
+    let started: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (gate_in, started_in, target) = (gate.clone(), started.clone(), exchange.clone());
+    let spec = ListenerSpec::new("pipelined")
+        .queue(QueueSpec::named(&queue))
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "in.*")
+        .prefetch(10)
+        .concurrency(1)
+        .responder("t", "*", move |event: Event| {
+            let (gate, started, target) = (gate_in.clone(), started_in.clone(), target.clone());
+            async move {
+                started.lock().push(event.name().to_string());
+                let until = Instant::now() + Duration::from_secs(30);
+                while !gate.load(Ordering::SeqCst) && Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                // Routed nowhere, but confirmed: the broker has it.
+                let reply = Envelope::new("t", "reply");
+                event.publish(&target, "out", reply).await?;
+                Ok(())
+            }
+        });
+    let (listener, _) = TestListener::new(spec);
+    let handle = spawn_listener(listener, &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+    let client = Client::connect(&broker.uri(), &name).await;
+    // Warm up: the publish channel is open before the broker is frozen.
+    client
+        .publish(&exchange, "in.warm", &Envelope::new("t", "warm"))
+        .await;
+    assert!(eventually(SOON, || handle.stats().acked == 1).await);
+
+    // The first handler waits; the other two messages reach the listener meanwhile.
+    gate.store(false, Ordering::SeqCst);
+    for name in ["first", "second", "third"] {
+        client
+            .publish(&exchange, "in.x", &Envelope::new("t", name))
+            .await;
+    }
+    assert!(
+        common::until(SOON, || async { client.ready(&queue).await == 0 }).await,
+        "all three delivered to the listener"
+    );
+    // A frozen broker takes the replies but confirms none of them.
+    broker.freeze().await;
+    gate.store(true, Ordering::SeqCst);
+    let overtaken = eventually(Duration::from_secs(3), || started.lock().len() == 4).await;
+    let acked_while_frozen = handle.stats().acked;
+    broker.thaw().await;
+    assert!(
+        overtaken,
+        "the next deliveries waited for a confirm: started {:?}",
+        started.lock()
+    );
+    assert_eq!(
+        *started.lock(),
+        ["warm", "first", "second", "third"],
+        "one at a time, in queue order"
+    );
+    assert_eq!(
+        acked_while_frozen, 1,
+        "nothing acked before its reply was confirmed"
+    );
+    assert!(
+        eventually(SOON, || handle.stats().acked == 4).await,
+        "settled once the confirms came: {:?}",
+        handle.stats()
+    );
+    let stats = handle.stats();
+    assert_eq!((stats.requeued, stats.unconfirmed), (0, 0), "{stats:?}");
     handle.stop().await.expect("stop");
     node.stop().await.expect("node stops");
 }

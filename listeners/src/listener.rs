@@ -14,7 +14,8 @@
 //!   reports: errors, status, counters);
 //! - one delivery, top to bottom: `consumer` (the delivery loop) → `event` (what a
 //!   handler receives) → `handling` (the hook and the responders, shared with the test kit)
-//!   → `responders` (matching and outcomes) → `acks` (the ack-mode policy and coalesced
+//!   → `responders` (matching and outcomes) → `confirms` (the confirms its publishes owe,
+//!   awaited after the handlers) → `acks` (the ack-mode policy and coalesced
 //!   acknowledgements), with `redelivery` (counting handler failures) and `parking`
 //!   (messages that cannot succeed);
 //! - `topology` (replay on a channel, every step bounded), `drain` (the fail-back drain's
@@ -24,6 +25,7 @@
 
 mod acks;
 mod actor;
+mod confirms;
 mod consumer;
 mod drain;
 mod event;
@@ -40,6 +42,7 @@ mod topology;
 mod validate;
 
 pub(crate) use actor::stop_wish;
+pub use confirms::Pending;
 pub(crate) use event::Recorder;
 pub use event::{DeliveryInfo, Event, Recorded};
 pub(crate) use handle::node_listener_child;

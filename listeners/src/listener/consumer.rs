@@ -1,10 +1,13 @@
 //! The delivery loop of one consumer on one channel: lapin's stream → size check and
-//! decode → failure limit → the listener's hook → matching responders → verdict → ack /
-//! nack / reject, or parking.
+//! decode → failure limit → the listener's hook → matching responders → the confirms of
+//! their publishes → verdict → ack / nack / reject, or parking.
 //!
 //! Settlements always go to the channel the delivery came on, so an ack for a delivery of
 //! an old channel can never reach a new one. At most `concurrency` messages are handled at
-//! once; lapin buffers no more than prefetch. App code never takes the loop down: a panic
+//! once; lapin buffers no more than prefetch. Settlement is pipelined: once a message's
+//! handlers finished, the confirms of its publishes are awaited outside that limit (so the
+//! next message starts while a reply is on its way), and the message is settled when they
+//! came (`confirms`). App code never takes the loop down: a panic
 //! in a responder or in `on_event` is caught (nack + error log + counter) and the loop
 //! lives on. A message that cannot succeed (rejected, undecodable, too large, past
 //! `max_redeliveries`) leaves the queue once: to its dead-letter exchange, or to the
@@ -24,7 +27,7 @@ use std::time::Instant;
 
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use lapin::Consumer;
 use lapin::message::Delivery;
 use tokio::sync::watch;
@@ -36,6 +39,7 @@ use warren_runtime::log_limit::LogLimit;
 
 use super::Dispatch;
 use super::acks::{AckTracker, Finished, Received, Refused};
+use super::confirms;
 use super::event::{DeliveryInfo, Event, Outbox};
 use super::handling::{self, HandlerEnd, panic_text};
 use super::parking;
@@ -104,12 +108,21 @@ enum Verdict {
     Settled,
 }
 
+/// Where a message's work stands when its handlers are done.
+enum Stage {
+    /// Nothing more to wait for.
+    Done(Verdict),
+    /// The handlers finished; the confirms of their publishes are still owed. This runs
+    /// outside the concurrency limit.
+    Confirming(BoxFuture<'static, Verdict>),
+}
+
 /// How a message's work runs.
 enum Work {
     /// In the consumer loop itself (concurrency 1: no task switch per message).
-    Inline(BoxFuture<'static, Verdict>),
+    Inline(BoxFuture<'static, Stage>),
     /// As a task of its own (concurrency > 1: in parallel, on any core).
-    Spawned(JoinHandle<Verdict>),
+    Spawned(JoinHandle<Stage>),
 }
 
 /// A message whose work is running.
@@ -128,19 +141,98 @@ impl Running {
 }
 
 impl Future for Running {
-    type Output = (u64, Verdict);
+    type Output = (u64, Stage);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let tag = self.tag;
-        let verdict = match &mut self.work {
+        let stage = match &mut self.work {
             Work::Inline(future) => future.poll_unpin(cx),
             // The work never panics (panics are caught inside); an aborted one means the
             // stop deadline passed: back to the queue.
             Work::Spawned(handle) => handle
                 .poll_unpin(cx)
-                .map(|joined| joined.unwrap_or(Verdict::Requeue)),
+                .map(|joined| joined.unwrap_or(Stage::Done(Verdict::Requeue))),
         };
-        verdict.map(|verdict| (tag, verdict))
+        stage.map(|stage| (tag, stage))
+    }
+}
+
+/// A message whose handlers finished, waiting for the confirms of their publishes.
+struct Confirming {
+    tag: u64,
+    rest: BoxFuture<'static, Verdict>,
+}
+
+impl Future for Confirming {
+    type Output = (u64, Verdict);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let tag = self.tag;
+        self.rest.poll_unpin(cx).map(|verdict| (tag, verdict))
+    }
+}
+
+/// The messages of one consumer loop that are not settled yet: handlers running (at most
+/// `concurrency`), and handlers done with confirms still owed. As a stream it yields each
+/// message once its verdict is known.
+#[derive(Default)]
+struct InFlight {
+    running: FuturesUnordered<Running>,
+    confirming: FuturesUnordered<Confirming>,
+}
+
+impl InFlight {
+    fn push(&mut self, running: Running) {
+        self.running.push(running);
+    }
+
+    /// Whether another message's handlers may start.
+    fn has_room(&self, concurrency: usize) -> bool {
+        self.running.len() < concurrency
+    }
+
+    fn is_empty(&self) -> bool {
+        self.running.is_empty() && self.confirming.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.running.len() + self.confirming.len()
+    }
+
+    /// Stops the running handlers (the stop deadline passed).
+    fn abort(&self) {
+        for running in self.running.iter() {
+            running.abort();
+        }
+    }
+}
+
+/// What moved on in the messages in flight.
+enum Step {
+    /// A message's verdict is known: settle it.
+    Settled(u64, Verdict),
+    /// A message's handlers finished and its confirms are owed: another may start.
+    HandlersDone,
+}
+
+impl Stream for InFlight {
+    type Item = Step;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Step>> {
+        if let Poll::Ready(Some((tag, stage))) = self.running.poll_next_unpin(cx) {
+            return Poll::Ready(Some(match stage {
+                Stage::Done(verdict) => Step::Settled(tag, verdict),
+                Stage::Confirming(rest) => {
+                    self.confirming.push(Confirming { tag, rest });
+                    Step::HandlersDone
+                }
+            }));
+        }
+        match self.confirming.poll_next_unpin(cx) {
+            Poll::Ready(Some((tag, verdict))) => Poll::Ready(Some(Step::Settled(tag, verdict))),
+            Poll::Ready(None) if self.running.is_empty() => Poll::Ready(None),
+            _ => Poll::Pending,
+        }
     }
 }
 
@@ -151,8 +243,6 @@ fn detach(inflight: InFlight) {
         tokio::spawn(async move { inflight.for_each(|_| async {}).await });
     }
 }
-
-type InFlight = FuturesUnordered<Running>;
 
 /// What went wrong with a message before any handler ran.
 enum Refusal {
@@ -179,7 +269,7 @@ impl ConsumerLoop {
     }
 
     async fn consume(&mut self) -> Ended {
-        let mut inflight = InFlight::new();
+        let mut inflight = InFlight::default();
         let mut acks = AckTracker::new(self.shared.settings.prefetch);
         let concurrency = self.shared.settings.concurrency;
         loop {
@@ -197,12 +287,12 @@ impl ConsumerLoop {
             }
             // Settle what finished and take what arrived, without waiting.
             while let Some(Some(done)) = inflight.next().now_or_never() {
-                if let Err(ended) = self.finish(&mut acks, done).await {
+                if let Err(ended) = self.advance(&mut acks, done).await {
                     detach(inflight);
                     return ended;
                 }
             }
-            let room = inflight.len() < concurrency;
+            let room = inflight.has_room(concurrency);
             if room && let Some(item) = self.consumer.next().now_or_never() {
                 if let Some(ended) = self.item(item, &mut inflight, &mut acks).await {
                     detach(inflight);
@@ -232,7 +322,7 @@ impl ConsumerLoop {
                     self.item(item, &mut inflight, &mut acks).await
                 }
                 Some(done) = inflight.next(), if !inflight.is_empty() => {
-                    self.finish(&mut acks, done).await.err()
+                    self.advance(&mut acks, done).await.err()
                 }
                 _ = sleep_until(flush_at), if flush_at.is_some() => {
                     self.flush(&mut acks).await.err()
@@ -439,25 +529,48 @@ impl ConsumerLoop {
                     exchange: exchange.as_str(),
                     routing_key: routing_key.as_str(),
                 };
-                park_or_requeue(&shared, &context, message, &reason).await
+                Stage::Done(park_or_requeue(&shared, &context, message, &reason).await)
             }
         };
         self.start(tag, Box::pin(work), inflight);
         Ok(())
     }
 
-    /// The work that settles a message whose handlers ended with `outcome`.
+    /// The work that settles a message whose handlers end with `outcome`: at once when
+    /// they published nothing (or when the ack mode settled the message already, then
+    /// with the confirms awaited here), else once the confirms came.
     fn conclude_after(
         &self,
         event: Event,
         data: Vec<u8>,
         before: u32,
         outcome: BoxFuture<'static, Outcome>,
-    ) -> BoxFuture<'static, Verdict> {
+    ) -> BoxFuture<'static, Stage> {
         let (shared, context) = (self.shared.clone(), self.context.clone());
         Box::pin(async move {
             let outcome = outcome.await;
-            conclusion(&shared, &context, &event, data, before, outcome).await
+            let owed = event.owed().take();
+            if owed.is_empty() {
+                return Stage::Done(
+                    conclusion(&shared, &context, &event, data, before, outcome).await,
+                );
+            }
+            if shared.settings.ack.finished() == Finished::Settled {
+                // Nothing to settle: wait here, so that unsettled work stays within the
+                // concurrency limit when the broker does not bound it (no-ack).
+                let _ = confirms::settle(owed, outcome).await;
+                return Stage::Done(Verdict::Settled);
+            }
+            Stage::Confirming(Box::pin(async move {
+                let (outcome, unconfirmed) = confirms::settle(owed, outcome).await;
+                if let Some(unconfirmed) = unconfirmed {
+                    shared.stats.unconfirmed.increment();
+                    log_message(&shared, "unconfirmed", |held| {
+                        tracing::warn!(listener = %shared.name, msg_id = event.envelope().msg_id().unwrap_or(""), failed = unconfirmed.failed, first = %unconfirmed.first, suppressed = held, "a publish of the handlers was not confirmed; the message is retried");
+                    });
+                }
+                conclusion(&shared, &context, &event, data, before, outcome).await
+            }))
         })
     }
 
@@ -468,11 +581,11 @@ impl ConsumerLoop {
         data: Vec<u8>,
         before: u32,
         outcome: Outcome,
-    ) -> BoxFuture<'static, Verdict> {
+    ) -> BoxFuture<'static, Stage> {
         self.conclude_after(event, data, before, Box::pin(async move { outcome }))
     }
 
-    fn start(&self, tag: u64, work: BoxFuture<'static, Verdict>, inflight: &mut InFlight) {
+    fn start(&self, tag: u64, work: BoxFuture<'static, Stage>, inflight: &mut InFlight) {
         let work = if self.shared.settings.concurrency == 1 {
             Work::Inline(work)
         } else {
@@ -485,6 +598,14 @@ impl ConsumerLoop {
         acks.settle(&self.context.channel, tag, outcome, self.timeout())
             .await
             .map_err(|stuck| Ended::Lost(stuck.0))
+    }
+
+    /// A message's work moved on: settle it once its verdict is known.
+    async fn advance(&mut self, acks: &mut AckTracker, step: Step) -> Result<(), Ended> {
+        match step {
+            Step::Settled(tag, verdict) => self.finish(acks, (tag, verdict)).await,
+            Step::HandlersDone => Ok(()),
+        }
     }
 
     /// A message's work finished: settle it and count it.
@@ -536,14 +657,14 @@ impl ConsumerLoop {
         if finish_buffered {
             // What the broker sent before the cancel is ours: handle it, until cancel-ok.
             loop {
-                let room = inflight.len() < concurrency;
+                let room = inflight.has_room(concurrency);
                 let step = tokio::select! {
                     item = self.consumer.next(), if room => match item {
                         None => break,
                         Some(Err(error)) => Err(Ended::Lost(error.to_string())),
                         Some(Ok(delivery)) => self.accept(delivery, &mut inflight, &mut acks).await,
                     },
-                    Some(done) = inflight.next(), if !inflight.is_empty() => self.finish(&mut acks, done).await,
+                    Some(done) = inflight.next(), if !inflight.is_empty() => self.advance(&mut acks, done).await,
                     _ = sleep_until(deadline), if deadline.is_some() => break,
                     abandon = abandoned(&mut control) => {
                         if abandon { Err(Ended::Abandoned) } else { Ok(()) }
@@ -557,12 +678,10 @@ impl ConsumerLoop {
         }
         while !inflight.is_empty() {
             let step = tokio::select! {
-                Some(done) = inflight.next() => self.finish(&mut acks, done).await,
+                Some(done) = inflight.next() => self.advance(&mut acks, done).await,
                 _ = sleep_until(deadline), if deadline.is_some() => {
                     tracing::warn!(listener = %self.shared.name, running = inflight.len(), "handlers still running at the stop deadline: abandoned, their messages go back to the queue");
-                    for running in inflight.iter() {
-                        running.abort();
-                    }
+                    inflight.abort();
                     break;
                 }
                 abandon = abandoned(&mut control) => {

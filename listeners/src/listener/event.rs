@@ -3,9 +3,10 @@
 //!
 //! An [`Event`] is cheap to clone (every matching responder gets one). Publishing goes out
 //! on that broker's publish connection (never on the channel the listener consumes on, so a
-//! broker that blocks publishing during a resource alarm cannot stall the consumers) and
-//! waits for the broker's confirm, so `reply().await` returning `Ok` means the broker has
-//! the reply; a blocked broker makes it fail with `Blocked` after the publish timeout.
+//! broker that blocks publishing during a resource alarm cannot stall the consumers).
+//! `reply().await` returns once the reply is written; its confirm settles with the
+//! delivery (`confirms`), and `reply(..).await?.await` waits for it. A blocked broker makes
+//! a publish fail with `Blocked` after the publish timeout.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use warren_runtime::envelope::{Envelope, keys};
 use warren_runtime::exchanges::TARGETED;
 use warren_runtime::publisher::Publisher;
 
+use super::confirms::{Owed, Pending};
 use super::{Listener, Notice};
 
 /// Publish bound of test kit events (a listener's events use `publish_timeout_ms`).
@@ -105,6 +107,8 @@ struct EventInner {
     envelope: Envelope,
     delivery: DeliveryInfo,
     outlet: Outlet,
+    /// The confirms of this event's publishes, awaited before the delivery is settled.
+    owed: Owed,
 }
 
 impl Event {
@@ -114,6 +118,7 @@ impl Event {
                 envelope,
                 delivery,
                 outlet: Outlet::Broker(outbox),
+                owed: Owed::default(),
             }),
         }
     }
@@ -125,6 +130,7 @@ impl Event {
                 envelope,
                 delivery,
                 outlet: Outlet::Recorder(recorder),
+                owed: Owed::default(),
             }),
         }
     }
@@ -150,7 +156,7 @@ impl Event {
 
     /// Replies to the request: publishes `reply` to the `targeted` exchange with routing key
     /// = the request's `Server-ID`, carrying the request's `Msg-ID`.
-    pub async fn reply(&self, mut reply: Envelope) -> Result<Published, PublishError> {
+    pub async fn reply(&self, mut reply: Envelope) -> Result<Pending, PublishError> {
         let server_id = self
             .inner
             .envelope
@@ -164,13 +170,14 @@ impl Event {
         self.publish(TARGETED, &server_id, reply).await
     }
 
-    /// Publishes through the event's broker and waits for the broker's confirm.
+    /// Publishes through the event's broker; returns once the message is written (its
+    /// confirm settles with the delivery; await the [`Pending`] to wait for it).
     pub async fn publish(
         &self,
         exchange: &str,
         routing_key: &str,
         envelope: Envelope,
-    ) -> Result<Published, PublishError> {
+    ) -> Result<Pending, PublishError> {
         let timeout = match &self.inner.outlet {
             Outlet::Broker(outbox) => outbox.timeout,
             Outlet::Recorder(_) => DEFAULT_PUBLISH_TIMEOUT,
@@ -184,39 +191,51 @@ impl Event {
         .await
     }
 
-    /// Publishes with explicit options (mandatory, persistent, gzip, timeout). A returned
-    /// mandatory message is also reported to the listener as [`Notice::Returned`].
+    /// Publishes with explicit options (mandatory, persistent, gzip, timeout), as
+    /// [`Event::publish`] does. A returned mandatory message is also reported to the
+    /// listener as [`Notice::Returned`].
     pub async fn publish_with(
         &self,
         exchange: &str,
         routing_key: &str,
         envelope: Envelope,
         options: PublishOptions,
-    ) -> Result<Published, PublishError> {
+    ) -> Result<Pending, PublishError> {
         let outbox = match &self.inner.outlet {
             Outlet::Broker(outbox) => outbox,
             Outlet::Recorder(recorder) => {
-                return recorder.record(Recorded {
+                let recorded = Recorded {
                     exchange: exchange.to_string(),
                     routing_key: routing_key.to_string(),
                     envelope,
                     options,
-                });
+                };
+                return recorder
+                    .record(recorded)
+                    .map(|published| Pending::answered(Ok(published)));
             }
         };
-        let published = outbox
+        let sent = outbox
             .publisher
-            .publish(exchange, routing_key, envelope, options)
+            .send(exchange, routing_key, envelope, options)
             .await?;
-        if let Published::Returned(returned) = &published {
-            let listener = outbox.listener.clone();
-            let notice = Notice::Returned(returned.clone());
-            // App code: a panic here is the handler's (caught where it runs) but must not
-            // lose the publish result.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                listener.on_notice(&notice)
-            }));
-        }
-        Ok(published)
+        let listener = outbox.listener.clone();
+        let confirm = async move {
+            let published = sent.await;
+            if let Ok(Published::Returned(returned)) = &published {
+                let notice = Notice::Returned(returned.clone());
+                // App code: a panic here must not lose the publish's answer.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    listener.on_notice(&notice)
+                }));
+            }
+            published
+        };
+        Ok(self.inner.owed.track(Box::pin(confirm)))
+    }
+
+    /// The confirms owed so far (the consumer loop, once the handlers finished).
+    pub(crate) fn owed(&self) -> &Owed {
+        &self.inner.owed
     }
 }

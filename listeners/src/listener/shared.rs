@@ -59,6 +59,7 @@ pub(crate) struct Stats {
     pub parked: Counter,
     pub deferred: Counter,
     pub notice_panics: Counter,
+    pub unconfirmed: Counter,
 }
 
 impl Stats {
@@ -77,6 +78,7 @@ impl Stats {
             parked: self.parked.get(),
             deferred: self.deferred.get(),
             notice_panics: self.notice_panics.get(),
+            unconfirmed: self.unconfirmed.get(),
         }
     }
 }

@@ -50,6 +50,9 @@ pub struct StatsSnapshot {
     pub deferred: u64,
     /// Panics in `on_notice` (logged and ignored).
     pub notice_panics: u64,
+    /// Deliveries whose handlers' publishes were not all confirmed (nacked, timed out,
+    /// lost, returned): retried instead of acked.
+    pub unconfirmed: u64,
 }
 
 /// What a listener's actor says about itself (for operators and tests).
