@@ -4,8 +4,10 @@
 //!
 //! The lapin baseline acknowledges with `multiple = true` every quarter of the prefetch
 //! (the best a hand-written consumer does; one awaited ack per message is several times
-//! slower). Each side is timed from its first delivery to its last ack; the median of a
-//! few rounds is reported. The last line is one JSON object.
+//! slower). Each side is timed from its first delivery to its last ack; the median of
+//! five interleaved rounds is reported with the spread. Allocations per message (a
+//! counting global allocator) are reported for both sides on a line
+//! `{"bench":"consume_allocations",…}`. The last line is one JSON object.
 
 mod common;
 
@@ -19,6 +21,9 @@ use warren_listeners::{AppContext, Event, Listener, ListenerSpec, QueueSpec, spa
 use warren_runtime::config::AppConfig;
 use warren_runtime::node::Node;
 
+#[global_allocator]
+static ALLOCATOR: common::Counting = common::Counting;
+
 const PREFETCH: u16 = 200;
 const EXCHANGE: &str = "warren-bench-consume";
 
@@ -28,15 +33,28 @@ async fn main() {
     let node = common::start_node("consume", "").await;
     let queue = format!("warren-bench-consume-{}", std::process::id());
     let mut rounds = common::Rounds::default();
+    let mut allocations = common::Rounds::default();
+    let per_message = |before: u64| (common::allocations() - before) as f64 / MESSAGES as f64;
     for round in 1..=ROUNDS {
         common::fresh_queue(&channel, EXCHANGE, &queue).await;
         common::prepublish(&channel, EXCHANGE, MESSAGES, SIZE).await;
+        let before = common::allocations();
         let lapin = common::fast_lapin_consumer(&queue, MESSAGES, PREFETCH).await;
+        let lapin_allocations = per_message(before);
         common::fresh_queue(&channel, EXCHANGE, &queue).await;
         common::prepublish(&channel, EXCHANGE, MESSAGES, SIZE).await;
+        let before = common::allocations();
         let warren = warren_listener(&node, &queue).await;
+        let warren_allocations = per_message(before);
         rounds.push(round, "msg/s", warren, lapin);
+        allocations.push(
+            round,
+            "allocations/msg",
+            warren_allocations,
+            lapin_allocations,
+        );
     }
+    allocations.report("consume_allocations");
     common::delete_queue(&channel, &queue).await;
     let _ = node.stop().await;
     rounds.report("consume");

@@ -47,8 +47,9 @@ pub fn envelope_of_size(category: &str, name: &str, i: usize, size: usize) -> Ve
 pub const MESSAGES: usize = 200_000;
 /// The encoded size of each benchmark envelope, in bytes.
 pub const SIZE: usize = 256;
-/// Rounds per benchmark; the median is reported.
-pub const ROUNDS: usize = 3;
+/// Rounds per benchmark, interleaved (lapin, warren, lapin, …); the median is reported
+/// with the spread, so one noisy round cannot move the figure.
+pub const ROUNDS: usize = 5;
 
 /// A set-up connection and a channel on it.
 pub async fn setup_channel(name: &str) -> (Connection, Channel) {
@@ -195,15 +196,77 @@ pub struct Rounds {
 impl Rounds {
     /// Records one round's figures (and prints them in `unit`).
     pub fn push(&mut self, round: usize, unit: &str, warren: f64, lapin: f64) {
-        eprintln!("round {round}: lapin {lapin:.0} {unit}, warren {warren:.0} {unit}");
+        eprintln!("round {round}: lapin {lapin:.1} {unit}, warren {warren:.1} {unit}");
         self.warren.push(warren);
         self.lapin.push(lapin);
     }
 
-    /// Prints the last line: the medians and their ratio (warren / lapin).
+    /// Prints the medians with their spread, then the last line: the medians and their
+    /// ratio (warren / lapin).
     pub fn report(self, bench: &str) {
+        let spread = |values: &[f64]| {
+            let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            format!("{min:.1}–{max:.1}")
+        };
+        let (warren_spread, lapin_spread) = (spread(&self.warren), spread(&self.lapin));
+        let ratios: Vec<f64> = self
+            .warren
+            .iter()
+            .zip(&self.lapin)
+            .map(|(w, l)| w / l)
+            .collect();
+        let ratio_min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let ratio_max = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let (warren, lapin) = (median(self.warren), median(self.lapin));
+        eprintln!(
+            "{bench} over {} rounds: warren {warren:.0} ({warren_spread}), lapin {lapin:.0} ({lapin_spread}); \
+             ratio {:.3}, per round {ratio_min:.3}–{ratio_max:.3}",
+            ratios.len(),
+            warren / lapin
+        );
         report(bench, warren, lapin, warren / lapin);
+    }
+}
+
+/// A global allocator that counts allocations, for allocations per message: a bench
+/// declares `#[global_allocator] static A: common::Counting = common::Counting;`.
+pub struct Counting;
+
+static ALLOCATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Allocations (and reallocations) so far, with [`Counting`] as the global allocator.
+pub fn allocations() -> u64 {
+    ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn count() {
+    ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+// SAFETY: every call is passed on to the system allocator unchanged.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        count();
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        count();
+        // SAFETY: as above.
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
+        count();
+        // SAFETY: as above.
+        unsafe { std::alloc::System.realloc(ptr, layout, size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: as above.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
     }
 }
 

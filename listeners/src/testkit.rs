@@ -183,9 +183,12 @@ impl TestEvent {
             Ok(Dispatch::Responders) => {
                 let handlers = spec.responders.matching(event.category(), event.name());
                 handled.responders = handlers.len();
-                let ends = handling::run(&event, handlers).await;
-                handled.outcome = handling::combine(&ends);
-                handled.errors = ends.iter().filter_map(error_text).collect();
+                let mut errors = Vec::new();
+                handled.outcome = handling::run(&event, handlers, |end| {
+                    errors.extend(error_text(end));
+                })
+                .await;
+                handled.errors = errors;
             }
             Err(panic) => {
                 handled.outcome = Outcome::Requeue;
@@ -231,7 +234,7 @@ impl TestEvent {
             redelivered: self.redelivered || self.last_attempt,
             delivery_tag: 1,
             properties,
-            queue: format!("{listener}-test"),
+            queue: format!("{listener}-test").into(),
             broker: Arc::new(broker),
             grant: 1,
         };

@@ -464,7 +464,7 @@ impl ListenerState {
                     tag,
                     context,
                     consumer,
-                    queue: topology.queue_name.clone(),
+                    queue: topology.queue_name.as_str().into(),
                     shared,
                     control: control_rx,
                     unsettled: unsettled.clone(),

@@ -44,7 +44,7 @@ use super::event::{DeliveryInfo, Event, Outbox};
 use super::handling::{self, HandlerEnd, panic_text};
 use super::parking;
 use super::redelivery::body_key;
-use super::responders::{Handler, HandlerError, Outcome};
+use super::responders::{HandlerError, Matched, Outcome};
 use super::shared::{GrantContext, ListenerShared};
 use super::topology;
 
@@ -86,7 +86,7 @@ pub(crate) struct ConsumerLoop {
     pub tag: String,
     pub context: Arc<GrantContext>,
     pub consumer: Consumer,
-    pub queue: String,
+    pub queue: Arc<str>,
     pub shared: Arc<ListenerShared>,
     pub control: watch::Receiver<Control>,
     /// Deliveries received and not settled yet (read by the actor while draining).
@@ -405,8 +405,8 @@ impl ConsumerLoop {
         let event = Event::new(
             envelope,
             DeliveryInfo {
-                exchange: exchange.to_string(),
-                routing_key: routing_key.to_string(),
+                exchange: exchange.into(),
+                routing_key: routing_key.into(),
                 redelivered,
                 delivery_tag: tag,
                 properties,
@@ -424,7 +424,7 @@ impl ConsumerLoop {
             Some(handlers) => handlers,
             // `on_event` panicked: a failure of this message, like a responder's panic.
             None => {
-                let work = self.conclude(event, data, before, Outcome::Requeue);
+                let work = self.conclude(event, data, before, None);
                 self.start(tag, work, inflight);
                 return Ok(());
             }
@@ -441,14 +441,13 @@ impl ConsumerLoop {
             };
             return self.finish(acks, (tag, verdict)).await;
         }
-        let outcome = run_handlers(shared.clone(), event.clone(), handlers);
-        let conclusion = self.conclude_after(event, data, before, outcome);
-        self.start(tag, conclusion, inflight);
+        let work = self.conclude(event, data, before, Some(handlers));
+        self.start(tag, work, inflight);
         Ok(())
     }
 
     /// The hook, then the matching responders; `None` when the hook panicked.
-    fn dispatch(&self, event: &Event) -> Option<Vec<Handler>> {
+    fn dispatch(&self, event: &Event) -> Option<Matched> {
         let shared = &self.shared;
         match handling::hook(shared.listener.as_ref(), event) {
             Ok(Dispatch::Responders) => {
@@ -464,7 +463,7 @@ impl ConsumerLoop {
             }
             Ok(Dispatch::Suppress) => {
                 shared.stats.suppressed.increment();
-                Some(Vec::new())
+                Some(Matched::None)
             }
             Err(panic) => {
                 shared.stats.handler_panics.increment();
@@ -539,16 +538,20 @@ impl ConsumerLoop {
     /// The work that settles a message whose handlers end with `outcome`: at once when
     /// they published nothing (or when the ack mode settled the message already, then
     /// with the confirms awaited here), else once the confirms came.
-    fn conclude_after(
+    /// `None` for handlers: the hook panicked, a failure of the message.
+    fn conclude(
         &self,
         event: Event,
         data: Vec<u8>,
         before: u32,
-        outcome: BoxFuture<'static, Outcome>,
+        handlers: Option<Matched>,
     ) -> BoxFuture<'static, Stage> {
         let (shared, context) = (self.shared.clone(), self.context.clone());
         Box::pin(async move {
-            let outcome = outcome.await;
+            let outcome = match handlers {
+                Some(handlers) => run_handlers(&shared, &event, handlers).await,
+                None => Outcome::Requeue,
+            };
             let owed = event.owed().take();
             if owed.is_empty() {
                 return Stage::Done(
@@ -572,17 +575,6 @@ impl ConsumerLoop {
                 conclusion(&shared, &context, &event, data, before, outcome).await
             }))
         })
-    }
-
-    /// The same, for an outcome known at once.
-    fn conclude(
-        &self,
-        event: Event,
-        data: Vec<u8>,
-        before: u32,
-        outcome: Outcome,
-    ) -> BoxFuture<'static, Stage> {
-        self.conclude_after(event, data, before, Box::pin(async move { outcome }))
     }
 
     fn start(&self, tag: u64, work: BoxFuture<'static, Stage>, inflight: &mut InFlight) {
@@ -735,40 +727,31 @@ async fn decode(delivery: &mut Delivery, max_bytes: usize) -> Result<Envelope, D
 
 /// Runs every matching handler, each with its panics caught, logs how they failed, and
 /// combines their results.
-fn run_handlers(
-    shared: Arc<ListenerShared>,
-    event: Event,
-    handlers: Vec<Handler>,
-) -> BoxFuture<'static, Outcome> {
-    Box::pin(async move {
-        let ends = handling::run(&event, handlers).await;
-        let msg_id = event.envelope().msg_id().unwrap_or("");
-        for end in &ends {
-            match end {
-                HandlerEnd::Returned(Ok(())) => {}
-                HandlerEnd::Returned(Err(HandlerError::Retry(reason))) => {
-                    log_message(&shared, "retry", |held| {
-                        tracing::warn!(listener = %shared.name, msg_id, %reason, suppressed = held, "handler asked to retry; message requeued");
-                    });
-                }
-                HandlerEnd::Returned(Err(HandlerError::Reject(reason))) => {
-                    log_message(&shared, "reject", |held| {
-                        tracing::warn!(listener = %shared.name, msg_id, %reason, suppressed = held, "handler rejected the message");
-                    });
-                }
-                HandlerEnd::Returned(Err(HandlerError::Defer(reason))) => {
-                    tracing::debug!(listener = %shared.name, msg_id, %reason, "handler deferred the message");
-                }
-                HandlerEnd::Panicked(panic) => {
-                    shared.stats.handler_panics.increment();
-                    log_message(&shared, "panic", |held| {
-                        tracing::error!(listener = %shared.name, msg_id, category = event.category(), name = event.name(), %panic, suppressed = held, "handler panicked; message requeued");
-                    });
-                }
-            }
+async fn run_handlers(shared: &ListenerShared, event: &Event, handlers: Matched) -> Outcome {
+    let msg_id = event.envelope().msg_id().unwrap_or("");
+    handling::run(event, handlers, |end| match end {
+        HandlerEnd::Returned(Ok(())) => {}
+        HandlerEnd::Returned(Err(HandlerError::Retry(reason))) => {
+            log_message(shared, "retry", |held| {
+                tracing::warn!(listener = %shared.name, msg_id, %reason, suppressed = held, "handler asked to retry; message requeued");
+            });
         }
-        handling::combine(&ends)
+        HandlerEnd::Returned(Err(HandlerError::Reject(reason))) => {
+            log_message(shared, "reject", |held| {
+                tracing::warn!(listener = %shared.name, msg_id, %reason, suppressed = held, "handler rejected the message");
+            });
+        }
+        HandlerEnd::Returned(Err(HandlerError::Defer(reason))) => {
+            tracing::debug!(listener = %shared.name, msg_id, %reason, "handler deferred the message");
+        }
+        HandlerEnd::Panicked(panic) => {
+            shared.stats.handler_panics.increment();
+            log_message(shared, "panic", |held| {
+                tracing::error!(listener = %shared.name, msg_id, category = event.category(), name = event.name(), %panic, suppressed = held, "handler panicked; message requeued");
+            });
+        }
     })
+    .await
 }
 
 /// What becomes of a message whose handlers ended with `outcome`: a failure is counted,

@@ -36,8 +36,8 @@ pub struct DeliveryInfo {
     pub delivery_tag: u64,
     /// AMQP properties (content type, headers, …).
     pub properties: BasicProperties,
-    /// The listener's queue.
-    pub queue: String,
+    /// The listener's queue (shared by all its deliveries).
+    pub queue: Arc<str>,
     /// The broker the message came from.
     pub broker: Arc<Broker>,
     /// The number of the grant it came on (see `assignments::Grant`).

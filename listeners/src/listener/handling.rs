@@ -10,7 +10,7 @@ use std::panic::AssertUnwindSafe;
 use futures::FutureExt;
 
 use super::event::Event;
-use super::responders::{Handler, HandlerError, HandlerResult, Outcome};
+use super::responders::{Handler, HandlerError, HandlerResult, Matched, Outcome};
 use super::{Dispatch, Listener};
 
 /// How one handler ended.
@@ -39,25 +39,37 @@ pub(crate) fn hook(listener: &dyn Listener, event: &Event) -> Result<Dispatch, S
         .map_err(|panic| panic_text(panic.as_ref()).to_string())
 }
 
-/// Runs every handler at once, each with its panics caught; ends in handler order.
-pub(crate) async fn run(event: &Event, handlers: Vec<Handler>) -> Vec<HandlerEnd> {
-    futures::future::join_all(handlers.into_iter().map(|handler| {
+/// Runs every matching handler at once, each with its panics caught, tells `ended` how
+/// each one ended (in handler order), and returns their combined outcome: the most severe
+/// wins; no handler is an ack.
+pub(crate) async fn run(
+    event: &Event,
+    handlers: Matched,
+    mut ended: impl FnMut(&HandlerEnd),
+) -> Outcome {
+    let guarded = |handler: Handler| {
         let event = event.clone();
         AssertUnwindSafe(async move { handler(event).await }).catch_unwind()
-    }))
-    .await
-    .into_iter()
-    .map(|end| match end {
-        Ok(result) => HandlerEnd::Returned(result),
-        Err(panic) => HandlerEnd::Panicked(panic_text(panic.as_ref()).to_string()),
-    })
-    .collect()
-}
-
-/// The outcome of several handlers: the most severe wins; no handler is an ack.
-pub(crate) fn combine(ends: &[HandlerEnd]) -> Outcome {
-    ends.iter()
-        .fold(Outcome::Ack, |outcome, end| outcome.combine(end.outcome()))
+    };
+    let mut outcome = Outcome::Ack;
+    let mut end = |result: std::thread::Result<HandlerResult>| {
+        let end = match result {
+            Ok(result) => HandlerEnd::Returned(result),
+            Err(panic) => HandlerEnd::Panicked(panic_text(panic.as_ref()).to_string()),
+        };
+        outcome = outcome.combine(end.outcome());
+        ended(&end);
+    };
+    match handlers {
+        Matched::None => {}
+        Matched::One(handler) => end(guarded(handler).await),
+        Matched::Many(all) => {
+            for result in futures::future::join_all(all.into_iter().map(guarded)).await {
+                end(result);
+            }
+        }
+    }
+    outcome
 }
 
 /// Tells the listener that a message failed for good (`on_failed`); a panic in it is

@@ -96,6 +96,28 @@ where
 /// A handler, boxed so that responders of any closure type live in one table.
 pub(crate) type Handler = Arc<dyn Fn(Event) -> BoxFuture<'static, HandlerResult> + Send + Sync>;
 
+/// The handlers of the responders matching one event; one (the common case) without a
+/// list.
+pub(crate) enum Matched {
+    None,
+    One(Handler),
+    Many(Vec<Handler>),
+}
+
+impl Matched {
+    pub fn len(&self) -> usize {
+        match self {
+            Matched::None => 0,
+            Matched::One(_) => 1,
+            Matched::Many(all) => all.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Matched::None)
+    }
+}
+
 /// Identifies one registered responder, to remove it later.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ResponderId(u64);
@@ -176,12 +198,20 @@ impl Responders {
     }
 
     /// The handlers matching an event, in registration order.
-    pub(crate) fn matching(&self, category: &str, name: &str) -> Vec<Handler> {
-        self.entries
-            .iter()
-            .filter(|r| r.matches(category, name))
-            .map(|r| r.handler.clone())
-            .collect()
+    pub(crate) fn matching(&self, category: &str, name: &str) -> Matched {
+        let mut matched = Matched::None;
+        for responder in self.entries.iter().filter(|r| r.matches(category, name)) {
+            let handler = responder.handler.clone();
+            matched = match matched {
+                Matched::None => Matched::One(handler),
+                Matched::One(first) => Matched::Many(vec![first, handler]),
+                Matched::Many(mut all) => {
+                    all.push(handler);
+                    Matched::Many(all)
+                }
+            };
+        }
+        matched
     }
 
     /// Number of responders matching an event (for tests and diagnostics).

@@ -87,7 +87,7 @@ impl Inbox {
         let holder = self.holder.lock();
         let holder = holder.as_ref()?;
         let delivery = event.delivery();
-        let is_reply = delivery.exchange == TARGETED && delivery.routing_key == delivery.queue;
+        let is_reply = delivery.exchange == TARGETED && *delivery.routing_key == *delivery.queue;
         if is_reply {
             let msg_id = event.envelope().msg_id()?;
             holder

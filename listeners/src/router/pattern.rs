@@ -47,38 +47,41 @@ impl Pattern {
         &self.text
     }
 
-    /// Whether a routing key matches.
+    /// Whether a routing key matches (walking its words once, nothing allocated).
     pub fn matches(&self, routing_key: &str) -> bool {
-        let key: Vec<&str> = routing_key.split('.').collect();
         let words = &self.words;
-        // Greedy matching with backtracking to the last `#`, as for glob stars.
-        let (mut w, mut k) = (0, 0);
-        let mut last_any: Option<(usize, usize)> = None;
-        while k < key.len() {
+        // Greedy matching with backtracking to the last `#`, as for glob stars. The key is
+        // read word by word; `rest` is what follows the current word, and the last `#`
+        // remembers where it was met so that it can swallow one more word.
+        let mut rest = routing_key.split('.');
+        let mut key = rest.next();
+        let mut w = 0;
+        let mut last_any: Option<(usize, std::str::Split<'_, char>)> = None;
+        while let Some(word) = key {
             match words.get(w) {
                 Some(Word::Any) => {
-                    last_any = Some((w, k));
+                    last_any = Some((w, rest.clone()));
                     w += 1;
                     continue;
                 }
                 Some(Word::One) => {
                     w += 1;
-                    k += 1;
+                    key = rest.next();
                     continue;
                 }
-                Some(Word::Literal(literal)) if literal == key[k] => {
+                Some(Word::Literal(literal)) if literal == word => {
                     w += 1;
-                    k += 1;
+                    key = rest.next();
                     continue;
                 }
                 _ => {}
             }
-            match last_any {
-                Some((any_w, any_k)) => {
+            match &mut last_any {
+                Some((any_w, any_rest)) => {
                     // Let the last `#` swallow one more word and try again.
-                    w = any_w + 1;
-                    k = any_k + 1;
-                    last_any = Some((any_w, any_k + 1));
+                    w = *any_w + 1;
+                    key = any_rest.next();
+                    rest = any_rest.clone();
                 }
                 None => return false,
             }
