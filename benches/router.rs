@@ -7,9 +7,12 @@
 //! The router's listener is paused while 100,000 events are published once to the
 //! exchange; a plain queue bound with `#` gets the same events. The lapin consumer (manual
 //! acks coalesced, prefetch 200) drains its copy; then the router resumes and is timed
-//! until every subscriber has every event. The last line is one JSON object (events/s).
+//! until every subscriber has every event. Five interleaved rounds; the median and the
+//! spread are printed. The last line is one JSON object (events/s).
 
 mod common;
+
+use common::ROUNDS;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +31,6 @@ const PATTERNS: [&str; 5] = [
     "doc_edited.bench.user.*",
 ];
 const PREFETCH: u16 = 200;
-const ROUNDS: usize = 3;
 
 #[tokio::main]
 async fn main() {
