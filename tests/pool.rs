@@ -1084,6 +1084,11 @@ async fn a_blocked_broker_fails_publishes_with_blocked_while_consumers_keep_acki
                 let outcome = event
                     .publish("", "nowhere", Envelope::new("t", "out"))
                     .await;
+                // Awaited here: the handler acts on the broker's answer itself.
+                let outcome = match outcome {
+                    Ok(pending) => pending.await,
+                    Err(error) => Err(error),
+                };
                 replies.lock().push(match outcome {
                     Ok(_) => "ok".to_string(),
                     Err(error) => error.to_string(),

@@ -7,12 +7,15 @@
 //! **and** every confirm came: a publish the broker nacked, did not confirm in time, lost
 //! with its channel, or returned (mandatory) turns a success into a retry; a rejection
 //! stays a rejection. A handler that needs the broker's answer before going on awaits the
-//! [`Pending`] its publish gave.
+//! [`Pending`] its publish gave; that answer is then the handler's to act on, and the
+//! delivery does not judge it again.
 //!
 //! Owns: [`Pending`], the per-event list of owed confirms and the rule above. Must not
 //! touch: acks (the consumer loop settles), the publisher (it only observes its confirms).
 
 use std::future::IntoFuture;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
@@ -29,51 +32,76 @@ type Confirm = Shared<BoxFuture<'static, Result<Published, PublishError>>>;
 /// `Returned` for an unroutable mandatory message, or the error.
 #[derive(Clone)]
 pub struct Pending {
-    confirm: Confirm,
+    owed: OwedConfirm,
 }
 
 impl Pending {
     /// A publish whose answer is known already (the test kit's recorder).
     pub(crate) fn answered(result: Result<Published, PublishError>) -> Self {
         Pending {
-            confirm: futures::future::ready(result).boxed().shared(),
+            owed: OwedConfirm::new(futures::future::ready(result).boxed()),
         }
     }
 
-    /// Waits for the broker's answer (bounded by the publish's timeout).
+    /// Waits for the broker's answer (bounded by the publish's timeout); from then on the
+    /// handler decides what it means.
     pub async fn confirmed(self) -> Result<Published, PublishError> {
-        self.confirm.await
+        let answer = self.owed.confirm.await;
+        self.owed.seen.store(true, Ordering::Release);
+        answer
     }
 }
 
 impl IntoFuture for Pending {
     type Output = Result<Published, PublishError>;
-    type IntoFuture = Confirm;
+    type IntoFuture = BoxFuture<'static, Result<Published, PublishError>>;
 
-    fn into_future(self) -> Confirm {
-        self.confirm
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.confirmed())
+    }
+}
+
+/// A confirm the delivery waits for, and whether the handler has seen its answer.
+#[derive(Clone)]
+struct OwedConfirm {
+    confirm: Confirm,
+    seen: Arc<AtomicBool>,
+}
+
+impl OwedConfirm {
+    fn new(confirm: BoxFuture<'static, Result<Published, PublishError>>) -> Self {
+        OwedConfirm {
+            confirm: confirm.shared(),
+            seen: Arc::new(AtomicBool::new(false)),
+        }
     }
 }
 
 /// The confirms one event's publishes owe, taken by the consumer loop when the handlers
 /// finished.
 #[derive(Default)]
-pub(crate) struct Owed(Mutex<Vec<Confirm>>);
+pub(crate) struct Owed(Mutex<Vec<OwedConfirm>>);
 
 impl Owed {
     /// Tracks `confirm` with the delivery and gives the handler its own view of it.
     pub fn track(&self, confirm: BoxFuture<'static, Result<Published, PublishError>>) -> Pending {
-        let confirm = confirm.shared();
-        self.0.lock().push(confirm.clone());
-        Pending { confirm }
+        let owed = OwedConfirm::new(confirm);
+        self.0.lock().push(owed.clone());
+        Pending { owed }
     }
 
     /// Everything owed so far; publishes made later (by work the handler left running) are
     /// the handler's own to await.
-    pub fn take(&self) -> Vec<Confirm> {
+    pub fn take(&self) -> Vec<Owing> {
         std::mem::take(&mut *self.0.lock())
+            .into_iter()
+            .map(Owing)
+            .collect()
     }
 }
+
+/// One confirm a finished delivery still waits for.
+pub(crate) struct Owing(OwedConfirm);
 
 /// Why the confirms change an outcome, for the log line.
 pub(crate) struct Unconfirmed {
@@ -85,13 +113,22 @@ pub(crate) struct Unconfirmed {
 /// all were routed; otherwise at least a retry (a publish lost with its channel is not the
 /// message's fault: a deferral, not a counted failure).
 pub(crate) async fn settle(
-    confirms: Vec<Confirm>,
+    confirms: Vec<Owing>,
     outcome: Outcome,
 ) -> (Outcome, Option<Unconfirmed>) {
-    let results = futures::future::join_all(confirms).await;
+    let seen: Vec<bool> = confirms
+        .iter()
+        .map(|owing| owing.0.seen.load(Ordering::Acquire))
+        .collect();
+    let results =
+        futures::future::join_all(confirms.into_iter().map(|owing| owing.0.confirm)).await;
     let mut worst = Outcome::Ack;
     let mut unconfirmed: Option<Unconfirmed> = None;
-    for result in &results {
+    for (result, seen) in results.iter().zip(seen) {
+        if seen {
+            // The handler awaited this answer and decided with it.
+            continue;
+        }
         let (becomes, why) = match result {
             Ok(Published::Routed) => continue,
             Ok(Published::Returned(returned)) => (
@@ -123,7 +160,7 @@ mod tests {
     use super::*;
     use warren_runtime::confirm::Returned;
 
-    fn owed(results: Vec<Result<Published, PublishError>>) -> Vec<Confirm> {
+    fn owed(results: Vec<Result<Published, PublishError>>) -> Vec<Owing> {
         let owed = Owed::default();
         for result in results {
             let _ = owed.track(futures::future::ready(result).boxed());
@@ -171,12 +208,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_handler_and_the_delivery_see_the_same_answer() {
+    async fn an_answer_the_handler_awaited_is_the_handlers_to_judge() {
         let owed = Owed::default();
-        let pending = owed.track(futures::future::ready(Err(PublishError::Nacked)).boxed());
-        assert!(matches!(pending.await, Err(PublishError::Nacked)));
+        let awaited = owed.track(futures::future::ready(Err(PublishError::Nacked)).boxed());
+        let _left = owed.track(futures::future::ready(Ok(Published::Routed)).boxed());
+        assert!(matches!(awaited.await, Err(PublishError::Nacked)));
+        let (outcome, why) = settle(owed.take(), Outcome::Ack).await;
+        assert_eq!(
+            outcome,
+            Outcome::Ack,
+            "the handler saw the nack and chose to succeed"
+        );
+        assert!(why.is_none());
+        assert!(owed.take().is_empty(), "taken once");
+    }
+
+    #[tokio::test]
+    async fn an_answer_the_handler_left_is_the_deliverys() {
+        let owed = Owed::default();
+        let left = owed.track(futures::future::ready(Err(PublishError::Nacked)).boxed());
+        drop(left);
         let (outcome, _) = settle(owed.take(), Outcome::Ack).await;
         assert_eq!(outcome, Outcome::Requeue);
-        assert!(owed.take().is_empty(), "taken once");
     }
 }

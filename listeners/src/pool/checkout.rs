@@ -99,6 +99,13 @@ impl Checkout {
     pub async fn checkin(mut self) {
         self.released = true;
         let added = std::mem::take(&mut self.added);
+        if added.is_empty() {
+            // Nothing to unbind: the check-in is immediate, so there is nothing for a
+            // caller that gives up half-way to interrupt.
+            self.worker.inbox.close();
+            self.pool.checkin(self.worker.clone(), self.epoch, true);
+            return;
+        }
         let release = tokio::spawn(release(
             self.pool.clone(),
             self.worker.clone(),
