@@ -6,7 +6,7 @@
 //! (the best a hand-written consumer does; one awaited ack per message is several times
 //! slower). Each side is timed from its first delivery to its last ack; the median of
 //! five interleaved rounds is reported with the spread. Allocations per message (a
-//! counting global allocator) are reported for both sides on a line
+//! counting global allocator, in an untimed round of each side) are reported on a line
 //! `{"bench":"consume_allocations",…}`. The last line is one JSON object.
 
 mod common;
@@ -33,28 +33,32 @@ async fn main() {
     let node = common::start_node("consume", "").await;
     let queue = format!("warren-bench-consume-{}", std::process::id());
     let mut rounds = common::Rounds::default();
-    let mut allocations = common::Rounds::default();
-    let per_message = |before: u64| (common::allocations() - before) as f64 / MESSAGES as f64;
     for round in 1..=ROUNDS {
         common::fresh_queue(&channel, EXCHANGE, &queue).await;
         common::prepublish(&channel, EXCHANGE, MESSAGES, SIZE).await;
-        let before = common::allocations();
         let lapin = common::fast_lapin_consumer(&queue, MESSAGES, PREFETCH).await;
-        let lapin_allocations = per_message(before);
         common::fresh_queue(&channel, EXCHANGE, &queue).await;
         common::prepublish(&channel, EXCHANGE, MESSAGES, SIZE).await;
-        let before = common::allocations();
         let warren = warren_listener(&node, &queue).await;
-        let warren_allocations = per_message(before);
         rounds.push(round, "msg/s", warren, lapin);
-        allocations.push(
-            round,
-            "allocations/msg",
-            warren_allocations,
-            lapin_allocations,
-        );
     }
-    allocations.report("consume_allocations");
+    // Allocations per message, in one untimed round of each side.
+    common::fresh_queue(&channel, EXCHANGE, &queue).await;
+    common::prepublish(&channel, EXCHANGE, MESSAGES, SIZE).await;
+    let consume = common::fast_lapin_consumer(&queue, MESSAGES, PREFETCH);
+    let (_, lapin) = common::allocations_during(consume).await;
+    common::fresh_queue(&channel, EXCHANGE, &queue).await;
+    common::prepublish(&channel, EXCHANGE, MESSAGES, SIZE).await;
+    let (_, warren) = common::allocations_during(warren_listener(&node, &queue)).await;
+    let (warren, lapin) = (
+        warren as f64 / MESSAGES as f64,
+        lapin as f64 / MESSAGES as f64,
+    );
+    eprintln!("allocations per message: warren {warren:.1}, lapin {lapin:.1}");
+    println!(
+        "{{\"bench\":\"consume_allocations\",\"warren\":{warren:.1},\"lapin\":{lapin:.1},\"ratio\":{:.3}}}",
+        warren / lapin
+    );
     common::delete_queue(&channel, &queue).await;
     let _ = node.stop().await;
     rounds.report("consume");

@@ -3,7 +3,8 @@
 //! calling the same fast raw-lapin responder on the local RabbitMQ, in the same run.
 //!
 //! Reports the p50 and p99 of sequential calls for both, and calls per second with 64
-//! concurrent callers. The last line is one JSON object:
+//! concurrent callers, each the median of five interleaved rounds with the spread. The
+//! last line is one JSON object:
 //! `{"bench":"rpc","warren":<p50 µs>,"lapin":<p50 µs>,"ratio":<warren p50 / lapin p50>}`.
 
 mod common;
@@ -39,27 +40,28 @@ async fn main() {
         lapin.call().await;
         warren_call(&pool).await;
     }
-    let lapin_latencies = sequential(|| lapin.call()).await;
-    let warren_latencies = sequential(|| warren_call(&pool)).await;
-    let (lapin_p50, lapin_p99) = percentiles(lapin_latencies);
-    let (warren_p50, warren_p99) = percentiles(warren_latencies);
-    eprintln!(
-        "sequential round trips ({SEQUENTIAL}): lapin p50 {lapin_p50:.0} µs p99 {lapin_p99:.0} µs; \
-         warren p50 {warren_p50:.0} µs p99 {warren_p99:.0} µs"
+    // Interleaved rounds: each side's sequential p50 (and p99), then its calls/s with
+    // concurrent callers.
+    let (mut p50s, mut p99s, mut rates) = (
+        common::Rounds::default(),
+        common::Rounds::default(),
+        common::Rounds::default(),
     );
-
-    let lapin_rate = concurrent_lapin().await;
-    let warren_rate = concurrent_warren(&pool).await;
-    eprintln!(
-        "{CONCURRENT_CALLERS} concurrent callers ({CONCURRENT_CALLS} calls): lapin {lapin_rate:.0} calls/s, warren {warren_rate:.0} calls/s"
-    );
-    println!(
-        "{{\"bench\":\"rpc_details\",\"warren_p99_us\":{warren_p99:.1},\"lapin_p99_us\":{lapin_p99:.1},\"warren_calls_per_sec_64\":{warren_rate:.1},\"lapin_calls_per_sec_64\":{lapin_rate:.1}}}"
-    );
+    for round in 1..=common::ROUNDS {
+        let (lapin_p50, lapin_p99) = percentiles(sequential(|| lapin.call()).await);
+        let (warren_p50, warren_p99) = percentiles(sequential(|| warren_call(&pool)).await);
+        p50s.push(round, "µs p50", warren_p50, lapin_p50);
+        p99s.push(round, "µs p99", warren_p99, lapin_p99);
+        let lapin_rate = concurrent_lapin().await;
+        let warren_rate = concurrent_warren(&pool).await;
+        rates.push(round, "calls/s", warren_rate, lapin_rate);
+    }
+    p99s.report("rpc_p99");
+    rates.report("rpc_calls_per_sec_64");
     pool.stop().await;
     let _ = node.stop().await;
     drop(responder);
-    common::report("rpc", warren_p50, lapin_p50, warren_p50 / lapin_p50);
+    p50s.report("rpc");
 }
 
 async fn sequential<F, Fut>(call: F) -> Vec<f64>

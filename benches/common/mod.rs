@@ -229,19 +229,31 @@ impl Rounds {
     }
 }
 
-/// A global allocator that counts allocations, for allocations per message: a bench
-/// declares `#[global_allocator] static A: common::Counting = common::Counting;`.
+/// A global allocator that counts allocations while counting is on, for allocations per
+/// message: a bench declares `#[global_allocator] static A: common::Counting =
+/// common::Counting;` and measures in rounds of their own (timed rounds run with counting
+/// off, at the cost of one relaxed load per allocation).
 pub struct Counting;
 
+static COUNTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 static ALLOCATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Allocations (and reallocations) so far, with [`Counting`] as the global allocator.
-pub fn allocations() -> u64 {
-    ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed)
+/// Allocations (and reallocations) made while `work` ran, with [`Counting`] as the global
+/// allocator (by every thread: run nothing else meanwhile).
+pub async fn allocations_during<T>(work: impl std::future::Future<Output = T>) -> (T, u64) {
+    use std::sync::atomic::Ordering;
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    COUNTING.store(true, Ordering::Relaxed);
+    let value = work.await;
+    COUNTING.store(false, Ordering::Relaxed);
+    (value, ALLOCATIONS.load(Ordering::Relaxed) - before)
 }
 
 fn count() {
-    ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    use std::sync::atomic::Ordering;
+    if COUNTING.load(Ordering::Relaxed) {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 // SAFETY: every call is passed on to the system allocator unchanged.
