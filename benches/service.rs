@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
     ExchangeDeclareOptions, QueueDeclareOptions, QueuePurgeOptions,
 };
 use lapin::types::FieldTable;
@@ -394,34 +394,15 @@ impl Generator {
             .expect("purge");
         let mut expected = HashMap::with_capacity(backlog);
         let mut receivers = Vec::with_capacity(backlog);
-        let mut confirms = Vec::with_capacity(1000);
-        for _ in 0..backlog {
+        let requests = (0..backlog).map(|_| {
             let (msg_id, payload, body) = self.request(number());
             let (tx, rx) = oneshot::channel();
             self.waiting.lock().insert(msg_id.clone(), tx);
             receivers.push((msg_id.clone(), rx));
             expected.insert(msg_id, payload);
-            confirms.push(
-                self.channel
-                    .basic_publish(
-                        EXCHANGE.into(),
-                        ROUTING_KEY.into(),
-                        BasicPublishOptions::default(),
-                        &body,
-                        publish_properties(false),
-                    )
-                    .await
-                    .expect("publish a request"),
-            );
-            if confirms.len() == 1000 {
-                for confirm in confirms.drain(..) {
-                    common::expect_ack(confirm).await;
-                }
-            }
-        }
-        for confirm in confirms {
-            common::expect_ack(confirm).await;
-        }
+            (ROUTING_KEY.to_string(), body)
+        });
+        common::publish_all(&self.channel, EXCHANGE, requests).await;
         let service = side.start(self).await;
         let mut first = None;
         for (msg_id, rx) in receivers {
@@ -487,19 +468,7 @@ async fn lapin_echo_service() {
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirms");
-    consume
-        .basic_qos(PREFETCH, BasicQosOptions::default())
-        .await
-        .expect("qos");
-    let mut deliveries = consume
-        .basic_consume(
-            QUEUE.into(),
-            "lapin-echo".into(),
-            Default::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
+    let mut deliveries = common::consume_acked(&consume, QUEUE, "lapin-echo", PREFETCH).await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, lapin::PublisherConfirm)>();
     let acker = {
         let consume = consume.clone();

@@ -107,6 +107,28 @@ pub async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) {
         .expect("bind");
 }
 
+/// Consumes `queue` with manual acks, at most `prefetch` unacked.
+pub async fn consume_acked(
+    channel: &Channel,
+    queue: &str,
+    tag: &str,
+    prefetch: u16,
+) -> lapin::Consumer {
+    channel
+        .basic_qos(prefetch, lapin::options::BasicQosOptions::default())
+        .await
+        .expect("qos");
+    channel
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume")
+}
+
 /// Consumes `queue` without acks.
 pub async fn consume_no_ack(channel: &Channel, queue: &str, tag: &str) -> lapin::Consumer {
     let options = BasicConsumeOptions {
@@ -317,23 +339,11 @@ pub async fn start_node(label: &str, extra: &str) -> warren_runtime::node::Node 
 /// first delivery to the last ack.
 pub async fn fast_lapin_consumer(queue: &str, count: usize, prefetch: u16) -> f64 {
     use futures::{FutureExt, StreamExt};
-    use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+    use lapin::options::BasicAckOptions;
 
     let connection = connect("bench/lapin-consumer").await;
     let channel = connection.create_channel().await.expect("channel");
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await
-        .expect("qos");
-    let mut consumer = channel
-        .basic_consume(
-            queue.into(),
-            "bench-lapin".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
+    let mut consumer = consume_acked(&channel, queue, "bench-lapin", prefetch).await;
     let tag = |item: Option<lapin::Result<lapin::message::Delivery>>| {
         item.expect("stream open").expect("delivery").delivery_tag
     };
