@@ -1,6 +1,8 @@
 //! `cargo bench --bench rpc`: request/reply round trips through a warren pool (checkout,
 //! call, check-in) against raw lapin request/reply on a pre-declared reply queue, both
-//! calling the same fast raw-lapin responder on the local RabbitMQ, in the same run.
+//! calling the same fast raw-lapin responder on the local RabbitMQ, in the same run, with
+//! the same guarantee: the request mandatory and confirmed (a nack or a return is a
+//! failure), the reply and the confirm awaited together.
 //!
 //! Reports the p50 and p99 of sequential calls for both, and calls per second with 64
 //! concurrent callers, each the median of five interleaved rounds with the spread. The
@@ -13,7 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ExchangeKind};
 use tokio::sync::Mutex;
@@ -165,6 +169,10 @@ impl LapinClient {
         let connection = common::connect(name).await;
         let channel = connection.create_channel().await.expect("channel");
         declare(&channel).await;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
         let queue = format!("{name}-{}", warren_runtime::envelope::new_msg_id());
         bound_queue(&channel, &queue, "targeted", &queue).await;
         let replies = common::consume_no_ack(&channel, &queue, "replies").await;
@@ -176,30 +184,44 @@ impl LapinClient {
         }
     }
 
+    /// The same guarantee as a pool call: the request mandatory and confirmed (a nack or a
+    /// return fails the bench), the reply and the confirm awaited together.
     async fn call(&self) {
         let mut request = request().with("Server-ID", self.queue.as_str());
         let msg_id = request.ensure_msg_id().to_string();
-        self.channel
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let confirm = self
+            .channel
             .basic_publish(
                 EXCHANGE.into(),
                 "ping".into(),
-                BasicPublishOptions::default(),
+                options,
                 &request.encode(),
                 publish_properties(false),
             )
             .await
             .expect("publish");
-        let mut replies = self.replies.lock().await;
-        loop {
-            let delivery = tokio::time::timeout(TIMEOUT, replies.next())
-                .await
-                .expect("a reply in time")
-                .expect("stream open")
-                .expect("delivery");
-            let reply = Envelope::decode(&delivery.data, None, None).expect("reply");
-            if reply.msg_id() == Some(msg_id.as_str()) {
-                return;
+        let reply = async {
+            let mut replies = self.replies.lock().await;
+            loop {
+                let delivery = tokio::time::timeout(TIMEOUT, replies.next())
+                    .await
+                    .expect("a reply in time")
+                    .expect("stream open")
+                    .expect("delivery");
+                let reply = Envelope::decode(&delivery.data, None, None).expect("reply");
+                if reply.msg_id() == Some(msg_id.as_str()) {
+                    return;
+                }
             }
+        };
+        let (confirmed, ()) = tokio::join!(confirm, reply);
+        match confirmed {
+            Ok(lapin::Confirmation::Ack(None)) => {}
+            other => panic!("the request was not confirmed as routed: {other:?}"),
         }
     }
 }
