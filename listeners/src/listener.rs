@@ -14,9 +14,9 @@
 //!   reports: errors, status, counters);
 //! - one delivery, top to bottom: `consumer` (the delivery loop) → `event` (what a
 //!   handler receives) → `handling` (the hook and the responders, shared with the test kit)
-//!   → `responders` (matching and outcomes) → `confirms` (the confirms its publishes owe,
-//!   awaited after the handlers) → `acks` (the ack-mode policy and coalesced
-//!   acknowledgements), with `redelivery` (counting handler failures) and `parking`
+//!   → `responders` (matching) → `confirms` (the confirms its publishes owe, awaited after
+//!   the handlers) → `acks` (the ack-mode policy and coalesced acknowledgements), all
+//!   speaking `outcome` (what happens to the message), with `redelivery` (counting handler failures) and `parking`
 //!   (messages that cannot succeed);
 //! - `topology` (replay on a channel, every step bounded), `drain` (the fail-back drain's
 //!   decisions), `refusals` (declarations the broker refused), `actor` (grants, run-time
@@ -31,6 +31,7 @@ mod drain;
 mod event;
 mod handle;
 pub(crate) mod handling;
+mod outcome;
 mod parking;
 mod redelivery;
 mod refusals;
@@ -47,7 +48,8 @@ pub(crate) use event::Recorder;
 pub use event::{DeliveryInfo, Event, Recorded};
 pub(crate) use handle::node_listener_child;
 pub use handle::{ListenerHandle, listener_child, spawn_listener};
-pub use responders::{HandlerError, HandlerFn, HandlerResult, Outcome, ResponderId, Responders};
+pub use outcome::Outcome;
+pub use responders::{HandlerError, HandlerFn, HandlerResult, ResponderId, Responders};
 pub use spec::{AckMode, Binding, Exchange, ListenerSpec, QueueName, QueueSpec};
 pub use status::{ListenerError, ListenerStatus, StatsSnapshot};
 pub(crate) use validate::SpecDefaults;

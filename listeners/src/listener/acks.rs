@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 
-use super::responders::Outcome;
+use super::outcome::Outcome;
 use super::spec::AckMode;
 
 /// Longest an ack may wait to be coalesced with others.

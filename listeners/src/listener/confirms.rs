@@ -22,7 +22,7 @@ use futures::future::{BoxFuture, Shared};
 use parking_lot::Mutex;
 use warren_runtime::confirm::{PublishError, Published};
 
-use super::responders::Outcome;
+use super::outcome::Outcome;
 
 /// One publish's confirm, observed by the handler (if it awaits it) and by the delivery.
 type Confirm = Shared<BoxFuture<'static, Result<Published, PublishError>>>;

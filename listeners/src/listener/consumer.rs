@@ -42,9 +42,10 @@ use super::acks::{AckTracker, Finished, Received, Refused};
 use super::confirms;
 use super::event::{DeliveryInfo, Event, Outbox};
 use super::handling::{self, HandlerEnd, panic_text};
+use super::outcome::Outcome;
 use super::parking;
 use super::redelivery::body_key;
-use super::responders::{HandlerError, Matched, Outcome};
+use super::responders::{HandlerError, Matched};
 use super::shared::{GrantContext, ListenerShared};
 use super::topology;
 

@@ -10,7 +10,8 @@ use std::panic::AssertUnwindSafe;
 use futures::FutureExt;
 
 use super::event::Event;
-use super::responders::{Handler, HandlerError, HandlerResult, Matched, Outcome};
+use super::outcome::Outcome;
+use super::responders::{Handler, HandlerError, HandlerResult, Matched};
 use super::{Dispatch, Listener};
 
 /// How one handler ended.

@@ -53,30 +53,6 @@ impl<E: std::error::Error> From<E> for HandlerError {
     }
 }
 
-/// What happens to one message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    Ack,
-    /// Nack with requeue: a handler failed (counted towards `max_redeliveries`).
-    Requeue,
-    /// Off the queue for good: dead-lettered to the queue's DLX, or parked.
-    Reject,
-    /// Nack with requeue, not counted as a failure.
-    Defer,
-}
-
-impl Outcome {
-    /// The outcome of several responders: the most severe wins.
-    pub fn combine(self, other: Outcome) -> Outcome {
-        match (self, other) {
-            (Outcome::Reject, _) | (_, Outcome::Reject) => Outcome::Reject,
-            (Outcome::Requeue, _) | (_, Outcome::Requeue) => Outcome::Requeue,
-            (Outcome::Defer, _) | (_, Outcome::Defer) => Outcome::Defer,
-            _ => Outcome::Ack,
-        }
-    }
-}
-
 /// Any async function of an event that can be a responder's handler: the one bound
 /// `ListenerSpec::responder`, `ListenerHandle::add_responder` and `Responders::add` share
 /// (a closure `|event| async move { … }` is one).
@@ -258,17 +234,6 @@ mod tests {
         assert_eq!(responders.remove_key("a", "*"), 1);
         assert_eq!(responders.count_matching("a", "c"), 1);
         assert_eq!(responders.keys().len(), 3);
-    }
-
-    #[test]
-    fn outcomes_combine_to_the_most_severe() {
-        use Outcome::*;
-        assert_eq!(Ack.combine(Ack), Ack);
-        assert_eq!(Ack.combine(Requeue), Requeue);
-        assert_eq!(Requeue.combine(Reject), Reject);
-        assert_eq!(Reject.combine(Ack), Reject);
-        assert_eq!(Defer.combine(Ack), Defer);
-        assert_eq!(Defer.combine(Requeue), Requeue);
     }
 
     #[test]
