@@ -10,7 +10,8 @@
 //! - (c) requests queued while the service is stopped, then drained: msg/s from the first
 //!   reply to the last.
 //!
-//! Every reply is checked (Msg-ID and Payload); a missing or wrong reply stops the bench.
+//! Every reply is checked (Msg-ID and Payload; a wrong one stops the bench); replies that
+//! do not come in time are counted as missing and must be none (reported, then asserted).
 //! Medians and spreads (min–max) are printed; the last line is one JSON object:
 //! `{"bench":"service","warren":<(b) calls/s>,"lapin":<(b) calls/s>,"ratio":…, …}` with
 //! the other figures in the same object.
@@ -77,7 +78,10 @@ async fn main() {
             figures.entry(side).or_default().push(figure);
         }
     }
-    report(&figures);
+    let missing = generator.missing.load(Ordering::Relaxed);
+    eprintln!("missing replies: {missing}");
+    report(&figures, missing);
+    assert_eq!(missing, 0, "requests without a reply");
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -217,6 +221,8 @@ struct Generator {
     waiting: Arc<Mutex<HashMap<String, oneshot::Sender<Envelope>>>>,
     /// Replies that matched no call (late, duplicate, or wrong).
     strays: Arc<AtomicU64>,
+    /// Calls and queued requests that got no reply in time.
+    missing: AtomicU64,
 }
 
 impl Generator {
@@ -262,6 +268,7 @@ impl Generator {
             reply_queue,
             waiting,
             strays,
+            missing: AtomicU64::new(0),
         }
     }
 
@@ -308,20 +315,22 @@ impl Generator {
         tokio::spawn(common::expect_ack(confirm));
     }
 
-    /// One call: the reply's Msg-ID and Payload are checked; returns the round trip in µs.
-    async fn call(&self, n: u64) -> f64 {
+    /// One call: the reply's Msg-ID and Payload are checked; returns the round trip in µs,
+    /// or `None` (counted as missing) when no reply came in time.
+    async fn call(&self, n: u64) -> Option<f64> {
         let (msg_id, payload, body) = self.request(n);
         let (tx, rx) = oneshot::channel();
         self.waiting.lock().insert(msg_id.clone(), tx);
         let started = Instant::now();
         self.send(&body).await;
-        let reply = tokio::time::timeout(CALL_TIMEOUT, rx)
-            .await
-            .unwrap_or_else(|_| panic!("no reply to {msg_id} within {CALL_TIMEOUT:?}"))
-            .expect("the reply reader runs");
+        let Ok(Ok(reply)) = tokio::time::timeout(CALL_TIMEOUT, rx).await else {
+            self.waiting.lock().remove(&msg_id);
+            self.missing.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
         let elapsed = started.elapsed().as_secs_f64() * 1e6;
         check(&reply, &msg_id, &payload);
-        elapsed
+        Some(elapsed)
     }
 
     /// One round of one side: (a), (b), then (c).
@@ -336,11 +345,11 @@ impl Generator {
         let number = || next.fetch_add(1, Ordering::Relaxed);
         let service = side.start(self).await;
         for _ in 0..200 {
-            self.call(number()).await;
+            let _ = self.call(number()).await;
         }
         let mut latencies = Vec::with_capacity(sequential);
         for _ in 0..sequential {
-            latencies.push(self.call(number()).await);
+            latencies.extend(self.call(number()).await);
         }
         let (sequential_p50, sequential_p99) = percentiles(latencies);
 
@@ -350,7 +359,7 @@ impl Generator {
         let callers = (0..CALLERS).map(|_| async {
             let mut latencies = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                latencies.push(self.call(number()).await);
+                latencies.extend(self.call(number()).await);
             }
             latencies
         });
@@ -406,10 +415,11 @@ impl Generator {
         let service = side.start(self).await;
         let mut first = None;
         for (msg_id, rx) in receivers {
-            let reply = tokio::time::timeout(Duration::from_secs(120), rx)
-                .await
-                .unwrap_or_else(|_| panic!("{} left {msg_id} unanswered", side.name()))
-                .expect("the reply reader runs");
+            let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_secs(120), rx).await else {
+                self.waiting.lock().remove(&msg_id);
+                self.missing.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
             first.get_or_insert_with(Instant::now);
             check(&reply, &msg_id, &expected[&msg_id]);
         }
@@ -547,7 +557,7 @@ fn summary(rounds: &[Round], figure: impl Fn(&Round) -> f64) -> (f64, f64, f64) 
 /// One figure of a round.
 type Figure = fn(&Round) -> f64;
 
-fn report(figures: &HashMap<Side, Vec<Round>>) {
+fn report(figures: &HashMap<Side, Vec<Round>>, missing: u64) {
     let (warren, lapin) = (&figures[&Side::Warren], &figures[&Side::Lapin]);
     let figure_names: [(&str, Figure); 8] = [
         ("a_p50_us", |r| r.sequential_p50),
@@ -575,7 +585,7 @@ fn report(figures: &HashMap<Side, Vec<Round>>) {
     let (w, _, _) = summary(warren, |r| r.calls_per_sec);
     let (l, _, _) = summary(lapin, |r| r.calls_per_sec);
     println!(
-        "{{\"bench\":\"service\",\"warren\":{w:.1},\"lapin\":{l:.1},\"ratio\":{:.3},{}}}",
+        "{{\"bench\":\"service\",\"warren\":{w:.1},\"lapin\":{l:.1},\"ratio\":{:.3},\"missing\":{missing},{}}}",
         w / l,
         fields.join(",")
     );
