@@ -63,7 +63,7 @@ impl IntoFuture for Pending {
 
 /// A confirm the delivery waits for, and whether the handler has seen its answer.
 #[derive(Clone)]
-struct OwedConfirm {
+pub(crate) struct OwedConfirm {
     confirm: Confirm,
     seen: Arc<AtomicBool>,
 }
@@ -92,16 +92,10 @@ impl Owed {
 
     /// Everything owed so far; publishes made later (by work the handler left running) are
     /// the handler's own to await.
-    pub fn take(&self) -> Vec<Owing> {
+    pub fn take(&self) -> Vec<OwedConfirm> {
         std::mem::take(&mut *self.0.lock())
-            .into_iter()
-            .map(Owing)
-            .collect()
     }
 }
-
-/// One confirm a finished delivery still waits for.
-pub(crate) struct Owing(OwedConfirm);
 
 /// Why the confirms change an outcome, for the log line.
 pub(crate) struct Unconfirmed {
@@ -113,22 +107,18 @@ pub(crate) struct Unconfirmed {
 /// all were routed; otherwise at least a retry (a publish lost with its channel is not the
 /// message's fault: a deferral, not a counted failure).
 pub(crate) async fn settle(
-    confirms: Vec<Owing>,
+    confirms: Vec<OwedConfirm>,
     outcome: Outcome,
 ) -> (Outcome, Option<Unconfirmed>) {
-    let seen: Vec<bool> = confirms
-        .iter()
-        .map(|owing| owing.0.seen.load(Ordering::Acquire))
-        .collect();
-    let results =
-        futures::future::join_all(confirms.into_iter().map(|owing| owing.0.confirm)).await;
+    // An answer the handler awaited is the handler's: it decided with it.
+    let unseen = confirms
+        .into_iter()
+        .filter(|owed| !owed.seen.load(Ordering::Acquire))
+        .map(|owed| owed.confirm);
+    let results = futures::future::join_all(unseen).await;
     let mut worst = Outcome::Ack;
     let mut unconfirmed: Option<Unconfirmed> = None;
-    for (result, seen) in results.iter().zip(seen) {
-        if seen {
-            // The handler awaited this answer and decided with it.
-            continue;
-        }
+    for result in &results {
         let (becomes, why) = match result {
             Ok(Published::Routed) => continue,
             Ok(Published::Returned(returned)) => (
@@ -160,7 +150,7 @@ mod tests {
     use super::*;
     use warren_runtime::confirm::Returned;
 
-    fn owed(results: Vec<Result<Published, PublishError>>) -> Vec<Owing> {
+    fn owed(results: Vec<Result<Published, PublishError>>) -> Vec<OwedConfirm> {
         let owed = Owed::default();
         for result in results {
             let _ = owed.track(futures::future::ready(result).boxed());

@@ -13,10 +13,8 @@ use lapin::Channel;
 use ractor::{Actor, ActorRef, RpcReplyPort};
 use warren_runtime::actor_slot::ActorSlot;
 use warren_runtime::broker::BrokerId;
-use warren_runtime::confirm::PublishError;
 use warren_runtime::envelope::Stamp;
 use warren_runtime::node::NodeContext;
-use warren_runtime::publisher::Publisher;
 use warren_runtime::supervisor::{ChildSpec, StopDeadline, deadline};
 
 use super::Listener;
@@ -199,23 +197,6 @@ impl ListenerHandle {
 
     pub fn remove_responder(&self, id: ResponderId) -> bool {
         self.shared.responders.write().remove(id)
-    }
-
-    /// The publisher of the broker the listener consumes from (on that broker's publish
-    /// connection), waiting up to `timeout` for a channel if the listener is between
-    /// channels.
-    pub async fn publisher(&self, timeout: Duration) -> Result<Publisher, PublishError> {
-        let mut rx = self.shared.channel.subscribe();
-        let ready = tokio::time::timeout(timeout, rx.wait_for(Option::is_some))
-            .await
-            .is_ok_and(|r| r.is_ok());
-        match (ready, self.current()) {
-            (true, Some((broker, _))) => Ok(self.shared.settings.publisher.to_broker(broker)),
-            _ => Err(PublishError::Channel(format!(
-                "listener `{}` has no channel",
-                self.shared.name
-            ))),
-        }
     }
 
     /// Stops consuming (messages already received are handled); stays paused across
