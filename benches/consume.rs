@@ -5,7 +5,7 @@
 //! The lapin baseline acknowledges with `multiple = true` every quarter of the prefetch
 //! (the best a hand-written consumer does; one awaited ack per message is several times
 //! slower). Each side is timed from its first delivery to its last ack; the median of
-//! five interleaved rounds is reported with the spread. Allocations per message (a
+//! seven interleaved rounds is reported with the spread. Allocations per message (a
 //! counting global allocator, in an untimed round of each side) are reported on a line
 //! `{"bench":"consume_allocations",…}`. The last line is one JSON object.
 
@@ -34,12 +34,19 @@ async fn main() {
     let queue = format!("warren-bench-consume-{}", std::process::id());
     let mut rounds = common::Rounds::default();
     for round in 1..=ROUNDS {
-        common::fresh_queue(&channel, EXCHANGE, &queue).await;
-        common::prepublish(&channel, EXCHANGE, MESSAGES, SIZE).await;
-        let lapin = common::fast_lapin_consumer(&queue, MESSAGES, PREFETCH).await;
-        common::fresh_queue(&channel, EXCHANGE, &queue).await;
-        common::prepublish(&channel, EXCHANGE, MESSAGES, SIZE).await;
-        let warren = warren_listener(&node, &queue).await;
+        let fill = || async {
+            common::fresh_queue(&channel, EXCHANGE, &queue).await;
+            common::prepublish(&channel, EXCHANGE, MESSAGES, SIZE).await;
+        };
+        let lapin = async {
+            fill().await;
+            common::fast_lapin_consumer(&queue, MESSAGES, PREFETCH).await
+        };
+        let warren = async {
+            fill().await;
+            warren_listener(&node, &queue).await
+        };
+        let (warren, lapin) = common::in_turn(round, warren, lapin).await;
         rounds.push(round, "msg/s", warren, lapin);
     }
     // Allocations per message, in one untimed round of each side.

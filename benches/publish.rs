@@ -30,10 +30,15 @@ async fn main() {
     .await;
     let mut rounds = common::Rounds::default();
     for round in 1..=ROUNDS {
-        common::fresh_queue(&channel, EXCHANGE, &queue).await;
-        let lapin = lapin_publisher().await;
-        common::fresh_queue(&channel, EXCHANGE, &queue).await;
-        let warren = warren_publisher(&node).await;
+        let lapin = async {
+            common::fresh_queue(&channel, EXCHANGE, &queue).await;
+            lapin_publisher().await
+        };
+        let warren = async {
+            common::fresh_queue(&channel, EXCHANGE, &queue).await;
+            warren_publisher(&node).await
+        };
+        let (warren, lapin) = common::in_turn(round, warren, lapin).await;
         rounds.push(round, "msg/s", warren, lapin);
     }
     common::delete_queue(&channel, &queue).await;

@@ -6,8 +6,8 @@
 //!
 //! The router's listener is paused while 100,000 events are published once to the
 //! exchange; a plain queue bound with `#` gets the same events. The lapin consumer (manual
-//! acks coalesced, prefetch 200) drains its copy; then the router resumes and is timed
-//! until every subscriber has every event. Five interleaved rounds; the median and the
+//! acks coalesced, prefetch 200) drains its copy, and the router, resumed, is timed until
+//! every subscriber has every event; the two take turns going first. Seven interleaved rounds; the median and the
 //! spread are printed. The last line is one JSON object (events/s).
 
 mod common;
@@ -85,27 +85,30 @@ async fn main() {
         );
         publish_events(&exchange).await;
 
-        let lapin = common::fast_lapin_consumer(&queue, EVENTS, PREFETCH).await;
-        let before: Vec<u64> = received.iter().map(|r| r.load(Ordering::Relaxed)).collect();
-        let started = Instant::now();
-        router.listener().resume().await.expect("resume the router");
-        let deadline = Instant::now() + Duration::from_secs(300);
-        loop {
-            let done = received
-                .iter()
-                .zip(&before)
-                .all(|(now, before)| now.load(Ordering::Relaxed) - before >= EVENTS as u64);
-            if done {
-                break;
+        let lapin = common::fast_lapin_consumer(&queue, EVENTS, PREFETCH);
+        let warren = async {
+            let before: Vec<u64> = received.iter().map(|r| r.load(Ordering::Relaxed)).collect();
+            let started = Instant::now();
+            router.listener().resume().await.expect("resume the router");
+            let deadline = Instant::now() + Duration::from_secs(300);
+            loop {
+                let done = received
+                    .iter()
+                    .zip(&before)
+                    .all(|(now, before)| now.load(Ordering::Relaxed) - before >= EVENTS as u64);
+                if done {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "subscribers did not get every event: {:?}",
+                    router.stats()
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            assert!(
-                Instant::now() < deadline,
-                "subscribers did not get every event: {:?}",
-                router.stats()
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let warren = common::rate(EVENTS, started.elapsed());
+            common::rate(EVENTS, started.elapsed())
+        };
+        let (warren, lapin) = common::in_turn(round, warren, lapin).await;
         rounds.push(round, "events/s", warren, lapin);
         eprintln!(
             "  the router's events went to {SUBSCRIBERS} subscribers ({:.0} deliveries/s); resyncs so far {}",

@@ -5,7 +5,7 @@
 //! failure), the reply and the confirm awaited together.
 //!
 //! Reports the p50 and p99 of sequential calls for both, and calls per second with 64
-//! concurrent callers, each the median of five interleaved rounds with the spread. The
+//! concurrent callers, each the median of seven interleaved rounds with the spread. The
 //! last line is one JSON object:
 //! `{"bench":"rpc","warren":<p50 µs>,"lapin":<p50 µs>,"ratio":<warren p50 / lapin p50>}`.
 
@@ -52,12 +52,16 @@ async fn main() {
         common::Rounds::default(),
     );
     for round in 1..=common::ROUNDS {
-        let (lapin_p50, lapin_p99) = percentiles(sequential(|| lapin.call()).await);
-        let (warren_p50, warren_p99) = percentiles(sequential(|| warren_call(&pool)).await);
+        let ((warren_p50, warren_p99), (lapin_p50, lapin_p99)) = common::in_turn(
+            round,
+            async { percentiles(sequential(|| warren_call(&pool)).await) },
+            async { percentiles(sequential(|| lapin.call()).await) },
+        )
+        .await;
         p50s.push(round, "µs p50", warren_p50, lapin_p50);
         p99s.push(round, "µs p99", warren_p99, lapin_p99);
-        let lapin_rate = concurrent_lapin().await;
-        let warren_rate = concurrent_warren(&pool).await;
+        let (warren_rate, lapin_rate) =
+            common::in_turn(round, concurrent_warren(&pool), concurrent_lapin()).await;
         rates.push(round, "calls/s", warren_rate, lapin_rate);
     }
     p99s.report("rpc_p99");

@@ -570,7 +570,7 @@ impl ConsumerLoop {
                 if let Some(unconfirmed) = unconfirmed {
                     shared.stats.unconfirmed.increment();
                     log_message(&shared, "unconfirmed", |held| {
-                        tracing::warn!(listener = %shared.name, msg_id = event.envelope().msg_id().unwrap_or(""), failed = unconfirmed.failed, first = %unconfirmed.first, suppressed = held, "a publish of the handlers was not confirmed; the message is retried");
+                        tracing::warn!(listener = %shared.name, msg_id = event.envelope().msg_id().unwrap_or(""), failed = unconfirmed.failed, first = %unconfirmed.first, then = after_unconfirmed(outcome), suppressed = held, "a publish of the handlers was not confirmed");
                     });
                 }
                 conclusion(&shared, &context, &event, data, before, outcome).await
@@ -841,6 +841,16 @@ async fn park_or_requeue(
     }
 }
 
+/// What becomes of a message some of whose publishes were not confirmed, for its log line.
+fn after_unconfirmed(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Requeue => "the message is retried",
+        Outcome::Defer => "the message goes back to the queue, not counted as a failure",
+        Outcome::Reject => "the message stays rejected",
+        Outcome::Ack => "the message is acked",
+    }
+}
+
 /// Logs a line about messages of `shared`'s listener, at most once per interval per kind.
 fn log_message(shared: &ListenerShared, kind: &str, log: impl FnOnce(u64)) {
     if let Some(held) = MESSAGE_LOGS.allow(&format!("{}:{kind}", shared.name)) {
@@ -852,5 +862,23 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_unconfirmed_line_says_what_really_happens() {
+        assert_eq!(
+            after_unconfirmed(Outcome::Requeue),
+            "the message is retried"
+        );
+        assert!(after_unconfirmed(Outcome::Defer).contains("not counted as a failure"));
+        assert_eq!(
+            after_unconfirmed(Outcome::Reject),
+            "the message stays rejected"
+        );
     }
 }
