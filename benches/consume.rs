@@ -5,7 +5,8 @@
 //! The lapin baseline acknowledges with `multiple = true` every quarter of the prefetch
 //! (the best a hand-written consumer does; one awaited ack per message is several times
 //! slower). Each side is timed from its first delivery to its last ack; the median of
-//! seven interleaved rounds is reported with the spread. Allocations per message (a
+//! seven interleaved rounds is reported with the spread, and each round's CPU time of the
+//! process per message (every thread, lapin's I/O thread included). Allocations per message (a
 //! counting global allocator, in an untimed round of each side) are reported on a line
 //! `{"bench":"consume_allocations",…}`. The last line is one JSON object.
 
@@ -40,13 +41,24 @@ async fn main() {
         };
         let lapin = async {
             fill().await;
-            common::fast_lapin_consumer(&queue, MESSAGES, PREFETCH).await
+            let cpu = common::process_cpu();
+            let rate = common::fast_lapin_consumer(&queue, MESSAGES, PREFETCH).await;
+            (rate, common::process_cpu() - cpu)
         };
         let warren = async {
             fill().await;
-            warren_listener(&node, &queue).await
+            let cpu = common::process_cpu();
+            let rate = warren_listener(&node, &queue).await;
+            (rate, common::process_cpu() - cpu)
         };
-        let (warren, lapin) = common::in_turn(round, warren, lapin).await;
+        let ((warren, warren_cpu), (lapin, lapin_cpu)) =
+            common::in_turn(round, warren, lapin).await;
+        let per_message = |cpu: Duration| cpu.as_secs_f64() * 1e6 / MESSAGES as f64;
+        eprintln!(
+            "  CPU per message: warren {:.2} µs, lapin {:.2} µs",
+            per_message(warren_cpu),
+            per_message(lapin_cpu)
+        );
         rounds.push(round, "msg/s", warren, lapin);
     }
     // Allocations per message, in one untimed round of each side.

@@ -325,6 +325,15 @@ unsafe impl std::alloc::GlobalAlloc for Counting {
     }
 }
 
+/// CPU time this process has used so far (user + system, every thread).
+pub fn process_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
 /// Deletes a benchmark's queue at the end (best effort).
 pub async fn delete_queue(channel: &Channel, queue: &str) {
     let _ = channel
