@@ -227,6 +227,7 @@ impl TestEvent {
             local: true,
             uri: BrokerUri::parse(TEST_BROKER).map_err(|error| error.to_string())?,
             tags: Vec::new(),
+            server_name: None,
         };
         let delivery = DeliveryInfo {
             exchange: self.exchange,

@@ -30,9 +30,17 @@ pub struct Broker {
     /// The tags configured for this broker (`{ uri = "…", tags = [...] }` in config.ini);
     /// the zone name is an implicit tag and is not repeated here.
     pub tags: Vec<String>,
+    /// For `amqps://`: the name its certificate must carry, when not the URI's host.
+    pub server_name: Option<String>,
 }
 
 impl Broker {
+    /// The name the broker's TLS certificate is checked against: its `server_name`, else
+    /// the host of its URI.
+    pub fn server_name(&self) -> &str {
+        self.server_name.as_deref().unwrap_or(self.uri.host())
+    }
+
     /// Whether this broker carries `tag`: one of its configured tags, or its zone's name.
     pub fn has_tag(&self, tag: &str) -> bool {
         self.zone == tag || self.tags.iter().any(|own| own == tag)

@@ -56,6 +56,9 @@ pub struct Config {
     pub service: ServiceConfig,
     /// `[amqp]`.
     pub amqp: AmqpConfig,
+    /// `[tls]`, read and checked: present when a broker uses `amqps://` (with the
+    /// system's root certificates unless `[tls]` says otherwise) or `[tls]` is written.
+    pub tls: Option<crate::tls::Tls>,
     /// `[zones.*]`: the local zone first, then the others sorted by name.
     pub zones: Vec<Zone>,
     /// `[listener]`: how listeners treat messages and stop.
@@ -137,6 +140,9 @@ pub struct ConfiguredBroker {
     /// The tags written for this broker, in file order (possibly none). The zone's name
     /// is an implicit tag of every broker and is not repeated here.
     pub tags: Vec<String>,
+    /// For `amqps://`: the name the broker's certificate is checked against, when it is
+    /// not the URI's host (e.g. a broker reached by IP address).
+    pub server_name: Option<String>,
 }
 
 /// How every listener treats messages and stops (`[listener]`).

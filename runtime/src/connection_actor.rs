@@ -35,6 +35,7 @@ use crate::forward;
 use crate::log_limit::LogLimit;
 use crate::registry::{ConnectionRegistry, StatusUpdate};
 use crate::supervisor::StopDeadline;
+use crate::tls::{self, Tls};
 use crate::uri::redact_uri;
 
 /// How often the actor double-checks that its connections are still up, in case an event
@@ -68,6 +69,8 @@ pub struct ConnectionSettings {
     /// Bound for one broker operation: a channel open here, `confirm.select` in the
     /// publisher. One that takes longer is an error like any other.
     pub operation_timeout: Duration,
+    /// The TLS client settings for `amqps://` brokers (checked with the configuration).
+    pub tls: Option<Tls>,
 }
 
 impl ConnectionSettings {
@@ -79,6 +82,7 @@ impl ConnectionSettings {
             reconnect: Backoff::new(config.amqp.reconnect_min, config.amqp.reconnect_max),
             prechannels: config.amqp.prechannels,
             operation_timeout: config.amqp.operation_timeout,
+            tls: config.tls.clone(),
         }
     }
 }
@@ -689,12 +693,17 @@ async fn open_connection(
     uri.query.connection_timeout = Some(timeout_ms);
     let name = format!("{}/{}", settings.node, role.name());
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(
-        settings.connect_timeout,
-        Connection::connect_uri(uri, properties),
-    )
-    .await
-    {
+    let connect = async {
+        match (&settings.tls, broker.uri.is_tls()) {
+            (Some(tls), true) => tls::connect(uri, tls, broker.server_name(), properties).await,
+            // The configuration loads TLS settings whenever a broker uses amqps://.
+            (None, true) => Err(lapin::Error::from(std::io::Error::other(
+                "amqps:// without TLS settings",
+            ))),
+            (_, false) => Connection::connect_uri(uri, properties).await,
+        }
+    };
+    match tokio::time::timeout(settings.connect_timeout, connect).await {
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(error)) => Err(ConnectFailure {
             refused: refused(&error),

@@ -35,4 +35,5 @@ pub mod publisher;
 pub mod readiness;
 pub mod registry;
 pub mod supervisor;
+pub mod tls;
 pub mod uri;

@@ -161,6 +161,7 @@ impl ConnectionRegistry {
                     local: zone.local,
                     uri: configured.uri.clone(),
                     tags: configured.tags.clone(),
+                    server_name: configured.server_name.clone(),
                 }));
             }
         }

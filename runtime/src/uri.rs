@@ -43,14 +43,8 @@ pub enum UriError {
         /// The offending text, redacted.
         uri: String,
     },
-    /// `amqps://` was given but this build has no TLS support.
-    #[error("`{uri}` uses amqps://, but TLS is not enabled in this build; use amqp://")]
-    TlsNotEnabled {
-        /// The offending URI, redacted.
-        uri: String,
-    },
     /// A scheme other than `amqp`.
-    #[error("`{uri}` has the scheme `{scheme}`; only amqp:// is supported")]
+    #[error("`{uri}` has the scheme `{scheme}`; only amqp:// and amqps:// are supported")]
     UnsupportedScheme {
         /// The offending URI, redacted.
         uri: String,
@@ -146,9 +140,14 @@ impl BrokerUri {
         &self.amqp.authority.host
     }
 
-    /// The broker's port (5672 when the URI names none).
+    /// The broker's port (5672 when the URI names none, 5671 for `amqps://`).
     pub fn port(&self) -> u16 {
         self.amqp.authority.port
+    }
+
+    /// Whether the URI is `amqps://` (TLS).
+    pub fn is_tls(&self) -> bool {
+        self.amqp.scheme == lapin::uri::AMQPScheme::AMQPS
     }
 }
 
@@ -322,14 +321,10 @@ fn redact_unparsed(text: &str) -> String {
     }
 }
 
-/// Refuses every scheme but `amqp`.
+/// Refuses every scheme but `amqp` and `amqps`.
 fn check_scheme(scheme: &str, redacted: &str) -> Result<(), UriError> {
-    if scheme.eq_ignore_ascii_case("amqp") {
+    if scheme.eq_ignore_ascii_case("amqp") || scheme.eq_ignore_ascii_case("amqps") {
         Ok(())
-    } else if scheme.eq_ignore_ascii_case("amqps") {
-        Err(UriError::TlsNotEnabled {
-            uri: redacted.to_string(),
-        })
     } else {
         Err(UriError::UnsupportedScheme {
             uri: redacted.to_string(),
@@ -440,12 +435,12 @@ mod tests {
     }
 
     #[test]
-    fn refuses_amqps_clearly() {
-        let err = BrokerUri::parse("amqps://u:secret@h:5671/%2f").unwrap_err();
-        assert!(matches!(err, UriError::TlsNotEnabled { .. }));
-        let text = err.to_string();
-        assert!(text.contains("TLS is not enabled"), "{text}");
-        assert!(!text.contains("secret"), "{text}");
+    fn accepts_amqps_with_its_own_default_port() {
+        let uri = BrokerUri::parse("amqps://u:secret@h/%2f").unwrap();
+        assert!(uri.is_tls());
+        assert_eq!(uri.port(), 5671);
+        assert_eq!(uri.redacted(), "amqps://u:***@h/%2f");
+        assert!(!BrokerUri::parse(LOCAL).unwrap().is_tls());
     }
 
     #[test]

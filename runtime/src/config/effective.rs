@@ -43,6 +43,21 @@ fn write_config(out: &mut String, config: &Config) -> fmt::Result {
     key(out, "prechannels", amqp.prechannels)?;
     millis(out, "operation_timeout_ms", amqp.operation_timeout)?;
 
+    if let Some(tls) = &config.tls {
+        writeln!(out, "\n[tls]")?;
+        let files = tls.files();
+        let written = [
+            ("ca_file", &files.ca_file),
+            ("cert_file", &files.cert_file),
+            ("key_file", &files.key_file),
+        ];
+        for (name, path) in written {
+            if let Some(path) = path {
+                key(out, name, quote(&path.display().to_string()))?;
+            }
+        }
+    }
+
     for zone in &config.zones {
         let brokers: Vec<String> = zone.brokers.iter().map(broker).collect();
         writeln!(out, "\n[zones.{}]", segment(&zone.name))?;
@@ -118,14 +133,22 @@ fn secs(out: &mut String, key_name: &str, value: Duration) -> fmt::Result {
 }
 
 /// One entry of `brokers`: the redacted URI as a string, or an inline table when the
-/// broker has tags.
+/// broker has tags or a server name.
 fn broker(broker: &ConfiguredBroker) -> String {
     let uri = quote(broker.uri.redacted());
-    if broker.tags.is_empty() {
+    if broker.tags.is_empty() && broker.server_name.is_none() {
         return uri;
     }
-    let tags: Vec<String> = broker.tags.iter().map(|tag| quote(tag)).collect();
-    format!("{{ uri = {uri}, tags = [{}] }}", tags.join(", "))
+    let mut table = format!("{{ uri = {uri}");
+    if !broker.tags.is_empty() {
+        let tags: Vec<String> = broker.tags.iter().map(|tag| quote(tag)).collect();
+        let _ = write!(table, ", tags = [{}]", tags.join(", "));
+    }
+    if let Some(name) = &broker.server_name {
+        let _ = write!(table, ", server_name = {}", quote(name));
+    }
+    table.push_str(" }");
+    table
 }
 
 /// A TOML string literal, escaped as needed.

@@ -6,6 +6,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::tls::TlsError;
 use crate::uri::UriError;
 
 /// Why a configuration could not be loaded.
@@ -90,6 +91,24 @@ pub enum Problem {
     /// A broker URI that cannot be used (boxed to keep `ConfigError` small).
     #[error("invalid broker URI: {0}")]
     InvalidUri(Box<UriError>),
+    /// A TLS file (CA bundle, client certificate or key) that cannot be used (boxed to
+    /// keep `ConfigError` small).
+    #[error("{0}")]
+    Tls(Box<TlsError>),
+    /// A client certificate without its key, or a key without its certificate.
+    #[error(
+        "a client certificate needs both tls.cert_file and tls.key_file; `{missing}` is missing"
+    )]
+    HalfClientIdentity {
+        /// The key that is not written.
+        missing: &'static str,
+    },
+    /// A `server_name` that is neither a DNS name nor an IP address.
+    #[error("{name:?} is not a DNS name or an IP address a certificate can be checked against")]
+    InvalidServerName {
+        /// The name as written.
+        name: String,
+    },
     /// A broker tag that is an empty string.
     #[error("a tag must not be empty")]
     EmptyTag,

@@ -73,6 +73,9 @@ pub(super) struct RawConfig {
     pub service: RawService,
     #[serde(default)]
     pub amqp: RawAmqp,
+    /// `[tls]`: certificates for `amqps://` brokers.
+    #[serde(default)]
+    pub tls: RawTls,
     /// `[zones.<name>]`, keyed by the zone name with its span in the file.
     #[serde(default)]
     pub zones: BTreeMap<Spanned<String>, RawZone>,
@@ -115,6 +118,15 @@ pub(super) struct RawAmqp {
     pub operation_timeout_ms: Option<Spanned<u64>>,
 }
 
+/// `[tls]`: files are relative to the config file's directory unless absolute.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub ca_file: Option<Spanned<String>>,
+    pub cert_file: Option<Spanned<String>>,
+    pub key_file: Option<Spanned<String>>,
+}
+
 /// `[zones.<name>]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,7 +134,8 @@ pub(super) struct RawZone {
     pub brokers: Option<Spanned<Vec<Spanned<RawBroker>>>>,
 }
 
-/// One entry of `brokers`: a plain URI string, or a table `{ uri = "…", tags = [...] }`.
+/// One entry of `brokers`: a plain URI string, or a table `{ uri = "…", tags = [...],
+/// server_name = "…" }`.
 #[derive(Debug)]
 pub(super) struct RawBroker {
     pub uri: String,
@@ -130,6 +143,8 @@ pub(super) struct RawBroker {
     /// entry itself is the URI.
     pub uri_span: Option<Range<usize>>,
     pub tags: Vec<Spanned<String>>,
+    /// The name the broker's TLS certificate is checked against, when not its host.
+    pub server_name: Option<Spanned<String>>,
 }
 
 /// The table form of a broker entry, read strictly like every other table.
@@ -139,6 +154,7 @@ struct RawBrokerTable {
     uri: Spanned<String>,
     #[serde(default)]
     tags: Vec<Spanned<String>>,
+    server_name: Option<Spanned<String>>,
 }
 
 impl<'de> Deserialize<'de> for RawBroker {
@@ -162,6 +178,7 @@ impl<'de> Visitor<'de> for RawBrokerVisitor {
             uri: uri.to_string(),
             uri_span: None,
             tags: Vec::new(),
+            server_name: None,
         })
     }
 
@@ -172,6 +189,7 @@ impl<'de> Visitor<'de> for RawBrokerVisitor {
             uri: table.uri.into_inner(),
             uri_span: Some(uri_span),
             tags: table.tags,
+            server_name: table.server_name,
         })
     }
 }

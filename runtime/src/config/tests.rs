@@ -673,16 +673,16 @@ fn invalid_uri_is_located_and_redacted() {
 }
 
 #[test]
-fn amqps_and_bad_uris_in_other_zones_are_refused() {
+fn bad_schemes_and_uris_in_other_zones_are_refused() {
     let text =
-        format!("{LOCAL_ZONE}[zones.east]\nbrokers = [\"amqps://u:hunter2@east:5671/%2f\"]\n");
+        format!("{LOCAL_ZONE}[zones.east]\nbrokers = [\"http://u:hunter2@east:5671/%2f\"]\n");
     let refusal = refuse(&text, None);
     assert_at(
         &refusal,
         4,
         12,
         "zones.east.brokers[0]",
-        "TLS is not enabled in this build",
+        "only amqp:// and amqps:// are supported",
     );
     assert!(!refusal.message.contains("hunter2"), "{}", refusal.message);
 
@@ -1261,4 +1261,184 @@ fn listener_settings_are_the_sections_a_listener_uses() {
         Some(false)
     );
     assert!(settings.exchange("other").is_none());
+}
+
+// ---------------------------------------------------------------- 10. TLS
+
+/// A directory with a self-signed certificate (`cert.pem`, `key.pem`), another key
+/// (`other.key`) and a file that is not PEM (`junk.pem`).
+fn tls_files() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["rabbit.test".to_string()]).unwrap();
+    let other = rcgen::KeyPair::generate().unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    write("cert.pem", &made.cert.pem());
+    write("key.pem", &made.signing_key.serialize_pem());
+    write("other.key", &other.serialize_pem());
+    write("junk.pem", "not a certificate\n");
+    dir
+}
+
+const AMQPS_ZONE: &str = "[zones.local]\nbrokers = [\"amqps://guest:guest@127.0.0.1/%2f\"]\n";
+
+fn parse_in(dir: &Path, text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, &dir.join("config.ini"), KNOWN_APPS, None)
+}
+
+fn refuse_in(dir: &Path, text: &str) -> Refusal {
+    let err = parse_in(dir, text).expect_err("the file should be refused");
+    let message = err.to_string();
+    match err {
+        ConfigError::Invalid {
+            line,
+            column,
+            key,
+            problem,
+            ..
+        } => Refusal {
+            line,
+            column,
+            key,
+            problem,
+            message,
+        },
+        ConfigError::Read { .. } => panic!("unexpected read error: {message}"),
+    }
+}
+
+#[test]
+fn tls_files_resolve_next_to_the_config_and_load() {
+    let dir = tls_files();
+    let text = format!(
+        "[tls]\nca_file = \"cert.pem\"\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n{AMQPS_ZONE}"
+    );
+    let config = parse_in(dir.path(), &text).unwrap();
+    let tls = config.tls.as_ref().expect("TLS settings");
+    assert_eq!(tls.files().ca_file, Some(dir.path().join("cert.pem")));
+    assert_eq!(config.zones[0].brokers[0].uri.port(), 5671);
+    let effective = config.effective_toml();
+    assert!(effective.contains("[tls]"), "{effective}");
+    assert!(effective.contains("key_file"), "{effective}");
+    assert!(!effective.contains("guest:guest"), "{effective}");
+}
+
+#[test]
+fn amqps_without_a_tls_section_uses_the_system_roots_and_plain_amqp_needs_none() {
+    let dir = tls_files();
+    match parse_in(dir.path(), AMQPS_ZONE) {
+        Ok(config) => assert!(config.tls.is_some()),
+        // A machine without ca-certificates: the refusal says what to do.
+        Err(error) => assert!(error.to_string().contains("set tls.ca_file"), "{error}"),
+    }
+    assert!(parse_in(dir.path(), LOCAL_ZONE).unwrap().tls.is_none());
+}
+
+#[test]
+fn a_missing_or_non_pem_ca_file_is_refused_at_its_key() {
+    let dir = tls_files();
+    let refusal = refuse_in(
+        dir.path(),
+        &format!("[tls]\nca_file = \"nowhere.pem\"\n{AMQPS_ZONE}"),
+    );
+    assert_at(&refusal, 2, 11, "tls.ca_file", "cannot read");
+    assert!(
+        refusal.message.contains("nowhere.pem"),
+        "{}",
+        refusal.message
+    );
+    assert!(
+        refusal
+            .message
+            .starts_with(&format!("{}", dir.path().join("config.ini").display()))
+    );
+
+    let refusal = refuse_in(
+        dir.path(),
+        &format!("[tls]\nca_file = \"junk.pem\"\n{AMQPS_ZONE}"),
+    );
+    assert_at(
+        &refusal,
+        2,
+        11,
+        "tls.ca_file",
+        "holds no usable PEM certificate",
+    );
+}
+
+#[test]
+fn a_key_that_does_not_match_its_certificate_is_refused() {
+    let dir = tls_files();
+    let text = format!("[tls]\ncert_file = \"cert.pem\"\nkey_file = \"other.key\"\n{AMQPS_ZONE}");
+    let refusal = refuse_in(dir.path(), &text);
+    assert_at(
+        &refusal,
+        3,
+        12,
+        "tls.key_file",
+        "does not match the certificate",
+    );
+    assert!(matches!(
+        &refusal.problem,
+        Problem::Tls(error) if matches!(**error, crate::tls::TlsError::KeyMismatch { .. })
+    ));
+
+    let text = format!("[tls]\ncert_file = \"cert.pem\"\nkey_file = \"junk.pem\"\n{AMQPS_ZONE}");
+    assert_at(
+        &refuse_in(dir.path(), &text),
+        3,
+        12,
+        "tls.key_file",
+        "holds no usable PEM private key",
+    );
+}
+
+#[test]
+fn half_a_client_identity_is_refused() {
+    let dir = tls_files();
+    let refusal = refuse_in(
+        dir.path(),
+        &format!("[tls]\ncert_file = \"cert.pem\"\n{AMQPS_ZONE}"),
+    );
+    assert_at(
+        &refusal,
+        2,
+        13,
+        "tls.cert_file",
+        "`tls.key_file` is missing",
+    );
+    let refusal = refuse_in(
+        dir.path(),
+        &format!("[tls]\nkey_file = \"key.pem\"\n{AMQPS_ZONE}"),
+    );
+    assert_at(
+        &refusal,
+        2,
+        12,
+        "tls.key_file",
+        "`tls.cert_file` is missing",
+    );
+}
+
+#[test]
+fn a_server_name_must_be_a_dns_name_or_an_address() {
+    let text =
+        "[zones.local]\nbrokers = [{ uri = \"amqps://h/%2f\", server_name = \"not a name!\" }]\n";
+    let refusal = refuse(text, None);
+    assert_eq!(refusal.key, "zones.local.brokers[0].server_name");
+    assert!(
+        refusal.message.contains("not a DNS name"),
+        "{}",
+        refusal.message
+    );
+    let text = "[zones.local]\nbrokers = [{ uri = \"amqps://10.0.0.5/%2f\", server_name = \"rabbit.internal\" }]\n";
+    let config = parse(text).unwrap();
+    assert_eq!(
+        config.zones[0].brokers[0].server_name.as_deref(),
+        Some("rabbit.internal")
+    );
+    assert!(
+        config
+            .effective_toml()
+            .contains("server_name = \"rabbit.internal\"")
+    );
 }

@@ -15,13 +15,14 @@ use super::error::{ConfigError, Problem};
 use super::locate::{Source, join};
 use super::raw::{
     self, RawAmqp, RawApp, RawBroker, RawConfig, RawExchange, RawListener, RawPool, RawPublisher,
-    RawRouter, RawService, RawZone,
+    RawRouter, RawService, RawTls, RawZone,
 };
 use super::read::closest;
 use super::{
     AmqpConfig, AppConfig, Config, ConfiguredBroker, ExchangeOverride, ListenerConfig,
     MAX_NODE_BYTES, PoolConfig, PublisherConfig, RouterConfig, ServiceConfig, Zone,
 };
+use crate::tls::{Tls, TlsFiles, TlsKey, valid_server_name};
 use crate::uri::BrokerUri;
 
 /// What validation needs besides the raw file.
@@ -38,6 +39,7 @@ pub(super) fn validate(raw: RawConfig, inputs: &Inputs<'_>) -> Result<Config, Co
     let service = service(&raw.service, source)?;
     let amqp = amqp(&raw.amqp, inputs)?;
     let zones = zones(&raw.zones, &raw.amqp, &amqp.zone, inputs)?;
+    let tls = tls(&raw.tls, &zones, source)?;
     let listener = listener(&raw.listener, source)?;
     let router = router(&raw.router, source)?;
     let publisher = publisher(&raw.publisher, source)?;
@@ -48,6 +50,7 @@ pub(super) fn validate(raw: RawConfig, inputs: &Inputs<'_>) -> Result<Config, Co
         path: source.path.to_path_buf(),
         service,
         amqp,
+        tls,
         zones,
         listener,
         router,
@@ -318,7 +321,15 @@ fn zones(
             return Err(source.error(entry.uri_span.start, &entry.uri_key, problem));
         }
         let tags = tags(entry, source)?;
-        parsed.push((entry, ConfiguredBroker { uri, tags }));
+        let server_name = server_name(entry, source)?;
+        parsed.push((
+            entry,
+            ConfiguredBroker {
+                uri,
+                tags,
+                server_name,
+            },
+        ));
     }
     if !raw.keys().any(|name| name.get_ref() == local) {
         return Err(local_zone_missing(raw, raw_amqp, local, inputs));
@@ -374,6 +385,67 @@ fn tags(entry: &Listed<'_>, source: &Source<'_>) -> Result<Vec<String>, ConfigEr
         tags.push(tag.get_ref().clone());
     }
     Ok(tags)
+}
+
+/// The `server_name` of one broker entry: a DNS name or an IP address.
+fn server_name(entry: &Listed<'_>, source: &Source<'_>) -> Result<Option<String>, ConfigError> {
+    let Some(name) = &entry.raw.server_name else {
+        return Ok(None);
+    };
+    let written = name.get_ref().trim();
+    if !valid_server_name(written) {
+        let key = format!("{}.server_name", entry.key);
+        let problem = Problem::InvalidServerName {
+            name: name.get_ref().clone(),
+        };
+        return Err(source.error(name.span().start, &key, problem));
+    }
+    Ok(Some(written.to_string()))
+}
+
+/// `[tls]`: read and checked when written, or when a broker uses `amqps://` (then with
+/// the system's roots if nothing is written); `None` when no broker needs it.
+fn tls(raw: &RawTls, zones: &[Zone], source: &Source<'_>) -> Result<Option<Tls>, ConfigError> {
+    let written = raw.ca_file.is_some() || raw.cert_file.is_some() || raw.key_file.is_some();
+    let amqps = zones
+        .iter()
+        .flat_map(|zone| &zone.brokers)
+        .any(|broker| broker.uri.is_tls());
+    if !written && !amqps {
+        return Ok(None);
+    }
+    let base = source.path.parent().unwrap_or(Path::new("."));
+    let path =
+        |file: &Option<Spanned<String>>| file.as_ref().map(|file| base.join(file.get_ref().trim()));
+    match (&raw.cert_file, &raw.key_file) {
+        (Some(cert), None) => {
+            let problem = Problem::HalfClientIdentity {
+                missing: "tls.key_file",
+            };
+            return Err(source.error(cert.span().start, "tls.cert_file", problem));
+        }
+        (None, Some(key)) => {
+            let problem = Problem::HalfClientIdentity {
+                missing: "tls.cert_file",
+            };
+            return Err(source.error(key.span().start, "tls.key_file", problem));
+        }
+        _ => {}
+    }
+    let files = TlsFiles {
+        ca_file: path(&raw.ca_file),
+        cert_file: path(&raw.cert_file),
+        key_file: path(&raw.key_file),
+    };
+    Tls::load(files).map(Some).map_err(|(key, error)| {
+        let (spanned, name) = match key {
+            TlsKey::CaFile => (&raw.ca_file, "tls.ca_file"),
+            TlsKey::CertFile => (&raw.cert_file, "tls.cert_file"),
+            TlsKey::KeyFile => (&raw.key_file, "tls.key_file"),
+        };
+        let offset = spanned.as_ref().map_or(0, |file| file.span().start);
+        source.error(offset, name, Problem::Tls(Box::new(error)))
+    })
 }
 
 /// What is wrong with a tag, if anything.

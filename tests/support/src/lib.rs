@@ -9,6 +9,7 @@
 //! Everything here is Linux-only and expects RabbitMQ's scripts under
 //! `/usr/lib/rabbitmq/bin` (override with `WARREN_TEST_RABBITMQ_BIN_DIR`).
 
+mod certs;
 mod ctl;
 mod error;
 mod node;
@@ -20,6 +21,7 @@ mod tests;
 
 use std::time::{Duration, Instant};
 
+pub use certs::{TEST_SERVER_NAME, TestCerts};
 pub use ctl::{
     ConnectionRow, channel_count, close_connections, list_connections, local_ctl, local_uri,
 };

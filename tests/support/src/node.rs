@@ -56,6 +56,8 @@ pub struct BrokerNode {
     name: String,
     amqp_port: u16,
     dist_port: u16,
+    /// The AMQPS port, for a node started with [`BrokerNode::start_tls`].
+    tls_port: Option<u16>,
     /// Root of everything the node writes; removed on drop.
     dir: TempDir,
     /// Lines appended to `rabbitmq.conf` (see [`BrokerNode::start_with`]).
@@ -103,6 +105,30 @@ impl BrokerNode {
         }
     }
 
+    /// Like [`BrokerNode::start`], with an `amqps://` listener too (on
+    /// [`BrokerNode::tls_port`]) showing `certs`' `<server>.pem` (`"server"`, or `"expired"`),
+    /// trusting `certs`' CA, and requiring a client certificate when `require_client_cert`.
+    pub fn start_tls(
+        certs: &crate::TestCerts,
+        server: &str,
+        require_client_cert: bool,
+    ) -> Result<BrokerNode, SupportError> {
+        let port = try_free_port()?;
+        let path = |name: &str| certs.path(name).display().to_string();
+        let lines = [
+            format!("listeners.ssl.default = 127.0.0.1:{port}"),
+            format!("ssl_options.cacertfile = {}", path("ca.pem")),
+            format!("ssl_options.certfile = {}", path(&format!("{server}.pem"))),
+            format!("ssl_options.keyfile = {}", path(&format!("{server}.key"))),
+            "ssl_options.verify = verify_peer".to_string(),
+            format!("ssl_options.fail_if_no_peer_cert = {require_client_cert}"),
+        ];
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let mut node = BrokerNode::start_with(&lines)?;
+        node.tls_port = Some(port);
+        Ok(node)
+    }
+
     /// A node with its name, free ports and dirs set up but not started. For tests that
     /// start the broker only after the code under test (saves a start and a kill): call
     /// [`BrokerNode::start_again_in_background`] or [`BrokerNode::restart`] to start it.
@@ -132,6 +158,7 @@ impl BrokerNode {
             name,
             amqp_port,
             dist_port,
+            tls_port: None,
             dir,
             extra_config: config_lines.iter().map(|l| l.to_string()).collect(),
             log_offset: 0,
@@ -233,6 +260,19 @@ impl BrokerNode {
             .map_err(|e| SupportError::io(format!("spawning `{}`", describe(&cmd)), e))?;
         *self.proc_state() = ProcState::Running(child);
         Ok(())
+    }
+
+    /// The AMQPS port of a node started with [`BrokerNode::start_tls`].
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
+    }
+
+    /// `amqps://guest:guest@127.0.0.1:<tls port>/%2f` (port 0 for a node without TLS).
+    pub fn tls_uri(&self) -> String {
+        format!(
+            "amqps://guest:guest@127.0.0.1:{}/%2f",
+            self.tls_port.unwrap_or(0)
+        )
     }
 
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
