@@ -1265,3 +1265,80 @@ async fn redeliveries_caused_by_lost_channels_are_not_failures() {
     client.delete_queue(&queue).await;
     node.stop().await.expect("node stops");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_cancel_sets_the_listener_up_again_and_lets_running_handlers_finish() {
+    let name = unique_node("cancelled");
+    let (exchange, queue) = (format!("{name}-ex"), format!("{name}-q"));
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let started = counter();
+    let finished: Arc<Mutex<Vec<usize>>> = Arc::new(Mutex::new(Vec::new()));
+    let release = Arc::new(AtomicBool::new(false));
+    let (started_in, finished_in, release_in) =
+        (started.clone(), finished.clone(), release.clone());
+    let spec = ListenerSpec::new("cancelled")
+        .queue(QueueSpec::named(&queue))
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "#")
+        .responder("t", "x", move |_e: Event| {
+            let (started, finished, release) =
+                (started_in.clone(), finished_in.clone(), release_in.clone());
+            async move {
+                let run = started.fetch_add(1, Ordering::SeqCst) + 1;
+                // The first run is in flight when the broker cancels the consumer.
+                let until = Instant::now() + Duration::from_secs(30);
+                while run == 1 && !release.load(Ordering::SeqCst) && Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                finished.lock().push(run);
+                Ok(())
+            }
+        });
+    let (listener, _) = TestListener::new(spec);
+    let handle = spawn_listener(listener, &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+    let client = Client::connect(&local_uri(), &name).await;
+    client
+        .publish(&exchange, "k", &Envelope::new("t", "x"))
+        .await;
+    assert!(eventually(SOON, || started.load(Ordering::SeqCst) == 1).await);
+
+    // Deleting the queue makes the broker send basic.cancel.
+    blocking({
+        let queue = queue.clone();
+        move || local_ctl(&["delete_queue", &queue])
+    })
+    .await
+    .expect("delete_queue");
+    assert!(
+        eventually(SOON, || consumers_of(&queue) == Some(1)).await,
+        "the listener did not declare its queue and consume again after the cancel"
+    );
+    assert_eq!(
+        bindings_of(&queue),
+        vec![(exchange.clone(), "#".to_string())],
+        "the bindings came back with the queue"
+    );
+    release.store(true, Ordering::SeqCst);
+    assert!(
+        eventually(SOON, || finished.lock().contains(&1)).await,
+        "the handler running at the cancel was dropped: finished {:?}",
+        finished.lock()
+    );
+    for _ in 0..5 {
+        client
+            .publish(&exchange, "k", &Envelope::new("t", "x"))
+            .await;
+    }
+    assert!(
+        eventually(SOON, || finished.lock().len() == 6).await,
+        "messages after the cancel were not handled: finished {:?}",
+        finished.lock()
+    );
+    assert!(eventually(SOON, || handle.stats().acked >= 5).await);
+    handle.stop().await.expect("stop");
+    client.delete_queue(&queue).await;
+    node.stop().await.expect("node stops");
+}

@@ -125,10 +125,14 @@ impl QueueSpec {
     /// after `[listener] anonymous_queue_expiry_ms` unused (its node died; a live listener
     /// re-declares it well within that time, also while paused); it is not auto-deleted,
     /// so pausing the listener or a short broker connection gap keeps it and its messages.
+    ///
+    /// It is durable (with that expiry): RabbitMQ 4 deprecates transient queues that are
+    /// not exclusive and refuses them from 4.3, and an exclusive queue could not be drained
+    /// from another connection at fail-back.
     pub fn anonymous() -> Self {
         QueueSpec {
             name: QueueName::Anonymous,
-            durable: false,
+            durable: true,
             exclusive: false,
             auto_delete: false,
             arguments: FieldTable::default(),
