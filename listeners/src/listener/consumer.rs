@@ -273,6 +273,10 @@ impl ConsumerLoop {
         let mut inflight = InFlight::default();
         let mut acks = AckTracker::new(self.shared.settings.prefetch);
         let concurrency = self.shared.settings.concurrency;
+        // One delivery taken while no handler could start, so that the end of the stream
+        // (the broker cancelled the consumer, the channel failed) is seen at once even
+        // while every handler is busy.
+        let mut held: Option<Delivery> = None;
         loop {
             let control = *self.control.borrow();
             match control {
@@ -284,7 +288,17 @@ impl ConsumerLoop {
                 Control::Stop {
                     deadline,
                     finish_buffered,
-                } => return self.stop(inflight, acks, deadline, finish_buffered).await,
+                } => {
+                    if let Some(delivery) = held.take()
+                        && let Err(ended) = self
+                            .give_back_held(delivery, finish_buffered, &mut inflight, &mut acks)
+                            .await
+                    {
+                        detach(inflight);
+                        return ended;
+                    }
+                    return self.stop(inflight, acks, deadline, finish_buffered).await;
+                }
             }
             // Settle what finished and take what arrived, without waiting.
             while let Some(Some(done)) = inflight.next().now_or_never() {
@@ -294,6 +308,13 @@ impl ConsumerLoop {
                 }
             }
             let room = inflight.has_room(concurrency);
+            if room && let Some(delivery) = held.take() {
+                if let Err(ended) = self.accept(delivery, &mut inflight, &mut acks).await {
+                    detach(inflight);
+                    return ended;
+                }
+                continue;
+            }
             if room && let Some(item) = self.consumer.next().now_or_never() {
                 if let Some(ended) = self.item(item, &mut inflight, &mut acks).await {
                     detach(inflight);
@@ -319,9 +340,14 @@ impl ConsumerLoop {
             }
             let flush_at = acks.deadline().map(tokio::time::Instant::from_std);
             let ended = tokio::select! {
-                item = self.consumer.next(), if room => {
-                    self.item(item, &mut inflight, &mut acks).await
-                }
+                item = self.consumer.next(), if room || held.is_none() => match item {
+                    // No handler can start yet: keep it for when one can.
+                    Some(Ok(delivery)) if !room => {
+                        held = Some(delivery);
+                        None
+                    }
+                    item => self.item(item, &mut inflight, &mut acks).await,
+                },
                 Some(done) = inflight.next(), if !inflight.is_empty() => {
                     self.advance(&mut acks, done).await.err()
                 }
@@ -341,6 +367,25 @@ impl ConsumerLoop {
                 return ended;
             }
         }
+    }
+
+    /// A delivery held back when the loop is asked to stop: handled when the stop finishes
+    /// what the broker sent (pause, drain), else given back to the queue at once.
+    async fn give_back_held(
+        &mut self,
+        delivery: Delivery,
+        finish_buffered: bool,
+        inflight: &mut InFlight,
+        acks: &mut AckTracker,
+    ) -> Result<(), Ended> {
+        if finish_buffered {
+            return self.accept(delivery, inflight, acks).await;
+        }
+        if self.shared.settings.ack.received() == Received::Untracked {
+            return Ok(());
+        }
+        self.settle(acks, delivery.delivery_tag, Outcome::Defer)
+            .await
     }
 
     async fn flush(&self, acks: &mut AckTracker) -> Result<(), Ended> {
