@@ -30,6 +30,7 @@ const EXCHANGE: &str = "warren-bench-consume";
 
 #[tokio::main]
 async fn main() {
+    common::start_tls();
     let (_setup, channel) = common::setup_channel("bench-consume/setup").await;
     let node = common::start_node("consume", "").await;
     let queue = format!("warren-bench-consume-{}", std::process::id());
@@ -80,7 +81,12 @@ async fn main() {
     );
     common::delete_queue(&channel, &queue).await;
     let _ = node.stop().await;
-    rounds.report("consume");
+    rounds.report(if common::over_tls() {
+        "consume_tls"
+    } else {
+        "consume"
+    });
+    common::stop_tls();
 }
 
 /// A no-op listener: one responder that counts.

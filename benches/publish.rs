@@ -21,6 +21,7 @@ const EXCHANGE: &str = "warren-bench-publish";
 
 #[tokio::main]
 async fn main() {
+    common::start_tls();
     let (_setup, channel) = common::setup_channel("bench-publish/setup").await;
     let queue = format!("warren-bench-publish-{}", std::process::id());
     let node = common::start_node(
@@ -43,7 +44,12 @@ async fn main() {
     }
     common::delete_queue(&channel, &queue).await;
     let _ = node.stop().await;
-    rounds.report("publish");
+    rounds.report(if common::over_tls() {
+        "publish_tls"
+    } else {
+        "publish"
+    });
+    common::stop_tls();
 }
 
 fn envelope(i: usize) -> Envelope {

@@ -13,19 +13,69 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use warren_runtime::envelope::{Envelope, publish_properties};
 
-/// The broker the benchmarks run against (env WARREN_BENCH_AMQP_URI overrides).
+/// A RabbitMQ node of the bench's own with an `amqps://` listener, for both sides over
+/// TLS (env WARREN_BENCH_TLS=1), and the certificates it was made with.
+pub struct TlsBroker {
+    certs: warren_test_support::TestCerts,
+    node: warren_test_support::BrokerNode,
+}
+
+static TLS: std::sync::Mutex<Option<TlsBroker>> = std::sync::Mutex::new(None);
+
+/// Whether the benchmark runs over TLS (WARREN_BENCH_TLS=1).
+pub fn over_tls() -> bool {
+    std::env::var("WARREN_BENCH_TLS").is_ok_and(|v| v == "1")
+}
+
+/// Starts the TLS node when the benchmark runs over TLS (call first, off the async
+/// workers or before they are busy).
+pub fn start_tls() {
+    if !over_tls() {
+        return;
+    }
+    let certs = warren_test_support::TestCerts::generate().expect("bench certificates");
+    let node = warren_test_support::BrokerNode::start_tls(&certs, "server", false)
+        .expect("a TLS RabbitMQ node for the bench");
+    *TLS.lock().unwrap_or_else(|e| e.into_inner()) = Some(TlsBroker { certs, node });
+}
+
+/// Kills the TLS node (the end of a benchmark run over TLS).
+pub fn stop_tls() {
+    if let Some(mut tls) = TLS.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let _ = tls.node.kill();
+    }
+}
+
+/// The CA file of the TLS node, when the benchmark runs over TLS.
+fn tls_ca() -> Option<std::path::PathBuf> {
+    let tls = TLS.lock().unwrap_or_else(|e| e.into_inner());
+    tls.as_ref().map(|tls| tls.certs.path("ca.pem"))
+}
+
+/// The broker the benchmarks run against (env WARREN_BENCH_AMQP_URI overrides; the TLS
+/// node's when over TLS).
 pub fn broker_uri() -> String {
+    if let Some(tls) = TLS.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        return tls.node.tls_uri();
+    }
     std::env::var("WARREN_BENCH_AMQP_URI")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
 }
 
 pub async fn connect(name: &str) -> Connection {
-    Connection::connect(
-        &broker_uri(),
-        ConnectionProperties::default().with_connection_name(name.into()),
-    )
-    .await
-    .expect("the benchmark needs RabbitMQ at 127.0.0.1:5672 (scripts/ensure-rabbitmq)")
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    let connected = match tls_ca() {
+        Some(ca) => {
+            let tls = lapin::tcp::OwnedTLSConfig {
+                identity: None,
+                cert_chain: Some(std::fs::read_to_string(ca).expect("the bench CA")),
+            };
+            let runtime = lapin::runtime::default_runtime().expect("a tokio runtime");
+            Connection::connect_with_config(&broker_uri(), properties, tls, runtime).await
+        }
+        None => Connection::connect(&broker_uri(), properties).await,
+    };
+    connected.expect("the benchmark needs RabbitMQ at 127.0.0.1:5672 (scripts/ensure-rabbitmq)")
 }
 
 /// An envelope whose encoded body is exactly `size` bytes.
@@ -350,8 +400,11 @@ pub fn report(bench: &str, warren: f64, lapin: f64, ratio: f64) {
 
 /// A node with no apps for a benchmark; `extra` is more config.ini text.
 pub async fn start_node(label: &str, extra: &str) -> warren_runtime::node::Node {
+    let tls = tls_ca()
+        .map(|ca| format!("[tls]\nca_file = \"{}\"\n", ca.display()))
+        .unwrap_or_default();
     let text = format!(
-        "[service]\nnode = \"bench-{label}-{}\"\n{extra}\n[zones.local]\nbrokers = [\"{}\"]\n",
+        "[service]\nnode = \"bench-{label}-{}\"\n{extra}\n{tls}[zones.local]\nbrokers = [\"{}\"]\n",
         std::process::id(),
         broker_uri()
     );
