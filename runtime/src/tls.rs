@@ -101,6 +101,12 @@ pub enum TlsError {
         /// What loading the system store said.
         reason: String,
     },
+    /// rustls refused its own default protocol versions (a build without TLS 1.2/1.3).
+    #[error("the TLS library cannot be set up: {reason}")]
+    Provider {
+        /// What rustls said.
+        reason: String,
+    },
 }
 
 fn detail(reason: &Option<String>) -> String {
@@ -161,12 +167,8 @@ impl Tls {
         let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|error| {
-                (
-                    TlsKey::CaFile,
-                    TlsError::NoSystemRoots {
-                        reason: error.to_string(),
-                    },
-                )
+                let reason = error.to_string();
+                (TlsKey::CaFile, TlsError::Provider { reason })
             })?
             .with_root_certificates(roots);
         let config = match (&files.cert_file, &files.key_file) {
