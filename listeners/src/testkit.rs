@@ -221,11 +221,13 @@ impl TestEvent {
         let table: FieldTable = headers(self.headers.iter().map(|(k, v)| (k.as_str(), v.clone())))
             .map_err(|error| error.to_string())?;
         let properties: BasicProperties = publish_properties(false).with_headers(table);
+        let uri = BrokerUri::parse(TEST_BROKER).map_err(|error| error.to_string())?;
         let broker = Broker {
             id: BrokerId(0),
             zone: "local".to_string(),
             local: true,
-            uri: BrokerUri::parse(TEST_BROKER).map_err(|error| error.to_string())?,
+            members: vec![uri.clone()],
+            uri,
             tags: Vec::new(),
             server_name: None,
         };

@@ -26,7 +26,12 @@ pub struct Broker {
     pub zone: String,
     /// True for brokers of this node's own zone; only they can be primary.
     pub local: bool,
+    /// The broker's name in logs and reports: its URI, or a cluster's first member.
     pub uri: BrokerUri,
+    /// Where to connect: `uri` alone, or the members of a RabbitMQ cluster (config
+    /// order). The connection actor uses one member at a time and moves to the next on
+    /// its loss; that is a reconnect to the same broker, not a failover.
+    pub members: Vec<BrokerUri>,
     /// The tags configured for this broker (`{ uri = "…", tags = [...] }` in config.ini);
     /// the zone name is an implicit tag and is not repeated here.
     pub tags: Vec<String>,
@@ -35,10 +40,10 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// The name the broker's TLS certificate is checked against: its `server_name`, else
-    /// the host of its URI.
-    pub fn server_name(&self) -> &str {
-        self.server_name.as_deref().unwrap_or(self.uri.host())
+    /// The name the TLS certificate of `member` (one of `members`) is checked against:
+    /// the broker's `server_name`, else the member's host.
+    pub fn server_name<'a>(&'a self, member: &'a BrokerUri) -> &'a str {
+        self.server_name.as_deref().unwrap_or(member.host())
     }
 
     /// Whether this broker carries `tag`: one of its configured tags, or its zone's name.
@@ -49,7 +54,10 @@ impl Broker {
 
 impl fmt::Display for Broker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({})", self.uri, self.zone)
+        match self.members.len() {
+            0 | 1 => write!(f, "{} ({})", self.uri, self.zone),
+            n => write!(f, "{} (cluster of {n}, {})", self.uri, self.zone),
+        }
     }
 }
 

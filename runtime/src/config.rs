@@ -135,8 +135,13 @@ pub struct Zone {
 /// available broker carrying tag T" (`ChannelKind::Tag`), and the tags come from here.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfiguredBroker {
-    /// Where to connect.
+    /// The broker's name in logs and reports: its URI, or a cluster's first member.
     pub uri: BrokerUri,
+    /// Where to connect: `uri` alone, or every member of a RabbitMQ cluster in file
+    /// order (`cluster = [...]`). Never empty; the first is `uri`.
+    pub members: Vec<BrokerUri>,
+    /// Written as `cluster = [...]` (even with one member).
+    pub cluster: bool,
     /// The tags written for this broker, in file order (possibly none). The zone's name
     /// is an implicit tag of every broker and is not repeated here.
     pub tags: Vec<String>,
@@ -274,6 +279,10 @@ pub struct AppConfig {
     pub name: String,
     /// Whether the app runs.
     pub enabled: bool,
+    /// `quorum_queues = true`: the app's named queues are declared as quorum queues
+    /// (`QueueSpec::quorum`), whatever type the app's code gives them. Anonymous and
+    /// exclusive queues stay as they are (a quorum queue is neither).
+    pub quorum_queues: bool,
     /// The app's pool, its absent keys taken from `[pool]`.
     pub pool: PoolConfig,
 }

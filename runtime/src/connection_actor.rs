@@ -33,10 +33,11 @@ use crate::broker::{Broker, BrokerId, Role};
 use crate::config::Config;
 use crate::forward;
 use crate::log_limit::LogLimit;
+use crate::members::MemberCursor;
 use crate::registry::{ConnectionRegistry, StatusUpdate};
 use crate::supervisor::StopDeadline;
 use crate::tls::{self, Tls};
-use crate::uri::redact_uri;
+use crate::uri::{BrokerUri, redact_uri};
 
 /// How often the actor double-checks that its connections are still up, in case an event
 /// was missed. lapin reports a closed socket at once; this is only a backstop.
@@ -110,6 +111,9 @@ pub enum ChannelError {
 #[derive(Clone, Debug)]
 pub struct ConnectionReport {
     pub connected: bool,
+    /// The member the consume connection uses or tries next (redacted URI): the broker's
+    /// URI, or one member of its cluster.
+    pub member: String,
     /// The consume connection's current generation, or its last one while it is down.
     pub generation: u64,
     /// Channels ready in the buffer.
@@ -119,6 +123,8 @@ pub struct ConnectionReport {
     pub failed_attempts: u32,
     pub last_error: Option<String>,
     pub publish_connected: bool,
+    /// The member the publish connection uses or tries next (redacted URI).
+    pub publish_member: String,
     pub publish_generation: u64,
     pub publish_failed_attempts: u32,
     pub publish_last_error: Option<String>,
@@ -216,11 +222,19 @@ struct Slot {
     /// The last attempt failed because the port refused TCP: the probe may cut the wait.
     refused: bool,
     last_error: Option<String>,
+    /// The cluster member this connection uses or tries next (one member for a plain
+    /// broker).
+    members: MemberCursor,
+    /// The connection was lost and is moving to another member of the cluster: the
+    /// registry hears of it only if no member answers.
+    switching: bool,
 }
 
 impl Slot {
-    fn new(role: Role) -> Self {
+    fn new(role: Role, members: MemberCursor) -> Self {
         Slot {
+            members,
+            switching: false,
             role,
             link: None,
             connecting: false,
@@ -295,12 +309,14 @@ impl ConnectionState {
     fn report(&self) -> ConnectionReport {
         ConnectionReport {
             connected: self.consume.link.is_some(),
+            member: self.member(Role::Consume).redacted().to_string(),
             generation: self.consume.generation,
             prechannels: self.prechannels.len(),
             opening: self.opening,
             failed_attempts: self.consume.failed_attempts,
             last_error: self.consume.last_error.clone(),
             publish_connected: self.publish.link.is_some(),
+            publish_member: self.member(Role::Publish).redacted().to_string(),
             publish_generation: self.publish.generation,
             publish_failed_attempts: self.publish.failed_attempts,
             publish_last_error: self.publish.last_error.clone(),
@@ -309,6 +325,12 @@ impl ConnectionState {
 
     fn broker_name(&self) -> String {
         self.broker.uri.redacted().to_string()
+    }
+
+    /// The member `role`'s connection uses or tries next.
+    fn member(&self, role: Role) -> &BrokerUri {
+        let index = self.slot(role).members.current();
+        self.broker.members.get(index).unwrap_or(&self.broker.uri)
     }
 
     fn not_connected(&self) -> ChannelError {
@@ -325,10 +347,11 @@ impl ConnectionState {
         }
         slot.connecting = true;
         let broker = self.broker.clone();
+        let member = self.member(role).clone();
         let settings = self.settings.clone();
         let myself = myself.clone();
         tokio::spawn(async move {
-            let attempt = Attempt(open_connection(&broker, &settings, role).await);
+            let attempt = Attempt(open_connection(&broker, &member, &settings, role).await);
             let _ = myself.cast(ConnectionMsg::Opened { role, attempt });
         });
     }
@@ -378,7 +401,10 @@ impl ConnectionState {
         slot.failed_attempts = 0;
         slot.step = 0;
         slot.refused = false;
-        tracing::info!(broker = %self.broker, role = role.name(), generation, "connected");
+        slot.switching = false;
+        slot.members.connected();
+        let member = self.member(role).redacted();
+        tracing::info!(broker = %self.broker, %member, role = role.name(), generation, "connected");
         self.registry
             .report(self.broker.id, StatusUpdate::Up { role, generation });
         if self.consume.link.is_some() && self.publish.link.is_some() {
@@ -392,31 +418,50 @@ impl ConnectionState {
     }
 
     fn failed(&mut self, myself: &ActorRef<ConnectionMsg>, role: Role, failure: ConnectFailure) {
+        let member = self.member(role).redacted().to_string();
         let slot = self.slot_mut(role);
         slot.failed_attempts = slot.failed_attempts.saturating_add(1);
         slot.refused = failure.refused;
         slot.last_error = Some(failure.error.clone());
         let attempts = slot.failed_attempts;
+        // Another member of the cluster not tried since the last success: at once.
+        let next_member = slot.members.failed();
+        let switching = slot.switching && next_member;
+        slot.switching = switching;
         match self.logs.allow("cannot connect") {
             Some(held_back) => {
-                tracing::warn!(broker = %self.broker, role = role.name(), attempts, held_back, error = %failure.error, "cannot connect")
+                tracing::warn!(broker = %self.broker, %member, role = role.name(), attempts, held_back, error = %failure.error, "cannot connect")
             }
             None => {
-                tracing::debug!(broker = %self.broker, role = role.name(), attempts, error = %failure.error, "cannot connect")
+                tracing::debug!(broker = %self.broker, %member, role = role.name(), attempts, error = %failure.error, "cannot connect")
             }
         }
-        self.registry.report(
-            self.broker.id,
-            StatusUpdate::Down {
-                role,
-                error: failure.error,
-                failed_attempts: attempts,
-            },
-        );
+        if !switching {
+            self.registry.report(
+                self.broker.id,
+                StatusUpdate::Down {
+                    role,
+                    error: failure.error,
+                    failed_attempts: attempts,
+                },
+            );
+        }
+        if next_member {
+            self.connect_now(myself, role);
+            return;
+        }
         self.schedule_connect(myself, role);
         if failure.refused {
             self.start_probe(myself);
         }
+    }
+
+    /// Starts an attempt of `role` at once (on another member of the cluster).
+    fn connect_now(&mut self, myself: &ActorRef<ConnectionMsg>, role: Role) {
+        let slot = self.slot_mut(role);
+        slot.token += 1;
+        let token = slot.token;
+        self.connect(myself, role, token);
     }
 
     /// Schedules the next attempt of `role` after its backoff delay.
@@ -436,8 +481,11 @@ impl ConnectionState {
         if self.probe.as_ref().is_some_and(|p| !p.is_finished()) {
             return;
         }
-        let host = self.broker.uri.host().to_string();
-        let port = self.broker.uri.port();
+        // Both connections try the same member unless one of them moved on alone; the
+        // consume connection's is the one that matters for consumers.
+        let member = self.member(Role::Consume);
+        let host = member.host().to_string();
+        let port = member.port();
         let myself = myself.clone();
         self.probe = Some(tokio::spawn(async move {
             loop {
@@ -471,6 +519,21 @@ impl ConnectionState {
         slot.refused = false;
         let generation = link.generation;
         close_in_background(link);
+        let member = self.member(role).redacted().to_string();
+        if self.slot_mut(role).members.lost() {
+            // A cluster: the same broker on another member, not a failover. The
+            // registry keeps the broker (its grants die with this generation).
+            let slot = self.slot_mut(role);
+            slot.switching = true;
+            let next = self.member(role).redacted().to_string();
+            tracing::warn!(broker = %self.broker, %member, next_member = %next, role = role.name(), generation, %reason, "connection to a cluster member lost; moving to the next member");
+            if role == Role::Consume {
+                self.prechannels.clear();
+                self.opening = 0;
+            }
+            self.connect_now(myself, role);
+            return;
+        }
         let key = format!("lost {}", role.name());
         match self.logs.allow(&key) {
             Some(held_back) => {
@@ -682,10 +745,11 @@ async fn close_link(link: &Link) {
 /// Opens one lapin connection with the node's settings and a bounded handshake.
 async fn open_connection(
     broker: &Broker,
+    member: &BrokerUri,
     settings: &ConnectionSettings,
     role: Role,
 ) -> Result<Connection, ConnectFailure> {
-    let mut uri = broker.uri.amqp().clone();
+    let mut uri = member.amqp().clone();
     if uri.query.heartbeat.is_none() {
         uri.query.heartbeat = Some(settings.heartbeat_secs);
     }
@@ -694,8 +758,10 @@ async fn open_connection(
     let name = format!("{}/{}", settings.node, role.name());
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     let connect = async {
-        match (&settings.tls, broker.uri.is_tls()) {
-            (Some(tls), true) => tls::connect(uri, tls, broker.server_name(), properties).await,
+        match (&settings.tls, member.is_tls()) {
+            (Some(tls), true) => {
+                tls::connect(uri, tls, broker.server_name(member), properties).await
+            }
             // The configuration loads TLS settings whenever a broker uses amqps://.
             (None, true) => Err(lapin::Error::from(std::io::Error::other(
                 "amqps:// without TLS settings",
@@ -819,13 +885,15 @@ impl Actor for ConnectionActor {
             );
             myself.cast(ConnectionMsg::Connect { role, token: 0 })?;
         }
+        // One order for both connections, so that they start on the same member.
+        let members = MemberCursor::shuffled(args.broker.members.len());
         Ok(ConnectionState {
             broker: args.broker,
             registry: args.registry,
             settings: args.settings,
             deadline: args.deadline,
-            consume: Slot::new(Role::Consume),
-            publish: Slot::new(Role::Publish),
+            consume: Slot::new(Role::Consume, members.clone()),
+            publish: Slot::new(Role::Publish, members),
             prechannels: VecDeque::new(),
             opening: 0,
             probe: None,

@@ -30,6 +30,7 @@ pub mod exchanges;
 pub mod forward;
 pub mod kapi_conf;
 pub mod log_limit;
+mod members;
 pub mod node;
 pub mod publisher;
 pub mod readiness;

@@ -160,6 +160,7 @@ impl ConnectionRegistry {
                     zone: zone.name.clone(),
                     local: zone.local,
                     uri: configured.uri.clone(),
+                    members: configured.members.clone(),
                     tags: configured.tags.clone(),
                     server_name: configured.server_name.clone(),
                 }));

@@ -103,6 +103,7 @@ fn write_config(out: &mut String, config: &Config) -> fmt::Result {
     for app in &config.apps {
         writeln!(out, "\n[apps.{}]", segment(&app.name))?;
         key(out, "enabled", app.enabled)?;
+        key(out, "quorum_queues", app.quorum_queues)?;
         pool_lines(out, "pool_", &app.pool)?;
     }
     Ok(())
@@ -133,13 +134,22 @@ fn secs(out: &mut String, key_name: &str, value: Duration) -> fmt::Result {
 }
 
 /// One entry of `brokers`: the redacted URI as a string, or an inline table when the
-/// broker has tags or a server name.
+/// broker has tags or a server name, or is a cluster.
 fn broker(broker: &ConfiguredBroker) -> String {
     let uri = quote(broker.uri.redacted());
-    if broker.tags.is_empty() && broker.server_name.is_none() {
+    if !broker.cluster && broker.tags.is_empty() && broker.server_name.is_none() {
         return uri;
     }
-    let mut table = format!("{{ uri = {uri}");
+    let mut table = if broker.cluster {
+        let members: Vec<String> = broker
+            .members
+            .iter()
+            .map(|member| quote(member.redacted()))
+            .collect();
+        format!("{{ cluster = [{}]", members.join(", "))
+    } else {
+        format!("{{ uri = {uri}")
+    };
     if !broker.tags.is_empty() {
         let tags: Vec<String> = broker.tags.iter().map(|tag| quote(tag)).collect();
         let _ = write!(table, ", tags = [{}]", tags.join(", "));

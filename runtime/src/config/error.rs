@@ -130,6 +130,18 @@ pub enum Problem {
         /// The line of the first listing.
         first_line: usize,
     },
+    /// A cluster member whose vhost or scheme differs from the first member's: one
+    /// cluster serves the same vhosts on every node, and warren moves between its members
+    /// as if they were one broker.
+    #[error(
+        "every member of a cluster must have the same {what} as its first member `{first_key}`"
+    )]
+    ClusterMemberDiffers {
+        /// Where the first member is written.
+        first_key: String,
+        /// What differs.
+        what: &'static str,
+    },
     /// No `[zones.<zone>]` section for this node's zone.
     #[error(
         "this node's zone `{zone}`{} has no [zones.{zone}] section; {}",

@@ -135,23 +135,43 @@ pub(super) struct RawZone {
 }
 
 /// One entry of `brokers`: a plain URI string, or a table `{ uri = "…", tags = [...],
-/// server_name = "…" }`.
+/// server_name = "…" }`, or for a RabbitMQ cluster `{ cluster = ["…", "…"], … }`.
 #[derive(Debug)]
 pub(super) struct RawBroker {
-    pub uri: String,
-    /// Where `uri` is written in the table form; `None` in the plain form, where the
-    /// entry itself is the URI.
-    pub uri_span: Option<Range<usize>>,
+    /// Where to connect: one URI, or a cluster's member URIs in file order (never empty).
+    pub uris: Vec<RawUri>,
+    /// How the entry gives them.
+    pub form: BrokerForm,
     pub tags: Vec<Spanned<String>>,
     /// The name the broker's TLS certificate is checked against, when not its host.
     pub server_name: Option<Spanned<String>>,
+}
+
+/// One URI of a broker entry.
+#[derive(Debug)]
+pub(super) struct RawUri {
+    pub text: String,
+    /// Where it is written; `None` in the plain form, where the entry itself is the URI.
+    pub span: Option<Range<usize>>,
+}
+
+/// Which form a broker entry is written in: it decides the key its URIs are reported at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum BrokerForm {
+    /// `"amqp://…"`: the entry is the URI.
+    Plain,
+    /// `{ uri = "…" }`.
+    Uri,
+    /// `{ cluster = ["…", …] }`: the members of one RabbitMQ cluster.
+    Cluster,
 }
 
 /// The table form of a broker entry, read strictly like every other table.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBrokerTable {
-    uri: Spanned<String>,
+    uri: Option<Spanned<String>>,
+    cluster: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     tags: Vec<Spanned<String>>,
     server_name: Option<Spanned<String>>,
@@ -175,8 +195,11 @@ impl<'de> Visitor<'de> for RawBrokerVisitor {
 
     fn visit_str<E: de::Error>(self, uri: &str) -> Result<RawBroker, E> {
         Ok(RawBroker {
-            uri: uri.to_string(),
-            uri_span: None,
+            uris: vec![RawUri {
+                text: uri.to_string(),
+                span: None,
+            }],
+            form: BrokerForm::Plain,
             tags: Vec::new(),
             server_name: None,
         })
@@ -184,10 +207,32 @@ impl<'de> Visitor<'de> for RawBrokerVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawBroker, A::Error> {
         let table = RawBrokerTable::deserialize(MapAccessDeserializer::new(map))?;
-        let uri_span = table.uri.span();
+        let spanned = |uri: Spanned<String>| RawUri {
+            span: Some(uri.span()),
+            text: uri.into_inner(),
+        };
+        let (uris, form) = match (table.uri, table.cluster) {
+            (Some(uri), None) => (vec![spanned(uri)], BrokerForm::Uri),
+            (None, Some(members)) if members.is_empty() => {
+                return Err(de::Error::custom(
+                    "`cluster` lists no member; give the URIs of the cluster's nodes",
+                ));
+            }
+            (None, Some(members)) => (
+                members.into_iter().map(spanned).collect(),
+                BrokerForm::Cluster,
+            ),
+            (Some(_), Some(_)) => {
+                return Err(de::Error::custom(
+                    "give either `uri` (one broker) or `cluster` (the URIs of one cluster's \
+                     nodes), not both",
+                ));
+            }
+            (None, None) => return Err(de::Error::missing_field("uri")),
+        };
         Ok(RawBroker {
-            uri: table.uri.into_inner(),
-            uri_span: Some(uri_span),
+            uris,
+            form,
             tags: table.tags,
             server_name: table.server_name,
         })
@@ -246,6 +291,7 @@ pub(super) struct RawExchange {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawApp {
     pub enabled: Option<bool>,
+    pub quorum_queues: Option<bool>,
     pub pool_size: Option<Spanned<usize>>,
     pub pool_overflow: Option<usize>,
     pub checkout_timeout_ms: Option<Spanned<u64>>,

@@ -1442,3 +1442,128 @@ fn a_server_name_must_be_a_dns_name_or_an_address() {
             .contains("server_name = \"rabbit.internal\"")
     );
 }
+
+// ---------------------------------------------------------------- 11. clusters
+
+/// A local zone whose one broker is a three-node cluster, plus `extra` entries.
+fn cluster_zone(extra: &str) -> String {
+    format!(
+        "[zones.local]\nbrokers = [{{ cluster = [\"amqp://u:secret@n1:5672/%2f\", \"amqp://u:secret@n2:5673/%2f\", \"amqp://u:secret@n3:5674/%2f\"], tags = [\"main\"] }}{extra}]\n"
+    )
+}
+
+#[test]
+fn a_cluster_is_one_broker_with_its_members_in_file_order() {
+    let config = parse(&cluster_zone("")).unwrap();
+    let brokers = &config.zones[0].brokers;
+    assert_eq!(brokers.len(), 1, "a cluster is one broker");
+    let broker = &brokers[0];
+    assert!(broker.cluster);
+    let hosts: Vec<&str> = broker.members.iter().map(|m| m.host()).collect();
+    assert_eq!(hosts, ["n1", "n2", "n3"]);
+    assert_eq!(broker.uri, broker.members[0]);
+    assert_eq!(broker.tags, ["main"]);
+    // The effective file says the same, with the passwords redacted, and reads back.
+    let effective = config.effective_toml();
+    assert!(effective.contains("{ cluster = ["), "{effective}");
+    assert!(!effective.contains("secret"), "{effective}");
+    let again = parse(&effective).unwrap();
+    let members: Vec<&str> = again.zones[0].brokers[0]
+        .members
+        .iter()
+        .map(|m| m.host())
+        .collect();
+    assert_eq!(members, ["n1", "n2", "n3"]);
+    // A plain broker is its own single member.
+    let plain = parse(LOCAL_ZONE).unwrap();
+    let broker = &plain.zones[0].brokers[0];
+    assert!(!broker.cluster);
+    assert_eq!(broker.members, vec![broker.uri.clone()]);
+}
+
+#[test]
+fn a_cluster_entry_needs_members_and_not_also_a_uri() {
+    let text = "[zones.local]\nbrokers = [{ cluster = [] }]\n";
+    let refusal = refuse(text, None);
+    assert_eq!(refusal.key, "zones.local.brokers[0]", "{}", refusal.message);
+    assert!(
+        refusal.message.contains("lists no member"),
+        "{}",
+        refusal.message
+    );
+    let text =
+        "[zones.local]\nbrokers = [{ uri = \"amqp://a/%2f\", cluster = [\"amqp://b/%2f\"] }]\n";
+    let refusal = refuse(text, None);
+    assert_eq!(refusal.key, "zones.local.brokers[0]", "{}", refusal.message);
+    assert!(refusal.message.contains("not both"), "{}", refusal.message);
+}
+
+#[test]
+fn a_bad_or_repeated_member_is_refused_at_its_own_key() {
+    let text = "[zones.local]\nbrokers = [{ cluster = [\"amqp://u:pw@n1/%2f\", \"amqp://u:hunter2@n2:notaport/%2f\"] }]\n";
+    let refusal = refuse(text, None);
+    assert_eq!(refusal.key, "zones.local.brokers[0].cluster[1]");
+    assert_eq!(refusal.line, 2);
+    assert!(matches!(refusal.problem, Problem::InvalidUri(_)));
+    assert!(!refusal.message.contains("hunter2"), "{}", refusal.message);
+
+    let text =
+        "[zones.local]\nbrokers = [{ cluster = [\"amqp://n1/%2f\", \"amqp://N1:5672/%2f\"] }]\n";
+    let refusal = refuse(text, None);
+    assert_eq!(refusal.key, "zones.local.brokers[0].cluster[1]");
+    assert!(
+        refusal
+            .message
+            .contains("already listed as `zones.local.brokers[0].cluster[0]`"),
+        "{}",
+        refusal.message
+    );
+
+    // A member that is also listed as a broker of its own.
+    let refusal = refuse(&cluster_zone(", \"amqp://n2:5673/%2f\""), None);
+    assert_eq!(refusal.key, "zones.local.brokers[1]", "{}", refusal.message);
+    assert!(matches!(refusal.problem, Problem::DuplicateBroker { .. }));
+}
+
+#[test]
+fn the_members_of_a_cluster_share_vhost_and_scheme() {
+    let text =
+        "[zones.local]\nbrokers = [{ cluster = [\"amqp://n1/%2f\", \"amqp://n2/other\"] }]\n";
+    let refusal = refuse(text, None);
+    assert_eq!(refusal.key, "zones.local.brokers[0].cluster[1]");
+    assert_eq!(
+        refusal.problem,
+        Problem::ClusterMemberDiffers {
+            first_key: "zones.local.brokers[0].cluster[0]".to_string(),
+            what: "vhost",
+        }
+    );
+    let text = "[zones.local]\nbrokers = [{ cluster = [\"amqp://n1/%2f\", \"amqps://n2/%2f\"] }]\n";
+    let refusal = refuse(text, None);
+    assert!(refusal.message.contains("scheme"), "{}", refusal.message);
+}
+
+#[test]
+fn an_app_can_have_its_named_queues_declared_as_quorum_queues() {
+    let text = format!("{LOCAL_ZONE}\n[apps.echo]\nquorum_queues = true\n\n[apps.skel]\n");
+    let config = parse(&text).unwrap();
+    assert!(config.app("echo").is_some_and(|app| app.quorum_queues));
+    assert!(config.app("skel").is_some_and(|app| !app.quorum_queues));
+    let effective = config.effective_toml();
+    assert!(effective.contains("quorum_queues = true"), "{effective}");
+    assert!(
+        parse(&effective)
+            .unwrap()
+            .app("echo")
+            .is_some_and(|app| app.quorum_queues)
+    );
+    let refusal = refuse(
+        &format!("{LOCAL_ZONE}\n[apps.echo]\nquorum_queues = \"yes\"\n"),
+        None,
+    );
+    assert_eq!(
+        refusal.key, "apps.echo.quorum_queues",
+        "{}",
+        refusal.message
+    );
+}

@@ -14,8 +14,8 @@ use toml::Spanned;
 use super::error::{ConfigError, Problem};
 use super::locate::{Source, join};
 use super::raw::{
-    self, RawAmqp, RawApp, RawBroker, RawConfig, RawExchange, RawListener, RawPool, RawPublisher,
-    RawRouter, RawService, RawTls, RawZone,
+    self, BrokerForm, RawAmqp, RawApp, RawBroker, RawConfig, RawExchange, RawListener, RawPool,
+    RawPublisher, RawRouter, RawService, RawTls, RawZone,
 };
 use super::read::closest;
 use super::{
@@ -266,11 +266,17 @@ struct Listed<'r> {
     zone: &'r str,
     /// `zones.<zone>.brokers[i]`.
     key: String,
-    /// The key and span of the URI: the entry itself in the plain form, its `uri` in the
-    /// table form.
-    uri_key: String,
-    uri_span: Range<usize>,
+    /// The key and span of each URI: the entry itself in the plain form, its `uri` in the
+    /// table form, `cluster[j]` for a cluster's members. Never empty.
+    uris: Vec<(String, Range<usize>)>,
     raw: &'r RawBroker,
+}
+
+impl Listed<'_> {
+    /// Where the entry starts, for file order.
+    fn start(&self) -> usize {
+        self.uris.first().map_or(0, |(_, span)| span.start)
+    }
 }
 
 /// `[zones.*]`: names, broker lists, URIs, tags, duplicates, and the local zone's presence.
@@ -303,29 +309,46 @@ fn zones(
         }
     }
     // Report mistakes in file order, and call "first" what comes first in the file.
-    listed.sort_by_key(|entry| entry.uri_span.start);
+    listed.sort_by_key(Listed::start);
+    // Every URI parsed so far, with the key it is written at (duplicates across entries
+    // and across a cluster's members are refused alike).
+    let mut seen: Vec<(String, usize, BrokerUri)> = Vec::new();
     let mut parsed: Vec<(&Listed<'_>, ConfiguredBroker)> = Vec::new();
     for entry in &listed {
-        let uri = BrokerUri::parse(&entry.raw.uri).map_err(|err| {
-            source.error(
-                entry.uri_span.start,
-                &entry.uri_key,
-                Problem::InvalidUri(Box::new(err)),
-            )
-        })?;
-        if let Some((first, _)) = parsed.iter().find(|(_, seen)| same_broker(&seen.uri, &uri)) {
-            let problem = Problem::DuplicateBroker {
-                first_key: first.uri_key.clone(),
-                first_line: source.line(first.uri_span.start),
-            };
-            return Err(source.error(entry.uri_span.start, &entry.uri_key, problem));
+        let mut members = Vec::new();
+        for ((key, span), raw_uri) in entry.uris.iter().zip(&entry.raw.uris) {
+            let uri = BrokerUri::parse(&raw_uri.text)
+                .map_err(|err| source.error(span.start, key, Problem::InvalidUri(Box::new(err))))?;
+            if let Some((first_key, first_line, _)) =
+                seen.iter().find(|(_, _, other)| same_broker(other, &uri))
+            {
+                let problem = Problem::DuplicateBroker {
+                    first_key: first_key.clone(),
+                    first_line: *first_line,
+                };
+                return Err(source.error(span.start, key, problem));
+            }
+            if let Some(first) = members.first()
+                && let Some(what) = member_differs(first, &uri)
+            {
+                let problem = Problem::ClusterMemberDiffers {
+                    first_key: entry.uris[0].0.clone(),
+                    what,
+                };
+                return Err(source.error(span.start, key, problem));
+            }
+            seen.push((key.clone(), source.line(span.start), uri.clone()));
+            members.push(uri);
         }
         let tags = tags(entry, source)?;
         let server_name = server_name(entry, source)?;
+        let cluster = entry.raw.form == BrokerForm::Cluster;
         parsed.push((
             entry,
             ConfiguredBroker {
-                uri,
+                uri: members[0].clone(),
+                members,
+                cluster,
                 tags,
                 server_name,
             },
@@ -352,7 +375,7 @@ fn zones(
     Ok(zones)
 }
 
-/// Entry `index` of a zone's `brokers`, with the key and span its URI is reported at.
+/// Entry `index` of a zone's `brokers`, with the keys and spans its URIs are reported at.
 fn listed_broker<'r>(
     zone: &'r str,
     brokers_key: &str,
@@ -361,16 +384,37 @@ fn listed_broker<'r>(
 ) -> Listed<'r> {
     let key = format!("{brokers_key}[{index}]");
     let raw = broker.get_ref();
-    let (uri_key, uri_span) = match &raw.uri_span {
-        Some(span) => (format!("{key}.uri"), span.clone()),
-        None => (key.clone(), broker.span()),
-    };
+    let uris = raw
+        .uris
+        .iter()
+        .enumerate()
+        .map(|(member, uri)| {
+            let span = uri.span.clone().unwrap_or_else(|| broker.span());
+            let key = match raw.form {
+                BrokerForm::Plain => key.clone(),
+                BrokerForm::Uri => format!("{key}.uri"),
+                BrokerForm::Cluster => format!("{key}.cluster[{member}]"),
+            };
+            (key, span)
+        })
+        .collect();
     Listed {
         zone,
         key,
-        uri_key,
-        uri_span,
+        uris,
         raw,
+    }
+}
+
+/// What a cluster member has that the first member has not: the members of one cluster
+/// serve the same vhost, over TLS or not alike.
+fn member_differs(first: &BrokerUri, member: &BrokerUri) -> Option<&'static str> {
+    if first.amqp().vhost != member.amqp().vhost {
+        Some("vhost")
+    } else if first.is_tls() != member.is_tls() {
+        Some("scheme (amqp:// or amqps://)")
+    } else {
+        None
     }
 }
 
@@ -578,6 +622,7 @@ fn apps(
         apps.push(AppConfig {
             name: name.get_ref().clone(),
             enabled: app.enabled.unwrap_or(true),
+            quorum_queues: app.quorum_queues.unwrap_or(false),
             pool: PoolConfig {
                 size,
                 overflow: app.pool_overflow.unwrap_or(defaults.overflow),
