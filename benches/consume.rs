@@ -119,6 +119,7 @@ async fn warren_listener(node: &Node, queue: &str) -> f64 {
         AppConfig {
             name: "bench".to_string(),
             enabled: true,
+            quorum_queues: false,
             pool,
         },
     );

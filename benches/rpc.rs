@@ -237,6 +237,7 @@ async fn start_pool(node: &Node) -> ListenerPool {
         AppConfig {
             name: "bench".to_string(),
             enabled: true,
+            quorum_queues: false,
             pool: PoolConfig {
                 size: CONCURRENT_CALLERS,
                 overflow: 0,

@@ -50,6 +50,7 @@ pub async fn call(call: Call<'_>) -> ExitCode {
         AppConfig {
             name: "call".to_string(),
             enabled: true,
+            quorum_queues: false,
             pool: PoolConfig {
                 size: 1,
                 overflow: 0,

@@ -45,6 +45,7 @@ async fn a_bad_spec_refuses_the_app_before_anything_starts() {
         let app_config = AppConfig {
             name: "overcommitted".to_string(),
             enabled: true,
+            quorum_queues: false,
             pool: node.pool,
         };
         let ctx = AppContext::new(&Overcommitted, node.clone(), app_config);

@@ -1201,6 +1201,101 @@ async fn poison_messages_are_parked_and_a_crafted_delivery_count_is_ignored() {
     node.stop().await.expect("node stops");
 }
 
+/// A listener on a quorum queue whose one responder always asks for a retry.
+async fn retrying_quorum_listener(
+    node: &warren_runtime::node::Node,
+    queue: QueueSpec,
+    exchange: &str,
+    max_redeliveries: u32,
+) -> (warren_listeners::ListenerHandle, Arc<AtomicUsize>) {
+    let runs = counter();
+    let runs_in = runs.clone();
+    let spec = ListenerSpec::new("quorum")
+        .queue(queue)
+        .exchange(Exchange::topic(exchange))
+        .bind(exchange, "#")
+        .max_redeliveries(max_redeliveries)
+        .responder("t", "retry", move |_e: Event| {
+            runs_in.fetch_add(1, Ordering::SeqCst);
+            async { Err(HandlerError::retry("never works")) }
+        });
+    let (listener, _) = TestListener::new(spec);
+    let handle = spawn_listener(listener, &app_context(node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+    (handle, runs)
+}
+
+/// Waits for `count` messages in `queue` and returns their Event-Names.
+async fn drained_names(client: &Client, queue: &str, count: usize) -> Vec<String> {
+    let mut drained = Vec::new();
+    let deadline = Instant::now() + SOON;
+    while drained.len() < count && Instant::now() < deadline {
+        drained.extend(client.drain(queue).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drained
+        .iter()
+        .filter_map(|(_, envelope)| envelope.as_ref().map(|e| e.name().to_string()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quorum_queue_parks_by_the_brokers_count_and_its_delivery_limit_loses_nothing() {
+    let name = unique_node("quorum");
+    let (exchange, queue) = (format!("{name}-ex"), format!("{name}-q"));
+    let parked = format!("{queue}.parked");
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let client = Client::connect(&local_uri(), &name).await;
+
+    // 1. warren's own limit, counted by the broker (x-delivery-count): three runs, parked.
+    let spec = QueueSpec::named(&queue).quorum();
+    let (handle, runs) = retrying_quorum_listener(&node, spec, &exchange, 2).await;
+    let arguments = queue_column(&queue, "arguments").unwrap_or_default();
+    assert!(
+        arguments.contains("quorum") && arguments.contains(&parked),
+        "a quorum queue dead-letters to its parking queue: {arguments}"
+    );
+    client
+        .publish(&exchange, "k", &Envelope::new("t", "retry"))
+        .await;
+    assert!(
+        eventually(Duration::from_secs(20), || handle.stats().parked == 1).await,
+        "{:?}",
+        handle.stats()
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 3, "max_redeliveries 2");
+    assert_eq!(drained_names(&client, &parked, 1).await, ["retry"]);
+    handle.stop().await.expect("stop");
+    client.delete_queue(&queue).await;
+
+    // 2. A listener whose own limit is above the broker's delivery limit: the broker
+    //    dead-letters the message, and it lands in the parking queue, not in the void.
+    let spec = QueueSpec::named(&queue)
+        .quorum()
+        .argument("x-delivery-limit", lapin::types::AMQPValue::LongUInt(1));
+    let (handle, runs) = retrying_quorum_listener(&node, spec, &exchange, 100).await;
+    client
+        .publish(&exchange, "k", &Envelope::new("t", "retry"))
+        .await;
+    assert_eq!(drained_names(&client, &parked, 1).await, ["retry"]);
+    assert_eq!(client.ready(&queue).await, 0, "nothing left to retry");
+    let stats = handle.stats();
+    assert_eq!(
+        stats.parked, 0,
+        "the broker parked it, not warren: {stats:?}"
+    );
+    assert!(
+        runs.load(Ordering::SeqCst) >= 2,
+        "delivered up to the limit"
+    );
+    handle.stop().await.expect("stop");
+    client.delete_queue(&queue).await;
+    client.delete_queue(&parked).await;
+    node.stop().await.expect("node stops");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn redeliveries_caused_by_lost_channels_are_not_failures() {
     let name = unique_node("notpoison");

@@ -41,6 +41,7 @@ async fn pool(
         AppConfig {
             name: name.to_string(),
             enabled: true,
+            quorum_queues: false,
             pool: PoolConfig {
                 size,
                 overflow,

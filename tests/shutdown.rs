@@ -107,6 +107,7 @@ async fn hung_handlers_in_several_apps_stop_within_the_budget_and_their_messages
                 let app_config = AppConfig {
                     name: app.name.to_string(),
                     enabled: true,
+                    quorum_queues: false,
                     pool: node.pool,
                 };
                 app_child(app, AppContext::new(app, node.clone(), app_config))

@@ -21,8 +21,8 @@ pub use app::{App, AppContext, AppError, app_child};
 pub use listener::{
     AckMode, Binding, DeliveryInfo, Dispatch, Event, Exchange, HandlerError, HandlerFn,
     HandlerResult, Listener, ListenerError, ListenerHandle, ListenerSpec, Notice, Outcome,
-    Published, QueueName, QueueSpec, Recorded, ResponderId, Responders, Returned, SpecError,
-    StatsSnapshot, listener_child, spawn_listener,
+    Published, QUORUM_DELIVERY_LIMIT, QueueName, QueueSpec, Recorded, ResponderId, Responders,
+    Returned, SpecError, StatsSnapshot, listener_child, spawn_listener,
 };
 pub use pool::{
     Checkout, CollectEnd, Collected, ListenerPool, PoolError, PoolStats, RpcError, Until,

@@ -50,7 +50,9 @@ pub(crate) use handle::node_listener_child;
 pub use handle::{ListenerHandle, listener_child, spawn_listener};
 pub use outcome::Outcome;
 pub use responders::{HandlerError, HandlerFn, HandlerResult, ResponderId, Responders};
-pub use spec::{AckMode, Binding, Exchange, ListenerSpec, QueueName, QueueSpec};
+pub use spec::{
+    AckMode, Binding, Exchange, ListenerSpec, QUORUM_DELIVERY_LIMIT, QueueName, QueueSpec,
+};
 pub use status::{ListenerError, ListenerStatus, StatsSnapshot};
 pub(crate) use validate::SpecDefaults;
 pub use validate::SpecError;

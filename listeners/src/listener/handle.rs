@@ -41,7 +41,7 @@ pub fn listener_child(
     listener: impl Listener,
     ctx: &AppContext,
 ) -> Result<(ChildSpec, ListenerHandle), SpecError> {
-    node_listener_child(listener, &ctx.node, ctx.stamp())
+    child_of(listener, &ctx.node, ctx.stamp(), ctx.config.quorum_queues)
 }
 
 /// As [`listener_child`], from the node's handles and a stamp (pool workers).
@@ -50,7 +50,19 @@ pub(crate) fn node_listener_child(
     node: &NodeContext,
     stamp: Stamp,
 ) -> Result<(ChildSpec, ListenerHandle), SpecError> {
-    let handle = ListenerHandle::new(ListenerShared::new(Arc::new(listener), node, stamp)?);
+    child_of(listener, node, stamp, false)
+}
+
+/// The child and handle of a listener; `quorum_queues`: its named queue is declared as a
+/// quorum queue (`[apps.<name>] quorum_queues`).
+fn child_of(
+    listener: impl Listener,
+    node: &NodeContext,
+    stamp: Stamp,
+    quorum_queues: bool,
+) -> Result<(ChildSpec, ListenerHandle), SpecError> {
+    let shared = ListenerShared::new(Arc::new(listener), node, stamp, quorum_queues)?;
+    let handle = ListenerHandle::new(shared);
     let id = format!("listener:{}", handle.shared.name);
     let started = handle.started();
     let child = ChildSpec::actor(id, move || (ListenerActor, started.clone()))
@@ -69,6 +81,7 @@ pub async fn spawn_listener(
         Arc::new(listener),
         &ctx.node,
         ctx.stamp(),
+        ctx.config.quorum_queues,
     )?);
     Actor::spawn(None, ListenerActor, handle.started())
         .await

@@ -41,6 +41,7 @@ pub(crate) async fn park(
         topology::declare_parking(
             &context.channel,
             &settings.parking,
+            settings.quorum,
             settings.operation_timeout,
         )
         .await

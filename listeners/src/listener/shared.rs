@@ -150,10 +150,13 @@ fn cut(name: &str, max: usize) -> &str {
 }
 
 impl ListenerShared {
+    /// `quorum_queues`: a named queue is declared as a quorum queue whatever the spec
+    /// says (`[apps.<name>] quorum_queues`).
     pub fn new(
         listener: Arc<dyn Listener>,
         node: &NodeContext,
         stamp: Stamp,
+        quorum_queues: bool,
     ) -> Result<Arc<Self>, SpecError> {
         let spec = listener.spec();
         let config = &node.listeners;
@@ -164,6 +167,13 @@ impl ListenerShared {
         let unique = &suffix[..12];
         let short_name = cut(&spec.name, NAME_IN_TAGS);
         let mut queue = spec.queue.clone();
+        if quorum_queues
+            && matches!(queue.name, QueueName::Named(_))
+            && !queue.exclusive
+            && !queue.is_quorum()
+        {
+            queue = queue.quorum();
+        }
         let queue_name = match &spec.queue.name {
             QueueName::Named(name) => name.clone(),
             QueueName::Anonymous => {
@@ -191,15 +201,24 @@ impl ListenerShared {
                 exchanges.push(exchange.clone().overridden(config));
             }
         }
-        let topology = Topology {
+        let mut topology = Topology {
             exchanges,
             queue: queue.clone(),
             queue_name,
             bindings,
             exclusive_consumer: spec.exclusive_consumer,
             paused: false,
+            parking_first: None,
         };
         let parking = topology::parking_queue(&topology, &spec.name);
+        if queue.is_quorum() && !queue.has_dead_letter_exchange() {
+            // What passes the broker's delivery limit goes to the parking queue, not away.
+            topology.queue = queue
+                .clone()
+                .dead_letter_exchange("")
+                .dead_letter_routing_key(&parking);
+            topology.parking_first = Some(parking.clone());
+        }
         let (consuming, _) = watch::channel(false);
         let (channel, _) = watch::channel(None);
         let prefetch = spec.prefetch.unwrap_or(config.prefetch);

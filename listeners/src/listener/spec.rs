@@ -97,6 +97,12 @@ pub enum QueueName {
     Anonymous,
 }
 
+/// Deliveries of one message a quorum queue made by [`QueueSpec::quorum`] allows before
+/// the broker dead-letters it (to the parking queue): well above `max_redeliveries`
+/// (default 5), so that warren's own count decides in every case but a consumer that
+/// never comes to a verdict.
+pub const QUORUM_DELIVERY_LIMIT: u32 = 50;
+
 /// The listener's queue and its options.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QueueSpec {
@@ -170,12 +176,34 @@ impl QueueSpec {
         self
     }
 
-    /// A quorum queue (durable, replicated; counts deliveries in `x-delivery-count`).
+    /// A quorum queue: durable, replicated, counting deliveries in `x-delivery-count`
+    /// (which then drives `max_redeliveries`), with defaults that lose nothing:
+    ///
+    /// - `x-delivery-limit` = [`QUORUM_DELIVERY_LIMIT`], a backstop above the listener's
+    ///   own limit for a message that never reaches a handler's verdict (a process that
+    ///   crashes on it, again and again). RabbitMQ 4 sets a limit of 20 by default and
+    ///   drops what passes it; here what passes it is dead-lettered, not dropped:
+    /// - unless the spec names a dead-letter exchange of its own, the listener points the
+    ///   queue's dead-lettering at its parking queue (`<queue>.parked`, declared first),
+    ///   through the default exchange;
+    /// - `x-dead-letter-strategy = at-least-once` (with `x-overflow = reject-publish`,
+    ///   which it needs), so the broker keeps a dead-lettered message until the parking
+    ///   queue confirmed it.
+    ///
+    /// Messages warren itself parks or rejects take the usual way (see `max_redeliveries`).
+    /// A queue that already exists with other arguments is refused by the broker (406,
+    /// reported as a mismatch): declare it the same way, or delete it.
     pub fn quorum(self) -> Self {
-        self.durable().auto_delete(false).argument(
-            "x-queue-type",
-            AMQPValue::LongString(LongString::from("quorum")),
-        )
+        let text = |value: &str| AMQPValue::LongString(LongString::from(value));
+        self.durable()
+            .auto_delete(false)
+            .argument("x-queue-type", text("quorum"))
+            .argument(
+                "x-delivery-limit",
+                AMQPValue::LongUInt(QUORUM_DELIVERY_LIMIT),
+            )
+            .argument("x-dead-letter-strategy", text("at-least-once"))
+            .argument("x-overflow", text("reject-publish"))
     }
 
     /// Rejected messages (and messages past the redelivery limit) go to this exchange.

@@ -20,7 +20,7 @@ use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Consumer, ErrorKind};
 
 use super::spec::{Binding, Exchange, QueueName, QueueSpec};
@@ -38,6 +38,9 @@ pub(crate) struct Topology {
     pub exclusive_consumer: bool,
     /// Consuming was paused by the app; a new channel does not resume it.
     pub paused: bool,
+    /// The queue dead-letters to the parking queue (a quorum queue past its delivery
+    /// limit): declare that one first, so that nothing is dead-lettered into the void.
+    pub parking_first: Option<String>,
 }
 
 /// Why a broker operation failed.
@@ -173,6 +176,9 @@ pub(crate) async fn declare(
 ) -> Result<(), SetupError> {
     for exchange in &topology.exchanges {
         declare_exchange(channel, exchange, timeout).await?;
+    }
+    if let Some(parking) = &topology.parking_first {
+        declare_parking(channel, parking, true, timeout).await?;
     }
     declare_queue(channel, topology, timeout).await?;
     if let Some(prefetch) = prefetch {
@@ -437,12 +443,22 @@ pub(crate) fn parking_queue(topology: &Topology, listener: &str) -> String {
     }
 }
 
-/// Declares a parking queue (durable, classic, no arguments).
+/// Declares a parking queue: durable, classic; a quorum queue for a quorum queue's
+/// listener (a classic queue lives on one node of a cluster: with that node down it could
+/// neither take parked messages nor be declared, and the listener could not set up).
 pub(crate) async fn declare_parking(
     channel: &Channel,
     name: &str,
+    quorum: bool,
     timeout: Duration,
 ) -> Result<(), SetupError> {
+    let mut arguments = FieldTable::default();
+    if quorum {
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+    }
     bounded(
         timeout,
         || format!("declaring the parking queue `{name}`"),
@@ -452,7 +468,7 @@ pub(crate) async fn declare_parking(
                 durable: true,
                 ..QueueDeclareOptions::default()
             },
-            FieldTable::default(),
+            arguments,
         ),
     )
     .await

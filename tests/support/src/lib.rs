@@ -3,13 +3,16 @@
 //! Integration tests run against real RabbitMQ (see DESIGN.md, "Testing"): most of them use
 //! the shared node at 127.0.0.1:5672 ([`local_uri`], [`local_ctl`]); failover tests start
 //! private nodes ([`BrokerNode`]) on free ports that they can SIGKILL and restart without
-//! disturbing anybody else. [`list_connections`] and friends let tests assert what the broker
-//! sees, and [`eventually`] / [`eventually_blocking`] replace fixed sleeps with deadlines.
+//! disturbing anybody else, and quorum-queue failover tests a [`BrokerCluster`] of them
+//! (SIGKILL a queue's leader, watch the queue move). [`list_connections`] and friends let
+//! tests assert what the broker sees, and [`eventually`] / [`eventually_blocking`] replace
+//! fixed sleeps with deadlines.
 //!
 //! Everything here is Linux-only and expects RabbitMQ's scripts under
 //! `/usr/lib/rabbitmq/bin` (override with `WARREN_TEST_RABBITMQ_BIN_DIR`).
 
 mod certs;
+mod cluster;
 mod ctl;
 mod error;
 mod node;
@@ -22,6 +25,7 @@ mod tests;
 use std::time::{Duration, Instant};
 
 pub use certs::{TEST_SERVER_NAME, TestCerts};
+pub use cluster::BrokerCluster;
 pub use ctl::{
     ConnectionRow, channel_count, close_connections, list_connections, local_ctl, local_uri,
 };

@@ -62,6 +62,9 @@ pub struct BrokerNode {
     dir: TempDir,
     /// Lines appended to `rabbitmq.conf` (see [`BrokerNode::start_with`]).
     extra_config: Vec<String>,
+    /// The Erlang cookie in the node's `$HOME`, which its `rabbitmqctl` calls read too: one
+    /// of its own, or the one shared by the members of a [`crate::BrokerCluster`].
+    cookie: String,
     /// Length of the node's log file when the node was last spawned: readiness is read
     /// from what the node logged after that.
     log_offset: u64,
@@ -86,12 +89,26 @@ impl BrokerNode {
     /// `rabbitmq.conf` (new-style `key = value` lines, e.g. `"channel_max = 8"`). They stay
     /// in effect across restarts.
     pub fn start_with(config_lines: &[&str]) -> Result<BrokerNode, SupportError> {
+        BrokerNode::start_inner(config_lines, None)
+    }
+
+    /// Like [`BrokerNode::start`], with `cookie` as the node's Erlang cookie instead of one
+    /// of its own. Exists for [`crate::BrokerCluster`]: nodes (and the `rabbitmqctl` calls
+    /// that join them) only talk to each other if they share a cookie.
+    pub(crate) fn start_with_cookie(cookie: &str) -> Result<BrokerNode, SupportError> {
+        BrokerNode::start_inner(&[], Some(cookie))
+    }
+
+    fn start_inner(
+        config_lines: &[&str],
+        cookie: Option<&str>,
+    ) -> Result<BrokerNode, SupportError> {
         SWEEP.call_once(sweep_orphans);
         let mut attempt = 1;
         loop {
             let amqp_port = try_free_port()?;
             let dist_port = try_free_port()?;
-            let mut node = BrokerNode::create_with(amqp_port, dist_port, config_lines)?;
+            let mut node = BrokerNode::create_with(amqp_port, dist_port, config_lines, cookie)?;
             node.spawn()?;
             match node.wait_ready(START_TIMEOUT) {
                 Ok(()) => return Ok(node),
@@ -139,13 +156,15 @@ impl BrokerNode {
 
     /// Prepares dirs and config for a node on the given ports without starting it.
     pub(crate) fn create(amqp_port: u16, dist_port: u16) -> Result<BrokerNode, SupportError> {
-        BrokerNode::create_with(amqp_port, dist_port, &[])
+        BrokerNode::create_with(amqp_port, dist_port, &[], None)
     }
 
+    /// `cookie`: the Erlang cookie to use; `None` makes one for this node alone.
     fn create_with(
         amqp_port: u16,
         dist_port: u16,
         config_lines: &[&str],
+        cookie: Option<&str>,
     ) -> Result<BrokerNode, SupportError> {
         let n = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
@@ -155,6 +174,7 @@ impl BrokerNode {
             .tempdir()
             .map_err(|e| SupportError::io("creating node temp dir", e))?;
         let node = BrokerNode {
+            cookie: cookie.map_or_else(|| make_cookie(&name), str::to_string),
             name,
             amqp_port,
             dist_port,
@@ -173,7 +193,7 @@ impl BrokerNode {
         for d in [self.home(), self.path("mnesia"), self.log_dir()] {
             fs::create_dir_all(&d).map_err(|e| io("node dirs", e))?;
         }
-        // Our own cookie (Erlang insists on owner-only permissions), written before the
+        // The node's cookie (Erlang insists on owner-only permissions), written before the
         // node starts so a concurrent rabbitmqctl can't race the node to create it.
         let mut cookie = OpenOptions::new()
             .write(true)
@@ -182,7 +202,7 @@ impl BrokerNode {
             .open(self.home().join(".erlang.cookie"))
             .map_err(|e| io("Erlang cookie", e))?;
         cookie
-            .write_all(make_cookie(&self.name).as_bytes())
+            .write_all(self.cookie.as_bytes())
             .map_err(|e| io("Erlang cookie", e))?;
         let mut config = format!(
             "listeners.tcp.1 = 127.0.0.1:{}\n\
@@ -676,8 +696,9 @@ pub(crate) fn accepts_amqp(port: u16, timeout: Duration) -> bool {
         && first[0] == 1
 }
 
-/// A cookie unique enough for a throwaway node (no need for crypto: loopback only).
-fn make_cookie(name: &str) -> String {
+/// A cookie unique enough for a throwaway node or cluster (no need for crypto: loopback
+/// only).
+pub(crate) fn make_cookie(name: &str) -> String {
     use std::hash::{BuildHasher, Hasher};
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -433,3 +433,231 @@ fn start_and_restart_return_once_the_node_has_booted() {
         "durable queue listed right after restart: {queues:?}"
     );
 }
+
+#[test]
+fn parses_cluster_cli_output() {
+    use crate::cluster::{parse_leader, parse_node_list};
+
+    assert_eq!(
+        parse_node_list("['warren-test-1-1@localhost',\n 'warren-test-1-2@localhost']\n"),
+        Some(vec![
+            "warren-test-1-1@localhost".to_string(),
+            "warren-test-1-2@localhost".to_string()
+        ])
+    );
+    assert_eq!(
+        parse_node_list("[rabbit@localhost]"),
+        Some(vec!["rabbit@localhost".to_string()])
+    );
+    assert_eq!(parse_node_list("[]\n"), Some(Vec::new()));
+    assert_eq!(parse_node_list("{badrpc,nodedown}"), None);
+    assert_eq!(parse_node_list("[ok]"), None);
+
+    let out = "other\twarren-test-1-2@localhost\nq\twarren-test-1-1@localhost\ndown\t\n";
+    assert_eq!(
+        parse_leader(out, "q"),
+        Some(Some("warren-test-1-1@localhost".to_string()))
+    );
+    assert_eq!(parse_leader(out, "down"), Some(None));
+    assert_eq!(parse_leader(out, "missing"), None);
+}
+
+/// Declares a durable quorum queue on `ch`.
+async fn declare_quorum(ch: &lapin::Channel, queue: &str) {
+    use lapin::types::{AMQPValue, LongString};
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(queue.into(), durable, args)
+        .await
+        .expect("declare quorum queue");
+}
+
+/// A 3-node cluster forms (every member sees all three running); a quorum queue declared
+/// through member 0 gets its leader there (3.10's default `client-local` leader locator);
+/// SIGKILLing the leader moves leadership to another member within a deadline, the
+/// confirmed messages can all be consumed through a surviving member, and the killed
+/// member rejoins when restarted. One test rather than two so the cluster starts once.
+#[test]
+fn cluster_forms_and_a_quorum_queue_survives_its_leaders_crash() {
+    use lapin::BasicProperties;
+    use lapin::Confirmation;
+    use lapin::options::ConfirmSelectOptions;
+    use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions};
+    use std::collections::BTreeSet;
+
+    let t = Instant::now();
+    let mut cluster = BrokerCluster::start(3).expect("start cluster");
+    eprintln!("3-node cluster up in {:?}", t.elapsed());
+    assert_eq!(cluster.len(), 3);
+    let names: Vec<String> = (0..3)
+        .map(|i| cluster.member(i).node_name().to_string())
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 3, "distinct node names: {names:?}");
+    for (i, name) in names.iter().enumerate() {
+        assert_eq!(cluster.member_index_of(name), Some(i));
+        assert_eq!(
+            cluster.running_nodes(i).expect("running nodes"),
+            sorted,
+            "member {i}'s view"
+        );
+        // The CLI's own view agrees.
+        let status = cluster
+            .member(i)
+            .ctl(&["cluster_status"])
+            .expect("cluster_status");
+        let running = status
+            .split("Running Nodes")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no Running Nodes section: {status}"));
+        for n in &names {
+            assert!(running.contains(n.as_str()), "{n} not running per {status}");
+        }
+    }
+    assert_eq!(cluster.member_index_of("rabbit@localhost"), None);
+    let uris = cluster.uris();
+    assert_eq!(uris.len(), 3);
+    assert_eq!(uris.iter().collect::<BTreeSet<_>>().len(), 3);
+
+    let queue = "warren-support-quorum";
+    let rt = runtime();
+    rt.block_on(async {
+        let conn = connect_named(&uris[0], &unique("cluster-publish")).await;
+        let ch = conn.create_channel().await.expect("channel");
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm.select");
+        declare_quorum(&ch, queue).await;
+        for i in 0..10u8 {
+            let confirm = ch
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    &[i],
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .expect("publish")
+                .await
+                .expect("confirm");
+            assert!(matches!(confirm, Confirmation::Ack(None)), "{confirm:?}");
+        }
+        let _ = conn.close(200, "published".into()).await;
+    });
+    let leader = cluster
+        .leader_of(queue)
+        .expect("leader_of")
+        .expect("the new queue has a leader");
+    let leader_idx = cluster
+        .member_index_of(&leader)
+        .unwrap_or_else(|| panic!("leader {leader} is not a member: {names:?}"));
+    eprintln!("quorum queue declared via member 0 has its leader on member {leader_idx}");
+    assert_eq!(
+        leader_idx, 0,
+        "client-local: the leader is where the client declared it"
+    );
+
+    let t = Instant::now();
+    cluster.kill(leader_idx).expect("kill the leader");
+    eprintln!("kill until the others see it down took {:?}", t.elapsed());
+    let t = Instant::now();
+    let mut new_leader = None;
+    assert!(
+        eventually_blocking(Duration::from_secs(30), || {
+            new_leader = cluster.leader_of(queue).ok().flatten();
+            new_leader.as_ref().is_some_and(|l| *l != leader)
+        }),
+        "no new leader for {queue} after killing {leader}: {:?}",
+        cluster.leader_of(queue)
+    );
+    let new_leader = new_leader.expect("new leader");
+    let new_idx = cluster.member_index_of(&new_leader).expect("a member");
+    eprintln!(
+        "new leader on member {new_idx} after {:?} (was {leader_idx})",
+        t.elapsed()
+    );
+    assert_ne!(new_idx, leader_idx);
+
+    // Consume through the survivor that is not the leader: the queue is reached across
+    // the cluster, and what it holds is what was confirmed.
+    let via = (0..3)
+        .find(|&i| i != leader_idx && i != new_idx)
+        .expect("a third member");
+    let bodies = rt.block_on(async {
+        let conn = connect_named(&uris[via], &unique("cluster-consume")).await;
+        let ch = conn.create_channel().await.expect("channel");
+        let mut bodies = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while bodies.len() < 10 && Instant::now() < deadline {
+            match ch
+                .basic_get(queue.into(), BasicGetOptions::default())
+                .await
+                .expect("basic.get")
+            {
+                Some(msg) => {
+                    msg.delivery
+                        .acker
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .expect("ack");
+                    bodies.push(msg.delivery.data);
+                }
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        let _ = conn.close(200, "consumed".into()).await;
+        bodies
+    });
+    assert_eq!(
+        bodies,
+        (0..10u8).map(|i| vec![i]).collect::<Vec<_>>(),
+        "all ten confirmed messages, in order"
+    );
+
+    let t = Instant::now();
+    cluster
+        .restart(leader_idx)
+        .expect("restart the killed member");
+    eprintln!("restart until rejoined took {:?}", t.elapsed());
+    for i in 0..3 {
+        assert_eq!(cluster.running_nodes(i).expect("running nodes"), sorted);
+    }
+    // The restarted member's replica of the queue is back too: one leader, two followers.
+    let mut status = String::new();
+    assert!(
+        eventually_blocking(Duration::from_secs(30), || {
+            status = cluster
+                .member(leader_idx)
+                .tool(
+                    "rabbitmq-queues",
+                    &["quorum_status", queue, "--formatter", "json"],
+                )
+                .unwrap_or_else(|e| e.to_string());
+            status.matches("\"leader\"").count() == 1
+                && status.matches("\"follower\"").count() == 2
+                && names.iter().all(|n| status.contains(n.as_str()))
+        }),
+        "quorum_status after the restart: {status}"
+    );
+    let pids: Vec<u32> = (0..3)
+        .map(|i| cluster.member(i).os_pid().expect("running"))
+        .collect();
+    let dirs: Vec<_> = (0..3)
+        .map(|i| cluster.member(i).dir().to_path_buf())
+        .collect();
+    drop(cluster);
+    for (pid, dir) in pids.iter().zip(&dirs) {
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "{pid} gone");
+        assert!(!dir.exists(), "{} removed", dir.display());
+    }
+}
