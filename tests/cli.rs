@@ -5,10 +5,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use common::client::Client;
@@ -17,7 +15,7 @@ use warren_test_support::{
     BrokerNode, eventually_blocking, free_port, list_connections, local_ctl, local_uri,
 };
 
-const WARREN: &str = env!("CARGO_BIN_EXE_warren");
+use common::service::{Running, WARREN};
 
 fn write_config(dir: &Path, text: &str) -> PathBuf {
     let path = dir.join("config.ini");
@@ -46,79 +44,6 @@ fn warren_with_log(args: &[&str], rust_log: Option<&str>) -> (ExitStatus, String
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
-}
-
-/// A `warren run` in the background whose stderr lines are collected as they come.
-struct Running {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Running {
-    fn start(config: &Path) -> Running {
-        Running::start_with_log(config, "info")
-    }
-
-    fn start_with_log(config: &Path, rust_log: &str) -> Running {
-        let mut child = Command::new(WARREN)
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", rust_log)
-            .env_remove("WARREN_ZONE")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn warren run");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        if let Some(stderr) = child.stderr.take() {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    lines.lock().expect("lines lock").push(line);
-                }
-            });
-        }
-        Running { child, lines }
-    }
-
-    fn saw(&self, needle: &str) -> bool {
-        self.lines
-            .lock()
-            .expect("lines lock")
-            .iter()
-            .any(|l| l.contains(needle))
-    }
-
-    fn output(&self) -> String {
-        self.lines.lock().expect("lines lock").join("\n")
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Each bad config: exit code 2, nothing started, and the message names file:line:col and key.
@@ -312,10 +237,7 @@ fn start_up_blocks_until_a_broker_appears() {
         run.output()
     );
     assert!(!run.saw("warren ready"), "ready without a broker");
-    assert!(
-        run.child.try_wait().expect("try_wait").is_none(),
-        "it keeps waiting"
-    );
+    assert!(run.alive(), "it keeps waiting");
 
     broker
         .start_again_in_background()
@@ -358,9 +280,7 @@ fn sigterm_stops_in_order_and_closes_the_connections() {
     let order: Vec<usize> = ["supervisor=apps", "supervisor=connections"]
         .iter()
         .filter_map(|needle| {
-            run.lines
-                .lock()
-                .expect("lines lock")
+            run.lines()
                 .iter()
                 .position(|l| l.contains("stopping its children") && l.contains(needle))
         })
@@ -389,21 +309,7 @@ async fn the_service_answers_echo_requests() {
     );
     let path = write_config(dir.path(), &text);
     let run = Running::start(&path);
-    let ready = tokio::task::spawn_blocking({
-        let lines = run.lines.clone();
-        move || {
-            eventually_blocking(Duration::from_secs(30), || {
-                lines
-                    .lock()
-                    .expect("lines lock")
-                    .iter()
-                    .any(|l| l.contains("topology declared") && l.contains("listener=echo"))
-            })
-        }
-    })
-    .await
-    .expect("wait");
-    assert!(ready, "{}", run.output());
+    run.wait_echo_ready().await;
 
     let mut client = Client::connect(&local_uri(), &name).await;
     let request = client.request("echo", "req").with("Payload", "ping");
@@ -681,18 +587,11 @@ async fn a_refused_declaration_is_one_clear_error_and_the_node_is_not_ready() {
     let path = write_config(dir.path(), &text);
     let mut run = Running::start(&path);
     let watched = Instant::now();
-    let lines = run.lines.clone();
-    let saw_not_ready = tokio::task::spawn_blocking(move || {
-        eventually_blocking(Duration::from_secs(20), || {
-            lines
-                .lock()
-                .expect("lines lock")
-                .iter()
-                .any(|l| l.contains("warren not ready yet"))
+    let saw_not_ready = run
+        .wait_line(Duration::from_secs(20), |l| {
+            l.contains("warren not ready yet")
         })
-    })
-    .await
-    .expect("wait");
+        .await;
     // Let the retries run a while longer, then count.
     let until = watched + Duration::from_secs(8);
     while Instant::now() < until {

@@ -9,11 +9,14 @@
 
 mod common;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::service::Running;
 use common::{Seen, SpecListener, app_context, blocking, config_text, start_node, unique_node};
+use futures::FutureExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{Connection, ConnectionProperties};
 use parking_lot::Mutex;
@@ -23,6 +26,9 @@ use warren_runtime::config::Config;
 use warren_runtime::envelope::{Envelope, publish_properties};
 use warren_runtime::node::Node;
 use warren_test_support::{BrokerCluster, eventually};
+
+/// One cluster at a time: two would crowd the machine's two cores.
+static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Confirmed publishes per second while members are killed.
 const RATE: u64 = 1_000;
@@ -35,61 +41,116 @@ struct Published {
     confirmed: Vec<String>,
     /// The longest wait for one confirm (the broker stalled publishing meanwhile).
     longest_confirm: Duration,
+    /// Publishes lost with their connection (a member went away before confirming).
+    lost: usize,
 }
 
-/// Publishes `Msg-ID`s `<prefix>0`, `<prefix>1`… at `RATE` to `exchange` through `uri`
-/// until `stop`, each confirmed; returns the confirmed ids. A nack fails the test.
+/// Confirms awaited at once by a test publisher.
+const IN_FLIGHT: usize = 64;
+
+/// Publishes envelopes `make(<prefix>0)`, `make(<prefix>1)`… at `RATE` to `exchange`
+/// (routing key `routing_key`) until `stop`, each confirmed, through the first of `uris`
+/// that answers; when that member goes away, through the next. Returns the confirmed ids;
+/// a nack fails the test, a publish lost with its connection is counted, not expected.
 async fn publish_until(
     prefix: &'static str,
-    uri: String,
-    exchange: String,
+    uris: Vec<String>,
+    (exchange, routing_key): (String, &'static str),
+    make: fn(&str) -> Envelope,
     stop: Arc<AtomicBool>,
 ) -> Published {
-    let connection = Connection::connect(&uri, ConnectionProperties::default())
-        .await
-        .expect("publisher connects");
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
-    let mut confirmed = Vec::new();
-    let mut longest_confirm = Duration::ZERO;
+    let mut published = Published {
+        confirmed: Vec::new(),
+        longest_confirm: Duration::ZERO,
+        lost: 0,
+    };
     let started = Instant::now();
     let mut sent: u64 = 0;
-    while !stop.load(Ordering::SeqCst) {
-        let due = started + Duration::from_micros(sent * 1_000_000 / RATE);
-        tokio::time::sleep_until(due.into()).await;
-        let id = format!("{prefix}{sent}");
-        sent += 1;
-        let body = Envelope::new("t", "work")
-            .with("Msg-ID", id.as_str())
-            .encode();
-        let confirm = channel
-            .basic_publish(
-                exchange.as_str().into(),
-                "k".into(),
-                BasicPublishOptions::default(),
-                &body,
-                publish_properties(false).with_delivery_mode(2),
-            )
+    let mut member = 0;
+    'connections: while !stop.load(Ordering::SeqCst) {
+        let uri = &uris[member % uris.len()];
+        member += 1;
+        let Ok(Ok(connection)) = tokio::time::timeout(
+            Duration::from_secs(5),
+            Connection::connect(uri, ConnectionProperties::default()),
+        )
+        .await
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let Ok(channel) = connection.create_channel().await else {
+            continue;
+        };
+        if channel
+            .confirm_select(ConfirmSelectOptions::default())
             .await
-            .expect("publish");
-        let asked = Instant::now();
-        let answer = tokio::time::timeout(Duration::from_secs(30), confirm).await;
-        longest_confirm = longest_confirm.max(asked.elapsed());
-        match answer {
-            Ok(Ok(lapin::Confirmation::Ack(_))) => confirmed.push(id),
-            Ok(Ok(other)) => panic!("publish of {id} not acked: {other:?}"),
-            Ok(Err(error)) => panic!("publish of {id} failed: {error}"),
-            Err(_) => panic!("no confirm for {id} within 30 s"),
+            .is_err()
+        {
+            continue;
+        }
+        let mut waiting: VecDeque<(String, Instant, lapin::PublisherConfirm)> = VecDeque::new();
+        loop {
+            let more = !stop.load(Ordering::SeqCst);
+            // Settle what the broker answered; all of it once stopping.
+            while let Some((id, asked, confirm)) = waiting.pop_front() {
+                let must_wait = !more || waiting.len() + 1 >= IN_FLIGHT;
+                let mut confirm = confirm;
+                let answer = if must_wait {
+                    tokio::time::timeout(Duration::from_secs(30), &mut confirm)
+                        .await
+                        .ok()
+                } else {
+                    (&mut confirm).now_or_never()
+                };
+                let Some(answer) = answer else {
+                    if must_wait {
+                        panic!("no confirm for {id} within 30 s");
+                    }
+                    waiting.push_front((id, asked, confirm));
+                    break;
+                };
+                published.longest_confirm = published.longest_confirm.max(asked.elapsed());
+                match answer {
+                    Ok(lapin::Confirmation::Ack(_)) => published.confirmed.push(id),
+                    Ok(other) => panic!("publish of {id} not acked: {other:?}"),
+                    Err(_) => {
+                        // The member went away: this and every later one are lost.
+                        published.lost += 1 + waiting.len();
+                        continue 'connections;
+                    }
+                }
+            }
+            if !more {
+                break 'connections;
+            }
+            let due = started + Duration::from_micros(sent * 1_000_000 / RATE);
+            tokio::time::sleep_until(due.into()).await;
+            let id = format!("{prefix}{sent}");
+            sent += 1;
+            let body = make(&id).encode();
+            let Ok(confirm) = channel
+                .basic_publish(
+                    exchange.as_str().into(),
+                    routing_key.into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    publish_properties(false).with_delivery_mode(2),
+                )
+                .await
+            else {
+                published.lost += 1 + waiting.len();
+                continue 'connections;
+            };
+            waiting.push_back((id, Instant::now(), confirm));
         }
     }
-    let _ = connection.close(200, "done".into()).await;
-    Published {
-        confirmed,
-        longest_confirm,
-    }
+    published
+}
+
+/// A work item for the in-process listener.
+fn work(id: &str) -> Envelope {
+    Envelope::new("t", "work").with("Msg-ID", id)
 }
 
 /// The longest gap between two first handlings, over the run: the pause a kill caused.
@@ -120,6 +181,22 @@ async fn connected_member(node: &Node, cluster: &Arc<Mutex<BrokerCluster>>) -> O
     })
 }
 
+/// config.ini text for a node whose one broker is the cluster of `members`; `apps` is
+/// appended.
+fn cluster_config(name: &str, members: &[String], apps: &str) -> String {
+    let entry = format!(
+        "{{ cluster = [{}] }}",
+        members
+            .iter()
+            .map(|m| format!("\"{m}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let text =
+        config_text(name, &["PLACEHOLDER".to_string()], "").replace("\"PLACEHOLDER\"", &entry);
+    format!("{text}\n{apps}")
+}
+
 /// The member the quorum queue's leader is on, once it has one.
 async fn leader_index(cluster: &Arc<Mutex<BrokerCluster>>, queue: &str) -> usize {
     let deadline = Instant::now() + SETTLE;
@@ -135,6 +212,7 @@ async fn leader_index(cluster: &Arc<Mutex<BrokerCluster>>, queue: &str) -> usize
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cluster_is_one_broker_whose_members_can_die_under_load() {
+    let _one = ONE_CLUSTER.lock().await;
     common::init_logs();
     let cluster = blocking(|| BrokerCluster::start(3))
         .await
@@ -142,16 +220,7 @@ async fn a_cluster_is_one_broker_whose_members_can_die_under_load() {
     let members: Vec<String> = cluster.uris();
     let cluster = Arc::new(Mutex::new(cluster));
     let name = unique_node("cluster");
-    let entry = format!(
-        "{{ cluster = [{}] }}",
-        members
-            .iter()
-            .map(|m| format!("\"{m}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let text =
-        config_text(&name, &["PLACEHOLDER".to_string()], "").replace("\"PLACEHOLDER\"", &entry);
+    let text = cluster_config(&name, &members, "");
     let config = Config::parse(&text, std::path::Path::new("test.ini"), &[], None)
         .expect("the cluster config is valid");
     let node = start_node(config).await;
@@ -201,8 +270,9 @@ async fn a_cluster_is_one_broker_whose_members_can_die_under_load() {
     let stop = Arc::new(AtomicBool::new(false));
     let publisher = tokio::spawn(publish_until(
         "a",
-        members[publish_via].clone(),
-        exchange.clone(),
+        vec![members[publish_via].clone()],
+        (exchange.clone(), "k"),
+        work,
         stop.clone(),
     ));
     assert!(eventually(SETTLE, || seen.distinct() >= 1_000).await);
@@ -294,8 +364,9 @@ async fn a_cluster_is_one_broker_whose_members_can_die_under_load() {
         let stop = Arc::new(AtomicBool::new(false));
         let publisher = tokio::spawn(publish_until(
             "b",
-            members[others[0]].clone(),
-            exchange.clone(),
+            vec![members[others[0]].clone()],
+            (exchange.clone(), "k"),
+            work,
             stop.clone(),
         ));
         let start = seen.distinct();
@@ -341,6 +412,67 @@ async fn a_cluster_is_one_broker_whose_members_can_die_under_load() {
             published.longest_confirm
         );
     }
+    {
+        let cluster = cluster.clone();
+        blocking(move || cluster.lock().restart(leader))
+            .await
+            .expect("the killed leader comes back and rejoins");
+    }
+
+    // 3. A rolling restart: each member stopped and started in turn, under load, with the
+    //    publisher moving between members as they go.
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = tokio::spawn(publish_until(
+        "c",
+        members.clone(),
+        (exchange.clone(), "k"),
+        work,
+        stop.clone(),
+    ));
+    for member in 0..3 {
+        let before = seen.distinct();
+        assert!(
+            eventually(SETTLE, || seen.distinct() >= before + 500).await,
+            "handling goes on before member {member} restarts"
+        );
+        let cluster = cluster.clone();
+        blocking(move || {
+            let mut cluster = cluster.lock();
+            cluster.member_mut(member).stop().expect("stop the member");
+            cluster.restart(member).expect("the member comes back")
+        })
+        .await;
+    }
+    let before = seen.distinct();
+    assert!(
+        eventually(SETTLE, || seen.distinct() >= before + 500).await,
+        "handling goes on after the rolling restart"
+    );
+    stop.store(true, Ordering::SeqCst);
+    let published = publisher.await.expect("publisher");
+    let confirmed = &published.confirmed;
+    assert!(
+        eventually(SETTLE, || confirmed
+            .iter()
+            .all(|id| seen.first_seen(id).is_some()))
+        .await,
+        "every confirmed message is handled across the rolling restart: {} of {} seen",
+        confirmed
+            .iter()
+            .filter(|id| seen.first_seen(id).is_some())
+            .count(),
+        confirmed.len()
+    );
+    eprintln!(
+        "rolling restart of the 3 members: {} confirmed, all handled, {} publishes lost \
+         with their connection (not confirmed, not expected), {} duplicates in all, longest \
+         pause in handling {:?} (longest wait for a confirm {:?})",
+        confirmed.len(),
+        published.lost,
+        seen.duplicates(),
+        longest_pause(&seen, confirmed),
+        published.longest_confirm
+    );
     watching.store(false, Ordering::SeqCst);
     let _ = watcher.await;
     assert!(
@@ -349,4 +481,144 @@ async fn a_cluster_is_one_broker_whose_members_can_die_under_load() {
     );
     handle.stop().await.expect("stop");
     node.stop().await.expect("node stops");
+}
+
+/// An echo request whose reply goes to the test's reply queue.
+fn echo_request(id: &str) -> Envelope {
+    Envelope::new("echo", "req")
+        .with("Msg-ID", id)
+        .with("Server-ID", REPLIES)
+        .with("Payload", id)
+}
+
+/// The reply queue of the two-process test (on the cluster of that test alone).
+const REPLIES: &str = "cluster-test-replies";
+
+/// Records the Msg-ID of every echo reply that reaches [`REPLIES`] through `uri`.
+async fn collect_replies(uri: &str, seen: Seen) -> Connection {
+    use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    let connection = Connection::connect(uri, ConnectionProperties::default())
+        .await
+        .expect("the reply collector connects");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .queue_declare(
+            REPLIES.into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("reply queue");
+    channel
+        .queue_bind(
+            REPLIES.into(),
+            "targeted".into(),
+            REPLIES.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind the reply queue");
+    let mut replies = channel
+        .basic_consume(
+            REPLIES.into(),
+            "collector".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume replies");
+    tokio::spawn(async move {
+        while let Some(Ok(delivery)) = futures::StreamExt::next(&mut replies).await {
+            if let Ok(reply) = Envelope::decode(&delivery.data, Some("application/json"), None)
+                && let Some(id) = reply.msg_id()
+            {
+                seen.record(id);
+            }
+        }
+    });
+    connection
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_warren_processes_share_a_quorum_queue_and_one_dies_under_load() {
+    let _one = ONE_CLUSTER.lock().await;
+    let cluster = blocking(|| BrokerCluster::start(3))
+        .await
+        .expect("a 3-node cluster starts");
+    let members = cluster.uris();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut services = Vec::new();
+    for label in ["svc-a", "svc-b"] {
+        let text = cluster_config(
+            &unique_node(label),
+            &members,
+            "[apps.echo]\nenabled = true\nquorum_queues = true\n",
+        );
+        let path = dir.path().join(format!("{label}.ini"));
+        std::fs::write(&path, text).expect("write config");
+        services.push(Running::start(&path));
+    }
+    for service in &services {
+        service.wait_echo_ready().await;
+    }
+    let leader = cluster.leader_of("echo").expect("leader_of");
+    assert!(leader.is_some(), "`echo` is a quorum queue with a leader");
+
+    let replies = Seen::default();
+    let _collector = collect_replies(&members[0], replies.clone()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = tokio::spawn(publish_until(
+        "e",
+        vec![members[0].clone()],
+        ("echo".to_string(), "echo.req"),
+        echo_request,
+        stop.clone(),
+    ));
+    assert!(
+        eventually(SETTLE, || replies.distinct() >= 2_000).await,
+        "both services answer: {} replies",
+        replies.distinct()
+    );
+    let mut survivor = services.pop().expect("two services");
+    let mut victim = services.pop().expect("two services");
+    victim.kill();
+    let at_kill = replies.distinct();
+    assert!(
+        eventually(SETTLE, || replies.distinct() >= at_kill + 2_000).await,
+        "the other service carries on"
+    );
+    stop.store(true, Ordering::SeqCst);
+    let published = publisher.await.expect("publisher");
+    let confirmed = &published.confirmed;
+    assert!(
+        eventually(SETTLE, || confirmed
+            .iter()
+            .all(|id| replies.first_seen(id).is_some()))
+        .await,
+        "every confirmed request is answered: {} of {}",
+        confirmed
+            .iter()
+            .filter(|id| replies.first_seen(id).is_some())
+            .count(),
+        confirmed.len()
+    );
+    assert!(survivor.alive(), "{}", survivor.output());
+    eprintln!(
+        "two `warren run` on the quorum queue `echo`, one SIGKILLed under load: {} requests \
+         confirmed, all answered, {} answers beyond the first (the killed one's unacked \
+         deliveries, redelivered to the other), longest pause in replies {:?}",
+        confirmed.len(),
+        replies.duplicates(),
+        longest_pause(&replies, confirmed)
+    );
+    assert!(survivor.stop().is_some_and(|status| status.success()));
+    drop(cluster);
 }

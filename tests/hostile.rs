@@ -5,124 +5,19 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::client::Client;
 use common::{Broker, config_text, unique_node};
 use lapin::types::{AMQPValue, FieldTable};
 use warren_runtime::envelope::{Envelope, keys, publish_properties};
-use warren_test_support::{eventually_blocking, local_uri};
+use warren_test_support::local_uri;
 
-const WARREN: &str = env!("CARGO_BIN_EXE_warren");
+use common::service::Running;
 
 /// How much the service's peak RSS may exceed its RSS before the flood.
 const RSS_GROWTH_LIMIT: u64 = 256 * 1024 * 1024;
-
-/// A `warren run` in the background whose stderr lines are collected as they come;
-/// killed on drop.
-struct Running {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Running {
-    fn start(config: &Path) -> Running {
-        let mut child = Command::new(WARREN)
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .env_remove("WARREN_ZONE")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn warren run");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        if let Some(stderr) = child.stderr.take() {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    lines.lock().expect("lines lock").push(line);
-                }
-            });
-        }
-        Running { child, lines }
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.lines.lock().expect("lines lock").clone()
-    }
-
-    fn output(&self) -> String {
-        self.lines().join("\n")
-    }
-
-    /// Waits (off the async workers) until the echo listener has declared its topology.
-    async fn wait_echo_ready(&self) {
-        let lines = self.lines.clone();
-        let ready = tokio::task::spawn_blocking(move || {
-            eventually_blocking(Duration::from_secs(60), || {
-                lines
-                    .lock()
-                    .expect("lines lock")
-                    .iter()
-                    .any(|l| l.contains("topology declared") && l.contains("listener=echo"))
-            })
-        })
-        .await
-        .expect("wait");
-        assert!(ready, "the echo listener did not start: {}", self.output());
-    }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// A `VmRSS` / `VmHWM`-style line of /proc/<pid>/status, in bytes.
-    fn status_bytes(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("read /proc/<pid>/status");
-        let line = status
-            .lines()
-            .find(|line| line.starts_with(field))
-            .unwrap_or_else(|| panic!("no {field} in /proc/<pid>/status"));
-        let kib: u64 = line
-            .trim_start_matches(field)
-            .trim_start_matches(':')
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .unwrap_or_else(|error| panic!("{field}: {line:?}: {error}"));
-        kib * 1024
-    }
-
-    /// SIGTERM, then the exit status (bounded).
-    fn stop(&mut self) -> Option<ExitStatus> {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A private broker node, `warren run` with the echo app against it, and a client.
 async fn echo_service(label: &str) -> (Broker, tempfile::TempDir, Running, Client) {
