@@ -1437,3 +1437,69 @@ async fn a_broker_cancel_sets_the_listener_up_again_and_lets_running_handlers_fi
     client.delete_queue(&queue).await;
     node.stop().await.expect("node stops");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_channel_the_broker_closes_for_a_consumer_timeout_is_recovered_and_loses_nothing() {
+    // A node that gives a consumer 1 s to acknowledge and checks every 200 ms.
+    let broker = blocking(|| {
+        warren_test_support::BrokerNode::start_with_advanced(
+            &["consumer_timeout = 1000"],
+            "[{rabbit, [{channel_tick_interval, 200}]}].\n",
+        )
+    })
+    .await
+    .expect("a node with a short consumer timeout");
+    let name = unique_node("timeout");
+    let (exchange, queue) = (format!("{name}-ex"), format!("{name}-q"));
+    let node = start_node(config(&name, &[broker.uri()], "")).await;
+    let runs = counter();
+    let runs_in = runs.clone();
+    let spec = ListenerSpec::new("slow")
+        .queue(QueueSpec::named(&queue).durable())
+        .exchange(Exchange::topic(&exchange))
+        .bind(&exchange, "#")
+        .responder("t", "x", move |_e: Event| {
+            let run = runs_in.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                // The first run outlives the consumer timeout; the redelivery is quick.
+                if run == 1 {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
+                Ok(())
+            }
+        });
+    let (listener, _) = TestListener::new(spec);
+    let handle = spawn_listener(listener, &app_context(&node, "test"))
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+    let client = Client::connect(&broker.uri(), &name).await;
+    client
+        .publish(&exchange, "k", &Envelope::new("t", "x"))
+        .await;
+    // The broker closes the channel (406 PRECONDITION_FAILED, delivery acknowledgement
+    // timed out); the listener takes a new one, consumes again, and the redelivered
+    // message is handled and acked there.
+    assert!(
+        eventually(Duration::from_secs(20), || runs.load(Ordering::SeqCst) >= 2
+            && handle.stats().acked == 1)
+        .await,
+        "runs {}, {:?}",
+        runs.load(Ordering::SeqCst),
+        handle.stats()
+    );
+    assert!(handle.wait_consuming(true, SOON).await);
+    let status = handle.status().await.expect("status");
+    assert!(
+        status.active.is_some_and(|(_, grant)| grant >= 2),
+        "the listener is on a new channel: {status:?}"
+    );
+    assert_eq!(
+        handle.stats().received,
+        2,
+        "delivered, then redelivered once"
+    );
+    assert_eq!(client.ready(&queue).await, 0, "nothing left behind");
+    handle.stop().await.expect("stop");
+    node.stop().await.expect("node stops");
+}

@@ -62,6 +62,8 @@ pub struct BrokerNode {
     dir: TempDir,
     /// Lines appended to `rabbitmq.conf` (see [`BrokerNode::start_with`]).
     extra_config: Vec<String>,
+    /// The node's `advanced.config`, if any (see [`BrokerNode::start_with_advanced`]).
+    advanced_config: Option<String>,
     /// The Erlang cookie in the node's `$HOME`, which its `rabbitmqctl` calls read too: one
     /// of its own, or the one shared by the members of a [`crate::BrokerCluster`].
     cookie: String,
@@ -89,26 +91,38 @@ impl BrokerNode {
     /// `rabbitmq.conf` (new-style `key = value` lines, e.g. `"channel_max = 8"`). They stay
     /// in effect across restarts.
     pub fn start_with(config_lines: &[&str]) -> Result<BrokerNode, SupportError> {
-        BrokerNode::start_inner(config_lines, None)
+        BrokerNode::start_inner(config_lines, None, None)
+    }
+
+    /// Like [`BrokerNode::start_with`], with `advanced` as the node's `advanced.config`
+    /// (Erlang terms, e.g. `[{rabbit, [{channel_tick_interval, 1000}]}].`): for settings
+    /// `rabbitmq.conf` cannot express.
+    pub fn start_with_advanced(
+        config_lines: &[&str],
+        advanced: &str,
+    ) -> Result<BrokerNode, SupportError> {
+        BrokerNode::start_inner(config_lines, None, Some(advanced))
     }
 
     /// Like [`BrokerNode::start`], with `cookie` as the node's Erlang cookie instead of one
     /// of its own. Exists for [`crate::BrokerCluster`]: nodes (and the `rabbitmqctl` calls
     /// that join them) only talk to each other if they share a cookie.
     pub(crate) fn start_with_cookie(cookie: &str) -> Result<BrokerNode, SupportError> {
-        BrokerNode::start_inner(&[], Some(cookie))
+        BrokerNode::start_inner(&[], Some(cookie), None)
     }
 
     fn start_inner(
         config_lines: &[&str],
         cookie: Option<&str>,
+        advanced: Option<&str>,
     ) -> Result<BrokerNode, SupportError> {
         SWEEP.call_once(sweep_orphans);
         let mut attempt = 1;
         loop {
             let amqp_port = try_free_port()?;
             let dist_port = try_free_port()?;
-            let mut node = BrokerNode::create_with(amqp_port, dist_port, config_lines, cookie)?;
+            let mut node =
+                BrokerNode::create_with(amqp_port, dist_port, config_lines, cookie, advanced)?;
             node.spawn()?;
             match node.wait_ready(START_TIMEOUT) {
                 Ok(()) => return Ok(node),
@@ -156,7 +170,7 @@ impl BrokerNode {
 
     /// Prepares dirs and config for a node on the given ports without starting it.
     pub(crate) fn create(amqp_port: u16, dist_port: u16) -> Result<BrokerNode, SupportError> {
-        BrokerNode::create_with(amqp_port, dist_port, &[], None)
+        BrokerNode::create_with(amqp_port, dist_port, &[], None, None)
     }
 
     /// `cookie`: the Erlang cookie to use; `None` makes one for this node alone.
@@ -165,6 +179,7 @@ impl BrokerNode {
         dist_port: u16,
         config_lines: &[&str],
         cookie: Option<&str>,
+        advanced: Option<&str>,
     ) -> Result<BrokerNode, SupportError> {
         let n = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
@@ -181,6 +196,7 @@ impl BrokerNode {
             tls_port: None,
             dir,
             extra_config: config_lines.iter().map(|l| l.to_string()).collect(),
+            advanced_config: advanced.map(str::to_string),
             log_offset: 0,
             proc: Mutex::new(ProcState::NotRunning),
         };
@@ -216,6 +232,10 @@ impl BrokerNode {
             config.push('\n');
         }
         fs::write(self.path("rabbitmq.conf"), config).map_err(|e| io("rabbitmq.conf", e))?;
+        if let Some(advanced) = &self.advanced_config {
+            fs::write(self.path("advanced.config"), advanced)
+                .map_err(|e| io("advanced.config", e))?;
+        }
         // No plugins: management/prometheus would take fixed ports shared by all nodes.
         fs::write(self.path("enabled_plugins"), "[].\n").map_err(|e| io("enabled_plugins", e))?;
         // Replaces /etc/rabbitmq/rabbitmq-env.conf, which names the system node.
