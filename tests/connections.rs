@@ -706,3 +706,51 @@ async fn a_channel_open_on_a_hung_broker_gives_up_within_the_operation_timeout()
     );
     node.stop().await.expect("orderly stop");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_whose_members_are_partly_down_connects_to_one_that_answers_at_once() {
+    // Two members that refuse TCP and the shared broker: whatever the shuffled order,
+    // the node is up on the live member without waiting through a reconnect backoff.
+    let dead: Vec<String> = (0..2)
+        .map(|_| {
+            let port = warren_test_support::free_port();
+            format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
+        })
+        .collect();
+    let live = local_uri();
+    let members = [dead[0].clone(), live.clone(), dead[1].clone()]
+        .iter()
+        .map(|m| format!("\"{m}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let name = unique_node("partial-cluster");
+    // A backoff of 5–10 s: reaching the live member through it would take far longer.
+    let text = common::config_text(&name, &["PLACEHOLDER".to_string()], "")
+        .replace("\"PLACEHOLDER\"", &format!("{{ cluster = [{members}] }}"))
+        .replace("reconnect_min_ms = 50", "reconnect_min_ms = 10000")
+        .replace("reconnect_max_ms = 500", "reconnect_max_ms = 10000");
+    let config =
+        warren_runtime::config::Config::parse(&text, std::path::Path::new("test.ini"), &[], None)
+            .expect("valid config");
+    let started = Instant::now();
+    let node = start_node(config).await;
+    let registry = node.context().registry.clone();
+    assert!(
+        eventually(SOON, || registry.is_available(FIRST)).await,
+        "the cluster is available"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "reached the live member without a backoff: {:?}",
+        started.elapsed()
+    );
+    let report = node
+        .context()
+        .connections
+        .inspect(FIRST)
+        .await
+        .expect("inspect");
+    assert!(report.connected);
+    assert_eq!(port_of(&report.member), port_of(&live), "{report:?}");
+    node.stop().await.expect("node stops");
+}
