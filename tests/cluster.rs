@@ -153,6 +153,23 @@ fn work(id: &str) -> Envelope {
     Envelope::new("t", "work").with("Msg-ID", id)
 }
 
+/// Waits until every confirmed id was seen at least once; fails the test naming `what`.
+async fn assert_all_seen(seen: &Seen, confirmed: &[String], what: &str) {
+    let all = eventually(SETTLE, || {
+        confirmed.iter().all(|id| seen.first_seen(id).is_some())
+    })
+    .await;
+    let missing = confirmed
+        .iter()
+        .filter(|id| seen.first_seen(id).is_none())
+        .count();
+    assert!(
+        all,
+        "{what}: {missing} of {} confirmed never seen",
+        confirmed.len()
+    );
+}
+
 /// The longest gap between two first handlings, over the run: the pause a kill caused.
 fn longest_pause(seen: &Seen, confirmed: &[String]) -> Duration {
     let mut firsts: Vec<Instant> = confirmed
@@ -306,18 +323,7 @@ async fn a_cluster_is_one_broker_whose_members_can_die_under_load() {
     stop.store(true, Ordering::SeqCst);
     let published = publisher.await.expect("publisher");
     let confirmed = &published.confirmed;
-    assert!(
-        eventually(SETTLE, || confirmed
-            .iter()
-            .all(|id| seen.first_seen(id).is_some()))
-        .await,
-        "every confirmed message is handled: {} of {} seen",
-        confirmed
-            .iter()
-            .filter(|id| seen.first_seen(id).is_some())
-            .count(),
-        confirmed.len()
-    );
+    assert_all_seen(&seen, confirmed, "every confirmed message is handled").await;
     eprintln!(
         "member {first} (warren's, the leader) killed: warren moved to member {moved_to}; \
          {} confirmed, all handled, {} duplicates, longest pause in handling {:?} \
@@ -385,13 +391,12 @@ async fn a_cluster_is_one_broker_whose_members_can_die_under_load() {
         stop.store(true, Ordering::SeqCst);
         let published = publisher.await.expect("publisher");
         let confirmed = &published.confirmed;
-        assert!(
-            eventually(SETTLE, || confirmed
-                .iter()
-                .all(|id| seen.first_seen(id).is_some()))
-            .await,
-            "every confirmed message is handled after the leader's loss"
-        );
+        assert_all_seen(
+            &seen,
+            confirmed,
+            "every confirmed message is handled after the leader's loss",
+        )
+        .await;
         let report = node
             .context()
             .connections
@@ -451,18 +456,12 @@ async fn a_cluster_is_one_broker_whose_members_can_die_under_load() {
     stop.store(true, Ordering::SeqCst);
     let published = publisher.await.expect("publisher");
     let confirmed = &published.confirmed;
-    assert!(
-        eventually(SETTLE, || confirmed
-            .iter()
-            .all(|id| seen.first_seen(id).is_some()))
-        .await,
-        "every confirmed message is handled across the rolling restart: {} of {} seen",
-        confirmed
-            .iter()
-            .filter(|id| seen.first_seen(id).is_some())
-            .count(),
-        confirmed.len()
-    );
+    assert_all_seen(
+        &seen,
+        confirmed,
+        "every confirmed message is handled across the rolling restart",
+    )
+    .await;
     eprintln!(
         "rolling restart of the 3 members: {} confirmed, all handled, {} publishes lost \
          with their connection (not confirmed, not expected), {} duplicates in all, longest \
@@ -496,45 +495,11 @@ const REPLIES: &str = "cluster-test-replies";
 
 /// Records the Msg-ID of every echo reply that reaches [`REPLIES`] through `uri`.
 async fn collect_replies(uri: &str, seen: Seen) -> Connection {
-    use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-    use lapin::types::FieldTable;
     let connection = Connection::connect(uri, ConnectionProperties::default())
         .await
         .expect("the reply collector connects");
     let channel = connection.create_channel().await.expect("channel");
-    channel
-        .queue_declare(
-            REPLIES.into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("reply queue");
-    channel
-        .queue_bind(
-            REPLIES.into(),
-            "targeted".into(),
-            REPLIES.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind the reply queue");
-    let mut replies = channel
-        .basic_consume(
-            REPLIES.into(),
-            "collector".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume replies");
+    let mut replies = common::client::reply_queue(&channel, REPLIES, true).await;
     tokio::spawn(async move {
         while let Some(Ok(delivery)) = futures::StreamExt::next(&mut replies).await {
             if let Ok(reply) = Envelope::decode(&delivery.data, Some("application/json"), None)
@@ -598,18 +563,7 @@ async fn two_warren_processes_share_a_quorum_queue_and_one_dies_under_load() {
     stop.store(true, Ordering::SeqCst);
     let published = publisher.await.expect("publisher");
     let confirmed = &published.confirmed;
-    assert!(
-        eventually(SETTLE, || confirmed
-            .iter()
-            .all(|id| replies.first_seen(id).is_some()))
-        .await,
-        "every confirmed request is answered: {} of {}",
-        confirmed
-            .iter()
-            .filter(|id| replies.first_seen(id).is_some())
-            .count(),
-        confirmed.len()
-    );
+    assert_all_seen(&replies, confirmed, "every confirmed request is answered").await;
     assert!(survivor.alive(), "{}", survivor.output());
     eprintln!(
         "two `warren run` on the quorum queue `echo`, one SIGKILLed under load: {} requests \

@@ -225,7 +225,7 @@ pub async fn one_shot_call(connection: &Connection, exchange: &str, n: usize) {
 
 /// Declares a reply queue (auto-deleted), binds it to `targeted` with its own name, and
 /// consumes it without acks.
-async fn reply_queue(channel: &Channel, queue: &str, exclusive: bool) -> Consumer {
+pub async fn reply_queue(channel: &Channel, queue: &str, exclusive: bool) -> Consumer {
     channel
         .queue_declare(
             queue.into(),
