@@ -7,9 +7,10 @@
 //! published envelope. It must not touch channels or connections: publishing and
 //! consuming belong to the publisher and the listeners.
 //!
-//! Decoding runs once per delivery, on the hot path: the body is parsed straight into
-//! the envelope's map, and nothing is allocated beyond that unless a Msg-ID must be
-//! generated or the body must be gunzipped.
+//! Decoding runs once per delivery, on the hot path: one pass checks the body and records
+//! the headers warren reads itself, allocating only the copy of the text (and a Msg-ID
+//! when one must be generated, or the gunzipped body); the map of fields is built when a
+//! caller first asks for a field (`envelope/wire.rs`).
 //!
 //! Bodies come from anyone who can publish, so decoding is bounded everywhere
 //! ([`DecodeLimits`]): a body above the limit is refused before it is read, gzip output
@@ -28,6 +29,10 @@ use lapin::BasicProperties;
 use lapin::types::{MAX_SHORT_STRING_LENGTH, ShortString};
 use rand::Rng;
 use serde_json::{Map, Value};
+
+mod wire;
+
+use wire::{Scalar, Slot, Wire};
 
 /// Header names of Kazoo's kapi envelope (all live in the JSON body, not AMQP headers).
 ///
@@ -179,9 +184,38 @@ impl Default for DecodeLimits {
 /// [`Envelope::new`], [`Envelope::from_map`] or [`Envelope::decode`] always has a
 /// string Event-Category and Event-Name, and a decoded one always has a Msg-ID.
 /// Every other field is free-form JSON and is carried through untouched.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// A decoded envelope keeps its validated JSON text and parses it into a map only when a
+/// field outside the headers warren reads itself is first asked for (see `wire.rs`);
+/// building or changing an envelope works on the map.
+#[derive(Clone)]
 pub struct Envelope {
-    fields: Map<String, Value>,
+    repr: Repr,
+}
+
+/// An envelope's two forms.
+#[derive(Clone)]
+enum Repr {
+    /// Built or changed in memory.
+    Fields(Map<String, Value>),
+    /// Received and not changed since: the text, its headers, the map once asked for
+    /// (boxed, so that an envelope stays as small as a map wherever it is moved).
+    Wire(Box<Wire>),
+}
+
+impl PartialEq for Envelope {
+    fn eq(&self, other: &Envelope) -> bool {
+        self.fields() == other.fields()
+    }
+}
+
+impl std::fmt::Debug for Envelope {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Envelope")
+            .field("fields", self.fields())
+            .finish()
+    }
 }
 
 /// Who is sending: filled into outgoing envelopes where missing.
@@ -207,7 +241,9 @@ impl Envelope {
             Value::String(category.into()),
         );
         fields.insert(keys::EVENT_NAME.to_owned(), Value::String(name.into()));
-        Envelope { fields }
+        Envelope {
+            repr: Repr::Fields(fields),
+        }
     }
 
     /// Wraps a JSON object built elsewhere, validating it exactly as [`Envelope::decode`] does.
@@ -216,13 +252,12 @@ impl Envelope {
     /// be strings (or null) when present, and a Server-ID (the routing key of the reply)
     /// at most [`MAX_SHORT_STRING_BYTES`] long. A missing, null or empty Msg-ID is generated.
     pub fn from_map(mut fields: Map<String, Value>) -> Result<Envelope, DecodeError> {
-        required_str(&fields, keys::EVENT_CATEGORY)?;
-        required_str(&fields, keys::EVENT_NAME)?;
-        routing_key_str(&fields, keys::SERVER_ID)?;
-        if optional_str(&fields, keys::MSG_ID)?.is_none_or(str::is_empty) {
+        if check_headers(|key| Found::in_map(&fields, key))? {
             fields.insert(keys::MSG_ID.to_owned(), Value::String(new_msg_id()));
         }
-        Ok(Envelope { fields })
+        Ok(Envelope {
+            repr: Repr::Fields(fields),
+        })
     }
 
     /// The Event-Category responders match on.
@@ -267,7 +302,13 @@ impl Envelope {
     ///
     /// True for Defer-Response `true` or `"true"`, as Kazoo's `kz_term:is_true` reads it.
     pub fn defer_response(&self) -> bool {
-        match self.fields.get(keys::DEFER_RESPONSE) {
+        if let Repr::Wire(wire) = &self.repr {
+            return match wire.scalar(Slot::DeferResponse) {
+                Scalar::Bool(flag) => *flag,
+                _ => wire.text(Slot::DeferResponse) == Some("true"),
+            };
+        }
+        match self.fields().get(keys::DEFER_RESPONSE) {
             Some(Value::Bool(flag)) => *flag,
             Some(Value::String(text)) => text == "true",
             _ => false,
@@ -276,17 +317,22 @@ impl Envelope {
 
     /// Any field, as JSON; for app-specific headers.
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.fields.get(key)
+        self.fields().get(key)
     }
 
     /// Any field, when it is a string (empty strings included).
     pub fn get_str(&self, key: &str) -> Option<&str> {
-        self.fields.get(key).and_then(Value::as_str)
+        if let Repr::Wire(wire) = &self.repr
+            && let Some(slot) = Slot::of(key)
+        {
+            return wire.text(slot);
+        }
+        self.fields().get(key).and_then(Value::as_str)
     }
 
     /// Sets a field, replacing any previous value; returns `self` for chaining.
     pub fn set(&mut self, key: impl Into<String>, value: impl Into<Value>) -> &mut Self {
-        self.fields.insert(key.into(), value.into());
+        self.fields_mut().insert(key.into(), value.into());
         self
     }
 
@@ -298,17 +344,40 @@ impl Envelope {
 
     /// Removes a field and returns its value.
     pub fn remove(&mut self, key: &str) -> Option<Value> {
-        self.fields.remove(key)
+        self.fields_mut().remove(key)
     }
 
     /// All fields, for code that needs the whole body (logging, forwarding, app decoding).
+    ///
+    /// On a received envelope, the first call parses the body into the map.
     pub fn fields(&self) -> &Map<String, Value> {
-        &self.fields
+        match &self.repr {
+            Repr::Fields(fields) => fields,
+            Repr::Wire(wire) => wire.fields(),
+        }
     }
 
     /// All fields, by value; for apps that deserialize the body into their own types.
     pub fn into_fields(self) -> Map<String, Value> {
-        self.fields
+        match self.repr {
+            Repr::Fields(fields) => fields,
+            Repr::Wire(wire) => wire.into_fields(),
+        }
+    }
+
+    /// The map, to change: a received envelope becomes a built one (its text is dropped).
+    fn fields_mut(&mut self) -> &mut Map<String, Value> {
+        if let Repr::Wire(_) = &self.repr {
+            let Repr::Wire(wire) = std::mem::replace(&mut self.repr, Repr::Fields(Map::new()))
+            else {
+                unreachable!("matched just above");
+            };
+            self.repr = Repr::Fields((*wire).into_fields());
+        }
+        match &mut self.repr {
+            Repr::Fields(fields) => fields,
+            Repr::Wire(_) => unreachable!("made a map just above"),
+        }
     }
 
     /// The Msg-ID, generated first (32 random hex chars) when missing, empty or not a string.
@@ -317,7 +386,7 @@ impl Envelope {
     /// cannot be matched.
     pub fn ensure_msg_id(&mut self) -> &str {
         if self.msg_id().is_none() {
-            self.fields
+            self.fields_mut()
                 .insert(keys::MSG_ID.to_owned(), Value::String(new_msg_id()));
         }
         self.get_str(keys::MSG_ID).unwrap_or("")
@@ -347,7 +416,7 @@ impl Envelope {
             .or_else(|| self.msg_id());
         if let Some(id) = correlation {
             reply
-                .fields
+                .fields_mut()
                 .insert(keys::MSG_ID.to_owned(), Value::String(id.to_owned()));
         }
         reply
@@ -401,7 +470,7 @@ impl Envelope {
     pub fn encode(&self) -> Vec<u8> {
         let mut body = Vec::with_capacity(256);
         // Serializing a map with string keys into a Vec has no failure path.
-        serde_json::to_writer(&mut body, &self.fields).expect("a JSON object always serializes");
+        serde_json::to_writer(&mut body, self.fields()).expect("a JSON object always serializes");
         body
     }
 
@@ -409,7 +478,8 @@ impl Envelope {
     pub fn encode_gzip(&self) -> Vec<u8> {
         let mut encoder = GzEncoder::new(Vec::with_capacity(128), Compression::default());
         // Writing into a Vec has no failure path, so neither step can fail.
-        serde_json::to_writer(&mut encoder, &self.fields).expect("a JSON object always serializes");
+        serde_json::to_writer(&mut encoder, self.fields())
+            .expect("a JSON object always serializes");
         encoder.finish().expect("gzip into memory cannot fail")
     }
 
@@ -420,13 +490,13 @@ impl Envelope {
 
     /// Sets `key` to `value` unless it already holds something other than null or "".
     fn fill(&mut self, key: &str, value: &str) {
-        let missing = match self.fields.get(key) {
+        let missing = match self.get(key) {
             None | Some(Value::Null) => true,
             Some(Value::String(text)) => text.is_empty(),
             Some(_) => false,
         };
         if missing && !value.is_empty() {
-            self.fields
+            self.fields_mut()
                 .insert(key.to_owned(), Value::String(value.to_owned()));
         }
     }
@@ -717,7 +787,8 @@ fn json_values_over(json: &[u8], stop: usize) -> bool {
     false
 }
 
-/// Parses JSON straight into the envelope's map, then validates it.
+/// Scans the JSON once (checked as a full parse would check it, headers recorded, no
+/// map built), then validates the headers.
 fn parse(json: &[u8], limits: &DecodeLimits) -> Result<Envelope, DecodeError> {
     // A body of n bytes holds at most n + 1 values: count only when it could be too many.
     let max_values = limits.max_json_values();
@@ -734,51 +805,97 @@ fn parse(json: &[u8], limits: &DecodeLimits) -> Result<Envelope, DecodeError> {
             Err(error) => DecodeError::json(error),
         });
     }
-    let fields: Map<String, Value> = serde_json::from_slice(json).map_err(DecodeError::json)?;
-    Envelope::from_map(fields)
+    let Ok(text) = std::str::from_utf8(json) else {
+        return Err(not_utf8(json));
+    };
+    let mut wire = Wire::scan(Arc::from(text)).map_err(DecodeError::json)?;
+    if check_headers(|key| Found::in_wire(&wire, key))? {
+        wire.generate_msg_id(new_msg_id());
+    }
+    Ok(Envelope {
+        repr: Repr::Wire(Box::new(wire)),
+    })
 }
 
-/// Checks that `key` holds a non-empty string.
-fn required_str(fields: &Map<String, Value>, key: &'static str) -> Result<(), DecodeError> {
-    match optional_str(fields, key)? {
-        Some(text) if !text.is_empty() => Ok(()),
-        _ => Err(DecodeError::MissingField(key)),
+/// The error for a body that is not UTF-8: serde_json's, with the line and column of
+/// the bad byte (cold path: the parse into values is only for the error).
+fn not_utf8(json: &[u8]) -> DecodeError {
+    match serde_json::from_slice::<Value>(json) {
+        Err(error) => DecodeError::json(error),
+        // A JSON text that is not UTF-8 does not parse; kept total all the same.
+        Ok(_) => DecodeError::json(<serde_json::Error as serde::de::Error>::custom(
+            "the body is not UTF-8",
+        )),
     }
 }
 
-/// `key`'s string value, which warren may use as a routing key: at most
-/// [`MAX_SHORT_STRING_BYTES`] long.
-fn routing_key_str<'a>(
-    fields: &'a Map<String, Value>,
-    key: &'static str,
-) -> Result<Option<&'a str>, DecodeError> {
-    let text = optional_str(fields, key)?;
-    if let Some(text) = text
+/// A header's value, as the checks of an envelope see it: in a map, or recorded by the
+/// scan of a received body.
+enum Found<'a> {
+    /// Absent or null.
+    Nothing,
+    /// A string.
+    Text(&'a str),
+    /// Any other JSON type, by name.
+    Other(&'static str),
+}
+
+impl<'a> Found<'a> {
+    fn in_map(fields: &'a Map<String, Value>, key: &str) -> Found<'a> {
+        match fields.get(key) {
+            None | Some(Value::Null) => Found::Nothing,
+            Some(Value::String(text)) => Found::Text(text),
+            Some(other) => Found::Other(json_type(other)),
+        }
+    }
+
+    fn in_wire(wire: &'a Wire, key: &str) -> Found<'a> {
+        let Some(slot) = Slot::of(key) else {
+            return Found::Nothing;
+        };
+        match wire.scalar(slot) {
+            Scalar::Absent | Scalar::Null => Found::Nothing,
+            Scalar::Text(_) => wire.text(slot).map_or(Found::Nothing, Found::Text),
+            Scalar::Bool(_) => Found::Other("boolean"),
+            Scalar::Other(found) => Found::Other(found),
+        }
+    }
+}
+
+/// The checks every envelope passes, in this order: Event-Category and Event-Name are
+/// non-empty strings; Server-ID, when present, a string that fits a routing key; Msg-ID,
+/// when present, a string. Says whether a Msg-ID must be generated (missing or empty).
+fn check_headers<'a>(found: impl Fn(&'static str) -> Found<'a>) -> Result<bool, DecodeError> {
+    required_str(keys::EVENT_CATEGORY, found(keys::EVENT_CATEGORY))?;
+    required_str(keys::EVENT_NAME, found(keys::EVENT_NAME))?;
+    if let Some(text) = optional_str(keys::SERVER_ID, found(keys::SERVER_ID))?
         && text.len() > MAX_SHORT_STRING_BYTES
     {
         return Err(DecodeError::InvalidField {
-            field: key,
+            field: keys::SERVER_ID,
             reason: format!(
                 "{} bytes long; a routing key holds at most {MAX_SHORT_STRING_BYTES}",
                 text.len()
             ),
         });
     }
-    Ok(text)
+    Ok(optional_str(keys::MSG_ID, found(keys::MSG_ID))?.is_none_or(str::is_empty))
+}
+
+/// Checks that `key` holds a non-empty string.
+fn required_str(key: &'static str, found: Found<'_>) -> Result<(), DecodeError> {
+    match optional_str(key, found)? {
+        Some(text) if !text.is_empty() => Ok(()),
+        _ => Err(DecodeError::MissingField(key)),
+    }
 }
 
 /// `key`'s string value; absent and null are `None`, any other type is an error.
-fn optional_str<'a>(
-    fields: &'a Map<String, Value>,
-    key: &'static str,
-) -> Result<Option<&'a str>, DecodeError> {
-    match fields.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) => Ok(Some(text)),
-        Some(other) => Err(DecodeError::WrongType {
-            field: key,
-            found: json_type(other),
-        }),
+fn optional_str<'a>(key: &'static str, found: Found<'a>) -> Result<Option<&'a str>, DecodeError> {
+    match found {
+        Found::Nothing => Ok(None),
+        Found::Text(text) => Ok(Some(text)),
+        Found::Other(found) => Err(DecodeError::WrongType { field: key, found }),
     }
 }
 

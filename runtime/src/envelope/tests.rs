@@ -851,3 +851,133 @@ fn decode_timing_sanity() {
         serde_json::from_slice::<Map<String, Value>>(bytes).map_or(0, |m| m.len())
     });
 }
+
+/// What a full parse of `body` into a map gives, for comparing the received form with it.
+fn parsed(body: &[u8]) -> Map<String, Value> {
+    serde_json::from_slice(body).expect("the fixture is a JSON object")
+}
+
+#[test]
+fn a_received_envelope_reads_as_a_full_parse_of_its_body() {
+    // Escapes in keys and values, a repeated header (the last one counts, as in a map),
+    // nested values and numbers: the headers read from the scan and every field read
+    // from the map built later agree with a plain parse.
+    let body = br#"{"Event-Category":"first","Event-Category":"call_\"event\"",
+        "Event-Name":"CHANNEL_\u0041NSWER","Msg-\u0049D":"m-1","Server-ID":"q\\1",
+        "Msg-Reply-ID":"r-1","Defer-Response":true,"Nested":{"a":[1,2.5,-3,null,{"b":"c"}]},
+        "Unicode":"h\u00e9 \ud83d\ude00","Big":18446744073709551615}"#;
+    let envelope = Envelope::decode(body, None, None).expect("decodes");
+    let map = parsed(body);
+    assert_eq!(envelope.category(), "call_\"event\"");
+    assert_eq!(envelope.name(), "CHANNEL_ANSWER");
+    assert_eq!(envelope.msg_id(), Some("m-1"));
+    assert_eq!(envelope.server_id(), Some("q\\1"));
+    assert_eq!(envelope.get_str(keys::MSG_REPLY_ID), Some("r-1"));
+    assert!(envelope.defer_response());
+    for key in map.keys() {
+        assert_eq!(envelope.get(key), map.get(key), "{key}");
+    }
+    assert_eq!(envelope.fields(), &map);
+    assert_eq!(envelope.clone().into_fields(), map);
+    assert_eq!(parsed(&envelope.encode()), map);
+    let reply = envelope.reply("c", "n");
+    assert_eq!(reply.msg_id(), Some("r-1"));
+}
+
+#[test]
+fn the_headers_of_a_received_envelope_are_read_without_building_its_map() {
+    let body = br#"{"Event-Category":"c","Event-Name":"n","Msg-ID":"m","Server-ID":"s",
+        "Defer-Response":"true","Other":{"x":[1,2,3]}}"#;
+    let envelope = Envelope::decode(body, None, None).expect("decodes");
+    let Repr::Wire(wire) = &envelope.repr else {
+        panic!("a decoded envelope keeps its text");
+    };
+    assert_eq!(
+        (envelope.category(), envelope.name()),
+        ("c", "n"),
+        "routing reads the scan"
+    );
+    assert_eq!(
+        (envelope.msg_id(), envelope.server_id()),
+        (Some("m"), Some("s"))
+    );
+    assert!(envelope.defer_response());
+    assert!(!wire.has_fields(), "no header read built the map");
+    assert_eq!(envelope.get_str("Other"), None);
+    assert!(wire.has_fields(), "any other field builds it");
+}
+
+#[test]
+fn what_a_full_parse_refuses_the_scan_of_a_received_body_refuses() {
+    let refused: [&[u8]; 6] = [
+        // A number out of range, in a field warren never reads.
+        br#"{"Event-Category":"c","Event-Name":"n","X":1e400}"#,
+        // Not UTF-8 inside a string warren never reads.
+        b"{\"Event-Category\":\"c\",\"Event-Name\":\"n\",\"X\":\"\xff\xfe\"}",
+        // A bad escape, a lone surrogate, text after the object, an unclosed object.
+        br#"{"Event-Category":"c","Event-Name":"n","X":"\q"}"#,
+        br#"{"Event-Category":"c","Event-Name":"n","X":"\ud800"}"#,
+        br#"{"Event-Category":"c","Event-Name":"n"} trailing"#,
+        br#"{"Event-Category":"c","Event-Name":"n","X":[1,2}"#,
+    ];
+    for body in refused {
+        assert!(
+            serde_json::from_slice::<Map<String, Value>>(body).is_err(),
+            "the fixture is invalid"
+        );
+        match Envelope::decode(body, None, None) {
+            Err(DecodeError::InvalidJson { line, column, .. }) => {
+                assert!(line >= 1 && column >= 1, "located")
+            }
+            other => panic!("{}: {other:?}", String::from_utf8_lossy(body)),
+        }
+    }
+    // Deep nesting inside a header warren reads is refused like anywhere else.
+    let mut deep = br#"{"Event-Category":"c","Event-Name":"n","Server-ID":"#.to_vec();
+    deep.extend(std::iter::repeat_n(b'[', 200));
+    deep.extend(std::iter::repeat_n(b']', 200));
+    deep.push(b'}');
+    assert!(matches!(
+        Envelope::decode(&deep, None, None),
+        Err(DecodeError::InvalidJson { .. })
+    ));
+}
+
+#[test]
+fn a_received_envelope_without_a_msg_id_gets_one_that_it_keeps() {
+    for body in [
+        &br#"{"Event-Category":"c","Event-Name":"n"}"#[..],
+        br#"{"Event-Category":"c","Event-Name":"n","Msg-ID":""}"#,
+        br#"{"Event-Category":"c","Event-Name":"n","Msg-ID":null}"#,
+    ] {
+        let envelope = Envelope::decode(body, None, None).expect("decodes");
+        let id = envelope.msg_id().expect("generated").to_owned();
+        assert!(is_msg_id(&id), "{id}");
+        assert_eq!(envelope.get_str(keys::MSG_ID), Some(id.as_str()));
+        assert_eq!(
+            envelope.fields().get(keys::MSG_ID),
+            Some(&Value::String(id.clone()))
+        );
+        let again = Envelope::decode(&envelope.encode(), None, None).expect("decodes");
+        assert_eq!(again.msg_id(), Some(id.as_str()), "the encoding carries it");
+    }
+}
+
+#[test]
+fn changing_a_received_envelope_keeps_every_other_field() {
+    let body = br#"{"Event-Category":"c","Event-Name":"n","Msg-ID":"m","Keep":[1,{"a":"b"}]}"#;
+    let mut envelope = Envelope::decode(body, None, None).expect("decodes");
+    envelope.set(keys::EVENT_NAME, "renamed").set("Added", 1);
+    assert_eq!(envelope.name(), "renamed");
+    assert_eq!(envelope.msg_id(), Some("m"));
+    assert_eq!(envelope.get("Keep"), Some(&json!([1, {"a": "b"}])));
+    assert_eq!(envelope.remove("Added"), Some(json!(1)));
+    let mut expected = parsed(body);
+    expected.insert(keys::EVENT_NAME.into(), json!("renamed"));
+    assert_eq!(envelope.fields(), &expected);
+    assert_eq!(
+        envelope,
+        Envelope::from_map(expected).expect("valid"),
+        "equal as fields"
+    );
+}
