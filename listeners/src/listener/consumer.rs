@@ -38,7 +38,7 @@ use warren_runtime::envelope::{
 use warren_runtime::log_limit::LogLimit;
 
 use super::Dispatch;
-use super::acks::{AckTracker, Finished, Received, Refused};
+use super::acks::{AckTracker, Finished, MAX_ACK_DELAY, Received, Refused};
 use super::confirms;
 use super::event::{DeliveryInfo, Event, Outbox};
 use super::handling::{self, HandlerEnd, panic_text};
@@ -277,6 +277,7 @@ impl ConsumerLoop {
         // (the broker cancelled the consumer, the channel failed) is seen at once even
         // while every handler is busy.
         let mut held: Option<Delivery> = None;
+        let mut flush_timer = FlushTimer::new();
         loop {
             let control = *self.control.borrow();
             match control {
@@ -338,7 +339,7 @@ impl ConsumerLoop {
                 detach(inflight);
                 return ended;
             }
-            let flush_at = acks.deadline().map(tokio::time::Instant::from_std);
+            let flush_armed = flush_timer.arm(acks.deadline());
             let ended = tokio::select! {
                 item = self.consumer.next(), if room || held.is_none() => match item {
                     // No handler can start yet: keep it for when one can.
@@ -351,7 +352,7 @@ impl ConsumerLoop {
                 Some(done) = inflight.next(), if !inflight.is_empty() => {
                     self.advance(&mut acks, done).await.err()
                 }
-                _ = sleep_until(flush_at), if flush_at.is_some() => {
+                _ = flush_timer.fired(), if flush_armed => {
                     self.flush(&mut acks).await.err()
                 }
                 changed = self.control.changed() => {
@@ -935,6 +936,42 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// The deadline of the oldest pending ack, as one timer that moves only when the
+/// deadline does (once per batch of acks), rather than a timer registered and dropped
+/// each time the loop waits.
+struct FlushTimer {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    armed: Option<Instant>,
+}
+
+impl FlushTimer {
+    fn new() -> FlushTimer {
+        FlushTimer {
+            sleep: Box::pin(tokio::time::sleep(MAX_ACK_DELAY)),
+            armed: None,
+        }
+    }
+
+    /// Sets the timer to `deadline` if that is new; whether the timer is armed at all.
+    fn arm(&mut self, deadline: Option<Instant>) -> bool {
+        let Some(deadline) = deadline else {
+            return false;
+        };
+        if self.armed != Some(deadline) {
+            self.sleep
+                .as_mut()
+                .reset(tokio::time::Instant::from_std(deadline));
+            self.armed = Some(deadline);
+        }
+        true
+    }
+
+    /// Completes at the armed deadline (at once if it passed).
+    fn fired(&mut self) -> &mut Pin<Box<tokio::time::Sleep>> {
+        &mut self.sleep
     }
 }
 
