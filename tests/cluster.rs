@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -43,7 +43,14 @@ struct Published {
     longest_confirm: Duration,
     /// Publishes lost with their connection (a member went away before confirming).
     lost: usize,
+    /// Publishes the broker nacked (a quorum queue without a leader yet), each published
+    /// again, as a real publisher does, until acked.
+    nacked: usize,
 }
+
+/// How often one message may be nacked before the test fails: a broker that keeps
+/// refusing it is not recovering.
+const MAX_NACKS_PER_MESSAGE: u32 = 10;
 
 /// Confirms awaited at once by a test publisher.
 const IN_FLIGHT: usize = 64;
@@ -51,7 +58,9 @@ const IN_FLIGHT: usize = 64;
 /// Publishes envelopes `make(<prefix>0)`, `make(<prefix>1)`… at `RATE` to `exchange`
 /// (routing key `routing_key`) until `stop`, each confirmed, through the first of `uris`
 /// that answers; when that member goes away, through the next. Returns the confirmed ids;
-/// a nack fails the test, a publish lost with its connection is counted, not expected.
+/// a nacked publish is never counted as confirmed: it is published again (as a real
+/// publisher does) and counted, and one nacked more than [`MAX_NACKS_PER_MESSAGE`] times
+/// fails the test; a publish lost with its connection is counted, not expected.
 async fn publish_until(
     prefix: &'static str,
     uris: Vec<String>,
@@ -63,9 +72,13 @@ async fn publish_until(
         confirmed: Vec::new(),
         longest_confirm: Duration::ZERO,
         lost: 0,
+        nacked: 0,
     };
     let started = Instant::now();
     let mut sent: u64 = 0;
+    // Nacked ids to publish again, and how often each was nacked.
+    let mut again: VecDeque<String> = VecDeque::new();
+    let mut nacks: HashMap<String, u32> = HashMap::new();
     let mut member = 0;
     'connections: while !stop.load(Ordering::SeqCst) {
         let uri = &uris[member % uris.len()];
@@ -112,7 +125,17 @@ async fn publish_until(
                 };
                 published.longest_confirm = published.longest_confirm.max(asked.elapsed());
                 match answer {
-                    Ok(lapin::Confirmation::Ack(_)) => published.confirmed.push(id),
+                    Ok(lapin::Confirmation::Ack(None)) => published.confirmed.push(id),
+                    Ok(lapin::Confirmation::Nack(None)) => {
+                        let count = nacks.entry(id.clone()).or_insert(0);
+                        *count += 1;
+                        assert!(
+                            *count <= MAX_NACKS_PER_MESSAGE,
+                            "publish of {id} nacked {count} times"
+                        );
+                        published.nacked += 1;
+                        again.push_back(id);
+                    }
                     Ok(other) => panic!("publish of {id} not acked: {other:?}"),
                     Err(_) => {
                         // The member went away: this and every later one are lost.
@@ -121,13 +144,15 @@ async fn publish_until(
                     }
                 }
             }
-            if !more {
+            if !more && again.is_empty() {
                 break 'connections;
             }
             let due = started + Duration::from_micros(sent * 1_000_000 / RATE);
             tokio::time::sleep_until(due.into()).await;
-            let id = format!("{prefix}{sent}");
-            sent += 1;
+            let id = again.pop_front().unwrap_or_else(|| {
+                sent += 1;
+                format!("{prefix}{}", sent - 1)
+            });
             let body = make(&id).encode();
             let Ok(confirm) = channel
                 .basic_publish(
@@ -464,10 +489,11 @@ async fn a_cluster_is_one_broker_whose_members_can_die_under_load() {
     .await;
     eprintln!(
         "rolling restart of the 3 members: {} confirmed, all handled, {} publishes lost \
-         with their connection (not confirmed, not expected), {} duplicates in all, longest \
+         with their connection (not confirmed, not expected), {} nacks (published again), {} duplicates in all, longest \
          pause in handling {:?} (longest wait for a confirm {:?})",
         confirmed.len(),
         published.lost,
+        published.nacked,
         seen.duplicates(),
         longest_pause(&seen, confirmed),
         published.longest_confirm
