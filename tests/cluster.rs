@@ -48,9 +48,12 @@ struct Published {
     nacked: usize,
 }
 
-/// How often one message may be nacked before the test fails: a broker that keeps
-/// refusing it is not recovering.
-const MAX_NACKS_PER_MESSAGE: u32 = 10;
+/// How long one message may keep being nacked before the test fails: a broker that
+/// refuses it for longer is not recovering.
+const MAX_NACKED_FOR: Duration = Duration::from_secs(60);
+
+/// How long a nacked message waits before it is published again.
+const NACK_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Confirms awaited at once by a test publisher.
 const IN_FLIGHT: usize = 64;
@@ -58,9 +61,9 @@ const IN_FLIGHT: usize = 64;
 /// Publishes envelopes `make(<prefix>0)`, `make(<prefix>1)`… at `RATE` to `exchange`
 /// (routing key `routing_key`) until `stop`, each confirmed, through the first of `uris`
 /// that answers; when that member goes away, through the next. Returns the confirmed ids;
-/// a nacked publish is never counted as confirmed: it is published again (as a real
-/// publisher does) and counted, and one nacked more than [`MAX_NACKS_PER_MESSAGE`] times
-/// fails the test; a publish lost with its connection is counted, not expected.
+/// a nacked publish is never counted as confirmed: it is counted and published again
+/// after [`NACK_BACKOFF`] (as a real publisher does), and one still nacked
+/// [`MAX_NACKED_FOR`] after its first nack fails the test; a publish lost with its connection is counted, not expected.
 async fn publish_until(
     prefix: &'static str,
     uris: Vec<String>,
@@ -76,9 +79,9 @@ async fn publish_until(
     };
     let started = Instant::now();
     let mut sent: u64 = 0;
-    // Nacked ids to publish again, and how often each was nacked.
-    let mut again: VecDeque<String> = VecDeque::new();
-    let mut nacks: HashMap<String, u32> = HashMap::new();
+    // Nacked ids to publish again (not before the instant), and when each was first nacked.
+    let mut again: VecDeque<(String, Instant)> = VecDeque::new();
+    let mut first_nacked: HashMap<String, Instant> = HashMap::new();
     let mut member = 0;
     'connections: while !stop.load(Ordering::SeqCst) {
         let uri = &uris[member % uris.len()];
@@ -127,14 +130,14 @@ async fn publish_until(
                 match answer {
                     Ok(lapin::Confirmation::Ack(None)) => published.confirmed.push(id),
                     Ok(lapin::Confirmation::Nack(None)) => {
-                        let count = nacks.entry(id.clone()).or_insert(0);
-                        *count += 1;
+                        let first = *first_nacked.entry(id.clone()).or_insert_with(Instant::now);
                         assert!(
-                            *count <= MAX_NACKS_PER_MESSAGE,
-                            "publish of {id} nacked {count} times"
+                            first.elapsed() < MAX_NACKED_FOR,
+                            "publish of {id} still nacked {:?} after its first nack",
+                            first.elapsed()
                         );
                         published.nacked += 1;
-                        again.push_back(id);
+                        again.push_back((id, Instant::now() + NACK_BACKOFF));
                     }
                     Ok(other) => panic!("publish of {id} not acked: {other:?}"),
                     Err(_) => {
@@ -149,10 +152,20 @@ async fn publish_until(
             }
             let due = started + Duration::from_micros(sent * 1_000_000 / RATE);
             tokio::time::sleep_until(due.into()).await;
-            let id = again.pop_front().unwrap_or_else(|| {
-                sent += 1;
-                format!("{prefix}{}", sent - 1)
-            });
+            let id = match again.front() {
+                Some((_, not_before)) if *not_before <= Instant::now() => {
+                    again.pop_front().map(|(id, _)| id).unwrap_or_default()
+                }
+                // While stopping, only nacked messages are left to publish.
+                Some((_, not_before)) if !more => {
+                    tokio::time::sleep_until((*not_before).into()).await;
+                    continue;
+                }
+                _ => {
+                    sent += 1;
+                    format!("{prefix}{}", sent - 1)
+                }
+            };
             let body = make(&id).encode();
             let Ok(confirm) = channel
                 .basic_publish(
