@@ -265,6 +265,43 @@ async fn leader_index(cluster: &Arc<Mutex<BrokerCluster>>, queue: &str) -> usize
     }
 }
 
+/// Moves `queue`'s leader off `member`: takes that member's replica out of the queue, waits
+/// until the others have elected a leader, then gives the replica back. RabbitMQ may still
+/// be tearing the old replica down when the first `add_member` comes (CI saw one hang for
+/// the tool's whole minute), so a failed ask is made again, up to three times.
+async fn move_leader_off(cluster: &Arc<Mutex<BrokerCluster>>, queue: &str, member: usize) {
+    let node_name = cluster.lock().member(member).node_name().to_string();
+    let other = (member + 1) % 3;
+    let queues = |args: Vec<String>| {
+        let cluster = cluster.clone();
+        blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            cluster.lock().member(other).tool("rabbitmq-queues", &args)
+        })
+    };
+    let ask = |verb: &str| vec![verb.to_string(), queue.to_string(), node_name.clone()];
+    queues(ask("delete_member")).await.expect("delete_member");
+    let deadline = Instant::now() + SETTLE;
+    while leader_index(cluster, queue).await == member {
+        assert!(
+            Instant::now() < deadline,
+            "no leader elected off member {member}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for attempt in 1..=3 {
+        match queues(ask("add_member")).await {
+            Ok(_) => return,
+            Err(error) if error.to_string().contains("already") => return,
+            Err(error) if attempt < 3 => {
+                eprintln!("add_member, attempt {attempt}: {error}; asking again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(error) => panic!("add_member failed three times: {error}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cluster_is_one_broker_whose_members_can_die_under_load() {
     let _one = ONE_CLUSTER.lock().await;
@@ -381,18 +418,7 @@ async fn a_cluster_is_one_broker_whose_members_can_die_under_load() {
     // 2. Kill the queue's leader while warren is on another member.
     let mut leader = leader_index(&cluster, &queue).await;
     if leader == moved_to {
-        // Move the leader off warren's member: take that member's replica out of the
-        // queue (a new leader is elected among the others), then give it back.
-        let node_name = cluster.lock().member(moved_to).node_name().to_string();
-        let other = (moved_to + 1) % 3;
-        let (cluster_in, queue_in) = (cluster.clone(), queue.clone());
-        blocking(move || {
-            let cluster = cluster_in.lock();
-            let tool = |args: &[&str]| cluster.member(other).tool("rabbitmq-queues", args);
-            tool(&["delete_member", &queue_in, &node_name]).expect("delete_member");
-            tool(&["add_member", &queue_in, &node_name]).expect("add_member");
-        })
-        .await;
+        move_leader_off(&cluster, &queue, moved_to).await;
         leader = leader_index(&cluster, &queue).await;
         assert_ne!(leader, moved_to, "the leader left warren's member");
     }
