@@ -63,7 +63,8 @@ const IN_FLIGHT: usize = 64;
 /// that answers; when that member goes away, through the next. Returns the confirmed ids;
 /// a nacked publish is never counted as confirmed: it is counted and published again
 /// after [`NACK_BACKOFF`] (as a real publisher does), and one still nacked
-/// [`MAX_NACKED_FOR`] after its first nack fails the test; a publish lost with its connection is counted, not expected.
+/// [`MAX_NACKED_FOR`] after its first nack fails the test; a publish lost with its
+/// connection is counted, not expected.
 async fn publish_until(
     prefix: &'static str,
     uris: Vec<String>,

@@ -358,25 +358,18 @@ impl Envelope {
     }
 
     /// All fields, by value; for apps that deserialize the body into their own types.
-    pub fn into_fields(self) -> Map<String, Value> {
-        match self.repr {
-            Repr::Fields(fields) => fields,
-            Repr::Wire(wire) => wire.into_fields(),
-        }
+    pub fn into_fields(mut self) -> Map<String, Value> {
+        std::mem::take(self.fields_mut())
     }
 
     /// The map, to change: a received envelope becomes a built one (its text is dropped).
     fn fields_mut(&mut self) -> &mut Map<String, Value> {
-        if let Repr::Wire(_) = &self.repr {
-            let Repr::Wire(wire) = std::mem::replace(&mut self.repr, Repr::Fields(Map::new()))
-            else {
-                unreachable!("matched just above");
-            };
-            self.repr = Repr::Fields((*wire).into_fields());
+        if let Repr::Wire(wire) = &mut self.repr {
+            self.repr = Repr::Fields(wire.take_fields());
         }
         match &mut self.repr {
             Repr::Fields(fields) => fields,
-            Repr::Wire(_) => unreachable!("made a map just above"),
+            Repr::Wire(_) => unreachable!("a received envelope became a built one just above"),
         }
     }
 

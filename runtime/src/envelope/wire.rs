@@ -101,13 +101,12 @@ impl Wire {
         let mut deserializer = serde_json::Deserializer::from_str(&json);
         let slots = deserializer.deserialize_map(HeadVisitor { base })?;
         deserializer.end()?;
-        let wire = Wire {
-            slots: slots.map(|scalar| scalar.checked(json.len())),
+        Ok(Wire {
             json,
+            slots,
             generated_msg_id: None,
             fields: OnceLock::new(),
-        };
-        Ok(wire)
+        })
     }
 
     /// What a recorded header holds.
@@ -124,7 +123,10 @@ impl Wire {
             return Some(generated);
         }
         match self.scalar(slot) {
-            Scalar::Text(Text::Span { start, len }) => self.json.get(*start..start + len),
+            // A span outside the text (never, with serde_json's borrowed strings) is none.
+            Scalar::Text(Text::Span { start, len }) => {
+                self.json.get(*start..start.checked_add(*len)?)
+            }
             Scalar::Text(Text::Owned(text)) => Some(text),
             _ => None,
         }
@@ -147,8 +149,8 @@ impl Wire {
         self.fields.get().is_some()
     }
 
-    /// The fields as a map, by value.
-    pub fn into_fields(mut self) -> Map<String, Value> {
+    /// The fields as a map, taken out (the map is built first if it was not yet).
+    pub fn take_fields(&mut self) -> Map<String, Value> {
         self.fields.take().unwrap_or_else(|| self.parse())
     }
 
@@ -175,19 +177,6 @@ impl Wire {
                 Some(((*key).to_owned(), Value::String(text.to_owned())))
             })
             .collect()
-    }
-}
-
-impl Scalar {
-    /// A span that does not lie inside the text (never, with serde_json's borrowed
-    /// strings) is dropped rather than trusted.
-    fn checked(self, text_len: usize) -> Scalar {
-        match self {
-            Scalar::Text(Text::Span { start, len }) if start.saturating_add(len) > text_len => {
-                Scalar::Absent
-            }
-            other => other,
-        }
     }
 }
 
