@@ -4,15 +4,21 @@
 //!
 //! The lapin baseline acknowledges with `multiple = true` every quarter of the prefetch
 //! (the best a hand-written consumer does; one awaited ack per message is several times
-//! slower). Each side is timed from its first delivery to its last ack; the median of
-//! seven interleaved rounds is reported with the spread, and each round's CPU time of the
-//! process per message (every thread, lapin's I/O thread included). Allocations per message (a
-//! counting global allocator, in an untimed round of each side) are reported on a line
-//! `{"bench":"consume_allocations",…}`. The last line is one JSON object.
+//! slower) and reads of each delivery what it must to dispatch it, the Event-Category and
+//! Event-Name borrowed by one `serde_json` pass, as warren's listener does before it
+//! picks a responder. Each side is timed from its first delivery to its last ack; the
+//! median of seven interleaved rounds is reported with the spread, and each round's CPU
+//! time of the process per message (every thread, lapin's I/O thread included).
+//!
+//! A third run per round, a lapin consumer that reads nothing of the body (a drain: it
+//! cannot tell one message from another), is reported beside it (`lapin_bare`,
+//! `ratio_bare`), so the price of reading an envelope at all stays in view. Allocations per
+//! message (a counting global allocator, in an untimed round of each side) are reported
+//! on a line `{"bench":"consume_allocations",…}`. The last line is one JSON object.
 
 mod common;
 
-use common::{MESSAGES, ROUNDS, SIZE};
+use common::{MESSAGES, ROUNDS, Reads, SIZE};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -35,6 +41,7 @@ async fn main() {
     let node = common::start_node("consume", "").await;
     let queue = format!("warren-bench-consume-{}", std::process::id());
     let mut rounds = common::Rounds::default();
+    let mut bare = common::Rounds::default();
     for round in 1..=ROUNDS {
         let fill = || async {
             common::fresh_queue(&channel, EXCHANGE, &queue).await;
@@ -43,7 +50,8 @@ async fn main() {
         let lapin = async {
             fill().await;
             let cpu = common::process_cpu();
-            let rate = common::fast_lapin_consumer(&queue, MESSAGES, PREFETCH).await;
+            let rate =
+                common::fast_lapin_consumer(&queue, MESSAGES, PREFETCH, Reads::Routing).await;
             (rate, common::process_cpu() - cpu)
         };
         let warren = async {
@@ -61,11 +69,15 @@ async fn main() {
             per_message(lapin_cpu)
         );
         rounds.push(round, "msg/s", warren, lapin);
+        fill().await;
+        let drained = common::fast_lapin_consumer(&queue, MESSAGES, PREFETCH, Reads::Nothing).await;
+        eprintln!("  lapin reading nothing of the body: {drained:.1} msg/s");
+        bare.push(round, "msg/s (warren, lapin bare)", warren, drained);
     }
     // Allocations per message, in one untimed round of each side.
     common::fresh_queue(&channel, EXCHANGE, &queue).await;
     common::prepublish(&channel, EXCHANGE, MESSAGES, SIZE).await;
-    let consume = common::fast_lapin_consumer(&queue, MESSAGES, PREFETCH);
+    let consume = common::fast_lapin_consumer(&queue, MESSAGES, PREFETCH, Reads::Routing);
     let (_, lapin) = common::allocations_during(consume).await;
     common::fresh_queue(&channel, EXCHANGE, &queue).await;
     common::prepublish(&channel, EXCHANGE, MESSAGES, SIZE).await;
@@ -81,11 +93,16 @@ async fn main() {
     );
     common::delete_queue(&channel, &queue).await;
     let _ = node.stop().await;
-    rounds.report(if common::over_tls() {
+    let bare_ratio = bare.ratio();
+    let bare_rate = common::median(bare.lapin_rates());
+    eprintln!("against a lapin consumer that reads nothing of the body: ratio {bare_ratio:.3}");
+    let extra = format!(",\"lapin_bare\":{bare_rate:.1},\"ratio_bare\":{bare_ratio:.3}");
+    let bench = if common::over_tls() {
         "consume_tls"
     } else {
         "consume"
-    });
+    };
+    rounds.report_with(bench, &extra);
     common::stop_tls();
 }
 

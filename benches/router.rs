@@ -85,7 +85,7 @@ async fn main() {
         );
         publish_events(&exchange).await;
 
-        let lapin = common::fast_lapin_consumer(&queue, EVENTS, PREFETCH);
+        let lapin = common::fast_lapin_consumer(&queue, EVENTS, PREFETCH, common::Reads::Routing);
         let warren = async {
             let before: Vec<u64> = received.iter().map(|r| r.load(Ordering::Relaxed)).collect();
             let started = Instant::now();

@@ -293,9 +293,30 @@ impl Rounds {
         self.lapin.push(lapin);
     }
 
+    /// The lapin side's figure of every round.
+    pub fn lapin_rates(&self) -> Vec<f64> {
+        self.lapin.clone()
+    }
+
+    /// The median of the per-round ratios (warren / lapin).
+    pub fn ratio(&self) -> f64 {
+        median(
+            self.warren
+                .iter()
+                .zip(&self.lapin)
+                .map(|(w, l)| w / l)
+                .collect(),
+        )
+    }
+
     /// Prints the medians with their spread, then the last line: the medians and the
     /// median of the per-round ratios (warren / lapin).
     pub fn report(self, bench: &str) {
+        self.report_with(bench, "");
+    }
+
+    /// As [`Rounds::report`], with `extra` (`,"key":value…`) added to the JSON object.
+    pub fn report_with(self, bench: &str, extra: &str) {
         let spread = |values: &[f64]| {
             let min = values.iter().copied().fold(f64::INFINITY, f64::min);
             let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -318,7 +339,9 @@ impl Rounds {
              ratio {ratio:.3} (median of the rounds; of the medians {:.3}), per round {ratio_min:.3}–{ratio_max:.3}",
             warren / lapin
         );
-        report(bench, warren, lapin, ratio);
+        println!(
+            "{{\"bench\":\"{bench}\",\"warren\":{warren:.1},\"lapin\":{lapin:.1},\"ratio\":{ratio:.3}{extra}}}"
+        );
     }
 }
 
@@ -391,13 +414,6 @@ pub async fn delete_queue(channel: &Channel, queue: &str) {
         .await;
 }
 
-/// The last line of every benchmark.
-pub fn report(bench: &str, warren: f64, lapin: f64, ratio: f64) {
-    println!(
-        "{{\"bench\":\"{bench}\",\"warren\":{warren:.1},\"lapin\":{lapin:.1},\"ratio\":{ratio:.3}}}"
-    );
-}
-
 /// A node with no apps for a benchmark; `extra` is more config.ini text.
 pub async fn start_node(label: &str, extra: &str) -> warren_runtime::node::Node {
     let tls = tls_ca()
@@ -416,11 +432,38 @@ pub async fn start_node(label: &str, extra: &str) -> warren_runtime::node::Node 
         .expect("node starts")
 }
 
+/// What the lapin consumer reads of each delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reads {
+    /// Nothing: it only counts and acks (a drain, not a consumer of envelopes).
+    Nothing,
+    /// The two headers a consumer of kapi envelopes dispatches on (Event-Category and
+    /// Event-Name), borrowed from the body by one `serde_json` pass: the least a
+    /// hand-written consumer does to know what a message is, as warren's listener must.
+    Routing,
+}
+
+/// The headers a hand-written consumer dispatches on, borrowed from the body.
+#[derive(serde::Deserialize)]
+struct Routing<'a> {
+    #[serde(rename = "Event-Category", borrow)]
+    category: std::borrow::Cow<'a, str>,
+    #[serde(rename = "Event-Name", borrow)]
+    name: std::borrow::Cow<'a, str>,
+}
+
+/// Whether `body` is an envelope a consumer can dispatch (both headers there).
+fn dispatches(body: &[u8]) -> bool {
+    serde_json::from_slice::<Routing>(body)
+        .is_ok_and(|routing| !routing.category.is_empty() && !routing.name.is_empty())
+}
+
 /// The fastest plain lapin consumer: manual acks coalesced with `multiple = true` (it
 /// takes every delivery already there, then acks them all at once, and at least every
-/// quarter of the prefetch). Consumes `count` messages; messages per second from the
-/// first delivery to the last ack.
-pub async fn fast_lapin_consumer(queue: &str, count: usize, prefetch: u16) -> f64 {
+/// quarter of the prefetch), reading what `reads` says of each delivery (a delivery that
+/// does not read as a bench envelope stops the bench). Consumes `count` messages;
+/// messages per second from the first delivery to the last ack.
+pub async fn fast_lapin_consumer(queue: &str, count: usize, prefetch: u16, reads: Reads) -> f64 {
     use futures::{FutureExt, StreamExt};
     use lapin::options::BasicAckOptions;
 
@@ -428,7 +471,11 @@ pub async fn fast_lapin_consumer(queue: &str, count: usize, prefetch: u16) -> f6
     let channel = connection.create_channel().await.expect("channel");
     let mut consumer = consume_acked(&channel, queue, "bench-lapin", prefetch).await;
     let tag = |item: Option<lapin::Result<lapin::message::Delivery>>| {
-        item.expect("stream open").expect("delivery").delivery_tag
+        let delivery = item.expect("stream open").expect("delivery");
+        if reads == Reads::Routing {
+            assert!(dispatches(&delivery.data), "an envelope with both headers");
+        }
+        delivery.delivery_tag
     };
     let ack = |tag: u64| {
         let channel = channel.clone();
