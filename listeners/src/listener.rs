@@ -29,6 +29,7 @@ mod confirms;
 mod consumer;
 mod drain;
 mod event;
+mod figures;
 mod handle;
 pub(crate) mod handling;
 mod outcome;

@@ -29,6 +29,7 @@ use tokio::task::JoinHandle;
 use warren_runtime::actor_slot::ActorSlot;
 use warren_runtime::config::PoolConfig;
 use warren_runtime::envelope::{Envelope, Stamp};
+use warren_runtime::metrics::{MetricsEntry, Report, Source};
 use warren_runtime::node::NodeContext;
 use warren_runtime::publisher::Publisher;
 use warren_runtime::supervisor::{
@@ -104,6 +105,8 @@ pub(crate) struct PoolInner {
     overflow_retired: AtomicU64,
     unclean_retired: AtomicU64,
     waiting: std::sync::atomic::AtomicUsize,
+    /// The pool's figures in `/metrics`, for as long as the pool exists.
+    _figures: MetricsEntry,
 }
 
 struct PoolState {
@@ -124,8 +127,10 @@ impl ListenerPool {
     pub(crate) fn new(name: &str, config: PoolConfig, node: NodeContext, stamp: Stamp) -> Self {
         let publisher = node.publisher.with_stamp(stamp.clone());
         let stop_timeout = node.listeners.listener.stop_timeout;
+        let metrics = node.metrics.clone();
         ListenerPool {
-            inner: Arc::new(PoolInner {
+            inner: Arc::new_cyclic(|this| PoolInner {
+                _figures: metrics.register(Arc::new(PoolFigures(this.clone()))),
                 name: name.to_string(),
                 config,
                 ctx: WorkerContext {
@@ -337,6 +342,60 @@ struct WorkerContext {
     publisher: Publisher,
     /// `[listener] stop_timeout`: how long one worker may take to stop.
     stop_timeout: Duration,
+}
+
+/// A pool's figures for `/metrics` (held weakly: the pool owns its registration).
+struct PoolFigures(std::sync::Weak<PoolInner>);
+
+impl Source for PoolFigures {
+    fn report(&self, report: &mut Report) {
+        let Some(inner) = self.0.upgrade() else {
+            return;
+        };
+        let pool = inner.name.clone();
+        let stats = ListenerPool { inner }.stats();
+        let labels = || vec![("pool", pool.clone())];
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        for (name, help, value) in [
+            (
+                "warren_pool_workers",
+                "Workers running or starting.",
+                stats.workers,
+            ),
+            ("warren_pool_busy", "Workers checked out now.", stats.busy),
+            (
+                "warren_pool_waiting",
+                "Checkouts waiting for a free worker now.",
+                stats.waiting,
+            ),
+        ] {
+            report.gauge(name, help, labels(), gauge(value));
+        }
+        for (name, help, value) in [
+            (
+                "warren_pool_checkouts",
+                "Workers checked out.",
+                stats.checkouts,
+            ),
+            (
+                "warren_pool_full",
+                "Checkouts that failed with PoolFull.",
+                stats.full,
+            ),
+            (
+                "warren_pool_workers_started",
+                "Overflow workers started.",
+                stats.overflow_started,
+            ),
+            (
+                "warren_pool_workers_retired",
+                "Overflow workers retired when idle.",
+                stats.overflow_retired,
+            ),
+        ] {
+            report.counter(name, help, labels(), value);
+        }
+    }
 }
 
 /// Counts a waiting checkout for as long as it waits (also when its future is dropped).

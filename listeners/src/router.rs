@@ -31,6 +31,7 @@ use futures::Stream;
 use tokio::sync::{Mutex, mpsc};
 use warren_runtime::actor_slot::ActorSlot;
 use warren_runtime::envelope::{Envelope, Stamp};
+use warren_runtime::metrics::{MetricsEntry, Report, Source};
 use warren_runtime::node::NodeContext;
 use warren_runtime::supervisor::{
     ChildSpec, Intensity, StopOrder, Supervisor, SupervisorMsg, SupervisorSpec,
@@ -123,6 +124,55 @@ struct RouterInner {
     bindings: Mutex<HashMap<String, usize>>,
     /// A router started with `spawn` (outside the tree).
     standalone: ActorSlot<SupervisorMsg>,
+    /// The router's figures in `/metrics`, for as long as the router exists.
+    _figures: MetricsEntry,
+}
+
+/// The router's figures for `/metrics`.
+struct RouterFigures(Arc<Table>);
+
+impl Source for RouterFigures {
+    fn report(&self, report: &mut Report) {
+        let counters = &self.0.counters;
+        let (subscribers, patterns) = self.0.size();
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        report.gauge(
+            "warren_router_subscribers",
+            "Subscribers of the configuration-event router.",
+            vec![],
+            count(subscribers),
+        );
+        report.gauge(
+            "warren_router_patterns",
+            "Distinct patterns, each one broker binding.",
+            vec![],
+            count(patterns),
+        );
+        for (name, help, counter) in [
+            (
+                "warren_router_events",
+                "Events received from the broker.",
+                &counters.events,
+            ),
+            (
+                "warren_router_deliveries",
+                "Events handed to subscribers.",
+                &counters.delivered,
+            ),
+            (
+                "warren_router_drops",
+                "Events dropped for subscribers that fell behind.",
+                &counters.dropped,
+            ),
+            (
+                "warren_router_resyncs",
+                "Resync markers handed out.",
+                &counters.resyncs,
+            ),
+        ] {
+            report.counter(name, help, vec![], counter.load(Ordering::Relaxed));
+        }
+    }
 }
 
 /// The listener behind the router.
@@ -178,11 +228,14 @@ impl ConfigRouter {
         Ok(ConfigRouter {
             inner: Arc::new(RouterInner {
                 exchange: config.exchange.clone(),
-                table,
+                table: table.clone(),
                 handle,
                 child,
                 bindings: Mutex::new(HashMap::new()),
                 standalone: ActorSlot::default(),
+                _figures: node
+                    .metrics
+                    .register(Arc::new(RouterFigures(table.clone()))),
             }),
         })
     }

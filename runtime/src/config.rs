@@ -69,6 +69,8 @@ pub struct Config {
     pub publisher: PublisherConfig,
     /// `[pool]`: the defaults every app's pool started from.
     pub pool: PoolConfig,
+    /// `[http]`: the operator endpoint, off unless `listen` is set.
+    pub http: HttpConfig,
     /// `[exchanges.*]` sorted by name: declaration flags an operator fixed for exchanges
     /// that warren or an app declares (e.g. to match what a Kazoo deployment declared).
     pub exchanges: Vec<ExchangeOverride>,
@@ -226,6 +228,17 @@ pub struct PublisherConfig {
     pub timeout: Duration,
     /// Publishes awaiting a broker confirm at once, per node (never 0).
     pub confirm_window: usize,
+}
+
+/// The operator endpoint (`[http]`): Prometheus metrics, health probes and the live
+/// status of the tree over HTTP.
+///
+/// It exists so that an operator (or Kubernetes) can see what a node is doing without
+/// reading its logs; it is off unless `listen` is set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// Where to serve; `None`: no endpoint.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// The node's configuration-event router (`[router]`).

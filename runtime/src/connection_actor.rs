@@ -34,7 +34,7 @@ use crate::config::Config;
 use crate::forward;
 use crate::log_limit::LogLimit;
 use crate::members::MemberCursor;
-use crate::registry::{ConnectionRegistry, StatusUpdate};
+use crate::registry::{ConnectionEvent, ConnectionRegistry, StatusUpdate};
 use crate::supervisor::StopDeadline;
 use crate::tls::{self, Tls};
 use crate::uri::{BrokerUri, redact_uri};
@@ -390,6 +390,8 @@ impl ConnectionState {
 
     fn up(&mut self, myself: &ActorRef<ConnectionMsg>, role: Role, connection: Connection) {
         let generation = self.registry.next_generation(self.broker.id, role);
+        self.registry
+            .count(self.broker.id, role, ConnectionEvent::Opened);
         let events = drain_events(&connection, generation, role, myself.clone());
         let slot = self.slot_mut(role);
         slot.link = Some(Link {
@@ -419,6 +421,8 @@ impl ConnectionState {
 
     fn failed(&mut self, myself: &ActorRef<ConnectionMsg>, role: Role, failure: ConnectFailure) {
         let member = self.member(role).redacted().to_string();
+        self.registry
+            .count(self.broker.id, role, ConnectionEvent::Failed);
         let slot = self.slot_mut(role);
         slot.failed_attempts = slot.failed_attempts.saturating_add(1);
         slot.refused = failure.refused;
@@ -519,6 +523,8 @@ impl ConnectionState {
         slot.refused = false;
         let generation = link.generation;
         close_in_background(link);
+        self.registry
+            .count(self.broker.id, role, ConnectionEvent::Lost);
         let member = self.member(role).redacted().to_string();
         if self.slot_mut(role).members.lost() {
             // A cluster: the same broker on another member, not a failover. The

@@ -11,6 +11,7 @@
 //!   (the node's publisher that follows the primary);
 //! - `forward`: a task that feeds an actor from a stream or a watched value;
 //! - `log_limit`: one log line per key and interval, for anything that can flood;
+//! - `metrics`: every part's figures for a Prometheus scrape; `http`: the operator endpoint;
 //! - `readiness`: which parts of the node do their work, and why the others do not;
 //! - `node`: the root supervision tree and the handles apps are built with.
 //!
@@ -28,10 +29,13 @@ pub mod connections;
 pub mod envelope;
 pub mod exchanges;
 pub mod forward;
+pub mod http;
 pub mod kapi_conf;
 pub mod log_limit;
 mod members;
+pub mod metrics;
 pub mod node;
+pub mod publish_metrics;
 pub mod publisher;
 pub mod readiness;
 pub mod registry;

@@ -14,6 +14,7 @@
 //! each within its own shutdown timeout, the whole within `[service] shutdown_timeout_secs`.
 //! This module owns the tree's shape; each child owns its own behaviour.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::ActorRef;
@@ -26,6 +27,8 @@ use crate::config::{Config, ListenerSettings, PoolConfig, RouterConfig};
 use crate::connection_actor::ConnectionSettings;
 use crate::connections::Connections;
 use crate::envelope::Stamp;
+use crate::http::{HttpEndpoint, Observed};
+use crate::metrics::{Metrics, MetricsEntry};
 use crate::publisher::Publisher;
 use crate::readiness::Readiness;
 use crate::registry::{ConnectionRegistry, RegistryActor};
@@ -54,6 +57,8 @@ pub struct NodeContext {
     pub publisher: Publisher,
     /// Whether every listener, pool worker and the router consume (and why not).
     pub readiness: Readiness,
+    /// Where every part registers its figures for `/metrics`.
+    pub metrics: Metrics,
 }
 
 /// What a caller adds to the tree: services (the configuration-event router) start after
@@ -83,6 +88,10 @@ pub struct Node {
     shutdown_timeout: Duration,
     /// Where the stop deadline is written for the root.
     deadline: StopDeadline,
+    /// `[http] listen`: the operator endpoint, when configured.
+    http: Option<HttpEndpoint>,
+    /// The node's own metric sources (brokers, publisher), registered while it runs.
+    _figures: Vec<MetricsEntry>,
 }
 
 /// The node could not start. The message is the readable chain of causes.
@@ -139,10 +148,33 @@ impl Node {
                 node: config.service.node.clone(),
             }),
             readiness: Readiness::default(),
+            metrics: Metrics::default(),
         };
         let Children { services, apps } = children(&context)
             .map_err(|error| StartError::Refused(error.to_string()))?
             .into();
+        let figures = vec![
+            context.metrics.register(Arc::new(registry.clone())),
+            context.metrics.register(context.publisher.figures()),
+        ];
+        // Bound before the tree starts: a port in use stops the start with its address.
+        let root_slot = Arc::new(parking_lot::Mutex::new(None));
+        let http = match config.http.listen {
+            Some(address) => {
+                let observed = Observed {
+                    node: context.node.clone(),
+                    metrics: context.metrics.clone(),
+                    readiness: context.readiness.clone(),
+                    registry: registry.clone(),
+                    root: root_slot.clone(),
+                };
+                let endpoint = HttpEndpoint::start(address, observed)
+                    .await
+                    .map_err(|error| StartError::Failed(error.to_string()))?;
+                Some(endpoint)
+            }
+            None => None,
+        };
 
         let registry_child = {
             let registry = registry.clone();
@@ -189,9 +221,16 @@ impl Node {
             .collect(),
         };
         let deadline = StopDeadline::default();
-        let (root, done) = Supervisor::spawn_told(root, deadline.clone())
-            .await
-            .map_err(|e| StartError::Failed(spawn_error_reason(&e)))?;
+        let (root, done) = match Supervisor::spawn_told(root, deadline.clone()).await {
+            Ok(spawned) => spawned,
+            Err(error) => {
+                if let Some(http) = http {
+                    http.stop().await;
+                }
+                return Err(StartError::Failed(spawn_error_reason(&error)));
+            }
+        };
+        *root_slot.lock() = Some(root.clone());
         tracing::info!(node = %config.service.node, "supervision tree started");
         Ok(Node {
             root,
@@ -199,7 +238,15 @@ impl Node {
             context,
             shutdown_timeout: config.service.shutdown_timeout,
             deadline,
+            http,
+            _figures: figures,
         })
+    }
+
+    /// Where the operator endpoint serves (`[http] listen`, with the port the system
+    /// chose for port 0), if it is configured.
+    pub fn http_address(&self) -> Option<std::net::SocketAddr> {
+        self.http.as_ref().map(HttpEndpoint::address)
     }
 
     /// The node's handles.
@@ -216,10 +263,10 @@ impl Node {
     /// Stops the tree in order: apps, services, assignments, connections, registry, out
     /// of one budget, `[service] shutdown_timeout_secs`: each supervisor hands its
     /// children deadlines out of its own (see `supervisor::deadline`).
-    pub async fn stop(self) -> Result<(), StopTimeout> {
+    pub async fn stop(mut self) -> Result<(), StopTimeout> {
         let timeout = self.shutdown_timeout;
         self.deadline.set(tokio::time::Instant::now() + timeout);
-        match self
+        let stopped = match self
             .root
             .stop_and_wait(
                 Some("node stopping".to_string()),
@@ -234,6 +281,11 @@ impl Node {
             }
             // The root had already stopped.
             Err(_) => Ok(()),
+        };
+        // Last: probes see the node stopping until the tree is gone.
+        if let Some(http) = self.http.take() {
+            http.stop().await;
         }
+        stopped
     }
 }

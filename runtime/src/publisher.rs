@@ -39,6 +39,7 @@ use crate::config::PublisherConfig;
 use crate::confirm::{self, PublishError, PublishOptions, Published};
 use crate::connections::Connections;
 use crate::envelope::{Envelope, Stamp};
+use crate::publish_metrics::PublishMetrics;
 use crate::registry::ConnectionRegistry;
 
 /// Pause before trying again after a failed channel open or a lost publish.
@@ -76,6 +77,8 @@ struct Inner {
     last_primary: RwLock<Option<BrokerId>>,
     window: Arc<Semaphore>,
     timeout: Duration,
+    /// What was published, per broker (reported at each scrape).
+    figures: Arc<PublishMetrics>,
     /// Bound for `confirm.select` on a new channel.
     operation_timeout: Duration,
 }
@@ -133,6 +136,7 @@ impl Publisher {
         Publisher {
             inner: Arc::new(Inner {
                 operation_timeout: connections.settings().operation_timeout,
+                figures: Arc::new(PublishMetrics::new(registry.clone())),
                 registry,
                 connections,
                 channels: RwLock::new(vec![None; brokers]),
@@ -235,9 +239,17 @@ impl Publisher {
             let (open, confirm) = self
                 .write(&outgoing, deadline, options.timeout, &mut last_loss)
                 .await?;
-            match tokio::time::timeout_at(deadline, confirm::confirmation(confirm)).await {
-                Ok(Ok(published)) => return Ok(published),
-                Ok(Err(error)) if error.is_retryable() => {
+            let written = Instant::now();
+            let answer =
+                match tokio::time::timeout_at(deadline, confirm::confirmation(confirm)).await {
+                    Ok(answer) => answer,
+                    Err(_) => Err(self.late(open.broker, options.timeout)),
+                };
+            let figures = &self.inner.figures;
+            figures.record(open.broker, written, outgoing.body.len(), &answer);
+            match answer {
+                Ok(published) => return Ok(published),
+                Err(error) if error.is_retryable() => {
                     tracing::debug!(broker = %open.broker, %error, "publish lost with its channel; retrying");
                     self.forget(&open);
                     if Instant::now() + RETRY_PAUSE >= deadline {
@@ -246,13 +258,12 @@ impl Publisher {
                     last_loss = Some(error.to_string());
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
-                Ok(Err(error)) => {
+                Err(error) => {
                     if matches!(error, PublishError::Refused(_)) {
                         self.forget(&open);
                     }
                     return Err(error);
                 }
-                Err(_) => return Err(self.late(open.broker, options.timeout)),
             }
         }
     }
@@ -279,16 +290,22 @@ impl Publisher {
         let broker = open.broker;
         let this = self.clone();
         let timeout = options.timeout;
+        let (written, bytes) = (Instant::now(), outgoing.body.len());
         let future = async move {
             let _permit: OwnedSemaphorePermit = permit;
-            match tokio::time::timeout_at(deadline, confirm::confirmation(confirm)).await {
-                Ok(Err(error @ PublishError::Refused(_))) => {
-                    this.forget(&open);
-                    Err(error)
-                }
-                Ok(result) => result,
-                Err(_) => Err(this.late(open.broker, timeout)),
-            }
+            let answer =
+                match tokio::time::timeout_at(deadline, confirm::confirmation(confirm)).await {
+                    Ok(Err(error @ PublishError::Refused(_))) => {
+                        this.forget(&open);
+                        Err(error)
+                    }
+                    Ok(result) => result,
+                    Err(_) => Err(this.late(open.broker, timeout)),
+                };
+            this.inner
+                .figures
+                .record(open.broker, written, bytes, &answer);
+            answer
         };
         Ok(Sent {
             broker,
@@ -392,6 +409,11 @@ impl Publisher {
     }
 
     /// The error for a publish that ran out of time on `broker`.
+    /// What this publisher (and every publisher sharing its window) published, per broker.
+    pub fn figures(&self) -> Arc<PublishMetrics> {
+        self.inner.figures.clone()
+    }
+
     fn late(&self, broker: BrokerId, waited: Duration) -> PublishError {
         match self
             .inner

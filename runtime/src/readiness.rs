@@ -71,6 +71,11 @@ impl Readiness {
         }
     }
 
+    /// Every registered part and its state, in registration order.
+    pub fn parts(&self) -> Vec<(String, PartState)> {
+        self.inner.parts.lock().values().cloned().collect()
+    }
+
     /// Whether every registered part is ready.
     pub fn is_ready(&self) -> bool {
         self.inner

@@ -19,6 +19,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use parking_lot::{Mutex, RwLock};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::watch;
@@ -116,6 +118,22 @@ fn tried_list(tried: &[(String, String, Option<String>)]) -> String {
     out
 }
 
+/// How often one of a broker's connections opened, was lost and failed to open.
+#[derive(Default)]
+struct ConnectionCounts {
+    opened: AtomicU64,
+    lost: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// What happened to a connection, for the counts the metrics report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectionEvent {
+    Opened,
+    Lost,
+    Failed,
+}
+
 /// Shared handle to the registry: cheap to clone, read without a round trip.
 #[derive(Clone)]
 pub struct ConnectionRegistry {
@@ -138,6 +156,9 @@ struct Inner {
     /// The last generation handed out per broker, [consume, publish]. Outlives connection
     /// actors (and the registry actor), so generations are never reused.
     generations: Mutex<Vec<[u64; 2]>>,
+    /// Connections opened, lost and failed to open per broker, [consume, publish]; like
+    /// the generations, they outlive connection actors.
+    counts: Vec<[ConnectionCounts; 2]>,
     /// Bumped on every status change; `wait_until_ready` and subscribers watch it.
     version: watch::Sender<u64>,
 }
@@ -177,9 +198,24 @@ impl ConnectionRegistry {
                 restarts: watch::Sender::new(0),
                 actor: ActorSlot::default(),
                 generations: Mutex::new(vec![[0, 0]; n]),
+                counts: (0..n).map(|_| Default::default()).collect(),
                 version,
             }),
         }
+    }
+
+    /// Counts a connection event of `role` on broker `id` (connection actors call this).
+    pub fn count(&self, id: BrokerId, role: Role, event: ConnectionEvent) {
+        let Some(counts) = self.inner.counts.get(id.0) else {
+            return;
+        };
+        let counts = &counts[role_index(role)];
+        let counter = match event {
+            ConnectionEvent::Opened => &counts.opened,
+            ConnectionEvent::Lost => &counts.lost,
+            ConnectionEvent::Failed => &counts.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// This node's zone.
@@ -513,6 +549,67 @@ impl Actor for RegistryActor {
     ) -> Result<(), ActorProcessingErr> {
         registry.inner.actor.clear_if(&myself);
         Ok(())
+    }
+}
+
+fn role_index(role: Role) -> usize {
+    match role {
+        Role::Consume => 0,
+        Role::Publish => 1,
+    }
+}
+
+/// Per broker and connection: up, blocked, and how often it opened, was lost and failed.
+impl crate::metrics::Source for ConnectionRegistry {
+    fn report(&self, report: &mut crate::metrics::Report) {
+        let status = self.inner.status.read().clone();
+        for (broker, status) in self.inner.brokers.iter().zip(status) {
+            for role in [Role::Consume, Role::Publish] {
+                let labels = || {
+                    vec![
+                        ("broker", broker.uri.redacted().to_string()),
+                        ("zone", broker.zone.clone()),
+                        ("connection", role.name().to_string()),
+                    ]
+                };
+                let (up, blocked) = match role {
+                    Role::Consume => (status.available, status.consume_blocked.is_some()),
+                    Role::Publish => (status.publish_available, status.publish_blocked.is_some()),
+                };
+                report.gauge(
+                    "warren_broker_connection_up",
+                    "Whether the connection to the broker is open (1) or not (0).",
+                    labels(),
+                    i64::from(up),
+                );
+                report.gauge(
+                    "warren_broker_connection_blocked",
+                    "Whether the broker blocked the connection (connection.blocked, e.g. a memory alarm).",
+                    labels(),
+                    i64::from(blocked),
+                );
+                let counts = &self.inner.counts[broker.id.0][role_index(role)];
+                for (name, help, counter) in [
+                    (
+                        "warren_broker_connections_opened",
+                        "Connections opened to the broker.",
+                        &counts.opened,
+                    ),
+                    (
+                        "warren_broker_connections_lost",
+                        "Open connections lost (closed by the broker, the network or a missed heartbeat).",
+                        &counts.lost,
+                    ),
+                    (
+                        "warren_broker_connections_failed",
+                        "Connection attempts that failed.",
+                        &counts.failed,
+                    ),
+                ] {
+                    report.counter(name, help, labels(), counter.load(Ordering::Relaxed));
+                }
+            }
+        }
     }
 }
 

@@ -27,7 +27,10 @@ use warren_runtime::backoff::Backoff;
 use warren_runtime::broker::BrokerId;
 use warren_runtime::forward;
 use warren_runtime::log_limit::LogLimit;
+use warren_runtime::metrics::MetricsEntry;
 use warren_runtime::readiness::ReadinessEntry;
+
+use super::figures::ListenerFigures;
 use warren_runtime::supervisor::StopDeadline;
 
 use super::Notice;
@@ -189,6 +192,8 @@ pub(crate) struct ListenerState {
     next_task: u64,
     setup_failures: u32,
     readiness: ReadinessEntry,
+    /// The listener's figures in `/metrics`, while the actor runs.
+    _figures: MetricsEntry,
     /// Bindings of the topology and the brokers they were declared on.
     placed: Vec<Placed>,
     /// Bindings removed while some broker's queue may still have them: unbound there when
@@ -967,6 +972,9 @@ impl Actor for ListenerActor {
         let readiness = shared
             .readiness
             .register(format!("listener:{}", shared.name));
+        let figures = shared
+            .metrics
+            .register(Arc::new(ListenerFigures(shared.clone())));
         Ok(ListenerState {
             shared,
             slot,
@@ -979,6 +987,7 @@ impl Actor for ListenerActor {
             next_task: 0,
             setup_failures: 0,
             readiness,
+            _figures: figures,
             placed: Vec::new(),
             tombstones: Vec::new(),
             refused: None,

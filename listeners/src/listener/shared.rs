@@ -17,6 +17,7 @@ use warren_runtime::assignments::{Assignments, ChannelKind};
 use warren_runtime::broker::{Broker, BrokerId};
 use warren_runtime::envelope::Stamp;
 use warren_runtime::exchanges::TARGETED;
+use warren_runtime::metrics::Metrics;
 use warren_runtime::node::NodeContext;
 use warren_runtime::publisher::Publisher;
 use warren_runtime::readiness::Readiness;
@@ -134,6 +135,8 @@ pub(crate) struct ListenerShared {
     pub current: RwLock<Option<(BrokerId, u64)>>,
     pub assignments: Assignments,
     pub readiness: Readiness,
+    /// Where the listener's figures are reported while its actor runs.
+    pub metrics: Metrics,
 }
 
 /// The longest listener name used inside queue names and consumer tags: with the longest
@@ -254,6 +257,7 @@ impl ListenerShared {
             current: RwLock::new(None),
             assignments: node.assignments.clone(),
             readiness: node.readiness.clone(),
+            metrics: node.metrics.clone(),
             listener,
         }))
     }

@@ -90,6 +90,14 @@ fn write_config(out: &mut String, config: &Config) -> fmt::Result {
     writeln!(out, "\n[pool]")?;
     pool_lines(out, "", &config.pool)?;
 
+    writeln!(out, "\n[http]")?;
+    let listen = config
+        .http
+        .listen
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    key(out, "listen", quote(&listen))?;
+
     for exchange in &config.exchanges {
         writeln!(out, "\n[exchanges.{}]", segment(&exchange.name))?;
         if let Some(durable) = exchange.durable {

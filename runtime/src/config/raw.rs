@@ -87,6 +87,9 @@ pub(super) struct RawConfig {
     pub router: RawRouter,
     #[serde(default)]
     pub pool: RawPool,
+    /// `[http]`: the operator endpoint (metrics, health, status).
+    #[serde(default)]
+    pub http: RawHttp,
     /// `[exchanges.<name>]`, keyed by the exchange name with its span in the file.
     #[serde(default)]
     pub exchanges: BTreeMap<Spanned<String>, RawExchange>,
@@ -258,6 +261,14 @@ pub(super) struct RawListener {
 pub(super) struct RawPublisher {
     pub timeout_ms: Option<Spanned<u64>>,
     pub confirm_window: Option<Spanned<usize>>,
+}
+
+/// `[http]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHttp {
+    /// `host:port` to serve on; empty or absent: no endpoint.
+    pub listen: Option<Spanned<String>>,
 }
 
 /// `[router]`.

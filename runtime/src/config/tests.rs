@@ -455,6 +455,7 @@ pool_size = 2
         [
             "amqp",
             "apps",
+            "http",
             "listener",
             "pool",
             "publisher",
@@ -1096,6 +1097,31 @@ fn a_tagged_broker_listed_twice_is_refused() {
         "zones.local.brokers[1].uri",
         "already listed as `zones.local.brokers[0]` on line 2",
     );
+}
+
+#[test]
+fn http_listen_is_an_address_and_port_or_empty() {
+    let on = parse(&format!(
+        "{LOCAL_ZONE}[http]\nlisten = \"127.0.0.1:9090\"\n"
+    ))
+    .expect("valid");
+    assert_eq!(
+        on.http.listen,
+        Some("127.0.0.1:9090".parse().expect("address"))
+    );
+    assert!(on.effective_toml().contains("listen = \"127.0.0.1:9090\""));
+    let off = parse(&format!("{LOCAL_ZONE}[http]\nlisten = \"\"\n")).expect("valid");
+    assert_eq!(off.http.listen, None);
+    assert_eq!(parse(LOCAL_ZONE).expect("valid").http.listen, None);
+    for bad in ["9090", "localhost:9090", "127.0.0.1", "127.0.0.1:99999"] {
+        let refusal = refuse(&format!("{LOCAL_ZONE}[http]\nlisten = \"{bad}\"\n"), None);
+        assert_eq!(refusal.key, "http.listen", "{bad}");
+        assert!(
+            refusal.message.contains("IP address and port"),
+            "{}",
+            refusal.message
+        );
+    }
 }
 
 #[test]

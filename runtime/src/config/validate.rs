@@ -14,12 +14,12 @@ use toml::Spanned;
 use super::error::{ConfigError, Problem};
 use super::locate::{Source, join};
 use super::raw::{
-    self, BrokerForm, RawAmqp, RawApp, RawBroker, RawConfig, RawExchange, RawListener, RawPool,
-    RawPublisher, RawRouter, RawService, RawTls, RawZone,
+    self, BrokerForm, RawAmqp, RawApp, RawBroker, RawConfig, RawExchange, RawHttp, RawListener,
+    RawPool, RawPublisher, RawRouter, RawService, RawTls, RawZone,
 };
 use super::read::closest;
 use super::{
-    AmqpConfig, AppConfig, Config, ConfiguredBroker, ExchangeOverride, ListenerConfig,
+    AmqpConfig, AppConfig, Config, ConfiguredBroker, ExchangeOverride, HttpConfig, ListenerConfig,
     MAX_NODE_BYTES, PoolConfig, PublisherConfig, RouterConfig, ServiceConfig, Zone,
 };
 use crate::tls::{Tls, TlsFiles, TlsKey, valid_server_name};
@@ -44,6 +44,7 @@ pub(super) fn validate(raw: RawConfig, inputs: &Inputs<'_>) -> Result<Config, Co
     let router = router(&raw.router, source)?;
     let publisher = publisher(&raw.publisher, source)?;
     let pool = pool(&raw.pool, source)?;
+    let http = http(&raw.http, source)?;
     let exchanges = exchanges(&raw.exchanges, source)?;
     let apps = apps(&raw.apps, pool, inputs)?;
     Ok(Config {
@@ -56,6 +57,7 @@ pub(super) fn validate(raw: RawConfig, inputs: &Inputs<'_>) -> Result<Config, Co
         router,
         publisher,
         pool,
+        http,
         exchanges,
         apps,
     })
@@ -234,6 +236,31 @@ fn publisher(raw: &RawPublisher, source: &Source<'_>) -> Result<PublisherConfig,
         timeout: Duration::from_millis(timeout),
         confirm_window,
     })
+}
+
+/// `[http]`: `listen` is `host:port` with an IP address (a name would be resolved at
+/// start, and could fail there instead of here), or empty for no endpoint.
+fn http(raw: &RawHttp, source: &Source<'_>) -> Result<HttpConfig, ConfigError> {
+    let listen = match &raw.listen {
+        None => None,
+        Some(written) if written.get_ref().trim().is_empty() => None,
+        Some(written) => match written.get_ref().trim().parse::<std::net::SocketAddr>() {
+            Ok(address) => Some(address),
+            Err(_) => {
+                return Err(source.error(
+                    written.span().start,
+                    "http.listen",
+                    Problem::InvalidValue {
+                        expected:
+                            "an IP address and port such as \"127.0.0.1:9090\", or \"\" for none"
+                                .to_string(),
+                        found: format!("{:?}", written.get_ref()),
+                    },
+                ));
+            }
+        },
+    };
+    Ok(HttpConfig { listen })
 }
 
 /// `[router]`.

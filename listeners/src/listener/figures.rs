@@ -1,0 +1,71 @@
+//! A listener's figures for `/metrics`: its message counters (kept by the consumer loop
+//! anyway, read only at a scrape) and whether it consumes.
+//!
+//! Owns the metric names of listeners. Must not touch counting (the consumer loop's).
+
+use std::sync::Arc;
+
+use warren_runtime::metrics::{Report, Source};
+
+use super::shared::ListenerShared;
+
+/// The figures of one listener, registered while its actor runs.
+pub(crate) struct ListenerFigures(pub Arc<ListenerShared>);
+
+impl Source for ListenerFigures {
+    fn report(&self, report: &mut Report) {
+        let shared = &self.0;
+        let stats = shared.stats.snapshot();
+        let labels = || vec![("listener", shared.name.clone())];
+        for (name, help, value) in [
+            (
+                "warren_listener_deliveries",
+                "Messages the broker delivered to the listener.",
+                stats.received,
+            ),
+            (
+                "warren_listener_acks",
+                "Messages acknowledged (handled, or parked).",
+                stats.acked,
+            ),
+            (
+                "warren_listener_nacks",
+                "Messages given back to the queue (a retry, a panic, deferred).",
+                stats.requeued,
+            ),
+            (
+                "warren_listener_rejects",
+                "Messages taken off the queue for good (dead-lettered or parked).",
+                stats.rejected,
+            ),
+            (
+                "warren_listener_parked",
+                "Of the rejects: messages moved to the parking queue.",
+                stats.parked,
+            ),
+            (
+                "warren_listener_undecodable",
+                "Messages that are not a valid envelope (or too large, or with invalid fields).",
+                stats.undecodable,
+            ),
+            (
+                "warren_listener_handler_panics",
+                "Panics of app code on a message.",
+                stats.handler_panics,
+            ),
+            (
+                "warren_listener_unconfirmed",
+                "Messages retried because a publish of their handlers was not confirmed.",
+                stats.unconfirmed,
+            ),
+        ] {
+            report.counter(name, help, labels(), value);
+        }
+        report.gauge(
+            "warren_listener_consuming",
+            "Whether the listener consumes now (1) or not (0).",
+            labels(),
+            i64::from(*shared.consuming.borrow()),
+        );
+    }
+}

@@ -1,0 +1,224 @@
+//! The operator endpoint (`[http] listen`): Prometheus metrics, Kubernetes-style health
+//! probes and the node's status as JSON.
+//!
+//! - `GET /metrics`: every registered source's figures, Prometheus text format;
+//! - `GET /health/live`: 200 while the supervision tree runs, 503 once it gave up;
+//! - `GET /health/ready`: 200 when a local broker is up (there is a primary) and every
+//!   listener, pool worker and the router consume; 503 with the reason otherwise;
+//! - `GET /status`: the node, its brokers and the state of each part, as JSON.
+//!
+//! The socket is bound before the tree starts, so a port in use is a start error naming
+//! the address. Owns the HTTP server and its shutdown; must not touch what it reports
+//! (the registry, readiness and metrics own that).
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use ractor::{ActorRef, ActorStatus};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::metrics::Metrics;
+use crate::readiness::{PartState, Readiness};
+use crate::registry::ConnectionRegistry;
+use crate::supervisor::SupervisorMsg;
+
+/// What the endpoint reads to answer.
+#[derive(Clone)]
+pub struct Observed {
+    pub node: String,
+    pub metrics: Metrics,
+    pub readiness: Readiness,
+    pub registry: ConnectionRegistry,
+    /// The root supervisor, once the tree started.
+    pub root: std::sync::Arc<parking_lot::Mutex<Option<ActorRef<SupervisorMsg>>>>,
+}
+
+/// The running endpoint. It exists so that the node stops it with the tree.
+pub struct HttpEndpoint {
+    address: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+/// The endpoint could not start (the address is in use, not local, …).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve [http] listen = \"{address}\": {source}")]
+pub struct BindError {
+    pub address: SocketAddr,
+    pub source: std::io::Error,
+}
+
+impl HttpEndpoint {
+    /// Binds `address` and serves until [`HttpEndpoint::stop`].
+    pub async fn start(address: SocketAddr, observed: Observed) -> Result<Self, BindError> {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|source| BindError { address, source })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| BindError { address, source })?;
+        let app = Router::new()
+            .route("/metrics", get(metrics))
+            .route("/health/live", get(live))
+            .route("/health/ready", get(ready))
+            .route("/status", get(status))
+            .with_state(observed);
+        let (shutdown, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
+            if let Err(error) = served {
+                tracing::warn!(%error, "the HTTP endpoint stopped");
+            }
+        });
+        tracing::info!(address = %bound, "HTTP endpoint serving /metrics, /health/live, /health/ready, /status");
+        Ok(HttpEndpoint {
+            address: bound,
+            shutdown: Some(shutdown),
+            task,
+        })
+    }
+
+    /// The address it serves on (the port the system chose for port 0).
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Stops serving: open requests finish, new connections are refused.
+    pub async fn stop(mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), &mut self.task).await;
+        self.task.abort();
+    }
+}
+
+async fn metrics(State(observed): State<Observed>) -> Response {
+    let text = observed.metrics.encode();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+fn is_live(observed: &Observed) -> bool {
+    observed
+        .root
+        .lock()
+        .as_ref()
+        .is_some_and(|root| root.get_status() == ActorStatus::Running)
+}
+
+async fn live(State(observed): State<Observed>) -> Response {
+    if is_live(&observed) {
+        probe(true, json!({"status": "live"}))
+    } else {
+        probe(
+            false,
+            json!({"status": "dead", "reason": "the supervision tree is not running"}),
+        )
+    }
+}
+
+/// Why the node is not ready, or `None` when it is.
+fn not_ready(observed: &Observed) -> Option<String> {
+    if !is_live(observed) {
+        return Some("the supervision tree is not running".to_string());
+    }
+    if observed.registry.primary().is_none() {
+        return Some(format!(
+            "no broker of the local zone `{}` is up",
+            observed.registry.local_zone()
+        ));
+    }
+    if !observed.readiness.is_ready() {
+        return Some(format!(
+            "not consuming yet: {}",
+            observed.readiness.describe_pending()
+        ));
+    }
+    None
+}
+
+async fn ready(State(observed): State<Observed>) -> Response {
+    match not_ready(&observed) {
+        None => probe(true, json!({"status": "ready"})),
+        Some(reason) => probe(false, json!({"status": "not ready", "reason": reason})),
+    }
+}
+
+async fn status(State(observed): State<Observed>) -> Response {
+    let registry = &observed.registry;
+    let primary = registry.primary().map(|b| b.id);
+    let brokers: Vec<Value> = registry
+        .brokers()
+        .iter()
+        .map(|broker| {
+            let status = registry.status(broker.id);
+            json!({
+                "broker": broker.uri.redacted().to_string(),
+                "zone": broker.zone,
+                "local": broker.local,
+                "primary": primary == Some(broker.id),
+                "consume": status.as_ref().map(|s| json!({
+                    "up": s.available,
+                    "generation": s.generation,
+                    "blocked": s.consume_blocked,
+                    "failed_attempts": s.failed_attempts,
+                })),
+                "publish": status.as_ref().map(|s| json!({
+                    "up": s.publish_available,
+                    "generation": s.publish_generation,
+                    "blocked": s.publish_blocked,
+                    "failed_attempts": s.publish_failed_attempts,
+                })),
+                "last_error": status.and_then(|s| s.last_error),
+            })
+        })
+        .collect();
+    let parts: Vec<Value> = observed
+        .readiness
+        .parts()
+        .into_iter()
+        .map(|(name, state)| {
+            let (state, reason) = match state {
+                PartState::Starting => ("starting", None),
+                PartState::Ready => ("ready", None),
+                PartState::NotReady(reason) => ("not ready", Some(reason)),
+            };
+            json!({"name": name, "state": state, "reason": reason})
+        })
+        .collect();
+    let body = json!({
+        "node": observed.node,
+        "live": is_live(&observed),
+        "ready": not_ready(&observed).is_none(),
+        "not_ready": not_ready(&observed),
+        "brokers": brokers,
+        "parts": parts,
+    });
+    (StatusCode::OK, axum::Json(body)).into_response()
+}
+
+fn probe(ok: bool, body: Value) -> Response {
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(body)).into_response()
+}

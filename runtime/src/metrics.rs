@@ -1,0 +1,315 @@
+//! Metrics: what every part of a node has done, read when Prometheus scrapes `/metrics`.
+//!
+//! A part (the broker registry, the publisher, a listener, a pool, the router) registers
+//! a [`Source`] while it lives; at each scrape every source writes its figures into a
+//! [`Report`], which is encoded in the Prometheus text format by `prometheus-client`.
+//! Counters that the parts keep anyway (a listener's stats, a pool's) are read only
+//! then, so the hot path pays nothing for them; only histograms are observed as things
+//! happen ([`Histogram`], `prometheus-client`'s).
+//!
+//! Owns the table of sources and the encoding. Must not touch what the figures mean:
+//! each source names and documents its own (the README lists them all).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+pub use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Labels of one sample: `(name, value)` pairs, e.g. `[("listener", "echo")]`.
+pub type Labels = Vec<(&'static str, String)>;
+
+/// Something that has figures to report at each scrape.
+pub trait Source: Send + Sync {
+    /// Writes this part's figures into `report`.
+    fn report(&self, report: &mut Report);
+}
+
+/// The node's metrics: the sources registered now. Cheap to clone.
+///
+/// It exists so that one scrape sees every part of the node without any part keeping a
+/// registry of its own or paying per message for figures it already counts.
+#[derive(Clone, Default)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    sources: Mutex<BTreeMap<u64, Arc<dyn Source>>>,
+    next: AtomicU64,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("sources", &self.inner.sources.lock().len())
+            .finish()
+    }
+}
+
+/// A registered source; it is removed when this is dropped (the part stopped).
+pub struct MetricsEntry {
+    id: u64,
+    metrics: Metrics,
+}
+
+impl Drop for MetricsEntry {
+    fn drop(&mut self) {
+        self.metrics.inner.sources.lock().remove(&self.id);
+    }
+}
+
+impl Metrics {
+    /// Adds `source` to every scrape until the returned entry is dropped.
+    pub fn register(&self, source: Arc<dyn Source>) -> MetricsEntry {
+        let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        self.inner.sources.lock().insert(id, source);
+        MetricsEntry {
+            id,
+            metrics: self.clone(),
+        }
+    }
+
+    /// Every source's figures now.
+    pub fn report(&self) -> Report {
+        let sources: Vec<Arc<dyn Source>> = self.inner.sources.lock().values().cloned().collect();
+        let mut report = Report::default();
+        for source in sources {
+            source.report(&mut report);
+        }
+        report
+    }
+
+    /// The Prometheus text exposition of every source's figures now.
+    pub fn encode(&self) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Snapshot(self.report())));
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+        text
+    }
+}
+
+/// One scrape's figures, grouped by metric name.
+#[derive(Default)]
+pub struct Report {
+    families: BTreeMap<&'static str, Family>,
+}
+
+struct Family {
+    help: &'static str,
+    kind: MetricType,
+    samples: Vec<(Labels, Value)>,
+}
+
+enum Value {
+    Counter(u64),
+    Gauge(i64),
+    Histogram(Histogram),
+}
+
+impl Report {
+    /// A count that only grows (exposed with the `_total` suffix).
+    pub fn counter(&mut self, name: &'static str, help: &'static str, labels: Labels, value: u64) {
+        self.add(
+            name,
+            help,
+            MetricType::Counter,
+            labels,
+            Value::Counter(value),
+        );
+    }
+
+    /// A value that goes up and down (a size, a state as 0/1).
+    pub fn gauge(&mut self, name: &'static str, help: &'static str, labels: Labels, value: i64) {
+        self.add(name, help, MetricType::Gauge, labels, Value::Gauge(value));
+    }
+
+    /// A distribution observed as things happened.
+    pub fn histogram(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        labels: Labels,
+        histogram: &Histogram,
+    ) {
+        let value = Value::Histogram(histogram.clone());
+        self.add(name, help, MetricType::Histogram, labels, value);
+    }
+
+    fn add(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        kind: MetricType,
+        labels: Labels,
+        value: Value,
+    ) {
+        self.families
+            .entry(name)
+            .or_insert_with(|| Family {
+                help,
+                kind,
+                samples: Vec::new(),
+            })
+            .samples
+            .push((labels, value));
+    }
+
+    /// The value of a counter or gauge sample whose labels include all of `labels`, summed
+    /// over the samples that match (for tests and the status page).
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<i64> {
+        let family = self.families.get(name)?;
+        let mut found = None;
+        for (own, value) in &family.samples {
+            let matches = labels
+                .iter()
+                .all(|(k, v)| own.iter().any(|(ok, ov)| ok == k && ov == v));
+            let value = match value {
+                Value::Counter(v) => i64::try_from(*v).unwrap_or(i64::MAX),
+                Value::Gauge(v) => *v,
+                Value::Histogram(_) => continue,
+            };
+            if matches {
+                *found.get_or_insert(0) += value;
+            }
+        }
+        found
+    }
+}
+
+/// A report handed to `prometheus-client` as a collector, encoded once.
+struct Snapshot(Report);
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Snapshot")
+    }
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, family) in &self.0.families {
+            let mut metric = encoder.encode_descriptor(name, family.help, None, family.kind)?;
+            if let [(labels, value)] = family.samples.as_slice()
+                && labels.is_empty()
+            {
+                value.encode(metric)?;
+                continue;
+            }
+            for (labels, value) in &family.samples {
+                value.encode(metric.encode_family(labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Value {
+    fn encode(&self, sample: prometheus_client::encoding::MetricEncoder) -> std::fmt::Result {
+        match self {
+            Value::Counter(v) => ConstCounter::new(*v).encode(sample),
+            Value::Gauge(v) => ConstGauge::new(*v).encode(sample),
+            Value::Histogram(h) => h.encode(sample),
+        }
+    }
+}
+
+/// Buckets for durations in seconds, from 50 µs to about 26 s.
+pub fn seconds_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.000_05, 2.0, 20,
+    ))
+}
+
+/// Buckets for sizes in bytes, from 64 B to 16 MiB.
+pub fn bytes_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        64.0, 4.0, 10,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed(u64);
+
+    impl Source for Fixed {
+        fn report(&self, report: &mut Report) {
+            report.counter(
+                "warren_test_things",
+                "Things done.",
+                vec![("part", format!("p{}", self.0))],
+                self.0,
+            );
+            report.gauge(
+                "warren_test_up",
+                "Up.",
+                vec![("part", self.0.to_string())],
+                1,
+            );
+        }
+    }
+
+    #[test]
+    fn sources_are_encoded_while_registered() {
+        let metrics = Metrics::default();
+        let first = metrics.register(Arc::new(Fixed(3)));
+        let second = metrics.register(Arc::new(Fixed(4)));
+        let text = metrics.encode();
+        assert!(text.contains("# TYPE warren_test_things counter"), "{text}");
+        assert!(
+            text.contains("warren_test_things_total{part=\"p3\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("warren_test_things_total{part=\"p4\"} 4"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("# TYPE warren_test_up gauge").count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(metrics.report().value("warren_test_up", &[]), Some(2));
+        assert_eq!(
+            metrics.report().value("warren_test_up", &[("part", "4")]),
+            Some(1)
+        );
+        drop(second);
+        let text = metrics.encode();
+        assert!(!text.contains("p4"), "{text}");
+        drop(first);
+        assert!(!metrics.encode().contains("warren_test_things"));
+    }
+
+    #[test]
+    fn histograms_are_encoded_with_buckets() {
+        struct Timed(Histogram);
+        impl Source for Timed {
+            fn report(&self, report: &mut Report) {
+                report.histogram("warren_test_seconds", "Time.", vec![], &self.0);
+            }
+        }
+        let histogram = seconds_histogram();
+        histogram.observe(0.001);
+        let metrics = Metrics::default();
+        let _entry = metrics.register(Arc::new(Timed(histogram)));
+        let text = metrics.encode();
+        assert!(text.contains("warren_test_seconds_count 1"), "{text}");
+        assert!(
+            text.contains("warren_test_seconds_bucket{le=\"+Inf\"} 1"),
+            "{text}"
+        );
+    }
+}
