@@ -9,8 +9,9 @@ use std::time::Duration;
 use common::{Broker, SOON, SpecListener, config, start_node, unique_node};
 use serde_json::Value;
 use warren_listeners::{
-    AppContext, Envelope, Event, ListenerSpec, PoolError, QueueSpec, spawn_listener,
+    AppContext, Envelope, Event, ListenerSpec, PoolError, QueueSpec, RpcError, spawn_listener,
 };
+use warren_runtime::broker::BrokerId;
 use warren_runtime::config::{AppConfig, PoolConfig};
 use warren_runtime::node::{Node, StartError};
 use warren_test_support::{eventually, local_uri};
@@ -133,8 +134,50 @@ async fn metrics_count_known_traffic_and_the_probes_answer() {
         "the pool is full"
     );
 
+    // One call whose request nobody can route: returned.
+    let mut checkout = held;
+    let returned = checkout
+        .call(
+            "",
+            &format!("{name}.nowhere"),
+            Envelope::new("ops", "ping"),
+            SOON,
+        )
+        .await;
+    assert!(
+        matches!(returned, Err(RpcError::Returned(_))),
+        "{returned:?}"
+    );
+    let held = checkout;
+
     let (_, metrics) = get(&node, "/metrics").await;
     let broker = local_uri_redacted();
+    assert_eq!(
+        sample(&metrics, "warren_rpc_calls_total", &[("pool", "ops")]),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "warren_rpc_returned_total", &[("pool", "ops")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "warren_rpc_call_seconds_count",
+            &[("pool", "ops")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "warren_pool_checkout_seconds_count",
+            &[("pool", "ops")]
+        ),
+        Some(1.0),
+        "the successful checkout is timed, the full one is counted"
+    );
     assert_eq!(
         sample(
             &metrics,
@@ -267,6 +310,51 @@ async fn readiness_follows_the_only_broker() {
         "{metrics}"
     );
     node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failovers_and_fail_backs_are_counted() {
+    let brokers = Broker::start_many(2).await;
+    let (a, b) = (&brokers[0], &brokers[1]);
+    let name = unique_node("moves");
+    let node = start_node(config(&name, &[a.uri(), b.uri()], HTTP)).await;
+    let spec = ListenerSpec::new("mover")
+        .queue(QueueSpec::anonymous())
+        .responder("ops", "*", |_event: Event| async { Ok(()) });
+    let listener = spawn_listener(SpecListener(spec), &ops_app(&node))
+        .await
+        .expect("listener starts");
+    let on = |broker: usize| {
+        listener
+            .current()
+            .is_some_and(|(id, _)| id == BrokerId(broker))
+            && listener.is_consuming()
+    };
+    assert!(eventually(SOON, || on(0)).await, "starts on the primary");
+    let counted = |metrics: &str, name: &str| sample(metrics, name, &[]).unwrap_or(0.0);
+    let (_, before) = get(&node, "/metrics").await;
+    let failovers = counted(&before, "warren_assignments_failovers_total");
+
+    a.kill().await;
+    assert!(eventually(SOON, || on(1)).await, "moves to the secondary");
+    let (_, after) = get(&node, "/metrics").await;
+    assert!(
+        counted(&after, "warren_assignments_failovers_total") >= failovers + 1.0,
+        "{after}"
+    );
+    a.restart().await;
+    assert!(
+        eventually(Duration::from_secs(30), || on(0)).await,
+        "back on the primary"
+    );
+    let (_, back) = get(&node, "/metrics").await;
+    assert!(
+        counted(&back, "warren_assignments_fail_backs_total") >= 1.0,
+        "{back}"
+    );
+    listener.stop().await.expect("listener stops");
+    node.stop().await.expect("node stops");
+    drop(b);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -12,9 +12,10 @@
 //! supervised by the pool's own supervisor `pool:<app>`, so a crashed worker is restarted
 //! and a lost channel is replaced like any listener's.
 //!
-//! Files: `worker` (a worker and how its deliveries reach the holder), `checkout` (a checked-out worker), `rpc` (call / call_collect / cast).
+//! Files: `worker` (a worker and how its deliveries reach the holder), `checkout` (a checked-out worker), `rpc` (call / call_collect / cast), `figures` (its metrics).
 
 mod checkout;
+mod figures;
 mod rpc;
 mod worker;
 
@@ -29,7 +30,7 @@ use tokio::task::JoinHandle;
 use warren_runtime::actor_slot::ActorSlot;
 use warren_runtime::config::PoolConfig;
 use warren_runtime::envelope::{Envelope, Stamp};
-use warren_runtime::metrics::{MetricsEntry, Report, Source};
+use warren_runtime::metrics::MetricsEntry;
 use warren_runtime::node::NodeContext;
 use warren_runtime::publisher::Publisher;
 use warren_runtime::supervisor::{
@@ -41,6 +42,7 @@ pub use checkout::Checkout;
 pub use rpc::{CollectEnd, Collected, ReplyPredicate, RpcError, Until};
 
 use crate::listener::{node_listener_child, stop_wish};
+use figures::{PoolFigures, RpcFigures};
 use worker::{Inbox, Worker, WorkerListener};
 
 /// Why a checkout failed.
@@ -105,6 +107,8 @@ pub(crate) struct PoolInner {
     overflow_retired: AtomicU64,
     unclean_retired: AtomicU64,
     waiting: std::sync::atomic::AtomicUsize,
+    /// Calls and checkout waits, observed as they happen.
+    rpc: RpcFigures,
     /// The pool's figures in `/metrics`, for as long as the pool exists.
     _figures: MetricsEntry,
 }
@@ -131,6 +135,7 @@ impl ListenerPool {
         ListenerPool {
             inner: Arc::new_cyclic(|this| PoolInner {
                 _figures: metrics.register(Arc::new(PoolFigures(this.clone()))),
+                rpc: RpcFigures::default(),
                 name: name.to_string(),
                 config,
                 ctx: WorkerContext {
@@ -264,6 +269,7 @@ impl ListenerPool {
                             .wait_consuming(true, remaining)
                             .await
                     {
+                        inner.rpc.checkout(started);
                         return Ok(checkout);
                     }
                     // Dropping the checkout gives the worker back.
@@ -275,6 +281,7 @@ impl ListenerPool {
                 }
                 Next::Start(epoch) => {
                     let worker = inner.start_overflow(epoch, deadline).await?;
+                    inner.rpc.checkout(started);
                     return Ok(inner.hand_out(worker, epoch));
                 }
                 Next::Wait => {
@@ -342,60 +349,6 @@ struct WorkerContext {
     publisher: Publisher,
     /// `[listener] stop_timeout`: how long one worker may take to stop.
     stop_timeout: Duration,
-}
-
-/// A pool's figures for `/metrics` (held weakly: the pool owns its registration).
-struct PoolFigures(std::sync::Weak<PoolInner>);
-
-impl Source for PoolFigures {
-    fn report(&self, report: &mut Report) {
-        let Some(inner) = self.0.upgrade() else {
-            return;
-        };
-        let pool = inner.name.clone();
-        let stats = ListenerPool { inner }.stats();
-        let labels = || vec![("pool", pool.clone())];
-        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        for (name, help, value) in [
-            (
-                "warren_pool_workers",
-                "Workers running or starting.",
-                stats.workers,
-            ),
-            ("warren_pool_busy", "Workers checked out now.", stats.busy),
-            (
-                "warren_pool_waiting",
-                "Checkouts waiting for a free worker now.",
-                stats.waiting,
-            ),
-        ] {
-            report.gauge(name, help, labels(), gauge(value));
-        }
-        for (name, help, value) in [
-            (
-                "warren_pool_checkouts",
-                "Workers checked out.",
-                stats.checkouts,
-            ),
-            (
-                "warren_pool_full",
-                "Checkouts that failed with PoolFull.",
-                stats.full,
-            ),
-            (
-                "warren_pool_workers_started",
-                "Overflow workers started.",
-                stats.overflow_started,
-            ),
-            (
-                "warren_pool_workers_retired",
-                "Overflow workers retired when idle.",
-                stats.overflow_retired,
-            ),
-        ] {
-            report.counter(name, help, labels(), value);
-        }
-    }
 }
 
 /// Counts a waiting checkout for as long as it waits (also when its future is dropped).

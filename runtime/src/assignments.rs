@@ -165,6 +165,34 @@ pub struct Assignments {
     actor: Arc<ActorSlot<AssignmentsMsg>>,
     connections: Connections,
     next_id: Arc<std::sync::atomic::AtomicU64>,
+    /// Failovers and fail-backs so far; they outlive restarts of the actor.
+    figures: Arc<AssignmentFigures>,
+}
+
+/// How often grants moved: to another broker when theirs was lost (failover), and back
+/// to the primary once it returned (fail-back).
+#[derive(Default)]
+pub struct AssignmentFigures {
+    failovers: std::sync::atomic::AtomicU64,
+    fail_backs: std::sync::atomic::AtomicU64,
+}
+
+impl crate::metrics::Source for Assignments {
+    fn report(&self, report: &mut crate::metrics::Report) {
+        use std::sync::atomic::Ordering::Relaxed;
+        report.counter(
+            "warren_assignments_failovers",
+            "Channels granted on another broker after the client's broker was lost.",
+            vec![],
+            self.figures.failovers.load(Relaxed),
+        );
+        report.counter(
+            "warren_assignments_fail_backs",
+            "Channels granted back on the primary once it returned (make-before-break).",
+            vec![],
+            self.figures.fail_backs.load(Relaxed),
+        );
+    }
 }
 
 impl Assignments {
@@ -173,6 +201,7 @@ impl Assignments {
             actor: Arc::default(),
             connections,
             next_id: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+            figures: Arc::default(),
         }
     }
 
@@ -182,9 +211,8 @@ impl Assignments {
         ChildSpec::new("assignments", move |parent: ActorCell| {
             let this = this.clone();
             async move {
-                let (actor, _) =
-                    Actor::spawn_linked(None, AssignmentsActor, this.connections.clone(), parent)
-                        .await?;
+                let args = (this.connections.clone(), this.figures.clone());
+                let (actor, _) = Actor::spawn_linked(None, AssignmentsActor, args, parent).await?;
                 this.actor.set(actor.clone());
                 Ok(actor.get_cell())
             }
@@ -285,6 +313,8 @@ struct ClientEntry {
     /// Failed takes in a row (the retry backoff's exponent); reset by a granted channel.
     take_failures: u32,
     next_number: u64,
+    /// The broker of the client's last grant: a fresh grant elsewhere is a failover.
+    last_broker: Option<BrokerId>,
     watcher: JoinHandle<()>,
 }
 
@@ -306,6 +336,7 @@ pub struct AssignmentsState {
     registry_watch: Option<JoinHandle<()>>,
     /// Keeps "no channel from the broker" to one line per broker and interval.
     logs: LogLimit,
+    figures: Arc<AssignmentFigures>,
 }
 
 /// The actor behind [`Assignments`].
@@ -494,6 +525,17 @@ impl AssignmentsState {
             connection: taken.generation,
             channel: taken.channel.clone(),
         };
+        let counter = match pending.purpose {
+            Purpose::FailBack => Some(&self.figures.fail_backs),
+            Purpose::Fresh if entry.last_broker.is_some_and(|b| b != taken.broker) => {
+                Some(&self.figures.failovers)
+            }
+            Purpose::Fresh => None,
+        };
+        if let Some(counter) = counter {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        entry.last_broker = Some(taken.broker);
         // On fail-back the old grant becomes the client's to drain and give back.
         let (replaced, replaces) = match pending.purpose {
             Purpose::FailBack => {
@@ -533,16 +575,17 @@ impl AssignmentsState {
 impl Actor for AssignmentsActor {
     type Msg = AssignmentsMsg;
     type State = AssignmentsState;
-    type Arguments = Connections;
+    type Arguments = (Connections, Arc<AssignmentFigures>);
 
     async fn pre_start(
         &self,
         _myself: ActorRef<Self::Msg>,
-        connections: Connections,
+        (connections, figures): (Connections, Arc<AssignmentFigures>),
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(AssignmentsState {
             registry: connections.registry().clone(),
             connections,
+            figures,
             clients: HashMap::new(),
             next_token: 0,
             registry_watch: None,
@@ -597,6 +640,7 @@ impl Actor for AssignmentsActor {
                         retrying: false,
                         take_failures: 0,
                         next_number: 0,
+                        last_broker: None,
                         watcher,
                     },
                 );

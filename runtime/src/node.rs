@@ -156,6 +156,7 @@ impl Node {
         let figures = vec![
             context.metrics.register(Arc::new(registry.clone())),
             context.metrics.register(context.publisher.figures()),
+            context.metrics.register(Arc::new(assignments.clone())),
         ];
         // Bound before the tree starts: a port in use stops the start with its address.
         let root_slot = Arc::new(parking_lot::Mutex::new(None));

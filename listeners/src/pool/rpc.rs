@@ -170,6 +170,21 @@ impl Checkout {
         request: Envelope,
         timeout: Duration,
     ) -> Result<Envelope, RpcError> {
+        let started = tokio::time::Instant::now();
+        let result = self
+            .call_once(exchange, routing_key, request, timeout)
+            .await;
+        self.pool.rpc.call(started, result.as_ref().err());
+        result
+    }
+
+    async fn call_once(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        request: Envelope,
+        timeout: Duration,
+    ) -> Result<Envelope, RpcError> {
         let mut pending = self
             .send_request(exchange, routing_key, request, timeout)
             .await?;
@@ -189,6 +204,22 @@ impl Checkout {
 
     /// Sends a request and collects replies until `until` holds or the timeout.
     pub async fn call_collect(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        request: Envelope,
+        until: Until,
+        timeout: Duration,
+    ) -> Result<Collected, RpcError> {
+        let started = tokio::time::Instant::now();
+        let result = self
+            .collect_once(exchange, routing_key, request, until, timeout)
+            .await;
+        self.pool.rpc.call(started, result.as_ref().err());
+        result
+    }
+
+    async fn collect_once(
         &mut self,
         exchange: &str,
         routing_key: &str,

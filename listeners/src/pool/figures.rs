@@ -1,0 +1,148 @@
+//! A pool's figures for `/metrics`: its occupancy and counters (read at a scrape), and
+//! its calls and checkout waits (observed as they happen).
+//!
+//! Owns the metric names of pools. Must not touch checkouts or calls themselves.
+
+use std::sync::Weak;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::time::Instant;
+use warren_runtime::metrics::{Histogram, Report, Source, seconds_histogram};
+
+use super::rpc::RpcError;
+use super::{ListenerPool, PoolInner};
+
+/// Calls through a pool's checkouts, and how long checkouts waited.
+pub(crate) struct RpcFigures {
+    calls: AtomicU64,
+    timeouts: AtomicU64,
+    returned: AtomicU64,
+    call_seconds: Histogram,
+    checkout_seconds: Histogram,
+}
+
+impl Default for RpcFigures {
+    fn default() -> Self {
+        RpcFigures {
+            calls: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            returned: AtomicU64::new(0),
+            call_seconds: seconds_histogram(),
+            checkout_seconds: seconds_histogram(),
+        }
+    }
+}
+
+impl RpcFigures {
+    /// A call (or collecting call) started at `started` ended with `error`, if any.
+    pub fn call(&self, started: Instant, error: Option<&RpcError>) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        match error {
+            Some(RpcError::Timeout(_)) => {
+                self.timeouts.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(RpcError::Returned(_)) => {
+                self.returned.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        self.call_seconds.observe(started.elapsed().as_secs_f64());
+    }
+
+    /// A checkout got its worker after waiting since `started`.
+    pub fn checkout(&self, started: Instant) {
+        self.checkout_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// A pool's figures for `/metrics` (held weakly: the pool owns its registration).
+pub(crate) struct PoolFigures(pub Weak<PoolInner>);
+
+impl Source for PoolFigures {
+    fn report(&self, report: &mut Report) {
+        let Some(inner) = self.0.upgrade() else {
+            return;
+        };
+        let pool = inner.name.clone();
+        let stats = ListenerPool {
+            inner: inner.clone(),
+        }
+        .stats();
+        let labels = || vec![("pool", pool.clone())];
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        for (name, help, value) in [
+            (
+                "warren_pool_workers",
+                "Workers running or starting.",
+                stats.workers,
+            ),
+            ("warren_pool_busy", "Workers checked out now.", stats.busy),
+            (
+                "warren_pool_waiting",
+                "Checkouts waiting for a free worker now.",
+                stats.waiting,
+            ),
+        ] {
+            report.gauge(name, help, labels(), gauge(value));
+        }
+        for (name, help, value) in [
+            (
+                "warren_pool_checkouts",
+                "Workers checked out.",
+                stats.checkouts,
+            ),
+            (
+                "warren_pool_full",
+                "Checkouts that failed with PoolFull.",
+                stats.full,
+            ),
+            (
+                "warren_pool_workers_started",
+                "Overflow workers started.",
+                stats.overflow_started,
+            ),
+            (
+                "warren_pool_workers_retired",
+                "Overflow workers retired when idle.",
+                stats.overflow_retired,
+            ),
+        ] {
+            report.counter(name, help, labels(), value);
+        }
+        let rpc = &inner.rpc;
+        {
+            for (name, help, counter) in [
+                (
+                    "warren_rpc_calls",
+                    "Calls made through the pool's checkouts.",
+                    &rpc.calls,
+                ),
+                (
+                    "warren_rpc_timeouts",
+                    "Calls without a reply within their timeout.",
+                    &rpc.timeouts,
+                ),
+                (
+                    "warren_rpc_returned",
+                    "Calls whose request was returned as unroutable.",
+                    &rpc.returned,
+                ),
+            ] {
+                report.counter(name, help, labels(), counter.load(Ordering::Relaxed));
+            }
+            report.histogram(
+                "warren_rpc_call_seconds",
+                "Time from a call's request to its outcome.",
+                labels(),
+                &rpc.call_seconds,
+            );
+            report.histogram(
+                "warren_pool_checkout_seconds",
+                "Time a checkout waited for its worker.",
+                labels(),
+                &rpc.checkout_seconds,
+            );
+        }
+    }
+}
