@@ -35,7 +35,7 @@ pub mod log_limit;
 mod members;
 pub mod metrics;
 pub mod node;
-pub mod publish_metrics;
+pub mod publish_figures;
 pub mod publisher;
 pub mod readiness;
 pub mod registry;

@@ -39,7 +39,7 @@ use crate::config::PublisherConfig;
 use crate::confirm::{self, PublishError, PublishOptions, Published};
 use crate::connections::Connections;
 use crate::envelope::{Envelope, Stamp};
-use crate::publish_metrics::PublishMetrics;
+use crate::publish_figures::PublishFigures;
 use crate::registry::ConnectionRegistry;
 
 /// Pause before trying again after a failed channel open or a lost publish.
@@ -78,7 +78,7 @@ struct Inner {
     window: Arc<Semaphore>,
     timeout: Duration,
     /// What was published, per broker (reported at each scrape).
-    figures: Arc<PublishMetrics>,
+    figures: Arc<PublishFigures>,
     /// Bound for `confirm.select` on a new channel.
     operation_timeout: Duration,
 }
@@ -136,7 +136,7 @@ impl Publisher {
         Publisher {
             inner: Arc::new(Inner {
                 operation_timeout: connections.settings().operation_timeout,
-                figures: Arc::new(PublishMetrics::new(registry.clone())),
+                figures: Arc::new(PublishFigures::new(registry.clone())),
                 registry,
                 connections,
                 channels: RwLock::new(vec![None; brokers]),
@@ -410,7 +410,7 @@ impl Publisher {
 
     /// The error for a publish that ran out of time on `broker`.
     /// What this publisher (and every publisher sharing its window) published, per broker.
-    pub fn figures(&self) -> Arc<PublishMetrics> {
+    pub fn figures(&self) -> Arc<PublishFigures> {
         self.inner.figures.clone()
     }
 

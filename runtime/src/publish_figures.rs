@@ -27,12 +27,12 @@ struct BrokerFigures {
 ///
 /// It exists so that an operator sees per broker how many messages went out, how many
 /// the broker refused or returned, how many timed out, and how long confirms take.
-pub struct PublishMetrics {
+pub struct PublishFigures {
     registry: ConnectionRegistry,
     brokers: Vec<BrokerFigures>,
 }
 
-impl PublishMetrics {
+impl PublishFigures {
     pub fn new(registry: ConnectionRegistry) -> Self {
         let brokers = (0..registry.brokers().len())
             .map(|_| BrokerFigures {
@@ -43,7 +43,7 @@ impl PublishMetrics {
                 bytes: bytes_histogram(),
             })
             .collect();
-        PublishMetrics { registry, brokers }
+        PublishFigures { registry, brokers }
     }
 
     /// Counts the outcome of a publish of `bytes` written to `broker` at `written`.
@@ -77,7 +77,7 @@ impl PublishMetrics {
     }
 }
 
-impl Source for PublishMetrics {
+impl Source for PublishFigures {
     fn report(&self, report: &mut Report) {
         for (broker, figures) in self.registry.brokers().iter().zip(&self.brokers) {
             let labels = || vec![("broker", broker.uri.redacted().to_string())];
