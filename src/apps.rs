@@ -1,6 +1,6 @@
 //! The apps compiled into this binary. Add a new app's crate here to ship it.
 
-use warren_listeners::{App, AppContext, ConfigRouter, app_child};
+use warren_listeners::{App, AppContext, ConfigRouter, NodesService, app_child};
 use warren_runtime::config::AppConfig;
 use warren_runtime::node::{Children, NodeContext};
 
@@ -17,12 +17,18 @@ pub fn names() -> Vec<&'static str> {
     catalog().iter().map(|app| app.name()).collect()
 }
 
-/// The node's services (the configuration-event router) and one `app:<name>` supervisor
+/// The node's services (the configuration-event router, the nodes service) and one `app:<name>` supervisor
 /// per enabled app of `configs` (config.ini's `[apps.<name>]`), in config order; every app
 /// gets the router. Refused when an app's
 /// listener spec breaks a rule: every refusal is named, and nothing starts.
 pub fn children(node: &NodeContext, configs: &[AppConfig]) -> Result<Children, String> {
     let router = ConfigRouter::new(node).map_err(|error| format!("router: {error}"))?;
+    let enabled = configs
+        .iter()
+        .filter(|app| app.enabled)
+        .map(|app| app.name.clone())
+        .collect();
+    let nodes = NodesService::new(node, enabled).map_err(|error| format!("nodes: {error}"))?;
     let catalog = catalog();
     let mut apps = Vec::new();
     let mut refused = Vec::new();
@@ -41,7 +47,7 @@ pub fn children(node: &NodeContext, configs: &[AppConfig]) -> Result<Children, S
         return Err(refused.join("\n"));
     }
     Ok(Children {
-        services: vec![router.child()],
+        services: vec![router.child(), nodes.child()],
         apps,
     })
 }

@@ -1,4 +1,4 @@
-//! The command line: `warren run`, `warren check-config`.
+//! The command line: `warren run`, `warren check-config`, `warren call`, `warren status`.
 
 use std::path::PathBuf;
 
@@ -43,6 +43,18 @@ pub enum Command {
         #[arg(long)]
         json: String,
         /// How long to wait for the reply.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// List the live nodes of the cluster (asked over AMQP), or print one node's status.
+    Status {
+        /// Ask this node for its status (supervision parts, brokers, readiness).
+        #[arg(long)]
+        node: Option<String>,
+        /// Print JSON instead of a table or a tree.
+        #[arg(long)]
+        json: bool,
+        /// How long to wait for the answers.
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },

@@ -1,6 +1,7 @@
 //! `warren`: the service binary. It reads config.ini, starts the supervision tree with the
 //! apps compiled in, and stops it in order on SIGINT/SIGTERM; `warren call` sends one
-//! request through a pool; `warren check-config` validates a config file.
+//! request through a pool; `warren status` lists the live nodes or prints one node's
+//! status; `warren check-config` validates a config file.
 //!
 //! Exit codes: 0 stopped cleanly; 1 could not start or the tree failed; 2 bad
 //! configuration or bad command line.
@@ -9,6 +10,7 @@ mod apps;
 mod call;
 mod cli;
 mod run;
+mod status;
 
 use std::process::ExitCode;
 
@@ -38,6 +40,20 @@ async fn main() -> ExitCode {
                 exchange: &exchange,
                 routing_key: &routing_key,
                 json: &json,
+                timeout: std::time::Duration::from_millis(timeout_ms),
+            })
+            .await
+        }
+        Command::Status {
+            node,
+            json,
+            timeout_ms,
+        } => {
+            run::init_logging("warn");
+            status::status(status::Status {
+                config: &cli.config,
+                node: node.as_deref(),
+                json,
                 timeout: std::time::Duration::from_millis(timeout_ms),
             })
             .await

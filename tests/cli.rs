@@ -638,3 +638,109 @@ async fn a_refused_declaration_is_one_clear_error_and_the_node_is_not_ready() {
     );
     let _ = connection.close(200, "done".into()).await;
 }
+
+/// Starts a node that runs the nodes service (as `warren run` does) and no apps.
+async fn announcing_node(name: &str) -> warren_runtime::node::Node {
+    common::init_logs();
+    let config = common::config(name, &[local_uri()], "");
+    let started = warren_runtime::node::Node::try_start(config, |context| {
+        let nodes = warren_listeners::NodesService::new(context, vec!["echo".to_string()])?;
+        Ok::<_, warren_listeners::SpecError>(warren_runtime::node::Children {
+            services: vec![nodes.child()],
+            apps: Vec::new(),
+        })
+    })
+    .await;
+    started.unwrap_or_else(|error| panic!("node did not start: {error}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn warren_status_lists_the_live_nodes_and_prints_one_nodes_tree() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (first, second) = (unique_node("status-a"), unique_node("status-b"));
+    let path = write_config(
+        dir.path(),
+        &config_text(&unique_node("status-cli"), &[local_uri()], ""),
+    );
+    let a = announcing_node(&first).await;
+    let b = announcing_node(&second).await;
+    let config = path.to_str().expect("utf-8 path").to_string();
+    let status = move |args: Vec<String>| {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut all = vec!["status".to_string(), "--config".to_string(), config];
+            all.extend(args);
+            let all: Vec<&str> = all.iter().map(String::as_str).collect();
+            warren(&all)
+        })
+    };
+
+    // Both are listed once their listeners consume; the table has a header.
+    let mut listed = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let (code, stdout, stderr) = status(vec![]).await.expect("status");
+        listed = format!("{stdout}{stderr}");
+        if code.success() && stdout.contains(&first) && stdout.contains(&second) {
+            break;
+        }
+    }
+    assert!(
+        listed.starts_with("NODE") && listed.contains(&first) && listed.contains(&second),
+        "{listed}"
+    );
+    assert!(
+        listed
+            .lines()
+            .any(|line| line.starts_with(&first) && line.contains("echo")),
+        "{listed}"
+    );
+
+    let (code, stdout, stderr) = status(vec![
+        "--node".to_string(),
+        first.clone(),
+        "--json".to_string(),
+    ])
+    .await
+    .expect("status --node");
+    assert!(code.success(), "{stderr}");
+    let document: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(document["node"], serde_json::json!(first));
+    assert_eq!(document["ready"], serde_json::json!(true), "{stdout}");
+    assert!(
+        document["parts"]
+            .as_array()
+            .is_some_and(|parts| parts.iter().any(|p| p["name"] == "listener:nodes")),
+        "{stdout}"
+    );
+    let (code, stdout, _) = status(vec!["--node".to_string(), second.clone()])
+        .await
+        .expect("status --node");
+    assert!(code.success());
+    assert!(
+        stdout.starts_with(&second) && stdout.contains("├─ brokers"),
+        "{stdout}"
+    );
+
+    // A node that does not answer is reported, exit 1.
+    let (code, _, stderr) = status(vec![
+        "--node".to_string(),
+        "nobody@nowhere".to_string(),
+        "--timeout-ms".to_string(),
+        "1000".to_string(),
+    ])
+    .await
+    .expect("status --node");
+    assert_eq!(code.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("did not answer"), "{stderr}");
+
+    // A stopped node is listed no more.
+    b.stop().await.expect("node stops");
+    let (code, stdout, stderr) = status(vec!["--json".to_string()]).await.expect("status");
+    assert!(code.success(), "{stderr}");
+    assert!(
+        stdout.contains(&first) && !stdout.contains(&second),
+        "{stdout}"
+    );
+    a.stop().await.expect("node stops");
+}

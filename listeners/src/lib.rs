@@ -12,6 +12,7 @@
 
 pub mod app;
 pub mod listener;
+pub mod nodes;
 pub mod pool;
 pub mod prelude;
 pub mod router;
@@ -24,6 +25,7 @@ pub use listener::{
     Published, QUORUM_DELIVERY_LIMIT, QueueName, QueueSpec, Recorded, ResponderId, Responders,
     Returned, SpecError, StatsSnapshot, listener_child, spawn_listener,
 };
+pub use nodes::{NodeInfo, NodesService};
 pub use pool::{
     Checkout, CollectEnd, Collected, ListenerPool, PoolError, PoolStats, RpcError, Until,
 };

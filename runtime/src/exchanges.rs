@@ -7,3 +7,7 @@ pub const TARGETED: &str = "targeted";
 
 /// Topic exchange of configuration (document and database change) events.
 pub const CONFIGURATION: &str = "configuration";
+
+/// Topic exchange where nodes announce themselves (`announce`) and are asked to
+/// (`query`): every node keeps the list of live nodes from it.
+pub const NODES: &str = "nodes";

@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::metrics::Metrics;
-use crate::readiness::{PartState, Readiness};
+use crate::readiness::Readiness;
 use crate::registry::ConnectionRegistry;
 use crate::supervisor::SupervisorMsg;
 
@@ -139,19 +139,7 @@ fn not_ready(observed: &Observed) -> Option<String> {
     if !is_live(observed) {
         return Some("the supervision tree is not running".to_string());
     }
-    if observed.registry.primary().is_none() {
-        return Some(format!(
-            "no broker of the local zone `{}` is up",
-            observed.registry.local_zone()
-        ));
-    }
-    if !observed.readiness.is_ready() {
-        return Some(format!(
-            "not consuming yet: {}",
-            observed.readiness.describe_pending()
-        ));
-    }
-    None
+    crate::status::not_ready(&observed.registry, &observed.readiness)
 }
 
 async fn ready(State(observed): State<Observed>) -> Response {
@@ -162,55 +150,15 @@ async fn ready(State(observed): State<Observed>) -> Response {
 }
 
 async fn status(State(observed): State<Observed>) -> Response {
-    let registry = &observed.registry;
-    let primary = registry.primary().map(|b| b.id);
-    let brokers: Vec<Value> = registry
-        .brokers()
-        .iter()
-        .map(|broker| {
-            let status = registry.status(broker.id);
-            json!({
-                "broker": broker.uri.redacted().to_string(),
-                "zone": broker.zone,
-                "local": broker.local,
-                "primary": primary == Some(broker.id),
-                "consume": status.as_ref().map(|s| json!({
-                    "up": s.available,
-                    "generation": s.generation,
-                    "blocked": s.consume_blocked,
-                    "failed_attempts": s.failed_attempts,
-                })),
-                "publish": status.as_ref().map(|s| json!({
-                    "up": s.publish_available,
-                    "generation": s.publish_generation,
-                    "blocked": s.publish_blocked,
-                    "failed_attempts": s.publish_failed_attempts,
-                })),
-                "last_error": status.and_then(|s| s.last_error),
-            })
-        })
-        .collect();
-    let parts: Vec<Value> = observed
-        .readiness
-        .parts()
-        .into_iter()
-        .map(|(name, state)| {
-            let (state, reason) = match state {
-                PartState::Starting => ("starting", None),
-                PartState::Ready => ("ready", None),
-                PartState::NotReady(reason) => ("not ready", Some(reason)),
-            };
-            json!({"name": name, "state": state, "reason": reason})
-        })
-        .collect();
-    let body = json!({
-        "node": observed.node,
-        "live": is_live(&observed),
-        "ready": not_ready(&observed).is_none(),
-        "not_ready": not_ready(&observed),
-        "brokers": brokers,
-        "parts": parts,
-    });
+    let live = is_live(&observed);
+    let not_ready = not_ready(&observed);
+    let body = crate::status::document(
+        &observed.node,
+        &observed.registry,
+        &observed.readiness,
+        live,
+        not_ready,
+    );
     (StatusCode::OK, axum::Json(body)).into_response()
 }
 

@@ -39,6 +39,7 @@ pub mod publish_figures;
 pub mod publisher;
 pub mod readiness;
 pub mod registry;
+pub mod status;
 pub mod supervisor;
 pub mod tls;
 pub mod uri;
