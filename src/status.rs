@@ -278,6 +278,45 @@ fn tree(document: &Value) -> String {
             connection(&broker["publish"]),
         ));
     }
+    out.push("├─ supervision tree".to_string());
+    supervision(&document["tree"], 1, &mut out);
+    let listeners = document["listeners"].as_array().into_iter().flatten();
+    for (n, listener) in listeners.enumerate() {
+        if n == 0 {
+            out.push("├─ listeners".to_string());
+        }
+        out.push(format!(
+            "│  ├─ {} queue {} broker #{} grant {} {}",
+            text(&listener["listener"]),
+            text(&listener["queue"]),
+            text(&listener["broker"]),
+            text(&listener["grant"]),
+            if listener["consuming"] == Value::Bool(true) {
+                "consuming"
+            } else {
+                "not consuming"
+            },
+        ));
+    }
+    for pool in document["pools"].as_array().into_iter().flatten() {
+        out.push(format!(
+            "├─ pool {}: {} workers, {} busy, {} waiting (size {}, overflow {})",
+            text(&pool["pool"]),
+            text(&pool["workers"]),
+            text(&pool["busy"]),
+            text(&pool["waiting"]),
+            text(&pool["size"]),
+            text(&pool["overflow"]),
+        ));
+    }
+    for router in document["router"].as_array().into_iter().flatten() {
+        out.push(format!(
+            "├─ router: {} subscribers, {} drops, {} resyncs",
+            text(&router["subscribers"]),
+            text(&router["drops"]),
+            text(&router["resyncs"]),
+        ));
+    }
     out.push("└─ parts".to_string());
     for part in document["parts"].as_array().into_iter().flatten() {
         let reason = match &part["reason"] {
@@ -291,6 +330,28 @@ fn tree(document: &Value) -> String {
         ));
     }
     out.join("\n")
+}
+
+/// One supervisor or child of the tree, indented by `depth`.
+fn supervision(node: &Value, depth: usize, out: &mut Vec<String>) {
+    if node.is_null() {
+        return;
+    }
+    let name = node["name"].as_str().unwrap_or("?");
+    let state = node["state"].as_str().unwrap_or("?");
+    let restarts = node["restarts"].as_u64().unwrap_or(0);
+    let restarts = if restarts > 0 {
+        format!(", {restarts} restarts")
+    } else {
+        String::new()
+    };
+    out.push(format!(
+        "│{}├─ {name} ({state}{restarts})",
+        "  ".repeat(depth)
+    ));
+    for child in node["children"].as_array().into_iter().flatten() {
+        supervision(child, depth + 1, out);
+    }
 }
 
 #[cfg(test)]

@@ -707,6 +707,7 @@ async fn warren_status_lists_the_live_nodes_and_prints_one_nodes_tree() {
     let document: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
     assert_eq!(document["node"], serde_json::json!(first));
     assert_eq!(document["ready"], serde_json::json!(true), "{stdout}");
+    assert_eq!(document["tree"]["name"], "warren", "{stdout}");
     assert!(
         document["parts"]
             .as_array()

@@ -176,7 +176,7 @@ impl Listener for NodesListener {
                         return Ok(());
                     };
                     let reply = Envelope::new(CATEGORY, "status_resp")
-                        .with("Status", service.status())
+                        .with("Status", service.status().await)
                         .with("Nodes", service.nodes_json());
                     event.reply(reply).await?;
                     Ok(())
@@ -263,14 +263,15 @@ impl NodesService {
         )
     }
 
-    /// This node's status document.
-    pub fn status(&self) -> Value {
+    /// This node's status document, with its supervision tree.
+    pub async fn status(&self) -> Value {
         let context = &self.inner.context;
         let not_ready = warren_runtime::status::not_ready(&context.registry, &context.readiness);
         let mut document = warren_runtime::status::document(
             &context.node,
             &context.registry,
             &context.readiness,
+            &context.metrics,
             true,
             not_ready,
         );
@@ -278,6 +279,9 @@ impl NodesService {
         document["version"] = json!(env!("CARGO_PKG_VERSION"));
         document["apps"] = json!(self.inner.apps);
         document["started_at"] = json!(self.inner.started_at);
+        if let Some(root) = context.root.get() {
+            document["tree"] = warren_runtime::status::tree("warren", &root).await;
+        }
         document
     }
 

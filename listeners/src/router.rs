@@ -124,8 +124,6 @@ struct RouterInner {
     bindings: Mutex<HashMap<String, usize>>,
     /// A router started with `spawn` (outside the tree).
     standalone: ActorSlot<SupervisorMsg>,
-    /// The router's figures in `/metrics`, for as long as the router exists.
-    _figures: MetricsEntry,
 }
 
 /// The router's figures for `/metrics`.
@@ -173,6 +171,21 @@ impl Source for RouterFigures {
             report.counter(name, help, vec![], counter.load(Ordering::Relaxed));
         }
     }
+
+    fn describe(&self) -> Option<(&'static str, serde_json::Value)> {
+        let counters = &self.0.counters;
+        let (subscribers, patterns) = self.0.size();
+        Some((
+            "router",
+            serde_json::json!({
+                "subscribers": subscribers,
+                "patterns": patterns,
+                "events": counters.events.load(Ordering::Relaxed),
+                "drops": counters.dropped.load(Ordering::Relaxed),
+                "resyncs": counters.resyncs.load(Ordering::Relaxed),
+            }),
+        ))
+    }
 }
 
 /// The listener behind the router.
@@ -181,6 +194,9 @@ struct RouterListener {
     table: Arc<Table>,
     /// Channels the router has set up; every one after the first follows a gap.
     channels: AtomicUsize,
+    /// The router's figures in `/metrics`, for as long as its listener exists (the tree
+    /// holds it; handles of the router may all be gone).
+    _figures: MetricsEntry,
 }
 
 impl Listener for RouterListener {
@@ -217,6 +233,9 @@ impl ConfigRouter {
             exchange: config.exchange.clone(),
             table: table.clone(),
             channels: AtomicUsize::new(0),
+            _figures: node
+                .metrics
+                .register(Arc::new(RouterFigures(table.clone()))),
         };
         let stamp = Stamp {
             app_name: "warren".to_string(),
@@ -233,9 +252,6 @@ impl ConfigRouter {
                 child,
                 bindings: Mutex::new(HashMap::new()),
                 standalone: ActorSlot::default(),
-                _figures: node
-                    .metrics
-                    .register(Arc::new(RouterFigures(table.clone()))),
             }),
         })
     }

@@ -18,11 +18,12 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use ractor::{ActorRef, ActorStatus};
+use ractor::ActorStatus;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::actor_slot::ActorSlot;
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 use crate::registry::ConnectionRegistry;
@@ -36,7 +37,7 @@ pub struct Observed {
     pub readiness: Readiness,
     pub registry: ConnectionRegistry,
     /// The root supervisor, once the tree started.
-    pub root: std::sync::Arc<parking_lot::Mutex<Option<ActorRef<SupervisorMsg>>>>,
+    pub root: std::sync::Arc<ActorSlot<SupervisorMsg>>,
 }
 
 /// The running endpoint. It exists so that the node stops it with the tree.
@@ -118,8 +119,7 @@ async fn metrics(State(observed): State<Observed>) -> Response {
 fn is_live(observed: &Observed) -> bool {
     observed
         .root
-        .lock()
-        .as_ref()
+        .get()
         .is_some_and(|root| root.get_status() == ActorStatus::Running)
 }
 
@@ -152,13 +152,17 @@ async fn ready(State(observed): State<Observed>) -> Response {
 async fn status(State(observed): State<Observed>) -> Response {
     let live = is_live(&observed);
     let not_ready = not_ready(&observed);
-    let body = crate::status::document(
+    let mut body = crate::status::document(
         &observed.node,
         &observed.registry,
         &observed.readiness,
+        &observed.metrics,
         live,
         not_ready,
     );
+    if let Some(root) = observed.root.get() {
+        body["tree"] = crate::status::tree("warren", &root).await;
+    }
     (StatusCode::OK, axum::Json(body)).into_response()
 }
 

@@ -30,6 +30,12 @@ pub type Labels = Vec<(&'static str, String)>;
 pub trait Source: Send + Sync {
     /// Writes this part's figures into `report`.
     fn report(&self, report: &mut Report);
+
+    /// What this part is doing now, for the status document: its kind (`listeners`,
+    /// `pools`, `router`) and a JSON object; `None` for parts described elsewhere.
+    fn describe(&self) -> Option<(&'static str, serde_json::Value)> {
+        None
+    }
 }
 
 /// The node's metrics: the sources registered now. Cheap to clone.
@@ -86,6 +92,16 @@ impl Metrics {
             source.report(&mut report);
         }
         report
+    }
+
+    /// Every part that describes itself, grouped by kind (in registration order).
+    pub fn describe(&self) -> BTreeMap<&'static str, Vec<serde_json::Value>> {
+        let sources: Vec<Arc<dyn Source>> = self.inner.sources.lock().values().cloned().collect();
+        let mut kinds: BTreeMap<&'static str, Vec<serde_json::Value>> = BTreeMap::new();
+        for (kind, value) in sources.iter().filter_map(|source| source.describe()) {
+            kinds.entry(kind).or_default().push(value);
+        }
+        kinds
     }
 
     /// The Prometheus text exposition of every source's figures now.

@@ -20,6 +20,7 @@ use std::time::Duration;
 use ractor::ActorRef;
 use tokio::task::JoinHandle;
 
+use crate::actor_slot::ActorSlot;
 use crate::assignments::Assignments;
 use crate::backoff::Backoff;
 use crate::bootstrap::{Bootstrap, BootstrapArgs};
@@ -59,6 +60,8 @@ pub struct NodeContext {
     pub readiness: Readiness,
     /// Where every part registers its figures for `/metrics`.
     pub metrics: Metrics,
+    /// The root supervisor, once the tree started: for the status document's tree.
+    pub root: Arc<ActorSlot<SupervisorMsg>>,
 }
 
 /// What a caller adds to the tree: services (the configuration-event router) start after
@@ -149,6 +152,7 @@ impl Node {
             }),
             readiness: Readiness::default(),
             metrics: Metrics::default(),
+            root: Arc::default(),
         };
         let Children { services, apps } = children(&context)
             .map_err(|error| StartError::Refused(error.to_string()))?
@@ -159,7 +163,6 @@ impl Node {
             context.metrics.register(Arc::new(assignments.clone())),
         ];
         // Bound before the tree starts: a port in use stops the start with its address.
-        let root_slot = Arc::new(parking_lot::Mutex::new(None));
         let http = match config.http.listen {
             Some(address) => {
                 let observed = Observed {
@@ -167,7 +170,7 @@ impl Node {
                     metrics: context.metrics.clone(),
                     readiness: context.readiness.clone(),
                     registry: registry.clone(),
-                    root: root_slot.clone(),
+                    root: context.root.clone(),
                 };
                 let endpoint = HttpEndpoint::start(address, observed)
                     .await
@@ -231,7 +234,7 @@ impl Node {
                 return Err(StartError::Failed(spawn_error_reason(&error)));
             }
         };
-        *root_slot.lock() = Some(root.clone());
+        context.root.set(root.clone());
         tracing::info!(node = %config.service.node, "supervision tree started");
         Ok(Node {
             root,

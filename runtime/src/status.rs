@@ -6,16 +6,25 @@
 //! Owns the shape of the document. Must not touch what it reports (the registry and
 //! readiness own that).
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use ractor::ActorRef;
 use serde_json::{Value, json};
 
+use crate::supervisor::{self, SupervisorMsg};
+
+use crate::metrics::Metrics;
 use crate::readiness::{PartState, Readiness};
 use crate::registry::ConnectionRegistry;
 
-/// The document; `not_ready` is why the node is not ready (`None`: it is).
+/// The document; `not_ready` is why the node is not ready (`None`: it is). The parts
+/// that describe themselves to `metrics` (listeners, pools, the router) are listed under
+/// their kind.
 pub fn document(
     node: &str,
     registry: &ConnectionRegistry,
     readiness: &Readiness,
+    metrics: &Metrics,
     live: bool,
     not_ready: Option<String>,
 ) -> Value {
@@ -26,6 +35,7 @@ pub fn document(
         .map(|broker| {
             let status = registry.status(broker.id);
             json!({
+                "id": broker.id.0,
                 "broker": broker.uri.redacted().to_string(),
                 "zone": broker.zone,
                 "local": broker.local,
@@ -58,14 +68,18 @@ pub fn document(
             json!({"name": name, "state": state, "reason": reason})
         })
         .collect();
-    json!({
+    let mut document = json!({
         "node": node,
         "live": live,
         "ready": not_ready.is_none(),
         "not_ready": not_ready,
         "brokers": brokers,
         "parts": parts,
-    })
+    });
+    for (kind, described) in metrics.describe() {
+        document[kind] = Value::Array(described);
+    }
+    document
 }
 
 /// Why the node is not ready: no local broker, or parts not consuming; `None` when ready.
@@ -83,4 +97,59 @@ pub fn not_ready(registry: &ConnectionRegistry, readiness: &Readiness) -> Option
         ));
     }
     None
+}
+
+/// How deep the tree is walked (the node's tree is four or five levels).
+const MAX_DEPTH: usize = 8;
+
+/// The supervision tree under `root` (named `name`): each supervisor with its children,
+/// each child running or restarting and how often it was restarted. A supervisor that
+/// does not answer within the supervisor call timeout is marked so.
+pub async fn tree(name: &str, root: &ActorRef<SupervisorMsg>) -> Value {
+    walk(name.to_string(), root.clone(), "running", 0, 0).await
+}
+
+fn walk(
+    name: String,
+    supervisor: ActorRef<SupervisorMsg>,
+    state: &'static str,
+    restarts: u32,
+    depth: usize,
+) -> BoxFuture<'static, Value> {
+    async move {
+        let children = match supervisor::children(&supervisor).await {
+            Ok(children) => children,
+            Err(error) => {
+                return json!({
+                    "name": name,
+                    "state": "not answering",
+                    "restarts": restarts,
+                    "error": error.to_string(),
+                });
+            }
+        };
+        let mut described = Vec::with_capacity(children.len());
+        for child in children {
+            let state = if child.cell.is_some() {
+                "running"
+            } else {
+                "restarting"
+            };
+            let nested = child
+                .cell
+                .filter(|cell| cell.is_message_type_of::<SupervisorMsg>() == Some(true))
+                .filter(|_| depth < MAX_DEPTH);
+            described.push(match nested {
+                Some(cell) => walk(child.id, cell.into(), state, child.restarts, depth + 1).await,
+                None => json!({"name": child.id, "state": state, "restarts": child.restarts}),
+            });
+        }
+        json!({
+            "name": name,
+            "state": state,
+            "restarts": restarts,
+            "children": described,
+        })
+    }
+    .boxed()
 }

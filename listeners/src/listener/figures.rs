@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use serde_json::{Value, json};
 use warren_runtime::metrics::{Report, Source};
 
 use super::shared::ListenerShared;
@@ -67,5 +68,25 @@ impl Source for ListenerFigures {
             labels(),
             i64::from(*shared.consuming.borrow()),
         );
+    }
+
+    fn describe(&self) -> Option<(&'static str, Value)> {
+        let shared = &self.0;
+        let stats = shared.stats.snapshot();
+        let current = *shared.current.read();
+        Some((
+            "listeners",
+            json!({
+                "listener": shared.name,
+                "queue": shared.topology.lock().queue_name,
+                "broker": current.map(|(broker, _)| broker.0),
+                "grant": current.map(|(_, grant)| grant),
+                "consuming": *shared.consuming.borrow(),
+                "deliveries": stats.received,
+                "acks": stats.acked,
+                "nacks": stats.requeued,
+                "rejects": stats.rejected,
+            }),
+        ))
     }
 }

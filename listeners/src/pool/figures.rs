@@ -145,4 +145,23 @@ impl Source for PoolFigures {
             );
         }
     }
+
+    fn describe(&self) -> Option<(&'static str, serde_json::Value)> {
+        let inner = self.0.upgrade()?;
+        let pool = inner.name.clone();
+        let (size, overflow) = (inner.config.size, inner.config.overflow);
+        let stats = ListenerPool { inner }.stats();
+        Some((
+            "pools",
+            serde_json::json!({
+                "pool": pool,
+                "size": size,
+                "overflow": overflow,
+                "workers": stats.workers,
+                "busy": stats.busy,
+                "waiting": stats.waiting,
+                "full": stats.full,
+            }),
+        ))
+    }
 }
