@@ -240,6 +240,16 @@ async fn metrics_count_known_traffic_and_the_probes_answer() {
         .is_some_and(|n| n >= 1.0)
     );
 
+    assert!(
+        sample(
+            &metrics,
+            "warren_broker_channels_opened_total",
+            &[("broker", &broker), ("connection", "consume")]
+        )
+        .is_some_and(|n| n >= 2.0),
+        "the listener's and the worker's channels at least"
+    );
+
     let (live, _) = get(&node, "/health/live").await;
     assert_eq!(live, 200);
     let (ready, status, body) =

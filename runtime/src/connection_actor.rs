@@ -577,8 +577,9 @@ impl ConnectionState {
             let generation = link.generation;
             let timeout = self.settings.operation_timeout;
             let myself = myself.clone();
+            let opened = (self.registry.clone(), self.broker.id, Role::Consume);
             tokio::spawn(async move {
-                let result = open_channel(&connection, timeout).await;
+                let result = open_channel(&connection, timeout, opened).await;
                 let _ = myself.cast(ConnectionMsg::PrechannelOpened { generation, result });
             });
         }
@@ -685,6 +686,7 @@ impl ConnectionState {
             broker,
             generation,
             self.broker_name(),
+            (self.registry.clone(), self.broker.id, Role::Consume),
             reply,
         );
         self.refill(myself);
@@ -701,6 +703,7 @@ impl ConnectionState {
             self.broker.id,
             link.generation,
             self.broker_name(),
+            (self.registry.clone(), self.broker.id, Role::Publish),
             reply,
         );
     }
@@ -804,11 +807,22 @@ fn refused(error: &lapin::Error) -> bool {
     )
 }
 
+/// Where an opened channel is counted: the registry, the broker and the connection.
+type ChannelOpened = (ConnectionRegistry, BrokerId, Role);
+
 /// Opens a channel, waiting at most `timeout` for the broker's `channel.open-ok`. A channel
 /// that arrives later is dropped, which closes it.
-async fn open_channel(connection: &Connection, timeout: Duration) -> Result<Channel, String> {
+async fn open_channel(
+    connection: &Connection,
+    timeout: Duration,
+    opened: ChannelOpened,
+) -> Result<Channel, String> {
     match tokio::time::timeout(timeout, connection.create_channel()).await {
-        Ok(Ok(channel)) => Ok(channel),
+        Ok(Ok(channel)) => {
+            let (registry, broker, role) = opened;
+            registry.count(broker, role, ConnectionEvent::ChannelOpened);
+            Ok(channel)
+        }
         Ok(Err(error)) => Err(error.to_string()),
         Err(_) => Err(format!(
             "no channel.open-ok within {} ms",
@@ -825,10 +839,11 @@ fn open_for(
     broker: BrokerId,
     generation: u64,
     name: String,
+    opened: ChannelOpened,
     reply: RpcReplyPort<Result<TakenChannel, ChannelError>>,
 ) {
     tokio::spawn(async move {
-        let result = open_channel(&connection, timeout)
+        let result = open_channel(&connection, timeout, opened)
             .await
             .map(|channel| TakenChannel {
                 channel,

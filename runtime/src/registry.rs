@@ -124,6 +124,7 @@ struct ConnectionCounts {
     opened: AtomicU64,
     lost: AtomicU64,
     failed: AtomicU64,
+    channels_opened: AtomicU64,
 }
 
 /// What happened to a connection, for the counts the metrics report.
@@ -132,6 +133,8 @@ pub enum ConnectionEvent {
     Opened,
     Lost,
     Failed,
+    /// A channel was opened on the connection.
+    ChannelOpened,
 }
 
 /// Shared handle to the registry: cheap to clone, read without a round trip.
@@ -214,6 +217,7 @@ impl ConnectionRegistry {
             ConnectionEvent::Opened => &counts.opened,
             ConnectionEvent::Lost => &counts.lost,
             ConnectionEvent::Failed => &counts.failed,
+            ConnectionEvent::ChannelOpened => &counts.channels_opened,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -604,6 +608,11 @@ impl crate::metrics::Source for ConnectionRegistry {
                         "warren_broker_connections_failed",
                         "Connection attempts that failed.",
                         &counts.failed,
+                    ),
+                    (
+                        "warren_broker_channels_opened",
+                        "Channels opened on the connection (channel churn).",
+                        &counts.channels_opened,
                     ),
                 ] {
                     report.counter(name, help, labels(), counter.load(Ordering::Relaxed));
