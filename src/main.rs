@@ -8,6 +8,7 @@
 mod apps;
 mod call;
 mod cli;
+mod log_format;
 mod run;
 
 use std::process::ExitCode;
@@ -32,7 +33,10 @@ async fn main() -> ExitCode {
             json,
             timeout_ms,
         } => {
-            run::init_logging("warn");
+            if let Err(error) = run::init_logging("warn") {
+                eprintln!("warren: {error}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             call::call(call::Call {
                 config: &cli.config,
                 exchange: &exchange,

@@ -144,6 +144,12 @@ impl TraceContext {
         TraceContext::from_properties(properties).unwrap_or_else(TraceContext::new_root)
     }
 
+    /// Runs `future` as work of this trace (see [`scope`]): e.g. work a handler spawns as
+    /// a task of its own, `tokio::spawn(event.trace().scope(work))`.
+    pub fn scope<F: Future>(self, future: F) -> TaskLocalFuture<TraceContext, F> {
+        scope(self, future)
+    }
+
     /// `properties` with `traceparent` set to this context; other headers are kept.
     pub fn inject(&self, properties: BasicProperties) -> BasicProperties {
         let mut headers = properties.headers().clone().unwrap_or_default();
