@@ -9,6 +9,7 @@
 mod apps;
 mod call;
 mod cli;
+mod log_format;
 mod run;
 mod status;
 
@@ -34,7 +35,10 @@ async fn main() -> ExitCode {
             json,
             timeout_ms,
         } => {
-            run::init_logging("warn");
+            if let Err(error) = run::init_logging("warn") {
+                eprintln!("warren: {error}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             call::call(call::Call {
                 config: &cli.config,
                 exchange: &exchange,
@@ -49,7 +53,10 @@ async fn main() -> ExitCode {
             json,
             timeout_ms,
         } => {
-            run::init_logging("warn");
+            if let Err(error) = run::init_logging("warn") {
+                eprintln!("warren: {error}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             status::status(status::Status {
                 config: &cli.config,
                 node: node.as_deref(),

@@ -1,6 +1,6 @@
 //! `warren run`: start the tree, log one line when ready, stop in order on a signal. Also
 //! the logging every command sets up: RUST_LOG, within caps that keep bodies and passwords
-//! out of the log.
+//! out of the log, in the format `WARREN_LOG_FORMAT` asks for.
 
 use std::io::IsTerminal;
 use std::path::Path;
@@ -15,10 +15,14 @@ use tracing_subscriber::{EnvFilter, Layer};
 use warren_runtime::config::Config;
 use warren_runtime::node::{Node, StartError};
 
+use crate::log_format::{self, LogFormat};
 use crate::{EXIT_CONFIG, apps};
 
 pub async fn run(config_path: &Path) -> ExitCode {
-    init_logging("info");
+    if let Err(error) = init_logging("info") {
+        eprintln!("warren: {error}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let config = match Config::load(config_path, &apps::names()) {
         Ok(config) => config,
         Err(error) => {
@@ -117,19 +121,20 @@ pub async fn run(config_path: &Path) -> ExitCode {
     }
 }
 
-/// Logs go to stderr; the level comes from RUST_LOG (default: `level`, and warn for
-/// ractor, whose per-actor spans would prefix every line), within [`log_caps`], which no
-/// RUST_LOG can lift.
-pub fn init_logging(level: &str) {
+/// Logs go to stderr, as text or JSON lines (`WARREN_LOG_FORMAT`, see [`log_format`]);
+/// the level comes from RUST_LOG (default: `level`, and warn for ractor, whose per-actor
+/// spans would prefix every line), within [`log_caps`], which no RUST_LOG can lift. An
+/// unknown `WARREN_LOG_FORMAT` is an error: nothing is set up, and the caller exits.
+pub fn init_logging(level: &str) -> Result<(), String> {
+    let format = LogFormat::from_env()?;
     let wanted = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("{level},ractor=warn")));
     // Two filters, both of which must let an event through: RUST_LOG cannot outrank the
     // caps, whatever directives it holds.
-    let layer = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+    let layer = log_format::layer(format, std::io::stderr, std::io::stderr().is_terminal())
         .with_filter(wanted.and(log_caps()));
     tracing_subscriber::registry().with(layer).init();
+    Ok(())
 }
 
 /// What is never logged, whatever RUST_LOG says: lapin's events, which dump message

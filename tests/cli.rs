@@ -34,7 +34,8 @@ fn warren_with_log(args: &[&str], rust_log: Option<&str>) -> (ExitStatus, String
     command
         .args(args)
         .env_remove("WARREN_ZONE")
-        .env_remove("WARREN_CONFIG");
+        .env_remove("WARREN_CONFIG")
+        .env_remove("WARREN_LOG_FORMAT");
     if let Some(rust_log) = rust_log {
         command.env("RUST_LOG", rust_log);
     }

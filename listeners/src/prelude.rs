@@ -16,3 +16,4 @@ pub use warren_runtime::assignments::ChannelKind;
 pub use warren_runtime::confirm::{PublishError, PublishOptions};
 pub use warren_runtime::envelope::Envelope;
 pub use warren_runtime::supervisor::ChildSpec;
+pub use warren_runtime::trace::{SpanId, TraceContext, TraceId};

@@ -31,6 +31,7 @@ use warren_runtime::config::DEFAULT_PREFETCH;
 use warren_runtime::confirm::{PublishError, headers};
 use warren_runtime::envelope::{Envelope, publish_properties};
 use warren_runtime::exchanges::TARGETED;
+use warren_runtime::trace::{self, TraceContext};
 use warren_runtime::uri::BrokerUri;
 
 use crate::listener::handling::{self, HandlerEnd};
@@ -122,6 +123,15 @@ impl TestEvent {
     pub fn header(mut self, key: impl Into<String>, value: AMQPValue) -> Self {
         self.headers.push((key.into(), value));
         self
+    }
+
+    /// The delivery carries this trace context (its `traceparent` header); without it
+    /// the event starts a new trace, as one from the broker would.
+    pub fn trace(self, trace: TraceContext) -> Self {
+        self.header(
+            trace::HEADER,
+            AMQPValue::LongString(trace.to_string().into()),
+        )
     }
 
     /// The broker delivered the message before.

@@ -22,6 +22,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 
 use crate::envelope::{Envelope, publish_properties};
+use crate::trace::TraceContext;
 
 /// How to publish one message.
 #[derive(Clone, Copy, Debug)]
@@ -34,6 +35,10 @@ pub struct PublishOptions {
     pub gzip: bool,
     /// Bound for the whole publish: the write, the broker's confirm and any retry.
     pub timeout: Duration,
+    /// The trace the message belongs to: it carries a child span of this context in its
+    /// `traceparent` header. `None`: the trace of the handler whose work this is (the
+    /// task-local of [`crate::trace`]), else a new trace.
+    pub trace: Option<TraceContext>,
 }
 
 impl PublishOptions {
@@ -43,6 +48,7 @@ impl PublishOptions {
             persistent: false,
             gzip: false,
             timeout,
+            trace: None,
         }
     }
 
@@ -61,7 +67,14 @@ impl PublishOptions {
         self
     }
 
-    /// The body and AMQP properties of `envelope` under these options.
+    /// The message belongs to `trace` (see [`PublishOptions::trace`]).
+    pub fn trace(mut self, trace: TraceContext) -> Self {
+        self.trace = Some(trace);
+        self
+    }
+
+    /// The body and AMQP properties of `envelope` under these options (the
+    /// `traceparent` header is the publisher's to add, see [`crate::trace::outgoing`]).
     pub fn encode(&self, envelope: &Envelope) -> (Vec<u8>, BasicProperties) {
         let body = if self.gzip {
             envelope.encode_gzip()

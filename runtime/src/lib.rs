@@ -9,6 +9,7 @@
 //! - the wire: `envelope` (kapi format), `kapi_conf` (Kazoo's configuration events),
 //!   `exchanges`, `confirm` (one publish in confirm mode and its outcome), `publisher`
 //!   (the node's publisher that follows the primary);
+//! - `trace`: W3C trace context (`traceparent`) read from deliveries, written on publishes;
 //! - `forward`: a task that feeds an actor from a stream or a watched value;
 //! - `log_limit`: one log line per key and interval, for anything that can flood;
 //! - `metrics`: every part's figures for a Prometheus scrape; `http`: the operator endpoint;
@@ -42,4 +43,5 @@ pub mod registry;
 pub mod status;
 pub mod supervisor;
 pub mod tls;
+pub mod trace;
 pub mod uri;

@@ -15,6 +15,8 @@
 //!   down), or the broker blocks publishing (`connection.blocked`), a publish waits for at
 //!   most its timeout and then fails with `NoBroker` / `BrokerUnavailable` or `Blocked`;
 //!   never forever. `confirm.select` on a new channel is bounded by `operation_timeout`.
+//! - Every message carries a W3C `traceparent` header (`trace`): a child of
+//!   `PublishOptions::trace`, else of the handler whose work this is, else a new trace.
 //! - A refusal by the broker (e.g. 404, no such exchange) is not retried; input AMQP cannot
 //!   carry (a routing key over 255 bytes) is `Invalid` before anything is written.
 //!
@@ -41,6 +43,7 @@ use crate::connections::Connections;
 use crate::envelope::{Envelope, Stamp};
 use crate::publish_figures::PublishFigures;
 use crate::registry::ConnectionRegistry;
+use crate::trace;
 
 /// Pause before trying again after a failed channel open or a lost publish.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
@@ -207,7 +210,8 @@ impl Publisher {
     /// Publishes a body as it is (no envelope, no stamp: e.g. a message moved to a parking
     /// queue, with its own properties) and waits for the confirm, as
     /// [`Publisher::publish`] does. `options.gzip` and `options.persistent` are ignored:
-    /// `properties` say what the body is.
+    /// `properties` say what the body is. A `traceparent` header in `properties` is kept;
+    /// without one the message gets one as [`Publisher::publish`] would give it.
     pub async fn publish_raw(
         &self,
         exchange: &str,
@@ -217,6 +221,7 @@ impl Publisher {
         options: PublishOptions,
     ) -> Result<Published, PublishError> {
         let (exchange, routing_key) = confirm::address(exchange, routing_key)?;
+        let properties = trace::outgoing(options.trace).inject_if_absent(properties);
         let outgoing = Outgoing {
             exchange,
             routing_key,
@@ -329,6 +334,7 @@ impl Publisher {
             }
         }
         let (body, properties) = options.encode(&envelope);
+        let properties = trace::outgoing(options.trace).inject(properties);
         Ok(Outgoing {
             exchange,
             routing_key,

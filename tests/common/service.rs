@@ -33,11 +33,19 @@ impl Running {
 
     /// As [`Running::start`] with this `RUST_LOG`.
     pub fn start_with_log(config: &Path, rust_log: &str) -> Running {
+        Running::start_with_env(config, rust_log, &[])
+    }
+
+    /// As [`Running::start_with_log`] with these environment variables too (the test's
+    /// own `WARREN_ZONE` and `WARREN_LOG_FORMAT` are not passed on).
+    pub fn start_with_env(config: &Path, rust_log: &str, env: &[(&str, &str)]) -> Running {
         let mut child = Command::new(WARREN)
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", rust_log)
             .env_remove("WARREN_ZONE")
+            .env_remove("WARREN_LOG_FORMAT")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

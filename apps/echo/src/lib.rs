@@ -123,6 +123,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_reply_belongs_to_the_request_trace() {
+        let trace = TraceContext::new_root();
+        let handled = TestEvent::new(request())
+            .trace(trace)
+            .run(&EchoListener)
+            .await
+            .expect("spec");
+        let [reply] = handled.published.as_slice() else {
+            panic!("one reply: {:?}", handled.published);
+        };
+        assert_eq!(reply.options.trace, Some(trace));
+        // Without a traceparent the request starts a trace of its own.
+        let handled = TestEvent::new(request())
+            .run(&EchoListener)
+            .await
+            .expect("spec");
+        let [reply] = handled.published.as_slice() else {
+            panic!("one reply: {:?}", handled.published);
+        };
+        let started = reply.options.trace.expect("a trace");
+        assert_ne!(started.trace_id(), trace.trace_id());
+    }
+
+    #[tokio::test]
     async fn other_events_reach_no_responder() {
         let handled = TestEvent::new(Envelope::new("echo", "other"))
             .run(&EchoListener)

@@ -32,6 +32,7 @@ use lapin::Consumer;
 use lapin::message::Delivery;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 use warren_runtime::envelope::{
     DecodeError, DecodeLimits, Envelope, decode_is_small, decode_owned,
 };
@@ -801,8 +802,18 @@ async fn decode(delivery: &mut Delivery, max_bytes: usize) -> Result<Envelope, D
 }
 
 /// Runs every matching handler, each with its panics caught, logs how they failed, and
-/// combines their results.
+/// combines their results. They run in one `handle` span carrying the event's trace id,
+/// queue, Event-Category and Event-Name, so every line logged while handling it says which
+/// trace it belongs to (the trace id is formatted only if a subscriber records the span;
+/// `event_name`, not `name`, which JSON logs use for the span's own name).
 async fn run_handlers(shared: &ListenerShared, event: &Event, handlers: Matched) -> Outcome {
+    let span = tracing::info_span!(
+        "handle",
+        trace_id = %event.trace().trace_id(),
+        queue = %event.delivery().queue,
+        event_category = event.category(),
+        event_name = event.name(),
+    );
     let msg_id = event.envelope().msg_id().unwrap_or("");
     handling::run(event, handlers, |end| match end {
         HandlerEnd::Returned(Ok(())) => {}
@@ -826,6 +837,7 @@ async fn run_handlers(shared: &ListenerShared, event: &Event, handlers: Matched)
             });
         }
     })
+    .instrument(span)
     .await
 }
 

@@ -7,6 +7,10 @@
 //! `reply().await` returns once the reply is written; its confirm settles with the
 //! delivery (`confirms`), and `reply(..).await?.await` waits for it. A blocked broker makes
 //! a publish fail with `Blocked` after the publish timeout.
+//!
+//! Every event has a trace context ([`Event::trace`]): the delivery's W3C `traceparent`
+//! header, or a new trace when it has none (or a malformed one). Its publishes and replies
+//! carry a child span of it, so a caller that sent a `traceparent` gets its trace id back.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +23,7 @@ use warren_runtime::confirm::{PublishError, PublishOptions, Published, address};
 use warren_runtime::envelope::{Envelope, keys};
 use warren_runtime::exchanges::TARGETED;
 use warren_runtime::publisher::Publisher;
+use warren_runtime::trace::TraceContext;
 
 use super::confirms::{Owed, Pending};
 use super::{Listener, Notice};
@@ -106,6 +111,8 @@ pub struct Event {
 struct EventInner {
     envelope: Envelope,
     delivery: DeliveryInfo,
+    /// The delivery's trace context, or a new trace.
+    trace: TraceContext,
     outlet: Outlet,
     /// The confirms of this event's publishes, awaited before the delivery is settled.
     owed: Owed,
@@ -116,6 +123,7 @@ impl Event {
         Event {
             inner: Arc::new(EventInner {
                 envelope,
+                trace: TraceContext::of_delivery(&delivery.properties),
                 delivery,
                 outlet: Outlet::Broker(outbox),
                 owed: Owed::default(),
@@ -128,6 +136,7 @@ impl Event {
         Event {
             inner: Arc::new(EventInner {
                 envelope,
+                trace: TraceContext::of_delivery(&delivery.properties),
                 delivery,
                 outlet: Outlet::Recorder(recorder),
                 owed: Owed::default(),
@@ -142,6 +151,13 @@ impl Event {
 
     pub fn delivery(&self) -> &DeliveryInfo {
         &self.inner.delivery
+    }
+
+    /// The trace this event belongs to: the delivery's `traceparent` (its span id is the
+    /// sender's), or a new trace. Handlers run with it as the trace of their work: their
+    /// publishes, replies and pool calls carry a child span of it.
+    pub fn trace(&self) -> TraceContext {
+        self.inner.trace
     }
 
     /// `Event-Category`.
@@ -193,14 +209,16 @@ impl Event {
 
     /// Publishes with explicit options (mandatory, persistent, gzip, timeout), as
     /// [`Event::publish`] does. A returned mandatory message is also reported to the
-    /// listener as [`Notice::Returned`].
+    /// listener as [`Notice::Returned`]. The message belongs to the event's trace unless
+    /// `options.trace` names another.
     pub async fn publish_with(
         &self,
         exchange: &str,
         routing_key: &str,
         envelope: Envelope,
-        options: PublishOptions,
+        mut options: PublishOptions,
     ) -> Result<Pending, PublishError> {
+        options.trace.get_or_insert(self.inner.trace);
         let outbox = match &self.inner.outlet {
             Outlet::Broker(outbox) => outbox,
             Outlet::Recorder(recorder) => {

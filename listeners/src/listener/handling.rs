@@ -8,6 +8,7 @@
 use std::panic::AssertUnwindSafe;
 
 use futures::FutureExt;
+use warren_runtime::trace;
 
 use super::event::Event;
 use super::outcome::Outcome;
@@ -40,17 +41,22 @@ pub(crate) fn hook(listener: &dyn Listener, event: &Event) -> Result<Dispatch, S
         .map_err(|panic| panic_text(panic.as_ref()).to_string())
 }
 
-/// Runs every matching handler at once, each with its panics caught, tells `ended` how
-/// each one ended (in handler order), and returns their combined outcome: the most severe
-/// wins; no handler is an ack.
+/// Runs every matching handler at once, each with its panics caught and with the event's
+/// trace as the trace of its work (so its publishes and pool calls carry it), tells
+/// `ended` how each one ended (in handler order), and returns their combined outcome: the
+/// most severe wins; no handler is an ack.
 pub(crate) async fn run(
     event: &Event,
     handlers: Matched,
     mut ended: impl FnMut(&HandlerEnd),
 ) -> Outcome {
+    let trace = event.trace();
     let guarded = |handler: Handler| {
         let event = event.clone();
-        AssertUnwindSafe(async move { handler(event).await }).catch_unwind()
+        trace::scope(
+            trace,
+            AssertUnwindSafe(async move { handler(event).await }).catch_unwind(),
+        )
     };
     let mut outcome = Outcome::Ack;
     let mut end = |result: std::thread::Result<HandlerResult>| {
