@@ -15,8 +15,9 @@
 //!   down), or the broker blocks publishing (`connection.blocked`), a publish waits for at
 //!   most its timeout and then fails with `NoBroker` / `BrokerUnavailable` or `Blocked`;
 //!   never forever. `confirm.select` on a new channel is bounded by `operation_timeout`.
-//! - Every message carries a W3C `traceparent` header (`trace`): a child of
-//!   `PublishOptions::trace`, else of the handler whose work this is, else a new trace.
+//! - A message carries a W3C `traceparent` header (`trace`): a child of
+//!   `PublishOptions::trace`, else of the handler whose work this is; a publish outside
+//!   any trace carries none (calls and casts always name one).
 //! - A refusal by the broker (e.g. 404, no such exchange) is not retried; input AMQP cannot
 //!   carry (a routing key over 255 bytes) is `Invalid` before anything is written.
 //!
@@ -211,7 +212,7 @@ impl Publisher {
     /// queue, with its own properties) and waits for the confirm, as
     /// [`Publisher::publish`] does. `options.gzip` and `options.persistent` are ignored:
     /// `properties` say what the body is. A `traceparent` header in `properties` is kept;
-    /// without one the message gets one as [`Publisher::publish`] would give it.
+    /// without one the message gets one as [`Publisher::publish`] would give it (if any).
     pub async fn publish_raw(
         &self,
         exchange: &str,
@@ -221,7 +222,10 @@ impl Publisher {
         options: PublishOptions,
     ) -> Result<Published, PublishError> {
         let (exchange, routing_key) = confirm::address(exchange, routing_key)?;
-        let properties = trace::outgoing(options.trace).inject_if_absent(properties);
+        let properties = match trace::outgoing(options.trace) {
+            Some(trace) => trace.inject_if_absent(properties),
+            None => properties,
+        };
         let outgoing = Outgoing {
             exchange,
             routing_key,
@@ -334,7 +338,10 @@ impl Publisher {
             }
         }
         let (body, properties) = options.encode(&envelope);
-        let properties = trace::outgoing(options.trace).inject(properties);
+        let properties = match trace::outgoing(options.trace) {
+            Some(trace) => trace.inject(properties),
+            None => properties,
+        };
         Ok(Outgoing {
             exchange,
             routing_key,

@@ -111,7 +111,9 @@ impl Checkout {
         request.set(keys::SERVER_ID, self.queue());
         let worker = self.worker();
         worker.inbox.expect(&msg_id);
-        let options = PublishOptions::new(timeout).mandatory();
+        let options = PublishOptions::new(timeout)
+            .mandatory()
+            .trace(warren_runtime::trace::for_call());
         let sent = self
             .request_publisher()
             .send(exchange, routing_key, request, options)
@@ -260,7 +262,9 @@ impl Checkout {
         request: Envelope,
         timeout: Duration,
     ) -> Result<(), RpcError> {
-        let options = PublishOptions::new(timeout).mandatory();
+        let options = PublishOptions::new(timeout)
+            .mandatory()
+            .trace(warren_runtime::trace::for_call());
         let published = self
             .publisher
             .publish(exchange, routing_key, request, options);
