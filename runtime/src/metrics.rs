@@ -69,7 +69,11 @@ pub struct MetricsEntry {
 
 impl Drop for MetricsEntry {
     fn drop(&mut self) {
-        self.metrics.inner.sources.lock().remove(&self.id);
+        // The source is dropped after the lock is released: dropping it may drop another
+        // entry (a listener's figures hold the listener, which may hold the router's
+        // entry), which takes the lock again.
+        let removed = self.metrics.inner.sources.lock().remove(&self.id);
+        drop(removed);
     }
 }
 
@@ -307,6 +311,31 @@ mod tests {
         assert!(!text.contains("p4"), "{text}");
         drop(first);
         assert!(!metrics.encode().contains("warren_test_things"));
+    }
+
+    /// Regression: dropping an entry whose source owns another entry deadlocked (the
+    /// router's figures inside a listener's, at `warren run`'s stop).
+    #[test]
+    fn a_source_that_owns_another_entry_can_be_dropped() {
+        struct Owner(#[allow(dead_code)] MetricsEntry);
+        impl Source for Owner {
+            fn report(&self, _report: &mut Report) {}
+        }
+        let metrics = Metrics::default();
+        let inner = metrics.register(Arc::new(Fixed(1)));
+        let outer = metrics.register(Arc::new(Owner(inner)));
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(outer);
+            let _ = done.send(());
+        });
+        assert!(
+            finished
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .is_ok(),
+            "dropping the entry deadlocked"
+        );
+        assert!(metrics.report().value("warren_test_things", &[]).is_none());
     }
 
     #[test]

@@ -268,6 +268,9 @@ impl Node {
     /// of one budget, `[service] shutdown_timeout_secs`: each supervisor hands its
     /// children deadlines out of its own (see `supervisor::deadline`).
     pub async fn stop(mut self) -> Result<(), StopTimeout> {
+        // The tree's own children hold the context: the root must not be kept alive
+        // through it while it stops.
+        self.context.root.take();
         let timeout = self.shutdown_timeout;
         self.deadline.set(tokio::time::Instant::now() + timeout);
         let stopped = match self
