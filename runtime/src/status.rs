@@ -103,17 +103,18 @@ pub fn not_ready(registry: &ConnectionRegistry, readiness: &Readiness) -> Option
 const MAX_DEPTH: usize = 8;
 
 /// The supervision tree under `root` (named `name`): each supervisor with its children,
-/// each child running or restarting and how often it was restarted. A supervisor that
+/// each child running or restarting and how often it was restarted (in all, and inside the
+/// restart intensity's window: `recent_restarts`). A supervisor that
 /// does not answer within the supervisor call timeout is marked so.
 pub async fn tree(name: &str, root: &ActorRef<SupervisorMsg>) -> Value {
-    walk(name.to_string(), root.clone(), "running", 0, 0).await
+    walk(name.to_string(), root.clone(), "running", (0, 0), 0).await
 }
 
 fn walk(
     name: String,
     supervisor: ActorRef<SupervisorMsg>,
     state: &'static str,
-    restarts: u32,
+    (restarts, recent_restarts): (u32, u32),
     depth: usize,
 ) -> BoxFuture<'static, Value> {
     async move {
@@ -124,6 +125,7 @@ fn walk(
                     "name": name,
                     "state": "not answering",
                     "restarts": restarts,
+                    "recent_restarts": recent_restarts,
                     "error": error.to_string(),
                 });
             }
@@ -139,15 +141,22 @@ fn walk(
                 .cell
                 .filter(|cell| cell.is_message_type_of::<SupervisorMsg>() == Some(true))
                 .filter(|_| depth < MAX_DEPTH);
+            let restarts = (child.restarts, child.recent_restarts);
             described.push(match nested {
-                Some(cell) => walk(child.id, cell.into(), state, child.restarts, depth + 1).await,
-                None => json!({"name": child.id, "state": state, "restarts": child.restarts}),
+                Some(cell) => walk(child.id, cell.into(), state, restarts, depth + 1).await,
+                None => json!({
+                    "name": child.id,
+                    "state": state,
+                    "restarts": child.restarts,
+                    "recent_restarts": child.recent_restarts,
+                }),
             });
         }
         json!({
             "name": name,
             "state": state,
             "restarts": restarts,
+            "recent_restarts": recent_restarts,
             "children": described,
         })
     }

@@ -158,6 +158,9 @@ pub struct ChildInfo {
     pub cell: Option<ActorCell>,
     /// How many times the supervisor has started it again.
     pub restarts: u32,
+    /// Of those, how many are inside the restart intensity's window now (the ones that
+    /// count towards giving up).
+    pub recent_restarts: u32,
 }
 
 impl Supervisor {

@@ -204,6 +204,7 @@ impl SupervisorState {
     }
 
     fn child_infos(&self) -> Vec<ChildInfo> {
+        let now = Instant::now();
         self.children
             .iter()
             .map(|child| ChildInfo {
@@ -213,6 +214,11 @@ impl SupervisorState {
                     _ => None,
                 },
                 restarts: child.restarts,
+                recent_restarts: self.window.count_within(
+                    &child.spec.id,
+                    now,
+                    self.intensity.within,
+                ),
             })
             .collect()
     }

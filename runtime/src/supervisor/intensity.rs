@@ -63,6 +63,17 @@ impl RestartWindow {
         u32::try_from(count).unwrap_or(u32::MAX)
     }
 
+    /// Restarts of one child no longer than `within` before `now` (without forgetting
+    /// older ones: for a report).
+    pub(super) fn count_within(&self, child: &str, now: Instant, within: Duration) -> u32 {
+        let count = self
+            .restarts
+            .iter()
+            .filter(|(at, id)| id == child && now.saturating_duration_since(*at) <= within)
+            .count();
+        u32::try_from(count).unwrap_or(u32::MAX)
+    }
+
     /// Remember one restart of `child` decided at `now`.
     pub(super) fn record(&mut self, child: &str, now: Instant) {
         self.restarts.push_back((now, child.to_string()));
@@ -84,6 +95,21 @@ mod tests {
         assert_eq!(window.count_for("a"), 2);
         assert_eq!(window.count_for("b"), 1);
         assert_eq!(window.count_for("c"), 0);
+    }
+
+    #[test]
+    fn a_report_counts_only_the_restarts_inside_the_window() {
+        let start = Instant::now();
+        let within = Duration::from_secs(10);
+        let mut window = RestartWindow::default();
+        window.record("a", start);
+        window.record("a", start + Duration::from_secs(8));
+        window.record("b", start + Duration::from_secs(8));
+        let later = start + Duration::from_secs(12);
+        assert_eq!(window.count_within("a", later, within), 1);
+        assert_eq!(window.count_within("b", later, within), 1);
+        assert_eq!(window.count_within("a", start + within, within), 2);
+        assert_eq!(window.total(), 3, "a report forgets nothing");
     }
 
     #[test]
