@@ -35,9 +35,8 @@ async fn main() -> ExitCode {
             json,
             timeout_ms,
         } => {
-            if let Err(error) = run::init_logging("warn") {
-                eprintln!("warren: {error}");
-                return ExitCode::from(EXIT_CONFIG);
+            if let Err(exit) = client_logging() {
+                return exit;
             }
             call::call(call::Call {
                 config: &cli.config,
@@ -53,9 +52,8 @@ async fn main() -> ExitCode {
             json,
             timeout_ms,
         } => {
-            if let Err(error) = run::init_logging("warn") {
-                eprintln!("warren: {error}");
-                return ExitCode::from(EXIT_CONFIG);
+            if let Err(exit) = client_logging() {
+                return exit;
             }
             status::status(status::Status {
                 config: &cli.config,
@@ -66,6 +64,15 @@ async fn main() -> ExitCode {
             .await
         }
     }
+}
+
+/// Logging for the client commands (`call`, `status`): warnings only, in the format
+/// `WARREN_LOG_FORMAT` asks for; an unknown format is a usage error (exit 2).
+fn client_logging() -> Result<(), ExitCode> {
+    run::init_logging("warn").map_err(|error| {
+        eprintln!("warren: {error}");
+        ExitCode::from(EXIT_CONFIG)
+    })
 }
 
 /// `warren check-config [PATH]`: validate and print the effective config, passwords redacted.
