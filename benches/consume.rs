@@ -14,7 +14,13 @@
 //! cannot tell one message from another), is reported beside it (`lapin_bare`,
 //! `ratio_bare`), so the price of reading an envelope at all stays in view. Allocations per
 //! message (a counting global allocator, in an untimed round of each side) are reported
-//! on a line `{"bench":"consume_allocations",…}`. The last line is one JSON object.
+//! on a line `{"bench":"consume_allocations",…}`.
+//!
+//! warren runs with its metrics on (the HTTP endpoint, histograms observed), as in
+//! production; the same listener on a second node without them runs back to back with it
+//! in each round, and the median ratio is reported (`warren_no_metrics`,
+//! `ratio_metrics`): the price of metrics on the hot path. The last line is one JSON
+//! object.
 
 mod common;
 
@@ -38,10 +44,12 @@ const EXCHANGE: &str = "warren-bench-consume";
 async fn main() {
     common::start_tls();
     let (_setup, channel) = common::setup_channel("bench-consume/setup").await;
-    let node = common::start_node("consume", "").await;
+    let node = common::start_node("consume", common::METRICS_ON).await;
+    let quiet = common::start_node("consume-quiet", "").await;
     let queue = format!("warren-bench-consume-{}", std::process::id());
     let mut rounds = common::Rounds::default();
     let mut bare = common::Rounds::default();
+    let mut cost = common::MetricsCost::default();
     for round in 1..=ROUNDS {
         let fill = || async {
             common::fresh_queue(&channel, EXCHANGE, &queue).await;
@@ -54,14 +62,17 @@ async fn main() {
                 common::fast_lapin_consumer(&queue, MESSAGES, PREFETCH, Reads::Routing).await;
             (rate, common::process_cpu() - cpu)
         };
-        let warren = async {
+        let queue = queue.as_str();
+        let timed = |node| async move {
             fill().await;
             let cpu = common::process_cpu();
-            let rate = warren_listener(&node, &queue).await;
+            let rate = warren_listener(node, queue).await;
             (rate, common::process_cpu() - cpu)
         };
-        let ((warren, warren_cpu), (lapin, lapin_cpu)) =
+        let warren = common::in_turn(round, timed(&node), timed(&quiet));
+        let (((warren, warren_cpu), (quiet_rate, _)), (lapin, lapin_cpu)) =
             common::in_turn(round, warren, lapin).await;
+        cost.push(round, "msg/s", warren, quiet_rate);
         let per_message = |cpu: Duration| cpu.as_secs_f64() * 1e6 / MESSAGES as f64;
         eprintln!(
             "  CPU per message: warren {:.2} µs, lapin {:.2} µs",
@@ -70,7 +81,7 @@ async fn main() {
         );
         rounds.push(round, "msg/s", warren, lapin);
         fill().await;
-        let drained = common::fast_lapin_consumer(&queue, MESSAGES, PREFETCH, Reads::Nothing).await;
+        let drained = common::fast_lapin_consumer(queue, MESSAGES, PREFETCH, Reads::Nothing).await;
         eprintln!("  lapin reading nothing of the body: {drained:.1} msg/s");
         bare.push(round, "msg/s (warren, lapin bare)", warren, drained);
     }
@@ -93,10 +104,14 @@ async fn main() {
     );
     common::delete_queue(&channel, &queue).await;
     let _ = node.stop().await;
+    let _ = quiet.stop().await;
     let bare_ratio = bare.ratio();
     let bare_rate = common::median(bare.lapin_rates());
     eprintln!("against a lapin consumer that reads nothing of the body: ratio {bare_ratio:.3}");
-    let extra = format!(",\"lapin_bare\":{bare_rate:.1},\"ratio_bare\":{bare_ratio:.3}");
+    let extra = format!(
+        ",\"lapin_bare\":{bare_rate:.1},\"ratio_bare\":{bare_ratio:.3}{}",
+        cost.json()
+    );
     let bench = if common::over_tls() {
         "consume_tls"
     } else {

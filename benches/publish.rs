@@ -2,7 +2,13 @@
 //! confirms) against a raw lapin publisher written for speed (confirm mode, the same
 //! number of publishes in flight at once, written and confirmed concurrently), publishing the same number of 256-byte
 //! envelopes to the local RabbitMQ in the same run. Both build and encode a fresh envelope
-//! per message. The median of a few rounds is reported; the last line is one JSON object.
+//! per message. The median of a few rounds is reported.
+//!
+//! warren runs with its metrics on (the HTTP endpoint, histograms observed), as in
+//! production; the same publisher on a second node without them runs back to back with it
+//! in each round, and the median ratio is reported (`warren_no_metrics`,
+//! `ratio_metrics`): the price of metrics on the hot path. The last line is one JSON
+//! object.
 
 mod common;
 
@@ -24,31 +30,35 @@ async fn main() {
     common::start_tls();
     let (_setup, channel) = common::setup_channel("bench-publish/setup").await;
     let queue = format!("warren-bench-publish-{}", std::process::id());
-    let node = common::start_node(
-        "publish",
-        &format!("[publisher]\nconfirm_window = {WINDOW}"),
-    )
-    .await;
+    let settings = format!("[publisher]\nconfirm_window = {WINDOW}\n");
+    let node = common::start_node("publish", &(settings.clone() + common::METRICS_ON)).await;
+    let quiet = common::start_node("publish-quiet", &settings).await;
     let mut rounds = common::Rounds::default();
+    let mut cost = common::MetricsCost::default();
     for round in 1..=ROUNDS {
         let lapin = async {
             common::fresh_queue(&channel, EXCHANGE, &queue).await;
             lapin_publisher().await
         };
-        let warren = async {
-            common::fresh_queue(&channel, EXCHANGE, &queue).await;
-            warren_publisher(&node).await
+        let (channel, queue) = (&channel, queue.as_str());
+        let timed = |node| async move {
+            common::fresh_queue(channel, EXCHANGE, queue).await;
+            warren_publisher(node).await
         };
-        let (warren, lapin) = common::in_turn(round, warren, lapin).await;
+        let warren = common::in_turn(round, timed(&node), timed(&quiet));
+        let ((warren, quiet_rate), lapin) = common::in_turn(round, warren, lapin).await;
         rounds.push(round, "msg/s", warren, lapin);
+        cost.push(round, "msg/s", warren, quiet_rate);
     }
     common::delete_queue(&channel, &queue).await;
     let _ = node.stop().await;
-    rounds.report(if common::over_tls() {
+    let _ = quiet.stop().await;
+    let bench = if common::over_tls() {
         "publish_tls"
     } else {
         "publish"
-    });
+    };
+    rounds.report_with(bench, &cost.json());
     common::stop_tls();
 }
 

@@ -113,13 +113,12 @@ async fn ask(node: &Node, status: &Status<'_>) -> ExitCode {
     let deadline = tokio::time::Instant::now() + window;
     let mut nodes: Vec<NodeInfo> = Vec::new();
     while let Ok(Some(info)) = tokio::time::timeout_at(deadline, rx.recv()).await {
-        if status.node.is_some_and(|name| name == info.node) {
-            nodes.retain(|known| known.node != info.node);
-            nodes.push(info);
-            break;
-        }
+        let asked_for = status.node.is_some_and(|name| name == info.node);
         nodes.retain(|known| known.node != info.node);
         nodes.push(info);
+        if asked_for {
+            break;
+        }
     }
     let _ = collector.stop().await;
     nodes.sort_by(|a, b| a.node.cmp(&b.node));
@@ -286,16 +285,18 @@ fn tree(document: &Value) -> String {
             out.push("├─ listeners".to_string());
         }
         out.push(format!(
-            "│  ├─ {} queue {} broker #{} grant {} {}",
+            "│  ├─ {} queue {} broker #{} generation {} grant {} {}, {} in flight",
             text(&listener["listener"]),
             text(&listener["queue"]),
             text(&listener["broker"]),
+            text(&listener["generation"]),
             text(&listener["grant"]),
             if listener["consuming"] == Value::Bool(true) {
                 "consuming"
             } else {
                 "not consuming"
             },
+            text(&listener["in_flight"]),
         ));
     }
     for pool in document["pools"].as_array().into_iter().flatten() {
@@ -340,8 +341,9 @@ fn supervision(node: &Value, depth: usize, out: &mut Vec<String>) {
     let name = node["name"].as_str().unwrap_or("?");
     let state = node["state"].as_str().unwrap_or("?");
     let restarts = node["restarts"].as_u64().unwrap_or(0);
+    let recent = node["recent_restarts"].as_u64().unwrap_or(0);
     let restarts = if restarts > 0 {
-        format!(", {restarts} restarts")
+        format!(", {restarts} restarts, {recent} in the window")
     } else {
         String::new()
     };

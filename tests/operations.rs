@@ -1,6 +1,7 @@
 //! The operator endpoint against real RabbitMQ, scraped with a real HTTP client: metrics
 //! after known traffic (published, acked, PoolFull), the health probes following the only
-//! broker's death and return, the status document, and a port in use as a start error.
+//! broker's death and return, messages in flight, handler and drain times, the status
+//! document, and a port in use as a start error.
 
 mod common;
 
@@ -203,6 +204,24 @@ async fn metrics_count_known_traffic_and_the_probes_answer() {
         ),
         Some(1.0)
     );
+    assert_eq!(
+        sample(
+            &metrics,
+            "warren_listener_handler_seconds_count",
+            &[("listener", "counted")]
+        ),
+        Some(25.0),
+        "each message's handlers timed once"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "warren_listener_in_flight",
+            &[("listener", "counted")]
+        ),
+        Some(0.0),
+        "all 25 settled"
+    );
     let published = sample(&metrics, "warren_published_total", &[("broker", &broker)])
         .unwrap_or_else(|| panic!("no warren_published_total for {broker}:\n{metrics}"));
     assert!(published >= 25.0, "{published}");
@@ -249,6 +268,15 @@ async fn metrics_count_known_traffic_and_the_probes_answer() {
         .is_some_and(|n| n >= 2.0),
         "the listener's and the worker's channels at least"
     );
+    assert!(
+        sample(
+            &metrics,
+            "warren_broker_channels_open",
+            &[("broker", &broker), ("connection", "consume")]
+        )
+        .is_some_and(|n| n >= 2.0),
+        "the listener's and the worker's channels are open now: {metrics}"
+    );
 
     let (live, _) = get(&node, "/health/live").await;
     assert_eq!(live, 200);
@@ -261,15 +289,46 @@ async fn metrics_count_known_traffic_and_the_probes_answer() {
     assert_eq!(document["node"], Value::String(name.clone()));
     assert_eq!(document["brokers"][0]["primary"], Value::Bool(true));
     assert!(
+        document["tree"]["recent_restarts"].is_u64(),
+        "restarts inside the window: {body}"
+    );
+    let counted = document["listeners"]
+        .as_array()
+        .and_then(|all| all.iter().find(|l| l["listener"] == "counted"))
+        .unwrap_or_else(|| panic!("the listener in the status: {body}"));
+    assert_eq!(counted["in_flight"], 0, "{body}");
+    assert!(
+        counted["generation"].as_u64().is_some_and(|g| g >= 1),
+        "{body}"
+    );
+    assert!(
         document["parts"].as_array().is_some_and(|parts| parts
             .iter()
             .any(|p| p["name"] == "listener:counted" && p["state"] == "ready")),
         "{body}"
     );
 
+    let open = |metrics: &str| {
+        sample(
+            metrics,
+            "warren_broker_channels_open",
+            &[("broker", &broker), ("connection", "consume")],
+        )
+        .unwrap_or(f64::MAX)
+    };
+    let (_, metrics) = get(&node, "/metrics").await;
+    let before = open(&metrics);
     held.checkin().await;
     listener.stop().await.expect("listener stops");
     app.pool.stop().await;
+    let (closed, _, metrics) = until_answer(&node, "/metrics", SOON, |_, metrics| {
+        open(metrics) <= before - 2.0
+    })
+    .await;
+    assert!(
+        closed,
+        "the listener's and the worker's channels closed ({before} open before): {metrics}"
+    );
     node.stop().await.expect("node stops");
 }
 
@@ -277,6 +336,80 @@ async fn metrics_count_known_traffic_and_the_probes_answer() {
 fn local_uri_redacted() -> String {
     let uri = warren_runtime::uri::BrokerUri::parse(&local_uri()).expect("the local URI");
     uri.redacted().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_in_flight_are_those_whose_handlers_have_not_finished() {
+    let name = unique_node("flight");
+    let node = start_node(config(&name, &[local_uri()], HTTP)).await;
+    let queue = format!("{name}.held");
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let spec = ListenerSpec::new("held")
+        .queue(QueueSpec::named(&queue).auto_delete(true))
+        .concurrency(3)
+        .responder("ops", "hold", {
+            let gate = gate.clone();
+            move |_event: Event| {
+                let gate = gate.clone();
+                async move {
+                    let _permit = gate.acquire().await;
+                    Ok(())
+                }
+            }
+        });
+    let listener = spawn_listener(SpecListener(spec), &ops_app(&node))
+        .await
+        .expect("listener starts");
+    assert!(listener.wait_consuming(true, SOON).await);
+    let publisher = &node.context().publisher;
+    for _ in 0..3 {
+        publisher
+            .publish(
+                "",
+                &queue,
+                Envelope::new("ops", "hold"),
+                publisher.options(),
+            )
+            .await
+            .expect("published");
+    }
+    let in_flight = |metrics: &str| {
+        sample(
+            metrics,
+            "warren_listener_in_flight",
+            &[("listener", "held")],
+        )
+    };
+    let (three, _, metrics) = until_answer(&node, "/metrics", SOON, |_, metrics| {
+        in_flight(metrics) == Some(3.0)
+    })
+    .await;
+    assert!(three, "three handlers wait: {metrics}");
+    assert_eq!(
+        sample(
+            &metrics,
+            "warren_listener_acks_total",
+            &[("listener", "held")]
+        ),
+        Some(0.0)
+    );
+
+    gate.add_permits(3);
+    let (none, _, metrics) = until_answer(&node, "/metrics", SOON, |_, metrics| {
+        in_flight(metrics) == Some(0.0)
+    })
+    .await;
+    assert!(none, "all settled: {metrics}");
+    assert_eq!(
+        sample(
+            &metrics,
+            "warren_listener_acks_total",
+            &[("listener", "held")]
+        ),
+        Some(3.0)
+    );
+    listener.stop().await.expect("listener stops");
+    node.stop().await.expect("node stops");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -363,6 +496,18 @@ async fn failovers_and_fail_backs_are_counted() {
         counted(&back, "warren_assignments_fail_backs_total") >= 1.0,
         "{back}"
     );
+    // The old (anonymous, empty) queue on B is drained and let go: one drain timed.
+    let (drained, _, metrics) =
+        until_answer(&node, "/metrics", Duration::from_secs(30), |_, metrics| {
+            sample(
+                metrics,
+                "warren_listener_drain_seconds_count",
+                &[("listener", "mover")],
+            )
+            .is_some_and(|n| n >= 1.0)
+        })
+        .await;
+    assert!(drained, "{metrics}");
     listener.stop().await.expect("listener stops");
     node.stop().await.expect("node stops");
 }

@@ -262,11 +262,11 @@ pub fn median(mut values: Vec<f64>) -> f64 {
 /// first in even ones, so that neither side always runs on a broker the other has just
 /// loaded (the second run of a pair was measurably slower on a busy broker). Gives
 /// `(warren, lapin)`.
-pub async fn in_turn<T>(
+pub async fn in_turn<W, L>(
     round: usize,
-    warren: impl std::future::Future<Output = T>,
-    lapin: impl std::future::Future<Output = T>,
-) -> (T, T) {
+    warren: impl std::future::Future<Output = W>,
+    lapin: impl std::future::Future<Output = L>,
+) -> (W, L) {
     if round % 2 == 1 {
         let lapin = lapin.await;
         (warren.await, lapin)
@@ -412,6 +412,45 @@ pub async fn delete_queue(channel: &Channel, queue: &str) {
     let _ = channel
         .queue_delete(queue.into(), QueueDeleteOptions::default())
         .await;
+}
+
+/// Config text that turns a bench node's metrics on, as in production: the HTTP endpoint
+/// on a port the system picks (histograms are observed only when it is on).
+pub const METRICS_ON: &str = "[http]\nlisten = \"127.0.0.1:0\"\n";
+
+/// The price of metrics on the hot path: the same warren side run with metrics on and
+/// off in each round, back to back (the order alternating), reported as the median of
+/// the per-round ratios (on / off).
+#[derive(Default)]
+pub struct MetricsCost {
+    on: Vec<f64>,
+    off: Vec<f64>,
+}
+
+impl MetricsCost {
+    /// Records one round (and prints it).
+    pub fn push(&mut self, round: usize, unit: &str, on: f64, off: f64) {
+        eprintln!(
+            "round {round}: warren with metrics {on:.1} {unit}, without {off:.1} {unit} ({:.3})",
+            on / off
+        );
+        self.on.push(on);
+        self.off.push(off);
+    }
+
+    /// `,"warren_no_metrics":…,"ratio_metrics":…` for the bench's JSON line, and a line
+    /// with the spread on stderr.
+    pub fn json(&self) -> String {
+        let ratios: Vec<f64> = self.on.iter().zip(&self.off).map(|(a, b)| a / b).collect();
+        let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let ratio = median(ratios);
+        let off = median(self.off.clone());
+        eprintln!(
+            "metrics on / off: {ratio:.3} (median of the rounds), per round {min:.3}–{max:.3}"
+        );
+        format!(",\"warren_no_metrics\":{off:.1},\"ratio_metrics\":{ratio:.3}")
+    }
 }
 
 /// A node with no apps for a benchmark; `extra` is more config.ini text.

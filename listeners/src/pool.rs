@@ -135,7 +135,7 @@ impl ListenerPool {
         ListenerPool {
             inner: Arc::new_cyclic(|this| PoolInner {
                 _figures: metrics.register(Arc::new(PoolFigures(this.clone()))),
-                rpc: RpcFigures::default(),
+                rpc: RpcFigures::new(&metrics),
                 name: name.to_string(),
                 config,
                 ctx: WorkerContext {

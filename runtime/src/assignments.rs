@@ -67,6 +67,8 @@ pub struct Grant {
     /// Increases with every grant of the same client; events for older numbers are
     /// stale.
     pub number: u64,
+    /// The generation of the broker connection the channel lives on.
+    pub connection: u64,
     /// Set on fail-back: the number of the grant this one replaces. That grant is the
     /// client's from now on: it drains it, and gives its channel back with
     /// [`Client::release`] (or, if it does not hold it any more, has nothing to do).
@@ -556,6 +558,7 @@ impl AssignmentsState {
             channel: taken.channel,
             broker,
             number,
+            connection: taken.generation,
             replaces,
         };
         if entry.tx.send(GrantEvent::Granted(grant)).is_err() {

@@ -820,7 +820,7 @@ async fn open_channel(
     match tokio::time::timeout(timeout, connection.create_channel()).await {
         Ok(Ok(channel)) => {
             let (registry, broker, role) = opened;
-            registry.count(broker, role, ConnectionEvent::ChannelOpened);
+            registry.channel_opened(broker, role, &channel);
             Ok(channel)
         }
         Ok(Err(error)) => Err(error.to_string()),

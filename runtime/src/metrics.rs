@@ -42,15 +42,23 @@ pub trait Source: Send + Sync {
 ///
 /// It exists so that one scrape sees every part of the node without any part keeping a
 /// registry of its own or paying per message for figures it already counts.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Metrics {
     inner: Arc<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
     sources: Mutex<BTreeMap<u64, Arc<dyn Source>>>,
     next: AtomicU64,
+    /// Histograms are observed (something scrapes them); counters always are.
+    histograms: bool,
+}
+
+impl Default for Metrics {
+    /// Metrics with histograms on.
+    fn default() -> Self {
+        Metrics::new(true)
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -78,6 +86,29 @@ impl Drop for MetricsEntry {
 }
 
 impl Metrics {
+    /// Metrics whose histograms are observed only if `histograms` (a node turns them on
+    /// with its HTTP endpoint: nothing else reads them). Counters are kept either way: the
+    /// parts count them anyway, and the status document reports them.
+    pub fn new(histograms: bool) -> Self {
+        Metrics {
+            inner: Arc::new(Inner {
+                sources: Mutex::default(),
+                next: AtomicU64::new(0),
+                histograms,
+            }),
+        }
+    }
+
+    /// A histogram of durations in seconds to observe, or `None` when histograms are off.
+    pub fn seconds(&self) -> Option<Histogram> {
+        self.inner.histograms.then(seconds_histogram)
+    }
+
+    /// A histogram of sizes in bytes to observe, or `None` when histograms are off.
+    pub fn bytes(&self) -> Option<Histogram> {
+        self.inner.histograms.then(bytes_histogram)
+    }
+
     /// Adds `source` to every scrape until the returned entry is dropped.
     pub fn register(&self, source: Arc<dyn Source>) -> MetricsEntry {
         let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
@@ -154,14 +185,18 @@ impl Report {
         self.add(name, help, MetricType::Gauge, labels, Value::Gauge(value));
     }
 
-    /// A distribution observed as things happened.
+    /// A distribution observed as things happened; nothing when histograms are off
+    /// (`None`).
     pub fn histogram(
         &mut self,
         name: &'static str,
         help: &'static str,
         labels: Labels,
-        histogram: &Histogram,
+        histogram: Option<&Histogram>,
     ) {
+        let Some(histogram) = histogram else {
+            return;
+        };
         let value = Value::Histogram(histogram.clone());
         self.add(name, help, MetricType::Histogram, labels, value);
     }
@@ -186,7 +221,7 @@ impl Report {
     }
 
     /// The value of a counter or gauge sample whose labels include all of `labels`, summed
-    /// over the samples that match (for tests and the status page).
+    /// over the samples that match (what a test reads back).
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<i64> {
         let family = self.families.get(name)?;
         let mut found = None;
@@ -338,23 +373,41 @@ mod tests {
         assert!(metrics.report().value("warren_test_things", &[]).is_none());
     }
 
+    struct Timed(Option<Histogram>);
+
+    impl Source for Timed {
+        fn report(&self, report: &mut Report) {
+            report.histogram("warren_test_seconds", "Time.", vec![], self.0.as_ref());
+        }
+    }
+
     #[test]
     fn histograms_are_encoded_with_buckets() {
-        struct Timed(Histogram);
-        impl Source for Timed {
-            fn report(&self, report: &mut Report) {
-                report.histogram("warren_test_seconds", "Time.", vec![], &self.0);
-            }
-        }
-        let histogram = seconds_histogram();
-        histogram.observe(0.001);
         let metrics = Metrics::default();
+        let histogram = metrics.seconds();
+        if let Some(histogram) = &histogram {
+            histogram.observe(0.001);
+        }
         let _entry = metrics.register(Arc::new(Timed(histogram)));
         let text = metrics.encode();
         assert!(text.contains("warren_test_seconds_count 1"), "{text}");
         assert!(
             text.contains("warren_test_seconds_bucket{le=\"+Inf\"} 1"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn without_histograms_there_is_nothing_to_observe_or_report() {
+        let metrics = Metrics::new(false);
+        assert!(metrics.seconds().is_none() && metrics.bytes().is_none());
+        let _entry = metrics.register(Arc::new(Timed(metrics.seconds())));
+        let _counted = metrics.register(Arc::new(Fixed(3)));
+        let text = metrics.encode();
+        assert!(!text.contains("warren_test_seconds"), "{text}");
+        assert!(
+            text.contains("warren_test_things_total{part=\"p3\"} 3"),
+            "counters are kept: {text}"
         );
     }
 }

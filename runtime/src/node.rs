@@ -137,6 +137,8 @@ impl Node {
         let connections =
             Connections::new(registry.clone(), ConnectionSettings::from_config(&config));
         let assignments = Assignments::new(connections.clone());
+        // Histograms only when something can scrape them.
+        let metrics = Metrics::new(config.http.listen.is_some());
         let context = NodeContext {
             node: config.service.node.clone(),
             listeners: ListenerSettings::from_config(&config),
@@ -145,13 +147,15 @@ impl Node {
             registry: registry.clone(),
             connections: connections.clone(),
             assignments: assignments.clone(),
-            publisher: Publisher::new(connections.clone(), &config.publisher).with_stamp(Stamp {
-                app_name: "warren".to_string(),
-                app_version: env!("CARGO_PKG_VERSION").to_string(),
-                node: config.service.node.clone(),
-            }),
+            publisher: Publisher::new(connections.clone(), &config.publisher, &metrics).with_stamp(
+                Stamp {
+                    app_name: "warren".to_string(),
+                    app_version: env!("CARGO_PKG_VERSION").to_string(),
+                    node: config.service.node.clone(),
+                },
+            ),
             readiness: Readiness::default(),
-            metrics: Metrics::default(),
+            metrics: metrics.clone(),
             root: Arc::default(),
         };
         let Children { services, apps } = children(&context)

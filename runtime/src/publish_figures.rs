@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use crate::broker::BrokerId;
 use crate::confirm::{PublishError, Published};
-use crate::metrics::{Histogram, Report, Source, bytes_histogram, seconds_histogram};
+use crate::metrics::{Histogram, Metrics, Report, Source};
 use crate::registry::ConnectionRegistry;
 
 /// One broker's publish figures.
@@ -19,8 +19,8 @@ struct BrokerFigures {
     published: AtomicU64,
     failed: AtomicU64,
     timed_out: AtomicU64,
-    confirm_seconds: Histogram,
-    bytes: Histogram,
+    confirm_seconds: Option<Histogram>,
+    bytes: Option<Histogram>,
 }
 
 /// The publisher's figures, indexed by broker.
@@ -33,14 +33,15 @@ pub struct PublishFigures {
 }
 
 impl PublishFigures {
-    pub fn new(registry: ConnectionRegistry) -> Self {
+    /// Figures for every broker of `registry`; histograms as `metrics` has them.
+    pub fn new(registry: ConnectionRegistry, metrics: &Metrics) -> Self {
         let brokers = (0..registry.brokers().len())
             .map(|_| BrokerFigures {
                 published: AtomicU64::new(0),
                 failed: AtomicU64::new(0),
                 timed_out: AtomicU64::new(0),
-                confirm_seconds: seconds_histogram(),
-                bytes: bytes_histogram(),
+                confirm_seconds: metrics.seconds(),
+                bytes: metrics.bytes(),
             })
             .collect();
         PublishFigures { registry, brokers }
@@ -60,10 +61,12 @@ impl PublishFigures {
         match outcome {
             Ok(Published::Routed) => {
                 figures.published.fetch_add(1, Ordering::Relaxed);
-                figures
-                    .confirm_seconds
-                    .observe(written.elapsed().as_secs_f64());
-                figures.bytes.observe(bytes as f64);
+                if let Some(seconds) = &figures.confirm_seconds {
+                    seconds.observe(written.elapsed().as_secs_f64());
+                }
+                if let Some(sizes) = &figures.bytes {
+                    sizes.observe(bytes as f64);
+                }
             }
             Ok(Published::Returned(_)) | Err(PublishError::Nacked) => {
                 figures.failed.fetch_add(1, Ordering::Relaxed);
@@ -104,13 +107,13 @@ impl Source for PublishFigures {
                 "warren_publish_confirm_seconds",
                 "Time from writing a message to its confirm (successful publishes).",
                 labels(),
-                &figures.confirm_seconds,
+                figures.confirm_seconds.as_ref(),
             );
             report.histogram(
                 "warren_publish_bytes",
                 "Body size of confirmed messages.",
                 labels(),
-                &figures.bytes,
+                figures.bytes.as_ref(),
             );
         }
     }

@@ -42,6 +42,7 @@ use crate::config::PublisherConfig;
 use crate::confirm::{self, PublishError, PublishOptions, Published};
 use crate::connections::Connections;
 use crate::envelope::{Envelope, Stamp};
+use crate::metrics::Metrics;
 use crate::publish_figures::PublishFigures;
 use crate::registry::ConnectionRegistry;
 use crate::trace;
@@ -134,13 +135,14 @@ struct Outgoing {
 }
 
 impl Publisher {
-    pub fn new(connections: Connections, config: &PublisherConfig) -> Self {
+    /// A publisher on `connections`; its figures keep histograms as `metrics` has them.
+    pub fn new(connections: Connections, config: &PublisherConfig, metrics: &Metrics) -> Self {
         let registry = connections.registry().clone();
         let brokers = registry.brokers().len();
         Publisher {
             inner: Arc::new(Inner {
                 operation_timeout: connections.settings().operation_timeout,
-                figures: Arc::new(PublishFigures::new(registry.clone())),
+                figures: Arc::new(PublishFigures::new(registry.clone(), metrics)),
                 registry,
                 connections,
                 channels: RwLock::new(vec![None; brokers]),

@@ -125,6 +125,23 @@ struct ConnectionCounts {
     lost: AtomicU64,
     failed: AtomicU64,
     channels_opened: AtomicU64,
+    /// The state of every channel opened on the current connection, shared with lapin
+    /// (it does not keep a channel open): the open ones are counted at a scrape.
+    channels: Mutex<Vec<lapin::ChannelStatus>>,
+}
+
+impl ConnectionCounts {
+    /// The channels open now; forgets those that closed.
+    fn open_channels(&self) -> usize {
+        let mut channels = self.channels.lock();
+        channels.retain(|status| !is_closed(status));
+        channels.iter().filter(|status| status.connected()).count()
+    }
+}
+
+/// Whether a channel is closed for good (closed, failed, or its connection gone).
+fn is_closed(status: &lapin::ChannelStatus) -> bool {
+    !(status.connected() || status.initializing() || status.closing())
 }
 
 /// What happened to a connection, for the counts the metrics report.
@@ -133,8 +150,6 @@ pub enum ConnectionEvent {
     Opened,
     Lost,
     Failed,
-    /// A channel was opened on the connection.
-    ChannelOpened,
 }
 
 /// Shared handle to the registry: cheap to clone, read without a round trip.
@@ -217,9 +232,25 @@ impl ConnectionRegistry {
             ConnectionEvent::Opened => &counts.opened,
             ConnectionEvent::Lost => &counts.lost,
             ConnectionEvent::Failed => &counts.failed,
-            ConnectionEvent::ChannelOpened => &counts.channels_opened,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        if event == ConnectionEvent::Lost {
+            // Its channels went with it.
+            counts.channels.lock().clear();
+        }
+    }
+
+    /// Counts a channel opened on the connection of `role` to broker `id`, and keeps its
+    /// state to count it while it is open.
+    pub fn channel_opened(&self, id: BrokerId, role: Role, channel: &lapin::Channel) {
+        let Some(counts) = self.inner.counts.get(id.0) else {
+            return;
+        };
+        let counts = &counts[role_index(role)];
+        counts.channels_opened.fetch_add(1, Ordering::Relaxed);
+        let mut channels = counts.channels.lock();
+        channels.retain(|status| !is_closed(status));
+        channels.push(channel.status().clone());
     }
 
     /// This node's zone.
@@ -617,6 +648,12 @@ impl crate::metrics::Source for ConnectionRegistry {
                 ] {
                     report.counter(name, help, labels(), counter.load(Ordering::Relaxed));
                 }
+                report.gauge(
+                    "warren_broker_channels_open",
+                    "Channels open now on the connection.",
+                    labels(),
+                    i64::try_from(counts.open_channels()).unwrap_or(i64::MAX),
+                );
             }
         }
     }

@@ -111,7 +111,7 @@ struct RunningConsumer {
     /// A stop was asked for (pause, drain end).
     stopping: bool,
     /// Deliveries received and not settled.
-    unsettled: Arc<AtomicUsize>,
+    in_flight: Arc<AtomicUsize>,
 }
 
 /// A grant the listener holds.
@@ -315,6 +315,7 @@ impl ListenerState {
     async fn setup(&mut self, myself: &ActorRef<ListenerMsg>, grant: Grant) {
         let context = Arc::new(GrantContext {
             grant: grant.number,
+            connection: grant.connection,
             channel: grant.channel,
             publisher: self.shared.settings.publisher.to_broker(grant.broker.id),
             broker: grant.broker,
@@ -371,6 +372,9 @@ impl ListenerState {
                 .send_replace(Some(held.channel().clone()));
         }
         *self.shared.current.write() = Some((broker.id, grant));
+        self.shared
+            .connection
+            .store(context.connection, Ordering::Relaxed);
         tracing::info!(listener = %self.shared.name, queue = %topology.queue_name, broker = %broker, grant, "topology declared");
         self.notice(Notice::QueueCreated {
             queue: topology.queue_name.clone(),
@@ -464,7 +468,8 @@ impl ListenerState {
         match topology::consume(&context.channel, &topology, &tag, no_ack, timeout).await {
             Ok(consumer) => {
                 let (control, control_rx) = watch::channel(Control::Run);
-                let unsettled = Arc::new(AtomicUsize::new(0));
+                let in_flight = Arc::new(AtomicUsize::new(0));
+                shared.track_in_flight(&in_flight);
                 let consumer_loop = ConsumerLoop {
                     tag,
                     context,
@@ -472,7 +477,7 @@ impl ListenerState {
                     queue: topology.queue_name.as_str().into(),
                     shared,
                     control: control_rx,
-                    unsettled: unsettled.clone(),
+                    in_flight: in_flight.clone(),
                 };
                 let actor = myself.clone();
                 let handle = tokio::spawn(async move {
@@ -485,7 +490,7 @@ impl ListenerState {
                         control,
                         handle,
                         stopping: false,
-                        unsettled,
+                        in_flight,
                     });
                 }
                 if self.is_active(grant) {
@@ -541,6 +546,9 @@ impl ListenerState {
             return;
         };
         let held = self.draining.remove(i);
+        if let (Some(drain), Some(seconds)) = (&held.drain, &self.shared.drain_seconds) {
+            seconds.observe(drain.started.elapsed().as_secs_f64());
+        }
         let same_broker = self
             .active
             .as_ref()
@@ -600,10 +608,10 @@ impl ListenerState {
                 return;
             }
         }
-        let unsettled = held
+        let in_flight = held
             .consumer
             .as_ref()
-            .map_or(0, |c| c.unsettled.load(Ordering::Relaxed));
+            .map_or(0, |c| c.in_flight.load(Ordering::Relaxed));
         let ready = match topology::ready_count(&held.context.channel, &queue, timeout).await {
             Ok(ready) => ready,
             Err(error) => {
@@ -618,13 +626,13 @@ impl ListenerState {
         let Some(drain) = held.drain.as_mut() else {
             return;
         };
-        match drain.checked(Instant::now(), ready, unsettled) {
+        match drain.checked(Instant::now(), ready, in_flight) {
             Step::CheckIn(after) => {
                 myself.send_after(after, move || ListenerMsg::DrainCheck { grant });
             }
             Step::Close => {
-                if ready > 0 || unsettled > 0 {
-                    tracing::warn!(listener = %self.shared.name, grant, ready, unsettled, "the drain ran out of time; what is left stays in the old queue");
+                if ready > 0 || in_flight > 0 {
+                    tracing::warn!(listener = %self.shared.name, grant, ready, in_flight, "the drain ran out of time; what is left stays in the old queue");
                 }
                 let deadline = Instant::now() + self.shared.settings.stop_timeout;
                 held.stop_consumer(Some(deadline));

@@ -92,7 +92,7 @@ pub(crate) struct ConsumerLoop {
     pub shared: Arc<ListenerShared>,
     pub control: watch::Receiver<Control>,
     /// Deliveries received and not settled yet (read by the actor while draining).
-    pub unsettled: Arc<AtomicUsize>,
+    pub in_flight: Arc<AtomicUsize>,
 }
 
 /// What becomes of one message.
@@ -420,7 +420,7 @@ impl ConsumerLoop {
         let shared = self.shared.clone();
         let settings = &shared.settings;
         shared.stats.received.increment();
-        self.unsettled.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
         let tag = delivery.delivery_tag;
         let received = settings.ack.received();
         if received != Received::Untracked {
@@ -552,7 +552,7 @@ impl ConsumerLoop {
             }
         };
         if shared.settings.ack.undecodable() == Refused::Gone {
-            self.unsettled.fetch_sub(1, Ordering::Relaxed);
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
             return Ok(());
         }
         let tag = delivery.delivery_tag;
@@ -606,7 +606,7 @@ impl ConsumerLoop {
                 );
             }
             if shared.settings.ack.finished() == Finished::Settled {
-                // Nothing to settle: wait here, so that unsettled work stays within the
+                // Nothing to settle: wait here, so that work in flight stays within the
                 // concurrency limit when the broker does not bound it (no-ack).
                 let _ = confirms::settle(owed, outcome).await;
                 return Stage::Done(Verdict::Settled);
@@ -682,7 +682,7 @@ impl ConsumerLoop {
         acks: &mut AckTracker,
         (tag, verdict): (u64, Verdict),
     ) -> Result<(), Ended> {
-        self.unsettled.fetch_sub(1, Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
         let stats = &self.shared.stats;
         let wire = match verdict {
             Verdict::Settled => return Ok(()),
@@ -801,8 +801,8 @@ async fn decode(delivery: &mut Delivery, max_bytes: usize) -> Result<Envelope, D
     decoded
 }
 
-/// Runs every matching handler, each with its panics caught, logs how they failed, and
-/// combines their results. They run in one `handle` span carrying the event's trace id,
+/// Runs every matching handler, each with its panics caught, logs how they failed, times
+/// them, and combines their results. They run in one `handle` span carrying the event's trace id,
 /// queue, Event-Category and Event-Name, so every line logged while handling it says which
 /// trace it belongs to (the trace id is formatted only if a subscriber records the span;
 /// `event_name`, not `name`, which JSON logs use for the span's own name).
@@ -815,7 +815,8 @@ async fn run_handlers(shared: &ListenerShared, event: &Event, handlers: Matched)
         event_name = event.name(),
     );
     let msg_id = event.envelope().msg_id().unwrap_or("");
-    handling::run(event, handlers, |end| match end {
+    let started = shared.handler_seconds.as_ref().map(|_| Instant::now());
+    let outcome = handling::run(event, handlers, |end| match end {
         HandlerEnd::Returned(Ok(())) => {}
         HandlerEnd::Returned(Err(HandlerError::Retry(reason))) => {
             log_message(shared, "retry", |held| {
@@ -838,7 +839,11 @@ async fn run_handlers(shared: &ListenerShared, event: &Event, handlers: Matched)
         }
     })
     .instrument(span)
-    .await
+    .await;
+    if let (Some(seconds), Some(started)) = (&shared.handler_seconds, started) {
+        seconds.observe(started.elapsed().as_secs_f64());
+    }
+    outcome
 }
 
 /// What becomes of a message whose handlers ended with `outcome`: a failure is counted,

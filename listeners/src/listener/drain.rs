@@ -28,6 +28,8 @@ pub(crate) enum Phase {
 #[derive(Clone, Debug)]
 pub(crate) struct Drain {
     pub phase: Phase,
+    /// When the fail-back began it (for the drain time).
+    pub started: Instant,
     /// The drain gives up (the queue is left as it is, never deleted) after this.
     pub deadline: Instant,
     timeout: Duration,
@@ -60,6 +62,7 @@ impl Drain {
     pub fn new(now: Instant, timeout: Duration, watch: Duration, anonymous: bool) -> Drain {
         Drain {
             phase: Phase::Draining,
+            started: now,
             deadline: now + timeout,
             timeout,
             watch: if anonymous { Duration::ZERO } else { watch },
@@ -68,13 +71,13 @@ impl Drain {
     }
 
     /// A check of a consuming drain: `ready` messages in the queue on the broker,
-    /// `unsettled` received by this consumer and not settled yet.
-    pub fn checked(&mut self, now: Instant, ready: u32, unsettled: usize) -> Step {
+    /// `in_flight` received by this consumer and not settled yet.
+    pub fn checked(&mut self, now: Instant, ready: u32, in_flight: usize) -> Step {
         match self.phase {
             Phase::Closing => Step::CheckIn(CHECK_EVERY),
             Phase::Watching { until } if now >= until => self.close(now),
             Phase::Watching { until } => Step::CheckIn(until - now),
-            Phase::Draining if ready == 0 && unsettled == 0 => {
+            Phase::Draining if ready == 0 && in_flight == 0 => {
                 if self.watch.is_zero() {
                     self.close(now)
                 } else {

@@ -1,9 +1,11 @@
 //! A listener's figures for `/metrics`: its message counters (kept by the consumer loop
-//! anyway, read only at a scrape) and whether it consumes.
+//! anyway, read only at a scrape), messages in flight, handler and drain times, and
+//! whether it consumes.
 //!
 //! Owns the metric names of listeners. Must not touch counting (the consumer loop's).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use serde_json::{Value, json};
 use warren_runtime::metrics::{Report, Source};
@@ -63,6 +65,24 @@ impl Source for ListenerFigures {
             report.counter(name, help, labels(), value);
         }
         report.gauge(
+            "warren_listener_in_flight",
+            "Messages received and not settled yet (handlers running or confirms owed).",
+            labels(),
+            i64::try_from(shared.in_flight()).unwrap_or(i64::MAX),
+        );
+        report.histogram(
+            "warren_listener_handler_seconds",
+            "How long the handlers of one message ran.",
+            labels(),
+            shared.handler_seconds.as_ref(),
+        );
+        report.histogram(
+            "warren_listener_drain_seconds",
+            "How long fail-back drains took, from the fail-back to the old queue let go.",
+            labels(),
+            shared.drain_seconds.as_ref(),
+        );
+        report.gauge(
             "warren_listener_consuming",
             "Whether the listener consumes now (1) or not (0).",
             labels(),
@@ -81,7 +101,9 @@ impl Source for ListenerFigures {
                 "queue": shared.topology.lock().queue_name,
                 "broker": current.map(|(broker, _)| broker.0),
                 "grant": current.map(|(_, grant)| grant),
+                "generation": current.map(|_| shared.connection.load(Ordering::Relaxed)),
                 "consuming": *shared.consuming.borrow(),
+                "in_flight": shared.in_flight(),
                 "deliveries": stats.received,
                 "acks": stats.acked,
                 "nacks": stats.requeued,

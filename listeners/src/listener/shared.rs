@@ -7,7 +7,8 @@
 //! actor (the handle holds the actor's address, not this state), the broker.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Weak;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lapin::Channel;
@@ -17,7 +18,7 @@ use warren_runtime::assignments::{Assignments, ChannelKind};
 use warren_runtime::broker::{Broker, BrokerId};
 use warren_runtime::envelope::Stamp;
 use warren_runtime::exchanges::TARGETED;
-use warren_runtime::metrics::Metrics;
+use warren_runtime::metrics::{Histogram, Metrics};
 use warren_runtime::node::NodeContext;
 use warren_runtime::publisher::Publisher;
 use warren_runtime::readiness::Readiness;
@@ -127,12 +128,22 @@ pub(crate) struct ListenerShared {
     pub topology: Mutex<Topology>,
     pub responders: RwLock<Responders>,
     pub stats: Stats,
+    /// How long the handlers of one message ran (confirms not included); `None` when the
+    /// node keeps no histograms.
+    pub handler_seconds: Option<Histogram>,
+    /// How long fail-back drains took, from the fail-back to the old grant given back.
+    pub drain_seconds: Option<Histogram>,
+    /// The in-flight counts of the running consumer loops (one per grant consumed); a
+    /// loop's count goes when the loop and its actor let go.
+    pub in_flight_counts: Mutex<Vec<Weak<AtomicUsize>>>,
     pub failures: FailureCounts,
     pub consuming: watch::Sender<bool>,
     /// The channel the topology is declared on, for publishing outside events.
     pub channel: watch::Sender<Option<Channel>>,
     /// The broker and grant of the current channel.
     pub current: RwLock<Option<(BrokerId, u64)>>,
+    /// The generation of the current channel's broker connection (for the status).
+    pub connection: AtomicU64,
     pub assignments: Assignments,
     pub readiness: Readiness,
     /// Where the listener's figures are reported while its actor runs.
@@ -153,6 +164,23 @@ fn cut(name: &str, max: usize) -> &str {
 }
 
 impl ListenerShared {
+    /// Counts the messages in flight of a new consumer loop among the listener's.
+    pub fn track_in_flight(&self, in_flight: &Arc<AtomicUsize>) {
+        let mut all = self.in_flight_counts.lock();
+        all.retain(|count| count.strong_count() > 0);
+        all.push(Arc::downgrade(in_flight));
+    }
+
+    /// Messages received and not settled yet, over every consumer loop running now.
+    pub fn in_flight(&self) -> usize {
+        let mut all = self.in_flight_counts.lock();
+        all.retain(|count| count.strong_count() > 0);
+        all.iter()
+            .filter_map(Weak::upgrade)
+            .map(|count| count.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// `quorum_queues`: a named queue is declared as a quorum queue whatever the spec
     /// says (`[apps.<name>] quorum_queues`).
     pub fn new(
@@ -251,10 +279,14 @@ impl ListenerShared {
             topology: Mutex::new(topology),
             responders: RwLock::new(spec.responders),
             stats: Stats::default(),
+            handler_seconds: node.metrics.seconds(),
+            drain_seconds: node.metrics.seconds(),
+            in_flight_counts: Mutex::new(Vec::new()),
             failures: FailureCounts::default(),
             consuming,
             channel,
             current: RwLock::new(None),
+            connection: AtomicU64::new(0),
             assignments: node.assignments.clone(),
             readiness: node.readiness.clone(),
             metrics: node.metrics.clone(),
@@ -279,6 +311,8 @@ fn expiry_of(queue: &QueueSpec) -> Option<Duration> {
 /// The grant a consumer loop runs on, shared with its messages' work.
 pub(crate) struct GrantContext {
     pub grant: u64,
+    /// The generation of the broker connection the channel lives on.
+    pub connection: u64,
     pub channel: Channel,
     pub broker: Arc<Broker>,
     /// The listener's publisher pinned to this broker (replies, parking).

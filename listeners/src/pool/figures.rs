@@ -7,7 +7,7 @@ use std::sync::Weak;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::time::Instant;
-use warren_runtime::metrics::{Histogram, Report, Source, seconds_histogram};
+use warren_runtime::metrics::{Histogram, Metrics, Report, Source};
 
 use super::rpc::RpcError;
 use super::{ListenerPool, PoolInner};
@@ -17,23 +17,22 @@ pub(crate) struct RpcFigures {
     calls: AtomicU64,
     timeouts: AtomicU64,
     returned: AtomicU64,
-    call_seconds: Histogram,
-    checkout_seconds: Histogram,
+    call_seconds: Option<Histogram>,
+    checkout_seconds: Option<Histogram>,
 }
 
-impl Default for RpcFigures {
-    fn default() -> Self {
+impl RpcFigures {
+    /// Counters at zero; histograms as `metrics` has them.
+    pub fn new(metrics: &Metrics) -> Self {
         RpcFigures {
             calls: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
             returned: AtomicU64::new(0),
-            call_seconds: seconds_histogram(),
-            checkout_seconds: seconds_histogram(),
+            call_seconds: metrics.seconds(),
+            checkout_seconds: metrics.seconds(),
         }
     }
-}
 
-impl RpcFigures {
     /// A call (or collecting call) started at `started` ended with `error`, if any.
     pub fn call(&self, started: Instant, error: Option<&RpcError>) {
         self.calls.fetch_add(1, Ordering::Relaxed);
@@ -46,13 +45,16 @@ impl RpcFigures {
             }
             _ => {}
         }
-        self.call_seconds.observe(started.elapsed().as_secs_f64());
+        if let Some(seconds) = &self.call_seconds {
+            seconds.observe(started.elapsed().as_secs_f64());
+        }
     }
 
     /// A checkout got its worker after waiting since `started`.
     pub fn checkout(&self, started: Instant) {
-        self.checkout_seconds
-            .observe(started.elapsed().as_secs_f64());
+        if let Some(seconds) = &self.checkout_seconds {
+            seconds.observe(started.elapsed().as_secs_f64());
+        }
     }
 }
 
@@ -111,39 +113,37 @@ impl Source for PoolFigures {
             report.counter(name, help, labels(), value);
         }
         let rpc = &inner.rpc;
-        {
-            for (name, help, counter) in [
-                (
-                    "warren_rpc_calls",
-                    "Calls made through the pool's checkouts.",
-                    &rpc.calls,
-                ),
-                (
-                    "warren_rpc_timeouts",
-                    "Calls without a reply within their timeout.",
-                    &rpc.timeouts,
-                ),
-                (
-                    "warren_rpc_returned",
-                    "Calls whose request was returned as unroutable.",
-                    &rpc.returned,
-                ),
-            ] {
-                report.counter(name, help, labels(), counter.load(Ordering::Relaxed));
-            }
-            report.histogram(
-                "warren_rpc_call_seconds",
-                "Time from a call's request to its outcome.",
-                labels(),
-                &rpc.call_seconds,
-            );
-            report.histogram(
-                "warren_pool_checkout_seconds",
-                "Time a checkout waited for its worker.",
-                labels(),
-                &rpc.checkout_seconds,
-            );
+        for (name, help, counter) in [
+            (
+                "warren_rpc_calls",
+                "Calls made through the pool's checkouts.",
+                &rpc.calls,
+            ),
+            (
+                "warren_rpc_timeouts",
+                "Calls without a reply within their timeout.",
+                &rpc.timeouts,
+            ),
+            (
+                "warren_rpc_returned",
+                "Calls whose request was returned as unroutable.",
+                &rpc.returned,
+            ),
+        ] {
+            report.counter(name, help, labels(), counter.load(Ordering::Relaxed));
         }
+        report.histogram(
+            "warren_rpc_call_seconds",
+            "Time from a call's request to its outcome.",
+            labels(),
+            rpc.call_seconds.as_ref(),
+        );
+        report.histogram(
+            "warren_pool_checkout_seconds",
+            "Time a checkout waited for its worker.",
+            labels(),
+            rpc.checkout_seconds.as_ref(),
+        );
     }
 
     fn describe(&self) -> Option<(&'static str, serde_json::Value)> {
