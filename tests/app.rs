@@ -46,6 +46,7 @@ async fn a_bad_spec_refuses_the_app_before_anything_starts() {
             name: "overcommitted".to_string(),
             enabled: true,
             quorum_queues: false,
+            federate: false,
             pool: node.pool,
         };
         let ctx = AppContext::new(&Overcommitted, node.clone(), app_config);
@@ -151,8 +152,12 @@ async fn on_failed_sees_rejected_and_exhausted_messages_once_each() {
             .publish(&exchange, "k", &Envelope::new("t", event))
             .await;
     }
+    // The consumer may finish `never` and both tries of `flaky` before `ok` is even
+    // published (each publish waits for its confirm): wait for all three outcomes.
     assert!(
-        eventually(SOON, || handle.stats().parked == 2).await,
+        eventually(SOON, || handle.stats().parked == 2
+            && handled.load(Ordering::SeqCst) == 1)
+        .await,
         "{:?}",
         handle.stats()
     );
