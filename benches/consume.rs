@@ -152,6 +152,7 @@ async fn warren_listener(node: &Node, queue: &str) -> f64 {
             name: "bench".to_string(),
             enabled: true,
             quorum_queues: false,
+            federate: false,
             pool,
         },
     );

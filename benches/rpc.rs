@@ -238,6 +238,7 @@ async fn start_pool(node: &Node) -> ListenerPool {
             name: "bench".to_string(),
             enabled: true,
             quorum_queues: false,
+            federate: false,
             pool: PoolConfig {
                 size: CONCURRENT_CALLERS,
                 overflow: 0,

@@ -51,6 +51,7 @@ pub async fn call(call: Call<'_>) -> ExitCode {
             name: "call".to_string(),
             enabled: true,
             quorum_queues: false,
+            federate: false,
             pool: PoolConfig {
                 size: 1,
                 overflow: 0,

@@ -77,6 +77,7 @@ async fn ask(node: &Node, status: &Status<'_>) -> ExitCode {
             name: "status".to_string(),
             enabled: true,
             quorum_queues: false,
+            federate: false,
             pool: PoolConfig {
                 size: 1,
                 overflow: 0,

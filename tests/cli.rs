@@ -334,7 +334,7 @@ async fn warren_call_prints_the_reply_and_explains_failures() {
     let path = write_config(dir.path(), &config_text(&name, &[local_uri()], ""));
     let node = common::start_node(common::config(&name, &[local_uri()], "")).await;
     let echo = warren_listeners::spawn_listener(
-        warren_app_echo::EchoListener,
+        warren_app_echo::EchoListener::default(),
         &common::app_context(&node, "echo"),
     )
     .await

@@ -641,9 +641,12 @@ async fn echo_serves_through_the_secondary_and_moves_back() {
     let (a, b) = (&brokers[0], &brokers[1]);
     let name = unique_node("echo-failover");
     let node = start_node(config(&name, &[a.uri(), b.uri()], FAST)).await;
-    let echo = spawn_listener(warren_app_echo::EchoListener, &app_context(&node, "echo"))
-        .await
-        .expect("echo starts");
+    let echo = spawn_listener(
+        warren_app_echo::EchoListener::default(),
+        &app_context(&node, "echo"),
+    )
+    .await
+    .expect("echo starts");
     assert!(eventually(SOON, || on(&echo, A)).await);
     let call = |uri: String, tag: &'static str| {
         let name = format!("{name}-{tag}");
@@ -995,9 +998,12 @@ async fn the_shipped_declarations_survive_a_broker_restart() {
     let a = &brokers[0];
     let name = unique_node("durable");
     let node = start_node(config(&name, &[a.uri()], FAST)).await;
-    let echo = spawn_listener(warren_app_echo::EchoListener, &app_context(&node, "echo"))
-        .await
-        .expect("echo starts");
+    let echo = spawn_listener(
+        warren_app_echo::EchoListener::default(),
+        &app_context(&node, "echo"),
+    )
+    .await
+    .expect("echo starts");
     assert!(eventually(SOON, || on(&echo, A)).await);
     echo.stop().await.expect("stop");
     node.stop().await.expect("node stops");

@@ -61,6 +61,7 @@ impl Listener for TestListener {
             Notice::Consuming(on) => format!("consuming:{on}"),
             Notice::ChannelLost => "channel_lost".to_string(),
             Notice::Returned(_) => "returned".to_string(),
+            Notice::FederatorsConsuming => "federators_consuming".to_string(),
         };
         self.notices.lock().push(text);
     }
@@ -646,9 +647,12 @@ async fn every_message_is_handled_at_least_once_across_a_closed_connection() {
 async fn echo_answers_kapi_requests() {
     let name = unique_node("echo");
     let node = start_node(config(&name, &[local_uri()], "")).await;
-    let handle = spawn_listener(warren_app_echo::EchoListener, &app_context(&node, "echo"))
-        .await
-        .expect("echo starts");
+    let handle = spawn_listener(
+        warren_app_echo::EchoListener::default(),
+        &app_context(&node, "echo"),
+    )
+    .await
+    .expect("echo starts");
     assert!(handle.wait_consuming(true, SOON).await);
     assert_eq!(handle.queue_name(), "echo");
 

@@ -26,6 +26,7 @@ fn ops_app(node: &Node) -> AppContext {
             name: "ops".to_string(),
             enabled: true,
             quorum_queues: false,
+            federate: false,
             pool: PoolConfig {
                 size: 1,
                 overflow: 0,

@@ -42,6 +42,7 @@ async fn pool(
             name: name.to_string(),
             enabled: true,
             quorum_queues: false,
+            federate: false,
             pool: PoolConfig {
                 size,
                 overflow,

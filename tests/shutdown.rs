@@ -108,6 +108,7 @@ async fn hung_handlers_in_several_apps_stop_within_the_budget_and_their_messages
                     name: app.name.to_string(),
                     enabled: true,
                     quorum_queues: false,
+                    federate: false,
                     pool: node.pool,
                 };
                 app_child(app, AppContext::new(app, node.clone(), app_config))

@@ -29,6 +29,7 @@ mod confirms;
 mod consumer;
 mod drain;
 mod event;
+mod federation;
 mod figures;
 mod handle;
 pub(crate) mod handling;
@@ -104,4 +105,7 @@ pub enum Notice {
     ChannelLost,
     /// A mandatory publish from a handler could not be routed and came back.
     Returned(Returned),
+    /// Every federator whose broker is up consumes (after one did not): federated
+    /// bindings are served from every reachable zone. Kazoo's `federators_consuming`.
+    FederatorsConsuming,
 }

@@ -107,6 +107,9 @@ pub struct AmqpConfig {
     pub reconnect_min: Duration,
     /// Largest reconnect delay.
     pub reconnect_max: Duration,
+    /// Largest reconnect delay to a broker of another zone (it serves federation only, so
+    /// a remote zone that is down is tried less often); at least `reconnect_max`.
+    pub remote_reconnect_max: Duration,
     /// How long startup waits for a broker of the local zone.
     pub startup_timeout: Duration,
     /// Channels opened ahead on each connection.
@@ -296,6 +299,9 @@ pub struct AppConfig {
     /// (`QueueSpec::quorum`), whatever type the app's code gives them. Anonymous and
     /// exclusive queues stay as they are (a quorum queue is neither).
     pub quorum_queues: bool,
+    /// `federate = true`: the app federates the bindings it offers to federate (it reads
+    /// this when it builds its listeners; warren federates nothing on its own).
+    pub federate: bool,
     /// The app's pool, its absent keys taken from `[pool]`.
     pub pool: PoolConfig,
 }

@@ -65,6 +65,8 @@ pub struct ConnectionSettings {
     pub heartbeat_secs: u16,
     pub connect_timeout: Duration,
     pub reconnect: Backoff,
+    /// The backoff for brokers of other zones (longer at most).
+    pub remote_reconnect: Backoff,
     /// Size of the prechannel buffer.
     pub prechannels: usize,
     /// Bound for one broker operation: a channel open here, `confirm.select` in the
@@ -81,6 +83,10 @@ impl ConnectionSettings {
             heartbeat_secs: config.amqp.heartbeat_secs,
             connect_timeout: config.amqp.connect_timeout,
             reconnect: Backoff::new(config.amqp.reconnect_min, config.amqp.reconnect_max),
+            remote_reconnect: Backoff::new(
+                config.amqp.reconnect_min,
+                config.amqp.remote_reconnect_max,
+            ),
             prechannels: config.amqp.prechannels,
             operation_timeout: config.amqp.operation_timeout,
             tls: config.tls.clone(),
@@ -470,7 +476,11 @@ impl ConnectionState {
 
     /// Schedules the next attempt of `role` after its backoff delay.
     fn schedule_connect(&mut self, myself: &ActorRef<ConnectionMsg>, role: Role) {
-        let reconnect = self.settings.reconnect;
+        let reconnect = if self.broker.local {
+            self.settings.reconnect
+        } else {
+            self.settings.remote_reconnect
+        };
         let slot = self.slot_mut(role);
         let delay = reconnect.delay(slot.step);
         slot.step = slot.step.saturating_add(1);

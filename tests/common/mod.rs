@@ -90,6 +90,7 @@ pub fn app_context(node: &Node, name: &str) -> AppContext {
             name: name.to_string(),
             enabled: true,
             quorum_queues: false,
+            federate: false,
             pool,
         },
     )

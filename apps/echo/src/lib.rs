@@ -22,19 +22,25 @@ impl App for Echo {
     }
 
     fn children(&self, ctx: &AppContext) -> Vec<ChildSpec> {
-        vec![ctx.listener(EchoListener)]
+        vec![ctx.listener(EchoListener {
+            federate: ctx.config.federate,
+        })]
     }
 }
 
 /// The listener behind the echo app.
-pub struct EchoListener;
+#[derive(Default)]
+pub struct EchoListener {
+    /// `[apps.echo] federate = true`: requests published in the other zones reach it too.
+    pub federate: bool,
+}
 
 impl Listener for EchoListener {
     fn spec(&self) -> ListenerSpec {
         ListenerSpec::new("echo")
             .queue(QueueSpec::named("echo").durable())
             .exchange(Exchange::topic("echo").durable())
-            .bind("echo", "echo.req")
+            .binding(Binding::new("echo", "echo.req").federate(self.federate))
             .responder("echo", "req", echo)
     }
 }
@@ -68,10 +74,23 @@ mod tests {
             .with("Payload", json!({"n": 42}))
     }
 
+    #[test]
+    fn federate_marks_the_request_binding_federated() {
+        let federated = |federate: bool| {
+            EchoListener { federate }
+                .spec()
+                .bindings
+                .iter()
+                .any(|b| b.routing_key == "echo.req" && b.federated)
+        };
+        assert!(federated(true));
+        assert!(!federated(false));
+    }
+
     #[tokio::test]
     async fn a_request_is_answered_to_its_server_id_with_its_payload() {
         let handled = TestEvent::new(request())
-            .run(&EchoListener)
+            .run(&EchoListener::default())
             .await
             .expect("a valid spec");
         assert_eq!(handled.outcome, Outcome::Ack, "{:?}", handled.errors);
@@ -96,7 +115,7 @@ mod tests {
         let mut envelope = request();
         envelope.remove("Server-ID");
         let handled = TestEvent::new(envelope)
-            .run(&EchoListener)
+            .run(&EchoListener::default())
             .await
             .expect("spec");
         assert_eq!(handled.outcome, Outcome::Reject);
@@ -112,7 +131,7 @@ mod tests {
         };
         let handled = TestEvent::new(request())
             .publishes_fail_with(blocked)
-            .run(&EchoListener)
+            .run(&EchoListener::default())
             .await
             .expect("spec");
         assert_eq!(handled.outcome, Outcome::Requeue);
@@ -127,7 +146,7 @@ mod tests {
         let trace = TraceContext::new_root();
         let handled = TestEvent::new(request())
             .trace(trace)
-            .run(&EchoListener)
+            .run(&EchoListener::default())
             .await
             .expect("spec");
         let [reply] = handled.published.as_slice() else {
@@ -136,7 +155,7 @@ mod tests {
         assert_eq!(reply.options.trace, Some(trace));
         // Without a traceparent the request starts a trace of its own.
         let handled = TestEvent::new(request())
-            .run(&EchoListener)
+            .run(&EchoListener::default())
             .await
             .expect("spec");
         let [reply] = handled.published.as_slice() else {
@@ -149,7 +168,7 @@ mod tests {
     #[tokio::test]
     async fn other_events_reach_no_responder() {
         let handled = TestEvent::new(Envelope::new("echo", "other"))
-            .run(&EchoListener)
+            .run(&EchoListener::default())
             .await
             .expect("spec");
         assert_eq!((handled.outcome, handled.responders), (Outcome::Ack, 0));

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use lapin::Channel;
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use warren_runtime::actor_slot::ActorSlot;
@@ -36,6 +36,7 @@ use warren_runtime::supervisor::StopDeadline;
 use super::Notice;
 use super::consumer::{ConsumerLoop, Control, Ended};
 use super::drain::{self, Closed, Drain, Step};
+use super::federation::{self, Federators};
 use super::handling::panic_text;
 use super::refusals::REFUSALS;
 use super::shared::{GrantContext, ListenerShared};
@@ -101,6 +102,8 @@ pub(crate) enum ListenerMsg {
     Pause(RpcReplyPort<()>),
     Resume(RpcReplyPort<Result<(), ListenerError>>),
     Status(RpcReplyPort<ListenerStatus>),
+    /// Every federator whose broker is up consumes.
+    FederatorsConsuming,
 }
 
 /// A consumer loop running on a grant's channel.
@@ -201,6 +204,8 @@ pub(crate) struct ListenerState {
     tombstones: Vec<Placed>,
     /// The refused declaration (broker and step) the last set-up failed on.
     refused: Option<String>,
+    /// The federators, while the listener has a federated binding (and other zones).
+    federators: Option<Federators>,
 }
 
 /// The actor behind a listener.
@@ -889,6 +894,52 @@ impl ListenerState {
         }
     }
 
+    /// A federated binding was added: it reaches every federator, started with the first
+    /// one. A federator that cannot bind now (its broker is down) binds on its next
+    /// channel; one that failed otherwise fails the call.
+    async fn federate(
+        &mut self,
+        myself: &ActorRef<ListenerMsg>,
+        binding: &Binding,
+    ) -> Result<(), ListenerError> {
+        let Some(federators) = &self.federators else {
+            // Started with every federated binding there is now; the call returns once
+            // those on reachable brokers consume (or the operation timeout passed).
+            self.federators = Federators::start(&self.shared, myself)
+                .await
+                .map_err(ListenerError::Start)?;
+            if let Some(federators) = &self.federators {
+                let registry = &self.shared.origin.node.registry;
+                if !federators.wait_consuming(registry, self.timeout()).await {
+                    tracing::warn!(listener = %self.shared.name, "not every reachable federator consumes yet; they go on trying");
+                }
+            }
+            return Ok(());
+        };
+        match federators.add_binding(binding).await.into_iter().next() {
+            None | Some(ListenerError::NotRunning) => Ok(()),
+            Some(error) => Err(error),
+        }
+    }
+
+    /// A federated binding was removed: from every federator, which stop with the last
+    /// one.
+    async fn unfederate(&mut self, binding: &Binding) {
+        if federation::has_federated(&self.shared) {
+            if let Some(federators) = &self.federators {
+                for error in federators.remove_binding(binding).await {
+                    tracing::warn!(listener = %self.shared.name, %error, "a federator could not remove a binding; it may stay on the remote queue until the queue goes");
+                }
+            }
+            return;
+        }
+        if let Some(federators) = self.federators.take() {
+            let end = Instant::now() + stop_wish(self.shared.settings.stop_timeout);
+            federators.stop(end).await;
+            tracing::info!(listener = %self.shared.name, "last federated binding removed; federators stopped");
+        }
+    }
+
     fn pause(&mut self) {
         self.shared.topology.lock().paused = true;
         for held in self.active.iter_mut().chain(self.draining.iter_mut()) {
@@ -999,6 +1050,7 @@ impl Actor for ListenerActor {
             placed: Vec::new(),
             tombstones: Vec::new(),
             refused: None,
+            federators: None,
         })
     }
 
@@ -1015,7 +1067,14 @@ impl Actor for ListenerActor {
         if let Some(every) = state.shared.settings.keepalive {
             state.keepalive = Some(myself.send_interval(every, || ListenerMsg::KeepAlive));
         }
-        state.forward = Some(forward::each_item(events, myself, ListenerMsg::Grant));
+        state.forward = Some(forward::each_item(
+            events,
+            myself.clone(),
+            ListenerMsg::Grant,
+        ));
+        if federation::has_federated(&state.shared) {
+            state.federators = Federators::start(&state.shared, &myself).await?;
+        }
         Ok(())
     }
 
@@ -1039,10 +1098,18 @@ impl Actor for ListenerActor {
             }
             ListenerMsg::KeepAlive => state.keep_alive().await,
             ListenerMsg::AddBinding(binding, reply) => {
-                let _ = reply.send(state.add_binding(binding).await);
+                let mut added = state.add_binding(binding.clone()).await;
+                if added.is_ok() && binding.federated {
+                    added = state.federate(&myself, &binding).await;
+                }
+                let _ = reply.send(added);
             }
             ListenerMsg::RemoveBinding(binding, reply) => {
-                let _ = reply.send(state.remove_binding(binding).await);
+                let removed = state.remove_binding(binding.clone()).await;
+                if removed.as_ref().is_ok_and(|r| r.existed) && binding.federated {
+                    state.unfederate(&binding).await;
+                }
+                let _ = reply.send(removed);
             }
             ListenerMsg::Pause(reply) => {
                 state.pause();
@@ -1055,8 +1122,37 @@ impl Actor for ListenerActor {
             ListenerMsg::Status(reply) => {
                 let _ = reply.send(state.status());
             }
+            ListenerMsg::FederatorsConsuming => state.notice(Notice::FederatorsConsuming),
         }
         Ok(())
+    }
+
+    /// The federators' supervisor is the listener's only linked child: its failure (it
+    /// gave up restarting them) fails the listener, which its own supervisor restarts; its
+    /// end after the last federated binding went is expected.
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut ListenerState,
+    ) -> Result<(), ActorProcessingErr> {
+        let ours = |id: ActorId| state.federators.as_ref().map(Federators::supervisor) == Some(id);
+        match event {
+            SupervisionEvent::ActorFailed(who, reason) if ours(who.get_id()) => Err(format!(
+                "the federators of listener `{}` failed: {reason}",
+                state.shared.name
+            )
+            .into()),
+            SupervisionEvent::ActorTerminated(who, _, reason) if ours(who.get_id()) => {
+                Err(format!(
+                    "the federators of listener `{}` stopped: {}",
+                    state.shared.name,
+                    reason.unwrap_or_default()
+                )
+                .into())
+            }
+            _ => Ok(()),
+        }
     }
 
     async fn post_stop(
@@ -1079,6 +1175,8 @@ impl Actor for ListenerActor {
         let reserve = CLOSE_RESERVE.min(end.duration_since(now) / 2);
         let deadline = (now + timeout).min(end - reserve);
         let left = move || end.saturating_duration_since(Instant::now());
+        // The federators stop at the same time, by the same deadline.
+        let federators = state.federators.take().map(|f| tokio::spawn(f.stop(end)));
         let mut held_all: Vec<Held> = state.active.take().into_iter().collect();
         held_all.append(&mut state.draining);
         for held in &mut held_all {
@@ -1109,6 +1207,9 @@ impl Actor for ListenerActor {
                 )
                 .await;
             }
+        }
+        if let Some(federators) = federators {
+            let _ = federators.await;
         }
         state.set_consuming(false);
         *state.shared.current.write() = None;

@@ -160,6 +160,22 @@ impl Event {
         self.inner.trace
     }
 
+    /// The event came from a broker of another zone, through one of the listener's
+    /// federators; its replies go back there (see [`Event::reply`]).
+    pub fn is_federated(&self) -> bool {
+        !self.inner.delivery.broker.local
+    }
+
+    /// The broker the event came from, with its password hidden (Kazoo's `AMQP-Broker`).
+    pub fn amqp_broker(&self) -> String {
+        self.inner.delivery.broker.uri.redacted().to_string()
+    }
+
+    /// The zone of the broker the event came from (Kazoo's `AMQP-Broker-Zone`).
+    pub fn amqp_broker_zone(&self) -> &str {
+        &self.inner.delivery.broker.zone
+    }
+
     /// `Event-Category`.
     pub fn category(&self) -> &str {
         self.inner.envelope.category()
@@ -171,7 +187,8 @@ impl Event {
     }
 
     /// Replies to the request: publishes `reply` to the `targeted` exchange with routing key
-    /// = the request's `Server-ID`, carrying the request's `Msg-ID`.
+    /// = the request's `Server-ID`, carrying the request's `Msg-ID`, on the broker the
+    /// request came from (a federated request's reply goes back to its zone).
     pub async fn reply(&self, mut reply: Envelope) -> Result<Pending, PublishError> {
         let server_id = self
             .inner

@@ -126,7 +126,8 @@ pub(crate) struct ListenerShared {
     pub listener: Arc<dyn Listener>,
     pub settings: Settings,
     pub topology: Mutex<Topology>,
-    pub responders: RwLock<Responders>,
+    /// Shared with the listener's federators, which run the same responders.
+    pub responders: Arc<RwLock<Responders>>,
     pub stats: Stats,
     /// How long the handlers of one message ran (confirms not included); `None` when the
     /// node keeps no histograms.
@@ -148,6 +149,17 @@ pub(crate) struct ListenerShared {
     pub readiness: Readiness,
     /// Where the listener's figures are reported while its actor runs.
     pub metrics: Metrics,
+    /// What the listener was built from, for building its federators.
+    pub origin: Origin,
+}
+
+/// The node, stamp and queue rule a listener was built with; its federators are built
+/// from the same.
+#[derive(Clone)]
+pub(crate) struct Origin {
+    pub node: NodeContext,
+    pub stamp: Stamp,
+    pub quorum_queues: bool,
 }
 
 /// The longest listener name used inside queue names and consumer tags: with the longest
@@ -189,6 +201,23 @@ impl ListenerShared {
         stamp: Stamp,
         quorum_queues: bool,
     ) -> Result<Arc<Self>, SpecError> {
+        let origin = Origin {
+            node: node.clone(),
+            stamp,
+            quorum_queues,
+        };
+        Self::build(listener, origin, None)
+    }
+
+    /// As [`ListenerShared::new`]; `responders`: another listener's table to run instead
+    /// of the spec's (a federator runs its parent's).
+    pub fn build(
+        listener: Arc<dyn Listener>,
+        origin: Origin,
+        responders: Option<Arc<RwLock<Responders>>>,
+    ) -> Result<Arc<Self>, SpecError> {
+        let (node, stamp, quorum_queues) =
+            (&origin.node, origin.stamp.clone(), origin.quorum_queues);
         let spec = listener.spec();
         let config = &node.listeners;
         spec.validate(SpecDefaults {
@@ -277,7 +306,7 @@ impl ListenerShared {
                 publisher: node.publisher.with_stamp(stamp),
             },
             topology: Mutex::new(topology),
-            responders: RwLock::new(spec.responders),
+            responders: responders.unwrap_or_else(|| Arc::new(RwLock::new(spec.responders))),
             stats: Stats::default(),
             handler_seconds: node.metrics.seconds(),
             drain_seconds: node.metrics.seconds(),
@@ -291,6 +320,7 @@ impl ListenerShared {
             readiness: node.readiness.clone(),
             metrics: node.metrics.clone(),
             listener,
+            origin,
         }))
     }
 }

@@ -245,6 +245,9 @@ pub struct Binding {
     pub exchange: String,
     pub routing_key: String,
     pub arguments: FieldTable,
+    /// Also consumed on every broker of the other zones, by the listener's federators
+    /// (Kazoo's `federate`); bound locally as well.
+    pub federated: bool,
 }
 
 impl Binding {
@@ -253,7 +256,20 @@ impl Binding {
             exchange: exchange.into(),
             routing_key: routing_key.into(),
             arguments: FieldTable::default(),
+            federated: false,
         }
+    }
+
+    /// Marks the binding federated (or not, with `false`): see [`Binding::federated`].
+    pub fn federate(mut self, federated: bool) -> Self {
+        self.federated = federated;
+        self
+    }
+
+    /// The same binding as a federator declares it on a remote broker: not federated
+    /// again from there.
+    pub fn remote_copy(&self) -> Binding {
+        self.clone().federate(false)
     }
 }
 
@@ -291,6 +307,10 @@ pub struct ListenerSpec {
     pub exclusive_consumer: bool,
     /// `None` = `[listener] max_redeliveries`.
     pub max_redeliveries: Option<u32>,
+    /// A federator's named queue keeps the listener's queue name on the remote broker
+    /// (one queue shared by every zone), instead of `<queue>-<local zone>` (one per
+    /// consuming zone). Kazoo's `federated_queue_name_is_global`.
+    pub federated_name_is_global: bool,
     pub responders: Responders,
 }
 
@@ -309,6 +329,7 @@ impl ListenerSpec {
             channel: ChannelKind::Float,
             exclusive_consumer: false,
             max_redeliveries: None,
+            federated_name_is_global: false,
             responders: Responders::default(),
         }
     }
@@ -337,6 +358,19 @@ impl ListenerSpec {
         if !self.own_queue_bindings.contains(&exchange) {
             self.own_queue_bindings.push(exchange);
         }
+        self
+    }
+
+    /// Binds the queue to `exchange` with `routing_key`, and federates that binding: every
+    /// broker of the other zones gets a federator consuming it there (Kazoo's `federate`).
+    pub fn federate(self, exchange: impl Into<String>, routing_key: impl Into<String>) -> Self {
+        self.binding(Binding::new(exchange, routing_key).federate(true))
+    }
+
+    /// Federated queues keep the listener's queue name on remote brokers (see
+    /// [`ListenerSpec::federated_name_is_global`]).
+    pub fn federated_name_is_global(mut self) -> Self {
+        self.federated_name_is_global = true;
         self
     }
 

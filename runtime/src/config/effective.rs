@@ -39,6 +39,7 @@ fn write_config(out: &mut String, config: &Config) -> fmt::Result {
     millis(out, "connect_timeout_ms", amqp.connect_timeout)?;
     millis(out, "reconnect_min_ms", amqp.reconnect_min)?;
     millis(out, "reconnect_max_ms", amqp.reconnect_max)?;
+    millis(out, "remote_reconnect_max_ms", amqp.remote_reconnect_max)?;
     secs(out, "startup_timeout_secs", amqp.startup_timeout)?;
     key(out, "prechannels", amqp.prechannels)?;
     millis(out, "operation_timeout_ms", amqp.operation_timeout)?;
@@ -112,6 +113,7 @@ fn write_config(out: &mut String, config: &Config) -> fmt::Result {
         writeln!(out, "\n[apps.{}]", segment(&app.name))?;
         key(out, "enabled", app.enabled)?;
         key(out, "quorum_queues", app.quorum_queues)?;
+        key(out, "federate", app.federate)?;
         pool_lines(out, "pool_", &app.pool)?;
     }
     Ok(())

@@ -28,6 +28,8 @@ pub(super) const CONNECT_TIMEOUT_MS: u64 = 2000;
 pub(super) const RECONNECT_MIN_MS: u64 = 100;
 /// `[amqp] reconnect_max_ms`.
 pub(super) const RECONNECT_MAX_MS: u64 = 5000;
+/// `[amqp] remote_reconnect_max_ms`.
+pub(super) const REMOTE_RECONNECT_MAX_MS: u64 = 30000;
 /// `[amqp] startup_timeout_secs`.
 pub(super) const STARTUP_TIMEOUT_SECS: u64 = 30;
 /// `[amqp] prechannels`.
@@ -116,6 +118,7 @@ pub(super) struct RawAmqp {
     pub connect_timeout_ms: Option<Spanned<u64>>,
     pub reconnect_min_ms: Option<Spanned<u64>>,
     pub reconnect_max_ms: Option<Spanned<u64>>,
+    pub remote_reconnect_max_ms: Option<Spanned<u64>>,
     pub startup_timeout_secs: Option<Spanned<u64>>,
     pub prechannels: Option<usize>,
     pub operation_timeout_ms: Option<Spanned<u64>>,
@@ -303,6 +306,7 @@ pub(super) struct RawExchange {
 pub(super) struct RawApp {
     pub enabled: Option<bool>,
     pub quorum_queues: Option<bool>,
+    pub federate: Option<bool>,
     pub pool_size: Option<Spanned<usize>>,
     pub pool_overflow: Option<usize>,
     pub checkout_timeout_ms: Option<Spanned<u64>>,

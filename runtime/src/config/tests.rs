@@ -185,6 +185,7 @@ fn absent_sections_take_the_defaults() {
     assert_eq!(amqp.connect_timeout, Duration::from_millis(2000));
     assert_eq!(amqp.reconnect_min, Duration::from_millis(100));
     assert_eq!(amqp.reconnect_max, Duration::from_millis(5000));
+    assert_eq!(amqp.remote_reconnect_max, Duration::from_millis(30000));
     assert_eq!(amqp.startup_timeout, Duration::from_secs(30));
     assert_eq!(amqp.prechannels, 10);
     assert_eq!(amqp.operation_timeout, Duration::from_millis(5000));
@@ -383,6 +384,23 @@ fn redacted(brokers: &[ConfiguredBroker]) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
+#[test]
+fn a_remote_reconnect_bound_is_never_below_the_local_one() {
+    let text = "[amqp]\nreconnect_max_ms = 9000\nremote_reconnect_max_ms = 2000\n[zones.local]\nbrokers = [\"amqp://a:5672/%2f\"]\n";
+    let config = Config::parse(text, Path::new("config.ini"), &[], None).unwrap();
+    assert_eq!(
+        config.amqp.remote_reconnect_max,
+        Duration::from_millis(9000)
+    );
+    let zero =
+        "[amqp]\nremote_reconnect_max_ms = 0\n[zones.local]\nbrokers = [\"amqp://a:5672/%2f\"]\n";
+    let error = Config::parse(zero, Path::new("config.ini"), &[], None).unwrap_err();
+    assert!(
+        error.to_string().contains("amqp.remote_reconnect_max_ms"),
+        "{error}"
+    );
+}
+
 // ---------------------------------------------------------------- effective TOML
 
 #[test]
@@ -428,6 +446,10 @@ pool_size = 2
     assert_eq!(again.amqp.connect_timeout, config.amqp.connect_timeout);
     assert_eq!(again.amqp.reconnect_min, config.amqp.reconnect_min);
     assert_eq!(again.amqp.reconnect_max, config.amqp.reconnect_max);
+    assert_eq!(
+        again.amqp.remote_reconnect_max,
+        config.amqp.remote_reconnect_max
+    );
     assert_eq!(again.amqp.startup_timeout, config.amqp.startup_timeout);
     assert_eq!(again.amqp.prechannels, config.amqp.prechannels);
     assert_eq!(again.pool, config.pool);
@@ -1567,6 +1589,15 @@ fn the_members_of_a_cluster_share_vhost_and_scheme() {
     let text = "[zones.local]\nbrokers = [{ cluster = [\"amqp://n1/%2f\", \"amqps://n2/%2f\"] }]\n";
     let refusal = refuse(text, None);
     assert!(refusal.message.contains("scheme"), "{}", refusal.message);
+}
+
+#[test]
+fn an_app_can_be_told_to_federate() {
+    let text = format!("{LOCAL_ZONE}\n[apps.echo]\nfederate = true\n\n[apps.skel]\n");
+    let config = parse(&text).unwrap();
+    assert!(config.app("echo").is_some_and(|app| app.federate));
+    assert!(config.app("skel").is_some_and(|app| !app.federate));
+    assert!(config.effective_toml().contains("federate = true"));
 }
 
 #[test]

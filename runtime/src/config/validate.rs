@@ -146,6 +146,12 @@ fn amqp(raw: &RawAmqp, inputs: &Inputs<'_>) -> Result<AmqpConfig, ConfigError> {
             },
         ));
     }
+    let remote_reconnect_max = positive(
+        raw.remote_reconnect_max_ms.as_ref(),
+        raw::REMOTE_RECONNECT_MAX_MS,
+        "amqp.remote_reconnect_max_ms",
+        source,
+    )?;
     let startup_timeout = positive(
         raw.startup_timeout_secs.as_ref(),
         raw::STARTUP_TIMEOUT_SECS,
@@ -165,6 +171,8 @@ fn amqp(raw: &RawAmqp, inputs: &Inputs<'_>) -> Result<AmqpConfig, ConfigError> {
         connect_timeout: Duration::from_millis(connect_timeout),
         reconnect_min: Duration::from_millis(reconnect_min),
         reconnect_max: Duration::from_millis(reconnect_max),
+        // Never below the local bound: a remote zone is not retried more often.
+        remote_reconnect_max: Duration::from_millis(remote_reconnect_max.max(reconnect_max)),
         startup_timeout: Duration::from_secs(startup_timeout),
         prechannels: raw.prechannels.unwrap_or(raw::PRECHANNELS),
         operation_timeout: Duration::from_millis(operation_timeout),
@@ -650,6 +658,7 @@ fn apps(
             name: name.get_ref().clone(),
             enabled: app.enabled.unwrap_or(true),
             quorum_queues: app.quorum_queues.unwrap_or(false),
+            federate: app.federate.unwrap_or(false),
             pool: PoolConfig {
                 size,
                 overflow: app.pool_overflow.unwrap_or(defaults.overflow),
