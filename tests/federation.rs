@@ -13,16 +13,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::client::Client;
-use common::{Broker, SOON, config_text, start_node, unique_node};
+use common::{Broker, SOON, app_context, config_text, start_node, unique_node};
 use lapin::options::{BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Confirmation, ExchangeKind};
 use parking_lot::Mutex;
 use warren_listeners::{
-    AppContext, Binding, Event, Exchange, HandlerError, Listener, ListenerSpec, Notice, QueueSpec,
-    spawn_listener,
+    Binding, Event, Exchange, HandlerError, Listener, ListenerHandle, ListenerSpec, Notice,
+    QueueSpec, spawn_listener,
 };
-use warren_runtime::config::{AppConfig, Config};
+use warren_runtime::config::Config;
 use warren_runtime::confirm::PublishOptions;
 use warren_runtime::envelope::{Envelope, publish_properties};
 use warren_runtime::node::Node;
@@ -42,22 +42,6 @@ fn two_zones(name: &str, a: &Broker, b: &Broker) -> Config {
         Ok(config) => config,
         Err(error) => panic!("test config is invalid: {error}\n{text}"),
     }
-}
-
-fn app(node: &Node) -> AppContext {
-    let context = node.context().clone();
-    let pool = context.pool;
-    AppContext::with_version(
-        "0.0.0-test",
-        context,
-        AppConfig {
-            name: "fed".to_string(),
-            enabled: true,
-            quorum_queues: false,
-            federate: false,
-            pool,
-        },
-    )
 }
 
 /// A listener answering every `fed` request with where it came from, and recording its
@@ -155,6 +139,20 @@ async fn routed(client: &Client, routing_key: &str, request: &Envelope) -> bool 
     }
 }
 
+/// Starts `listener` on `node` and waits until it consumes at home.
+async fn serving(node: &Node, listener: Answering) -> ListenerHandle {
+    let handle = spawn_listener(listener, &app_context(node, "fed"))
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+    handle
+}
+
+/// Whether `queue` on the client's broker comes to have `n` consumers (within `SOON`).
+async fn consumed_by(client: &Client, queue: &str, n: u32) -> bool {
+    common::until(SOON, || async { consumers(client, queue).await == n }).await
+}
+
 /// Consumers of `queue` on the client's broker (0 if it does not exist).
 async fn consumers(client: &Client, queue: &str) -> u32 {
     let channel = client
@@ -216,18 +214,12 @@ async fn a_request_in_the_other_zone_is_answered_there_and_unfederated_bindings_
             .bind(EXCHANGE, "home.*"),
         false,
     );
-    let handle = spawn_listener(listener, &app(&node))
-        .await
-        .expect("listener starts");
-    assert!(handle.wait_consuming(true, SOON).await);
+    let handle = serving(&node, listener).await;
 
     let mut remote = client(b, &format!("{name}-west")).await;
     let federated_queue = format!("{queue}-local");
     assert!(
-        common::until(SOON, || async {
-            consumers(&remote, &federated_queue).await == 1
-        })
-        .await,
+        consumed_by(&remote, &federated_queue, 1).await,
         "a federator consumes `{federated_queue}` on B"
     );
     assert!(
@@ -273,10 +265,7 @@ async fn a_request_in_the_other_zone_is_answered_there_and_unfederated_bindings_
 
     handle.stop().await.expect("listener stops");
     assert!(
-        common::until(SOON, || async {
-            consumers(&remote, &federated_queue).await == 0
-        })
-        .await,
+        consumed_by(&remote, &federated_queue, 0).await,
         "the federator stopped with its listener"
     );
     node.stop().await.expect("node stops");
@@ -295,10 +284,7 @@ async fn a_federated_binding_added_at_run_time_reaches_the_other_zone_and_its_re
             .bind(EXCHANGE, "home.*"),
         false,
     );
-    let handle = spawn_listener(listener, &app(&node))
-        .await
-        .expect("listener starts");
-    assert!(handle.wait_consuming(true, SOON).await);
+    let handle = serving(&node, listener).await;
     let mut remote = client(b, &format!("{name}-west")).await;
     let federated_queue = format!("{queue}-local");
     assert_eq!(
@@ -334,10 +320,7 @@ async fn a_federated_binding_added_at_run_time_reaches_the_other_zone_and_its_re
             .expect("federated binding removed")
     );
     assert!(
-        common::until(SOON, || async {
-            consumers(&remote, &federated_queue).await == 0
-        })
-        .await,
+        consumed_by(&remote, &federated_queue, 0).await,
         "removing the last federated binding stops consumption on B"
     );
     handle.stop().await.expect("listener stops");
@@ -357,10 +340,7 @@ async fn the_other_zone_killed_and_restarted_under_load_loses_no_confirmed_reque
             .federate(EXCHANGE, "load.*"),
         true,
     );
-    let handle = spawn_listener(listener, &app(&node))
-        .await
-        .expect("listener starts");
-    assert!(handle.wait_consuming(true, SOON).await);
+    let handle = serving(&node, listener).await;
     let federated_queue = format!("{queue}-local");
     // The requester's replies go to a durable queue of its own on B, which survives B.
     let replies = format!("{name}-replies");
@@ -385,10 +365,7 @@ async fn the_other_zone_killed_and_restarted_under_load_loses_no_confirmed_reque
     };
     let first = requester("before").await;
     assert!(
-        common::until(SOON, || async {
-            consumers(&first, &federated_queue).await == 1
-        })
-        .await,
+        consumed_by(&first, &federated_queue, 1).await,
         "a federator consumes on B"
     );
     // Requests keep going to B while it is killed: those B confirmed must be answered.
@@ -484,10 +461,7 @@ async fn failover_at_home_is_unaffected_while_the_other_zone_is_down() {
             .federate(EXCHANGE, "fail.*"),
         false,
     );
-    let handle = spawn_listener(listener, &app(&node))
-        .await
-        .expect("listener starts");
-    assert!(handle.wait_consuming(true, SOON).await);
+    let handle = serving(&node, listener).await;
     b.kill().await;
     a1.kill().await;
     assert!(
