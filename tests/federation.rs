@@ -309,8 +309,8 @@ async fn a_federated_binding_added_at_run_time_reaches_the_other_zone_and_its_re
     eprintln!("add_binding, a request on B and its reply: {took:?}");
     assert_eq!(reply.msg_id(), request.msg_id());
     assert!(
-        took < Duration::from_secs(3),
-        "add, publish and reply took {took:?}"
+        took < Duration::from_secs(1),
+        "works on B within a second of the call: add, publish and reply took {took:?}"
     );
 
     assert!(
