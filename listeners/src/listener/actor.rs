@@ -31,12 +31,16 @@ use warren_runtime::metrics::MetricsEntry;
 use warren_runtime::readiness::ReadinessEntry;
 
 use super::figures::ListenerFigures;
-use warren_runtime::supervisor::StopDeadline;
+use warren_runtime::assignments::ChannelKind;
+use warren_runtime::readiness::Readiness;
+use warren_runtime::supervisor::{
+    ChildSpec, StopDeadline, Supervisor, SupervisorMsg, deadline, spawn_error_reason,
+};
 
 use super::Notice;
 use super::consumer::{ConsumerLoop, Control, Ended};
 use super::drain::{self, Closed, Drain, Step};
-use super::federation::{self, Federators};
+use super::federation;
 use super::handling::panic_text;
 use super::refusals::REFUSALS;
 use super::shared::{GrantContext, ListenerShared};
@@ -70,6 +74,193 @@ pub(crate) struct Started {
     pub slot: Arc<ActorSlot<ListenerMsg>>,
     /// By when a stop must be done, written by whoever stops the actor.
     pub deadline: StopDeadline,
+}
+
+/// The supervised child `id` running a listener actor from `started`; it asks its parent
+/// for `stop_wish(stop_timeout)` and stops by the deadline the parent tells it.
+pub(crate) fn child_spec(id: String, started: Started) -> ChildSpec {
+    let wish = stop_wish(started.shared.settings.stop_timeout);
+    let told = started.deadline.clone();
+    ChildSpec::actor(id, move || (ListenerActor, started.clone()))
+        .shutdown(wish)
+        .told(told)
+}
+
+/// How long a call to a listener's actor waits for its answer.
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One round trip to the listener actor in `slot`, bounded by [`CALL_TIMEOUT`]; one that
+/// is not running (or does not answer in time) is `NotRunning`.
+pub(crate) async fn ask<T: Send + 'static>(
+    slot: &ActorSlot<ListenerMsg>,
+    message: impl FnOnce(RpcReplyPort<T>) -> ListenerMsg,
+) -> Result<T, ListenerError> {
+    let actor = slot.get().ok_or(ListenerError::NotRunning)?;
+    let call = actor.call(message, Some(CALL_TIMEOUT)).await;
+    let answer = call.map_err(|_| ListenerError::NotRunning)?;
+    answer.success_or(ListenerError::NotRunning)
+}
+
+/// The running federators of a listener (see `federation`): listener actors like this
+/// one, under a supervisor linked to it.
+pub(crate) struct Federators {
+    supervisor: ActorRef<SupervisorMsg>,
+    deadline: StopDeadline,
+    members: Vec<Started>,
+    watcher: JoinHandle<()>,
+}
+
+impl Federators {
+    /// Starts one federator per broker of the other zones under a supervisor linked to
+    /// the listener's actor `parent`; `None` when there is no other zone. It returns once
+    /// they are started, not once they consume: a remote broker that is down delays
+    /// nothing.
+    async fn start(
+        shared: &Arc<ListenerShared>,
+        parent: &ActorRef<ListenerMsg>,
+    ) -> Result<Option<Federators>, String> {
+        let remote = federation::remote_brokers(shared);
+        if remote.is_empty() {
+            return Ok(None);
+        }
+        let readiness = Readiness::default();
+        let mut children = Vec::with_capacity(remote.len());
+        let mut members = Vec::with_capacity(remote.len());
+        for broker in remote {
+            let id = format!("federator:{}", broker.uri.redacted());
+            let federator = federation::federator_shared(shared, broker, &readiness)
+                .map_err(|e| e.to_string())?;
+            let started = Started {
+                shared: federator,
+                slot: Arc::default(),
+                deadline: StopDeadline::default(),
+            };
+            children.push(child_spec(id, started.clone()));
+            members.push(started);
+        }
+        let spec = federation::supervisor_spec(shared, children);
+        let told = StopDeadline::default();
+        let (supervisor, _) = Supervisor::spawn_linked(spec, told.clone(), parent.get_cell())
+            .await
+            .map_err(|e| spawn_error_reason(&e))?;
+        let watched = members
+            .iter()
+            .filter_map(|m| match m.shared.settings.channel {
+                ChannelKind::Broker(broker) => Some(federation::Watched {
+                    broker,
+                    consuming: m.shared.consuming.subscribe(),
+                }),
+                _ => None,
+            })
+            .collect();
+        let registry = shared.origin.node.registry.clone();
+        let parent = parent.clone();
+        let watcher = tokio::spawn(federation::watch_consuming(watched, registry, move || {
+            parent.cast(ListenerMsg::FederatorsConsuming).is_ok()
+        }));
+        tracing::info!(listener = %shared.name, federators = members.len(), "federators started");
+        Ok(Some(Federators {
+            supervisor,
+            deadline: told,
+            members,
+            watcher,
+        }))
+    }
+
+    /// The federators' supervisor (its exit reaches the listener's actor).
+    fn supervisor(&self) -> ActorId {
+        self.supervisor.get_id()
+    }
+
+    /// Asks every federator at once; the errors of those that could not do it.
+    async fn each(
+        &self,
+        message: impl Fn(Binding) -> BindingMsg,
+        binding: &Binding,
+    ) -> Vec<ListenerError> {
+        let copy = binding.remote_copy();
+        let all = self.members.iter().map(|member| {
+            let message = message(copy.clone());
+            async move {
+                match message {
+                    BindingMsg::Add(binding) => ask(&member.slot, |reply| {
+                        ListenerMsg::AddBinding(binding, reply)
+                    })
+                    .await
+                    .and_then(|added| added),
+                    BindingMsg::Remove(binding) => ask(&member.slot, |reply| {
+                        ListenerMsg::RemoveBinding(binding, reply)
+                    })
+                    .await
+                    .and_then(|removed| removed.map(|_| ())),
+                }
+            }
+        });
+        futures::future::join_all(all)
+            .await
+            .into_iter()
+            .filter_map(Result::err)
+            .collect()
+    }
+
+    /// Waits up to `timeout` until every federator whose broker is up consumes; whether
+    /// they all did.
+    async fn wait_consuming(&self, timeout: Duration) -> bool {
+        let registry = &self
+            .members
+            .first()
+            .map(|m| m.shared.origin.node.registry.clone());
+        let Some(registry) = registry else {
+            return true;
+        };
+        let reachable = self
+            .members
+            .iter()
+            .filter(|member| match member.shared.settings.channel {
+                ChannelKind::Broker(id) => registry.is_available(id),
+                _ => false,
+            });
+        let waits = reachable.map(|member| {
+            let mut consuming = member.shared.consuming.subscribe();
+            async move {
+                tokio::time::timeout(timeout, consuming.wait_for(|on| *on))
+                    .await
+                    .is_ok_and(|seen| seen.is_ok())
+            }
+        });
+        futures::future::join_all(waits)
+            .await
+            .into_iter()
+            .all(|on| on)
+    }
+
+    /// Stops every federator at once, all by `end`.
+    async fn stop(self, end: Instant) {
+        self.watcher.abort();
+        let end = tokio::time::Instant::from_std(end);
+        self.deadline.set(end);
+        let left = end.saturating_duration_since(tokio::time::Instant::now());
+        let _ = self
+            .supervisor
+            .stop_and_wait(None, Some(left + deadline::MARGIN))
+            .await;
+    }
+}
+
+impl Drop for Federators {
+    /// A listener's actor that fails skips its stop steps: its federators are told to
+    /// stop here (by their own deadline), so that its restart does not run a second set
+    /// beside them. After [`Federators::stop`] this asks nothing of a stopped supervisor.
+    fn drop(&mut self) {
+        self.watcher.abort();
+        self.supervisor.stop(None);
+    }
+}
+
+/// A change of one binding, for every federator.
+enum BindingMsg {
+    Add(Binding),
+    Remove(Binding),
 }
 
 /// Messages of the listener actor.
@@ -908,15 +1099,15 @@ impl ListenerState {
             self.federators = Federators::start(&self.shared, myself)
                 .await
                 .map_err(ListenerError::Start)?;
-            if let Some(federators) = &self.federators {
-                let registry = &self.shared.origin.node.registry;
-                if !federators.wait_consuming(registry, self.timeout()).await {
-                    tracing::warn!(listener = %self.shared.name, "not every reachable federator consumes yet; they go on trying");
-                }
+            if let Some(federators) = &self.federators
+                && !federators.wait_consuming(self.timeout()).await
+            {
+                tracing::warn!(listener = %self.shared.name, "not every reachable federator consumes yet; they go on trying");
             }
             return Ok(());
         };
-        match federators.add_binding(binding).await.into_iter().next() {
+        let errors = federators.each(BindingMsg::Add, binding).await;
+        match errors.into_iter().next() {
             None | Some(ListenerError::NotRunning) => Ok(()),
             Some(error) => Err(error),
         }
@@ -927,7 +1118,7 @@ impl ListenerState {
     async fn unfederate(&mut self, binding: &Binding) {
         if federation::has_federated(&self.shared) {
             if let Some(federators) = &self.federators {
-                for error in federators.remove_binding(binding).await {
+                for error in federators.each(BindingMsg::Remove, binding).await {
                     tracing::warn!(listener = %self.shared.name, %error, "a federator could not remove a binding; it may stay on the remote queue until the queue goes");
                 }
             }

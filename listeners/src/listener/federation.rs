@@ -15,31 +15,24 @@
 //! node not ready; the parent hears `Notice::FederatorsConsuming` when every federator
 //! whose broker is up consumes.
 //!
-//! Owns: which brokers get a federator, what a federator declares, and starting, changing
-//! and stopping the federators. Must not touch: how a federator consumes and handles (the
-//! listener actor's, as for any listener).
+//! Owns: which brokers get a federator, what a federator declares and runs, and when its
+//! listener hears that they consume. Must not touch: running them (the listener's actor
+//! starts, changes and stops its federators, which are listener actors like itself).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ractor::{ActorCell, ActorId, ActorRef};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use warren_runtime::assignments::ChannelKind;
-use warren_runtime::broker::Broker;
+use warren_runtime::broker::{Broker, BrokerId};
 use warren_runtime::readiness::Readiness;
 use warren_runtime::registry::ConnectionRegistry;
-use warren_runtime::supervisor::{
-    Intensity, StopDeadline, StopOrder, Supervisor, SupervisorMsg, SupervisorSpec, deadline,
-    spawn_error_reason,
-};
+use warren_runtime::supervisor::{ChildSpec, Intensity, StopOrder, SupervisorSpec};
 
-use super::actor::ListenerMsg;
 use super::event::Event;
-use super::handle::{ListenerHandle, federator_child};
 use super::shared::ListenerShared;
 use super::spec::{Binding, ListenerSpec, QueueName};
-use super::status::ListenerError;
+use super::validate::SpecError;
 use super::{Dispatch, Listener, Notice};
 
 /// How often the federators may restart before their supervisor gives up (and the
@@ -107,151 +100,30 @@ pub(crate) fn has_federated(parent: &ListenerShared) -> bool {
     parent.topology.lock().bindings.iter().any(|b| b.federated)
 }
 
-/// The running federators of one listener.
-pub(crate) struct Federators {
-    supervisor: ActorRef<SupervisorMsg>,
-    deadline: StopDeadline,
-    members: Vec<ListenerHandle>,
-    watcher: JoinHandle<()>,
+/// A federator as the watcher sees it: its broker, and whether it consumes.
+pub(crate) struct Watched {
+    pub broker: BrokerId,
+    pub consuming: watch::Receiver<bool>,
 }
 
-impl Federators {
-    /// Starts one federator per broker of the other zones under a supervisor linked to
-    /// the listener's actor `parent`; `None` when there is no other zone. It returns once
-    /// the federators are started, not once they consume: a remote broker that is down
-    /// delays nothing.
-    pub async fn start(
-        shared: &Arc<ListenerShared>,
-        parent: &ActorRef<ListenerMsg>,
-    ) -> Result<Option<Federators>, String> {
-        let registry = shared.origin.node.registry.clone();
-        let remote: Vec<Arc<Broker>> = registry
-            .brokers()
-            .iter()
-            .filter(|b| !b.local)
-            .cloned()
-            .collect();
-        if remote.is_empty() {
-            return Ok(None);
-        }
-        let readiness = Readiness::default();
-        let mut children = Vec::with_capacity(remote.len());
-        let mut members = Vec::with_capacity(remote.len());
-        for broker in remote {
-            let (child, member) =
-                federator_child(shared, broker, &readiness).map_err(|e| e.to_string())?;
-            children.push(child);
-            members.push(member);
-        }
-        let spec = SupervisorSpec::one_for_one(
-            format!("federators:{}", shared.name),
-            StopOrder::Concurrent,
-            INTENSITY,
-            children,
-        );
-        let told = StopDeadline::default();
-        let cell: ActorCell = parent.get_cell();
-        let (supervisor, _) = Supervisor::spawn_linked(spec, told.clone(), cell)
-            .await
-            .map_err(|e| spawn_error_reason(&e))?;
-        let watcher = tokio::spawn(watch_consuming(members.clone(), registry, parent.clone()));
-        tracing::info!(listener = %shared.name, federators = members.len(), "federators started");
-        Ok(Some(Federators {
-            supervisor,
-            deadline: told,
-            members,
-            watcher,
-        }))
-    }
-
-    /// The federators' supervisor (its exit reaches the listener's actor).
-    pub fn supervisor(&self) -> ActorId {
-        self.supervisor.get_id()
-    }
-
-    /// Adds a federated binding on every federator at once; the errors of those that
-    /// could not (a federator whose broker is down applies it on its next channel).
-    pub async fn add_binding(&self, binding: &Binding) -> Vec<ListenerError> {
-        let copy = binding.remote_copy();
-        let all = self.members.iter().map(|m| m.add_binding(copy.clone()));
-        futures::future::join_all(all)
-            .await
-            .into_iter()
-            .filter_map(Result::err)
-            .collect()
-    }
-
-    /// Removes a federated binding from every federator at once.
-    pub async fn remove_binding(&self, binding: &Binding) -> Vec<ListenerError> {
-        let copy = binding.remote_copy();
-        let all = self.members.iter().map(|m| m.remove_binding(copy.clone()));
-        futures::future::join_all(all)
-            .await
-            .into_iter()
-            .filter_map(Result::err)
-            .collect()
-    }
-
-    /// Waits up to `timeout` until every federator whose broker is up consumes; whether
-    /// they all did.
-    pub async fn wait_consuming(&self, registry: &ConnectionRegistry, timeout: Duration) -> bool {
-        let reachable = self.members.iter().filter(|member| {
-            member
-                .sticky_broker()
-                .is_some_and(|id| registry.is_available(id))
-        });
-        futures::future::join_all(reachable.map(|member| member.wait_consuming(true, timeout)))
-            .await
-            .into_iter()
-            .all(|consuming| consuming)
-    }
-
-    /// Stops every federator at once, all by `end`.
-    pub async fn stop(self, end: Instant) {
-        self.watcher.abort();
-        let end = tokio::time::Instant::from_std(end);
-        self.deadline.set(end);
-        let left = end.saturating_duration_since(tokio::time::Instant::now());
-        let _ = self
-            .supervisor
-            .stop_and_wait(None, Some(left + deadline::MARGIN))
-            .await;
-    }
-}
-
-impl Drop for Federators {
-    /// A listener's actor that fails skips its stop steps: its federators are told to
-    /// stop here (by their own deadline), so that its restart does not run a second set
-    /// beside them. After [`Federators::stop`] this asks nothing of a stopped supervisor.
-    fn drop(&mut self) {
-        self.watcher.abort();
-        self.supervisor.stop(None);
-    }
-}
-
-/// Tells the listener each time every federator whose broker is up consumes (after one
-/// did not): Kazoo's `federators_consuming`.
-async fn watch_consuming(
-    members: Vec<ListenerHandle>,
+/// Calls `notify` each time every federator whose broker is up consumes (after one did
+/// not): Kazoo's `federators_consuming`. Ends when `notify` says nobody listens.
+pub(crate) async fn watch_consuming(
+    mut members: Vec<Watched>,
     registry: ConnectionRegistry,
-    parent: ActorRef<ListenerMsg>,
+    notify: impl Fn() -> bool,
 ) {
-    let mut receivers: Vec<watch::Receiver<bool>> =
-        members.iter().map(ListenerHandle::consuming).collect();
     let mut brokers = registry.subscribe();
     let mut told = false;
     loop {
-        let all = members.iter().zip(&receivers).all(|(member, consuming)| {
-            *consuming.borrow()
-                || member
-                    .sticky_broker()
-                    .is_none_or(|id| !registry.is_available(id))
-        });
-        if all && !told && parent.cast(ListenerMsg::FederatorsConsuming).is_err() {
+        let all = members
+            .iter()
+            .all(|m| *m.consuming.borrow() || !registry.is_available(m.broker));
+        if all && !told && !notify() {
             return;
         }
         told = all;
-        let changes = receivers.iter_mut().map(|r| Box::pin(r.changed()));
+        let changes = members.iter_mut().map(|m| Box::pin(m.consuming.changed()));
         tokio::select! {
             (changed, _, _) = futures::future::select_all(changes) => {
                 if changed.is_err() {
@@ -265,4 +137,43 @@ async fn watch_consuming(
             }
         }
     }
+}
+
+/// The state of the federator of `parent` on the remote `broker`: it runs the parent's
+/// responders and reports to `readiness` (the federators' own, not the node's).
+pub(crate) fn federator_shared(
+    parent: &Arc<ListenerShared>,
+    broker: Arc<Broker>,
+    readiness: &Readiness,
+) -> Result<Arc<ListenerShared>, SpecError> {
+    let federator = Federator {
+        parent: parent.clone(),
+        broker,
+    };
+    let mut origin = parent.origin.clone();
+    origin.node.readiness = readiness.clone();
+    ListenerShared::build(Arc::new(federator), origin, Some(parent.responders.clone()))
+}
+
+/// The brokers of the other zones: one federator each.
+pub(crate) fn remote_brokers(parent: &ListenerShared) -> Vec<Arc<Broker>> {
+    parent
+        .origin
+        .node
+        .registry
+        .brokers()
+        .iter()
+        .filter(|b| !b.local)
+        .cloned()
+        .collect()
+}
+
+/// The supervisor spec of a listener's federators: one for one, stopped all at once.
+pub(crate) fn supervisor_spec(parent: &ListenerShared, children: Vec<ChildSpec>) -> SupervisorSpec {
+    SupervisorSpec::one_for_one(
+        format!("federators:{}", parent.name),
+        StopOrder::Concurrent,
+        INTENSITY,
+        children,
+    )
 }

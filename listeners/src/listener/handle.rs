@@ -11,18 +11,14 @@ use std::time::Duration;
 
 use lapin::Channel;
 use ractor::{Actor, ActorRef, RpcReplyPort};
-use tokio::sync::watch;
 use warren_runtime::actor_slot::ActorSlot;
-use warren_runtime::assignments::ChannelKind;
-use warren_runtime::broker::{Broker, BrokerId};
+use warren_runtime::broker::BrokerId;
 use warren_runtime::envelope::Stamp;
 use warren_runtime::node::NodeContext;
-use warren_runtime::readiness::Readiness;
 use warren_runtime::supervisor::{ChildSpec, StopDeadline, deadline};
 
 use super::Listener;
-use super::actor::{ListenerActor, ListenerMsg, Started, stop_wish};
-use super::federation::Federator;
+use super::actor::{ListenerActor, ListenerMsg, Started, ask, child_spec, stop_wish};
 use super::responders::{HandlerFn, ResponderId};
 use super::shared::ListenerShared;
 use super::spec::Binding;
@@ -67,35 +63,8 @@ fn child_of(
 ) -> Result<(ChildSpec, ListenerHandle), SpecError> {
     let shared = ListenerShared::new(Arc::new(listener), node, stamp, quorum_queues)?;
     let id = format!("listener:{}", shared.name);
-    Ok(supervised(id, ListenerHandle::new(shared)))
-}
-
-/// The child and handle of the federator of `parent` on the remote `broker`: it runs the
-/// parent's responders and reports to `readiness` (the federators' own, not the node's).
-pub(crate) fn federator_child(
-    parent: &Arc<ListenerShared>,
-    broker: Arc<Broker>,
-    readiness: &Readiness,
-) -> Result<(ChildSpec, ListenerHandle), SpecError> {
-    let id = format!("federator:{}", broker.uri.redacted());
-    let federator = Federator {
-        parent: parent.clone(),
-        broker,
-    };
-    let mut origin = parent.origin.clone();
-    origin.node.readiness = readiness.clone();
-    let shared =
-        ListenerShared::build(Arc::new(federator), origin, Some(parent.responders.clone()))?;
-    Ok(supervised(id, ListenerHandle::new(shared)))
-}
-
-/// The supervised child `id` running the listener of `handle`.
-fn supervised(id: String, handle: ListenerHandle) -> (ChildSpec, ListenerHandle) {
-    let started = handle.started();
-    let child = ChildSpec::actor(id, move || (ListenerActor, started.clone()))
-        .shutdown(handle.stop_wish())
-        .told(handle.deadline.clone());
-    (child, handle)
+    let handle = ListenerHandle::new(shared);
+    Ok((child_spec(id, handle.started()), handle))
 }
 
 /// Starts a listener outside any supervisor (tests, tools); stop it with
@@ -143,31 +112,12 @@ impl ListenerHandle {
         self.actor.get().ok_or(ListenerError::NotRunning)
     }
 
-    /// How long handle calls wait for the actor.
-    const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-
-    /// Whether the listener consumes, as it changes.
-    pub(crate) fn consuming(&self) -> watch::Receiver<bool> {
-        self.shared.consuming.subscribe()
-    }
-
-    /// The one broker the listener consumes from, if it is sticky to one (a federator).
-    pub(crate) fn sticky_broker(&self) -> Option<BrokerId> {
-        match self.shared.settings.channel {
-            ChannelKind::Broker(id) => Some(id),
-            _ => None,
-        }
-    }
-
-    /// One round trip to the actor, bounded by [`Self::CALL_TIMEOUT`]; a listener that is
-    /// not running (or does not answer in time) is `NotRunning`.
+    /// One round trip to the actor (see [`ask`]).
     async fn ask<T: Send + 'static>(
         &self,
         message: impl FnOnce(RpcReplyPort<T>) -> ListenerMsg,
     ) -> Result<T, ListenerError> {
-        let call = self.actor()?.call(message, Some(Self::CALL_TIMEOUT)).await;
-        let answer = call.map_err(|_| ListenerError::NotRunning)?;
-        answer.success_or(ListenerError::NotRunning)
+        ask(&self.actor, message).await
     }
 
     /// The listener's name.
