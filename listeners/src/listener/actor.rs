@@ -172,30 +172,17 @@ impl Federators {
         self.supervisor.get_id()
     }
 
-    /// Asks every federator at once; the errors of those that could not do it.
+    /// Changes a binding on every federator at once; the errors of those that could not.
     async fn each(
         &self,
         message: impl Fn(Binding) -> BindingMsg,
         binding: &Binding,
     ) -> Vec<ListenerError> {
         let copy = binding.remote_copy();
-        let all = self.members.iter().map(|member| {
-            let message = message(copy.clone());
-            async move {
-                match message {
-                    BindingMsg::Add(binding) => ask(&member.slot, |reply| {
-                        ListenerMsg::AddBinding(binding, reply)
-                    })
-                    .await
-                    .and_then(|added| added),
-                    BindingMsg::Remove(binding) => ask(&member.slot, |reply| {
-                        ListenerMsg::RemoveBinding(binding, reply)
-                    })
-                    .await
-                    .and_then(|removed| removed.map(|_| ())),
-                }
-            }
-        });
+        let all = self
+            .members
+            .iter()
+            .map(|member| federator_binding(member, message(copy.clone())));
         futures::future::join_all(all)
             .await
             .into_iter()
@@ -257,7 +244,38 @@ impl Drop for Federators {
     }
 }
 
+/// Changes one binding of one federator through its actor; one whose actor is not running
+/// (being restarted) gets it in its topology, which its next actor declares.
+async fn federator_binding(member: &Started, message: BindingMsg) -> Result<(), ListenerError> {
+    let asked = match message.clone() {
+        BindingMsg::Add(binding) => ask(&member.slot, |reply| {
+            ListenerMsg::AddBinding(binding, reply)
+        })
+        .await
+        .and_then(|added| added),
+        BindingMsg::Remove(binding) => ask(&member.slot, |reply| {
+            ListenerMsg::RemoveBinding(binding, reply)
+        })
+        .await
+        .and_then(|removed| removed.map(|_| ())),
+    };
+    if !matches!(asked, Err(ListenerError::NotRunning)) {
+        return asked;
+    }
+    let mut topology = member.shared.topology.lock();
+    match message {
+        BindingMsg::Add(binding) => {
+            if !topology.bindings.contains(&binding) {
+                topology.bindings.push(binding);
+            }
+        }
+        BindingMsg::Remove(binding) => topology.bindings.retain(|b| b != &binding),
+    }
+    Ok(())
+}
+
 /// A change of one binding, for every federator.
+#[derive(Clone)]
 enum BindingMsg {
     Add(Binding),
     Remove(Binding),
@@ -1107,10 +1125,7 @@ impl ListenerState {
             return Ok(());
         };
         let errors = federators.each(BindingMsg::Add, binding).await;
-        match errors.into_iter().next() {
-            None | Some(ListenerError::NotRunning) => Ok(()),
-            Some(error) => Err(error),
-        }
+        errors.into_iter().next().map_or(Ok(()), Err)
     }
 
     /// A federated binding was removed: from every federator, which stop with the last
