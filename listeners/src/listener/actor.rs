@@ -245,8 +245,12 @@ impl Drop for Federators {
 }
 
 /// Changes one binding of one federator through its actor; one whose actor is not running
-/// (being restarted) gets it in its topology, which its next actor declares.
+/// (being restarted) gets it in its topology, which its next actor declares. An actor that
+/// runs but does not answer in time keeps its topology: the change is its own to make.
 async fn federator_binding(member: &Started, message: BindingMsg) -> Result<(), ListenerError> {
+    if member.slot.get().is_none() {
+        return apply_to_topology(member, message);
+    }
     let asked = match message.clone() {
         BindingMsg::Add(binding) => ask(&member.slot, |reply| {
             ListenerMsg::AddBinding(binding, reply)
@@ -259,9 +263,17 @@ async fn federator_binding(member: &Started, message: BindingMsg) -> Result<(), 
         .await
         .and_then(|removed| removed.map(|_| ())),
     };
-    if !matches!(asked, Err(ListenerError::NotRunning)) {
-        return asked;
+    match asked {
+        // It stopped meanwhile: its next actor declares the change.
+        Err(ListenerError::NotRunning) if member.slot.get().is_none() => {
+            apply_to_topology(member, message)
+        }
+        asked => asked,
     }
+}
+
+/// Writes a binding change into a stopped federator's topology.
+fn apply_to_topology(member: &Started, message: BindingMsg) -> Result<(), ListenerError> {
     let mut topology = member.shared.topology.lock();
     match message {
         BindingMsg::Add(binding) => {
