@@ -20,7 +20,7 @@ pub mod testkit;
 
 pub use app::{App, AppContext, AppError, app_child};
 pub use listener::{
-    AckMode, Binding, DeliveryInfo, Dispatch, Event, Exchange, HandlerError, HandlerFn,
+    AckMode, Binding, Dedup, DeliveryInfo, Dispatch, Event, Exchange, HandlerError, HandlerFn,
     HandlerResult, Listener, ListenerError, ListenerHandle, ListenerSpec, Notice, Outcome,
     Published, QUORUM_DELIVERY_LIMIT, QueueName, QueueSpec, Recorded, ResponderId, Responders,
     Returned, SpecError, StatsSnapshot, listener_child, spawn_listener,

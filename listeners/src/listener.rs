@@ -27,6 +27,7 @@ mod acks;
 mod actor;
 mod confirms;
 mod consumer;
+mod dedup;
 mod drain;
 mod event;
 mod federation;
@@ -46,6 +47,7 @@ mod validate;
 
 pub(crate) use actor::stop_wish;
 pub use confirms::Pending;
+pub use dedup::Dedup;
 pub(crate) use event::Recorder;
 pub use event::{DeliveryInfo, Event, Recorded};
 pub(crate) use handle::node_listener_child;

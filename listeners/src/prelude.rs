@@ -6,7 +6,7 @@
 
 pub use crate::app::{App, AppContext};
 pub use crate::listener::{
-    AckMode, Binding, DeliveryInfo, Dispatch, Event, Exchange, HandlerError, HandlerFn,
+    AckMode, Binding, Dedup, DeliveryInfo, Dispatch, Event, Exchange, HandlerError, HandlerFn,
     HandlerResult, Listener, ListenerHandle, ListenerSpec, Notice, Outcome, Published, QueueSpec,
     Returned,
 };

@@ -30,7 +30,7 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, Stream, StreamExt};
 use lapin::Consumer;
 use lapin::message::Delivery;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 use warren_runtime::envelope::{
@@ -41,13 +41,14 @@ use warren_runtime::log_limit::LogLimit;
 use super::Dispatch;
 use super::acks::{AckTracker, Finished, MAX_ACK_DELAY, Received, Refused};
 use super::confirms;
+use super::dedup::{Claim, Seen};
 use super::event::{DeliveryInfo, Event, Outbox};
 use super::handling::{self, HandlerEnd, panic_text};
 use super::outcome::Outcome;
 use super::parking;
 use super::redelivery::body_key;
 use super::responders::{HandlerError, Matched};
-use super::shared::{GrantContext, ListenerShared};
+use super::shared::{GrantContext, ListenerShared, Settings};
 use super::topology;
 
 /// Repeating warnings about messages (bad bodies, rejects, retries): one line per listener
@@ -468,11 +469,15 @@ impl ConsumerLoop {
                 listener: shared.listener.clone(),
             },
         );
+        let once = match self.once(&event) {
+            Ok(once) => once,
+            Err(verdict) => return self.finish(acks, (tag, verdict)).await,
+        };
         let handlers = match self.dispatch(&event) {
             Some(handlers) => handlers,
             // `on_event` panicked: a failure of this message, like a responder's panic.
             None => {
-                let work = self.conclude(event, data, before, None);
+                let work = self.conclude(event, data, before, None, once);
                 self.start(tag, work, inflight);
                 return Ok(());
             }
@@ -483,13 +488,10 @@ impl ConsumerLoop {
                     .failures
                     .forget(body_key(&data, &event.delivery().routing_key));
             }
-            let verdict = match settings.ack.finished() {
-                Finished::ByOutcome => Verdict::Ack,
-                Finished::Settled => Verdict::Settled,
-            };
-            return self.finish(acks, (tag, verdict)).await;
+            end_claim(once.claim(), Outcome::Ack);
+            return self.finish(acks, (tag, handled_verdict(settings))).await;
         }
-        let work = self.conclude(event, data, before, Some(handlers));
+        let work = self.conclude(event, data, before, Some(handlers), once);
         self.begin(tag, work, inflight, acks).await
     }
 
@@ -592,15 +594,22 @@ impl ConsumerLoop {
         data: Vec<u8>,
         before: u32,
         handlers: Option<Matched>,
+        once: Once,
     ) -> BoxFuture<'static, Stage> {
         let (shared, context) = (self.shared.clone(), self.context.clone());
         Box::pin(async move {
+            let claim = match once.settle(&shared).await {
+                Ok(claim) => claim,
+                // A copy of a message handled meanwhile: acked without its handlers.
+                Err(verdict) => return Stage::Done(verdict),
+            };
             let outcome = match handlers {
                 Some(handlers) => run_handlers(&shared, &event, handlers).await,
                 None => Outcome::Requeue,
             };
             let owed = event.owed().take();
             if owed.is_empty() {
+                end_claim(claim, outcome);
                 return Stage::Done(
                     conclusion(&shared, &context, &event, data, before, outcome).await,
                 );
@@ -608,7 +617,8 @@ impl ConsumerLoop {
             if shared.settings.ack.finished() == Finished::Settled {
                 // Nothing to settle: wait here, so that work in flight stays within the
                 // concurrency limit when the broker does not bound it (no-ack).
-                let _ = confirms::settle(owed, outcome).await;
+                let (outcome, _) = confirms::settle(owed, outcome).await;
+                end_claim(claim, outcome);
                 return Stage::Done(Verdict::Settled);
             }
             Stage::Confirming(Box::pin(async move {
@@ -619,9 +629,28 @@ impl ConsumerLoop {
                         tracing::warn!(listener = %shared.name, msg_id = event.envelope().msg_id().unwrap_or(""), failed = unconfirmed.failed, first = %unconfirmed.first, then = after_unconfirmed(outcome), suppressed = held, "a publish of the handlers was not confirmed");
                     });
                 }
+                end_claim(claim, outcome);
                 conclusion(&shared, &context, &event, data, before, outcome).await
             }))
         })
+    }
+
+    /// Where a message stands in the listener's de-duplication window (if it has one):
+    /// `Err` with its verdict when it was handled already (acked without its handlers).
+    fn once(&self, event: &Event) -> Result<Once, Verdict> {
+        let shared = &self.shared;
+        let (Some(window), Some(msg_id)) = (&shared.dedup, event.envelope().msg_id()) else {
+            return Ok(Once::Off);
+        };
+        match window.claim(msg_id) {
+            Seen::New(claim) => Ok(Once::First(claim)),
+            Seen::Running(notify) => Ok(Once::Copy(msg_id.to_string(), notify)),
+            Seen::Handled => {
+                shared.stats.duplicates.increment();
+                tracing::debug!(listener = %shared.name, msg_id, "handled already; acked without running the handlers");
+                Err(handled_verdict(&shared.settings))
+            }
+        }
     }
 
     /// Starts a message's work. At concurrency 1 with no other handler running, the work
@@ -939,6 +968,65 @@ fn after_unconfirmed(outcome: Outcome) -> &'static str {
         Outcome::Defer => "the message goes back to the queue, not counted as a failure",
         Outcome::Reject => "the message stays rejected",
         Outcome::Ack => "the message is acked",
+    }
+}
+
+/// A message's place in the listener's de-duplication window.
+enum Once {
+    /// The listener has no window, or the message no Msg-ID.
+    Off,
+    /// The first copy: handled under this claim.
+    First(Claim),
+    /// A copy of one being handled elsewhere (on a lost channel): waits for it first.
+    Copy(String, Arc<Notify>),
+}
+
+impl Once {
+    /// The claim to handle the message under (`Err`: acked without handling, the first
+    /// copy succeeded). A copy waits for the first copy at most the stop and publish
+    /// bounds together (its handlers, then its confirms); past that it is handled.
+    async fn settle(self, shared: &ListenerShared) -> Result<Option<Claim>, Verdict> {
+        let (msg_id, notify) = match self {
+            Once::Off => return Ok(None),
+            Once::First(claim) => return Ok(Some(claim)),
+            Once::Copy(msg_id, notify) => (msg_id, notify),
+        };
+        let Some(window) = &shared.dedup else {
+            return Ok(None);
+        };
+        let hold = shared.settings.stop_timeout + shared.settings.publish_timeout;
+        match window.wait(&msg_id, notify, hold).await {
+            Seen::New(claim) => Ok(Some(claim)),
+            Seen::Running(_) => Ok(None),
+            Seen::Handled => {
+                shared.stats.duplicates.increment();
+                tracing::debug!(listener = %shared.name, msg_id, "handled meanwhile; acked without running the handlers");
+                Err(handled_verdict(&shared.settings))
+            }
+        }
+    }
+
+    /// The claim, for a message that needs no handling.
+    fn claim(self) -> Option<Claim> {
+        match self {
+            Once::First(claim) => Some(claim),
+            Once::Off | Once::Copy(..) => None,
+        }
+    }
+}
+
+/// Ends a message's claim in the window: remembered when its final outcome is an ack.
+fn end_claim(claim: Option<Claim>, outcome: Outcome) {
+    if let Some(claim) = claim {
+        claim.end(outcome == Outcome::Ack);
+    }
+}
+
+/// The verdict of a message that is done without running handlers.
+fn handled_verdict(settings: &Settings) -> Verdict {
+    match settings.ack.finished() {
+        Finished::ByOutcome => Verdict::Ack,
+        Finished::Settled => Verdict::Settled,
     }
 }
 

@@ -61,6 +61,11 @@ impl Source for ListenerFigures {
                 "Messages retried because a publish of their handlers was not confirmed.",
                 stats.unconfirmed,
             ),
+            (
+                "warren_listener_duplicates",
+                "Messages acked without running the handlers: their Msg-ID was handled already (dedup window).",
+                stats.duplicates,
+            ),
         ] {
             report.counter(name, help, labels(), value);
         }

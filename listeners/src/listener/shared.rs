@@ -25,6 +25,7 @@ use warren_runtime::readiness::Readiness;
 
 use super::Listener;
 use super::acks::AckPolicy;
+use super::dedup::Window;
 use super::redelivery::FailureCounts;
 use super::responders::Responders;
 use super::spec::{Binding, Exchange, QueueName, QueueSpec};
@@ -62,6 +63,8 @@ pub(crate) struct Stats {
     pub deferred: Counter,
     pub notice_panics: Counter,
     pub unconfirmed: Counter,
+    /// Messages acked without running the handlers: handled already (dedup window).
+    pub duplicates: Counter,
 }
 
 impl Stats {
@@ -81,6 +84,7 @@ impl Stats {
             deferred: self.deferred.get(),
             notice_panics: self.notice_panics.get(),
             unconfirmed: self.unconfirmed.get(),
+            duplicates: self.duplicates.get(),
         }
     }
 }
@@ -138,6 +142,8 @@ pub(crate) struct ListenerShared {
     /// loop's count goes when the loop and its actor let go.
     pub in_flight_counts: Mutex<Vec<Weak<AtomicUsize>>>,
     pub failures: FailureCounts,
+    /// The de-duplication window, shared by every consumer loop of the listener.
+    pub dedup: Option<Arc<Window>>,
     pub consuming: watch::Sender<bool>,
     /// The channel the topology is declared on, for publishing outside events.
     pub channel: watch::Sender<Option<Channel>>,
@@ -312,6 +318,7 @@ impl ListenerShared {
             drain_seconds: node.metrics.seconds(),
             in_flight_counts: Mutex::new(Vec::new()),
             failures: FailureCounts::default(),
+            dedup: spec.dedup.map(Window::new),
             consuming,
             channel,
             current: RwLock::new(None),

@@ -11,6 +11,7 @@ use lapin::ExchangeKind;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use warren_runtime::assignments::ChannelKind;
 
+use super::dedup::Dedup;
 use super::responders::{HandlerFn, Responders};
 
 /// An exchange the listener declares (on every channel) before its queue.
@@ -311,6 +312,8 @@ pub struct ListenerSpec {
     /// (one queue shared by every zone), instead of `<queue>-<local zone>` (one per
     /// consuming zone). Kazoo's `federated_queue_name_is_global`.
     pub federated_name_is_global: bool,
+    /// The de-duplication window, if the listener opts into one ([`ListenerSpec::dedup`]).
+    pub dedup: Option<Dedup>,
     pub responders: Responders,
 }
 
@@ -330,6 +333,7 @@ impl ListenerSpec {
             exclusive_consumer: false,
             max_redeliveries: None,
             federated_name_is_global: false,
+            dedup: None,
             responders: Responders::default(),
         }
     }
@@ -411,6 +415,14 @@ impl ListenerSpec {
 
     pub fn max_redeliveries(mut self, max: u32) -> Self {
         self.max_redeliveries = Some(max);
+        self
+    }
+
+    /// Effectively once: a message whose Msg-ID was handled successfully within the window
+    /// (a redelivery after a lost channel or a failover, or a re-sent copy) is acked
+    /// without running the handlers again (see [`Dedup`]).
+    pub fn dedup(mut self, window: Dedup) -> Self {
+        self.dedup = Some(window);
         self
     }
 

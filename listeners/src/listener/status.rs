@@ -53,6 +53,9 @@ pub struct StatsSnapshot {
     /// Deliveries whose handlers' publishes were not all confirmed (nacked, timed out,
     /// lost, returned): retried instead of acked.
     pub unconfirmed: u64,
+    /// Acked without running the handlers: their Msg-ID was handled already (the
+    /// listener's de-duplication window).
+    pub duplicates: u64,
 }
 
 /// What a listener's actor says about itself (for operators and tests).
