@@ -58,7 +58,9 @@ pub enum TargetError {
     EmptyServer,
     #[error("server `{0}`: `#` and `*` would break routing by address")]
     BadServer(String),
-    #[error("exchange `{0}`: not the default exchange (\"\") and not `amq.`-prefixed")]
+    #[error("priority `{0}`: must be non-empty without `.`, `#` or `*`")]
+    BadPriority(String),
+    #[error("exchange `{0}`: must be neither the default exchange (\"\") nor `amq.`-prefixed")]
     BadExchange(String),
     /// A queue, exchange or routing key built from the target is over AMQP's 255 bytes.
     #[error("{what} would be {bytes} bytes long; AMQP allows at most 255")]

@@ -54,7 +54,7 @@ fn address(topic: &str, priority: &str) -> Result<String, TargetError> {
         return Err(TargetError::BadTopic(topic.to_string()));
     }
     if priority.is_empty() || priority.contains(['.', '#', '*']) {
-        return Err(TargetError::BadTopic(priority.to_string()));
+        return Err(TargetError::BadPriority(priority.to_string()));
     }
     let address = format!("{topic}.{priority}");
     short("the notification address", &address)?;
@@ -226,7 +226,10 @@ mod tests {
         assert_eq!(address("a.b", "error").unwrap(), "a.b.error");
         assert_eq!(address("", "info").unwrap_err(), TargetError::EmptyTopic);
         assert!(address("t#", "info").is_err());
-        assert!(address("t", "in.fo").is_err());
+        assert_eq!(
+            address("t", "in.fo").unwrap_err(),
+            TargetError::BadPriority("in.fo".into())
+        );
         assert!(address("t", "").is_err());
     }
 }
