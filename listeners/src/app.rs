@@ -104,16 +104,19 @@ impl AppContext {
     pub fn listener(&self, listener: impl Listener) -> ChildSpec {
         match listener_child(listener, self) {
             Ok((child, _)) => child,
-            Err(error) => {
-                let id = format!("listener:{}", error.listener);
-                let reason = error.to_string();
-                self.refused.lock().push(error);
-                ChildSpec::new(id, move |_parent: ActorCell| {
-                    let reason = reason.clone();
-                    async move { Err(ractor::SpawnErr::StartupFailed(reason.into())) }
-                })
-            }
+            Err(error) => self.refuse(format!("listener:{}", error.listener), error),
         }
+    }
+
+    /// Keeps `error` for [`app_child`] (which then refuses the app) and returns a child
+    /// `id` that fails to start with it.
+    pub(crate) fn refuse(&self, id: String, error: SpecError) -> ChildSpec {
+        let reason = error.to_string();
+        self.refused.lock().push(error);
+        ChildSpec::new(id, move |_parent: ActorCell| {
+            let reason = reason.clone();
+            async move { Err(ractor::SpawnErr::StartupFailed(reason.into())) }
+        })
     }
 }
 

@@ -16,6 +16,7 @@ pub mod nodes;
 pub mod pool;
 pub mod prelude;
 pub mod router;
+pub mod target;
 pub mod testkit;
 
 pub use app::{App, AppContext, AppError, app_child};
@@ -30,5 +31,9 @@ pub use pool::{
     Checkout, CollectEnd, Collected, ListenerPool, PoolError, PoolStats, RpcError, Until,
 };
 pub use router::{ConfigEvent, ConfigRouter, RouterError, RouterEvent, RouterStats, Subscription};
+pub use target::{
+    Notification, NotificationListener, RemoteError, Route, RpcServer, Target, TargetError, notify,
+    spawn_rpc_server,
+};
 pub use warren_runtime::assignments::ChannelKind;
 pub use warren_runtime::envelope::Envelope;

@@ -80,6 +80,9 @@ pub struct PoolStats {
     /// Workers retired at check-in because they could not be proven clean (and replaced,
     /// for base workers).
     pub unclean_retired: u64,
+    /// Replies that reached a worker after their call had ended (timed out, or already
+    /// answered): dropped.
+    pub late_replies: u64,
 }
 
 /// The pool of one app: cheap to clone.
@@ -182,6 +185,7 @@ impl ListenerPool {
             overflow_retired: self.inner.overflow_retired.load(Ordering::Relaxed),
             waiting: self.inner.waiting.load(Ordering::Relaxed),
             unclean_retired: self.inner.unclean_retired.load(Ordering::Relaxed),
+            late_replies: self.inner.rpc.late.load(Ordering::Relaxed),
         }
     }
 
@@ -390,7 +394,9 @@ impl PoolInner {
     fn new_worker(&self, overflow: bool) -> Option<(ChildSpec, Arc<Worker>)> {
         let WorkerContext { node, stamp, .. } = &self.ctx;
         let n = self.next_worker.fetch_add(1, Ordering::Relaxed);
-        let inbox = Arc::new(Inbox::default());
+        let mut inbox = Inbox::default();
+        inbox.late = self.rpc.late.clone();
+        let inbox = Arc::new(inbox);
         let listener = WorkerListener {
             name: format!("pool-{}-{n}", self.name),
             inbox: inbox.clone(),

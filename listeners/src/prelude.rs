@@ -12,6 +12,9 @@ pub use crate::listener::{
 };
 pub use crate::pool::{Checkout, ListenerPool, PoolError, RpcError};
 pub use crate::router::{ConfigEvent, ConfigRouter, Subscription};
+pub use crate::target::{
+    MethodResult, Notification, NotificationListener, RemoteError, RpcServer, Target, TargetError,
+};
 pub use warren_runtime::assignments::ChannelKind;
 pub use warren_runtime::confirm::{PublishError, PublishOptions};
 pub use warren_runtime::envelope::Envelope;

@@ -69,6 +69,8 @@ pub struct Config {
     pub publisher: PublisherConfig,
     /// `[pool]`: the defaults every app's pool started from.
     pub pool: PoolConfig,
+    /// `[rpc]`: how RPC targets are addressed and where notifications go.
+    pub rpc: RpcConfig,
     /// `[http]`: the operator endpoint, off unless `listen` is set.
     pub http: HttpConfig,
     /// `[exchanges.*]` sorted by name: declaration flags an operator fixed for exchanges
@@ -254,6 +256,43 @@ pub struct RouterConfig {
     pub exchange: String,
     /// Events buffered per subscriber; one that falls further behind gets a `Resync`.
     pub buffer: usize,
+}
+
+/// How RPC targets map onto AMQP names (`[rpc]`), oslo.messaging's scheme.
+///
+/// It exists so that the three address prefixes, the control exchange and the
+/// notifications exchange are the operator's choice (to meet peers that use other names),
+/// checked once, the same for every app of the node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RpcConfig {
+    /// Prefix of the address of one named server: `<prefix>.<topic>.<server>`.
+    pub server_request_prefix: String,
+    /// Prefix of the address of one server of a group: `<prefix>.<topic>`.
+    pub group_request_prefix: String,
+    /// Prefix of the address of every server of a group: `<prefix><topic>`.
+    pub broadcast_prefix: String,
+    /// The durable topic exchange requests to one server or one of a group go to, when
+    /// a target names none.
+    pub exchange: String,
+    /// The durable topic exchange notifications go to (routing key `<topic>.<priority>`).
+    pub notifications_exchange: String,
+    /// `x-expires` of a server's own queues (one named server, broadcast): how long the
+    /// broker keeps one whose server is gone.
+    pub server_queue_expiry: Duration,
+}
+
+impl Default for RpcConfig {
+    /// The values config.ini gets when `[rpc]` says nothing.
+    fn default() -> Self {
+        RpcConfig {
+            server_request_prefix: raw::RPC_SERVER_REQUEST_PREFIX.to_string(),
+            group_request_prefix: raw::RPC_GROUP_REQUEST_PREFIX.to_string(),
+            broadcast_prefix: raw::RPC_BROADCAST_PREFIX.to_string(),
+            exchange: raw::RPC_EXCHANGE.to_string(),
+            notifications_exchange: raw::RPC_EXCHANGE.to_string(),
+            server_queue_expiry: Duration::from_millis(u64::from(raw::RPC_SERVER_QUEUE_EXPIRY_MS)),
+        }
+    }
 }
 
 /// One `[exchanges.<name>]`: flags that override the declaration of exchange `name`.

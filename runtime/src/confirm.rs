@@ -39,6 +39,9 @@ pub struct PublishOptions {
     /// `traceparent` header. `None`: the trace of the handler whose work this is (the
     /// task-local of [`crate::trace`]), else a new trace.
     pub trace: Option<TraceContext>,
+    /// AMQP `expiration`: the broker drops the message once it has waited this long in a
+    /// queue (an RPC request whose caller gave up). `None`: it never expires.
+    pub expiration: Option<Duration>,
 }
 
 impl PublishOptions {
@@ -49,7 +52,15 @@ impl PublishOptions {
             gzip: false,
             timeout,
             trace: None,
+            expiration: None,
         }
+    }
+
+    /// The message expires after waiting `ttl` in a queue (AMQP `expiration`, whole
+    /// milliseconds, at least 1).
+    pub fn expiration(mut self, ttl: Duration) -> Self {
+        self.expiration = Some(ttl);
+        self
     }
 
     pub fn mandatory(mut self) -> Self {
@@ -85,7 +96,40 @@ impl PublishOptions {
         if self.persistent {
             properties = properties.with_delivery_mode(2);
         }
+        if let Some(ttl) = self.expiration {
+            let millis = ttl.as_millis().max(1);
+            properties = properties.with_expiration(ShortString::from(millis.to_string()));
+        }
         (body, properties)
+    }
+}
+
+/// The AMQP properties that tie a request to its reply: `message_id`, `correlation_id`
+/// and `reply_to` (RPC targets; kapi requests carry the same in their body instead).
+///
+/// It exists so that peers that read only AMQP properties (oslo.messaging-style clients,
+/// a plain pika program) can correlate replies without parsing the body. Each value is
+/// an AMQP short string: longer than 255 bytes is [`PublishError::Invalid`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Correlation {
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+}
+
+impl Correlation {
+    /// `properties` with these values set (those that are `Some`).
+    pub fn apply(&self, mut properties: BasicProperties) -> Result<BasicProperties, PublishError> {
+        if let Some(id) = &self.message_id {
+            properties = properties.with_message_id(short_string("the message_id", id)?);
+        }
+        if let Some(id) = &self.correlation_id {
+            properties = properties.with_correlation_id(short_string("the correlation_id", id)?);
+        }
+        if let Some(queue) = &self.reply_to {
+            properties = properties.with_reply_to(short_string("the reply_to", queue)?);
+        }
+        Ok(properties)
     }
 }
 

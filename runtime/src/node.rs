@@ -24,7 +24,7 @@ use crate::actor_slot::ActorSlot;
 use crate::assignments::Assignments;
 use crate::backoff::Backoff;
 use crate::bootstrap::{Bootstrap, BootstrapArgs};
-use crate::config::{Config, ListenerSettings, PoolConfig, RouterConfig};
+use crate::config::{Config, ListenerSettings, PoolConfig, RouterConfig, RpcConfig};
 use crate::connection_actor::ConnectionSettings;
 use crate::connections::Connections;
 use crate::envelope::Stamp;
@@ -50,6 +50,8 @@ pub struct NodeContext {
     pub router: RouterConfig,
     /// `[pool]`: an app's pool sizing where its own section sets none.
     pub pool: PoolConfig,
+    /// `[rpc]`: how RPC targets are addressed and where notifications go.
+    pub rpc: RpcConfig,
     pub registry: ConnectionRegistry,
     pub connections: Connections,
     pub assignments: Assignments,
@@ -144,6 +146,7 @@ impl Node {
             listeners: ListenerSettings::from_config(&config),
             router: config.router.clone(),
             pool: config.pool,
+            rpc: config.rpc.clone(),
             registry: registry.clone(),
             connections: connections.clone(),
             assignments: assignments.clone(),

@@ -38,6 +38,11 @@ impl Checkout {
         &self.worker
     }
 
+    /// `[rpc]`: how RPC targets are addressed (see `target`).
+    pub(crate) fn rpc_config(&self) -> &warren_runtime::config::RpcConfig {
+        &self.pool.ctx.node.rpc
+    }
+
     /// The worker's queue: its `Server-ID`.
     pub fn queue(&self) -> String {
         self.worker().handle.queue_name()

@@ -3,8 +3,8 @@
 //!
 //! Owns the metric names of pools. Must not touch checkouts or calls themselves.
 
-use std::sync::Weak;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 use tokio::time::Instant;
 use warren_runtime::metrics::{Histogram, Metrics, Report, Source};
@@ -17,6 +17,8 @@ pub(crate) struct RpcFigures {
     calls: AtomicU64,
     timeouts: AtomicU64,
     returned: AtomicU64,
+    /// Replies that came after their call ended (shared with every worker's inbox).
+    pub late: Arc<AtomicU64>,
     call_seconds: Option<Histogram>,
     checkout_seconds: Option<Histogram>,
 }
@@ -28,6 +30,7 @@ impl RpcFigures {
             calls: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
             returned: AtomicU64::new(0),
+            late: Arc::default(),
             call_seconds: metrics.seconds(),
             checkout_seconds: metrics.seconds(),
         }
@@ -128,6 +131,11 @@ impl Source for PoolFigures {
                 "warren_rpc_returned",
                 "Calls whose request was returned as unroutable.",
                 &rpc.returned,
+            ),
+            (
+                "warren_pool_late_replies",
+                "Replies that reached a worker after their call had ended; dropped.",
+                &*rpc.late,
             ),
         ] {
             report.counter(name, help, labels(), counter.load(Ordering::Relaxed));

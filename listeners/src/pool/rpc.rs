@@ -19,7 +19,7 @@ use std::fmt;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use warren_runtime::confirm::{PublishError, PublishOptions, Published, Returned};
+use warren_runtime::confirm::{Correlation, PublishError, PublishOptions, Published, Returned};
 use warren_runtime::envelope::{Envelope, keys};
 use warren_runtime::publisher::Sent;
 
@@ -41,6 +41,18 @@ pub enum RpcError {
     Publish(PublishError),
     #[error(transparent)]
     Pool(#[from] PoolError),
+    /// The server answered with an error: its method failed, panicked, or does not exist
+    /// (see [`RemoteError`](crate::target::RemoteError)'s kinds).
+    #[error("the server answered with an error: {0}")]
+    Remote(crate::target::RemoteError),
+    /// A call to a fanout target: every server would answer, so it is refused before
+    /// anything is published (use `fanout_cast`).
+    #[error("cannot call fanout target `{0}` (every server would answer); cast to it instead")]
+    FanoutCall(String),
+    /// The target (or the request's arguments) cannot be expressed in AMQP; nothing was
+    /// published.
+    #[error(transparent)]
+    Target(#[from] crate::target::TargetError),
 }
 
 /// A condition on the replies collected so far.
@@ -99,24 +111,42 @@ struct Pending {
 
 impl Checkout {
     /// Writes a request (mandatory) through the worker's broker; the call is then pending.
+    /// `addressed`: the request also carries `message_id`, `reply_to` (the worker's queue)
+    /// and `expiration` (the timeout) as AMQP properties (RPC targets).
     async fn send_request(
         &self,
         exchange: &str,
         routing_key: &str,
         mut request: Envelope,
         timeout: Duration,
+        addressed: bool,
     ) -> Result<Pending, RpcError> {
         let deadline = Instant::now() + timeout;
         let msg_id = request.ensure_msg_id().to_string();
-        request.set(keys::SERVER_ID, self.queue());
+        let queue = self.queue();
+        request.set(keys::SERVER_ID, queue.clone());
         let worker = self.worker();
         worker.inbox.expect(&msg_id);
-        let options = PublishOptions::new(timeout)
+        let mut options = PublishOptions::new(timeout)
             .mandatory()
             .trace(warren_runtime::trace::for_call());
+        let correlation = addressed.then(|| Correlation {
+            message_id: Some(msg_id.clone()),
+            correlation_id: None,
+            reply_to: Some(queue),
+        });
+        if addressed {
+            options = options.expiration(timeout);
+        }
         let sent = self
             .request_publisher()
-            .send(exchange, routing_key, request, options)
+            .send_correlated(
+                exchange,
+                routing_key,
+                request,
+                options,
+                correlation.as_ref(),
+            )
             .await;
         match sent {
             Ok(sent) => Ok(Pending {
@@ -174,7 +204,24 @@ impl Checkout {
     ) -> Result<Envelope, RpcError> {
         let started = tokio::time::Instant::now();
         let result = self
-            .call_once(exchange, routing_key, request, timeout)
+            .call_once(exchange, routing_key, request, timeout, false)
+            .await;
+        self.pool.rpc.call(started, result.as_ref().err());
+        result
+    }
+
+    /// As [`Checkout::call`], the request also carrying `message_id`, `reply_to` and
+    /// `expiration` (RPC targets: see `target::client`).
+    pub(crate) async fn call_addressed(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        request: Envelope,
+        timeout: Duration,
+    ) -> Result<Envelope, RpcError> {
+        let started = tokio::time::Instant::now();
+        let result = self
+            .call_once(exchange, routing_key, request, timeout, true)
             .await;
         self.pool.rpc.call(started, result.as_ref().err());
         result
@@ -186,9 +233,10 @@ impl Checkout {
         routing_key: &str,
         request: Envelope,
         timeout: Duration,
+        addressed: bool,
     ) -> Result<Envelope, RpcError> {
         let mut pending = self
-            .send_request(exchange, routing_key, request, timeout)
+            .send_request(exchange, routing_key, request, timeout, addressed)
             .await?;
         let mut deferred = None;
         let result = loop {
@@ -230,7 +278,7 @@ impl Checkout {
         timeout: Duration,
     ) -> Result<Collected, RpcError> {
         let mut pending = self
-            .send_request(exchange, routing_key, request, timeout)
+            .send_request(exchange, routing_key, request, timeout, false)
             .await?;
         let mut replies = Vec::new();
         let result = loop {

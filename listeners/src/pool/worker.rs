@@ -12,6 +12,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -31,6 +32,8 @@ const ROOM_WAIT: Duration = Duration::from_secs(1);
 #[derive(Default)]
 pub(crate) struct Inbox {
     holder: Mutex<Option<Holder>>,
+    /// Replies nobody waits for (their call ended): dropped, counted for the pool.
+    pub late: Arc<AtomicU64>,
 }
 
 /// The current checkout's side of the inbox.
@@ -85,16 +88,25 @@ impl Inbox {
     /// Where an event should go, if anywhere.
     fn route(&self, event: &Event) -> Option<mpsc::Sender<Event>> {
         let holder = self.holder.lock();
-        let holder = holder.as_ref()?;
         let delivery = event.delivery();
-        let is_reply = delivery.exchange == TARGETED && *delivery.routing_key == *delivery.queue;
-        if is_reply {
+        // Replies come through `targeted` (kapi) or the default exchange (RPC targets).
+        let is_reply = (delivery.exchange == TARGETED || delivery.exchange.is_empty())
+            && *delivery.routing_key == *delivery.queue;
+        let awaited = |holder: &Holder| {
             let msg_id = event.envelope().msg_id()?;
             holder
                 .awaiting
                 .contains(msg_id)
                 .then(|| holder.replies.clone())
+        };
+        if is_reply {
+            let sender = holder.as_ref().and_then(awaited);
+            if sender.is_none() {
+                self.late.fetch_add(1, Ordering::Relaxed);
+            }
+            sender
         } else {
+            let holder = holder.as_ref()?;
             Some(holder.deliveries.clone())
         }
     }

@@ -91,6 +91,27 @@ fn write_config(out: &mut String, config: &Config) -> fmt::Result {
     writeln!(out, "\n[pool]")?;
     pool_lines(out, "", &config.pool)?;
 
+    let rpc = &config.rpc;
+    writeln!(out, "\n[rpc]")?;
+    key(
+        out,
+        "server_request_prefix",
+        quote(&rpc.server_request_prefix),
+    )?;
+    key(
+        out,
+        "group_request_prefix",
+        quote(&rpc.group_request_prefix),
+    )?;
+    key(out, "broadcast_prefix", quote(&rpc.broadcast_prefix))?;
+    key(out, "exchange", quote(&rpc.exchange))?;
+    key(
+        out,
+        "notifications_exchange",
+        quote(&rpc.notifications_exchange),
+    )?;
+    millis(out, "server_queue_expiry_ms", rpc.server_queue_expiry)?;
+
     writeln!(out, "\n[http]")?;
     let listen = config
         .http

@@ -58,6 +58,16 @@ pub(super) const CONFIRM_WINDOW: usize = 1000;
 pub(super) const ROUTER_EXCHANGE: &str = "configuration";
 /// `[router] buffer`.
 pub(super) const ROUTER_BUFFER: usize = 1000;
+/// `[rpc] server_request_prefix`: addresses of one named server (oslo's "exclusive").
+pub(super) const RPC_SERVER_REQUEST_PREFIX: &str = "exclusive";
+/// `[rpc] group_request_prefix`: addresses of one server of a group (oslo's "unicast").
+pub(super) const RPC_GROUP_REQUEST_PREFIX: &str = "unicast";
+/// `[rpc] broadcast_prefix`: addresses of every server of a group.
+pub(super) const RPC_BROADCAST_PREFIX: &str = "/broadcast/";
+/// `[rpc] exchange`: oslo's default control exchange.
+pub(super) const RPC_EXCHANGE: &str = "openstack";
+/// `[rpc] server_queue_expiry_ms` (10 minutes).
+pub(super) const RPC_SERVER_QUEUE_EXPIRY_MS: u32 = 600_000;
 /// `[pool] size`.
 pub(super) const POOL_SIZE: usize = 10;
 /// `[pool] overflow`.
@@ -89,6 +99,9 @@ pub(super) struct RawConfig {
     pub router: RawRouter,
     #[serde(default)]
     pub pool: RawPool,
+    /// `[rpc]`: RPC target addresses and notifications.
+    #[serde(default)]
+    pub rpc: RawRpc,
     /// `[http]`: the operator endpoint (metrics, health, status).
     #[serde(default)]
     pub http: RawHttp,
@@ -290,6 +303,18 @@ pub(super) struct RawPool {
     pub overflow: Option<usize>,
     pub checkout_timeout_ms: Option<Spanned<u64>>,
     pub idle_timeout_ms: Option<Spanned<u64>>,
+}
+
+/// `[rpc]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRpc {
+    pub server_request_prefix: Option<Spanned<String>>,
+    pub group_request_prefix: Option<Spanned<String>>,
+    pub broadcast_prefix: Option<Spanned<String>>,
+    pub exchange: Option<Spanned<String>>,
+    pub notifications_exchange: Option<Spanned<String>>,
+    pub server_queue_expiry_ms: Option<Spanned<u32>>,
 }
 
 /// `[exchanges.<name>]`: declaration flags that override what warren or an app declares.

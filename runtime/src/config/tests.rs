@@ -455,6 +455,7 @@ pool_size = 2
     assert_eq!(again.pool, config.pool);
     assert_eq!(again.listener, config.listener);
     assert_eq!(again.router, config.router);
+    assert_eq!(again.rpc, config.rpc);
     assert_eq!(again.publisher, config.publisher);
     for (a, b) in again.zones.iter().zip(&config.zones) {
         assert_eq!((&a.name, a.local), (&b.name, b.local));
@@ -482,6 +483,7 @@ pool_size = 2
             "pool",
             "publisher",
             "router",
+            "rpc",
             "service",
             "zones"
         ]
@@ -1623,4 +1625,55 @@ fn an_app_can_have_its_named_queues_declared_as_quorum_queues() {
         "{}",
         refusal.message
     );
+}
+
+#[test]
+fn rpc_keys_default_to_oslo_names() {
+    let config = parse(LOCAL_ZONE).unwrap();
+    assert_eq!(config.rpc.server_request_prefix, "exclusive");
+    assert_eq!(config.rpc.group_request_prefix, "unicast");
+    assert_eq!(config.rpc.broadcast_prefix, "/broadcast/");
+    assert_eq!(config.rpc.exchange, "openstack");
+    assert_eq!(config.rpc.notifications_exchange, "openstack");
+    assert_eq!(
+        config.rpc.server_queue_expiry,
+        Duration::from_millis(600_000)
+    );
+}
+
+#[test]
+fn rpc_keys_are_read() {
+    let text = format!(
+        "{LOCAL_ZONE}[rpc]\nserver_request_prefix = \"one\"\ngroup_request_prefix = \"any\"\n\
+         broadcast_prefix = \"all.\"\nexchange = \"control\"\n\
+         notifications_exchange = \"notes\"\nserver_queue_expiry_ms = 5000\n"
+    );
+    let config = parse(&text).unwrap();
+    assert_eq!(config.rpc.server_request_prefix, "one");
+    assert_eq!(config.rpc.group_request_prefix, "any");
+    assert_eq!(config.rpc.broadcast_prefix, "all.");
+    assert_eq!(config.rpc.exchange, "control");
+    assert_eq!(config.rpc.notifications_exchange, "notes");
+    assert_eq!(config.rpc.server_queue_expiry, Duration::from_millis(5000));
+}
+
+#[test]
+fn a_bad_rpc_key_is_named_with_its_line() {
+    let lines = LOCAL_ZONE.lines().count();
+    for (written, key) in [
+        ("server_request_prefix = \"\"", "rpc.server_request_prefix"),
+        ("group_request_prefix = \"a.#\"", "rpc.group_request_prefix"),
+        ("broadcast_prefix = \"*\"", "rpc.broadcast_prefix"),
+        ("exchange = \"amq.topic\"", "rpc.exchange"),
+        (
+            "notifications_exchange = \" \"",
+            "rpc.notifications_exchange",
+        ),
+        ("server_queue_expiry_ms = 0", "rpc.server_queue_expiry_ms"),
+    ] {
+        let text = format!("{LOCAL_ZONE}[rpc]\n{written}\n");
+        let refusal = refuse(&text, None);
+        assert_eq!(refusal.key, key, "{}", refusal.message);
+        assert_eq!(refusal.line, lines + 2, "{}", refusal.message);
+    }
 }

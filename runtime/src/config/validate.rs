@@ -15,12 +15,12 @@ use super::error::{ConfigError, Problem};
 use super::locate::{Source, join};
 use super::raw::{
     self, BrokerForm, RawAmqp, RawApp, RawBroker, RawConfig, RawExchange, RawHttp, RawListener,
-    RawPool, RawPublisher, RawRouter, RawService, RawTls, RawZone,
+    RawPool, RawPublisher, RawRouter, RawRpc, RawService, RawTls, RawZone,
 };
 use super::read::closest;
 use super::{
     AmqpConfig, AppConfig, Config, ConfiguredBroker, ExchangeOverride, HttpConfig, ListenerConfig,
-    MAX_NODE_BYTES, PoolConfig, PublisherConfig, RouterConfig, ServiceConfig, Zone,
+    MAX_NODE_BYTES, PoolConfig, PublisherConfig, RouterConfig, RpcConfig, ServiceConfig, Zone,
 };
 use crate::tls::{Tls, TlsFiles, TlsKey, valid_server_name};
 use crate::uri::BrokerUri;
@@ -44,6 +44,7 @@ pub(super) fn validate(raw: RawConfig, inputs: &Inputs<'_>) -> Result<Config, Co
     let router = router(&raw.router, source)?;
     let publisher = publisher(&raw.publisher, source)?;
     let pool = pool(&raw.pool, source)?;
+    let rpc = rpc(&raw.rpc, source)?;
     let http = http(&raw.http, source)?;
     let exchanges = exchanges(&raw.exchanges, source)?;
     let apps = apps(&raw.apps, pool, inputs)?;
@@ -57,6 +58,7 @@ pub(super) fn validate(raw: RawConfig, inputs: &Inputs<'_>) -> Result<Config, Co
         router,
         publisher,
         pool,
+        rpc,
         http,
         exchanges,
         apps,
@@ -294,6 +296,74 @@ fn router(raw: &RawRouter, source: &Source<'_>) -> Result<RouterConfig, ConfigEr
         source,
     )?;
     Ok(RouterConfig { exchange, buffer })
+}
+
+/// `[rpc]`: prefixes that are non-empty AMQP short strings without routing wildcards,
+/// exchanges that can be declared, a positive queue expiry.
+fn rpc(raw: &RawRpc, source: &Source<'_>) -> Result<RpcConfig, ConfigError> {
+    let defaults = RpcConfig::default();
+    let prefix = |value: Option<&Spanned<String>>, key: &str, default: String| match value {
+        None => Ok(default),
+        Some(written) => {
+            let text = written.get_ref();
+            if text.is_empty() || text.len() > 64 || text.contains(['#', '*']) {
+                return Err(source.error(
+                    written.span().start,
+                    key,
+                    Problem::InvalidValue {
+                        expected: "a non-empty prefix of at most 64 bytes without `#` or `*`"
+                            .to_string(),
+                        found: format!("{text:?}"),
+                    },
+                ));
+            }
+            Ok(text.clone())
+        }
+    };
+    let exchange = |value: Option<&Spanned<String>>, key: &str, default: String| match value {
+        None => Ok(default),
+        Some(name) if name.get_ref().trim().is_empty() => {
+            Err(source.error(name.span().start, key, Problem::EmptyExchange))
+        }
+        Some(name) if name.get_ref().len() > 255 || name.get_ref().starts_with("amq.") => {
+            Err(source.error(
+                name.span().start,
+                key,
+                Problem::BadExchange(name.get_ref().clone()),
+            ))
+        }
+        Some(name) => Ok(name.get_ref().clone()),
+    };
+    let expiry = positive(
+        raw.server_queue_expiry_ms.as_ref(),
+        raw::RPC_SERVER_QUEUE_EXPIRY_MS,
+        "rpc.server_queue_expiry_ms",
+        source,
+    )?;
+    Ok(RpcConfig {
+        server_request_prefix: prefix(
+            raw.server_request_prefix.as_ref(),
+            "rpc.server_request_prefix",
+            defaults.server_request_prefix,
+        )?,
+        group_request_prefix: prefix(
+            raw.group_request_prefix.as_ref(),
+            "rpc.group_request_prefix",
+            defaults.group_request_prefix,
+        )?,
+        broadcast_prefix: prefix(
+            raw.broadcast_prefix.as_ref(),
+            "rpc.broadcast_prefix",
+            defaults.broadcast_prefix,
+        )?,
+        exchange: exchange(raw.exchange.as_ref(), "rpc.exchange", defaults.exchange)?,
+        notifications_exchange: exchange(
+            raw.notifications_exchange.as_ref(),
+            "rpc.notifications_exchange",
+            defaults.notifications_exchange,
+        )?,
+        server_queue_expiry: Duration::from_millis(u64::from(expiry)),
+    })
 }
 
 /// One broker entry of the file, before parsing.

@@ -1,0 +1,27 @@
+//! RPC targets and notifications (oslo.messaging's model on warren's machinery).
+//!
+//! A [`Target`] names who should get a request: one named server of a topic, one server
+//! of the topic's group, or every server of it (fanout), optionally under an exchange of
+//! its own. An [`RpcServer`] is an app's table of named methods, served by three listeners
+//! (one per address) under one supervised child; the client side is a few methods on a
+//! pool [`Checkout`](crate::Checkout) (`call_target`, `cast_target`, `fanout_cast`);
+//! notifications are `notify` (confirmed, persistent) and a [`NotificationListener`].
+//!
+//! Files: `address` (targets and their AMQP names), `wire` (the bodies on the wire),
+//! `server` (the method table and its listeners), `client` (calls and casts through a
+//! checkout), `notify` (notifications, both ends). The README's "RPC targets and
+//! notifications" is the peer-facing description of all of it.
+//!
+//! Owns: the address scheme and the RPC/notification wire format. Must not touch: the
+//! listener and pool machinery it runs on (it uses them as any app does).
+
+mod address;
+mod client;
+mod notify;
+mod server;
+mod wire;
+
+pub use address::{Route, Target, TargetError};
+pub use notify::{Notification, NotificationListener, notify};
+pub use server::{MethodResult, RpcServer, spawn_rpc_server};
+pub use wire::RemoteError;

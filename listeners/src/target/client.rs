@@ -1,0 +1,146 @@
+//! The client side of RPC targets: calls and casts through a pool checkout (and the
+//! pool's check-out-call-check-in wrappers).
+//!
+//! A call publishes its request (mandatory, confirmed) to where its [`Target`] routes, with
+//! `message_id` = its `Msg-ID`, `reply_to` = the worker's queue and `expiration` = the
+//! timeout, and waits for the reply on the worker's queue (which the server publishes to
+//! through the default exchange), correlated by `Msg-ID`; the pool's call machinery does
+//! the waiting, so a call ends with its reply, `Returned`, a publish error or `Timeout`,
+//! never later than its timeout. A reply that comes after that is dropped and counted
+//! (`warren_pool_late_replies`).
+//!
+//! Owns: turning targets, methods and arguments into requests and replies into results.
+//! Must not touch: the pool's waiting and correlation (`pool::rpc`), the server.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use warren_runtime::confirm::{Correlation, PublishOptions, Published};
+
+use super::address::{Target, TargetError};
+use super::wire;
+use crate::pool::{Checkout, ListenerPool, RpcError};
+
+impl Checkout {
+    /// Calls `method` on one server of `target` (the named one, or any of the group) and
+    /// returns its result, or why there is none: `Remote` (the server's error),
+    /// `Timeout`, `Returned` (no server's queue took the request), `FanoutCall` (a fanout
+    /// target: refused, nothing published), `Target` (a bad target or arguments that are
+    /// not a JSON object), `Publish`.
+    pub async fn call_target(
+        &mut self,
+        target: &Target,
+        method: &str,
+        args: Value,
+        timeout: Duration,
+    ) -> Result<Value, RpcError> {
+        if target.fanout {
+            return Err(RpcError::FanoutCall(target.topic.clone()));
+        }
+        let route = target.route(self.rpc_config())?;
+        let request = wire::request(method, args)
+            .map_err(|_| TargetError::ArgsNotObject(method.to_string()))?;
+        let reply = self
+            .call_addressed(&route.exchange, &route.routing_key, request, timeout)
+            .await?;
+        wire::outcome(&reply).map_err(RpcError::Remote)
+    }
+
+    /// Sends `method` to `target` without waiting for a result (fire and forget, but
+    /// confirmed: `Ok` once the broker took it and a queue was bound for it, `Returned`
+    /// when none was). No reply is asked for. A fanout target reaches every server.
+    /// `timeout` bounds the publish; the request does not expire.
+    pub async fn cast_target(
+        &mut self,
+        target: &Target,
+        method: &str,
+        args: Value,
+        timeout: Duration,
+    ) -> Result<(), RpcError> {
+        let route = target.route(self.rpc_config())?;
+        let mut request = wire::request(method, args)
+            .map_err(|_| TargetError::ArgsNotObject(method.to_string()))?;
+        let correlation = Correlation {
+            message_id: Some(request.ensure_msg_id().to_string()),
+            ..Correlation::default()
+        };
+        let options = PublishOptions::new(timeout)
+            .mandatory()
+            .trace(warren_runtime::trace::for_call());
+        let published = self
+            .publisher()
+            .publish_correlated(
+                &route.exchange,
+                &route.routing_key,
+                request,
+                options,
+                &correlation,
+            )
+            .await;
+        match published {
+            Ok(Published::Routed) => Ok(()),
+            Ok(Published::Returned(returned)) => Err(RpcError::Returned(returned)),
+            Err(error) => Err(RpcError::Publish(error)),
+        }
+    }
+
+    /// Casts `method` to every server of `target`'s topic (the target as a fanout one).
+    pub async fn fanout_cast(
+        &mut self,
+        target: &Target,
+        method: &str,
+        args: Value,
+        timeout: Duration,
+    ) -> Result<(), RpcError> {
+        let all = target.clone().fanout();
+        self.cast_target(&all, method, args, timeout).await
+    }
+}
+
+impl ListenerPool {
+    /// Checkout, [`Checkout::call_target`], check-in.
+    pub async fn call_target(
+        &self,
+        target: &Target,
+        method: &str,
+        args: Value,
+        timeout: Duration,
+    ) -> Result<Value, RpcError> {
+        if target.fanout {
+            // Refused before a worker is taken.
+            return Err(RpcError::FanoutCall(target.topic.clone()));
+        }
+        let call = async |checkout: &mut Checkout| {
+            checkout.call_target(target, method, args, timeout).await
+        };
+        self.with_checkout(call).await?
+    }
+
+    /// Checkout, [`Checkout::cast_target`], check-in.
+    pub async fn cast_target(
+        &self,
+        target: &Target,
+        method: &str,
+        args: Value,
+        timeout: Duration,
+    ) -> Result<(), RpcError> {
+        let cast = async |checkout: &mut Checkout| {
+            checkout.cast_target(target, method, args, timeout).await
+        };
+        self.with_checkout(cast).await?
+    }
+
+    /// Checkout, [`Checkout::fanout_cast`], check-in.
+    pub async fn fanout_cast(
+        &self,
+        target: &Target,
+        method: &str,
+        args: Value,
+        timeout: Duration,
+    ) -> Result<(), RpcError> {
+        let cast = async |checkout: &mut Checkout| {
+            checkout.fanout_cast(target, method, args, timeout).await
+        };
+        self.with_checkout(cast).await?
+    }
+}

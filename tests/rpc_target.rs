@@ -1,0 +1,626 @@
+//! RPC targets and notifications against real RabbitMQ: a call to one named server, to one
+//! of a group, a fanout cast to all; error replies (unknown method, a method's error, a
+//! panic); a call on a fanout target refused; an unserved call returned; a request's
+//! expiration; a late reply; notifications acked, requeued, parked and returned.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{SOON, app_context, config, start_node, unique_node, until};
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use warren_listeners::{
+    AppContext, HandlerError, ListenerHandle, ListenerPool, Notification, RemoteError, RpcError,
+    RpcServer, Target, spawn_listener, spawn_rpc_server,
+};
+use warren_runtime::config::{AppConfig, PoolConfig};
+use warren_runtime::node::Node;
+use warren_test_support::local_uri;
+
+/// The control exchange of the default `[rpc]` section.
+const CONTROL: &str = "openstack";
+
+/// A node named `name` on the local broker.
+async fn node(name: &str) -> Node {
+    start_node(config(name, &[local_uri()], "")).await
+}
+
+/// A started pool of two workers for a test app on `node`.
+async fn pool(node: &Node) -> ListenerPool {
+    let ctx = AppContext::with_version(
+        "0.0.0-test",
+        node.context().clone(),
+        AppConfig {
+            name: "caller".to_string(),
+            enabled: true,
+            quorum_queues: false,
+            federate: false,
+            pool: PoolConfig {
+                size: 2,
+                overflow: 0,
+                checkout_timeout: Duration::from_secs(5),
+                idle_timeout: Duration::from_secs(30),
+            },
+        },
+    );
+    ctx.pool.spawn().await.expect("pool starts");
+    ctx.pool
+}
+
+/// What a test server's methods saw.
+#[derive(Clone, Default)]
+struct Calls {
+    /// `whoami` calls answered, over all servers.
+    answered: Arc<AtomicUsize>,
+    /// `note` casts: (server, n).
+    notes: Arc<Mutex<Vec<(String, i64)>>>,
+}
+
+/// The test server of `topic`, answering as `me`.
+fn server(topic: &str, me: &str, calls: &Calls) -> RpcServer {
+    let (whoami, answered) = (me.to_string(), calls.answered.clone());
+    let (noter, notes) = (me.to_string(), calls.notes.clone());
+    RpcServer::new(topic)
+        .method("whoami", move |_args: Value| {
+            let me = whoami.clone();
+            answered.fetch_add(1, Ordering::SeqCst);
+            async move { Ok(json!(me)) }
+        })
+        .method("fail", |_args: Value| async {
+            Err(RemoteError::new("NotFound", "no such thing"))
+        })
+        .method("boom", |_args: Value| async { panic!("kaboom") })
+        .method("slow", |args: Value| async move {
+            let ms = args.get("ms").and_then(Value::as_u64).unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(json!("slow"))
+        })
+        .method("note", move |args: Value| {
+            let n = args.get("n").and_then(Value::as_i64).unwrap_or(-1);
+            notes.lock().push((noter.clone(), n));
+            async { Ok(Value::Null) }
+        })
+}
+
+/// Serves `topic` on `node` (as its node name) and waits until its three listeners consume.
+async fn serve(node: &Node, topic: &str, calls: &Calls) -> Vec<ListenerHandle> {
+    let me = node.context().node.clone();
+    let handles = spawn_rpc_server(server(topic, &me, calls), &app_context(node, "svc"))
+        .await
+        .expect("the RPC server starts");
+    for handle in &handles {
+        assert!(handle.wait_consuming(true, SOON).await, "{}", handle.name());
+    }
+    handles
+}
+
+async fn stop_all(handles: &[ListenerHandle]) {
+    for handle in handles {
+        handle.stop().await.expect("stops");
+    }
+}
+
+/// A plain AMQP channel for looking at the broker side.
+async fn raw_channel(name: &str) -> (Connection, Channel) {
+    let connection = Connection::connect(
+        &local_uri(),
+        ConnectionProperties::default().with_connection_name(format!("{name}/raw").into()),
+    )
+    .await
+    .expect("raw connection");
+    let channel = connection.create_channel().await.expect("raw channel");
+    (connection, channel)
+}
+
+/// Declares `exchange` as warren does (durable, of `kind`).
+async fn declare_exchange(channel: &Channel, exchange: &str, kind: ExchangeKind) {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            kind,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange declared");
+}
+
+/// A transient queue of the test bound to `exchange` with `key`, consumed at once.
+async fn tap(channel: &Channel, queue: &str, exchange: &str, key: &str) -> lapin::Consumer {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("tap queue");
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("tap bound");
+    channel
+        .basic_consume(
+            queue.into(),
+            format!("{queue}-tag").as_str().into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("tap consumes")
+}
+
+/// Messages ready in `queue` (a passive declare).
+async fn ready(channel: &Channel, queue: &str) -> u32 {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|q| q.message_count())
+        .unwrap_or(u32::MAX)
+}
+
+/// Deletes the durable queues a test left (the group queue has no expiry).
+async fn delete_queues(channel: &Channel, queues: &[String]) {
+    for queue in queues {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+}
+
+/// The durable queues a server of `topic` on nodes `servers` declares.
+fn server_queues(topic: &str, servers: &[&str]) -> Vec<String> {
+    let mut queues = vec![format!("unicast.{topic}")];
+    for server in servers {
+        queues.push(format!("exclusive.{topic}.{server}"));
+        queues.push(format!("/broadcast/{topic}.{server}"));
+    }
+    queues
+}
+
+fn remote(result: Result<Value, RpcError>) -> RemoteError {
+    match result {
+        Err(RpcError::Remote(error)) => error,
+        other => panic!("expected a Remote error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_reach_the_named_server_one_of_the_group_or_all() {
+    let (one, two) = (unique_node("rpc-a"), unique_node("rpc-b"));
+    let topic = format!("topic-{one}");
+    let (node1, node2) = (node(&one).await, node(&two).await);
+    let calls = Calls::default();
+    let servers1 = serve(&node1, &topic, &calls).await;
+    let servers2 = serve(&node2, &topic, &calls).await;
+    let pool = pool(&node1).await;
+    let timeout = Duration::from_secs(5);
+
+    // A: the named server only, each time.
+    for (name, _) in [(&two, 0), (&one, 1), (&two, 2)] {
+        let target = Target::new(&topic).server(name.as_str());
+        let answer = pool
+            .call_target(&target, "whoami", json!({}), timeout)
+            .await
+            .expect("the named server answers");
+        assert_eq!(answer, json!(name));
+    }
+
+    // B: each call is answered by exactly one server of the group.
+    let before = calls.answered.load(Ordering::SeqCst);
+    let mut answered = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        let answer = pool
+            .call_target(&Target::new(&topic), "whoami", Value::Null, timeout)
+            .await
+            .expect("one of the group answers");
+        answered.insert(answer.as_str().unwrap_or_default().to_string());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        calls.answered.load(Ordering::SeqCst) - before,
+        8,
+        "exactly one server ran each call"
+    );
+    assert!(answered.is_subset(&[one.clone(), two.clone()].into()));
+    assert_eq!(
+        answered.len(),
+        2,
+        "the group shares the calls: {answered:?}"
+    );
+
+    // C: a fanout cast reaches both servers' methods.
+    pool.fanout_cast(&Target::new(&topic), "note", json!({"n": 7}), timeout)
+        .await
+        .expect("the fanout cast is confirmed");
+    let both = until(SOON, || async {
+        let notes = calls.notes.lock();
+        notes.iter().any(|(s, n)| *s == one && *n == 7)
+            && notes.iter().any(|(s, n)| *s == two && *n == 7)
+    })
+    .await;
+    assert!(both, "both servers got the cast: {:?}", calls.notes.lock());
+
+    // A cast to one named server reaches it alone.
+    pool.cast_target(
+        &Target::new(&topic).server(two.as_str()),
+        "note",
+        json!({"n": 8}),
+        timeout,
+    )
+    .await
+    .expect("the cast is confirmed");
+    assert!(
+        until(SOON, || async {
+            calls.notes.lock().iter().any(|(s, n)| *s == two && *n == 8)
+        })
+        .await
+    );
+    assert!(!calls.notes.lock().iter().any(|(s, n)| *s == one && *n == 8));
+
+    pool.stop().await;
+    stop_all(&servers1).await;
+    stop_all(&servers2).await;
+    let (_connection, channel) = raw_channel(&one).await;
+    delete_queues(&channel, &server_queues(&topic, &[&one, &two])).await;
+    node1.stop().await.expect("node stops");
+    node2.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failures_come_back_as_typed_remote_errors() {
+    let name = unique_node("rpc-err");
+    let topic = format!("topic-{name}");
+    let node = node(&name).await;
+    let calls = Calls::default();
+    let servers = serve(&node, &topic, &calls).await;
+    let pool = pool(&node).await;
+    let target = Target::new(&topic).server(name.as_str());
+    let timeout = Duration::from_secs(10);
+
+    let started = Instant::now();
+    let unknown = remote(pool.call_target(&target, "nope", json!({}), timeout).await);
+    assert_eq!(unknown.kind, RemoteError::UNKNOWN_METHOD);
+    assert!(unknown.message.contains("nope"), "{}", unknown.message);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "an unknown method is answered at once, not at the timeout: {:?}",
+        started.elapsed()
+    );
+
+    let failed = remote(pool.call_target(&target, "fail", json!({}), timeout).await);
+    assert_eq!(failed, RemoteError::new("NotFound", "no such thing"));
+
+    let panicked = remote(pool.call_target(&target, "boom", json!({}), timeout).await);
+    assert_eq!(panicked.kind, RemoteError::PANIC);
+    assert!(panicked.message.contains("kaboom"), "{}", panicked.message);
+    // The server still answers.
+    let answer = pool
+        .call_target(&target, "whoami", json!({}), timeout)
+        .await
+        .expect("the server answers after a panic");
+    assert_eq!(answer, json!(name));
+
+    // Arguments that are not an object are refused before anything is published.
+    assert!(matches!(
+        pool.call_target(&target, "whoami", json!([1, 2]), timeout)
+            .await,
+        Err(RpcError::Target(_))
+    ));
+
+    pool.stop().await;
+    stop_all(&servers).await;
+    let (_connection, channel) = raw_channel(&name).await;
+    delete_queues(&channel, &server_queues(&topic, &[&name])).await;
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_on_a_fanout_target_is_refused_without_publishing() {
+    let name = unique_node("rpc-fan");
+    let topic = format!("topic-{name}");
+    let node = node(&name).await;
+    let pool = pool(&node).await;
+    let broadcast = format!("/broadcast/{topic}");
+    let (_connection, channel) = raw_channel(&name).await;
+    declare_exchange(&channel, &broadcast, ExchangeKind::Fanout).await;
+    let mut tapped = tap(&channel, &format!("{name}-tap"), &broadcast, "").await;
+
+    let target = Target::new(&topic).fanout();
+    let refused = pool
+        .call_target(&target, "whoami", json!({}), Duration::from_secs(2))
+        .await;
+    assert!(
+        matches!(&refused, Err(RpcError::FanoutCall(t)) if *t == topic),
+        "{refused:?}"
+    );
+    // A cast after it is the first (and only) message the fanout exchange routed.
+    pool.fanout_cast(&target, "note", json!({"n": 1}), Duration::from_secs(5))
+        .await
+        .expect("the cast is confirmed");
+    let first = tokio::time::timeout(SOON, tapped.next())
+        .await
+        .expect("the cast arrives")
+        .expect("a delivery")
+        .expect("not an error");
+    let body: Value = serde_json::from_slice(&first.data).expect("JSON");
+    assert_eq!(
+        body["Event-Name"], "note",
+        "the refused call published nothing"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), tapped.next())
+            .await
+            .is_err()
+    );
+
+    let _ = channel
+        .exchange_delete(broadcast.as_str().into(), Default::default())
+        .await;
+    pool.stop().await;
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_nobody_serves_is_returned_at_once() {
+    let name = unique_node("rpc-ret");
+    let node = node(&name).await;
+    let pool = pool(&node).await;
+    let (_connection, channel) = raw_channel(&name).await;
+    declare_exchange(&channel, CONTROL, ExchangeKind::Topic).await;
+
+    let started = Instant::now();
+    let result = pool
+        .call_target(
+            &Target::new(format!("nobody-{name}")),
+            "whoami",
+            json!({}),
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(matches!(result, Err(RpcError::Returned(_))), "{result:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    pool.stop().await;
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_carries_its_timeout_as_expiration_and_its_id() {
+    let name = unique_node("rpc-exp");
+    let topic = format!("topic-{name}");
+    let node = node(&name).await;
+    let pool = pool(&node).await;
+    let (_connection, channel) = raw_channel(&name).await;
+    declare_exchange(&channel, CONTROL, ExchangeKind::Topic).await;
+    let mut tapped = tap(
+        &channel,
+        &format!("{name}-tap"),
+        CONTROL,
+        &format!("unicast.{topic}"),
+    )
+    .await;
+
+    let result = pool
+        .call_target(
+            &Target::new(&topic),
+            "get_status",
+            json!({"id": 3}),
+            Duration::from_millis(1500),
+        )
+        .await;
+    assert!(matches!(result, Err(RpcError::Timeout(_))), "{result:?}");
+    let request = tokio::time::timeout(SOON, tapped.next())
+        .await
+        .expect("the request was routed")
+        .expect("a delivery")
+        .expect("not an error");
+    let properties = &request.properties;
+    assert_eq!(
+        properties.expiration().as_ref().map(|e| e.as_str()),
+        Some("1500")
+    );
+    assert_eq!(
+        properties.content_type().as_ref().map(|c| c.as_str()),
+        Some("application/json")
+    );
+    let body: Value = serde_json::from_slice(&request.data).expect("JSON");
+    assert_eq!(body["Event-Category"], "rpc");
+    assert_eq!(body["Event-Name"], "get_status");
+    assert_eq!(body["Args"], json!({"id": 3}));
+    assert_eq!(
+        properties.message_id().as_ref().map(|m| m.as_str()),
+        body["Msg-ID"].as_str(),
+        "message_id is the body's Msg-ID"
+    );
+    assert!(
+        properties.reply_to().is_some(),
+        "a call names its reply queue"
+    );
+
+    pool.stop().await;
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_reply_is_a_timeout_and_is_counted() {
+    let name = unique_node("rpc-late");
+    let topic = format!("topic-{name}");
+    let node = node(&name).await;
+    let calls = Calls::default();
+    let servers = serve(&node, &topic, &calls).await;
+    let pool = pool(&node).await;
+    let started = Instant::now();
+    let result = pool
+        .call_target(
+            &Target::new(&topic),
+            "slow",
+            json!({"ms": 800}),
+            Duration::from_millis(300),
+        )
+        .await;
+    assert!(matches!(result, Err(RpcError::Timeout(_))), "{result:?}");
+    assert!(started.elapsed() < Duration::from_millis(700));
+    assert!(
+        until(SOON, || async { pool.stats().late_replies >= 1 }).await,
+        "the late reply is counted: {:?}",
+        pool.stats()
+    );
+    // The pool still calls normally.
+    let answer = pool
+        .call_target(&Target::new(&topic), "whoami", json!({}), SOON)
+        .await
+        .expect("answers");
+    assert_eq!(answer, json!(name));
+
+    pool.stop().await;
+    stop_all(&servers).await;
+    let (_connection, channel) = raw_channel(&name).await;
+    delete_queues(&channel, &server_queues(&topic, &[&name])).await;
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_notification_reaches_its_listener_persistent_and_acked() {
+    let name = unique_node("notify");
+    let topic = format!("notifications-{name}");
+    let node = node(&name).await;
+    let ctx = app_context(&node, "notes");
+    let got: Arc<Mutex<Vec<Notification>>> = Arc::default();
+    let seen = got.clone();
+    let listener = ctx.notification_listener(&topic, "info", move |notification| {
+        seen.lock().push(notification);
+        async { Ok(()) }
+    });
+    let handle = spawn_listener(listener, &ctx)
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+    let (_connection, channel) = raw_channel(&name).await;
+    let mut tapped = tap(
+        &channel,
+        &format!("{name}-tap"),
+        CONTROL,
+        &format!("{topic}.info"),
+    )
+    .await;
+
+    ctx.notify(&topic, "info", "thing.created", json!({"id": 42}))
+        .await
+        .expect("the notification is confirmed");
+    assert!(until(SOON, || async { !got.lock().is_empty() }).await);
+    let notification = got.lock()[0].clone();
+    assert_eq!(notification.event_type, "thing.created");
+    assert_eq!(notification.priority, "info");
+    assert_eq!(notification.payload, json!({"id": 42}));
+    assert_eq!(notification.publisher_id.as_deref(), Some(name.as_str()));
+    assert!(notification.timestamp.is_some() && notification.msg_id.is_some());
+
+    let copy = tokio::time::timeout(SOON, tapped.next())
+        .await
+        .expect("the copy arrives")
+        .expect("a delivery")
+        .expect("not an error");
+    assert_eq!(copy.properties.delivery_mode(), &Some(2), "persistent");
+    assert!(
+        until(SOON, || async { handle.stats().acked == 1 }).await,
+        "{:?}",
+        handle.stats()
+    );
+    assert_eq!(ready(&channel, &format!("{topic}.info")).await, 0);
+
+    handle.stop().await.expect("stops");
+    delete_queues(&channel, &[format!("{topic}.info")]).await;
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_notification_handler_gets_it_again_then_it_is_parked() {
+    let name = unique_node("notify-fail");
+    let topic = format!("notifications-{name}");
+    let node = node(&name).await;
+    let ctx = app_context(&node, "notes");
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let counted = attempts.clone();
+    let listener = ctx
+        .notification_listener(&topic, "error", move |_notification| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { Err(HandlerError::retry("cannot handle it now")) }
+        })
+        .max_redeliveries(2);
+    let handle = spawn_listener(listener, &ctx)
+        .await
+        .expect("listener starts");
+    assert!(handle.wait_consuming(true, SOON).await);
+
+    ctx.notify(&topic, "error", "thing.failed", json!({}))
+        .await
+        .expect("confirmed");
+    let (_connection, channel) = raw_channel(&name).await;
+    let parked = format!("{topic}.error.parked");
+    assert!(
+        until(SOON, || async { ready(&channel, &parked).await == 1 }).await,
+        "parked after the limit: {:?}",
+        handle.stats()
+    );
+    assert!(
+        attempts.load(Ordering::SeqCst) >= 3,
+        "handled again before parking: {}",
+        attempts.load(Ordering::SeqCst)
+    );
+    assert_eq!(ready(&channel, &format!("{topic}.error")).await, 0);
+
+    handle.stop().await.expect("stops");
+    delete_queues(&channel, &[format!("{topic}.error"), parked]).await;
+    node.stop().await.expect("node stops");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_notification_nobody_listens_for_is_returned() {
+    let name = unique_node("notify-ret");
+    let node = node(&name).await;
+    let ctx = app_context(&node, "notes");
+    let (_connection, channel) = raw_channel(&name).await;
+    declare_exchange(&channel, CONTROL, ExchangeKind::Topic).await;
+    let result = ctx
+        .notify(&format!("nobody-{name}"), "info", "x.y", json!({}))
+        .await;
+    assert!(matches!(result, Err(RpcError::Returned(_))), "{result:?}");
+    node.stop().await.expect("node stops");
+}
