@@ -1,8 +1,9 @@
-//! Effectively once: a listener's de-duplication window (`ListenerSpec::dedup`) against
-//! real RabbitMQ. A copy of a handled message is acked without running the handler; a
-//! failed one runs again; and broker kills under load, which make the broker redeliver
-//! messages whose acks were lost, cause no second handler run with the window (and print
-//! how many without it).
+//! Effectively once: the de-duplication window of listeners (`ListenerSpec::dedup`) and
+//! RPC servers (`RpcServer::dedup`) against real RabbitMQ. A copy of a handled message is
+//! acked without running the handler; a failed one runs again; a re-sent RPC request gets
+//! the first reply and its method runs once; and broker kills under load, which make the
+//! broker redeliver messages whose acks were lost, cause no second run with the window
+//! (the test prints how many without it).
 
 mod common;
 
@@ -12,9 +13,14 @@ use std::time::Duration;
 
 use common::client::Client;
 use common::{Broker, SOON, Seen, app_context, config, recording, start_node, unique_node};
+use futures::StreamExt;
+use lapin::BasicProperties;
+use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use serde_json::{Value, json};
 use warren_listeners::{
     Binding, Dedup, Envelope, Exchange, HandlerError, ListenerHandle, ListenerSpec, QueueSpec,
-    spawn_listener,
+    RpcServer, spawn_listener, spawn_rpc_server,
 };
 use warren_runtime::node::Node;
 use warren_test_support::{eventually, local_uri};
@@ -45,6 +51,57 @@ async fn recorder(
 
 fn message(id: &str) -> Envelope {
     Envelope::new("t", "x").with("Msg-ID", id)
+}
+
+/// An RPC server of `topic` whose method `work` records each run's request id in `seen`
+/// (after `pause`) and answers with how many runs there were so far.
+async fn rpc_server(
+    node: &Node,
+    topic: &str,
+    dedup: Option<Dedup>,
+    seen: &Seen,
+    pause: Duration,
+) -> Vec<ListenerHandle> {
+    let (seen, runs) = (seen.clone(), Arc::new(AtomicUsize::new(0)));
+    let mut server = RpcServer::new(topic).method("work", move |args: Value| {
+        let (seen, runs) = (seen.clone(), runs.clone());
+        async move {
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+            seen.record(args.get("id").and_then(Value::as_str).unwrap_or(""));
+            Ok(json!(runs.fetch_add(1, Ordering::SeqCst) + 1))
+        }
+    });
+    if let Some(window) = dedup {
+        server = server.dedup(window);
+    }
+    let handles = spawn_rpc_server(server, &app_context(node, "svc"))
+        .await
+        .expect("the RPC server starts");
+    for handle in &handles {
+        assert!(handle.wait_consuming(true, SOON).await, "{}", handle.name());
+    }
+    handles
+}
+
+/// A request for `work` as the README's wire format has it, with `id` as its message id
+/// and argument; a call when `reply_to` is given.
+fn work_request(id: &str, reply_to: Option<&str>) -> (Vec<u8>, BasicProperties) {
+    let body = json!({
+        "Event-Category": "rpc",
+        "Event-Name": "work",
+        "Msg-ID": id,
+        "Args": {"id": id},
+    });
+    let mut properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id(id.into())
+        .with_delivery_mode(2);
+    if let Some(queue) = reply_to {
+        properties = properties.with_reply_to(queue.into());
+    }
+    (body.to_string().into_bytes(), properties)
 }
 
 #[tokio::test]
@@ -140,10 +197,102 @@ async fn a_message_whose_handler_failed_runs_again_with_the_window() {
     let _ = node.stop().await;
 }
 
-/// The chaos test: a private broker killed twice while two listeners work through a
-/// backlog of persistent messages (each message reaches both: one listener has the window,
-/// the other not). Messages handled whose acks die with the broker are redelivered after
-/// its restart: the window acks them without a second run.
+#[tokio::test]
+async fn a_re_sent_rpc_request_gets_the_first_reply_and_its_method_runs_once() {
+    let name = unique_node("dedup-rpc");
+    let node = start_node(config(&name, &[local_uri()], "")).await;
+    let client = Client::connect(&local_uri(), &name).await;
+    let replies_queue = format!("{name}-rpc-replies");
+    client
+        .channel
+        .queue_declare(
+            replies_queue.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("reply queue");
+    let mut replies = client
+        .channel
+        .basic_consume(
+            replies_queue.as_str().into(),
+            "rpc-replies".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume replies");
+    for (dedup, runs_expected) in [(Some(Dedup::default()), 1), (None, 2)] {
+        let topic = format!("{name}-{}", runs_expected);
+        let seen = Seen::default();
+        let server = rpc_server(&node, &topic, dedup, &seen, Duration::ZERO).await;
+        let id = format!("{topic}-req");
+        let (body, properties) = work_request(&id, Some(&replies_queue));
+        for _ in 0..2 {
+            client
+                .publish_raw(
+                    "openstack",
+                    &format!("unicast.{topic}"),
+                    &body,
+                    properties.clone(),
+                )
+                .await;
+        }
+        let mut results = Vec::new();
+        for _ in 0..2 {
+            let delivery = tokio::time::timeout(SOON, replies.next())
+                .await
+                .expect("a reply in time")
+                .expect("stream open")
+                .expect("delivery");
+            let correlation = delivery
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.to_string());
+            assert_eq!(correlation.as_deref(), Some(id.as_str()));
+            let reply: Value = serde_json::from_slice(&delivery.data).expect("reply JSON");
+            results.push(reply.get("Result").cloned().unwrap_or(Value::Null));
+        }
+        assert_eq!(seen.runs(), runs_expected, "method runs (dedup {dedup:?})");
+        if dedup.is_some() {
+            assert_eq!(
+                results,
+                [json!(1), json!(1)],
+                "the copy gets the first reply"
+            );
+        } else {
+            assert_eq!(
+                results,
+                [json!(1), json!(2)],
+                "without the window it runs again"
+            );
+        }
+        for handle in &server {
+            let _ = handle.stop().await;
+        }
+        client.delete_queue(&format!("unicast.{topic}")).await;
+        client
+            .delete_queue(&format!("exclusive.{topic}.{name}"))
+            .await;
+        client
+            .delete_queue(&format!("/broadcast/{topic}.{name}"))
+            .await;
+    }
+    let _ = node.stop().await;
+}
+
+/// The chaos test: a private broker killed twice while two listeners and an RPC server
+/// work through a backlog of persistent messages (each message reaches both listeners: one
+/// has the window, the other not; the server, with its window, gets as many casts).
+/// Messages handled whose acks die with the broker are redelivered after its restart: the
+/// windows ack them without a second run.
 #[tokio::test]
 async fn broker_kills_under_load_cause_no_duplicate_handler_runs_with_the_window() {
     const MESSAGES: usize = 3_000;
@@ -151,7 +300,7 @@ async fn broker_kills_under_load_cause_no_duplicate_handler_runs_with_the_window
     let name = unique_node("dedup-chaos");
     let node = start_node(config(&name, &[broker.uri()], "")).await;
     let exchange = format!("{name}-ex");
-    let (with, without) = (Seen::default(), Seen::default());
+    let (with, without, served) = (Seen::default(), Seen::default(), Seen::default());
     let pause = Duration::from_millis(1);
     let deduped = recorder(
         &node,
@@ -169,44 +318,66 @@ async fn broker_kills_under_load_cause_no_duplicate_handler_runs_with_the_window
         pause,
     )
     .await;
+    let topic = format!("{name}-rpc");
+    let server = rpc_server(&node, &topic, Some(Dedup::default()), &served, pause).await;
     let client = Client::connect(&broker.uri(), &name).await;
+    let group = format!("unicast.{topic}");
     for i in 0..MESSAGES {
+        let id = format!("c-{i}");
+        client.publish(&exchange, "k", &message(&id)).await;
+        let (body, properties) = work_request(&id, None);
         client
-            .publish(&exchange, "k", &message(&format!("c-{i}")))
+            .publish_raw("openstack", &group, &body, properties)
             .await;
     }
     drop(client);
+    let all = [&with, &without, &served];
     for share in [4, 2] {
-        // Kill while both listeners are busy: at a quarter, then at half of the backlog.
+        // Kill while everyone is busy: at a quarter, then at half of the backlog.
         let mark = MESSAGES / share;
         assert!(
-            eventually(Duration::from_secs(60), || with.distinct() >= mark
-                && without.distinct() >= mark)
+            eventually(Duration::from_secs(60), || all
+                .iter()
+                .all(|seen| seen.distinct() >= mark))
             .await,
-            "both listeners reach {mark} messages"
+            "everyone reaches {mark} messages"
         );
         broker.kill().await;
         broker.restart().await;
     }
     let everything = eventually(Duration::from_secs(120), || {
-        with.distinct() == MESSAGES && without.distinct() == MESSAGES
+        all.iter().all(|seen| seen.distinct() == MESSAGES)
     })
     .await;
     assert!(
         everything,
-        "every message handled after the kills: with the window {}, without {} of {MESSAGES}",
+        "every message handled after the kills: listener with the window {}, without {}, RPC server {} of {MESSAGES}",
         with.distinct(),
-        without.distinct()
+        without.distinct(),
+        served.distinct()
     );
     println!(
-        "broker killed twice under load: {} duplicate handler runs without the window, {} with it ({} copies acked unhandled)",
+        "broker killed twice under load: {} duplicate handler runs without the window; with it {} (listener, {} copies acked unhandled) and {} (RPC server)",
         without.duplicates(),
         with.duplicates(),
-        deduped.stats().duplicates
+        deduped.stats().duplicates,
+        served.duplicates()
     );
-    assert_eq!(with.duplicates(), 0, "the window let a handler run twice");
+    assert_eq!(
+        with.duplicates(),
+        0,
+        "the listener's window let a handler run twice"
+    );
+    assert_eq!(
+        served.duplicates(),
+        0,
+        "the server's window let a method run twice"
+    );
     let _ = deduped.stop().await;
     let _ = plain.stop().await;
+    for handle in &server {
+        let _ = handle.stop().await;
+    }
     let _ = node.stop().await;
     broker.kill().await;
 }

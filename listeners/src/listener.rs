@@ -48,6 +48,7 @@ mod validate;
 pub(crate) use actor::stop_wish;
 pub use confirms::Pending;
 pub use dedup::Dedup;
+pub(crate) use dedup::{Seen, Window};
 pub(crate) use event::Recorder;
 pub use event::{DeliveryInfo, Event, Recorded};
 pub(crate) use handle::node_listener_child;

@@ -265,6 +265,11 @@ impl Seen {
     pub fn duplicates(&self) -> u32 {
         self.0.lock().values().map(|(n, _)| n - 1).sum()
     }
+
+    /// Handlings, over all messages.
+    pub fn runs(&self) -> u32 {
+        self.0.lock().values().map(|(n, _)| n).sum()
+    }
 }
 
 /// A listener that is just its spec.

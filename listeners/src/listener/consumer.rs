@@ -645,7 +645,7 @@ impl ConsumerLoop {
         match window.claim(msg_id) {
             Seen::New(claim) => Ok(Once::First(claim)),
             Seen::Running(notify) => Ok(Once::Copy(msg_id.to_string(), notify)),
-            Seen::Handled => {
+            Seen::Handled(()) => {
                 shared.stats.duplicates.increment();
                 tracing::debug!(listener = %shared.name, msg_id, "handled already; acked without running the handlers");
                 Err(handled_verdict(&shared.settings))
@@ -998,7 +998,7 @@ impl Once {
         match window.wait(&msg_id, notify, hold).await {
             Seen::New(claim) => Ok(Some(claim)),
             Seen::Running(_) => Ok(None),
-            Seen::Handled => {
+            Seen::Handled(()) => {
                 shared.stats.duplicates.increment();
                 tracing::debug!(listener = %shared.name, msg_id, "handled meanwhile; acked without running the handlers");
                 Err(handled_verdict(&shared.settings))
@@ -1018,7 +1018,7 @@ impl Once {
 /// Ends a message's claim in the window: remembered when its final outcome is an ack.
 fn end_claim(claim: Option<Claim>, outcome: Outcome) {
     if let Some(claim) = claim {
-        claim.end(outcome == Outcome::Ack);
+        claim.end((outcome == Outcome::Ack).then_some(()));
     }
 }
 

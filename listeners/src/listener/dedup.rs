@@ -47,39 +47,41 @@ impl Default for Dedup {
 }
 
 /// Where a Msg-ID stands.
-enum Entry {
+enum Entry<V> {
     /// Being handled; waiters are woken when it ends.
     Running(Arc<Notify>),
-    /// Handled successfully at this instant.
-    Done(Instant),
+    /// Handled successfully at this instant, with what a copy gets (an RPC server's
+    /// reply; nothing for a listener).
+    Done(Instant, V),
 }
 
-struct Inner {
-    entries: HashMap<Arc<str>, Entry>,
+struct Inner<V> {
+    entries: HashMap<Arc<str>, Entry<V>>,
     /// Handled ids, oldest first (an id may appear twice if handled again after it
     /// expired; only the entry's own instant removes it).
     order: VecDeque<(Instant, Arc<str>)>,
 }
 
 /// A listener's window, shared by all its consumer loops (a redelivery after a failover
-/// comes on another channel).
-pub(crate) struct Window {
+/// comes on another channel); an RPC server keeps one with its replies.
+pub(crate) struct Window<V = ()> {
     limits: Dedup,
-    inner: Mutex<Inner>,
+    inner: Mutex<Inner<V>>,
 }
 
 /// What the window says about a message.
-pub(crate) enum Seen {
+pub(crate) enum Seen<V: Clone = ()> {
     /// Not seen: handle it, and tell the claim how it ended.
-    New(Claim),
-    /// Handled successfully already: ack it without running the handlers.
-    Handled,
+    New(Claim<V>),
+    /// Handled successfully already: ack it without running the handlers (`V`: what the
+    /// first copy left, e.g. its reply).
+    Handled(V),
     /// Being handled right now: wait for that to end (see [`Window::wait`]).
     Running(Arc<Notify>),
 }
 
-impl Window {
-    pub fn new(limits: Dedup) -> Arc<Window> {
+impl<V: Clone> Window<V> {
+    pub fn new(limits: Dedup) -> Arc<Window<V>> {
         Arc::new(Window {
             limits,
             inner: Mutex::new(Inner {
@@ -90,12 +92,12 @@ impl Window {
     }
 
     /// Looks `msg_id` up, claiming it when it is new.
-    pub fn claim(self: &Arc<Self>, msg_id: &str) -> Seen {
+    pub fn claim(self: &Arc<Self>, msg_id: &str) -> Seen<V> {
         let now = Instant::now();
         let mut inner = self.inner.lock();
         self.expire(&mut inner, now);
         match inner.entries.get(msg_id) {
-            Some(Entry::Done(_)) => Seen::Handled,
+            Some(Entry::Done(_, value)) => Seen::Handled(value.clone()),
             Some(Entry::Running(notify)) => Seen::Running(notify.clone()),
             None => {
                 let id: Arc<str> = Arc::from(msg_id);
@@ -114,7 +116,12 @@ impl Window {
     /// A copy of a message being handled: waits (at most `hold`) for the first to end, then
     /// looks again. `Running` after `hold` means the first still runs: handle the copy
     /// without a claim.
-    pub async fn wait(self: &Arc<Self>, msg_id: &str, notify: Arc<Notify>, hold: Duration) -> Seen {
+    pub async fn wait(
+        self: &Arc<Self>,
+        msg_id: &str,
+        notify: Arc<Notify>,
+        hold: Duration,
+    ) -> Seen<V> {
         let deadline = tokio::time::Instant::now() + hold;
         let mut notify = notify;
         loop {
@@ -138,15 +145,19 @@ impl Window {
         }
     }
 
-    /// Ends a claim: remembered when handled successfully, else forgotten.
-    fn end(&self, msg_id: &Arc<str>, handled: bool) {
+    /// Ends a claim: remembered with `handled` when there is one, else forgotten.
+    fn end(&self, msg_id: &Arc<str>, handled: Option<V>) {
         let now = Instant::now();
         let mut inner = self.inner.lock();
         let Some(Entry::Running(notify)) = inner.entries.remove(msg_id) else {
             return;
         };
-        if handled && self.limits.size > 0 {
-            inner.entries.insert(msg_id.clone(), Entry::Done(now));
+        if let Some(value) = handled
+            && self.limits.size > 0
+        {
+            inner
+                .entries
+                .insert(msg_id.clone(), Entry::Done(now, value));
             inner.order.push_back((now, msg_id.clone()));
             self.expire(&mut inner, now);
         }
@@ -155,14 +166,14 @@ impl Window {
     }
 
     /// Drops handled ids past the size or the age.
-    fn expire(&self, inner: &mut Inner, now: Instant) {
+    fn expire(&self, inner: &mut Inner<V>, now: Instant) {
         while let Some((at, id)) = inner.order.front() {
             let over = inner.order.len() > self.limits.size;
             let old = now.saturating_duration_since(*at) > self.limits.age;
             if !over && !old {
                 break;
             }
-            if matches!(inner.entries.get(id), Some(Entry::Done(done)) if done == at) {
+            if matches!(inner.entries.get(id), Some(Entry::Done(done, _)) if done == at) {
                 inner.entries.remove(id);
             }
             inner.order.pop_front();
@@ -175,31 +186,32 @@ impl Window {
         inner
             .entries
             .values()
-            .filter(|entry| matches!(entry, Entry::Done(_)))
+            .filter(|entry| matches!(entry, Entry::Done(..)))
             .count()
     }
 }
 
 /// A message being handled under its Msg-ID. Dropped without [`Claim::end`] (its work was
 /// abandoned at a stop deadline), it is forgotten, so a redelivery runs again.
-pub(crate) struct Claim {
-    window: Arc<Window>,
+pub(crate) struct Claim<V: Clone = ()> {
+    window: Arc<Window<V>>,
     msg_id: Arc<str>,
     ended: bool,
 }
 
-impl Claim {
-    /// The message's verdict is known: `handled` when it is an ack after success.
-    pub fn end(mut self, handled: bool) {
+impl<V: Clone> Claim<V> {
+    /// The message is done: `Some` (with what a copy gets) when it succeeded, `None` to
+    /// forget it, so that a copy runs again.
+    pub fn end(mut self, handled: Option<V>) {
         self.ended = true;
         self.window.end(&self.msg_id, handled);
     }
 }
 
-impl Drop for Claim {
+impl<V: Clone> Drop for Claim<V> {
     fn drop(&mut self) {
         if !self.ended {
-            self.window.end(&self.msg_id, false);
+            self.window.end(&self.msg_id, None);
         }
     }
 }
@@ -222,9 +234,9 @@ mod tests {
     #[test]
     fn a_handled_id_is_seen_as_handled_and_a_failed_one_runs_again() {
         let window = window(10, Duration::from_secs(60));
-        claim(&window, "a").end(true);
-        assert!(matches!(window.claim("a"), Seen::Handled));
-        claim(&window, "b").end(false);
+        claim(&window, "a").end(Some(()));
+        assert!(matches!(window.claim("a"), Seen::Handled(())));
+        claim(&window, "b").end(None);
         assert!(matches!(window.claim("b"), Seen::New(_)));
     }
 
@@ -239,17 +251,17 @@ mod tests {
     fn the_window_keeps_at_most_size_ids_oldest_out_first() {
         let window = window(3, Duration::from_secs(60));
         for id in ["a", "b", "c", "d"] {
-            claim(&window, id).end(true);
+            claim(&window, id).end(Some(()));
         }
         assert_eq!(window.handled_len(), 3);
         assert!(matches!(window.claim("a"), Seen::New(_)));
-        assert!(matches!(window.claim("d"), Seen::Handled));
+        assert!(matches!(window.claim("d"), Seen::Handled(())));
     }
 
     #[test]
     fn ids_older_than_the_age_are_forgotten() {
         let window = window(10, Duration::from_millis(20));
-        claim(&window, "a").end(true);
+        claim(&window, "a").end(Some(()));
         std::thread::sleep(Duration::from_millis(40));
         assert!(matches!(window.claim("a"), Seen::New(_)));
     }
@@ -266,12 +278,12 @@ mod tests {
             tokio::spawn(async move { window.wait("a", notify, Duration::from_secs(5)).await })
         };
         tokio::task::yield_now().await;
-        first.end(true);
+        first.end(Some(()));
         let seen = tokio::time::timeout(Duration::from_secs(5), waiter)
             .await
             .expect("the copy is released")
             .expect("no panic");
-        assert!(matches!(seen, Seen::Handled));
+        assert!(matches!(seen, Seen::Handled(())));
     }
 
     #[tokio::test]
@@ -288,7 +300,7 @@ mod tests {
             matches!(seen, Seen::Running(_)),
             "still running after the hold"
         );
-        first.end(false);
+        first.end(None);
         assert!(matches!(
             window.wait("a", notify, Duration::from_secs(1)).await,
             Seen::New(_)

@@ -13,6 +13,11 @@
 //! counted and logged (rate-limited) and not retried; a reply the broker did not take
 //! (nacked, timed out, channel lost) requeues the request, as any failed handler publish.
 //!
+//! With [`RpcServer::dedup`], a request whose id was served within the window (a
+//! redelivery after a failover, or a caller re-sending it) gets the first run's reply
+//! again and its method does not run twice; a copy arriving while the first still runs
+//! waits for it (at most the listener stop and publish bounds together).
+//!
 //! Owns: the method table, what the three listeners declare, and turning a request into
 //! its reply. Must not touch: the listener machinery (acks, requeues, recovery).
 
@@ -36,8 +41,8 @@ use super::address::{Target, TargetError, short, shortened};
 use super::wire::{self, RemoteError};
 use crate::app::AppContext;
 use crate::listener::{
-    Event, Exchange, HandlerError, HandlerResult, Listener, ListenerError, ListenerHandle,
-    ListenerSpec, QueueSpec, SpecError, spawn_listener,
+    Dedup, Event, Exchange, HandlerError, HandlerResult, Listener, ListenerError, ListenerHandle,
+    ListenerSpec, QueueSpec, Seen, SpecError, Window, spawn_listener,
 };
 
 /// Requests one listener of a server handles at once, unless [`RpcServer::concurrency`]
@@ -60,6 +65,7 @@ pub struct RpcServer {
     exchange: Option<String>,
     methods: HashMap<String, Method>,
     concurrency: usize,
+    dedup: Option<Dedup>,
 }
 
 impl RpcServer {
@@ -70,7 +76,16 @@ impl RpcServer {
             exchange: None,
             methods: HashMap::new(),
             concurrency: CONCURRENCY,
+            dedup: None,
         }
+    }
+
+    /// Effectively once: a request whose id was served within the window (redelivered
+    /// after a failover, or re-sent by its caller) gets the first run's reply again; its
+    /// method does not run twice. Off by default.
+    pub fn dedup(mut self, window: Dedup) -> Self {
+        self.dedup = Some(window);
+        self
     }
 
     /// Serves under an exchange of its own (see `Target::exchange`).
@@ -136,6 +151,8 @@ impl RpcServer {
             topic: self.topic.clone(),
             methods: self.methods,
             publish_timeout: node.listeners.listener.publish_timeout,
+            hold: node.listeners.listener.publish_timeout + node.listeners.listener.stop_timeout,
+            replies: self.dedup.map(Window::new),
             counts: counts.clone(),
             returns: LogLimit::default(),
             _figures: node.metrics.register(Arc::new(ServerFigures {
@@ -235,6 +252,8 @@ struct Counts {
     returned: AtomicU64,
     /// Methods that panicked.
     panics: AtomicU64,
+    /// Requests answered from the dedup window, without running their method.
+    duplicates: AtomicU64,
 }
 
 /// A server's figures for `/metrics`.
@@ -258,6 +277,12 @@ impl Source for ServerFigures {
             labels(),
             self.counts.panics.load(Ordering::Relaxed),
         );
+        report.counter(
+            "warren_rpc_server_duplicates",
+            "Requests of an RPC server answered from its dedup window: served already, the method not run again.",
+            labels(),
+            self.counts.duplicates.load(Ordering::Relaxed),
+        );
     }
 }
 
@@ -266,6 +291,10 @@ struct Served {
     topic: String,
     methods: HashMap<String, Method>,
     publish_timeout: Duration,
+    /// How long a copy of a request waits for the first one to be served.
+    hold: Duration,
+    /// The dedup window: request ids served, with their outcome.
+    replies: Option<Arc<Window<MethodResult>>>,
     counts: Arc<Counts>,
     /// Rate limit of the "reply returned" warning.
     returns: LogLimit,
@@ -288,7 +317,7 @@ impl Served {
             .as_ref()
             .map(|queue| queue.to_string())
             .filter(|queue| !queue.is_empty());
-        let outcome = self.run(&event).await;
+        let outcome = self.once(&event, &msg_id).await;
         let Some(reply_to) = reply_to else {
             if let Err(error) = &outcome {
                 tracing::debug!(topic = %self.topic, method = event.name(), kind = %error.kind, "a cast failed on the server");
@@ -321,6 +350,35 @@ impl Served {
             }
             Err(error) => Err(error.into()),
         }
+    }
+
+    /// The request's outcome, from the dedup window when it was served already.
+    async fn once(&self, event: &Event, msg_id: &str) -> MethodResult {
+        let Some(window) = self.replies.as_ref().filter(|_| !msg_id.is_empty()) else {
+            return self.run(event).await;
+        };
+        let claim = match window.claim(msg_id) {
+            Seen::New(claim) => Some(claim),
+            Seen::Handled(outcome) => return self.again(outcome, msg_id),
+            Seen::Running(notify) => match window.wait(msg_id, notify, self.hold).await {
+                Seen::New(claim) => Some(claim),
+                Seen::Handled(outcome) => return self.again(outcome, msg_id),
+                // The first copy still runs past the hold: this one runs too.
+                Seen::Running(_) => None,
+            },
+        };
+        let outcome = self.run(event).await;
+        if let Some(claim) = claim {
+            claim.end(Some(outcome.clone()));
+        }
+        outcome
+    }
+
+    /// A request served already: its first outcome again.
+    fn again(&self, outcome: MethodResult, msg_id: &str) -> MethodResult {
+        self.counts.duplicates.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(topic = %self.topic, msg_id, "served already; answered from the dedup window");
+        outcome
     }
 
     /// The request's outcome: its method's result, or why there is none.
