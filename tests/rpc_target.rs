@@ -516,6 +516,82 @@ async fn a_late_reply_is_a_timeout_and_is_counted() {
     node.stop().await.expect("node stops");
 }
 
+/// A call in flight when its broker dies ends by its timeout (with its reply or a clear
+/// error), and after the failover the topic is served on the other broker.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_in_flight_during_a_failover_ends_by_its_timeout_and_calls_go_on() {
+    let brokers = common::Broker::start_many(2).await;
+    let name = unique_node("rpc-failover");
+    let topic = format!("topic-{name}");
+    let node = start_node(config(&name, &[brokers[0].uri(), brokers[1].uri()], "")).await;
+    let calls = Calls::default();
+    let servers = serve(&node, &topic, &calls).await;
+    let pool = pool(&node).await;
+    let answer = pool
+        .call_target(&Target::new(&topic), "whoami", json!({}), SOON)
+        .await
+        .expect("answers before the failover");
+    assert_eq!(answer, json!(name));
+    let group = servers
+        .iter()
+        .find(|handle| handle.name().ends_with("-group"))
+        .expect("the group listener")
+        .clone();
+    let received = group.stats().received;
+    let timeout = Duration::from_secs(4);
+    let caller = pool.clone();
+    let target = Target::new(&topic);
+    let started = Instant::now();
+    let call = tokio::spawn(async move {
+        caller
+            .call_target(&target, "slow", json!({"ms": 1500}), timeout)
+            .await
+    });
+    assert!(
+        until(SOON, || async { group.stats().received > received }).await,
+        "the slow request reached the server"
+    );
+    brokers[0].kill().await;
+    let result = tokio::time::timeout(timeout + Duration::from_secs(2), call)
+        .await
+        .expect("the call ends by its timeout, never later")
+        .expect("the caller did not panic");
+    let took = started.elapsed();
+    println!("a call in flight during the failover: {result:?} after {took:?}");
+    assert!(
+        took <= timeout + Duration::from_millis(500),
+        "the call took {took:?}"
+    );
+    assert!(
+        matches!(
+            result,
+            Ok(_) | Err(RpcError::Timeout(_) | RpcError::Publish(_) | RpcError::Returned(_))
+        ),
+        "a reply or a clear error: {result:?}"
+    );
+    // The server and the pool carry on on the other broker.
+    assert!(
+        until(Duration::from_secs(20), || async {
+            pool.call_target(
+                &Target::new(&topic),
+                "whoami",
+                json!({}),
+                Duration::from_secs(2),
+            )
+            .await
+            .is_ok()
+        })
+        .await,
+        "calls are answered after the failover"
+    );
+    pool.stop().await;
+    stop_all(&servers).await;
+    node.stop().await.expect("node stops");
+    for broker in &brokers {
+        broker.kill().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_notification_reaches_its_listener_persistent_and_acked() {
     let name = unique_node("notify");
