@@ -1247,9 +1247,13 @@ impl Actor for ListenerActor {
         deadline.clear();
         slot.set(myself);
         let readiness = shared
+            .origin
+            .node
             .readiness
             .register(format!("listener:{}", shared.name));
         let figures = shared
+            .origin
+            .node
             .metrics
             .register(Arc::new(ListenerFigures(shared.clone())));
         Ok(ListenerState {
@@ -1277,7 +1281,7 @@ impl Actor for ListenerActor {
         myself: ActorRef<Self::Msg>,
         state: &mut ListenerState,
     ) -> Result<(), ActorProcessingErr> {
-        let (client, events) = state.shared.assignments.register(
+        let (client, events) = state.shared.origin.node.assignments.register(
             format!("listener:{}", state.shared.name),
             state.shared.settings.channel.clone(),
         )?;
@@ -1355,22 +1359,16 @@ impl Actor for ListenerActor {
         state: &mut ListenerState,
     ) -> Result<(), ActorProcessingErr> {
         let ours = |id: ActorId| state.federators.as_ref().map(Federators::supervisor) == Some(id);
-        match event {
-            SupervisionEvent::ActorFailed(who, reason) if ours(who.get_id()) => Err(format!(
-                "the federators of listener `{}` failed: {reason}",
-                state.shared.name
-            )
-            .into()),
-            SupervisionEvent::ActorTerminated(who, _, reason) if ours(who.get_id()) => {
-                Err(format!(
-                    "the federators of listener `{}` stopped: {}",
-                    state.shared.name,
-                    reason.unwrap_or_default()
-                )
-                .into())
+        let ended = match event {
+            SupervisionEvent::ActorFailed(who, reason) if ours(who.get_id()) => {
+                format!("failed: {reason}")
             }
-            _ => Ok(()),
-        }
+            SupervisionEvent::ActorTerminated(who, _, reason) if ours(who.get_id()) => {
+                format!("stopped: {}", reason.unwrap_or_default())
+            }
+            _ => return Ok(()),
+        };
+        Err(format!("the federators of listener `{}` {ended}", state.shared.name).into())
     }
 
     async fn post_stop(

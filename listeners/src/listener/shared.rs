@@ -14,14 +14,13 @@ use std::time::Duration;
 use lapin::Channel;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
-use warren_runtime::assignments::{Assignments, ChannelKind};
+use warren_runtime::assignments::ChannelKind;
 use warren_runtime::broker::{Broker, BrokerId};
 use warren_runtime::envelope::Stamp;
 use warren_runtime::exchanges::TARGETED;
-use warren_runtime::metrics::{Histogram, Metrics};
+use warren_runtime::metrics::Histogram;
 use warren_runtime::node::NodeContext;
 use warren_runtime::publisher::Publisher;
-use warren_runtime::readiness::Readiness;
 
 use super::Listener;
 use super::acks::AckPolicy;
@@ -151,10 +150,6 @@ pub(crate) struct ListenerShared {
     pub current: RwLock<Option<(BrokerId, u64)>>,
     /// The generation of the current channel's broker connection (for the status).
     pub connection: AtomicU64,
-    pub assignments: Assignments,
-    pub readiness: Readiness,
-    /// Where the listener's figures are reported while its actor runs.
-    pub metrics: Metrics,
     /// What the listener was built from, for building its federators.
     pub origin: Origin,
 }
@@ -323,9 +318,6 @@ impl ListenerShared {
             channel,
             current: RwLock::new(None),
             connection: AtomicU64::new(0),
-            assignments: node.assignments.clone(),
-            readiness: node.readiness.clone(),
-            metrics: node.metrics.clone(),
             listener,
             origin,
         }))

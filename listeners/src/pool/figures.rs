@@ -53,6 +53,17 @@ impl RpcFigures {
         }
     }
 
+    /// Runs a call and records it (its time, and how it failed).
+    pub async fn timed<T>(
+        &self,
+        call: impl Future<Output = Result<T, RpcError>>,
+    ) -> Result<T, RpcError> {
+        let started = Instant::now();
+        let result = call.await;
+        self.call(started, result.as_ref().err());
+        result
+    }
+
     /// A checkout got its worker after waiting since `started`.
     pub fn checkout(&self, started: Instant) {
         if let Some(seconds) = &self.checkout_seconds {

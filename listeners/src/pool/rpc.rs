@@ -202,12 +202,10 @@ impl Checkout {
         request: Envelope,
         timeout: Duration,
     ) -> Result<Envelope, RpcError> {
-        let started = tokio::time::Instant::now();
-        let result = self
-            .call_once(exchange, routing_key, request, timeout, false)
-            .await;
-        self.pool.rpc.call(started, result.as_ref().err());
-        result
+        let pool = self.pool.clone();
+        pool.rpc
+            .timed(self.call_once(exchange, routing_key, request, timeout, false))
+            .await
     }
 
     /// As [`Checkout::call`], the request also carrying `message_id`, `reply_to` and
@@ -219,12 +217,10 @@ impl Checkout {
         request: Envelope,
         timeout: Duration,
     ) -> Result<Envelope, RpcError> {
-        let started = tokio::time::Instant::now();
-        let result = self
-            .call_once(exchange, routing_key, request, timeout, true)
-            .await;
-        self.pool.rpc.call(started, result.as_ref().err());
-        result
+        let pool = self.pool.clone();
+        pool.rpc
+            .timed(self.call_once(exchange, routing_key, request, timeout, true))
+            .await
     }
 
     async fn call_once(
@@ -261,12 +257,10 @@ impl Checkout {
         until: Until,
         timeout: Duration,
     ) -> Result<Collected, RpcError> {
-        let started = tokio::time::Instant::now();
-        let result = self
-            .collect_once(exchange, routing_key, request, until, timeout)
-            .await;
-        self.pool.rpc.call(started, result.as_ref().err());
-        result
+        let pool = self.pool.clone();
+        pool.rpc
+            .timed(self.collect_once(exchange, routing_key, request, until, timeout))
+            .await
     }
 
     async fn collect_once(

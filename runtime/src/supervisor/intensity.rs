@@ -59,17 +59,21 @@ impl RestartWindow {
 
     /// Restarts of one child in the window: the backoff attempt number of its next restart.
     pub(super) fn count_for(&self, child: &str) -> u32 {
-        let count = self.restarts.iter().filter(|(_, id)| id == child).count();
-        u32::try_from(count).unwrap_or(u32::MAX)
+        self.count(child, |_| true)
     }
 
     /// Restarts of one child no longer than `within` before `now` (without forgetting
     /// older ones: for a report).
     pub(super) fn count_within(&self, child: &str, now: Instant, within: Duration) -> u32 {
+        self.count(child, |at| now.saturating_duration_since(at) <= within)
+    }
+
+    /// Restarts of one child at instants `counted` accepts.
+    fn count(&self, child: &str, counted: impl Fn(Instant) -> bool) -> u32 {
         let count = self
             .restarts
             .iter()
-            .filter(|(at, id)| id == child && now.saturating_duration_since(*at) <= within)
+            .filter(|(at, id)| id == child && counted(*at))
             .count();
         u32::try_from(count).unwrap_or(u32::MAX)
     }
