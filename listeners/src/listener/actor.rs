@@ -43,7 +43,7 @@ use super::drain::{self, Closed, Drain, Step};
 use super::federation;
 use super::handling::panic_text;
 use super::refusals::REFUSALS;
-use super::shared::{GrantContext, ListenerShared};
+use super::shared::{Current, GrantContext, ListenerShared};
 use super::spec::{Binding, QueueName};
 use super::status::{ListenerError, ListenerStatus, Removed};
 use super::topology::{self, BindingChange, SetupError};
@@ -597,10 +597,11 @@ impl ListenerState {
                 .channel
                 .send_replace(Some(held.channel().clone()));
         }
-        *self.shared.current.write() = Some((broker.id, grant));
-        self.shared
-            .connection
-            .store(context.connection, Ordering::Relaxed);
+        *self.shared.current.write() = Some(Current {
+            broker: broker.id,
+            grant,
+            connection: context.connection,
+        });
         tracing::info!(listener = %self.shared.name, queue = %topology.queue_name, broker = %broker, grant, "topology declared");
         self.notice(Notice::QueueCreated {
             queue: topology.queue_name.clone(),

@@ -5,7 +5,6 @@
 //! Owns the metric names of listeners. Must not touch counting (the consumer loop's).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use serde_json::{Value, json};
 use warren_runtime::metrics::{Report, Source};
@@ -104,9 +103,9 @@ impl Source for ListenerFigures {
             json!({
                 "listener": shared.name,
                 "queue": shared.topology.lock().queue_name,
-                "broker": current.map(|(broker, _)| broker.0),
-                "grant": current.map(|(_, grant)| grant),
-                "generation": current.map(|_| shared.connection.load(Ordering::Relaxed)),
+                "broker": current.map(|current| current.broker.0),
+                "grant": current.map(|current| current.grant),
+                "generation": current.map(|current| current.connection),
                 "consuming": *shared.consuming.borrow(),
                 "in_flight": shared.in_flight(),
                 "deliveries": stats.received,

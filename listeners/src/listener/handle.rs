@@ -154,7 +154,10 @@ impl ListenerHandle {
 
     /// The broker and grant number of the current channel.
     pub fn current(&self) -> Option<(BrokerId, u64)> {
-        *self.shared.current.read()
+        self.shared
+            .current
+            .read()
+            .map(|current| (current.broker, current.grant))
     }
 
     pub fn stats(&self) -> StatsSnapshot {

@@ -146,12 +146,19 @@ pub(crate) struct ListenerShared {
     pub consuming: watch::Sender<bool>,
     /// The channel the topology is declared on, for publishing outside events.
     pub channel: watch::Sender<Option<Channel>>,
-    /// The broker and grant of the current channel.
-    pub current: RwLock<Option<(BrokerId, u64)>>,
-    /// The generation of the current channel's broker connection (for the status).
-    pub connection: AtomicU64,
+    /// Where the current channel is, while there is one.
+    pub current: RwLock<Option<Current>>,
     /// What the listener was built from, for building its federators.
     pub origin: Origin,
+}
+
+/// Where a listener's current channel is: its broker, its grant, and the generation of
+/// the broker connection it lives on (for the status).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Current {
+    pub broker: BrokerId,
+    pub grant: u64,
+    pub connection: u64,
 }
 
 /// The node, stamp and queue rule a listener was built with; its federators are built
@@ -317,7 +324,6 @@ impl ListenerShared {
             consuming,
             channel,
             current: RwLock::new(None),
-            connection: AtomicU64::new(0),
             listener,
             origin,
         }))
