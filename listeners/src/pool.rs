@@ -83,6 +83,8 @@ pub struct PoolStats {
     /// Replies that reached a worker after their call had ended (timed out, or already
     /// answered): dropped.
     pub late_replies: u64,
+    /// Deliveries of temporary bindings dropped because their holder did not read.
+    pub dropped_deliveries: u64,
 }
 
 /// The pool of one app: cheap to clone.
@@ -186,6 +188,7 @@ impl ListenerPool {
             waiting: self.inner.waiting.load(Ordering::Relaxed),
             unclean_retired: self.inner.unclean_retired.load(Ordering::Relaxed),
             late_replies: self.inner.rpc.late.load(Ordering::Relaxed),
+            dropped_deliveries: self.inner.rpc.dropped.load(Ordering::Relaxed),
         }
     }
 
@@ -396,6 +399,7 @@ impl PoolInner {
         let n = self.next_worker.fetch_add(1, Ordering::Relaxed);
         let mut inbox = Inbox::default();
         inbox.late = self.rpc.late.clone();
+        inbox.dropped = self.rpc.dropped.clone();
         let inbox = Arc::new(inbox);
         let listener = WorkerListener {
             name: format!("pool-{}-{n}", self.name),

@@ -19,6 +19,9 @@ pub(crate) struct RpcFigures {
     returned: AtomicU64,
     /// Replies that came after their call ended (shared with every worker's inbox).
     pub late: Arc<AtomicU64>,
+    /// Deliveries of temporary bindings dropped because their holder did not read
+    /// (shared with every worker's inbox).
+    pub dropped: Arc<AtomicU64>,
     call_seconds: Option<Histogram>,
     checkout_seconds: Option<Histogram>,
 }
@@ -31,6 +34,7 @@ impl RpcFigures {
             timeouts: AtomicU64::new(0),
             returned: AtomicU64::new(0),
             late: Arc::default(),
+            dropped: Arc::default(),
             call_seconds: metrics.seconds(),
             checkout_seconds: metrics.seconds(),
         }
@@ -147,6 +151,11 @@ impl Source for PoolFigures {
                 "warren_pool_late_replies",
                 "Replies that reached a worker after their call had ended; dropped.",
                 &*rpc.late,
+            ),
+            (
+                "warren_pool_dropped_deliveries",
+                "Deliveries of a checkout's temporary bindings dropped: the holder left no room in its buffer for a second.",
+                &*rpc.dropped,
             ),
         ] {
             report.counter(name, help, labels(), counter.load(Ordering::Relaxed));
