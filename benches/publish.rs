@@ -126,7 +126,7 @@ async fn warren_publisher(node: &Node) -> f64 {
             let result: Result<_, warren_runtime::confirm::PublishError> = result;
             result.expect("publish");
         }
-        let publisher = publisher.clone();
+        let (publisher, options) = (publisher.clone(), options.clone());
         inflight.push(async move {
             publisher
                 .publish(EXCHANGE, "bench", envelope, options)

@@ -25,7 +25,7 @@ use crate::envelope::{Envelope, publish_properties};
 use crate::trace::TraceContext;
 
 /// How to publish one message.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct PublishOptions {
     /// Ask the broker to return the message if no queue is bound for it.
     pub mandatory: bool,
@@ -42,6 +42,8 @@ pub struct PublishOptions {
     /// AMQP `expiration`: the broker drops the message once it has waited this long in a
     /// queue (an RPC request whose caller gave up). `None`: it never expires.
     pub expiration: Option<Duration>,
+    /// The AMQP properties that tie a request to its reply (RPC targets). `None`: none.
+    pub correlation: Option<Correlation>,
 }
 
 impl PublishOptions {
@@ -53,7 +55,14 @@ impl PublishOptions {
             timeout,
             trace: None,
             expiration: None,
+            correlation: None,
         }
+    }
+
+    /// The message carries `correlation`'s `message_id`, `correlation_id` and `reply_to`.
+    pub fn correlation(mut self, correlation: Correlation) -> Self {
+        self.correlation = Some(correlation);
+        self
     }
 
     /// The message expires after waiting `ttl` in a queue (AMQP `expiration`, whole

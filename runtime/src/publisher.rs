@@ -39,7 +39,7 @@ use tokio::time::Instant;
 
 use crate::broker::BrokerId;
 use crate::config::PublisherConfig;
-use crate::confirm::{self, Correlation, PublishError, PublishOptions, Published};
+use crate::confirm::{self, PublishError, PublishOptions, Published};
 use crate::connections::Connections;
 use crate::envelope::{Envelope, Stamp};
 use crate::metrics::Metrics;
@@ -206,21 +206,7 @@ impl Publisher {
         envelope: Envelope,
         options: PublishOptions,
     ) -> Result<Published, PublishError> {
-        let outgoing = self.prepare(exchange, routing_key, envelope, &options, None)?;
-        self.publish_outgoing(outgoing, options).await
-    }
-
-    /// As [`Publisher::publish`], with the AMQP properties that tie a request to its reply.
-    pub async fn publish_correlated(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        envelope: Envelope,
-        options: PublishOptions,
-        correlation: &Correlation,
-    ) -> Result<Published, PublishError> {
-        let outgoing =
-            self.prepare(exchange, routing_key, envelope, &options, Some(correlation))?;
+        let outgoing = self.prepare(exchange, routing_key, envelope, &options)?;
         self.publish_outgoing(outgoing, options).await
     }
 
@@ -305,21 +291,7 @@ impl Publisher {
         envelope: Envelope,
         options: PublishOptions,
     ) -> Result<Sent, PublishError> {
-        self.send_correlated(exchange, routing_key, envelope, options, None)
-            .await
-    }
-
-    /// As [`Publisher::send`], with the AMQP properties that tie a request to its reply
-    /// (`None`: none, as `send`).
-    pub async fn send_correlated(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        envelope: Envelope,
-        options: PublishOptions,
-        correlation: Option<&Correlation>,
-    ) -> Result<Sent, PublishError> {
-        let outgoing = self.prepare(exchange, routing_key, envelope, &options, correlation)?;
+        let outgoing = self.prepare(exchange, routing_key, envelope, &options)?;
         let deadline = Instant::now() + options.timeout;
         let permit = self.permit(deadline, options.timeout).await?;
         let mut last_loss = None;
@@ -359,7 +331,6 @@ impl Publisher {
         routing_key: &str,
         mut envelope: Envelope,
         options: &PublishOptions,
-        correlation: Option<&Correlation>,
     ) -> Result<Outgoing, PublishError> {
         let (exchange, routing_key) = confirm::address(exchange, routing_key)?;
         match &self.stamp {
@@ -369,7 +340,7 @@ impl Publisher {
             }
         }
         let (body, properties) = options.encode(&envelope);
-        let properties = match correlation {
+        let properties = match &options.correlation {
             Some(correlation) => correlation.apply(properties)?,
             None => properties,
         };

@@ -639,7 +639,10 @@ impl ConsumerLoop {
     /// `Err` with its verdict when it was handled already (acked without its handlers).
     fn once(&self, event: &Event) -> Result<Once, Verdict> {
         let shared = &self.shared;
-        let (Some(window), Some(msg_id)) = (&shared.dedup, event.envelope().msg_id()) else {
+        let Some(window) = &shared.dedup else {
+            return Ok(Once::Off);
+        };
+        let Some(msg_id) = event.envelope().msg_id() else {
             return Ok(Once::Off);
         };
         match window.claim(msg_id) {

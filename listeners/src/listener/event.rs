@@ -19,7 +19,7 @@ use lapin::BasicProperties;
 use lapin::types::FieldTable;
 use parking_lot::Mutex;
 use warren_runtime::broker::Broker;
-use warren_runtime::confirm::{Correlation, PublishError, PublishOptions, Published, address};
+use warren_runtime::confirm::{PublishError, PublishOptions, Published, address};
 use warren_runtime::envelope::{Envelope, keys};
 use warren_runtime::exchanges::TARGETED;
 use warren_runtime::publisher::Publisher;
@@ -233,21 +233,7 @@ impl Event {
         exchange: &str,
         routing_key: &str,
         envelope: Envelope,
-        options: PublishOptions,
-    ) -> Result<Pending, PublishError> {
-        self.publish_correlated(exchange, routing_key, envelope, options, None)
-            .await
-    }
-
-    /// As [`Event::publish_with`], with the AMQP properties that tie a request to its
-    /// reply (`message_id`, `correlation_id`, `reply_to`): how an RPC server answers.
-    pub async fn publish_correlated(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        envelope: Envelope,
         mut options: PublishOptions,
-        correlation: Option<&Correlation>,
     ) -> Result<Pending, PublishError> {
         options.trace.get_or_insert(self.inner.trace);
         let outbox = match &self.inner.outlet {
@@ -266,7 +252,7 @@ impl Event {
         };
         let sent = outbox
             .publisher
-            .send_correlated(exchange, routing_key, envelope, options, correlation)
+            .send(exchange, routing_key, envelope, options)
             .await?;
         let listener = outbox.listener.clone();
         let confirm = async move {

@@ -19,7 +19,7 @@ use std::fmt;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use warren_runtime::confirm::{Correlation, PublishError, PublishOptions, Published, Returned};
+use warren_runtime::confirm::{PublishError, PublishOptions, Published, Returned};
 use warren_runtime::envelope::{Envelope, keys};
 use warren_runtime::publisher::Sent;
 
@@ -110,43 +110,25 @@ struct Pending {
 }
 
 impl Checkout {
-    /// Writes a request (mandatory) through the worker's broker; the call is then pending.
-    /// `addressed`: the request also carries `message_id`, `reply_to` (the worker's queue)
-    /// and `expiration` (the timeout) as AMQP properties (RPC targets).
+    /// Writes a request (mandatory) through the worker's broker; the call is then pending
+    /// until `options.timeout`.
     async fn send_request(
         &self,
         exchange: &str,
         routing_key: &str,
         mut request: Envelope,
-        timeout: Duration,
-        addressed: bool,
+        options: PublishOptions,
     ) -> Result<Pending, RpcError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + options.timeout;
         let msg_id = request.ensure_msg_id().to_string();
         let queue = self.queue();
         request.set(keys::SERVER_ID, queue.clone());
         let worker = self.worker();
         worker.inbox.expect(&msg_id);
-        let mut options = PublishOptions::new(timeout)
-            .mandatory()
-            .trace(warren_runtime::trace::for_call());
-        let correlation = addressed.then(|| Correlation {
-            message_id: Some(msg_id.clone()),
-            correlation_id: None,
-            reply_to: Some(queue),
-        });
-        if addressed {
-            options = options.expiration(timeout);
-        }
+        let options = options.mandatory().trace(warren_runtime::trace::for_call());
         let sent = self
             .request_publisher()
-            .send_correlated(
-                exchange,
-                routing_key,
-                request,
-                options,
-                correlation.as_ref(),
-            )
+            .send(exchange, routing_key, request, options)
             .await;
         match sent {
             Ok(sent) => Ok(Pending {
@@ -202,24 +184,22 @@ impl Checkout {
         request: Envelope,
         timeout: Duration,
     ) -> Result<Envelope, RpcError> {
-        let pool = self.pool.clone();
-        pool.rpc
-            .timed(self.call_once(exchange, routing_key, request, timeout, false))
+        self.call_with(exchange, routing_key, request, PublishOptions::new(timeout))
             .await
     }
 
-    /// As [`Checkout::call`], the request also carrying `message_id`, `reply_to` and
-    /// `expiration` (RPC targets: see `target::client`).
-    pub(crate) async fn call_addressed(
+    /// As [`Checkout::call`], the request published with `options` (always mandatory;
+    /// the call waits until `options.timeout`): e.g. RPC targets' AMQP properties.
+    pub(crate) async fn call_with(
         &mut self,
         exchange: &str,
         routing_key: &str,
         request: Envelope,
-        timeout: Duration,
+        options: PublishOptions,
     ) -> Result<Envelope, RpcError> {
         let pool = self.pool.clone();
         pool.rpc
-            .timed(self.call_once(exchange, routing_key, request, timeout, true))
+            .timed(self.call_once(exchange, routing_key, request, options))
             .await
     }
 
@@ -228,11 +208,11 @@ impl Checkout {
         exchange: &str,
         routing_key: &str,
         request: Envelope,
-        timeout: Duration,
-        addressed: bool,
+        options: PublishOptions,
     ) -> Result<Envelope, RpcError> {
+        let timeout = options.timeout;
         let mut pending = self
-            .send_request(exchange, routing_key, request, timeout, addressed)
+            .send_request(exchange, routing_key, request, options)
             .await?;
         let mut deferred = None;
         let result = loop {
@@ -272,7 +252,7 @@ impl Checkout {
         timeout: Duration,
     ) -> Result<Collected, RpcError> {
         let mut pending = self
-            .send_request(exchange, routing_key, request, timeout, false)
+            .send_request(exchange, routing_key, request, PublishOptions::new(timeout))
             .await?;
         let mut replies = Vec::new();
         let result = loop {

@@ -38,10 +38,20 @@ impl Checkout {
             return Err(RpcError::FanoutCall(target.topic.clone()));
         }
         let route = target.route(self.rpc_config())?;
-        let request = wire::request(method, args)
+        let mut request = wire::request(method, args)
             .map_err(|_| TargetError::ArgsNotObject(method.to_string()))?;
+        // Peers that read only AMQP properties find the id, their answer's queue and the
+        // caller's patience there.
+        let correlation = Correlation {
+            message_id: Some(request.ensure_msg_id().to_string()),
+            correlation_id: None,
+            reply_to: Some(self.queue()),
+        };
+        let options = PublishOptions::new(timeout)
+            .expiration(timeout)
+            .correlation(correlation);
         let reply = self
-            .call_addressed(&route.exchange, &route.routing_key, request, timeout)
+            .call_with(&route.exchange, &route.routing_key, request, options)
             .await?;
         wire::outcome(&reply).map_err(RpcError::Remote)
     }
@@ -66,16 +76,11 @@ impl Checkout {
         };
         let options = PublishOptions::new(timeout)
             .mandatory()
-            .trace(warren_runtime::trace::for_call());
+            .trace(warren_runtime::trace::for_call())
+            .correlation(correlation);
         let published = self
             .publisher()
-            .publish_correlated(
-                &route.exchange,
-                &route.routing_key,
-                request,
-                options,
-                &correlation,
-            )
+            .publish(&route.exchange, &route.routing_key, request, options)
             .await;
         match published {
             Ok(Published::Routed) => Ok(()),

@@ -329,11 +329,10 @@ impl Served {
             correlation_id: Some(msg_id),
             ..Correlation::default()
         };
-        let options = PublishOptions::new(self.publish_timeout).mandatory();
-        let pending = match event
-            .publish_correlated("", &reply_to, reply, options, Some(&correlation))
-            .await
-        {
+        let options = PublishOptions::new(self.publish_timeout)
+            .mandatory()
+            .correlation(correlation);
+        let pending = match event.publish_with("", &reply_to, reply, options).await {
             Ok(pending) => pending,
             // A reply_to or id AMQP cannot carry: no retry can help.
             Err(error @ PublishError::Invalid(_)) => return Err(HandlerError::reject(error)),
