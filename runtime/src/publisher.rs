@@ -427,12 +427,12 @@ impl Publisher {
         }
     }
 
-    /// The error for a publish that ran out of time on `broker`.
     /// What this publisher (and every publisher sharing its window) published, per broker.
     pub fn figures(&self) -> Arc<PublishFigures> {
         self.inner.figures.clone()
     }
 
+    /// The error for a publish that ran out of time on `broker`.
     fn late(&self, broker: BrokerId, waited: Duration) -> PublishError {
         match self
             .inner
