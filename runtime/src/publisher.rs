@@ -47,6 +47,9 @@ use crate::publish_figures::PublishFigures;
 use crate::registry::ConnectionRegistry;
 use crate::trace;
 
+mod sequence;
+pub use sequence::{Declare, Sequence};
+
 /// Pause before trying again after a failed channel open or a lost publish.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
