@@ -210,7 +210,7 @@ impl Lane {
             if self.in_flight.is_empty() {
                 // Nothing owed: the lane may move to whatever channel is current.
                 self.sequence.unpin();
-            } else if self.sequence.moved() {
+            } else if self.sequence.moved() || !self.sequence.is_pinned() {
                 self.again.push_front(job);
                 return;
             }

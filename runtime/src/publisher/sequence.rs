@@ -15,6 +15,7 @@
 //! brokers (the publisher's `channel`) nor confirms' meaning (`confirm`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use lapin::options::ExchangeDeclareOptions;
 use lapin::types::FieldTable;
@@ -60,7 +61,9 @@ impl Sequence {
     /// [`Sent`] future of its confirm. Waits (within `options.timeout`) for a window slot
     /// and, unpinned, for a channel. Pinned to a channel that is gone, blocked or no longer
     /// the target's, nothing is written: `Err(Channel)`; settle what is in flight,
-    /// [`Sequence::unpin`], and write again.
+    /// [`Sequence::unpin`], and write again. Pinned, it never waits for a window slot:
+    /// with none free it returns `Err(Timeout(0))` at once, so that the caller settles
+    /// its confirms (freeing slots) rather than wait for slots it holds itself.
     pub async fn send_raw(
         &mut self,
         exchange: &str,
@@ -72,7 +75,17 @@ impl Sequence {
         let (exchange, routing_key) = confirm::address(exchange, routing_key)?;
         let deadline = Instant::now() + options.timeout;
         let publisher = self.publisher.clone();
-        let permit = publisher.permit(deadline, options.timeout).await?;
+        let permit = if self.pinned.is_some() {
+            // Something of this sequence may be in flight, holding slots that only its
+            // caller's polling frees: never wait for a slot here, or sequences that hold
+            // the whole window wait on each other until their deadlines.
+            match publisher.inner.window.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => return Err(PublishError::Timeout(Duration::ZERO)),
+            }
+        } else {
+            publisher.permit(deadline, options.timeout).await?
+        };
         let open = match &self.pinned {
             Some(open) if self.moved() => {
                 return Err(PublishError::Channel(format!(
@@ -106,7 +119,7 @@ impl Sequence {
                 if !error.is_retryable() || matches!(error, PublishError::Refused(_)) {
                     publisher.forget(&open);
                 }
-                self.pinned = None;
+                // Still pinned: what was written before may be in flight on it.
                 return Err(error);
             }
             Err(_) => return Err(publisher.late(open.broker, options.timeout)),
@@ -160,6 +173,11 @@ impl Sequence {
         lost || status.publish_blocked.is_some() || elsewhere
     }
 
+    /// Whether writes are held to one channel now.
+    pub fn is_pinned(&self) -> bool {
+        self.pinned.is_some()
+    }
+
     /// Lets the pinned channel go: the next write takes the target's current channel. Call
     /// it only with nothing in flight, or the order is lost.
     pub fn unpin(&mut self) {
@@ -171,7 +189,7 @@ impl Sequence {
         &self,
         open: &Open,
         deadline: Instant,
-        timeout: std::time::Duration,
+        timeout: Duration,
     ) -> Result<(), PublishError> {
         let bound = self.publisher.inner.operation_timeout;
         for exchange in self.declare.iter() {
