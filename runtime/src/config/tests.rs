@@ -1738,7 +1738,10 @@ fn event_pusher_keys_mirror_mongooseim_and_default_to_its_values() {
     assert_eq!(pusher.chat_msg_exchange.recv_topic, "chat_msg_recv");
     assert_eq!(pusher.lanes, 4);
     let effective = config.effective_toml();
-    assert!(effective.contains("presence_exchange.type = \"direct\""), "{effective}");
+    assert!(
+        effective.contains("presence_exchange.type = \"direct\""),
+        "{effective}"
+    );
     let again = parse(&effective).unwrap();
     assert_eq!(&again.app("event_pusher").unwrap().event_pusher, pusher);
 }
@@ -1748,19 +1751,35 @@ fn event_pusher_mistakes_are_located() {
     let head = format!("{LOCAL_ZONE}\n[apps.event_pusher]\n");
     let line = LOCAL_ZONE.lines().count() + 3;
     let refusal = refuse_pusher(&format!("{head}chat_msg_exchange.type = \"fanout\"\n"));
-    assert_at(&refusal, line, 26, "apps.event_pusher.chat_msg_exchange.type", "\"topic\" or \"direct\"");
+    assert_at(
+        &refusal,
+        line,
+        26,
+        "apps.event_pusher.chat_msg_exchange.type",
+        "\"topic\" or \"direct\"",
+    );
     let refusal = refuse_pusher(&format!("{head}lane_window = 0\n"));
-    assert_eq!(refusal.key, "apps.event_pusher.lane_window", "{}", refusal.message);
+    assert_eq!(
+        refusal.key, "apps.event_pusher.lane_window",
+        "{}",
+        refusal.message
+    );
     let refusal = refuse_pusher(&format!("{head}presence_exchange.sent_topic = \"x\"\n"));
     assert_eq!(
         refusal.key, "apps.event_pusher.presence_exchange.sent_topic",
         "{}",
         refusal.message
     );
-    let refusal = refuse_pusher(&format!("{head}groupchat_msg_exchange.recv_topic = \"a.#\"\n"));
+    let refusal = refuse_pusher(&format!(
+        "{head}groupchat_msg_exchange.recv_topic = \"a.#\"\n"
+    ));
     assert_eq!(refusal.line, line, "{}", refusal.message);
     let refusal = refuse_pusher(&format!("{head}chat_msg_exchange.nmae = \"x\"\n"));
-    assert!(matches!(refusal.problem, Problem::UnknownKey { .. }), "{}", refusal.message);
+    assert!(
+        matches!(refusal.problem, Problem::UnknownKey { .. }),
+        "{}",
+        refusal.message
+    );
     // The pusher's keys belong to its section only.
     let refusal = refuse_pusher(&format!("{LOCAL_ZONE}\n[apps.echo]\nlanes = 4\n"));
     assert_eq!(refusal.key, "apps.echo.lanes", "{}", refusal.message);

@@ -20,6 +20,7 @@ use std::time::Duration;
 use lapin::options::ExchangeDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, ExchangeKind};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{Open, Publisher, Sent, Target};
@@ -41,6 +42,9 @@ pub struct Sequence {
     publisher: Publisher,
     pinned: Option<Open>,
     declare: Arc<[Declare]>,
+    /// The registry's changes: while none came since the channel was found current,
+    /// [`Sequence::moved`] needs no look at the registry (it runs once per write).
+    changes: watch::Receiver<u64>,
 }
 
 impl Publisher {
@@ -51,6 +55,7 @@ impl Publisher {
             publisher: self.clone(),
             pinned: None,
             declare: declare.into(),
+            changes: self.inner.registry.subscribe(),
         }
     }
 }
@@ -86,8 +91,9 @@ impl Sequence {
         } else {
             publisher.permit(deadline, options.timeout).await?
         };
+        let moved = self.moved();
         let open = match &self.pinned {
-            Some(open) if self.moved() => {
+            Some(open) if moved => {
                 return Err(PublishError::Channel(format!(
                     "the sequence's channel on broker {} is gone",
                     open.broker
@@ -95,6 +101,7 @@ impl Sequence {
             }
             Some(open) => open.clone(),
             None => {
+                self.changes.mark_unchanged();
                 let open = publisher.channel(deadline, options.timeout).await?;
                 self.declare_on(&open, deadline, options.timeout).await?;
                 self.pinned = Some(open.clone());
@@ -155,10 +162,17 @@ impl Sequence {
     /// Whether the pinned channel can no longer take writes in order: it is gone (its
     /// connection's generation changed, or it closed), its broker blocks publishing, or it
     /// is no longer the target's (the primary moved). False when unpinned.
-    pub fn moved(&self) -> bool {
+    pub fn moved(&mut self) -> bool {
         let Some(open) = &self.pinned else {
             return false;
         };
+        if !open.channel.status().connected() {
+            return true;
+        }
+        // Nothing changed in the registry since the channel was found current.
+        if matches!(self.changes.has_changed(), Ok(false)) {
+            return false;
+        }
         let registry = &self.publisher.inner.registry;
         let Some(status) = registry.status(open.broker) else {
             return true;
@@ -170,7 +184,11 @@ impl Sequence {
             Target::Primary => registry.primary().map(|b| b.id) != Some(open.broker),
             Target::Broker(broker) => broker != open.broker,
         };
-        lost || status.publish_blocked.is_some() || elsewhere
+        let moved = lost || status.publish_blocked.is_some() || elsewhere;
+        if !moved {
+            self.changes.mark_unchanged();
+        }
+        moved
     }
 
     /// Whether writes are held to one channel now.
