@@ -23,7 +23,7 @@ use lapin::{BasicProperties, ExchangeKind};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{Open, Publisher, Sent, Target};
+use super::{Open, Outgoing, Publisher, Sent, Target, start_write};
 use crate::confirm::{self, PublishError, PublishOptions};
 
 /// An exchange a sequence declares on each channel it adopts, before its first write there.
@@ -63,7 +63,9 @@ impl Publisher {
 impl Sequence {
     /// Writes a body as it is on the pinned channel (or, unpinned, on the target's current
     /// channel, which it then pins after declaring the exchanges there) and returns the
-    /// [`Sent`] future of its confirm. Waits (within `options.timeout`) for a window slot
+    /// [`Sent`] future of its confirm. The message's frames are queued on the channel
+    /// before this returns (so successive calls keep their order); the socket write and
+    /// the confirm are the `Sent` future's to wait for, and a failed write is its error. Waits (within `options.timeout`) for a window slot
     /// and, unpinned, for a channel. Pinned to a channel that is gone, blocked or no longer
     /// the target's, nothing is written: `Err(Channel)`; settle what is in flight,
     /// [`Sequence::unpin`], and write again. Pinned, it never waits for a window slot:
@@ -108,28 +110,25 @@ impl Sequence {
                 open
             }
         };
-        let written = tokio::time::timeout_at(
-            deadline,
-            confirm::write(
-                &open.channel,
-                exchange,
-                routing_key,
-                body,
-                properties,
-                options.mandatory,
-            ),
-        )
-        .await;
-        let confirm = match written {
-            Ok(Ok(confirm)) => confirm,
-            Ok(Err(error)) => {
+        // The frames are queued now, in the order of the calls; the socket write is the
+        // `Sent` future's to wait for, so that a lane keeps many writes going (one thread
+        // hop per message, not a round trip to the I/O loop before the next write).
+        let outgoing = Outgoing {
+            exchange,
+            routing_key,
+            body: body.to_vec(),
+            properties,
+            mandatory: options.mandatory,
+        };
+        let write = match start_write(&open, &outgoing) {
+            Ok(write) => write,
+            Err(error) => {
                 if !error.is_retryable() || matches!(error, PublishError::Refused(_)) {
                     publisher.forget(&open);
                 }
                 // Still pinned: what was written before may be in flight on it.
                 return Err(error);
             }
-            Err(_) => return Err(publisher.late(open.broker, options.timeout)),
         };
         if publisher.target == Target::Primary {
             *publisher.inner.last_primary.write() = Some(open.broker);
@@ -138,15 +137,18 @@ impl Sequence {
         let broker = open.broker;
         let future = async move {
             let _permit = permit;
-            let answer =
-                match tokio::time::timeout_at(deadline, confirm::confirmation(confirm)).await {
-                    Ok(Err(error @ PublishError::Refused(_))) => {
-                        publisher.forget(&open);
-                        Err(error)
-                    }
-                    Ok(result) => result,
-                    Err(_) => Err(publisher.late(open.broker, timeout)),
-                };
+            let confirmed = async {
+                let confirm = write.await?;
+                confirm::confirmation(confirm).await
+            };
+            let answer = match tokio::time::timeout_at(deadline, confirmed).await {
+                Ok(Err(error @ PublishError::Refused(_))) => {
+                    publisher.forget(&open);
+                    Err(error)
+                }
+                Ok(result) => result,
+                Err(_) => Err(publisher.late(open.broker, timeout)),
+            };
             publisher
                 .inner
                 .figures
