@@ -149,6 +149,7 @@ async fn warren_listener(node: &Node, queue: &str) -> f64 {
         "bench",
         context,
         AppConfig {
+            event_pusher: Default::default(),
             name: "bench".to_string(),
             enabled: true,
             quorum_queues: false,

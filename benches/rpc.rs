@@ -244,6 +244,7 @@ async fn start_pool(node: &Node) -> ListenerPool {
         "bench",
         node.context().clone(),
         AppConfig {
+            event_pusher: Default::default(),
             name: "bench".to_string(),
             enabled: true,
             quorum_queues: false,

@@ -189,6 +189,7 @@ async fn start_warren(node: &Node, topic: &str) -> (AppContext, Vec<ListenerHand
         "bench",
         node.context().clone(),
         AppConfig {
+            event_pusher: Default::default(),
             name: "bench".to_string(),
             enabled: true,
             quorum_queues: false,

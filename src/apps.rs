@@ -9,6 +9,7 @@ fn catalog() -> Vec<Box<dyn App>> {
     vec![
         Box::new(warren_app_skel::Skel),
         Box::new(warren_app_echo::Echo),
+        Box::new(warren_app_event_pusher::EventPusherApp::default()),
     ]
 }
 

@@ -48,6 +48,7 @@ pub async fn call(call: Call<'_>) -> ExitCode {
         env!("CARGO_PKG_VERSION"),
         node.context().clone(),
         AppConfig {
+            event_pusher: Default::default(),
             name: "call".to_string(),
             enabled: true,
             quorum_queues: false,

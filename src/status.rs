@@ -74,6 +74,7 @@ async fn ask(node: &Node, status: &Status<'_>) -> ExitCode {
         env!("CARGO_PKG_VERSION"),
         node.context().clone(),
         AppConfig {
+            event_pusher: Default::default(),
             name: "status".to_string(),
             enabled: true,
             quorum_queues: false,

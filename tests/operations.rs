@@ -23,6 +23,7 @@ fn ops_app(node: &Node) -> AppContext {
         "0.0.0-test",
         node.context().clone(),
         AppConfig {
+            event_pusher: Default::default(),
             name: "ops".to_string(),
             enabled: true,
             quorum_queues: false,

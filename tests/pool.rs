@@ -39,6 +39,7 @@ async fn pool(
         "0.0.0-test",
         context,
         AppConfig {
+            event_pusher: Default::default(),
             name: name.to_string(),
             enabled: true,
             quorum_queues: false,

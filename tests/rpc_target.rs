@@ -41,6 +41,7 @@ async fn pool(node: &Node) -> ListenerPool {
         "0.0.0-test",
         node.context().clone(),
         AppConfig {
+            event_pusher: Default::default(),
             name: "caller".to_string(),
             enabled: true,
             quorum_queues: false,

@@ -15,8 +15,20 @@ pub use crate::router::{ConfigEvent, ConfigRouter, Subscription};
 pub use crate::target::{
     MethodResult, Notification, NotificationListener, RemoteError, RpcServer, Target, TargetError,
 };
+pub use lapin::{BasicProperties, ExchangeKind};
 pub use warren_runtime::assignments::ChannelKind;
+pub use warren_runtime::broker::{BrokerId, Role};
+pub use warren_runtime::config::{EventPusherConfig, PusherExchange, PusherExchangeKind};
 pub use warren_runtime::confirm::{PublishError, PublishOptions};
 pub use warren_runtime::envelope::Envelope;
+/// Routes an app serves on the node's HTTP endpoint (`AppContext::node.http`).
+pub use warren_runtime::http::{HttpRoutes, RouteTaken};
+/// An app's own figures at each scrape of `/metrics` (`AppContext::node.metrics`).
+pub use warren_runtime::metrics::{
+    Histogram, Metrics, MetricsEntry, Report, Source as MetricsSource,
+};
+/// Publishing in order with many messages in flight, and what it needs (apps/event_pusher).
+pub use warren_runtime::publisher::{Declare, Publisher, Sent, Sequence};
+pub use warren_runtime::registry::ConnectionRegistry;
 pub use warren_runtime::supervisor::ChildSpec;
 pub use warren_runtime::trace::{SpanId, TraceContext, TraceId};

@@ -12,6 +12,7 @@
 mod effective;
 mod error;
 mod locate;
+mod pusher;
 mod raw;
 mod read;
 mod validate;
@@ -343,6 +344,90 @@ pub struct AppConfig {
     pub federate: bool,
     /// The app's pool, its absent keys taken from `[pool]`.
     pub pool: PoolConfig,
+    /// `[apps.event_pusher]`'s own keys (MongooseIM's `mod_event_pusher_rabbit` names);
+    /// the defaults for any other app, which may not set them.
+    pub event_pusher: EventPusherConfig,
+}
+
+/// The exchange of one kind of apps/event_pusher's events: MongooseIM's
+/// `presence_exchange` / `chat_msg_exchange` / `groupchat_msg_exchange`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PusherExchange {
+    /// `name`.
+    pub name: String,
+    /// `type`: `topic` (MongooseIM's default) or `direct` (faster past ~100k users).
+    pub kind: PusherExchangeKind,
+    /// `sent_topic` (messages only): the routing key's suffix of a sent message.
+    pub sent_topic: String,
+    /// `recv_topic` (messages only): the routing key's suffix of a received message.
+    pub recv_topic: String,
+}
+
+/// The AMQP type of an event exchange.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PusherExchangeKind {
+    Topic,
+    Direct,
+}
+
+impl PusherExchangeKind {
+    /// The name config.ini and AMQP use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PusherExchangeKind::Topic => "topic",
+            PusherExchangeKind::Direct => "direct",
+        }
+    }
+}
+
+/// `[apps.event_pusher]`: where chat-server events go and how they are published.
+///
+/// It exists so that the event pusher is configured with MongooseIM's key names
+/// (consumers written for MongooseIM keep working) and checked like every other section.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventPusherConfig {
+    pub presence_exchange: PusherExchange,
+    pub chat_msg_exchange: PusherExchange,
+    pub groupchat_msg_exchange: PusherExchange,
+    /// Ordered lanes events are spread over by bare JID (`lanes`).
+    pub lanes: usize,
+    /// Events in flight (written, confirm owed) per lane (`lane_window`).
+    pub lane_window: usize,
+    /// Largest `POST /events` body accepted (`max_request_bytes`).
+    pub max_request_bytes: usize,
+    /// Most events in one `POST /events` (`max_batch`).
+    pub max_batch: usize,
+    /// Events are published persistent (delivery mode 2) (`persistent`).
+    pub persistent: bool,
+    /// Exchanges are declared durable (`durable_exchanges`).
+    pub durable_exchanges: bool,
+}
+
+impl Default for EventPusherConfig {
+    /// MongooseIM's names and types; warren's lanes.
+    fn default() -> Self {
+        let exchange = |name: &str, sent: &str, recv: &str| PusherExchange {
+            name: name.to_string(),
+            kind: PusherExchangeKind::Topic,
+            sent_topic: sent.to_string(),
+            recv_topic: recv.to_string(),
+        };
+        EventPusherConfig {
+            presence_exchange: exchange("presence", "", ""),
+            chat_msg_exchange: exchange("chat_msg", "chat_msg_sent", "chat_msg_recv"),
+            groupchat_msg_exchange: exchange(
+                "groupchat_msg",
+                "groupchat_msg_sent",
+                "groupchat_msg_recv",
+            ),
+            lanes: raw::PUSHER_LANES,
+            lane_window: raw::PUSHER_LANE_WINDOW,
+            max_request_bytes: raw::PUSHER_MAX_REQUEST_BYTES,
+            max_batch: raw::PUSHER_MAX_BATCH,
+            persistent: true,
+            durable_exchanges: true,
+        }
+    }
 }
 
 impl Config {

@@ -5,11 +5,13 @@
 //! - `GET /health/live`: 200 while the supervision tree runs, 503 once it gave up;
 //! - `GET /health/ready`: 200 when a local broker is up (there is a primary) and every
 //!   listener, pool worker and the router consume; 503 with the reason otherwise;
-//! - `GET /status`: the node, its brokers and the state of each part, as JSON.
+//! - `GET /status`: the node, its brokers and the state of each part, as JSON;
+//! - the routes apps mounted through [`HttpRoutes`] while the node built them (e.g.
+//!   apps/event_pusher's `POST /events`), served beside the operator's.
 //!
 //! The socket is bound before the tree starts, so a port in use is a start error naming
 //! the address. Owns the HTTP server and its shutdown; must not touch what it reports
-//! (the registry, readiness and metrics own that).
+//! (the registry, readiness and metrics own that) nor what mounted routes do (their app's).
 
 use std::net::SocketAddr;
 
@@ -29,6 +31,56 @@ use crate::readiness::Readiness;
 use crate::registry::ConnectionRegistry;
 use crate::supervisor::SupervisorMsg;
 
+/// Routes apps add to the node's HTTP server (`[http] listen`).
+///
+/// It exists so that an app can take requests on the node's one HTTP server without a
+/// server of its own: apps mount their routes while the node builds them, the server
+/// serves them from its start. A route that clashes with the operator's (`/metrics`,
+/// `/health/*`, `/status`) or with another app's is refused at mount time. Without
+/// `[http] listen` nothing is served and mounted routes are dropped.
+#[derive(Clone, Default)]
+pub struct HttpRoutes {
+    mounted: std::sync::Arc<parking_lot::Mutex<Vec<(String, Router)>>>,
+}
+
+/// A route an app tried to mount clashes with one already there.
+#[derive(Debug, thiserror::Error)]
+#[error("HTTP path `{path}` is taken")]
+pub struct RouteTaken {
+    pub path: String,
+}
+
+/// Paths the operator endpoint serves itself.
+const OPERATOR_PATHS: [&str; 4] = ["/metrics", "/health/live", "/health/ready", "/status"];
+
+impl HttpRoutes {
+    /// Adds `router`, which serves `path` (the path it was built with; one per call).
+    pub fn mount(&self, path: &str, router: Router) -> Result<(), RouteTaken> {
+        let mut mounted = self.mounted.lock();
+        let taken = OPERATOR_PATHS.contains(&path) || mounted.iter().any(|(p, _)| p == path);
+        if taken {
+            return Err(RouteTaken {
+                path: path.to_string(),
+            });
+        }
+        mounted.push((path.to_string(), router));
+        Ok(())
+    }
+
+    /// The paths mounted so far.
+    pub fn paths(&self) -> Vec<String> {
+        self.mounted.lock().iter().map(|(p, _)| p.clone()).collect()
+    }
+
+    /// Every mounted router merged into `app`.
+    fn merge_into(&self, mut app: Router) -> Router {
+        for (_, router) in self.mounted.lock().iter() {
+            app = app.merge(router.clone());
+        }
+        app
+    }
+}
+
 /// What the endpoint reads to answer.
 #[derive(Clone)]
 pub struct Observed {
@@ -38,6 +90,8 @@ pub struct Observed {
     pub registry: ConnectionRegistry,
     /// The root supervisor, once the tree started.
     pub root: std::sync::Arc<ActorSlot<SupervisorMsg>>,
+    /// What apps mounted.
+    pub routes: HttpRoutes,
 }
 
 /// The running endpoint. It exists so that the node stops it with the tree.
@@ -64,12 +118,15 @@ impl HttpEndpoint {
         let bound = listener
             .local_addr()
             .map_err(|source| BindError { address, source })?;
-        let app = Router::new()
+        let routes = observed.routes.clone();
+        let operator = Router::new()
             .route("/metrics", get(metrics))
             .route("/health/live", get(live))
             .route("/health/ready", get(ready))
             .route("/status", get(status))
             .with_state(observed);
+        let app = routes.merge_into(operator);
+        let paths = routes.paths();
         let (shutdown, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let served = axum::serve(listener, app)
@@ -81,7 +138,7 @@ impl HttpEndpoint {
                 tracing::warn!(%error, "the HTTP endpoint stopped");
             }
         });
-        tracing::info!(address = %bound, "HTTP endpoint serving /metrics, /health/live, /health/ready, /status");
+        tracing::info!(address = %bound, apps = ?paths, "HTTP endpoint serving /metrics, /health/live, /health/ready, /status");
         Ok(HttpEndpoint {
             address: bound,
             shutdown: Some(shutdown),

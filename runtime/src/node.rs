@@ -28,7 +28,7 @@ use crate::config::{Config, ListenerSettings, PoolConfig, RouterConfig, RpcConfi
 use crate::connection_actor::ConnectionSettings;
 use crate::connections::Connections;
 use crate::envelope::Stamp;
-use crate::http::{HttpEndpoint, Observed};
+use crate::http::{HttpEndpoint, HttpRoutes, Observed};
 use crate::metrics::{Metrics, MetricsEntry};
 use crate::publisher::Publisher;
 use crate::readiness::Readiness;
@@ -64,6 +64,8 @@ pub struct NodeContext {
     pub metrics: Metrics,
     /// The root supervisor, once the tree started: for the status document's tree.
     pub root: Arc<ActorSlot<SupervisorMsg>>,
+    /// Routes apps add to the HTTP endpoint (`[http] listen`) while they are built.
+    pub http: HttpRoutes,
 }
 
 /// What a caller adds to the tree: services (the configuration-event router) start after
@@ -160,6 +162,7 @@ impl Node {
             readiness: Readiness::default(),
             metrics: metrics.clone(),
             root: Arc::default(),
+            http: HttpRoutes::default(),
         };
         let Children { services, apps } = children(&context)
             .map_err(|error| StartError::Refused(error.to_string()))?
@@ -178,6 +181,7 @@ impl Node {
                     readiness: context.readiness.clone(),
                     registry: registry.clone(),
                     root: context.root.clone(),
+                    routes: context.http.clone(),
                 };
                 let endpoint = HttpEndpoint::start(address, observed)
                     .await

@@ -47,6 +47,9 @@ use crate::publish_figures::PublishFigures;
 use crate::registry::ConnectionRegistry;
 use crate::trace;
 
+mod sequence;
+pub use sequence::{Declare, Sequence};
+
 /// Pause before trying again after a failed channel open or a lost publish.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
@@ -95,6 +98,50 @@ struct Open {
     broker: BrokerId,
     /// The publish connection's generation.
     generation: u64,
+    /// Held while a message takes its delivery tag and queues its frames (see
+    /// [`start_write`]).
+    write_lock: Arc<parking_lot::Mutex<()>>,
+}
+
+/// The rest of a write [`start_write`] began: the I/O loop's write of the frames.
+type Writing = Pin<Box<dyn Future<Output = Result<PublisherConfirm, PublishError>> + Send>>;
+
+/// Starts writing one message on `open`: it takes its delivery tag and queues its frames
+/// under the channel's write lock, and the returned future waits for the I/O loop to
+/// write them. lapin takes a publish's delivery tag and queues its frames under two
+/// separate locks, so two tasks publishing on one channel at once can put their frames
+/// on the wire in the other order than their tags: the broker's confirm of one is then
+/// taken for the other's, and a message the broker never confirmed (lost with a killed
+/// broker) reads as confirmed. Under one lock per channel, wire order is tag order.
+/// Writes started one after the other by one task reach the broker in that order.
+fn start_write(open: &Open, outgoing: &Outgoing) -> Result<Writing, PublishError> {
+    let channel = open.channel.clone();
+    let (exchange, routing_key) = (outgoing.exchange.clone(), outgoing.routing_key.clone());
+    let (body, properties) = (outgoing.body.clone(), outgoing.properties.clone());
+    let mandatory = outgoing.mandatory;
+    let mut write: Writing = Box::pin(async move {
+        confirm::write(
+            &channel,
+            exchange,
+            routing_key,
+            &body,
+            properties,
+            mandatory,
+        )
+        .await
+    });
+    // lapin does both in the publish's first poll, before it waits for the I/O loop.
+    let first = {
+        let _queueing = open.write_lock.lock();
+        write
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+    };
+    match first {
+        Poll::Pending => Ok(write),
+        Poll::Ready(Ok(confirm)) => Ok(Box::pin(async move { Ok(confirm) })),
+        Poll::Ready(Err(error)) => Err(error),
+    }
 }
 
 /// A message written by [`Publisher::send`]: resolves to the broker's answer within what
@@ -388,18 +435,10 @@ impl Publisher {
                 }
                 Err(error) => return Err(error),
             };
-            let written = tokio::time::timeout_at(
-                deadline,
-                confirm::write(
-                    &open.channel,
-                    outgoing.exchange.clone(),
-                    outgoing.routing_key.clone(),
-                    &outgoing.body,
-                    outgoing.properties.clone(),
-                    outgoing.mandatory,
-                ),
-            )
-            .await;
+            let written = match start_write(&open, outgoing) {
+                Ok(writing) => tokio::time::timeout_at(deadline, writing).await,
+                Err(error) => Ok(Err(error)),
+            };
             match written {
                 Ok(Ok(confirm)) => {
                     if self.target == Target::Primary {
@@ -570,6 +609,7 @@ impl Publisher {
                     channel: taken.channel,
                     broker: taken.broker,
                     generation: taken.generation,
+                    write_lock: Arc::default(),
                 };
                 tracing::debug!(%broker, generation = open.generation, "publishing to this broker");
                 if let Some(slot) = self.inner.channels.write().get_mut(broker.0) {

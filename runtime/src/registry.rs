@@ -119,6 +119,14 @@ fn tried_list(tried: &[(String, String, Option<String>)]) -> String {
 }
 
 /// How often one of a broker's connections opened, was lost and failed to open.
+/// A copy of one connection's counts: opened, lost, failed attempts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionTally {
+    pub opened: u64,
+    pub lost: u64,
+    pub failed: u64,
+}
+
 #[derive(Default)]
 struct ConnectionCounts {
     opened: AtomicU64,
@@ -261,6 +269,18 @@ impl ConnectionRegistry {
     /// Every configured broker, local zone first.
     pub fn brokers(&self) -> &[Arc<Broker>] {
         &self.inner.brokers
+    }
+
+    /// How often one of `broker`'s connections opened, was lost and failed to connect
+    /// (what `warren_broker_connections_*` report), for parts that report them under
+    /// names of their own (apps/event_pusher's MongooseIM-named metrics).
+    pub fn connection_counts(&self, broker: BrokerId, role: Role) -> Option<ConnectionTally> {
+        let counts = self.inner.counts.get(broker.0)?.get(role_index(role))?;
+        Some(ConnectionTally {
+            opened: counts.opened.load(Ordering::Relaxed),
+            lost: counts.lost.load(Ordering::Relaxed),
+            failed: counts.failed.load(Ordering::Relaxed),
+        })
     }
 
     /// One broker by id.

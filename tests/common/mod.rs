@@ -87,6 +87,7 @@ pub fn app_context(node: &Node, name: &str) -> AppContext {
         "0.0.0-test",
         context,
         AppConfig {
+            event_pusher: Default::default(),
             name: name.to_string(),
             enabled: true,
             quorum_queues: false,

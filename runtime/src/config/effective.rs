@@ -136,8 +136,53 @@ fn write_config(out: &mut String, config: &Config) -> fmt::Result {
         key(out, "quorum_queues", app.quorum_queues)?;
         key(out, "federate", app.federate)?;
         pool_lines(out, "pool_", &app.pool)?;
+        if app.name == super::pusher::APP {
+            pusher_lines(out, &app.event_pusher)?;
+        }
     }
     Ok(())
+}
+
+/// `[apps.event_pusher]`'s own keys, MongooseIM's dotted names for the exchanges.
+fn pusher_lines(out: &mut String, pusher: &super::EventPusherConfig) -> fmt::Result {
+    for (field, exchange, topics) in [
+        ("presence_exchange", &pusher.presence_exchange, false),
+        ("chat_msg_exchange", &pusher.chat_msg_exchange, true),
+        (
+            "groupchat_msg_exchange",
+            &pusher.groupchat_msg_exchange,
+            true,
+        ),
+    ] {
+        key(
+            out,
+            &format!("{field}.name"),
+            format!("{:?}", exchange.name),
+        )?;
+        key(
+            out,
+            &format!("{field}.type"),
+            format!("{:?}", exchange.kind.as_str()),
+        )?;
+        if topics {
+            key(
+                out,
+                &format!("{field}.sent_topic"),
+                format!("{:?}", exchange.sent_topic),
+            )?;
+            key(
+                out,
+                &format!("{field}.recv_topic"),
+                format!("{:?}", exchange.recv_topic),
+            )?;
+        }
+    }
+    key(out, "lanes", pusher.lanes)?;
+    key(out, "lane_window", pusher.lane_window)?;
+    key(out, "max_request_bytes", pusher.max_request_bytes)?;
+    key(out, "max_batch", pusher.max_batch)?;
+    key(out, "persistent", pusher.persistent)?;
+    key(out, "durable_exchanges", pusher.durable_exchanges)
 }
 
 /// The three pool keys, named `size`/`overflow` in `[pool]` and `pool_size`/`pool_overflow`

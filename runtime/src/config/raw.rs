@@ -54,6 +54,14 @@ pub(super) const ANONYMOUS_QUEUE_EXPIRY_MS: u32 = 600_000;
 pub(super) const PUBLISHER_TIMEOUT_MS: u64 = 5000;
 /// `[publisher] confirm_window`.
 pub(super) const CONFIRM_WINDOW: usize = 1000;
+/// `[apps.event_pusher] lanes`.
+pub(super) const PUSHER_LANES: usize = 8;
+/// `[apps.event_pusher] lane_window`.
+pub(super) const PUSHER_LANE_WINDOW: usize = 128;
+/// `[apps.event_pusher] max_request_bytes` (1 MiB).
+pub(super) const PUSHER_MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// `[apps.event_pusher] max_batch`.
+pub(super) const PUSHER_MAX_BATCH: usize = 1000;
 /// `[router] exchange`.
 pub(super) const ROUTER_EXCHANGE: &str = "configuration";
 /// `[router] buffer`.
@@ -305,6 +313,18 @@ pub(super) struct RawPool {
     pub idle_timeout_ms: Option<Spanned<u64>>,
 }
 
+/// `[apps.event_pusher] presence_exchange` / `chat_msg_exchange` / `groupchat_msg_exchange`
+/// (a table, or dotted keys `presence_exchange.name = "…"` as MongooseIM writes them).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPusherExchange {
+    pub name: Option<Spanned<String>>,
+    #[serde(rename = "type")]
+    pub kind: Option<Spanned<String>>,
+    pub sent_topic: Option<Spanned<String>>,
+    pub recv_topic: Option<Spanned<String>>,
+}
+
 /// `[rpc]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -336,4 +356,14 @@ pub(super) struct RawApp {
     pub pool_overflow: Option<usize>,
     pub checkout_timeout_ms: Option<Spanned<u64>>,
     pub idle_timeout_ms: Option<Spanned<u64>>,
+    // apps/event_pusher only (MongooseIM's mod_event_pusher_rabbit names):
+    pub presence_exchange: Option<Spanned<RawPusherExchange>>,
+    pub chat_msg_exchange: Option<Spanned<RawPusherExchange>>,
+    pub groupchat_msg_exchange: Option<Spanned<RawPusherExchange>>,
+    pub lanes: Option<Spanned<usize>>,
+    pub lane_window: Option<Spanned<usize>>,
+    pub max_request_bytes: Option<Spanned<usize>>,
+    pub max_batch: Option<Spanned<usize>>,
+    pub persistent: Option<Spanned<bool>>,
+    pub durable_exchanges: Option<Spanned<bool>>,
 }

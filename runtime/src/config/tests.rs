@@ -1677,3 +1677,110 @@ fn a_bad_rpc_key_is_named_with_its_line() {
         assert_eq!(refusal.line, lines + 2, "{}", refusal.message);
     }
 }
+
+// ---------------------------------------------------------------- [apps.event_pusher]
+
+const PUSHER_APPS: &[&str] = &["echo", "event_pusher"];
+
+fn refuse_pusher(text: &str) -> Refusal {
+    let err = Config::parse(text, Path::new("config.ini"), PUSHER_APPS, None)
+        .expect_err("the file should be refused");
+    let message = err.to_string();
+    match err {
+        ConfigError::Invalid {
+            line,
+            column,
+            key,
+            problem,
+            ..
+        } => Refusal {
+            line,
+            column,
+            key,
+            problem,
+            message,
+        },
+        ConfigError::Read { .. } => panic!("unexpected read error: {message}"),
+    }
+}
+
+#[test]
+fn event_pusher_keys_mirror_mongooseim_and_default_to_its_values() {
+    let parse = |text: &str| Config::parse(text, Path::new("config.ini"), PUSHER_APPS, None);
+    let config = parse(&format!("{LOCAL_ZONE}\n[apps.event_pusher]\n")).unwrap();
+    let pusher = &config.app("event_pusher").unwrap().event_pusher;
+    assert_eq!(pusher, &EventPusherConfig::default());
+    assert_eq!(
+        (
+            pusher.presence_exchange.name.as_str(),
+            pusher.chat_msg_exchange.name.as_str(),
+            pusher.chat_msg_exchange.sent_topic.as_str(),
+            pusher.groupchat_msg_exchange.recv_topic.as_str(),
+            pusher.groupchat_msg_exchange.kind
+        ),
+        (
+            "presence",
+            "chat_msg",
+            "chat_msg_sent",
+            "groupchat_msg_recv",
+            PusherExchangeKind::Topic
+        )
+    );
+    let text = format!(
+        "{LOCAL_ZONE}\n[apps.event_pusher]\npresence_exchange.name = \"pres\"\n\
+         presence_exchange.type = \"direct\"\nchat_msg_exchange.sent_topic = \"out\"\nlanes = 4\n"
+    );
+    let config = parse(&text).unwrap();
+    let pusher = &config.app("event_pusher").unwrap().event_pusher;
+    assert_eq!(pusher.presence_exchange.name, "pres");
+    assert_eq!(pusher.presence_exchange.kind, PusherExchangeKind::Direct);
+    assert_eq!(pusher.chat_msg_exchange.sent_topic, "out");
+    assert_eq!(pusher.chat_msg_exchange.recv_topic, "chat_msg_recv");
+    assert_eq!(pusher.lanes, 4);
+    let effective = config.effective_toml();
+    assert!(
+        effective.contains("presence_exchange.type = \"direct\""),
+        "{effective}"
+    );
+    let again = parse(&effective).unwrap();
+    assert_eq!(&again.app("event_pusher").unwrap().event_pusher, pusher);
+}
+
+#[test]
+fn event_pusher_mistakes_are_located() {
+    let head = format!("{LOCAL_ZONE}\n[apps.event_pusher]\n");
+    let line = LOCAL_ZONE.lines().count() + 3;
+    let refusal = refuse_pusher(&format!("{head}chat_msg_exchange.type = \"fanout\"\n"));
+    assert_at(
+        &refusal,
+        line,
+        26,
+        "apps.event_pusher.chat_msg_exchange.type",
+        "\"topic\" or \"direct\"",
+    );
+    let refusal = refuse_pusher(&format!("{head}lane_window = 0\n"));
+    assert_eq!(
+        refusal.key, "apps.event_pusher.lane_window",
+        "{}",
+        refusal.message
+    );
+    let refusal = refuse_pusher(&format!("{head}presence_exchange.sent_topic = \"x\"\n"));
+    assert_eq!(
+        refusal.key, "apps.event_pusher.presence_exchange.sent_topic",
+        "{}",
+        refusal.message
+    );
+    let refusal = refuse_pusher(&format!(
+        "{head}groupchat_msg_exchange.recv_topic = \"a.#\"\n"
+    ));
+    assert_eq!(refusal.line, line, "{}", refusal.message);
+    let refusal = refuse_pusher(&format!("{head}chat_msg_exchange.nmae = \"x\"\n"));
+    assert!(
+        matches!(refusal.problem, Problem::UnknownKey { .. }),
+        "{}",
+        refusal.message
+    );
+    // The pusher's keys belong to its section only.
+    let refusal = refuse_pusher(&format!("{LOCAL_ZONE}\n[apps.echo]\nlanes = 4\n"));
+    assert_eq!(refusal.key, "apps.echo.lanes", "{}", refusal.message);
+}

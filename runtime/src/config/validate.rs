@@ -724,7 +724,9 @@ fn apps(
             &format!("{key}.idle_timeout_ms"),
             source,
         )?;
+        let event_pusher = super::pusher::event_pusher(name.get_ref(), app, &key, source)?;
         apps.push(AppConfig {
+            event_pusher,
             name: name.get_ref().clone(),
             enabled: app.enabled.unwrap_or(true),
             quorum_queues: app.quorum_queues.unwrap_or(false),
@@ -741,7 +743,7 @@ fn apps(
 }
 
 /// The value of a key that must not be zero, or its default when absent.
-fn positive<T>(
+pub(super) fn positive<T>(
     value: Option<&Spanned<T>>,
     default: T,
     key: &str,

@@ -1,0 +1,249 @@
+//! Ordered publishing: a [`Sequence`] keeps its writes on one channel, so that the broker
+//! routes them in the order they were written, and declares the exchanges it publishes to
+//! on every channel it adopts.
+//!
+//! A publisher's plain [`Publisher::send`] takes whatever channel is current for each
+//! message: two messages written one after the other can land on two channels (the first
+//! one died in between) and a retry of the first then comes after the second. A sequence
+//! never does that: it pins the channel of its first write and writes there until the
+//! caller, having settled everything in flight, lets it go ([`Sequence::unpin`]). Over one
+//! channel (one TCP stream), what the broker routed before a loss is a prefix of what was
+//! written, so re-sending from the first unconfirmed message keeps the order (with
+//! duplicates of that prefix: at least once).
+//!
+//! Owns the pinned channel and the exchanges declared on it. Must not touch the choice of
+//! brokers (the publisher's `channel`) nor confirms' meaning (`confirm`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::ExchangeDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, ExchangeKind};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{Open, Outgoing, Publisher, Sent, Target, start_write};
+use crate::confirm::{self, PublishError, PublishOptions};
+
+/// An exchange a sequence declares on each channel it adopts, before its first write there.
+#[derive(Clone, Debug)]
+pub struct Declare {
+    pub name: String,
+    pub kind: ExchangeKind,
+    pub durable: bool,
+}
+
+/// Writes kept on one channel, in order; see the module docs.
+///
+/// It exists for publishers that promise an order (apps/event_pusher's lanes: one user's
+/// events in the order they were accepted) while keeping many messages in flight.
+pub struct Sequence {
+    publisher: Publisher,
+    pinned: Option<Open>,
+    declare: Arc<[Declare]>,
+    /// The registry's changes: while none came since the channel was found current,
+    /// [`Sequence::moved`] needs no look at the registry (it runs once per write).
+    changes: watch::Receiver<u64>,
+}
+
+impl Publisher {
+    /// A sequence on this publisher's target, sharing its confirm window and figures, that
+    /// declares `declare` on every channel it adopts.
+    pub fn sequence(&self, declare: Vec<Declare>) -> Sequence {
+        Sequence {
+            publisher: self.clone(),
+            pinned: None,
+            declare: declare.into(),
+            changes: self.inner.registry.subscribe(),
+        }
+    }
+}
+
+impl Sequence {
+    /// Writes a body as it is on the pinned channel (or, unpinned, on the target's current
+    /// channel, which it then pins after declaring the exchanges there) and returns the
+    /// [`Sent`] future of its confirm. The message's frames are queued on the channel
+    /// before this returns (so successive calls keep their order); the socket write and
+    /// the confirm are the `Sent` future's to wait for, and a failed write is its error. Waits (within `options.timeout`) for a window slot
+    /// and, unpinned, for a channel. Pinned to a channel that is gone, blocked or no longer
+    /// the target's, nothing is written: `Err(Channel)`; settle what is in flight,
+    /// [`Sequence::unpin`], and write again. Pinned, it never waits for a window slot:
+    /// with none free it returns `Err(Timeout(0))` at once, so that the caller settles
+    /// its confirms (freeing slots) rather than wait for slots it holds itself.
+    pub async fn send_raw(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        options: PublishOptions,
+    ) -> Result<Sent, PublishError> {
+        let (exchange, routing_key) = confirm::address(exchange, routing_key)?;
+        let deadline = Instant::now() + options.timeout;
+        let publisher = self.publisher.clone();
+        let permit = if self.pinned.is_some() {
+            // Something of this sequence may be in flight, holding slots that only its
+            // caller's polling frees: never wait for a slot here, or sequences that hold
+            // the whole window wait on each other until their deadlines.
+            match publisher.inner.window.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => return Err(PublishError::Timeout(Duration::ZERO)),
+            }
+        } else {
+            publisher.permit(deadline, options.timeout).await?
+        };
+        let moved = self.moved();
+        let open = match &self.pinned {
+            Some(open) if moved => {
+                return Err(PublishError::Channel(format!(
+                    "the sequence's channel on broker {} is gone",
+                    open.broker
+                )));
+            }
+            Some(open) => open.clone(),
+            None => {
+                self.changes.mark_unchanged();
+                let open = publisher.channel(deadline, options.timeout).await?;
+                self.declare_on(&open, deadline, options.timeout).await?;
+                self.pinned = Some(open.clone());
+                open
+            }
+        };
+        // The frames are queued now, in the order of the calls; the socket write is the
+        // `Sent` future's to wait for, so that a lane keeps many writes going (one thread
+        // hop per message, not a round trip to the I/O loop before the next write).
+        let outgoing = Outgoing {
+            exchange,
+            routing_key,
+            body: body.to_vec(),
+            properties,
+            mandatory: options.mandatory,
+        };
+        let write = match start_write(&open, &outgoing) {
+            Ok(write) => write,
+            Err(error) => {
+                if !error.is_retryable() || matches!(error, PublishError::Refused(_)) {
+                    publisher.forget(&open);
+                }
+                // Still pinned: what was written before may be in flight on it.
+                return Err(error);
+            }
+        };
+        if publisher.target == Target::Primary {
+            *publisher.inner.last_primary.write() = Some(open.broker);
+        }
+        let (at, bytes, timeout) = (Instant::now(), body.len(), options.timeout);
+        let broker = open.broker;
+        let future = async move {
+            let _permit = permit;
+            let confirmed = async {
+                let confirm = write.await?;
+                confirm::confirmation(confirm).await
+            };
+            let answer = match tokio::time::timeout_at(deadline, confirmed).await {
+                Ok(Err(error @ PublishError::Refused(_))) => {
+                    publisher.forget(&open);
+                    Err(error)
+                }
+                Ok(result) => result,
+                Err(_) => Err(publisher.late(open.broker, timeout)),
+            };
+            publisher
+                .inner
+                .figures
+                .record(open.broker, at, bytes, &answer);
+            answer
+        };
+        Ok(Sent {
+            broker,
+            confirm: Box::pin(future),
+        })
+    }
+
+    /// Whether the pinned channel can no longer take writes in order: it is gone (its
+    /// connection's generation changed, or it closed), its broker blocks publishing, or it
+    /// is no longer the target's (the primary moved). False when unpinned.
+    pub fn moved(&mut self) -> bool {
+        let Some(open) = &self.pinned else {
+            return false;
+        };
+        if !open.channel.status().connected() {
+            return true;
+        }
+        // Nothing changed in the registry since the channel was found current.
+        if matches!(self.changes.has_changed(), Ok(false)) {
+            return false;
+        }
+        let registry = &self.publisher.inner.registry;
+        let Some(status) = registry.status(open.broker) else {
+            return true;
+        };
+        let lost = !status.publish_available
+            || status.publish_generation != open.generation
+            || !open.channel.status().connected();
+        let elsewhere = match self.publisher.target {
+            Target::Primary => registry.primary().map(|b| b.id) != Some(open.broker),
+            Target::Broker(broker) => broker != open.broker,
+        };
+        let moved = lost || status.publish_blocked.is_some() || elsewhere;
+        if !moved {
+            self.changes.mark_unchanged();
+        }
+        moved
+    }
+
+    /// Whether writes are held to one channel now.
+    pub fn is_pinned(&self) -> bool {
+        self.pinned.is_some()
+    }
+
+    /// Lets the pinned channel go: the next write takes the target's current channel. Call
+    /// it only with nothing in flight, or the order is lost.
+    pub fn unpin(&mut self) {
+        self.pinned = None;
+    }
+
+    /// Declares the sequence's exchanges on `open`, each bounded by the operation timeout.
+    async fn declare_on(
+        &self,
+        open: &Open,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), PublishError> {
+        let bound = self.publisher.inner.operation_timeout;
+        for exchange in self.declare.iter() {
+            let name = confirm::short_string("the exchange name", &exchange.name)?;
+            let declared = tokio::time::timeout_at(
+                deadline.min(Instant::now() + bound),
+                open.channel.exchange_declare(
+                    name,
+                    exchange.kind.clone(),
+                    ExchangeDeclareOptions {
+                        durable: exchange.durable,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                ),
+            )
+            .await;
+            match declared {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    self.publisher.forget(open);
+                    let what = format!("declaring exchange `{}`: {error}", exchange.name);
+                    return Err(if error.is_amqp_soft_error() {
+                        PublishError::Refused(what)
+                    } else {
+                        PublishError::Channel(what)
+                    });
+                }
+                Err(_) => {
+                    self.publisher.forget(open);
+                    return Err(PublishError::Timeout(timeout));
+                }
+            }
+        }
+        Ok(())
+    }
+}
