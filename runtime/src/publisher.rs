@@ -24,6 +24,7 @@
 //! It owns one confirm-mode channel per broker on that broker's publish connection;
 //! consumers' channels are not its business.
 
+use std::borrow::Borrow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -104,7 +105,8 @@ struct Open {
 }
 
 /// The rest of a write [`start_write`] began: the I/O loop's write of the frames.
-type Writing = Pin<Box<dyn Future<Output = Result<PublisherConfirm, PublishError>> + Send>>;
+type Writing<'a> =
+    Pin<Box<dyn Future<Output = Result<PublisherConfirm, PublishError>> + Send + 'a>>;
 
 /// Starts writing one message on `open`: it takes its delivery tag and queues its frames
 /// under the channel's write lock, and the returned future waits for the I/O loop to
@@ -114,19 +116,22 @@ type Writing = Pin<Box<dyn Future<Output = Result<PublisherConfirm, PublishError
 /// taken for the other's, and a message the broker never confirmed (lost with a killed
 /// broker) reads as confirmed. Under one lock per channel, wire order is tag order.
 /// Writes started one after the other by one task reach the broker in that order.
-fn start_write(open: &Open, outgoing: &Outgoing) -> Result<Writing, PublishError> {
+/// `outgoing` is borrowed (a retry writes it again) or owned (a write that outlives its
+/// caller); either way the body is copied once, into the frames.
+fn start_write<'a>(
+    open: &Open,
+    outgoing: impl Borrow<Outgoing> + Send + 'a,
+) -> Result<Writing<'a>, PublishError> {
     let channel = open.channel.clone();
-    let (exchange, routing_key) = (outgoing.exchange.clone(), outgoing.routing_key.clone());
-    let (body, properties) = (outgoing.body.clone(), outgoing.properties.clone());
-    let mandatory = outgoing.mandatory;
-    let mut write: Writing = Box::pin(async move {
+    let mut write: Writing<'a> = Box::pin(async move {
+        let outgoing = outgoing.borrow();
         confirm::write(
             &channel,
-            exchange,
-            routing_key,
-            &body,
-            properties,
-            mandatory,
+            outgoing.exchange.clone(),
+            outgoing.routing_key.clone(),
+            &outgoing.body,
+            outgoing.properties.clone(),
+            outgoing.mandatory,
         )
         .await
     });

@@ -120,7 +120,7 @@ impl Sequence {
             properties,
             mandatory: options.mandatory,
         };
-        let write = match start_write(&open, &outgoing) {
+        let write = match start_write(&open, outgoing) {
             Ok(write) => write,
             Err(error) => {
                 if !error.is_retryable() || matches!(error, PublishError::Refused(_)) {
