@@ -45,19 +45,29 @@ async fn main() {
     let queue = format!("{PREFIX}-{}", std::process::id());
     let (node, pusher) = start().await;
     let events = events();
-    let bodies: Vec<Outgoing> = events
-        .iter()
-        .map(|e| e.encode(pusher.config()).expect("encodes"))
-        .collect();
+    let bodies: Arc<Vec<Outgoing>> = Arc::new(
+        events
+            .iter()
+            .map(|e| e.encode(pusher.config()).expect("encodes"))
+            .collect(),
+    );
     let mut rounds = common::Rounds::default();
     for round in 1..=ROUNDS {
+        // Both sides publish from a runtime task, where app code runs (not the thread
+        // blocking on `main`).
         let lapin = async {
             common::fresh_queue(&channel, &exchange, &queue).await;
-            lapin_windowed(&bodies).await
+            let bodies = bodies.clone();
+            tokio::spawn(async move { lapin_windowed(&bodies).await })
+                .await
+                .expect("the lapin publisher")
         };
         let warren = async {
             common::fresh_queue(&channel, &exchange, &queue).await;
-            warren_api(&pusher, &events).await
+            let (pusher, events) = (pusher.clone(), events.to_vec());
+            tokio::spawn(async move { warren_api(&pusher, events).await })
+                .await
+                .expect("the warren publisher")
         };
         let (warren, lapin) = common::in_turn(round, warren, lapin).await;
         rounds.push(round, "events/s", warren, lapin);
@@ -138,8 +148,7 @@ fn events() -> Vec<PushEvent> {
 }
 
 /// `WINDOW` callers at once, each awaiting its event's confirm.
-async fn warren_api(pusher: &EventPusher, events: &[PushEvent]) -> f64 {
-    let events: Vec<PushEvent> = events.to_vec();
+async fn warren_api(pusher: &EventPusher, events: Vec<PushEvent>) -> f64 {
     let started = Instant::now();
     let mut inflight = FuturesUnordered::new();
     for event in events {
