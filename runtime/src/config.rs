@@ -15,6 +15,7 @@ mod locate;
 mod pusher;
 mod raw;
 mod read;
+mod rules;
 mod validate;
 
 #[cfg(test)]

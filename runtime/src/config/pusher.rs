@@ -9,7 +9,7 @@ use toml::Spanned;
 use super::error::{ConfigError, Problem};
 use super::locate::Source;
 use super::raw::{RawApp, RawPusherExchange};
-use super::validate::positive;
+use super::rules::positive;
 use super::{EventPusherConfig, PusherExchange, PusherExchangeKind};
 
 /// The app these keys belong to.

@@ -18,6 +18,7 @@ use super::raw::{
     RawPool, RawPublisher, RawRouter, RawRpc, RawService, RawTls, RawZone,
 };
 use super::read::closest;
+use super::rules::positive;
 use super::{
     AmqpConfig, AppConfig, Config, ConfiguredBroker, ExchangeOverride, HttpConfig, ListenerConfig,
     MAX_NODE_BYTES, PoolConfig, PublisherConfig, RouterConfig, RpcConfig, ServiceConfig, Zone,
@@ -740,25 +741,6 @@ fn apps(
         });
     }
     Ok(apps)
-}
-
-/// The value of a key that must not be zero, or its default when absent.
-pub(super) fn positive<T>(
-    value: Option<&Spanned<T>>,
-    default: T,
-    key: &str,
-    source: &Source<'_>,
-) -> Result<T, ConfigError>
-where
-    T: Copy + Default + PartialEq,
-{
-    match value {
-        None => Ok(default),
-        Some(value) if *value.get_ref() == T::default() => {
-            Err(source.error(value.span().start, key, Problem::Zero))
-        }
-        Some(value) => Ok(*value.get_ref()),
-    }
 }
 
 /// A pool size (never zero), or its default when absent.
