@@ -286,17 +286,7 @@ async fn each_event_reaches_its_exchange_with_mongooseims_key_and_body() {
     ] {
         assert!(text.contains(name), "{name} missing from /metrics");
     }
-    for exchange in ["presence", "chat", "groupchat"] {
-        let _ = channel
-            .exchange_delete(
-                format!("{prefix}-{exchange}").as_str().into(),
-                Default::default(),
-            )
-            .await;
-    }
-    let _ = channel
-        .queue_delete(queue.as_str().into(), Default::default())
-        .await;
+    clean_up(&channel, &prefix, &queue).await;
     node.stop().await.expect("stops");
 }
 
@@ -347,17 +337,7 @@ async fn direct_exchanges_route_by_the_exact_key() {
         0,
         "bob's and unbound events are not routed here"
     );
-    for exchange in ["presence", "chat", "groupchat"] {
-        let _ = channel
-            .exchange_delete(
-                format!("{prefix}-{exchange}").as_str().into(),
-                Default::default(),
-            )
-            .await;
-    }
-    let _ = channel
-        .queue_delete(queue.as_str().into(), Default::default())
-        .await;
+    clean_up(&channel, &prefix, &queue).await;
     node.stop().await.expect("stops");
 }
 
@@ -412,17 +392,7 @@ async fn bad_input_is_refused_naming_the_event_and_field() {
         "a refused event was published"
     );
     assert_eq!(ready(&channel, &queue).await, 0);
-    for exchange in ["presence", "chat", "groupchat"] {
-        let _ = channel
-            .exchange_delete(
-                format!("{prefix}-{exchange}").as_str().into(),
-                Default::default(),
-            )
-            .await;
-    }
-    let _ = channel
-        .queue_delete(queue.as_str().into(), Default::default())
-        .await;
+    clean_up(&channel, &prefix, &queue).await;
     node.stop().await.expect("stops");
 }
 
@@ -730,4 +700,17 @@ async fn nothing_is_lost_or_reordered_when_the_primary_is_killed() {
         "{} events answered 200 never arrived",
         lost.len()
     );
+}
+
+/// Deletes the test's three exchanges (named after `prefix`) and its queue.
+async fn clean_up(channel: &Channel, prefix: &str, queue: &str) {
+    for exchange in ["presence", "chat", "groupchat"] {
+        let _ = channel
+            .exchange_delete(
+                format!("{prefix}-{exchange}").as_str().into(),
+                Default::default(),
+            )
+            .await;
+    }
+    let _ = channel.queue_delete(queue.into(), Default::default()).await;
 }
