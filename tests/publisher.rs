@@ -129,9 +129,10 @@ async fn send_returns_at_the_write_and_its_future_gives_the_confirm() {
             "",
             "nowhere",
             Envelope::new("test", "warm-up"),
-            publisher.options(),
+            publisher.options().mandatory(),
         )
         .await;
+    // Mandatory, as the send below: a channel for mandatory publishes is open and idle.
     assert!(warm.is_ok(), "a channel is open: {warm:?}");
 
     // A frozen broker still takes the bytes (the kernel buffers them) but confirms nothing.
@@ -169,20 +170,16 @@ async fn send_returns_at_the_write_and_its_future_gives_the_confirm() {
     node.stop().await.expect("orderly stop");
 }
 
-/// Regression: lapin takes a publish's delivery tag and queues its frames under two
-/// separate locks, so two tasks publishing on one channel at once could put their messages
-/// on the wire in the other order than their tags, and each took the other's confirm (a
-/// message the broker never confirmed could read as confirmed). Mandatory publishes from
-/// several tasks at once, alternating between a queue and nowhere, must each get their own
-/// answer: `Routed` for the queue, `Returned` naming their own routing key for nowhere.
-///
-/// It still fails (about 2,000 of 16,000 mixed up): the confirms are in order now, but a
-/// `basic.return` carries no delivery tag and lapin gives it to whichever confirm it
-/// completes next (a multiple ack completes its tags in hash order), so the `Returned`
-/// lands on another publish. Ignored until returns are matched by an id of warren's (see
-/// the README, "Delivery guarantees").
+/// Regression, for two bugs. (1) lapin takes a publish's delivery tag and queues its frames
+/// under two separate locks, so two tasks publishing on one channel at once could put their
+/// messages on the wire in the other order than their tags, and each took the other's
+/// confirm. (2) A `basic.return` carries no delivery tag and lapin gives it to whichever
+/// confirm it completes next (a multiple ack completes its tags in hash order), so on a
+/// shared channel a `Returned` landed on another publish (about 2,000 of 16,000 here).
+/// Mandatory publishes from several tasks at once, alternating between a queue and
+/// nowhere, must each get their own answer: `Routed` for the queue, `Returned` naming
+/// their own routing key for nowhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "known bug: lapin attaches a basic.return to whichever confirm completes next"]
 async fn concurrent_publishes_on_one_channel_each_get_their_own_confirm() {
     const TASKS: usize = 8;
     const EACH: usize = 2_000;
@@ -292,6 +289,26 @@ async fn input_amqp_cannot_carry_is_invalid_before_any_write() {
         None,
         "nothing was written, so no channel was needed"
     );
+    node.stop().await.expect("orderly stop");
+}
+
+/// A sequence keeps many messages in flight on one channel, where a return could not be
+/// matched to its message: it refuses a mandatory one before writing anything.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sequence_refuses_mandatory_messages() {
+    let node = start_node(config(&unique_node("seq-mandatory"), &[local_uri()], "")).await;
+    let publisher = node.context().publisher.clone();
+    let mut sequence = publisher.sequence(Vec::new());
+    let options = publisher.options().mandatory();
+    let refused = sequence
+        .send_raw("", "nowhere", b"{}", Default::default(), options)
+        .await
+        .map(|_| ());
+    match refused {
+        Err(PublishError::Invalid(message)) => assert!(message.contains("mandatory"), "{message}"),
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    assert_eq!(publisher.broker(), None, "nothing was written");
     node.stop().await.expect("orderly stop");
 }
 

@@ -23,7 +23,7 @@ use warren_listeners::{
     AppContext, HandlerError, ListenerHandle, ListenerPool, Notification, RemoteError, RpcError,
     RpcServer, Target, spawn_listener, spawn_rpc_server,
 };
-use warren_runtime::config::{AppConfig, PoolConfig};
+use warren_runtime::config::{AppConfig, PoolConfig, RpcConfig};
 use warren_runtime::node::Node;
 use warren_test_support::local_uri;
 
@@ -418,6 +418,60 @@ async fn a_call_nobody_serves_is_returned_at_once() {
         started.elapsed()
     );
 
+    pool.stop().await;
+    node.stop().await.expect("node stops");
+}
+
+/// Regression: a client declared no exchange, so a call or cast sent before any server of
+/// its topic ever ran was refused with 404 (and closed the publisher's channel) instead of
+/// coming back `Returned`. The client now declares the exchange as a server would, once per
+/// broker, and again after a publish met none (someone deleted it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_before_any_server_ran_is_returned_and_declares_the_exchange() {
+    let name = unique_node("rpc-undeclared");
+    let node = node(&name).await;
+    let pool = pool(&node).await;
+    let (_connection, channel) = raw_channel(&name).await;
+    let exchange = format!("{name}-control");
+    let target = Target::new(format!("t-{name}")).exchange(exchange.clone());
+    let timeout = Duration::from_secs(10);
+
+    let call = pool
+        .call_target(&target, "whoami", json!({}), timeout)
+        .await;
+    assert!(matches!(call, Err(RpcError::Returned(_))), "{call:?}");
+    let cast = pool
+        .fanout_cast(&target, "whoami", json!({}), timeout)
+        .await;
+    assert!(matches!(cast, Err(RpcError::Returned(_))), "{cast:?}");
+
+    // Deleted behind the client's back: at most one publish meets no exchange, then the
+    // client declares it again.
+    channel
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await
+        .expect("exchange deleted");
+    let mut outcomes = Vec::new();
+    for _ in 0..2 {
+        outcomes.push(
+            pool.call_target(&target, "whoami", json!({}), timeout)
+                .await,
+        );
+    }
+    assert!(
+        matches!(outcomes.last(), Some(Err(RpcError::Returned(_)))),
+        "{outcomes:?}"
+    );
+    if let Some(Err(RpcError::Publish(error))) = outcomes.first() {
+        assert!(error.is_no_exchange(), "{error}");
+    }
+
+    let broadcast = target.broadcast_address(&RpcConfig::default());
+    for gone in [&exchange, &broadcast] {
+        let _ = channel
+            .exchange_delete(gone.as_str().into(), Default::default())
+            .await;
+    }
     pool.stop().await;
     node.stop().await.expect("node stops");
 }

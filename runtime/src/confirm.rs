@@ -198,6 +198,12 @@ impl PublishError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, PublishError::Channel(_))
     }
+
+    /// Whether the broker refused the publish because its exchange does not exist (404
+    /// `NOT_FOUND`, the only 404 a publish can meet).
+    pub fn is_no_exchange(&self) -> bool {
+        matches!(self, PublishError::Refused(text) if text.contains("NOT_FOUND"))
+    }
 }
 
 /// Longest AMQP short string, in bytes.

@@ -20,11 +20,15 @@
 //!   any trace carries none (calls and casts always name one).
 //! - A refusal by the broker (e.g. 404, no such exchange) is not retried; input AMQP cannot
 //!   carry (a routing key over 255 bytes) is `Invalid` before anything is written.
+//! - A mandatory publish goes on a channel of its own for its round trip (`lease`), so its
+//!   `Returned` or `Routed` is its own (lapin gives a `basic.return` to whichever confirm
+//!   completes next); the others share one channel per broker.
 //!
-//! It owns one confirm-mode channel per broker on that broker's publish connection;
-//! consumers' channels are not its business.
+//! It owns the confirm-mode channels (one shared, and the leased ones) per broker on that
+//! broker's publish connection; consumers' channels are not its business.
 
 use std::borrow::Borrow;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -48,8 +52,12 @@ use crate::publish_figures::PublishFigures;
 use crate::registry::ConnectionRegistry;
 use crate::trace;
 
+mod declare;
+mod lease;
 mod sequence;
-pub use sequence::{Declare, Sequence};
+pub use declare::Declare;
+use lease::{Lease, LeasedChannels, Leasing};
+pub use sequence::Sequence;
 
 /// Pause before trying again after a failed channel open or a lost publish.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
@@ -78,8 +86,13 @@ enum Target {
 struct Inner {
     connections: Connections,
     registry: ConnectionRegistry,
-    /// The confirm-mode channel of each broker, indexed by `BrokerId`.
+    /// The confirm-mode channel of each broker, indexed by `BrokerId`, shared by every
+    /// publish that is not mandatory.
     channels: RwLock<Vec<Option<Open>>>,
+    /// Confirm-mode channels each carrying one mandatory publish at a time (`lease`).
+    leased: LeasedChannels,
+    /// The exchanges [`Publisher::declare`] declared, per broker.
+    declared: parking_lot::Mutex<HashMap<BrokerId, HashSet<String>>>,
     /// One opener per broker at a time; the others wait for its channel.
     opening: Vec<Mutex<()>>,
     /// The broker the primary publisher last wrote to.
@@ -104,6 +117,34 @@ struct Open {
     write_lock: Arc<parking_lot::Mutex<()>>,
 }
 
+/// The channel a write went out on.
+enum Route {
+    /// The broker's shared channel (a publish that is not mandatory).
+    Shared(Open),
+    /// A channel leased to this mandatory publish alone (see `lease`).
+    Leased(Lease),
+}
+
+impl Route {
+    fn open(&self) -> &Open {
+        match self {
+            Route::Shared(open) => open,
+            Route::Leased(lease) => lease.open(),
+        }
+    }
+
+    fn broker(&self) -> BrokerId {
+        self.open().broker
+    }
+
+    /// The broker answered the publish: a leased channel can carry the next one.
+    fn answered(&mut self) {
+        if let Route::Leased(lease) = self {
+            lease.settled();
+        }
+    }
+}
+
 /// The rest of a write [`start_write`] began: the I/O loop's write of the frames.
 type Writing<'a> =
     Pin<Box<dyn Future<Output = Result<PublisherConfirm, PublishError>> + Send + 'a>>;
@@ -115,7 +156,8 @@ type Writing<'a> =
 /// on the wire in the other order than their tags: the broker's confirm of one is then
 /// taken for the other's, and a message the broker never confirmed (lost with a killed
 /// broker) reads as confirmed. Under one lock per channel, wire order is tag order.
-/// Writes started one after the other by one task reach the broker in that order.
+/// Writes started one after the other by one task on one channel reach the broker in that
+/// order (mandatory publishes each have a channel of their own: no order among them).
 /// `outgoing` is borrowed (a retry writes it again) or owned (a write that outlives its
 /// caller); either way the body is copied once, into the frames.
 fn start_write<'a>(
@@ -198,6 +240,8 @@ impl Publisher {
                 registry,
                 connections,
                 channels: RwLock::new(vec![None; brokers]),
+                leased: LeasedChannels::new(brokers),
+                declared: parking_lot::Mutex::default(),
                 opening: (0..brokers).map(|_| Mutex::new(())).collect(),
                 last_primary: RwLock::new(None),
                 window: Arc::new(Semaphore::new(config.confirm_window.max(1))),
@@ -235,18 +279,20 @@ impl Publisher {
         PublishOptions::new(self.inner.timeout)
     }
 
-    /// The broker publishes currently go to, if a channel is open there.
+    /// The broker publishes currently go to, if a channel (shared or leased) is open there.
     pub fn broker(&self) -> Option<BrokerId> {
         let broker = match self.target {
             Target::Primary => (*self.inner.last_primary.read())?,
             Target::Broker(broker) => broker,
         };
-        let channels = self.inner.channels.read();
-        channels
+        let shared = self
+            .inner
+            .channels
+            .read()
             .get(broker.0)
             .and_then(Option::as_ref)
-            .filter(|o| o.channel.status().connected())
-            .map(|o| o.broker)
+            .is_some_and(|o| o.channel.status().connected());
+        (shared || self.inner.leased.any_open(broker)).then_some(broker)
     }
 
     /// Publishes `envelope` and waits for the broker's confirm, retrying on the current
@@ -299,22 +345,26 @@ impl Publisher {
         let _permit = self.permit(deadline, options.timeout).await?;
         let mut last_loss: Option<String> = None;
         loop {
-            let (open, confirm) = self
+            let (mut route, confirm) = self
                 .write(&outgoing, deadline, options.timeout, &mut last_loss)
                 .await?;
+            let broker = route.broker();
             let written = Instant::now();
             let answer =
                 match tokio::time::timeout_at(deadline, confirm::confirmation(confirm)).await {
                     Ok(answer) => answer,
-                    Err(_) => Err(self.late(open.broker, options.timeout)),
+                    Err(_) => Err(self.late(broker, options.timeout)),
                 };
+            if is_answer(&answer) {
+                route.answered();
+            }
             let figures = &self.inner.figures;
-            figures.record(open.broker, written, outgoing.body.len(), &answer);
+            figures.record(broker, written, outgoing.body.len(), &answer);
             match answer {
                 Ok(published) => return Ok(published),
                 Err(error) if error.is_retryable() => {
-                    tracing::debug!(broker = %open.broker, %error, "publish lost with its channel; retrying");
-                    self.forget(&open);
+                    tracing::debug!(%broker, %error, "publish lost with its channel; retrying");
+                    self.forget(route);
                     if Instant::now() + RETRY_PAUSE >= deadline {
                         return Err(error);
                     }
@@ -322,8 +372,11 @@ impl Publisher {
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
                 Err(error) => {
+                    if error.is_no_exchange() {
+                        self.undeclared(broker, outgoing.exchange.as_str());
+                    }
                     if matches!(error, PublishError::Refused(_)) {
-                        self.forget(&open);
+                        self.forget(route);
                     }
                     return Err(error);
                 }
@@ -347,27 +400,34 @@ impl Publisher {
         let deadline = Instant::now() + options.timeout;
         let permit = self.permit(deadline, options.timeout).await?;
         let mut last_loss = None;
-        let (open, confirm) = self
+        let (mut route, confirm) = self
             .write(&outgoing, deadline, options.timeout, &mut last_loss)
             .await?;
-        let broker = open.broker;
+        let broker = route.broker();
         let this = self.clone();
         let timeout = options.timeout;
         let (written, bytes) = (Instant::now(), outgoing.body.len());
+        let exchange = outgoing.exchange;
         let future = async move {
             let _permit: OwnedSemaphorePermit = permit;
             let answer =
                 match tokio::time::timeout_at(deadline, confirm::confirmation(confirm)).await {
                     Ok(Err(error @ PublishError::Refused(_))) => {
-                        this.forget(&open);
+                        if error.is_no_exchange() {
+                            this.undeclared(broker, exchange.as_str());
+                        }
+                        this.forget(route);
                         Err(error)
                     }
-                    Ok(result) => result,
-                    Err(_) => Err(this.late(open.broker, timeout)),
+                    Ok(result) => {
+                        if is_answer(&result) {
+                            route.answered();
+                        }
+                        result
+                    }
+                    Err(_) => Err(this.late(broker, timeout)),
                 };
-            this.inner
-                .figures
-                .record(open.broker, written, bytes, &answer);
+            this.inner.figures.record(broker, written, bytes, &answer);
             answer
         };
         Ok(Sent {
@@ -431,29 +491,30 @@ impl Publisher {
         deadline: Instant,
         timeout: Duration,
         last_loss: &mut Option<String>,
-    ) -> Result<(Open, PublisherConfirm), PublishError> {
+    ) -> Result<(Route, PublisherConfirm), PublishError> {
         loop {
-            let open = match self.channel(deadline, timeout).await {
-                Ok(open) => open,
+            let route = match self.channel(deadline, timeout, outgoing.mandatory).await {
+                Ok(route) => route,
                 Err(PublishError::Timeout(_)) if last_loss.is_some() => {
                     return Err(PublishError::Channel(last_loss.take().unwrap_or_default()));
                 }
                 Err(error) => return Err(error),
             };
-            let written = match start_write(&open, outgoing) {
+            let broker = route.broker();
+            let written = match start_write(route.open(), outgoing) {
                 Ok(writing) => tokio::time::timeout_at(deadline, writing).await,
                 Err(error) => Ok(Err(error)),
             };
             match written {
                 Ok(Ok(confirm)) => {
                     if self.target == Target::Primary {
-                        *self.inner.last_primary.write() = Some(open.broker);
+                        *self.inner.last_primary.write() = Some(broker);
                     }
-                    return Ok((open, confirm));
+                    return Ok((route, confirm));
                 }
                 Ok(Err(error)) if error.is_retryable() => {
-                    tracing::debug!(broker = %open.broker, %error, "write failed with its channel; trying a new one");
-                    self.forget(&open);
+                    tracing::debug!(%broker, %error, "write failed with its channel; trying a new one");
+                    self.forget(route);
                     if Instant::now() + RETRY_PAUSE >= deadline {
                         return Err(error);
                     }
@@ -461,12 +522,15 @@ impl Publisher {
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
                 Ok(Err(error)) => {
+                    if error.is_no_exchange() {
+                        self.undeclared(broker, outgoing.exchange.as_str());
+                    }
                     if matches!(error, PublishError::Refused(_)) {
-                        self.forget(&open);
+                        self.forget(route);
                     }
                     return Err(error);
                 }
-                Err(_) => return Err(self.late(open.broker, timeout)),
+                Err(_) => return Err(self.late(broker, timeout)),
             }
         }
     }
@@ -496,8 +560,16 @@ impl Publisher {
             .map_or_else(|| broker.to_string(), |b| b.uri.redacted().to_string())
     }
 
-    /// Stop using a channel that failed.
-    fn forget(&self, open: &Open) {
+    /// Stop using a channel that failed: the shared one is replaced on the next publish; a
+    /// leased one is closed.
+    fn forget(&self, route: Route) {
+        if let Route::Shared(open) = route {
+            self.forget_shared(&open);
+        }
+    }
+
+    /// Stop using the shared channel `open`; the next publish opens another.
+    fn forget_shared(&self, open: &Open) {
         let mut channels = self.inner.channels.write();
         if let Some(slot) = channels.get_mut(open.broker.0)
             && slot
@@ -519,9 +591,15 @@ impl Publisher {
             .cloned()
     }
 
-    /// A confirm-mode channel on the target, waiting (until `deadline`) for the target to
-    /// exist, to have a publish connection and not to block publishing.
-    async fn channel(&self, deadline: Instant, timeout: Duration) -> Result<Open, PublishError> {
+    /// A confirm-mode channel on the target (the shared one, or for a `mandatory` publish a
+    /// leased one), waiting (until `deadline`) for the target to exist, to have a publish
+    /// connection and not to block publishing.
+    async fn channel(
+        &self,
+        deadline: Instant,
+        timeout: Duration,
+        mandatory: bool,
+    ) -> Result<Route, PublishError> {
         let registry = &self.inner.registry;
         let mut changes = registry.subscribe();
         loop {
@@ -557,20 +635,15 @@ impl Publisher {
                 }
                 continue;
             }
-            if let Some(open) = self.usable(broker, status.publish_generation) {
-                return Ok(open);
-            }
-            let Some(lock) = self.inner.opening.get(broker.0) else {
-                return Err(unavailable());
+            let route = if mandatory {
+                self.leased(broker, status.publish_generation, deadline, timeout)
+                    .await
+            } else {
+                self.shared(broker, status.publish_generation, deadline, timeout)
+                    .await
             };
-            let Ok(_guard) = tokio::time::timeout_at(deadline, lock.lock()).await else {
-                return Err(PublishError::Timeout(timeout));
-            };
-            if let Some(open) = self.usable(broker, status.publish_generation) {
-                return Ok(open);
-            }
-            match self.open(broker, deadline, timeout).await {
-                Ok(Some(open)) => return Ok(open),
+            match route {
+                Ok(Some(route)) => return Ok(route),
                 Ok(None) => {}
                 Err(error) => return Err(error),
             }
@@ -578,6 +651,56 @@ impl Publisher {
                 return Err(PublishError::Timeout(timeout));
             }
             tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    /// The shared channel of `broker`, opened by one caller at a time when the publish
+    /// connection of `generation` has none yet. `Ok(None)`: not this time, try again.
+    async fn shared(
+        &self,
+        broker: BrokerId,
+        generation: u64,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Option<Route>, PublishError> {
+        if let Some(open) = self.usable(broker, generation) {
+            return Ok(Some(Route::Shared(open)));
+        }
+        let Some(lock) = self.inner.opening.get(broker.0) else {
+            return Ok(None);
+        };
+        let Ok(_guard) = tokio::time::timeout_at(deadline, lock.lock()).await else {
+            return Err(PublishError::Timeout(timeout));
+        };
+        if let Some(open) = self.usable(broker, generation) {
+            return Ok(Some(Route::Shared(open)));
+        }
+        let open = self.open(broker, deadline, timeout).await?;
+        if let Some(open) = &open
+            && let Some(slot) = self.inner.channels.write().get_mut(broker.0)
+        {
+            *slot = Some(open.clone());
+        }
+        Ok(open.map(Route::Shared))
+    }
+
+    /// A channel of `broker` leased to one mandatory publish: an idle one of the publish
+    /// connection of `generation`, or a new one. `Ok(None)`: not this time, try again.
+    async fn leased(
+        &self,
+        broker: BrokerId,
+        generation: u64,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Option<Route>, PublishError> {
+        match self.inner.leased.lease(broker, generation, deadline).await {
+            None => Ok(None),
+            Some(Leasing::Timeout) => Err(PublishError::Timeout(timeout)),
+            Some(Leasing::Idle(lease)) => Ok(Some(Route::Leased(lease))),
+            Some(Leasing::Slot(slot)) => Ok(self
+                .open(broker, deadline, timeout)
+                .await?
+                .map(|open| Route::Leased(Lease::new(slot, open)))),
         }
     }
 
@@ -616,10 +739,7 @@ impl Publisher {
                     generation: taken.generation,
                     write_lock: Arc::default(),
                 };
-                tracing::debug!(%broker, generation = open.generation, "publishing to this broker");
-                if let Some(slot) = self.inner.channels.write().get_mut(broker.0) {
-                    *slot = Some(open.clone());
-                }
+                tracing::debug!(%broker, generation = open.generation, "a confirm-mode channel on this broker");
                 Ok(Some(open))
             }
             Ok(Err(error)) => {
@@ -633,6 +753,11 @@ impl Publisher {
             }
         }
     }
+}
+
+/// Whether the broker answered the publish (so its channel owes nothing more).
+fn is_answer(answer: &Result<Published, PublishError>) -> bool {
+    matches!(answer, Ok(_) | Err(PublishError::Nacked))
 }
 
 /// Waits for the registry to change; false once the deadline passed.

@@ -59,7 +59,7 @@ impl Checkout {
 
     /// The publisher a call's request goes out through: the worker's broker (where its
     /// queue, and so the reply, is), or the primary while it is between channels.
-    pub(super) fn request_publisher(&self) -> Publisher {
+    pub(crate) fn request_publisher(&self) -> Publisher {
         match self.worker().handle.current() {
             Some((broker, _)) => self.publisher.to_broker(broker),
             None => self.publisher.clone(),

@@ -17,7 +17,10 @@ use std::time::Duration;
 use serde_json::Value;
 use warren_runtime::confirm::{Correlation, PublishOptions, Published};
 
-use super::address::{Target, TargetError};
+use lapin::ExchangeKind;
+use warren_runtime::publisher::Publisher;
+
+use super::address::{Route, Target, TargetError};
 use super::wire;
 use crate::pool::{Checkout, ListenerPool, RpcError};
 
@@ -50,6 +53,7 @@ impl Checkout {
         let options = PublishOptions::new(timeout)
             .expiration(timeout)
             .correlation(correlation);
+        declare_route(&self.request_publisher(), &route, target.fanout, timeout).await?;
         let reply = self
             .call_with(&route.exchange, &route.routing_key, request, options)
             .await?;
@@ -78,6 +82,7 @@ impl Checkout {
             .mandatory()
             .trace(warren_runtime::trace::for_call())
             .correlation(correlation);
+        declare_route(self.publisher(), &route, target.fanout, timeout).await?;
         let published = self
             .publisher()
             .publish(&route.exchange, &route.routing_key, request, options)
@@ -100,6 +105,27 @@ impl Checkout {
         let all = target.clone().fanout();
         self.cast_target(&all, method, args, timeout).await
     }
+}
+
+/// Declares the exchange a request to `route` goes to as its servers declare it (durable;
+/// topic, or fanout for a broadcast), once per broker, so that a request sent before any
+/// server of its topic ran comes back `Returned` (no server) rather than refused with 404
+/// (oslo.messaging's clients declare it too).
+async fn declare_route(
+    publisher: &Publisher,
+    route: &Route,
+    fanout: bool,
+    timeout: Duration,
+) -> Result<(), RpcError> {
+    let kind = if fanout {
+        ExchangeKind::Fanout
+    } else {
+        ExchangeKind::Topic
+    };
+    publisher
+        .declare(&route.exchange, kind, true, timeout)
+        .await
+        .map_err(RpcError::Publish)
 }
 
 impl ListenerPool {

@@ -17,22 +17,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::options::ExchangeDeclareOptions;
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, ExchangeKind};
+use lapin::BasicProperties;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{Open, Outgoing, Publisher, Sent, Target, start_write};
+use super::{Declare, Open, Outgoing, Publisher, Sent, Target, start_write};
 use crate::confirm::{self, PublishError, PublishOptions};
-
-/// An exchange a sequence declares on each channel it adopts, before its first write there.
-#[derive(Clone, Debug)]
-pub struct Declare {
-    pub name: String,
-    pub kind: ExchangeKind,
-    pub durable: bool,
-}
 
 /// Writes kept on one channel, in order; see the module docs.
 ///
@@ -68,7 +58,8 @@ impl Sequence {
     /// the confirm are the `Sent` future's to wait for, and a failed write is its error. Waits (within `options.timeout`) for a window slot
     /// and, unpinned, for a channel. Pinned to a channel that is gone, blocked or no longer
     /// the target's, nothing is written: `Err(Channel)`; settle what is in flight,
-    /// [`Sequence::unpin`], and write again. Pinned, it never waits for a window slot:
+    /// [`Sequence::unpin`], and write again. A mandatory message is `Invalid`: a return
+    /// could not be told apart from another in-flight message's. Pinned, it never waits for a window slot:
     /// with none free it returns `Err(Timeout(0))` at once, so that the caller settles
     /// its confirms (freeing slots) rather than wait for slots it holds itself.
     pub async fn send_raw(
@@ -79,6 +70,14 @@ impl Sequence {
         properties: BasicProperties,
         options: PublishOptions,
     ) -> Result<Sent, PublishError> {
+        if options.mandatory {
+            // On one channel with many messages in flight, a return cannot be matched to
+            // its message (see `lease`).
+            return Err(PublishError::Invalid(
+                "a sequence does not take mandatory messages (publish them with Publisher::publish)"
+                    .into(),
+            ));
+        }
         let (exchange, routing_key) = confirm::address(exchange, routing_key)?;
         let deadline = Instant::now() + options.timeout;
         let publisher = self.publisher.clone();
@@ -104,8 +103,15 @@ impl Sequence {
             Some(open) => open.clone(),
             None => {
                 self.changes.mark_unchanged();
-                let open = publisher.channel(deadline, options.timeout).await?;
-                self.declare_on(&open, deadline, options.timeout).await?;
+                // Not mandatory (refused above): the target's shared channel.
+                let open = publisher
+                    .channel(deadline, options.timeout, false)
+                    .await?
+                    .open()
+                    .clone();
+                publisher
+                    .declare_on(&open, &self.declare, deadline, options.timeout)
+                    .await?;
                 self.pinned = Some(open.clone());
                 open
             }
@@ -118,13 +124,13 @@ impl Sequence {
             routing_key,
             body: body.to_vec(),
             properties,
-            mandatory: options.mandatory,
+            mandatory: false,
         };
         let write = match start_write(&open, outgoing) {
             Ok(write) => write,
             Err(error) => {
                 if !error.is_retryable() || matches!(error, PublishError::Refused(_)) {
-                    publisher.forget(&open);
+                    publisher.forget_shared(&open);
                 }
                 // Still pinned: what was written before may be in flight on it.
                 return Err(error);
@@ -143,7 +149,7 @@ impl Sequence {
             };
             let answer = match tokio::time::timeout_at(deadline, confirmed).await {
                 Ok(Err(error @ PublishError::Refused(_))) => {
-                    publisher.forget(&open);
+                    publisher.forget_shared(&open);
                     Err(error)
                 }
                 Ok(result) => result,
@@ -202,48 +208,5 @@ impl Sequence {
     /// it only with nothing in flight, or the order is lost.
     pub fn unpin(&mut self) {
         self.pinned = None;
-    }
-
-    /// Declares the sequence's exchanges on `open`, each bounded by the operation timeout.
-    async fn declare_on(
-        &self,
-        open: &Open,
-        deadline: Instant,
-        timeout: Duration,
-    ) -> Result<(), PublishError> {
-        let bound = self.publisher.inner.operation_timeout;
-        for exchange in self.declare.iter() {
-            let name = confirm::short_string("the exchange name", &exchange.name)?;
-            let declared = tokio::time::timeout_at(
-                deadline.min(Instant::now() + bound),
-                open.channel.exchange_declare(
-                    name,
-                    exchange.kind.clone(),
-                    ExchangeDeclareOptions {
-                        durable: exchange.durable,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                ),
-            )
-            .await;
-            match declared {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => {
-                    self.publisher.forget(open);
-                    let what = format!("declaring exchange `{}`: {error}", exchange.name);
-                    return Err(if error.is_amqp_soft_error() {
-                        PublishError::Refused(what)
-                    } else {
-                        PublishError::Channel(what)
-                    });
-                }
-                Err(_) => {
-                    self.publisher.forget(open);
-                    return Err(PublishError::Timeout(timeout));
-                }
-            }
-        }
-        Ok(())
     }
 }
