@@ -35,25 +35,26 @@ async fn node(name: &str) -> Node {
     start_node(config(name, &[local_uri()], "")).await
 }
 
+/// The config of a test app named `name` with a pool of two workers.
+fn app_config(name: &str) -> AppConfig {
+    AppConfig {
+        event_pusher: Default::default(),
+        name: name.to_string(),
+        enabled: true,
+        quorum_queues: false,
+        federate: false,
+        pool: PoolConfig {
+            size: 2,
+            overflow: 0,
+            checkout_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+        },
+    }
+}
+
 /// A started pool of two workers for a test app on `node`.
 async fn pool(node: &Node) -> ListenerPool {
-    let ctx = AppContext::with_version(
-        "0.0.0-test",
-        node.context().clone(),
-        AppConfig {
-            event_pusher: Default::default(),
-            name: "caller".to_string(),
-            enabled: true,
-            quorum_queues: false,
-            federate: false,
-            pool: PoolConfig {
-                size: 2,
-                overflow: 0,
-                checkout_timeout: Duration::from_secs(5),
-                idle_timeout: Duration::from_secs(30),
-            },
-        },
-    );
+    let ctx = AppContext::with_version("0.0.0-test", node.context().clone(), app_config("caller"));
     ctx.pool.spawn().await.expect("pool starts");
     ctx.pool
 }
@@ -474,6 +475,67 @@ async fn a_call_before_any_server_ran_is_returned_and_declares_the_exchange() {
     }
     pool.stop().await;
     node.stop().await.expect("node stops");
+}
+
+/// Regression: two servers of one topic under different exchanges in one app were both
+/// the child `rpc:<topic>`, and the app refused to start (duplicate child id). Each is now
+/// `rpc:<exchange>/<topic>`, and each answers the calls of its own exchange.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_app_serves_a_topic_under_two_exchanges() {
+    let name = unique_node("rpc-two-exchanges");
+    let topic = format!("t-{name}");
+    let exchanges = [format!("{name}-x1"), format!("{name}-x2")];
+    let calls = Calls::default();
+    let node = {
+        let (topic, exchanges, calls) = (topic.clone(), exchanges.clone(), calls.clone());
+        Node::try_start(config(&name, &[local_uri()], ""), move |node| {
+            let ctx = AppContext::with_version("0.0.0-test", node.clone(), app_config("svc"));
+            let servers = exchanges
+                .iter()
+                .map(|exchange| {
+                    let me = format!("{}@{exchange}", node.node);
+                    ctx.rpc_server(server(&topic, &me, &calls).exchange(exchange.clone()))
+                })
+                .collect::<Vec<_>>();
+            Ok::<_, String>(servers)
+        })
+        .await
+        .unwrap_or_else(|error| panic!("the app starts: {error}"))
+    };
+    let pool = pool(&node).await;
+    let me = node.context().node.clone();
+    for exchange in &exchanges {
+        let target = Target::new(topic.clone()).exchange(exchange.clone());
+        // The servers start under the app's supervisor: `Returned` until they consume.
+        let deadline = Instant::now() + SOON;
+        let answer = loop {
+            let answer = pool
+                .call_target(&target, "whoami", json!({}), Duration::from_secs(2))
+                .await;
+            if answer.is_ok() || Instant::now() >= deadline {
+                break answer;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(answer.ok(), Some(json!(format!("{me}@{exchange}"))));
+    }
+
+    pool.stop().await;
+    node.stop().await.expect("node stops");
+    let (_connection, channel) = raw_channel(&name).await;
+    let config = RpcConfig::default();
+    for exchange in &exchanges {
+        let target = Target::new(topic.clone()).exchange(exchange.clone());
+        let mut queues = vec![target.group_address(&config)];
+        queues.push(target.server_address(&config, &me));
+        queues.push(target.broadcast_queue(&config, &me));
+        delete_queues(&channel, &queues).await;
+        for gone in [exchange.clone(), target.broadcast_address(&config)] {
+            let _ = channel
+                .exchange_delete(gone.as_str().into(), Default::default())
+                .await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,7 +1,7 @@
 //! The server side of RPC targets: an app's table of named methods, served on the three
 //! addresses of its topic with the node's name as server name.
 //!
-//! An [`RpcServer`] becomes one supervised child (`rpc:<topic>`, one for one) running three
+//! An [`RpcServer`] becomes one supervised child (`rpc:<topic>`, or `rpc:<exchange>/<topic>` under an exchange of its own; one for one) running three
 //! listeners that share the method table: the named-server queue (rule A), the group's
 //! shared queue (rule B) and the server's own queue on the broadcast exchange (rule C);
 //! see `address` for the names. Each request runs its method; a call (a request with
@@ -118,6 +118,16 @@ impl RpcServer {
         &self.topic
     }
 
+    /// What tells this server from another of the same topic in one app: `<exchange>/<topic>`
+    /// when it serves under an exchange of its own, else the topic. Its child is
+    /// `rpc:<label>` and its listeners `rpc-<label>-<kind>`.
+    pub fn label(&self) -> String {
+        match &self.exchange {
+            Some(exchange) => format!("{exchange}/{}", self.topic),
+            None => self.topic.clone(),
+        }
+    }
+
     /// The target this server answers as `server` (its node's name).
     fn target(&self, server: &str) -> Target {
         Target {
@@ -146,6 +156,7 @@ impl RpcServer {
         ] {
             short(what, name)?;
         }
+        let label = self.label();
         let counts = Arc::new(Counts::default());
         let served = Arc::new(Served {
             topic: self.topic.clone(),
@@ -157,11 +168,12 @@ impl RpcServer {
             returns: LogLimit::default(),
             _figures: node.metrics.register(Arc::new(ServerFigures {
                 topic: self.topic.clone(),
+                exchange: exchange.clone(),
                 counts,
             })),
         });
         let expiry = config.server_queue_expiry;
-        let name = |kind: &str| format!("rpc-{}-{kind}", shortened(&self.topic));
+        let name = |kind: &str| format!("rpc-{}-{kind}", shortened(&label));
         let spec = |kind: &str, queue: QueueSpec| {
             let served = served.clone();
             let concurrency = self.concurrency;
@@ -191,11 +203,11 @@ impl RpcServer {
 }
 
 impl AppContext {
-    /// `server` as one supervised child of the app (`rpc:<topic>`): its three listeners
+    /// `server` as one supervised child of the app (`rpc:<label>`, see [`RpcServer::label`]): its three listeners
     /// under a one-for-one supervisor. A target that cannot be expressed in AMQP refuses
     /// the app, as a bad listener spec does.
     pub fn rpc_server(&self, server: RpcServer) -> ChildSpec {
-        let id = format!("rpc:{}", server.topic);
+        let id = format!("rpc:{}", server.label());
         match server.listeners(&self.node) {
             Ok(listeners) => {
                 let children = listeners.into_iter().map(|l| self.listener(l)).collect();
@@ -259,12 +271,19 @@ struct Counts {
 /// A server's figures for `/metrics`.
 struct ServerFigures {
     topic: String,
+    /// The exchange its requests come through (two servers of one topic may differ).
+    exchange: String,
     counts: Arc<Counts>,
 }
 
 impl Source for ServerFigures {
     fn report(&self, report: &mut Report) {
-        let labels = || vec![("topic", self.topic.clone())];
+        let labels = || {
+            vec![
+                ("topic", self.topic.clone()),
+                ("exchange", self.exchange.clone()),
+            ]
+        };
         report.counter(
             "warren_rpc_server_returned_replies",
             "Replies of an RPC server that came back unroutable (the caller's queue was gone).",
