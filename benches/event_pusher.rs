@@ -7,7 +7,9 @@
 //! Reported beside it, not compared: the same events published one confirm at a time
 //! (MongooseIM's `confirms_enabled` mode, one worker: publish, wait for the confirm,
 //! next), and requests per second through `POST /events` with batches of 100 events
-//! (16 clients at once). Events are chat messages of 10,000 users, non-persistent, to a
+//! (16 clients at once), and the CPU time of the bench process per event of each side (every
+//! thread, lapin's I/O threads included: less bound to the machine's load than events/s).
+//! Events are chat messages of 10,000 users, non-persistent, to a
 //! transient exchange with one queue bound (`#`), so the broker's disk is not measured.
 //! The last line is one JSON object. Plain AMQP only (no TLS variant).
 
@@ -52,26 +54,45 @@ async fn main() {
             .collect(),
     );
     let mut rounds = common::Rounds::default();
+    let (mut warren_cpu, mut lapin_cpu) = (Vec::new(), Vec::new());
     for round in 1..=ROUNDS {
         // Both sides publish from a runtime task, where app code runs (not the thread
         // blocking on `main`).
         let lapin = async {
             common::fresh_queue(&channel, &exchange, &queue).await;
             let bodies = bodies.clone();
-            tokio::spawn(async move { lapin_windowed(&bodies).await })
+            let cpu = common::process_cpu();
+            let rate = tokio::spawn(async move { lapin_windowed(&bodies).await })
                 .await
-                .expect("the lapin publisher")
+                .expect("the lapin publisher");
+            (rate, common::process_cpu() - cpu)
         };
         let warren = async {
             common::fresh_queue(&channel, &exchange, &queue).await;
             let (pusher, events) = (pusher.clone(), events.to_vec());
-            tokio::spawn(async move { warren_api(&pusher, events).await })
+            let cpu = common::process_cpu();
+            let rate = tokio::spawn(async move { warren_api(&pusher, events).await })
                 .await
-                .expect("the warren publisher")
+                .expect("the warren publisher");
+            (rate, common::process_cpu() - cpu)
         };
-        let (warren, lapin) = common::in_turn(round, warren, lapin).await;
+        let ((warren, warren_used), (lapin, lapin_used)) =
+            common::in_turn(round, warren, lapin).await;
+        let per_event = |cpu: Duration| cpu.as_secs_f64() * 1e6 / EVENTS as f64;
+        eprintln!(
+            "round {round}: CPU of the process per event: warren {:.2} µs, lapin {:.2} µs",
+            per_event(warren_used),
+            per_event(lapin_used)
+        );
+        warren_cpu.push(per_event(warren_used));
+        lapin_cpu.push(per_event(lapin_used));
         rounds.push(round, "events/s", warren, lapin);
     }
+    let (warren_cpu, lapin_cpu) = (common::median(warren_cpu), common::median(lapin_cpu));
+    eprintln!(
+        "CPU of the process per event (median): warren {warren_cpu:.2} µs, lapin {lapin_cpu:.2} µs, ratio {:.3}",
+        warren_cpu / lapin_cpu
+    );
     common::fresh_queue(&channel, &exchange, &queue).await;
     let one = lapin_one_at_a_time(&bodies[..ONE_AT_A_TIME]).await;
     eprintln!("one confirm at a time (MongooseIM's mode, lapin): {one:.1} events/s");
@@ -85,7 +106,7 @@ async fn main() {
     rounds.report_with(
         "event_pusher",
         &format!(
-            ",\"unit\":\"events/s\",\"window\":{WINDOW},\"one_at_a_time\":{one:.1},\"http_requests_per_s\":{requests:.1},\"http_events_per_s\":{http_events:.1},\"http_batch\":{HTTP_BATCH}"
+            ",\"unit\":\"events/s\",\"cpu_us_per_event\":{{\"warren\":{warren_cpu:.2},\"lapin\":{lapin_cpu:.2}}},\"window\":{WINDOW},\"one_at_a_time\":{one:.1},\"http_requests_per_s\":{requests:.1},\"http_events_per_s\":{http_events:.1},\"http_batch\":{HTTP_BATCH}"
         ),
     );
 }

@@ -26,8 +26,11 @@
 //! primary (the publisher's).
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -184,7 +187,10 @@ impl Lane {
                 job = self.receiver.recv(), if room => Step::Job(job),
             };
             match step {
-                Step::Answer(answer) => self.settle(answer),
+                Step::Answer(answer) => {
+                    self.settle(answer);
+                    self.settle_ready();
+                }
                 Step::Job(Some(job)) => self.again.push_back(job),
                 Step::Job(None) => self.closed = true,
             }
@@ -251,6 +257,20 @@ impl Lane {
                 }
                 Err(error) => self.fail(job, error),
             }
+        }
+    }
+
+    /// Settles, oldest first, the events in flight whose answers are already here: a
+    /// multiple ack answers many at once, and settling them together wakes their callers
+    /// together and lets the next writes go out as one batch (one wake-up of the I/O loop,
+    /// not one per event).
+    fn settle_ready(&mut self) {
+        while let Some(head) = self.in_flight.front_mut() {
+            let mut peek = Context::from_waker(Waker::noop());
+            let Poll::Ready(answer) = Pin::new(&mut head.sent).poll(&mut peek) else {
+                return;
+            };
+            self.settle(answer);
         }
     }
 

@@ -139,10 +139,35 @@ impl EventPusher {
 
     /// Publishes one event and waits for the broker's confirm.
     pub async fn push(&self, event: PushEvent) -> Result<(), PushError> {
-        let outcome = self.push_all(vec![event]).await;
-        match outcome.failure {
-            None => Ok(()),
-            Some(error) => Err(error),
+        // One event: what `push_all` does, without its lists (this is the hot path).
+        let outgoing = event.encode(&self.inner.config).map_err(invalid)?;
+        let deadline = Instant::now() + self.inner.timeout;
+        let (done, answer) = oneshot::channel();
+        let job = Job {
+            outgoing,
+            deadline,
+            done,
+        };
+        if self.inner.lanes.submit(job).await.is_err() {
+            return Err(self.unsubmitted(0, deadline));
+        }
+        match answer.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(PushError::Unavailable { index: 0, error }),
+            Err(_) => Err(PushError::Stopped),
+        }
+    }
+
+    /// Why event `index` could not be handed to its lane: no room before `deadline`, or
+    /// the lanes are gone.
+    fn unsubmitted(&self, index: usize, deadline: Instant) -> PushError {
+        if Instant::now() >= deadline {
+            PushError::Unavailable {
+                index,
+                error: PublishError::Timeout(self.inner.timeout),
+            }
+        } else {
+            PushError::Stopped
         }
     }
 
@@ -174,14 +199,7 @@ impl EventPusher {
                 done,
             };
             if self.inner.lanes.submit(job).await.is_err() {
-                failure = Some(if Instant::now() >= deadline {
-                    PushError::Unavailable {
-                        index,
-                        error: PublishError::Timeout(self.inner.timeout),
-                    }
-                } else {
-                    PushError::Stopped
-                });
+                failure = Some(self.unsubmitted(index, deadline));
                 break;
             }
             waiting.push((index, answer));
