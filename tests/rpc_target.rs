@@ -42,6 +42,7 @@ async fn pool(node: &Node) -> ListenerPool {
         node.context().clone(),
         AppConfig {
             event_pusher: Default::default(),
+            gateway: Default::default(),
             name: "caller".to_string(),
             enabled: true,
             quorum_queues: false,

@@ -129,6 +129,8 @@ impl HttpEndpoint {
         let paths = routes.paths();
         let (shutdown, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
+            // Peer addresses for routes that need them (apps/gateway's trusted proxies).
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(async {
                     let _ = stopped.await;
