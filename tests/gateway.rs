@@ -1,0 +1,619 @@
+//! apps/gateway (with its sample back-end apps/tickets) against real RabbitMQ: the frame
+//! protocol and its error frames, broadcast / multicast / direct, write and wait, tokens,
+//! Origin and limits with their close codes, a client's queue outliving its socket and
+//! read from another gateway node, in order.
+//!
+//! Each test has exchanges and queues of its own (a unique prefix), deleted at the end.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{config_text, init_logs, unique_node};
+use futures::{SinkExt, StreamExt};
+use jsonwebtoken::{EncodingKey, Header, encode};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+use warren_app_gateway::GatewayApp;
+use warren_app_tickets::Tickets;
+use warren_listeners::prelude::GatewayConfig;
+use warren_listeners::{AppContext, app_child};
+use warren_runtime::config::Config;
+use warren_runtime::node::Node;
+use warren_test_support::local_uri;
+
+const SECRET: &str = "gateway-test-secret";
+/// Bound for any one frame the tests expect.
+const FRAME: Duration = Duration::from_secs(10);
+
+/// A node running the gateway (and the tickets back-end when `tickets`) with names of
+/// prefix `prefix`; `extra` goes into `[apps.gateway]`.
+async fn start(prefix: &str, extra: &str, tickets: bool) -> (Node, GatewayConfig) {
+    init_logs();
+    let name = unique_node("gateway");
+    let mut text = format!(
+        "{}\n[http]\nlisten = \"127.0.0.1:0\"\n\n[apps.gateway]\n\
+         in_exchange = \"{prefix}.in\"\nout_exchange = \"{prefix}.out\"\n\
+         client_exchange = \"{prefix}.clients\"\nqueue_prefix = \"{prefix}.\"\n\
+         jwt_secret = \"{SECRET}\"\nclient_queue_expiry_ms = 60000\n{extra}\n",
+        config_text(&name, &[local_uri()], "")
+    );
+    if tickets {
+        text.push_str("\n[apps.tickets]\n");
+    }
+    let config = match Config::parse(&text, Path::new("test.ini"), &["gateway", "tickets"], None) {
+        Ok(config) => config,
+        Err(error) => panic!("test config is invalid: {error}\n{text}"),
+    };
+    let gateway_config = config.app("gateway").expect("gateway section").clone();
+    let tickets_config = config.app("tickets").cloned();
+    let names = gateway_config.gateway.clone();
+    let for_tickets = names.clone();
+    let node = Node::try_start(config, move |node| {
+        let gateway = GatewayApp::default();
+        let ctx = AppContext::new(&gateway, node.clone(), gateway_config);
+        let mut children = vec![app_child(&gateway, ctx)?];
+        if let Some(tickets_config) = tickets_config {
+            let tickets = Tickets {
+                config: for_tickets,
+            };
+            let ctx = AppContext::new(&tickets, node.clone(), tickets_config);
+            children.push(app_child(&tickets, ctx)?);
+        }
+        Ok::<_, warren_listeners::AppError>(children)
+    })
+    .await
+    .unwrap_or_else(|error| panic!("node did not start: {error}"));
+    wait_ready(&node).await;
+    (node, names)
+}
+
+/// Waits (bounded) until the node's `/health/ready` says 200: every listener consumes.
+async fn wait_ready(node: &Node) {
+    let url = format!(
+        "http://{}/health/ready",
+        node.http_address().expect("HTTP serves")
+    );
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(response) = client.get(&url).send().await
+            && response.status().as_u16() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the node was not ready within 30 s");
+}
+
+/// A token for `sub`, valid for a minute.
+fn token(sub: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let claims = json!({"sub": sub, "exp": now + 60});
+    encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("a token")
+}
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The WebSocket URL of `node`'s gateway.
+fn ws_url(node: &Node, query: &str) -> String {
+    format!(
+        "ws://{}/ws{query}",
+        node.http_address().expect("HTTP serves")
+    )
+}
+
+/// A client connected as `id`.
+async fn connect(node: &Node, id: &str) -> Socket {
+    let url = ws_url(node, &format!("?access_token={}", token(id)));
+    match connect_async(url).await {
+        Ok((socket, _)) => socket,
+        Err(error) => panic!("{id} could not connect: {error}"),
+    }
+}
+
+/// The HTTP status of an upgrade refused before any socket (or 101 when accepted).
+async fn refused_status(
+    request: tokio_tungstenite::tungstenite::handshake::client::Request,
+) -> u16 {
+    match connect_async(request).await {
+        Ok(_) => 101,
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(error) => panic!("unexpected: {error}"),
+    }
+}
+
+async fn send(socket: &mut Socket, frame: Value) {
+    socket
+        .send(Message::Text(frame.to_string().into()))
+        .await
+        .expect("the frame is sent");
+}
+
+/// What the next frame was.
+#[derive(Debug)]
+enum Next {
+    Frame(Value),
+    Closed(Option<u16>),
+    Nothing,
+}
+
+/// The next frame, a close, or nothing within `within`.
+async fn next(socket: &mut Socket, within: Duration) -> Next {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, socket.next()).await {
+            Err(_) => return Next::Nothing,
+            Ok(None) | Ok(Some(Err(_))) => return Next::Closed(None),
+            Ok(Some(Ok(Message::Text(text)))) => {
+                return Next::Frame(serde_json::from_str(text.as_str()).unwrap_or(Value::Null));
+            }
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                return Next::Closed(frame.map(|f| u16::from(f.code)));
+            }
+            Ok(Some(Ok(_))) => continue,
+        }
+    }
+}
+
+/// The next frame; fails the test on a close or silence.
+async fn frame(socket: &mut Socket) -> Value {
+    match next(socket, FRAME).await {
+        Next::Frame(frame) => frame,
+        other => panic!("expected a frame, got {other:?}"),
+    }
+}
+
+/// The close code the connection ends with (frames before it are skipped, at most 100).
+async fn close_code(socket: &mut Socket) -> Option<u16> {
+    for _ in 0..100 {
+        match next(socket, FRAME).await {
+            Next::Frame(_) => continue,
+            Next::Closed(code) => return code,
+            Next::Nothing => return None,
+        }
+    }
+    None
+}
+
+async fn subscribe(socket: &mut Socket, feeds: Value) {
+    send(
+        socket,
+        json!({"packet_action": "consume", "channel": feeds, "consume_target": []}),
+    )
+    .await;
+    let answer = frame(socket).await;
+    assert!(answer.get("subscribed").is_some(), "{answer}");
+}
+
+/// Deletes the test's exchanges and queues from the local broker.
+async fn clean_up(names: &GatewayConfig, clients: &[&str]) {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let Ok(connection) =
+        lapin::Connection::connect(&local_uri(), lapin::ConnectionProperties::default()).await
+    else {
+        return;
+    };
+    let Ok(channel) = connection.create_channel().await else {
+        return;
+    };
+    let p = &names.queue_prefix;
+    let mut queues: Vec<String> = ["VOICE", "CHAT", "TICKETS"]
+        .iter()
+        .flat_map(|f| [format!("{p}IN_{f}"), format!("{p}OUT_{f}")])
+        .collect();
+    queues.extend(clients.iter().map(|id| format!("{p}gateway.client.{id}")));
+    for queue in queues {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    for exchange in [
+        &names.in_exchange,
+        &names.out_exchange,
+        &names.client_exchange,
+    ] {
+        let _ = channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+    let _ = connection.close(200, "done".into()).await;
+}
+
+fn prefix(label: &str) -> String {
+    unique_node(&format!("gw-{label}"))
+}
+
+// ------------------------------------------------------------------------------ point 1
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_get_error_frames_naming_the_field_and_the_connection_stays_open() {
+    let p = prefix("proto");
+    let (node, names) = start(&p, "", true).await;
+    let mut alice = connect(&node, "alice").await;
+    let cases = [
+        (json!("just a string"), "frame"),
+        (json!({"channel": {"tickets": true}}), "packet_action"),
+        (
+            json!({"packet_action": "consume", "channel": {"video": true}}),
+            "channel.video",
+        ),
+        (
+            json!({"packet_action": "publish", "channel": {"tickets": true}}),
+            "message",
+        ),
+        (
+            json!({"packet_action": "publish", "channel": {"tickets": true}, "message": {},
+                   "distribution": {"direct": ["a", "b"]}}),
+            "distribution.direct",
+        ),
+        (
+            json!({"packet_action": "publish", "channel": {"tickets": true}, "message": {},
+                   "publish_target": "elsewhere"}),
+            "publish_target",
+        ),
+    ];
+    for (bad, field) in cases {
+        send(&mut alice, bad.clone()).await;
+        let answer = frame(&mut alice).await;
+        assert_eq!(answer["error"]["field"], field, "{bad} → {answer}");
+    }
+    // Still open: a good frame works.
+    subscribe(&mut alice, json!({"tickets": true})).await;
+    clean_up(&names, &["alice"]).await;
+    let _ = node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tickets_reach_the_multicast_ids_and_broadcasts_only_the_subscribers() {
+    let p = prefix("dist");
+    let (node, names) = start(&p, "", true).await;
+    let mut alice = connect(&node, "alice").await;
+    let mut bob = connect(&node, "bob").await;
+    let mut carol = connect(&node, "carol").await;
+    subscribe(&mut alice, json!({"tickets": true})).await;
+    subscribe(&mut bob, json!({"tickets": true})).await;
+    // A ticket to bob: the back-end answers to [alice, bob] (multicast).
+    send(
+        &mut alice,
+        json!({"packet_action": "publish", "channel": {"tickets": true},
+               "publish_target": names.in_exchange, "message": {"to": "bob", "text": "printer"}}),
+    )
+    .await;
+    let mut acked = false;
+    let mut got_alice = None;
+    for _ in 0..2 {
+        let f = frame(&mut alice).await;
+        if f.get("published").is_some() {
+            acked = true;
+        } else {
+            got_alice = Some(f);
+        }
+    }
+    assert!(acked, "alice's publish was confirmed");
+    let got_alice = got_alice.expect("alice got the ticket");
+    let got_bob = frame(&mut bob).await;
+    for got in [&got_alice, &got_bob] {
+        assert_eq!(got["channel"]["tickets"], true, "{got}");
+        assert_eq!(got["message"]["from"], "alice", "{got}");
+        assert_eq!(got["message"]["body"]["text"], "printer", "{got}");
+    }
+    assert_eq!(
+        got_bob["distribution"]["multicast"],
+        json!(["alice", "bob"])
+    );
+    // A ticket to nobody in particular: broadcast to every subscriber of tickets.
+    send(
+        &mut bob,
+        json!({"packet_action": "publish", "channel": {"tickets": true}, "message": {"text": "all"}}),
+    )
+    .await;
+    let broadcast = frame(&mut alice).await;
+    assert_eq!(broadcast["distribution"]["broadcast"], true, "{broadcast}");
+    assert_eq!(broadcast["message"]["body"]["text"], "all");
+    // carol never subscribed: the next thing she gets is a ticket addressed to her, not
+    // the broadcast.
+    send(
+        &mut bob,
+        json!({"packet_action": "publish", "channel": {"tickets": true},
+               "message": {"to": "carol", "text": "yours"}}),
+    )
+    .await;
+    let first = frame(&mut carol).await;
+    assert_eq!(first["message"]["body"]["text"], "yours", "{first}");
+    clean_up(&names, &["alice", "bob", "carol"]).await;
+    let _ = node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_without_a_back_end_is_an_error_frame_not_a_silent_loss() {
+    let p = prefix("noback");
+    let (node, names) = start(&p, "", true).await;
+    let mut alice = connect(&node, "alice").await;
+    send(
+        &mut alice,
+        json!({"packet_action": "publish", "channel": {"voice": true}, "message": {"x": 1}}),
+    )
+    .await;
+    let answer = frame(&mut alice).await;
+    assert_eq!(answer["error"]["field"], "channel", "{answer}");
+    clean_up(&names, &["alice"]).await;
+    let _ = node.stop().await;
+}
+
+// ------------------------------------------------------------------------------ point 2
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_and_wait_gets_exactly_one_reply_or_one_timeout_frame() {
+    let p = prefix("rpc");
+    let (node, names) = start(&p, "request_timeout_ms = 1000", true).await;
+    // A back-end of `chat` that answers only when the test lets it, and says when it did.
+    let (release, released) = tokio::sync::mpsc::channel::<()>(1);
+    let released = std::sync::Arc::new(tokio::sync::Mutex::new(released));
+    let (answered, mut answers) = tokio::sync::mpsc::channel::<()>(1);
+    let slow = warren_listeners::RpcServer::new("IN_CHAT")
+        .exchange(&names.in_exchange)
+        .method("request", move |_args: Value| {
+            let released = released.clone();
+            let answered = answered.clone();
+            async move {
+                let _ = released.lock().await.recv().await;
+                let _ = answered.send(()).await;
+                Ok(json!({"late": true}))
+            }
+        });
+    let ctx = common::app_context(&node, "slow");
+    let handles = warren_listeners::spawn_rpc_server(slow, &ctx)
+        .await
+        .expect("the slow server starts");
+    for handle in &handles {
+        assert!(
+            handle.wait_consuming(true, FRAME).await,
+            "slow server consumes"
+        );
+    }
+    let mut alice = connect(&node, "alice").await;
+    for i in 0..5 {
+        send(
+            &mut alice,
+            json!({"packet_action": "publish", "channel": {"tickets": true},
+                   "request_id": format!("r-{i}"), "message": {"text": i}}),
+        )
+        .await;
+    }
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let reply = frame(&mut alice).await;
+        assert_eq!(reply["message"]["status"], "open", "{reply}");
+        assert_eq!(
+            reply["message"]["body"]["text"],
+            reply["request_id"]
+                .as_str()
+                .and_then(|r| r.strip_prefix("r-"))
+                .and_then(|n| n.parse::<u64>().ok())
+                .map(Value::from)
+                .unwrap_or(Value::Null),
+            "{reply}"
+        );
+        ids.push(reply["request_id"].as_str().unwrap_or_default().to_string());
+    }
+    ids.sort();
+    assert_eq!(ids, ["r-0", "r-1", "r-2", "r-3", "r-4"]);
+    // The slow one: one timeout frame with its id ...
+    send(
+        &mut alice,
+        json!({"packet_action": "publish", "channel": {"chat": true}, "request_id": "slow", "message": {}}),
+    )
+    .await;
+    let timeout = frame(&mut alice).await;
+    assert_eq!(timeout["request_id"], "slow", "{timeout}");
+    assert_eq!(timeout["error"]["field"], "request_id", "{timeout}");
+    assert!(
+        timeout["error"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("timeout"),
+        "{timeout}"
+    );
+    // ... and nothing more once the back-end answered late: the next frame is the answer
+    // to the next frame sent.
+    let _ = release.send(()).await;
+    assert!(
+        tokio::time::timeout(FRAME, answers.recv()).await.is_ok(),
+        "the slow method answered"
+    );
+    subscribe(&mut alice, json!({"voice": true})).await;
+    for handle in handles {
+        let _ = handle.stop().await;
+    }
+    clean_up(&names, &["alice"]).await;
+    let _ = node.stop().await;
+}
+
+// ------------------------------------------------------------------------------ point 4
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_identity_or_from_other_origins_are_refused() {
+    let p = prefix("auth");
+    let (node, names) = start(&p, "allowed_origins = [\"http://good.example\"]", false).await;
+    let request = |query: String, origin: Option<&str>| {
+        let mut request = ws_url(&node, &query)
+            .into_client_request()
+            .expect("a request");
+        if let Some(origin) = origin
+            && let Ok(value) = HeaderValue::from_str(origin)
+        {
+            request.headers_mut().insert("origin", value);
+        }
+        request
+    };
+    let good = format!("?access_token={}", token("alice"));
+    assert_eq!(
+        refused_status(request(String::new(), Some("http://good.example"))).await,
+        401
+    );
+    assert_eq!(
+        refused_status(request(
+            "?access_token=forged.token.value".into(),
+            Some("http://good.example")
+        ))
+        .await,
+        401
+    );
+    assert_eq!(
+        refused_status(request(good.clone(), Some("http://evil.example"))).await,
+        403
+    );
+    assert_eq!(refused_status(request(good.clone(), None)).await, 403);
+    assert_eq!(
+        refused_status(request(good, Some("http://good.example"))).await,
+        101
+    );
+    clean_up(&names, &["alice"]).await;
+    let _ = node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_close_the_connection_with_their_codes() {
+    let p = prefix("limits");
+    let extra = "max_frame_bytes = 1024\nmax_frames_per_sec = 5\nmax_subscriptions = 2";
+    let (node, names) = start(&p, extra, false).await;
+    let mut big = connect(&node, "big").await;
+    let padding = "x".repeat(1500);
+    send(
+        &mut big,
+        json!({"packet_action": "consume", "channel": {"voice": true}, "pad": padding}),
+    )
+    .await;
+    assert_eq!(close_code(&mut big).await, Some(1009));
+    let mut fast = connect(&node, "fast").await;
+    for _ in 0..10 {
+        if fast.send(Message::Text("{}".into())).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(close_code(&mut fast).await, Some(4029));
+    let mut greedy = connect(&node, "greedy").await;
+    send(
+        &mut greedy,
+        json!({"packet_action": "consume", "channel": {"voice": true}, "consume_target": ["a", "b", "c"]}),
+    )
+    .await;
+    assert_eq!(close_code(&mut greedy).await, Some(4030));
+    // A newer connection of an identity replaces the older one on this node.
+    let mut first = connect(&node, "twice").await;
+    let mut second = connect(&node, "twice").await;
+    assert_eq!(close_code(&mut first).await, Some(4409));
+    subscribe(&mut second, json!({"chat": true})).await;
+    clean_up(&names, &["big", "fast", "greedy", "twice"]).await;
+    let _ = node.stop().await;
+}
+
+/// Publishes an outbound message as a back-end would (confirmed; a nack fails the test).
+async fn back_end_publish(names: &GatewayConfig, feed: &str, body: Value) {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let connection =
+        lapin::Connection::connect(&local_uri(), lapin::ConnectionProperties::default())
+            .await
+            .expect("test client connects");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let confirm = channel
+        .basic_publish(
+            names.out_exchange.as_str().into(),
+            feed.into(),
+            BasicPublishOptions::default(),
+            body.to_string().as_bytes(),
+            lapin::BasicProperties::default().with_content_type("application/json".into()),
+        )
+        .await
+        .expect("published")
+        .await
+        .expect("confirmed");
+    assert!(confirm.is_ack(), "the broker nacked the test's publish");
+    let _ = connection.close(200, "done".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_never_gets_another_identitys_direct_messages() {
+    let p = prefix("direct");
+    let (node, names) = start(&p, "", false).await;
+    let mut bob = connect(&node, "bob").await;
+    let mut eve = connect(&node, "eve").await;
+    subscribe(&mut bob, json!({"tickets": true})).await;
+    subscribe(&mut eve, json!({"tickets": true})).await;
+    let out = |to: &str, text: &str| {
+        json!({"Event-Category": "gateway", "Event-Name": "out",
+               "distribution": {"direct": [to]}, "message": {"text": text}})
+    };
+    back_end_publish(&names, "tickets", out("bob", "for bob only")).await;
+    back_end_publish(&names, "tickets", out("eve", "for eve")).await;
+    let got_bob = frame(&mut bob).await;
+    assert_eq!(got_bob["message"]["text"], "for bob only", "{got_bob}");
+    let got_eve = frame(&mut eve).await;
+    assert_eq!(got_eve["message"]["text"], "for eve", "{got_eve}");
+    clean_up(&names, &["bob", "eve"]).await;
+    let _ = node.stop().await;
+}
+
+// ------------------------------------------------------------------------------ point 3
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_queue_outlives_its_socket_and_another_node_delivers_it_in_order() {
+    let p = prefix("away");
+    let (a, names) = start(&p, "", true).await;
+    let (b, _) = start(&p, "", false).await;
+    let mut bob = connect(&a, "bob").await;
+    subscribe(&mut bob, json!({"tickets": true})).await;
+    let _ = bob.close(None).await;
+    let mut alice = connect(&a, "alice").await;
+    const N: u64 = 30;
+    for n in 0..N {
+        send(
+            &mut alice,
+            json!({"packet_action": "publish", "channel": {"tickets": true},
+                   "message": {"to": "bob", "n": n}}),
+        )
+        .await;
+    }
+    // alice sees her N publishes confirmed and her N copies (she is in the multicast).
+    let (mut confirmed, mut copies) = (0, 0);
+    for _ in 0..(4 * N) {
+        if confirmed == N && copies == N {
+            break;
+        }
+        let f = frame(&mut alice).await;
+        if f.get("published").is_some() {
+            confirmed += 1;
+        } else if f.get("message").is_some() {
+            copies += 1;
+        }
+    }
+    assert_eq!((confirmed, copies), (N, N));
+    // bob comes back on the other node: everything, in order, once.
+    let mut bob = connect(&b, "bob").await;
+    for n in 0..N {
+        let f = frame(&mut bob).await;
+        assert_eq!(f["message"]["body"]["n"], n, "{f}");
+    }
+    clean_up(&names, &["alice", "bob"]).await;
+    let _ = a.stop().await;
+    let _ = b.stop().await;
+}
