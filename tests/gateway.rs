@@ -617,3 +617,146 @@ async fn a_clients_queue_outlives_its_socket_and_another_node_delivers_it_in_ord
     let _ = a.stop().await;
     let _ = b.stop().await;
 }
+
+// ------------------------------------------------------------------------------ point 6
+
+/// A chromedriver this test started (on a free port), killed when dropped.
+struct Driver {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Driver {
+    /// Starts `chromedriver` and waits (bounded) until it accepts connections.
+    async fn start() -> Driver {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let child = std::process::Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("chromedriver did not start ({e}): run scripts/ensure-chromium")
+            });
+        let driver = Driver {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "chromedriver did not listen within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        driver
+    }
+
+    /// A new headless Chromium session.
+    async fn page(&self) -> fantoccini::Client {
+        // fantoccini's rustls wants a process-wide crypto provider: ring, as lapin's.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut capabilities = serde_json::Map::new();
+        capabilities.insert(
+            "goog:chromeOptions".to_string(),
+            json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                            "--disable-dev-shm-usage", "--window-size=1000,800"]}),
+        );
+        fantoccini::ClientBuilder::rustls()
+            .expect("a WebDriver client")
+            .capabilities(capabilities)
+            .connect(&self.url)
+            .await
+            .unwrap_or_else(|e| panic!("no Chromium session: {e}"))
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits (bounded) until the text of `css` on `page` contains `wanted`; returns it.
+async fn page_text(page: &fantoccini::Client, css: &str, wanted: &str) -> String {
+    let deadline = tokio::time::Instant::now() + FRAME;
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(element) = page.find(fantoccini::Locator::Css(css)).await
+            && let Ok(text) = element.text().await
+        {
+            if text.contains(wanted) {
+                return text;
+            }
+            last = text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("`{css}` never showed {wanted:?}; last: {last:?}");
+}
+
+async fn click(page: &fantoccini::Client, id: &str) {
+    page.find(fantoccini::Locator::Id(id))
+        .await
+        .unwrap_or_else(|e| panic!("#{id}: {e}"))
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("click #{id}: {e}"));
+}
+
+/// Saves a screenshot of `page` as `target/gateway-browser/<name>.png` (a test artefact).
+async fn screenshot(page: &fantoccini::Client, name: &str) {
+    let dir = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join("gateway-browser");
+    let png = page.screenshot().await.expect("a screenshot");
+    std::fs::create_dir_all(&dir).expect("the artefact directory");
+    std::fs::write(dir.join(format!("{name}.png")), png).expect("the screenshot is saved");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_browser_pages_exchange_a_ticket_through_the_back_end() {
+    let p = prefix("browser");
+    let (node, names) = start(&p, "", true).await;
+    let driver = Driver::start().await;
+    let base = format!("http://{}/", node.http_address().expect("HTTP serves"));
+    let (alice, bob) = (driver.page().await, driver.page().await);
+    for (page, id) in [(&alice, "alice"), (&bob, "bob")] {
+        page.goto(&format!("{base}?token={}", token(id)))
+            .await
+            .expect("the demo page loads");
+        click(page, "connect").await;
+        page_text(page, "#state", "open").await;
+        click(page, "subscribe").await;
+        page_text(page, "#log", "subscribed").await;
+    }
+    let message = alice
+        .find(fantoccini::Locator::Id("message"))
+        .await
+        .expect("the message box");
+    message.clear().await.expect("cleared");
+    message
+        .send_keys(r#"{"to": "bob", "text": "printer on fire"}"#)
+        .await
+        .expect("typed");
+    click(&alice, "publish").await;
+    let seen = page_text(&bob, "#log .received", "printer on fire").await;
+    assert!(seen.contains("\"from\":\"alice\""), "{seen}");
+    page_text(&alice, "#log", "\"published\"").await;
+    click(&bob, "request").await;
+    let reply = page_text(&bob, "#log .reply", "\"status\":\"open\"").await;
+    assert!(reply.contains("r-1"), "{reply}");
+    screenshot(&alice, "alice").await;
+    screenshot(&bob, "bob").await;
+    let _ = alice.close().await;
+    let _ = bob.close().await;
+    drop(driver);
+    clean_up(&names, &["alice", "bob"]).await;
+    let _ = node.stop().await;
+}
