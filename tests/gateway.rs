@@ -34,31 +34,60 @@ const FRAME: Duration = Duration::from_secs(10);
 /// A node running the gateway (and the tickets back-end when `tickets`) with names of
 /// prefix `prefix`; `extra` goes into `[apps.gateway]`.
 async fn start(prefix: &str, extra: &str, tickets: bool) -> (Node, GatewayConfig) {
+    start_on(
+        &[local_uri()],
+        prefix,
+        extra,
+        Apps {
+            gateway: true,
+            tickets,
+        },
+    )
+    .await
+}
+
+/// Which apps a test node runs.
+#[derive(Clone, Copy)]
+struct Apps {
+    gateway: bool,
+    tickets: bool,
+}
+
+/// A node on `brokers` running `apps` with names of prefix `prefix`.
+async fn start_on(
+    brokers: &[String],
+    prefix: &str,
+    extra: &str,
+    apps: Apps,
+) -> (Node, GatewayConfig) {
     init_logs();
     let name = unique_node("gateway");
-    let mut text = format!(
-        "{}\n[http]\nlisten = \"127.0.0.1:0\"\n\n[apps.gateway]\n\
+    let text = format!(
+        "{}\n[http]\nlisten = \"127.0.0.1:0\"\n\n[apps.gateway]\nenabled = {}\n\
          in_exchange = \"{prefix}.in\"\nout_exchange = \"{prefix}.out\"\n\
          client_exchange = \"{prefix}.clients\"\nqueue_prefix = \"{prefix}.\"\n\
-         jwt_secret = \"{SECRET}\"\nclient_queue_expiry_ms = 60000\n{extra}\n",
-        config_text(&name, &[local_uri()], "")
+         jwt_secret = \"{SECRET}\"\nclient_queue_expiry_ms = 60000\n{extra}\n\
+         \n[apps.tickets]\nenabled = {}\n",
+        config_text(&name, brokers, ""),
+        apps.gateway,
+        apps.tickets,
     );
-    if tickets {
-        text.push_str("\n[apps.tickets]\n");
-    }
     let config = match Config::parse(&text, Path::new("test.ini"), &["gateway", "tickets"], None) {
         Ok(config) => config,
         Err(error) => panic!("test config is invalid: {error}\n{text}"),
     };
     let gateway_config = config.app("gateway").expect("gateway section").clone();
-    let tickets_config = config.app("tickets").cloned();
+    let tickets_config = config.app("tickets").expect("tickets section").clone();
     let names = gateway_config.gateway.clone();
     let for_tickets = names.clone();
     let node = Node::try_start(config, move |node| {
-        let gateway = GatewayApp::default();
-        let ctx = AppContext::new(&gateway, node.clone(), gateway_config);
-        let mut children = vec![app_child(&gateway, ctx)?];
-        if let Some(tickets_config) = tickets_config {
+        let mut children = Vec::new();
+        if apps.gateway {
+            let gateway = GatewayApp::default();
+            let ctx = AppContext::new(&gateway, node.clone(), gateway_config);
+            children.push(app_child(&gateway, ctx)?);
+        }
+        if apps.tickets {
             let tickets = Tickets {
                 config: for_tickets,
             };
@@ -274,8 +303,8 @@ async fn bad_frames_get_error_frames_naming_the_field_and_the_connection_stays_o
     }
     // Still open: a good frame works.
     subscribe(&mut alice, json!({"tickets": true})).await;
-    clean_up(&names, &["alice"]).await;
     let _ = node.stop().await;
+    clean_up(&names, &["alice"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,8 +364,8 @@ async fn tickets_reach_the_multicast_ids_and_broadcasts_only_the_subscribers() {
     .await;
     let first = frame(&mut carol).await;
     assert_eq!(first["message"]["body"]["text"], "yours", "{first}");
-    clean_up(&names, &["alice", "bob", "carol"]).await;
     let _ = node.stop().await;
+    clean_up(&names, &["alice", "bob", "carol"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -351,8 +380,8 @@ async fn a_feed_without_a_back_end_is_an_error_frame_not_a_silent_loss() {
     .await;
     let answer = frame(&mut alice).await;
     assert_eq!(answer["error"]["field"], "channel", "{answer}");
-    clean_up(&names, &["alice"]).await;
     let _ = node.stop().await;
+    clean_up(&names, &["alice"]).await;
 }
 
 // ------------------------------------------------------------------------------ point 2
@@ -440,8 +469,8 @@ async fn write_and_wait_gets_exactly_one_reply_or_one_timeout_frame() {
     for handle in handles {
         let _ = handle.stop().await;
     }
-    clean_up(&names, &["alice"]).await;
     let _ = node.stop().await;
+    clean_up(&names, &["alice"]).await;
 }
 
 // ------------------------------------------------------------------------------ point 4
@@ -483,8 +512,8 @@ async fn connections_without_identity_or_from_other_origins_are_refused() {
         refused_status(request(good, Some("http://good.example"))).await,
         101
     );
-    clean_up(&names, &["alice"]).await;
     let _ = node.stop().await;
+    clean_up(&names, &["alice"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,8 +548,8 @@ async fn limits_close_the_connection_with_their_codes() {
     let mut second = connect(&node, "twice").await;
     assert_eq!(close_code(&mut first).await, Some(4409));
     subscribe(&mut second, json!({"chat": true})).await;
-    clean_up(&names, &["big", "fast", "greedy", "twice"]).await;
     let _ = node.stop().await;
+    clean_up(&names, &["big", "fast", "greedy", "twice"]).await;
 }
 
 /// Publishes an outbound message as a back-end would (confirmed; a nack fails the test).
@@ -569,8 +598,8 @@ async fn a_client_never_gets_another_identitys_direct_messages() {
     assert_eq!(got_bob["message"]["text"], "for bob only", "{got_bob}");
     let got_eve = frame(&mut eve).await;
     assert_eq!(got_eve["message"]["text"], "for eve", "{got_eve}");
-    clean_up(&names, &["bob", "eve"]).await;
     let _ = node.stop().await;
+    clean_up(&names, &["bob", "eve"]).await;
 }
 
 // ------------------------------------------------------------------------------ point 3
@@ -613,9 +642,9 @@ async fn a_clients_queue_outlives_its_socket_and_another_node_delivers_it_in_ord
         let f = frame(&mut bob).await;
         assert_eq!(f["message"]["body"]["n"], n, "{f}");
     }
-    clean_up(&names, &["alice", "bob"]).await;
     let _ = a.stop().await;
     let _ = b.stop().await;
+    clean_up(&names, &["alice", "bob"]).await;
 }
 
 // ------------------------------------------------------------------------------ point 6
@@ -757,6 +786,227 @@ async fn two_browser_pages_exchange_a_ticket_through_the_back_end() {
     let _ = alice.close().await;
     let _ = bob.close().await;
     drop(driver);
-    clean_up(&names, &["alice", "bob"]).await;
     let _ = node.stop().await;
+    clean_up(&names, &["alice", "bob"]).await;
+}
+
+// ------------------------------------------------------------------------------ point 7
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_dropped_for_ten_seconds_gets_everything_in_order() {
+    let p = prefix("drop");
+    let (node, names) = start(&p, "", true).await;
+    let mut bob = connect(&node, "bob").await;
+    subscribe(&mut bob, json!({"tickets": true})).await;
+    let _ = bob.close(None).await;
+    let away = std::time::Instant::now();
+    let mut alice = connect(&node, "alice").await;
+    // 40 tickets for bob over 10 s while he is away (paced load, not a wait).
+    const N: u64 = 40;
+    let mut pace = tokio::time::interval(Duration::from_millis(250));
+    for n in 0..N {
+        pace.tick().await;
+        send(
+            &mut alice,
+            json!({"packet_action": "publish", "channel": {"tickets": true},
+                   "message": {"to": "bob", "n": n}}),
+        )
+        .await;
+    }
+    let mut confirmed = 0;
+    for _ in 0..(4 * N) {
+        if confirmed == N {
+            break;
+        }
+        if frame(&mut alice).await.get("published").is_some() {
+            confirmed += 1;
+        }
+    }
+    assert_eq!(confirmed, N, "every publish confirmed");
+    assert!(
+        away.elapsed() >= Duration::from_secs(9),
+        "bob was away ~10 s"
+    );
+    let mut bob = connect(&node, "bob").await;
+    for n in 0..N {
+        let f = frame(&mut bob).await;
+        assert_eq!(f["message"]["body"]["n"], n, "{f}");
+    }
+    let _ = node.stop().await;
+    clean_up(&names, &["alice", "bob"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_back_end_stopped_with_requests_in_flight_and_started_again_answers_each_once() {
+    let p = prefix("restart");
+    let extra = "request_timeout_ms = 30000\nmax_frames_per_sec = 1000";
+    let only = |gateway, tickets| Apps { gateway, tickets };
+    let (gateway, names) = start_on(&[local_uri()], &p, extra, only(true, false)).await;
+    let (back_end, _) = start_on(&[local_uri()], &p, extra, only(false, true)).await;
+    let (mut sink, mut alice) = connect(&gateway, "alice").await.split();
+    const N: usize = 200;
+    // Requests at a steady pace (2 s in all), so that some are in flight or queued while
+    // the back-end is away.
+    let sending = tokio::spawn(async move {
+        let mut pace = tokio::time::interval(Duration::from_millis(10));
+        for i in 0..N {
+            pace.tick().await;
+            let frame = json!({"packet_action": "publish", "channel": {"tickets": true},
+                               "request_id": format!("r-{i}"), "message": {"i": i}});
+            if sink
+                .send(Message::Text(frame.to_string().into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        sink
+    });
+    let mut answered = std::collections::HashMap::<String, u32>::new();
+    let record = |answered: &mut std::collections::HashMap<String, u32>, f: &Value| {
+        assert!(f.get("error").is_none(), "no request fails: {f}");
+        let id = f["request_id"].as_str().unwrap_or_default().to_string();
+        let echoed = f["message"]["body"]["i"].as_u64().map(|i| format!("r-{i}"));
+        assert_eq!(echoed, Some(id.clone()), "{f}");
+        *answered.entry(id).or_default() += 1;
+    };
+    // Some answers, then the back-end goes with the rest in flight or still to come.
+    for _ in 0..20 {
+        let f = split_frame(&mut alice).await;
+        record(&mut answered, &f);
+    }
+    let _ = back_end.stop().await;
+    let before_restart = answered.len();
+    let (back_end, _) = start_on(&[local_uri()], &p, extra, only(false, true)).await;
+    while answered.len() < N {
+        let f = split_frame(&mut alice).await;
+        record(&mut answered, &f);
+    }
+    assert!(
+        before_restart < N,
+        "the restarted back-end answered some ({before_restart} before)"
+    );
+    let sink = sending.await.expect("the sender");
+    let mut alice = sink.reunite(alice).expect("one socket");
+    assert!(
+        answered.values().all(|&n| n == 1),
+        "each request answered once"
+    );
+    // Nothing more comes: the next frame answers the next frame sent.
+    subscribe(&mut alice, json!({"voice": true})).await;
+    let _ = back_end.stop().await;
+    let _ = gateway.stop().await;
+    clean_up(&names, &["alice"]).await;
+}
+
+/// The next frame of the read half of a socket (bounded: 40 s, past a back-end restart).
+async fn split_frame(alice: &mut futures::stream::SplitStream<Socket>) -> Value {
+    match tokio::time::timeout(Duration::from_secs(40), alice.next()).await {
+        Ok(Some(Ok(Message::Text(text)))) => {
+            serde_json::from_str(text.as_str()).unwrap_or(Value::Null)
+        }
+        other => panic!("expected a frame, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_keep_receiving_through_the_secondary_when_the_primary_is_killed() {
+    let brokers = common::Broker::start_many(2).await;
+    let uris = [brokers[0].uri(), brokers[1].uri()];
+    let p = prefix("failover");
+    let both = Apps {
+        gateway: true,
+        tickets: true,
+    };
+    let (node, _) = start_on(&uris, &p, "max_frames_per_sec = 1000", both).await;
+    let (mut sink, mut alice) = connect(&node, "alice").await.split();
+    let mut bob = connect(&node, "bob").await;
+    subscribe(&mut bob, json!({"tickets": true})).await;
+    let ticket = |n: u64| {
+        let frame = json!({"packet_action": "publish", "channel": {"tickets": true},
+                           "message": {"to": "bob", "n": n}});
+        Message::Text(frame.to_string().into())
+    };
+    sink.send(ticket(0)).await.expect("sent");
+    let first = frame(&mut bob).await;
+    assert_eq!(first["message"]["body"]["n"], 0, "{first}");
+    // alice's own frames (acks, her copies, errors during the failover) are read and
+    // dropped; her socket must stay open.
+    let draining = tokio::spawn(async move {
+        let mut closed = false;
+        while let Some(message) = alice.next().await {
+            if matches!(message, Err(_) | Ok(Message::Close(_))) {
+                closed = true;
+                break;
+            }
+        }
+        closed
+    });
+    brokers[0].kill().await;
+    // alice keeps sending tickets (a client sends again what was refused); bob must get
+    // ten of those sent after the kill, through the secondary, on the same socket.
+    let mut after_kill = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+    let mut n = 1;
+    while after_kill.len() < 10 && tokio::time::Instant::now() < deadline {
+        sink.send(ticket(n)).await.expect("alice's socket is open");
+        n += 1;
+        match next(&mut bob, Duration::from_millis(100)).await {
+            Next::Frame(f) => {
+                if let Some(got) = f["message"]["body"]["n"].as_u64() {
+                    after_kill.insert(got);
+                }
+            }
+            Next::Closed(code) => panic!("bob's socket closed ({code:?}) during the failover"),
+            Next::Nothing => {}
+        }
+    }
+    assert!(
+        after_kill.len() >= 10,
+        "bob got {} tickets through the secondary",
+        after_kill.len()
+    );
+    // Her reader still runs: her socket was not closed during the failover.
+    assert!(!draining.is_finished(), "alice's socket stayed open");
+    let _ = sink.close().await;
+    draining.abort();
+    let _ = node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_node_that_stops_leaves_its_clients_to_the_other_with_nothing_lost() {
+    let p = prefix("nodes");
+    // A starts first: its distributors are the active ones; B's wait on the queues.
+    let (a, names) = start(&p, "", true).await;
+    let (b, _) = start(&p, "", false).await;
+    let mut bob = connect(&a, "bob").await;
+    subscribe(&mut bob, json!({"tickets": true})).await;
+    let _ = a.stop().await;
+    // The node closes its sockets first, "going away": bob knows to reconnect.
+    assert_eq!(close_code(&mut bob).await, Some(1001));
+    // The back-end went with A: start it again beside B (a back-end of its own node).
+    let back_end = Apps {
+        gateway: false,
+        tickets: true,
+    };
+    let (t, _) = start_on(&[local_uri()], &p, "", back_end).await;
+    let mut alice = connect(&b, "alice").await;
+    const N: u64 = 20;
+    for n in 0..N {
+        send(
+            &mut alice,
+            json!({"packet_action": "publish", "channel": {"tickets": true},
+                   "message": {"to": "bob", "n": n}}),
+        )
+        .await;
+    }
+    let mut bob = connect(&b, "bob").await;
+    for n in 0..N {
+        let f = frame(&mut bob).await;
+        assert_eq!(f["message"]["body"]["n"], n, "{f}");
+    }
+    let _ = t.stop().await;
+    let _ = b.stop().await;
+    clean_up(&names, &["alice", "bob"]).await;
 }

@@ -87,8 +87,11 @@ pub async fn run(gateway: Gateway, socket: WebSocket, id: String) {
             rate: FrameRate::new(gateway.config().max_frames_per_sec),
             publishing: publisher(gateway.clone(), id.clone(), writer.clone()),
         };
+        let stopping = gateway.ctx().node.http.stopping();
+        tokio::pin!(stopping);
         let ending = loop {
             let message = tokio::select! {
+                _ = &mut stopping => break Some((CloseCode::GOING_AWAY, "the node stops")),
                 _ = &mut replaced => break Some((CloseCode::REPLACED, "replaced by a newer connection")),
                 message = stream.next() => message,
             };
