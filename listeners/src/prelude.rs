@@ -29,6 +29,8 @@ pub use warren_runtime::confirm::{PublishError, PublishOptions};
 pub use warren_runtime::envelope::Envelope;
 /// Routes an app serves on the node's HTTP endpoint (`AppContext::node.http`).
 pub use warren_runtime::http::{HttpRoutes, RouteTaken};
+/// One line per key and interval for warnings that can repeat (one per client, per frame).
+pub use warren_runtime::log_limit::LogLimit;
 /// An app's own figures at each scrape of `/metrics` (`AppContext::node.metrics`).
 pub use warren_runtime::metrics::{
     Histogram, Metrics, MetricsEntry, Report, Source as MetricsSource,

@@ -26,6 +26,8 @@ struct Inner {
     config: GatewayConfig,
     publisher: Publisher,
     next: AtomicU64,
+    /// Warnings that can repeat once per connection.
+    log_limit: LogLimit,
     /// Identity → (connection number, how to tell that connection it was replaced).
     connections: Mutex<HashMap<String, (u64, oneshot::Sender<()>)>>,
 }
@@ -44,6 +46,7 @@ impl Gateway {
                 ctx: ctx.clone(),
                 config,
                 next: AtomicU64::new(1),
+                log_limit: LogLimit::default(),
                 connections: Mutex::new(HashMap::new()),
             }),
         }
@@ -59,6 +62,14 @@ impl Gateway {
 
     pub fn publisher(&self) -> &Publisher {
         &self.inner.publisher
+    }
+
+    /// Logs `what` as a warning unless the same `what` was logged within the last 10 s
+    /// (then it is counted and the next line says how many were held back).
+    pub fn warn_limited(&self, what: &'static str, error: &dyn std::fmt::Display) {
+        if let Some(held_back) = self.inner.log_limit.allow(what) {
+            tracing::warn!(%error, held_back, "gateway: {what}");
+        }
     }
 
     /// Connections open on this node.

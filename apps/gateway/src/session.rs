@@ -68,11 +68,15 @@ pub async fn run(gateway: Gateway, socket: WebSocket, id: String) {
     let handle = match spawn_listener(mailbox, gateway.ctx()).await {
         Ok(handle) if handle.wait_consuming(true, MAILBOX_START).await => Some(handle),
         Ok(handle) => {
+            gateway.warn_limited(
+                "a client's queue was not consumed in time; the connection is closed",
+                &format!("not consuming within {MAILBOX_START:?}"),
+            );
             let _ = handle.stop().await;
             None
         }
         Err(error) => {
-            tracing::warn!(%error, "gateway: a client's mailbox did not start");
+            gateway.warn_limited("a client's queue could not be set up", &error);
             None
         }
     };
