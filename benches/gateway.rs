@@ -8,7 +8,7 @@
 //!   until every socket got every broadcast;
 //! - memory per idle connection: the process's resident set before and after connecting
 //!   the clients, divided by their number (clients and server share the process, so this
-//!   is an upper bound for the server side).
+//!   is an upper bound for the server side; the clients' buffers are 8 KiB each way).
 //!
 //! No lapin baseline: nothing in lapin does what the gateway does. The last line is one
 //! JSON object. Queues and exchanges are this run's own (deleted or expiring after).
@@ -22,7 +22,8 @@ use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async_with_config};
 use warren_app_gateway::GatewayApp;
 use warren_app_tickets::Tickets;
 use warren_listeners::{AppContext, app_child};
@@ -198,7 +199,13 @@ async fn client(address: std::net::SocketAddr, i: usize) -> Socket {
         &EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .expect("a token");
-    let (mut socket, _) = connect_async(format!("ws://{address}/ws?access_token={token}"))
+    // The clients' buffers as small as the gateway's, so that they weigh little in the
+    // memory figure.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(8 * 1024);
+    let url = format!("ws://{address}/ws?access_token={token}");
+    let (mut socket, _) = connect_async_with_config(url, Some(config), false)
         .await
         .expect("a client connects");
     send(

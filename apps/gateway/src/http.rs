@@ -19,6 +19,9 @@ use crate::gateway::Gateway;
 use crate::identity::authenticate;
 use crate::session;
 
+/// Read and write buffer of one WebSocket, bytes.
+const SOCKET_BUFFER: usize = 8 * 1024;
+
 /// The demo page's path.
 pub const PAGE: &str = "/";
 
@@ -58,8 +61,12 @@ async fn upgrade(
     // Up to twice the limit is read so that the session can close with 1009 and a reason;
     // anything larger ends the connection at once.
     let limit = gateway.config().max_frame_bytes.saturating_mul(2);
+    // Small buffers (tungstenite's default is 128 KiB each way): an idle connection costs
+    // little, and every frame is flushed as it is written anyway.
     upgrade
         .max_message_size(limit)
         .max_frame_size(limit)
+        .read_buffer_size(SOCKET_BUFFER)
+        .write_buffer_size(SOCKET_BUFFER)
         .on_upgrade(move |socket| session::run(gateway, socket, id))
 }
