@@ -150,6 +150,7 @@ async fn warren_listener(node: &Node, queue: &str) -> f64 {
         context,
         AppConfig {
             event_pusher: Default::default(),
+            gateway: Default::default(),
             name: "bench".to_string(),
             enabled: true,
             quorum_queues: false,

@@ -245,6 +245,7 @@ async fn start_pool(node: &Node) -> ListenerPool {
         node.context().clone(),
         AppConfig {
             event_pusher: Default::default(),
+            gateway: Default::default(),
             name: "bench".to_string(),
             enabled: true,
             quorum_queues: false,

@@ -190,6 +190,7 @@ async fn start_warren(node: &Node, topic: &str) -> (AppContext, Vec<ListenerHand
         node.context().clone(),
         AppConfig {
             event_pusher: Default::default(),
+            gateway: Default::default(),
             name: "bench".to_string(),
             enabled: true,
             quorum_queues: false,

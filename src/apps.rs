@@ -10,6 +10,8 @@ fn catalog() -> Vec<Box<dyn App>> {
         Box::new(warren_app_skel::Skel),
         Box::new(warren_app_echo::Echo),
         Box::new(warren_app_event_pusher::EventPusherApp::default()),
+        Box::new(warren_app_gateway::GatewayApp::default()),
+        Box::new(warren_app_tickets::Tickets::default()),
     ]
 }
 

@@ -49,6 +49,7 @@ pub async fn call(call: Call<'_>) -> ExitCode {
         node.context().clone(),
         AppConfig {
             event_pusher: Default::default(),
+            gateway: Default::default(),
             name: "call".to_string(),
             enabled: true,
             quorum_queues: false,

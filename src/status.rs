@@ -75,6 +75,7 @@ async fn ask(node: &Node, status: &Status<'_>) -> ExitCode {
         node.context().clone(),
         AppConfig {
             event_pusher: Default::default(),
+            gateway: Default::default(),
             name: "status".to_string(),
             enabled: true,
             quorum_queues: false,

@@ -44,6 +44,7 @@ async fn a_bad_spec_refuses_the_app_before_anything_starts() {
     let result = Node::try_start(config(&name, &[local_uri()], ""), |node| {
         let app_config = AppConfig {
             event_pusher: Default::default(),
+            gateway: Default::default(),
             name: "overcommitted".to_string(),
             enabled: true,
             quorum_queues: false,

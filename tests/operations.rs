@@ -24,6 +24,7 @@ fn ops_app(node: &Node) -> AppContext {
         node.context().clone(),
         AppConfig {
             event_pusher: Default::default(),
+            gateway: Default::default(),
             name: "ops".to_string(),
             enabled: true,
             quorum_queues: false,

@@ -40,6 +40,7 @@ async fn pool(
         context,
         AppConfig {
             event_pusher: Default::default(),
+            gateway: Default::default(),
             name: name.to_string(),
             enabled: true,
             quorum_queues: false,

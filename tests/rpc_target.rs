@@ -39,6 +39,7 @@ async fn node(name: &str) -> Node {
 fn app_config(name: &str) -> AppConfig {
     AppConfig {
         event_pusher: Default::default(),
+        gateway: Default::default(),
         name: name.to_string(),
         enabled: true,
         quorum_queues: false,

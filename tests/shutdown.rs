@@ -106,6 +106,7 @@ async fn hung_handlers_in_several_apps_stop_within_the_budget_and_their_messages
             .map(|app| {
                 let app_config = AppConfig {
                     event_pusher: Default::default(),
+                    gateway: Default::default(),
                     name: app.name.to_string(),
                     enabled: true,
                     quorum_queues: false,

@@ -88,6 +88,14 @@ pub trait Listener: Send + Sync + 'static {
     fn on_failed(&self, _event: &Event, _reason: &str) {}
 }
 
+/// A spec alone is a listener without hooks (`ctx.listener(ListenerSpec::new(..)…)`), for
+/// apps whose listeners are only a declaration and responders (apps/tickets).
+impl Listener for ListenerSpec {
+    fn spec(&self) -> ListenerSpec {
+        self.clone()
+    }
+}
+
 /// What [`Listener::on_event`] decides for one event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dispatch {

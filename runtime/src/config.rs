@@ -11,6 +11,7 @@
 
 mod effective;
 mod error;
+mod gateway;
 mod locate;
 mod pusher;
 mod raw;
@@ -348,6 +349,96 @@ pub struct AppConfig {
     /// `[apps.event_pusher]`'s own keys (MongooseIM's `mod_event_pusher_rabbit` names);
     /// the defaults for any other app, which may not set them.
     pub event_pusher: EventPusherConfig,
+    /// `[apps.gateway]`'s own keys; the defaults for any other app, which may not set them.
+    pub gateway: GatewayConfig,
+}
+
+/// `[apps.gateway]`: the WebSocket gateway's names on the broker, who may connect and the
+/// limits of one connection.
+///
+/// It exists so that the gateway is configured and checked like every other section
+/// (a mistake names the file, line and key). `Debug` never shows `jwt_secret`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// The WebSocket route on the node's HTTP endpoint (`path`); the demo page is `GET /`.
+    pub path: String,
+    /// Exchange clients publish to, feeding `IN_<FEED>` (`in_exchange`, durable direct).
+    pub in_exchange: String,
+    /// Exchange back-ends publish to, feeding `OUT_<FEED>` (`out_exchange`, durable direct).
+    pub out_exchange: String,
+    /// Exchange of the clients' own queues (`client_exchange`, durable direct).
+    pub client_exchange: String,
+    /// Put before every queue name the gateway declares (`queue_prefix`, default empty).
+    pub queue_prefix: String,
+    /// `x-expires` of a client's own queue: how long it outlives its socket.
+    pub client_queue_expiry: Duration,
+    /// How long a write-and-wait request waits for its reply.
+    pub request_timeout: Duration,
+    /// HS256 key bearer tokens are verified with (`jwt_secret`; empty: no tokens).
+    pub jwt_secret: String,
+    /// The `aud` a token must carry (`jwt_audience`; empty: not checked).
+    pub jwt_audience: String,
+    /// Header naming the client, trusted from `trusted_proxies` only (empty: off).
+    pub identity_header: String,
+    /// Peer addresses whose `identity_header` is believed.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// `Origin` values accepted (empty: any, e.g. non-browser clients only).
+    pub allowed_origins: Vec<String>,
+    /// Largest frame a client may send (bytes).
+    pub max_frame_bytes: usize,
+    /// Frames a client may send per second.
+    pub max_frames_per_sec: u32,
+    /// Subscriptions (feed × consume target) one connection may hold.
+    pub max_subscriptions: usize,
+}
+
+impl std::fmt::Debug for GatewayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayConfig")
+            .field("path", &self.path)
+            .field("in_exchange", &self.in_exchange)
+            .field("out_exchange", &self.out_exchange)
+            .field("client_exchange", &self.client_exchange)
+            .field("queue_prefix", &self.queue_prefix)
+            .field("client_queue_expiry", &self.client_queue_expiry)
+            .field("request_timeout", &self.request_timeout)
+            .field(
+                "jwt_secret",
+                &(!self.jwt_secret.is_empty()).then_some("<hidden>"),
+            )
+            .field("jwt_audience", &self.jwt_audience)
+            .field("identity_header", &self.identity_header)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field("allowed_origins", &self.allowed_origins)
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("max_frames_per_sec", &self.max_frames_per_sec)
+            .field("max_subscriptions", &self.max_subscriptions)
+            .finish()
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            path: "/ws".to_string(),
+            in_exchange: "gateway.in".to_string(),
+            out_exchange: "gateway.out".to_string(),
+            client_exchange: "gateway.clients".to_string(),
+            queue_prefix: String::new(),
+            client_queue_expiry: Duration::from_millis(u64::from(
+                raw::GATEWAY_CLIENT_QUEUE_EXPIRY_MS,
+            )),
+            request_timeout: Duration::from_millis(raw::GATEWAY_REQUEST_TIMEOUT_MS),
+            jwt_secret: String::new(),
+            jwt_audience: String::new(),
+            identity_header: String::new(),
+            trusted_proxies: Vec::new(),
+            allowed_origins: Vec::new(),
+            max_frame_bytes: raw::GATEWAY_MAX_FRAME_BYTES,
+            max_frames_per_sec: raw::GATEWAY_MAX_FRAMES_PER_SEC,
+            max_subscriptions: raw::GATEWAY_MAX_SUBSCRIPTIONS,
+        }
+    }
 }
 
 /// The exchange of one kind of apps/event_pusher's events: MongooseIM's

@@ -37,10 +37,22 @@ use crate::supervisor::SupervisorMsg;
 /// server of its own: apps mount their routes while the node builds them, the server
 /// serves them from its start. A route that clashes with the operator's (`/metrics`,
 /// `/health/*`, `/status`) or with another app's is refused at mount time. Without
-/// `[http] listen` nothing is served and mounted routes are dropped.
-#[derive(Clone, Default)]
+/// `[http] listen` nothing is served and mounted routes are dropped. Connections a route
+/// upgraded (WebSockets) outlive the server's graceful shutdown: their route awaits
+/// [`HttpRoutes::stopping`] to close them when the node stops.
+#[derive(Clone)]
 pub struct HttpRoutes {
     mounted: std::sync::Arc<parking_lot::Mutex<Vec<(String, Router)>>>,
+    stopping: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Default for HttpRoutes {
+    fn default() -> Self {
+        HttpRoutes {
+            mounted: std::sync::Arc::default(),
+            stopping: std::sync::Arc::new(tokio::sync::watch::channel(false).0),
+        }
+    }
 }
 
 /// A route an app tried to mount clashes with one already there.
@@ -65,6 +77,19 @@ impl HttpRoutes {
         }
         mounted.push((path.to_string(), router));
         Ok(())
+    }
+
+    /// Completes once the node began to stop (at once if it already did).
+    pub fn stopping(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut stopping = self.stopping.subscribe();
+        async move {
+            let _ = stopping.wait_for(|stopping| *stopping).await;
+        }
+    }
+
+    /// Tells the routes the node stops (the node does, first thing when it stops).
+    pub fn announce_stop(&self) {
+        self.stopping.send_replace(true);
     }
 
     /// The paths mounted so far.
@@ -129,6 +154,8 @@ impl HttpEndpoint {
         let paths = routes.paths();
         let (shutdown, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
+            // Peer addresses for routes that need them (apps/gateway's trusted proxies).
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(async {
                     let _ = stopped.await;

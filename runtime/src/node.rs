@@ -279,6 +279,8 @@ impl Node {
     /// of one budget, `[service] shutdown_timeout_secs`: each supervisor hands its
     /// children deadlines out of its own (see `supervisor::deadline`).
     pub async fn stop(mut self) -> Result<(), StopTimeout> {
+        // Upgraded connections (WebSockets) close first, while the tree still runs.
+        self.context.http.announce_stop();
         // The tree's own children hold the context: the root must not be kept alive
         // through it while it stops.
         self.context.root.take();

@@ -88,6 +88,7 @@ pub fn app_context(node: &Node, name: &str) -> AppContext {
         context,
         AppConfig {
             event_pusher: Default::default(),
+            gateway: Default::default(),
             name: name.to_string(),
             enabled: true,
             quorum_queues: false,

@@ -139,6 +139,9 @@ fn write_config(out: &mut String, config: &Config) -> fmt::Result {
         if app.name == super::pusher::APP {
             pusher_lines(out, &app.event_pusher)?;
         }
+        if app.name == super::gateway::APP {
+            gateway_lines(out, &app.gateway)?;
+        }
     }
     Ok(())
 }
@@ -183,6 +186,48 @@ fn pusher_lines(out: &mut String, pusher: &super::EventPusherConfig) -> fmt::Res
     key(out, "max_batch", pusher.max_batch)?;
     key(out, "persistent", pusher.persistent)?;
     key(out, "durable_exchanges", pusher.durable_exchanges)
+}
+
+/// `[apps.gateway]`'s own keys; `jwt_secret` is never printed (a comment says whether it
+/// is set).
+fn gateway_lines(out: &mut String, gateway: &super::GatewayConfig) -> fmt::Result {
+    let list = |items: Vec<String>| {
+        let quoted: Vec<String> = items.iter().map(|i| quote(i)).collect();
+        format!("[{}]", quoted.join(", "))
+    };
+    key(out, "path", quote(&gateway.path))?;
+    key(out, "in_exchange", quote(&gateway.in_exchange))?;
+    key(out, "out_exchange", quote(&gateway.out_exchange))?;
+    key(out, "client_exchange", quote(&gateway.client_exchange))?;
+    key(out, "queue_prefix", quote(&gateway.queue_prefix))?;
+    millis(out, "client_queue_expiry_ms", gateway.client_queue_expiry)?;
+    millis(out, "request_timeout_ms", gateway.request_timeout)?;
+    if gateway.jwt_secret.is_empty() {
+        writeln!(out, "# jwt_secret: not set")?;
+    } else {
+        writeln!(out, "# jwt_secret: set (not shown)")?;
+    }
+    key(out, "jwt_audience", quote(&gateway.jwt_audience))?;
+    key(out, "identity_header", quote(&gateway.identity_header))?;
+    key(
+        out,
+        "trusted_proxies",
+        list(
+            gateway
+                .trusted_proxies
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        ),
+    )?;
+    key(
+        out,
+        "allowed_origins",
+        list(gateway.allowed_origins.clone()),
+    )?;
+    key(out, "max_frame_bytes", gateway.max_frame_bytes)?;
+    key(out, "max_frames_per_sec", gateway.max_frames_per_sec)?;
+    key(out, "max_subscriptions", gateway.max_subscriptions)
 }
 
 /// The three pool keys, named `size`/`overflow` in `[pool]` and `pool_size`/`pool_overflow`

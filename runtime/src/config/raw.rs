@@ -62,6 +62,16 @@ pub(super) const PUSHER_LANE_WINDOW: usize = 128;
 pub(super) const PUSHER_MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// `[apps.event_pusher] max_batch`.
 pub(super) const PUSHER_MAX_BATCH: usize = 1000;
+/// `[apps.gateway] client_queue_expiry_ms` (10 minutes).
+pub(super) const GATEWAY_CLIENT_QUEUE_EXPIRY_MS: u32 = 600_000;
+/// `[apps.gateway] request_timeout_ms`.
+pub(super) const GATEWAY_REQUEST_TIMEOUT_MS: u64 = 5000;
+/// `[apps.gateway] max_frame_bytes` (64 KiB).
+pub(super) const GATEWAY_MAX_FRAME_BYTES: usize = 64 * 1024;
+/// `[apps.gateway] max_frames_per_sec`.
+pub(super) const GATEWAY_MAX_FRAMES_PER_SEC: u32 = 50;
+/// `[apps.gateway] max_subscriptions`.
+pub(super) const GATEWAY_MAX_SUBSCRIPTIONS: usize = 16;
 /// `[router] exchange`.
 pub(super) const ROUTER_EXCHANGE: &str = "configuration";
 /// `[router] buffer`.
@@ -366,4 +376,20 @@ pub(super) struct RawApp {
     pub max_batch: Option<Spanned<usize>>,
     pub persistent: Option<Spanned<bool>>,
     pub durable_exchanges: Option<Spanned<bool>>,
+    // apps/gateway only:
+    pub path: Option<Spanned<String>>,
+    pub in_exchange: Option<Spanned<String>>,
+    pub out_exchange: Option<Spanned<String>>,
+    pub client_exchange: Option<Spanned<String>>,
+    pub queue_prefix: Option<Spanned<String>>,
+    pub client_queue_expiry_ms: Option<Spanned<u32>>,
+    pub request_timeout_ms: Option<Spanned<u64>>,
+    pub jwt_secret: Option<Spanned<String>>,
+    pub jwt_audience: Option<Spanned<String>>,
+    pub identity_header: Option<Spanned<String>>,
+    pub trusted_proxies: Option<Spanned<Vec<Spanned<String>>>>,
+    pub allowed_origins: Option<Spanned<Vec<Spanned<String>>>>,
+    pub max_frame_bytes: Option<Spanned<usize>>,
+    pub max_frames_per_sec: Option<Spanned<u32>>,
+    pub max_subscriptions: Option<Spanned<usize>>,
 }

@@ -1784,3 +1784,71 @@ fn event_pusher_mistakes_are_located() {
     let refusal = refuse_pusher(&format!("{LOCAL_ZONE}\n[apps.echo]\nlanes = 4\n"));
     assert_eq!(refusal.key, "apps.echo.lanes", "{}", refusal.message);
 }
+
+// ---------------------------------------------------------------- [apps.gateway]
+
+const GATEWAY_APPS: &[&str] = &["echo", "gateway"];
+
+#[test]
+fn gateway_keys_default_and_round_trip_without_the_secret() {
+    let parse = |text: &str| Config::parse(text, Path::new("config.ini"), GATEWAY_APPS, None);
+    let config = parse(&format!("{LOCAL_ZONE}\n[apps.gateway]\n")).unwrap();
+    let gateway = &config.app("gateway").unwrap().gateway;
+    assert_eq!(gateway, &crate::config::GatewayConfig::default());
+    assert_eq!(gateway.path, "/ws");
+    assert_eq!(gateway.max_frame_bytes, 65536);
+    let text = format!(
+        "{LOCAL_ZONE}\n[apps.gateway]\npath = \"/socket\"\nqueue_prefix = \"t1.\"\n\
+         jwt_secret = \"s3cret-value\"\nidentity_header = \"X-Consumer-Username\"\n\
+         trusted_proxies = [\"127.0.0.1\"]\nallowed_origins = [\"https://app.example.com\"]\n\
+         max_frames_per_sec = 5\nclient_queue_expiry_ms = 30000\n"
+    );
+    let config = parse(&text).unwrap();
+    let gateway = &config.app("gateway").unwrap().gateway;
+    assert_eq!(gateway.path, "/socket");
+    assert_eq!(gateway.identity_header, "x-consumer-username");
+    assert_eq!(gateway.max_frames_per_sec, 5);
+    assert_eq!(gateway.client_queue_expiry, Duration::from_secs(30));
+    assert!(!format!("{gateway:?}").contains("s3cret"));
+    let effective = config.effective_toml();
+    assert!(!effective.contains("s3cret"), "{effective}");
+    assert!(effective.contains("path = \"/socket\""), "{effective}");
+    let again = parse(&effective).unwrap();
+    let again = &again.app("gateway").unwrap().gateway;
+    assert_eq!(again.allowed_origins, gateway.allowed_origins);
+    assert_eq!(again.trusted_proxies, gateway.trusted_proxies);
+}
+
+#[test]
+fn gateway_mistakes_are_located() {
+    let head = format!("{LOCAL_ZONE}\n[apps.gateway]\n");
+    let line = LOCAL_ZONE.lines().count() + 3;
+    let refuse = |text: &str| {
+        let err = Config::parse(text, Path::new("config.ini"), GATEWAY_APPS, None)
+            .expect_err("the file should be refused");
+        err.to_string()
+    };
+    let message = refuse(&format!("{head}max_frame_bytes = 0\n"));
+    assert!(
+        message.contains(&format!("config.ini:{line}:"))
+            && message.contains("apps.gateway.max_frame_bytes"),
+        "{message}"
+    );
+    let message = refuse(&format!("{head}trusted_proxies = [\"proxy.local\"]\n"));
+    assert!(
+        message.contains("apps.gateway.trusted_proxies") && message.contains("IP address"),
+        "{message}"
+    );
+    let message = refuse(&format!("{head}identity_header = \"x-user\"\n"));
+    assert!(message.contains("trusted_proxies"), "{message}");
+    let message = refuse(&format!("{head}allowed_origins = [\"app.example.com\"]\n"));
+    assert!(
+        message.contains("apps.gateway.allowed_origins"),
+        "{message}"
+    );
+    let message = refuse(&format!("{LOCAL_ZONE}\n[apps.echo]\njwt_secret = \"x\"\n"));
+    assert!(
+        message.contains("apps.echo.jwt_secret") && !message.contains("\"x\""),
+        "{message}"
+    );
+}

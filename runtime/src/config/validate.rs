@@ -726,8 +726,10 @@ fn apps(
             source,
         )?;
         let event_pusher = super::pusher::event_pusher(name.get_ref(), app, &key, source)?;
+        let gateway = super::gateway::gateway(name.get_ref(), app, &key, source)?;
         apps.push(AppConfig {
             event_pusher,
+            gateway,
             name: name.get_ref().clone(),
             enabled: app.enabled.unwrap_or(true),
             quorum_queues: app.quorum_queues.unwrap_or(false),
