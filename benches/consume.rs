@@ -145,19 +145,7 @@ impl Listener for NoOp {
 async fn warren_listener(node: &Node, queue: &str) -> f64 {
     let context = node.context().clone();
     let pool = context.pool;
-    let ctx = AppContext::with_version(
-        "bench",
-        context,
-        AppConfig {
-            event_pusher: Default::default(),
-            gateway: Default::default(),
-            name: "bench".to_string(),
-            enabled: true,
-            quorum_queues: false,
-            federate: false,
-            pool,
-        },
-    );
+    let ctx = AppContext::with_version("bench", context, AppConfig::new("bench", pool));
     let first = Arc::new(OnceLock::new());
     let listener = NoOp {
         queue: queue.to_string(),

@@ -243,20 +243,15 @@ async fn start_pool(node: &Node) -> ListenerPool {
     let ctx = AppContext::with_version(
         "bench",
         node.context().clone(),
-        AppConfig {
-            event_pusher: Default::default(),
-            gateway: Default::default(),
-            name: "bench".to_string(),
-            enabled: true,
-            quorum_queues: false,
-            federate: false,
-            pool: PoolConfig {
+        AppConfig::new(
+            "bench",
+            PoolConfig {
                 size: CONCURRENT_CALLERS,
                 overflow: 0,
                 checkout_timeout: TIMEOUT,
                 idle_timeout: Duration::from_secs(60),
             },
-        },
+        ),
     );
     ctx.pool.spawn().await.expect("pool starts");
     // Wait until every worker consumes, so no call waits for a worker's start-up.

@@ -188,20 +188,15 @@ async fn start_warren(node: &Node, topic: &str) -> (AppContext, Vec<ListenerHand
     let ctx = AppContext::with_version(
         "bench",
         node.context().clone(),
-        AppConfig {
-            event_pusher: Default::default(),
-            gateway: Default::default(),
-            name: "bench".to_string(),
-            enabled: true,
-            quorum_queues: false,
-            federate: false,
-            pool: PoolConfig {
+        AppConfig::new(
+            "bench",
+            PoolConfig {
                 size: CALLERS,
                 overflow: 0,
                 checkout_timeout: TIMEOUT,
                 idle_timeout: Duration::from_secs(60),
             },
-        },
+        ),
     );
     let server = RpcServer::new(topic)
         .concurrency(CALLERS)

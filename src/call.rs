@@ -47,20 +47,15 @@ pub async fn call(call: Call<'_>) -> ExitCode {
     let ctx = AppContext::with_version(
         env!("CARGO_PKG_VERSION"),
         node.context().clone(),
-        AppConfig {
-            event_pusher: Default::default(),
-            gateway: Default::default(),
-            name: "call".to_string(),
-            enabled: true,
-            quorum_queues: false,
-            federate: false,
-            pool: PoolConfig {
+        AppConfig::new(
+            "call",
+            PoolConfig {
                 size: 1,
                 overflow: 0,
                 checkout_timeout: checkout + call.timeout,
                 idle_timeout: Duration::from_secs(30),
             },
-        },
+        ),
     );
     let outcome = match ctx.pool.spawn().await {
         Ok(()) => {

@@ -73,20 +73,15 @@ async fn ask(node: &Node, status: &Status<'_>) -> ExitCode {
     let ctx = AppContext::with_version(
         env!("CARGO_PKG_VERSION"),
         node.context().clone(),
-        AppConfig {
-            event_pusher: Default::default(),
-            gateway: Default::default(),
-            name: "status".to_string(),
-            enabled: true,
-            quorum_queues: false,
-            federate: false,
-            pool: PoolConfig {
+        AppConfig::new(
+            "status",
+            PoolConfig {
                 size: 1,
                 overflow: 0,
                 checkout_timeout: status.timeout,
                 idle_timeout: Duration::from_secs(30),
             },
-        },
+        ),
     );
     let (tx, mut rx) = mpsc::unbounded_channel();
     let collector = match spawn_listener(Collector(tx), &ctx).await {

@@ -42,15 +42,7 @@ async fn a_bad_spec_refuses_the_app_before_anything_starts() {
     common::init_logs();
     let name = unique_node("badspec");
     let result = Node::try_start(config(&name, &[local_uri()], ""), |node| {
-        let app_config = AppConfig {
-            event_pusher: Default::default(),
-            gateway: Default::default(),
-            name: "overcommitted".to_string(),
-            enabled: true,
-            quorum_queues: false,
-            federate: false,
-            pool: node.pool,
-        };
+        let app_config = AppConfig::new("overcommitted", node.pool);
         let ctx = AppContext::new(&Overcommitted, node.clone(), app_config);
         app_child(&Overcommitted, ctx).map(|app| vec![app])
     })

@@ -1007,6 +1007,9 @@ async fn the_shipped_declarations_survive_a_broker_restart() {
     assert!(eventually(SOON, || on(&echo, A)).await);
     echo.stop().await.expect("stop");
     node.stop().await.expect("node stops");
+    // Mnesia logs declarations asynchronously: without this, a loaded machine's SIGKILL
+    // can come before the queue and its binding reached the disk (CI saw NO_ROUTE).
+    a.sync_metadata().await;
     a.kill().await;
     a.restart().await;
     let exchanges = a

@@ -22,20 +22,15 @@ fn ops_app(node: &Node) -> AppContext {
     AppContext::with_version(
         "0.0.0-test",
         node.context().clone(),
-        AppConfig {
-            event_pusher: Default::default(),
-            gateway: Default::default(),
-            name: "ops".to_string(),
-            enabled: true,
-            quorum_queues: false,
-            federate: false,
-            pool: PoolConfig {
+        AppConfig::new(
+            "ops",
+            PoolConfig {
                 size: 1,
                 overflow: 0,
                 checkout_timeout: Duration::from_millis(300),
                 idle_timeout: Duration::from_secs(30),
             },
-        },
+        ),
     )
 }
 

@@ -38,20 +38,15 @@ async fn pool(
     let ctx = AppContext::with_version(
         "0.0.0-test",
         context,
-        AppConfig {
-            event_pusher: Default::default(),
-            gateway: Default::default(),
-            name: name.to_string(),
-            enabled: true,
-            quorum_queues: false,
-            federate: false,
-            pool: PoolConfig {
+        AppConfig::new(
+            name,
+            PoolConfig {
                 size,
                 overflow,
                 checkout_timeout: Duration::from_millis(checkout_ms),
                 idle_timeout: Duration::from_millis(idle_ms),
             },
-        },
+        ),
     );
     ctx.pool.spawn().await.expect("pool starts");
     ctx.pool

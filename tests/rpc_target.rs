@@ -37,20 +37,15 @@ async fn node(name: &str) -> Node {
 
 /// The config of a test app named `name` with a pool of two workers.
 fn app_config(name: &str) -> AppConfig {
-    AppConfig {
-        event_pusher: Default::default(),
-        gateway: Default::default(),
-        name: name.to_string(),
-        enabled: true,
-        quorum_queues: false,
-        federate: false,
-        pool: PoolConfig {
+    AppConfig::new(
+        name,
+        PoolConfig {
             size: 2,
             overflow: 0,
             checkout_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
         },
-    }
+    )
 }
 
 /// A started pool of two workers for a test app on `node`.

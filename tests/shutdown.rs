@@ -104,15 +104,7 @@ async fn hung_handlers_in_several_apps_stop_within_the_budget_and_their_messages
     let node = Node::try_start(config, |node| {
         apps.iter()
             .map(|app| {
-                let app_config = AppConfig {
-                    event_pusher: Default::default(),
-                    gateway: Default::default(),
-                    name: app.name.to_string(),
-                    enabled: true,
-                    quorum_queues: false,
-                    federate: false,
-                    pool: node.pool,
-                };
+                let app_config = AppConfig::new(app.name, node.pool);
                 app_child(app, AppContext::new(app, node.clone(), app_config))
             })
             .collect::<Result<Vec<_>, _>>()

@@ -353,6 +353,23 @@ pub struct AppConfig {
     pub gateway: GatewayConfig,
 }
 
+impl AppConfig {
+    /// An enabled app named `name` with `pool`, nothing else set (classic queues, no
+    /// federation, its own keys at their defaults): what config.ini's `[apps.<name>]`
+    /// with only a pool would give. For apps started by code (tools, tests, benches).
+    pub fn new(name: impl Into<String>, pool: PoolConfig) -> Self {
+        AppConfig {
+            name: name.into(),
+            enabled: true,
+            quorum_queues: false,
+            federate: false,
+            pool,
+            event_pusher: EventPusherConfig::default(),
+            gateway: GatewayConfig::default(),
+        }
+    }
+}
+
 /// `[apps.gateway]`: the WebSocket gateway's names on the broker, who may connect and the
 /// limits of one connection.
 ///

@@ -83,19 +83,7 @@ pub async fn start_node(config: Config) -> Node {
 pub fn app_context(node: &Node, name: &str) -> AppContext {
     let context = node.context().clone();
     let pool = context.pool;
-    AppContext::with_version(
-        "0.0.0-test",
-        context,
-        AppConfig {
-            event_pusher: Default::default(),
-            gateway: Default::default(),
-            name: name.to_string(),
-            enabled: true,
-            quorum_queues: false,
-            federate: false,
-            pool,
-        },
-    )
+    AppContext::with_version("0.0.0-test", context, AppConfig::new(name, pool))
 }
 
 /// A private broker node shared by a test's tasks; its blocking operations run off the
@@ -133,6 +121,14 @@ impl Broker {
     pub async fn kill(&self) {
         let this = self.clone();
         blocking(move || this.node().kill().expect("kill")).await;
+    }
+
+    /// Forces the broker's metadata (Mnesia's log) to disk: a durable declaration made a
+    /// moment before a SIGKILL can otherwise be gone after the restart (see
+    /// `BrokerNode::sync_metadata`).
+    pub async fn sync_metadata(&self) {
+        let this = self.clone();
+        blocking(move || this.node().sync_metadata().expect("metadata synced")).await;
     }
 
     /// Starts again on the same port and data; returns once it has booted (it accepts
