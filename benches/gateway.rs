@@ -6,9 +6,12 @@
 //!   p50 / p99 latency and messages per second over all clients;
 //! - broadcast fan-out: broadcasts to the 1,000 subscribed sockets, deliveries per second
 //!   until every socket got every broadcast;
-//! - memory per idle connection: the process's resident set before and after connecting
-//!   the clients, divided by their number (clients and server share the process, so this
-//!   is an upper bound for the server side; the clients' buffers are 8 KiB each way).
+//! - memory per idle connection: first 1,000 clients in a child process (this bench's own
+//!   binary, run with `WARREN_BENCH_GATEWAY_CLIENTS` = the gateway's address) connect and
+//!   subscribe; the server's figure is this process's resident set after they did minus
+//!   before, divided by their number (the server alone: the clients' memory is the
+//!   child's, reported beside it). The round trips and the fan-out then use 1,000 other
+//!   clients in this process.
 //!
 //! No lapin baseline: nothing in lapin does what the gateway does. The last line is one
 //! JSON object. Queues and exchanges are this run's own (deleted or expiring after).
@@ -38,22 +41,23 @@ const FRAME: Duration = Duration::from_secs(60);
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// Set in the child process that holds the idle clients of the server-only memory figure:
+/// the gateway's address.
+const CLIENTS_ONLY: &str = "WARREN_BENCH_GATEWAY_CLIENTS";
+
 #[tokio::main]
 async fn main() {
+    if let Ok(address) = std::env::var(CLIENTS_ONLY) {
+        return clients_only(&address).await;
+    }
     let prefix = format!("warren-bench-gw-{}", std::process::id());
     let node = start(&prefix).await;
     let address = node.http_address().expect("HTTP serves");
-    let before = rss_kib();
-    let mut sockets = Vec::with_capacity(CLIENTS);
-    for batch in 0..CLIENTS.div_ceil(50) {
-        let connecting = (batch * 50..(batch * 50 + 50).min(CLIENTS)).map(|i| client(address, i));
-        sockets.extend(futures::future::join_all(connecting).await);
-    }
-    let after = rss_kib();
-    let per_connection = (after.saturating_sub(before)) as f64 / CLIENTS as f64;
+    let (server_share, clients_share) = server_memory(address).await;
     eprintln!(
-        "{CLIENTS} clients connected and subscribed; {per_connection:.1} KiB per idle connection (resident set, clients included)"
+        "{CLIENTS} idle clients in a child process: the server's resident set grew {server_share:.1} KiB per connection (the clients' process: {clients_share:.1} KiB per connection)"
     );
+    let sockets = connect_all(address, "c").await;
 
     // Round trips, every client at once, each one after the other.
     let started = Instant::now();
@@ -137,7 +141,8 @@ async fn main() {
         json!({"bench": "gateway", "clients": CLIENTS, "round_trips_per_s": round_trips.round(),
                "p50_ms": p50.as_secs_f64() * 1000.0, "p99_ms": p99.as_secs_f64() * 1000.0,
                "broadcast_deliveries_per_s": deliveries.round(),
-               "kib_per_idle_connection": (per_connection * 10.0).round() / 10.0})
+               "kib_per_idle_connection": (server_share * 10.0).round() / 10.0,
+               "kib_per_idle_connection_clients": (clients_share * 10.0).round() / 10.0})
     );
 }
 
@@ -186,8 +191,72 @@ async fn start(prefix: &str) -> Node {
     panic!("the node was not ready within 30 s");
 }
 
-/// Client `i` (`c<i>`), connected and subscribed to tickets.
-async fn client(address: std::net::SocketAddr, i: usize) -> Socket {
+/// `CLIENTS` clients `<identity><i>`, connected and subscribed (50 at a time).
+async fn connect_all(address: std::net::SocketAddr, identity: &str) -> Vec<Socket> {
+    let mut sockets = Vec::with_capacity(CLIENTS);
+    for batch in 0..CLIENTS.div_ceil(50) {
+        let connecting = (batch * 50..(batch * 50 + 50).min(CLIENTS))
+            .map(|i| client(address, format!("{identity}{i}")));
+        sockets.extend(futures::future::join_all(connecting).await);
+    }
+    sockets
+}
+
+/// The server's and the clients' resident set per idle connection (KiB), with the clients
+/// in a child process: what the server's own process grew by while they connected and
+/// subscribed, and what the child grew by.
+async fn server_memory(address: std::net::SocketAddr) -> (f64, f64) {
+    use tokio::io::AsyncBufReadExt;
+    let exe = std::env::current_exe().expect("the bench's own binary");
+    let before = rss_kib();
+    let mut child = tokio::process::Command::new(exe)
+        .env(CLIENTS_ONLY, address.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the clients' process starts");
+    let stdout = child.stdout.take().expect("its stdout");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
+        .await
+        .expect("the clients connect within 120 s")
+        .expect("the clients' process reports")
+        .expect("a line");
+    let after = rss_kib();
+    let clients: f64 = line
+        .strip_prefix("connected ")
+        .and_then(|kib| kib.parse().ok())
+        .expect("`connected <KiB per client>`");
+    // Closing its stdin ends the child (its sockets close).
+    drop(child.stdin.take());
+    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    (
+        after.saturating_sub(before) as f64 / CLIENTS as f64,
+        clients,
+    )
+}
+
+/// The child process of [`server_memory`]: connects `CLIENTS` clients (`m<i>`), prints
+/// `connected <its resident set growth per client, KiB>` and holds them until its stdin
+/// closes (or 300 s).
+async fn clients_only(address: &str) {
+    let address: std::net::SocketAddr = address.parse().expect("the gateway's address");
+    let before = rss_kib();
+    let sockets = connect_all(address, "m").await;
+    let per_client = rss_kib().saturating_sub(before) as f64 / CLIENTS as f64;
+    println!("connected {per_client:.1}");
+    let closed = tokio::task::spawn_blocking(|| {
+        use std::io::Read;
+        let mut rest = Vec::new();
+        std::io::stdin().read_to_end(&mut rest)
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(300), closed).await;
+    drop(sockets);
+}
+
+/// Client `identity`, connected and subscribed to tickets.
+async fn client(address: std::net::SocketAddr, identity: String) -> Socket {
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -195,7 +264,7 @@ async fn client(address: std::net::SocketAddr, i: usize) -> Socket {
         + 3600;
     let token = encode(
         &Header::default(),
-        &json!({"sub": format!("c{i}"), "exp": exp}),
+        &json!({"sub": identity, "exp": exp}),
         &EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .expect("a token");

@@ -20,7 +20,7 @@ use crate::identity::authenticate;
 use crate::session;
 
 /// Read and write buffer of one WebSocket, bytes.
-const SOCKET_BUFFER: usize = 8 * 1024;
+const SOCKET_BUFFER: usize = 4 * 1024;
 
 /// The demo page's path.
 pub const PAGE: &str = "/";

@@ -89,7 +89,7 @@ pub async fn run(gateway: Gateway, socket: WebSocket, id: String) {
             targets: &targets,
             subscriptions: HashSet::new(),
             rate: FrameRate::new(gateway.config().max_frames_per_sec),
-            publishing: publisher(gateway.clone(), id.clone(), writer.clone()),
+            publishing: None,
         };
         let stopping = gateway.ctx().node.http.stopping();
         tokio::pin!(stopping);
@@ -141,7 +141,9 @@ struct Connection<'a> {
     /// (feed, subject or "" for all) pairs this connection subscribed to.
     subscriptions: HashSet<(Feed, String)>,
     rate: FrameRate,
-    publishing: mpsc::Sender<Publish>,
+    /// The connection's publisher, started by its first `publish` frame (an idle
+    /// connection holds no task for it).
+    publishing: Option<mpsc::Sender<Publish>>,
 }
 
 /// A checked `publish` frame without a request id, waiting for the connection's publisher.
@@ -235,7 +237,14 @@ impl Connection<'_> {
                     message,
                     distribution,
                 };
-                if self.publishing.send(publish).await.is_err() {
+                let publishing = self.publishing.get_or_insert_with(|| {
+                    publisher(
+                        self.gateway.clone(),
+                        self.id.to_string(),
+                        self.writer.clone(),
+                    )
+                });
+                if publishing.send(publish).await.is_err() {
                     return Some((CloseCode::UNAVAILABLE, "the publisher stopped"));
                 }
                 None
