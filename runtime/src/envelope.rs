@@ -347,6 +347,20 @@ impl Envelope {
         self.fields_mut().remove(key)
     }
 
+    /// Copies of the fields `keys` (each `None` when absent), for code that needs a few
+    /// fields outside the headers: on a received envelope whose map was not built, they
+    /// are read straight from its text (other fields skipped, nothing else allocated), and
+    /// the map is not built.
+    pub fn extract<const N: usize>(&self, keys: [&str; N]) -> [Option<Value>; N] {
+        if let Repr::Wire(wire) = &self.repr
+            && let Some(values) = wire.extract(keys)
+        {
+            return values;
+        }
+        let fields = self.fields();
+        keys.map(|key| fields.get(key).cloned())
+    }
+
     /// All fields, for code that needs the whole body (logging, forwarding, app decoding).
     ///
     /// On a received envelope, the first call parses the body into the map.

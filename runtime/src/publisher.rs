@@ -279,6 +279,15 @@ impl Publisher {
         PublishOptions::new(self.inner.timeout)
     }
 
+    /// A publish to the primary was written to `broker`: [`Publisher::broker`] says so
+    /// from now on. Takes the write lock only when the broker changes (every publish
+    /// passes here).
+    fn wrote_to(&self, broker: BrokerId) {
+        if self.target == Target::Primary && *self.inner.last_primary.read() != Some(broker) {
+            *self.inner.last_primary.write() = Some(broker);
+        }
+    }
+
     /// The broker publishes currently go to, if a channel (shared or leased) is open there.
     pub fn broker(&self) -> Option<BrokerId> {
         let broker = match self.target {
@@ -507,9 +516,7 @@ impl Publisher {
             };
             match written {
                 Ok(Ok(confirm)) => {
-                    if self.target == Target::Primary {
-                        *self.inner.last_primary.write() = Some(broker);
-                    }
+                    self.wrote_to(broker);
                     return Ok((route, confirm));
                 }
                 Ok(Err(error)) if error.is_retryable() => {

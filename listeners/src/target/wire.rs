@@ -97,9 +97,11 @@ pub(crate) fn request(method: &str, args: Value) -> Result<Envelope, Value> {
 
 /// The arguments of a request: its `Args` object (`{}` when absent).
 pub(crate) fn args(request: &Envelope) -> Result<Value, RemoteError> {
-    match request.get(ARGS) {
+    // Read from the received text: the rest of the request is not parsed.
+    let [args] = request.extract([ARGS]);
+    match args {
         None | Some(Value::Null) => Ok(Value::Object(Map::new())),
-        Some(args @ Value::Object(_)) => Ok(args.clone()),
+        Some(args @ Value::Object(_)) => Ok(args),
         Some(_) => Err(RemoteError::bad_request("`Args` must be a JSON object")),
     }
 }
@@ -115,14 +117,16 @@ pub(crate) fn reply(msg_id: &str, outcome: &Result<Value, RemoteError>) -> Envel
 
 /// What a reply says: the result, or the failure it carries.
 pub(crate) fn outcome(reply: &Envelope) -> Result<Value, RemoteError> {
-    if let Some(failure) = reply.get(FAILURE) {
+    // Read from the received text: the rest of the reply is not parsed.
+    let [failure, result] = reply.extract([FAILURE, RESULT]);
+    if let Some(failure) = failure {
         let field = |name: &str| failure.get(name).and_then(Value::as_str);
         return Err(match (field("type"), field("message")) {
             (Some(kind), message) => RemoteError::new(kind, message.unwrap_or_default()),
             _ => RemoteError::new(RemoteError::BAD_REPLY, "a `Failure` without a `type`"),
         });
     }
-    reply.get(RESULT).cloned().ok_or_else(|| {
+    result.ok_or_else(|| {
         RemoteError::new(
             RemoteError::BAD_REPLY,
             "a reply with neither `Result` nor `Failure`",

@@ -908,6 +908,41 @@ fn the_headers_of_a_received_envelope_are_read_without_building_its_map() {
 }
 
 #[test]
+fn extract_reads_a_received_envelopes_fields_without_building_its_map() {
+    let body = br#"{"Event-Category":"c","Event-Name":"n","Args":{"i":1,"s":"\u00e9"},
+        "Skipped":[{"deep":[1,2,{"x":null}]},"text"],"Result":7,"Result":8}"#;
+    let envelope = Envelope::decode(body, None, None).expect("decodes");
+    let Repr::Wire(wire) = &envelope.repr else {
+        panic!("a decoded envelope keeps its text");
+    };
+    let [args, result, absent, msg_id] =
+        envelope.extract(["Args", "Result", "Absent", keys::MSG_ID]);
+    assert!(!wire.has_fields(), "extract did not build the map");
+    assert_eq!(args, Some(json!({"i": 1, "s": "é"})));
+    assert_eq!(
+        result,
+        Some(json!(8)),
+        "a repeated key keeps its last value, as the map"
+    );
+    assert_eq!(absent, None);
+    let generated = envelope.msg_id().expect("generated").to_owned();
+    assert_eq!(
+        msg_id,
+        Some(Value::String(generated)),
+        "the generated Msg-ID"
+    );
+    // The same answers from the map once it is built, and from a built envelope.
+    let parsed = parsed(body);
+    assert_eq!(envelope.get("Args"), parsed.get("Args"));
+    assert_eq!(envelope.extract(["Args", "Result"]), [args.clone(), result]);
+    let built = Envelope::new("c", "n").with("Args", json!({"k": true}));
+    assert_eq!(
+        built.extract(["Args", "Nope"]),
+        [Some(json!({"k": true})), None]
+    );
+}
+
+#[test]
 fn what_a_full_parse_refuses_the_scan_of_a_received_body_refuses() {
     let refused: [&[u8]; 6] = [
         // A number out of range, in a field warren never reads.

@@ -143,6 +143,23 @@ impl Wire {
         self.fields.get_or_init(|| self.parse())
     }
 
+    /// Copies of the fields `keys`, from the map if it was built, else read from the text
+    /// with every other value skipped; a generated Msg-ID counts as the body's. `None`:
+    /// the text could not be read that way (never, as the scan checked it).
+    pub fn extract<const N: usize>(&self, keys: [&str; N]) -> Option<[Option<Value>; N]> {
+        if let Some(fields) = self.fields.get() {
+            return Some(keys.map(|key| fields.get(key).cloned()));
+        }
+        let mut deserializer = serde_json::Deserializer::from_str(&self.json);
+        let mut values = deserializer.deserialize_map(Extract { keys: &keys }).ok()?;
+        if let Some(generated) = &self.generated_msg_id
+            && let Some(at) = keys.iter().position(|key| *key == keys::MSG_ID)
+        {
+            values[at] = Some(Value::String(generated.to_string()));
+        }
+        Some(values)
+    }
+
     /// Whether the map was built (tests: header reads must not build it).
     #[cfg(test)]
     pub fn has_fields(&self) -> bool {
@@ -204,6 +221,56 @@ impl<'de> Visitor<'de> for HeadVisitor {
             }
         }
         Ok(slots)
+    }
+}
+
+/// The top-level object: copies the values of `keys`, skips every other value.
+struct Extract<'k, const N: usize> {
+    keys: &'k [&'k str; N],
+}
+
+impl<'de, const N: usize> Visitor<'de> for Extract<'_, N> {
+    type Value = [Option<Value>; N];
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut values = [const { None }; N];
+        // A repeated key keeps its last value, as the map does.
+        while let Some(at) = map.next_key_seed(WantedKey { keys: self.keys })? {
+            match at {
+                Some(at) => values[at] = Some(map.next_value::<Value>()?),
+                None => map.next_value::<de::IgnoredAny>().map(|_| ())?,
+            }
+        }
+        Ok(values)
+    }
+}
+
+/// A top-level key: its index in the wanted keys, or `None`.
+struct WantedKey<'k, const N: usize> {
+    keys: &'k [&'k str; N],
+}
+
+impl<'de, const N: usize> DeserializeSeed<'de> for WantedKey<'_, N> {
+    type Value = Option<usize>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de, const N: usize> Visitor<'de> for WantedKey<'_, N> {
+    type Value = Option<usize>;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("a string key")
+    }
+
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
+        Ok(self.keys.iter().position(|wanted| *wanted == key))
     }
 }
 

@@ -39,7 +39,12 @@ impl Publisher {
         durable: bool,
         timeout: Duration,
     ) -> Result<(), PublishError> {
-        if let Some(broker) = self.broker()
+        // The broker publishes go to (no look at its channels: this runs on every call).
+        let broker = match self.target {
+            super::Target::Primary => *self.inner.last_primary.read(),
+            super::Target::Broker(broker) => Some(broker),
+        };
+        if let Some(broker) = broker
             && self
                 .inner
                 .declared

@@ -93,10 +93,18 @@ impl LeasedChannels {
         };
         let usable = {
             let mut idle = pool.idle.lock();
-            // Channels of an older connection (or closed ones) are dropped, which closes
-            // what is left of them.
-            idle.retain(|open| open.generation == generation && open.channel.status().connected());
-            idle.pop()
+            let fresh =
+                |open: &Open| open.generation == generation && open.channel.status().connected();
+            match idle.pop() {
+                Some(open) if fresh(&open) => Some(open),
+                None => None,
+                Some(_stale) => {
+                    // A channel of an older connection (or a closed one): the set is swept
+                    // once (dropping them closes what is left of them), not on every lease.
+                    idle.retain(fresh);
+                    idle.pop()
+                }
+            }
         };
         let pool = pool.clone();
         Some(match usable {

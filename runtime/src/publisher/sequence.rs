@@ -136,9 +136,7 @@ impl Sequence {
                 return Err(error);
             }
         };
-        if publisher.target == Target::Primary {
-            *publisher.inner.last_primary.write() = Some(open.broker);
-        }
+        publisher.wrote_to(open.broker);
         let (at, bytes, timeout) = (Instant::now(), body.len(), options.timeout);
         let broker = open.broker;
         let future = async move {
