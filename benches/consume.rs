@@ -12,7 +12,10 @@
 //!
 //! A third run per round, a lapin consumer that reads nothing of the body (a drain: it
 //! cannot tell one message from another), is reported beside it (`lapin_bare`,
-//! `ratio_bare`), so the price of reading an envelope at all stays in view. Allocations per
+//! `ratio_bare`), so the price of reading an envelope at all stays in view; and a fourth,
+//! the same lapin consumer as the baseline run in a spawned task, where app code (and
+//! warren's listener) runs, instead of on the thread of `main` (`lapin_task`,
+//! `ratio_task`). The reported ratio stays the one against the consumer on `main`. Allocations per
 //! message (a counting global allocator, in an untimed round of each side) are reported
 //! on a line `{"bench":"consume_allocations",…}`.
 //!
@@ -49,6 +52,7 @@ async fn main() {
     let queue = format!("warren-bench-consume-{}", std::process::id());
     let mut rounds = common::Rounds::default();
     let mut bare = common::Rounds::default();
+    let mut tasked = common::Rounds::default();
     let mut cost = common::MetricsCost::default();
     for round in 1..=ROUNDS {
         let fill = || async {
@@ -81,6 +85,15 @@ async fn main() {
         );
         rounds.push(round, "msg/s", warren, lapin);
         fill().await;
+        let owned = queue.to_string();
+        let in_task = tokio::spawn(async move {
+            common::fast_lapin_consumer(&owned, MESSAGES, PREFETCH, Reads::Routing).await
+        })
+        .await
+        .expect("the lapin consumer task");
+        eprintln!("  lapin consuming in a spawned task: {in_task:.1} msg/s");
+        tasked.push(round, "msg/s (warren, lapin in a task)", warren, in_task);
+        fill().await;
         let drained = common::fast_lapin_consumer(queue, MESSAGES, PREFETCH, Reads::Nothing).await;
         eprintln!("  lapin reading nothing of the body: {drained:.1} msg/s");
         bare.push(round, "msg/s (warren, lapin bare)", warren, drained);
@@ -108,8 +121,13 @@ async fn main() {
     let bare_ratio = bare.ratio();
     let bare_rate = common::median(bare.lapin_rates());
     eprintln!("against a lapin consumer that reads nothing of the body: ratio {bare_ratio:.3}");
+    let tasked_ratio = tasked.ratio();
+    let tasked_rate = common::median(tasked.lapin_rates());
+    eprintln!(
+        "against the lapin consumer in a spawned task (where app code runs): ratio {tasked_ratio:.3}"
+    );
     let extra = format!(
-        ",\"lapin_bare\":{bare_rate:.1},\"ratio_bare\":{bare_ratio:.3}{}",
+        ",\"lapin_bare\":{bare_rate:.1},\"ratio_bare\":{bare_ratio:.3},\"lapin_task\":{tasked_rate:.1},\"ratio_task\":{tasked_ratio:.3}{}",
         cost.json()
     );
     let bench = if common::over_tls() {
