@@ -331,13 +331,19 @@ async fn clean_up(prefix: &str) {
         for queue in [
             format!("{prefix}.IN_{feed}"),
             format!("{prefix}.OUT_{feed}"),
+            // The back-end's write-and-wait queue (an RPC target group, durable).
+            format!("{prefix}.in/unicast.IN_{feed}"),
         ] {
             let _ = channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await;
         }
     }
-    for exchange in ["in", "out", "clients"] {
+    let broadcasts = ["VOICE", "CHAT", "TICKETS"].map(|feed| format!("in/broadcast/IN_{feed}"));
+    for exchange in ["in", "out", "clients"]
+        .into_iter()
+        .chain(broadcasts.iter().map(String::as_str))
+    {
         let name = format!("{prefix}.{exchange}");
         let _ = channel
             .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())

@@ -246,16 +246,28 @@ async fn clean_up(names: &GatewayConfig, clients: &[&str]) {
         .flat_map(|f| [format!("{p}IN_{f}"), format!("{p}OUT_{f}")])
         .collect();
     queues.extend(clients.iter().map(|id| format!("{p}gateway.client.{id}")));
+    // The back-end's write-and-wait queues (RPC target groups, durable): `<exchange>/unicast.<topic>`.
+    queues.extend(
+        ["VOICE", "CHAT", "TICKETS"]
+            .iter()
+            .map(|f| format!("{}/unicast.IN_{f}", names.in_exchange)),
+    );
     for queue in queues {
         let _ = channel
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await;
     }
+    // The back-end's broadcast exchanges (RPC target fan-out): `<exchange>/broadcast/<topic>`.
+    let broadcasts =
+        ["VOICE", "CHAT", "TICKETS"].map(|f| format!("{}/broadcast/IN_{f}", names.in_exchange));
     for exchange in [
         &names.in_exchange,
         &names.out_exchange,
         &names.client_exchange,
-    ] {
+    ]
+    .into_iter()
+    .chain(&broadcasts)
+    {
         let _ = channel
             .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
             .await;
