@@ -577,11 +577,17 @@ impl Publisher {
 
     /// Stop using the shared channel `open`; the next publish opens another.
     fn forget_shared(&self, open: &Open) {
+        self.forget_channel(open.broker, open.channel.id(), open.generation);
+    }
+
+    /// [`Publisher::forget_shared`] by what identifies the channel (for a future that
+    /// outlives the caller's `Open` and need not hold a clone of it).
+    fn forget_channel(&self, broker: BrokerId, channel: u16, generation: u64) {
         let mut channels = self.inner.channels.write();
-        if let Some(slot) = channels.get_mut(open.broker.0)
+        if let Some(slot) = channels.get_mut(broker.0)
             && slot
                 .as_ref()
-                .is_some_and(|c| c.channel.id() == open.channel.id())
+                .is_some_and(|c| c.channel.id() == channel && c.generation == generation)
         {
             *slot = None;
         }

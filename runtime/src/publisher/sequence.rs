@@ -93,14 +93,14 @@ impl Sequence {
             publisher.permit(deadline, options.timeout).await?
         };
         let moved = self.moved();
-        let open = match &self.pinned {
+        let open = match &mut self.pinned {
             Some(open) if moved => {
                 return Err(PublishError::Channel(format!(
                     "the sequence's channel on broker {} is gone",
                     open.broker
                 )));
             }
-            Some(open) => open.clone(),
+            Some(open) => open,
             None => {
                 self.changes.mark_unchanged();
                 // Not mandatory (refused above): the target's shared channel.
@@ -112,8 +112,7 @@ impl Sequence {
                 publisher
                     .declare_on(&open, &self.declare, deadline, options.timeout)
                     .await?;
-                self.pinned = Some(open.clone());
-                open
+                self.pinned.insert(open)
             }
         };
         // The frames are queued now, in the order of the calls; the socket write is the
@@ -126,11 +125,11 @@ impl Sequence {
             properties,
             mandatory: false,
         };
-        let write = match start_write(&open, outgoing) {
+        let write = match start_write(open, outgoing) {
             Ok(write) => write,
             Err(error) => {
                 if !error.is_retryable() || matches!(error, PublishError::Refused(_)) {
-                    publisher.forget_shared(&open);
+                    publisher.forget_shared(open);
                 }
                 // Still pinned: what was written before may be in flight on it.
                 return Err(error);
@@ -138,7 +137,8 @@ impl Sequence {
         };
         publisher.wrote_to(open.broker);
         let (at, bytes, timeout) = (Instant::now(), body.len(), options.timeout);
-        let broker = open.broker;
+        // What the future needs of the channel, not a clone of it (one per message).
+        let (broker, channel, generation) = (open.broker, open.channel.id(), open.generation);
         let future = async move {
             let _permit = permit;
             let confirmed = async {
@@ -147,16 +147,13 @@ impl Sequence {
             };
             let answer = match tokio::time::timeout_at(deadline, confirmed).await {
                 Ok(Err(error @ PublishError::Refused(_))) => {
-                    publisher.forget_shared(&open);
+                    publisher.forget_channel(broker, channel, generation);
                     Err(error)
                 }
                 Ok(result) => result,
-                Err(_) => Err(publisher.late(open.broker, timeout)),
+                Err(_) => Err(publisher.late(broker, timeout)),
             };
-            publisher
-                .inner
-                .figures
-                .record(open.broker, at, bytes, &answer);
+            publisher.inner.figures.record(broker, at, bytes, &answer);
             answer
         };
         Ok(Sent {
