@@ -15,7 +15,7 @@ use super::GatewayConfig;
 use super::error::{ConfigError, Problem};
 use super::locate::Source;
 use super::raw::RawApp;
-use super::rules::positive;
+use super::rules::{OwnKey, only_under, positive};
 
 /// The app these keys belong to.
 pub(super) const APP: &str = "gateway";
@@ -30,7 +30,7 @@ pub(super) fn gateway(
 ) -> Result<GatewayConfig, ConfigError> {
     let defaults = GatewayConfig::default();
     if name != APP {
-        let stray = [
+        let stray: [OwnKey<'_>; _] = [
             ("path", app.path.as_ref().map(Spanned::span)),
             ("in_exchange", app.in_exchange.as_ref().map(Spanned::span)),
             ("out_exchange", app.out_exchange.as_ref().map(Spanned::span)),
@@ -74,16 +74,7 @@ pub(super) fn gateway(
                 app.max_subscriptions.as_ref().map(Spanned::span),
             ),
         ];
-        if let Some((field, Some(span))) = stray.into_iter().find(|(_, span)| span.is_some()) {
-            return Err(source.error(
-                span.start,
-                &format!("{key}.{field}"),
-                Problem::InvalidValue {
-                    expected: format!("no such key: `{field}` belongs to [apps.{APP}]"),
-                    found: "a value".to_string(),
-                },
-            ));
-        }
+        only_under(APP, &stray, key, source)?;
         return Ok(defaults);
     }
     let invalid = |at: usize, field: &str, expected: &str, found: String| {

@@ -9,7 +9,7 @@ use toml::Spanned;
 use super::error::{ConfigError, Problem};
 use super::locate::Source;
 use super::raw::{RawApp, RawPusherExchange};
-use super::rules::positive;
+use super::rules::{OwnKey, only_under, positive};
 use super::{EventPusherConfig, PusherExchange, PusherExchangeKind};
 
 /// The app these keys belong to.
@@ -25,7 +25,7 @@ pub(super) fn event_pusher(
 ) -> Result<EventPusherConfig, ConfigError> {
     let defaults = EventPusherConfig::default();
     if name != APP {
-        let stray = [
+        let stray: [OwnKey<'_>; _] = [
             (
                 "presence_exchange",
                 app.presence_exchange.as_ref().map(Spanned::span),
@@ -51,16 +51,7 @@ pub(super) fn event_pusher(
                 app.durable_exchanges.as_ref().map(Spanned::span),
             ),
         ];
-        if let Some((field, Some(span))) = stray.into_iter().find(|(_, span)| span.is_some()) {
-            return Err(source.error(
-                span.start,
-                &format!("{key}.{field}"),
-                Problem::InvalidValue {
-                    expected: format!("no such key: `{field}` belongs to [apps.{APP}]"),
-                    found: "a value".to_string(),
-                },
-            ));
-        }
+        only_under(APP, &stray, key, source)?;
         return Ok(defaults);
     }
     let exchange = |raw: Option<&Spanned<RawPusherExchange>>,

@@ -1783,6 +1783,12 @@ fn event_pusher_mistakes_are_located() {
     // The pusher's keys belong to its section only.
     let refusal = refuse_pusher(&format!("{LOCAL_ZONE}\n[apps.echo]\nlanes = 4\n"));
     assert_eq!(refusal.key, "apps.echo.lanes", "{}", refusal.message);
+    assert!(
+        refusal.message.contains("belongs to [apps.event_pusher]"),
+        "{}",
+        refusal.message
+    );
+    assert_eq!(refusal.line, LOCAL_ZONE.lines().count() + 3);
 }
 
 // ---------------------------------------------------------------- [apps.gateway]
@@ -1848,7 +1854,9 @@ fn gateway_mistakes_are_located() {
     );
     let message = refuse(&format!("{LOCAL_ZONE}\n[apps.echo]\njwt_secret = \"x\"\n"));
     assert!(
-        message.contains("apps.echo.jwt_secret") && !message.contains("\"x\""),
+        message.contains("apps.echo.jwt_secret")
+            && message.contains("belongs to [apps.gateway]")
+            && !message.contains("\"x\""),
         "{message}"
     );
 }
