@@ -11,9 +11,9 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use warren_listeners::prelude::*;
 
-use crate::event::{EventError, Kind, PushEvent};
+use crate::event::{EventError, Kind, Outgoing, PushEvent};
 use crate::figures::PusherFigures;
-use crate::lanes::{Job, LaneSettings, Lanes};
+use crate::lanes::{Job, LaneSettings, Lanes, Outcome};
 
 /// Publishes chat-server events to RabbitMQ as MongooseIM's `mod_event_pusher_rabbit`
 /// does, with confirms, retries across a failover and per-user order. Cheap to clone.
@@ -142,19 +142,32 @@ impl EventPusher {
         // One event: what `push_all` does, without its lists (this is the hot path).
         let outgoing = event.encode(&self.inner.config).map_err(invalid)?;
         let deadline = Instant::now() + self.inner.timeout;
+        let Ok(answer) = self.submit(outgoing, deadline).await else {
+            return Err(self.unsubmitted(0, deadline));
+        };
+        match answer.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(PushError::Unavailable { index: 0, error }),
+            Err(_) => Err(PushError::Stopped),
+        }
+    }
+
+    /// Hands `outgoing` to its lane (failing at `deadline`): the receiver of its outcome,
+    /// or `Err` when no lane took it.
+    async fn submit(
+        &self,
+        outgoing: Outgoing,
+        deadline: Instant,
+    ) -> Result<oneshot::Receiver<Outcome>, ()> {
         let (done, answer) = oneshot::channel();
         let job = Job {
             outgoing,
             deadline,
             done,
         };
-        if self.inner.lanes.submit(job).await.is_err() {
-            return Err(self.unsubmitted(0, deadline));
-        }
-        match answer.await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(error)) => Err(PushError::Unavailable { index: 0, error }),
-            Err(_) => Err(PushError::Stopped),
+        match self.inner.lanes.submit(job).await {
+            Ok(()) => Ok(answer),
+            Err(_) => Err(()),
         }
     }
 
@@ -192,16 +205,10 @@ impl EventPusher {
         let mut waiting = Vec::with_capacity(count);
         let mut failure = None;
         for (index, outgoing) in encoded.into_iter().enumerate() {
-            let (done, answer) = oneshot::channel();
-            let job = Job {
-                outgoing,
-                deadline,
-                done,
-            };
-            if self.inner.lanes.submit(job).await.is_err() {
+            let Ok(answer) = self.submit(outgoing, deadline).await else {
                 failure = Some(self.unsubmitted(index, deadline));
                 break;
-            }
+            };
             waiting.push((index, answer));
         }
         let mut confirmed = 0;
