@@ -137,6 +137,9 @@ pub struct Zone {
     /// The brokers in file order: in the local zone the first is the primary and the
     /// rest are used in order while it is down.
     pub brokers: Vec<ConfiguredBroker>,
+    /// `amqp10_brokers`: AMQP 1.0 intermediaries in file order, used like `brokers` (the
+    /// first while it is up) when `[rpc] transport = "amqp10"`.
+    pub amqp10_brokers: Vec<BrokerUri>,
 }
 
 /// One entry of a zone's `brokers`: where the broker is and the tags it carries.
@@ -282,6 +285,71 @@ pub struct RpcConfig {
     /// `x-expires` of a server's own queues (one named server, broadcast): how long the
     /// broker keeps one whose server is gone.
     pub server_queue_expiry: Duration,
+    /// Which protocol carries RPC and notifications (`[rpc] transport`).
+    pub transport: RpcTransport,
+    /// `[rpc.amqp10]`: how logical AMQP 1.0 addresses map onto the intermediary's.
+    pub amqp10: Amqp10Mapping,
+}
+
+/// The protocol RPC targets and notifications travel on (`[rpc] transport`).
+///
+/// It exists because oslo.messaging's AMQP 1.0 driver targets a protocol rather than a
+/// broker: with `Amqp10`, the same `Target` API runs over any AMQP 1.0 intermediary.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RpcTransport {
+    /// AMQP 0-9-1 on the node's brokers (exchanges, queues, bindings).
+    #[default]
+    Amqp091,
+    /// AMQP 1.0 on the local zone's `amqp10_brokers` (links to addresses).
+    Amqp10,
+}
+
+impl RpcTransport {
+    /// The name written in config.ini.
+    pub fn name(self) -> &'static str {
+        match self {
+            RpcTransport::Amqp091 => "amqp091",
+            RpcTransport::Amqp10 => "amqp10",
+        }
+    }
+}
+
+/// `[rpc.amqp10]`: templates that turn a logical AMQP 1.0 address (the spec's
+/// `exclusive/<topic>/<server>`, …) into an address of the intermediary.
+///
+/// It exists because AMQP 1.0 leaves address syntax to the intermediary: RabbitMQ 3.x
+/// wants `/queue/<name>` and `/exchange/<x>/<key>`, a Qpid Dispatch Router takes the
+/// address itself. In a template `{address}` is the logical address and `{name}` the same
+/// with every `/` turned into `.` (a queue name or routing key).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Amqp10Mapping {
+    /// Competing consumers (one named server, one of a group, notifications): each
+    /// message goes to one receiver.
+    pub anycast: String,
+    /// Every server of a group: each receiver gets a copy.
+    pub multicast: String,
+    /// The node's reply address.
+    pub reply: String,
+}
+
+impl Amqp10Mapping {
+    /// `template` with its placeholders filled from `address`.
+    pub fn apply(template: &str, address: &str) -> String {
+        template
+            .replace("{address}", address)
+            .replace("{name}", &address.replace('/', "."))
+    }
+}
+
+impl Default for Amqp10Mapping {
+    /// RabbitMQ 3.x's AMQP 1.0 plugin.
+    fn default() -> Self {
+        Amqp10Mapping {
+            anycast: raw::RPC_AMQP10_ANYCAST.to_string(),
+            multicast: raw::RPC_AMQP10_MULTICAST.to_string(),
+            reply: raw::RPC_AMQP10_REPLY.to_string(),
+        }
+    }
 }
 
 impl Default for RpcConfig {
@@ -294,6 +362,8 @@ impl Default for RpcConfig {
             exchange: raw::RPC_EXCHANGE.to_string(),
             notifications_exchange: raw::RPC_EXCHANGE.to_string(),
             server_queue_expiry: Duration::from_millis(u64::from(raw::RPC_SERVER_QUEUE_EXPIRY_MS)),
+            transport: RpcTransport::default(),
+            amqp10: Amqp10Mapping::default(),
         }
     }
 }

@@ -65,6 +65,12 @@ pub enum UriError {
         /// The port text as written.
         port: String,
     },
+    /// A URI listed under `amqp10_brokers` that is not `amqp10://`.
+    #[error("`{uri}` is not an AMQP 1.0 URI (expected amqp10://user:password@host:port)")]
+    NotAmqp10 {
+        /// The offending URI, redacted.
+        uri: String,
+    },
     /// Anything else the URI parser refused.
     #[error("`{uri}` is malformed: {reason}")]
     Malformed {
@@ -123,6 +129,37 @@ impl BrokerUri {
             redacted,
             amqp,
         })
+    }
+
+    /// Parses an AMQP 1.0 intermediary's URI, `amqp10://user:password@host:port` (port
+    /// 5672 when none is given; a path names a RabbitMQ vhost). Kept as the same kind of
+    /// value as an AMQP 0-9-1 broker's, so that it is redacted the same way everywhere.
+    pub fn parse_amqp10(raw: &str) -> Result<BrokerUri, UriError> {
+        let raw = raw.trim();
+        let rest = match raw.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("amqp10") => rest,
+            _ => {
+                return Err(UriError::NotAmqp10 {
+                    uri: redact_unparsed(raw),
+                });
+            }
+        };
+        let mut uri = BrokerUri::parse(&format!("amqp://{rest}")).map_err(|mut err| {
+            // Report the URI as written, not as handed to the parser.
+            if let UriError::NotAUri { uri }
+            | UriError::UnsupportedScheme { uri, .. }
+            | UriError::MissingHost { uri }
+            | UriError::InvalidPort { uri, .. }
+            | UriError::NotAmqp10 { uri }
+            | UriError::Malformed { uri, .. } = &mut err
+                && let Some(tail) = uri.strip_prefix("amqp://")
+            {
+                *uri = format!("amqp10://{tail}");
+            }
+            err
+        })?;
+        uri.redacted = redact_one(raw);
+        Ok(uri)
     }
 
     /// The URI with its password replaced by `***`, e.g. `amqp://guest:***@127.0.0.1:5672/%2f`.

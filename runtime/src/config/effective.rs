@@ -63,6 +63,14 @@ fn write_config(out: &mut String, config: &Config) -> fmt::Result {
         let brokers: Vec<String> = zone.brokers.iter().map(broker).collect();
         writeln!(out, "\n[zones.{}]", segment(&zone.name))?;
         writeln!(out, "brokers = [{}]", brokers.join(", "))?;
+        if !zone.amqp10_brokers.is_empty() {
+            let amqp10: Vec<String> = zone
+                .amqp10_brokers
+                .iter()
+                .map(|uri| quote(uri.redacted()))
+                .collect();
+            writeln!(out, "amqp10_brokers = [{}]", amqp10.join(", "))?;
+        }
     }
 
     let listener = &config.listener;
@@ -111,6 +119,11 @@ fn write_config(out: &mut String, config: &Config) -> fmt::Result {
         quote(&rpc.notifications_exchange),
     )?;
     millis(out, "server_queue_expiry_ms", rpc.server_queue_expiry)?;
+    key(out, "transport", quote(rpc.transport.name()))?;
+    writeln!(out, "\n[rpc.amqp10]")?;
+    key(out, "anycast", quote(&rpc.amqp10.anycast))?;
+    key(out, "multicast", quote(&rpc.amqp10.multicast))?;
+    key(out, "reply", quote(&rpc.amqp10.reply))?;
 
     writeln!(out, "\n[http]")?;
     let listen = config

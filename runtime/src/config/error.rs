@@ -164,6 +164,14 @@ pub enum Problem {
         /// The zone.
         zone: String,
     },
+    /// `[rpc] transport = "amqp10"` while the local zone lists no AMQP 1.0 broker.
+    #[error(
+        "transport \"amqp10\" needs at least one amqp10:// URI in `amqp10_brokers` of [zones.{zone}]"
+    )]
+    NoAmqp10Brokers {
+        /// The local zone.
+        zone: String,
+    },
     /// An empty zone name (in `amqp.zone`, WARREN_ZONE or a `[zones.""]` section).
     #[error("a zone name must not be empty")]
     EmptyZoneName,

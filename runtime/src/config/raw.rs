@@ -86,6 +86,12 @@ pub(super) const RPC_BROADCAST_PREFIX: &str = "/broadcast/";
 pub(super) const RPC_EXCHANGE: &str = "openstack";
 /// `[rpc] server_queue_expiry_ms` (10 minutes).
 pub(super) const RPC_SERVER_QUEUE_EXPIRY_MS: u32 = 600_000;
+/// `[rpc.amqp10] anycast`: RabbitMQ 3.x's AMQP 1.0 plugin, a queue of the address's name.
+pub(super) const RPC_AMQP10_ANYCAST: &str = "/queue/{name}";
+/// `[rpc.amqp10] multicast`: RabbitMQ 3.x, `amq.topic` with the address's name as key.
+pub(super) const RPC_AMQP10_MULTICAST: &str = "/exchange/amq.topic/{name}";
+/// `[rpc.amqp10] reply`: RabbitMQ 3.x, a queue of the address's name.
+pub(super) const RPC_AMQP10_REPLY: &str = "/queue/{name}";
 /// `[pool] size`.
 pub(super) const POOL_SIZE: usize = 10;
 /// `[pool] overflow`.
@@ -169,6 +175,8 @@ pub(super) struct RawTls {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawZone {
     pub brokers: Option<Spanned<Vec<Spanned<RawBroker>>>>,
+    /// `amqp10://` URIs: where `[rpc] transport = "amqp10"` sends RPC and notifications.
+    pub amqp10_brokers: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// One entry of `brokers`: a plain URI string, or a table `{ uri = "…", tags = [...],
@@ -345,6 +353,17 @@ pub(super) struct RawRpc {
     pub exchange: Option<Spanned<String>>,
     pub notifications_exchange: Option<Spanned<String>>,
     pub server_queue_expiry_ms: Option<Spanned<u32>>,
+    pub transport: Option<Spanned<String>>,
+    pub amqp10: Option<RawRpcAmqp10>,
+}
+
+/// `[rpc.amqp10]`: how logical AMQP 1.0 addresses become the intermediary's own.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRpcAmqp10 {
+    pub anycast: Option<Spanned<String>>,
+    pub multicast: Option<Spanned<String>>,
+    pub reply: Option<Spanned<String>>,
 }
 
 /// `[exchanges.<name>]`: declaration flags that override what warren or an app declares.

@@ -1678,6 +1678,82 @@ fn a_bad_rpc_key_is_named_with_its_line() {
     }
 }
 
+#[test]
+fn the_amqp10_transport_reads_its_brokers_and_mapping() {
+    let text = "[zones.local]\nbrokers = [\"amqp://guest:guest@127.0.0.1:5672/%2f\"]\n\
+        amqp10_brokers = [\"amqp10://guest:s3cr3t@127.0.0.1:5673\", \"amqp10://u:p@h2\"]\n\
+        [rpc]\ntransport = \"amqp10\"\n[rpc.amqp10]\nanycast = \"{address}\"\n";
+    let config = parse(text).unwrap();
+    assert_eq!(config.rpc.transport, RpcTransport::Amqp10);
+    assert_eq!(config.rpc.amqp10.anycast, "{address}");
+    assert_eq!(config.rpc.amqp10.multicast, "/exchange/amq.topic/{name}");
+    let amqp10 = &config.local_zone().amqp10_brokers;
+    assert_eq!(amqp10.len(), 2);
+    assert_eq!(amqp10[0].redacted(), "amqp10://guest:***@127.0.0.1:5673");
+    assert_eq!((amqp10[0].host(), amqp10[0].port()), ("127.0.0.1", 5673));
+    assert_eq!(amqp10[1].port(), 5672);
+    let effective = config.effective_toml();
+    assert!(!effective.contains("s3cr3t"), "{effective}");
+    let again = Config::parse(&effective, Path::new("effective.ini"), KNOWN_APPS, None).unwrap();
+    assert_eq!(again.rpc, config.rpc);
+    assert_eq!(again.local_zone().amqp10_brokers.len(), 2);
+    assert_eq!(
+        Amqp10Mapping::apply("/queue/{name}", "exclusive/compute/n1"),
+        "/queue/exclusive.compute.n1"
+    );
+    assert_eq!(
+        Amqp10Mapping::apply("{address}", "exclusive/compute/n1"),
+        "exclusive/compute/n1"
+    );
+}
+
+#[test]
+fn amqp10_mistakes_are_named_with_their_line() {
+    let zone = "[zones.local]\nbrokers = [\"amqp://guest:guest@127.0.0.1:5672/%2f\"]\n";
+    // No AMQP 1.0 broker for the transport.
+    let refusal = refuse(&format!("{zone}[rpc]\ntransport = \"amqp10\"\n"), None);
+    assert_at(&refusal, 4, 13, "rpc.transport", "amqp10_brokers");
+    assert!(matches!(refusal.problem, Problem::NoAmqp10Brokers { .. }));
+    let refusal = refuse(&format!("{zone}[rpc]\ntransport = \"amqp1\"\n"), None);
+    assert_at(&refusal, 4, 13, "rpc.transport", "\"amqp10\"");
+    // A 0-9-1 URI where an AMQP 1.0 one belongs, and its password stays out.
+    let refusal = refuse(
+        &format!("{zone}amqp10_brokers = [\"amqp://u:s3cr3t@h\"]\n"),
+        None,
+    );
+    assert_at(
+        &refusal,
+        3,
+        19,
+        "zones.local.amqp10_brokers[0]",
+        "not an AMQP 1.0 URI",
+    );
+    assert!(!refusal.message.contains("s3cr3t"), "{}", refusal.message);
+    let refusal = refuse(
+        &format!("{zone}amqp10_brokers = [\"amqp10://h:99999\"]\n"),
+        None,
+    );
+    assert_at(
+        &refusal,
+        3,
+        19,
+        "zones.local.amqp10_brokers[0]",
+        "amqp10://h:99999",
+    );
+    let refusal = refuse(
+        &format!("{zone}amqp10_brokers = [\"amqp10://h\", \"amqp10://h:5672\"]\n"),
+        None,
+    );
+    assert_eq!(
+        refusal.key, "zones.local.amqp10_brokers[1]",
+        "{}",
+        refusal.message
+    );
+    // A template without a placeholder.
+    let refusal = refuse(&format!("{zone}[rpc.amqp10]\nreply = \"/queue/r\"\n"), None);
+    assert_at(&refusal, 4, 9, "rpc.amqp10.reply", "{address}");
+}
+
 // ---------------------------------------------------------------- [apps.event_pusher]
 
 const PUSHER_APPS: &[&str] = &["echo", "event_pusher"];

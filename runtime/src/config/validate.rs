@@ -15,13 +15,14 @@ use super::error::{ConfigError, Problem};
 use super::locate::{Source, join};
 use super::raw::{
     self, BrokerForm, RawAmqp, RawApp, RawBroker, RawConfig, RawExchange, RawHttp, RawListener,
-    RawPool, RawPublisher, RawRouter, RawRpc, RawService, RawTls, RawZone,
+    RawPool, RawPublisher, RawRouter, RawRpc, RawRpcAmqp10, RawService, RawTls, RawZone,
 };
 use super::read::closest;
 use super::rules::positive;
 use super::{
-    AmqpConfig, AppConfig, Config, ConfiguredBroker, ExchangeOverride, HttpConfig, ListenerConfig,
-    MAX_NODE_BYTES, PoolConfig, PublisherConfig, RouterConfig, RpcConfig, ServiceConfig, Zone,
+    Amqp10Mapping, AmqpConfig, AppConfig, Config, ConfiguredBroker, ExchangeOverride, HttpConfig,
+    ListenerConfig, MAX_NODE_BYTES, PoolConfig, PublisherConfig, RouterConfig, RpcConfig,
+    RpcTransport, ServiceConfig, Zone,
 };
 use crate::tls::{Tls, TlsFiles, TlsKey, valid_server_name};
 use crate::uri::BrokerUri;
@@ -45,7 +46,7 @@ pub(super) fn validate(raw: RawConfig, inputs: &Inputs<'_>) -> Result<Config, Co
     let router = router(&raw.router, source)?;
     let publisher = publisher(&raw.publisher, source)?;
     let pool = pool(&raw.pool, source)?;
-    let rpc = rpc(&raw.rpc, source)?;
+    let rpc = rpc(&raw.rpc, &zones, source)?;
     let http = http(&raw.http, source)?;
     let exchanges = exchanges(&raw.exchanges, source)?;
     let apps = apps(&raw.apps, pool, inputs)?;
@@ -301,8 +302,36 @@ fn router(raw: &RawRouter, source: &Source<'_>) -> Result<RouterConfig, ConfigEr
 
 /// `[rpc]`: prefixes that are non-empty AMQP short strings without routing wildcards,
 /// exchanges that can be declared, a positive queue expiry.
-fn rpc(raw: &RawRpc, source: &Source<'_>) -> Result<RpcConfig, ConfigError> {
+fn rpc(raw: &RawRpc, zones: &[Zone], source: &Source<'_>) -> Result<RpcConfig, ConfigError> {
     let defaults = RpcConfig::default();
+    let transport = match &raw.transport {
+        None => RpcTransport::default(),
+        Some(written) => match written.get_ref().as_str() {
+            "amqp091" => RpcTransport::Amqp091,
+            "amqp10" => RpcTransport::Amqp10,
+            other => {
+                return Err(source.error(
+                    written.span().start,
+                    "rpc.transport",
+                    Problem::InvalidValue {
+                        expected: "\"amqp091\" or \"amqp10\"".to_string(),
+                        found: format!("{other:?}"),
+                    },
+                ));
+            }
+        },
+    };
+    if transport == RpcTransport::Amqp10
+        && let Some(local) = zones.iter().find(|zone| zone.local)
+        && local.amqp10_brokers.is_empty()
+    {
+        let at = raw.transport.as_ref().map_or(0, |t| t.span().start);
+        let problem = Problem::NoAmqp10Brokers {
+            zone: local.name.clone(),
+        };
+        return Err(source.error(at, "rpc.transport", problem));
+    }
+    let amqp10 = amqp10_mapping(raw.amqp10.as_ref(), source)?;
     let prefix = |value: Option<&Spanned<String>>, key: &str, default: String| match value {
         None => Ok(default),
         Some(written) => {
@@ -364,6 +393,45 @@ fn rpc(raw: &RawRpc, source: &Source<'_>) -> Result<RpcConfig, ConfigError> {
             defaults.notifications_exchange,
         )?,
         server_queue_expiry: Duration::from_millis(u64::from(expiry)),
+        transport,
+        amqp10,
+    })
+}
+
+/// `[rpc.amqp10]`: templates that name at least one placeholder.
+fn amqp10_mapping(
+    raw: Option<&RawRpcAmqp10>,
+    source: &Source<'_>,
+) -> Result<Amqp10Mapping, ConfigError> {
+    let defaults = Amqp10Mapping::default();
+    let Some(raw) = raw else {
+        return Ok(defaults);
+    };
+    let template = |value: Option<&Spanned<String>>, key: &str, default: String| match value {
+        None => Ok(default),
+        Some(written) => {
+            let text = written.get_ref();
+            if !text.contains("{address}") && !text.contains("{name}") {
+                return Err(source.error(
+                    written.span().start,
+                    key,
+                    Problem::InvalidValue {
+                        expected: "a template with `{address}` or `{name}` in it".to_string(),
+                        found: format!("{text:?}"),
+                    },
+                ));
+            }
+            Ok(text.clone())
+        }
+    };
+    Ok(Amqp10Mapping {
+        anycast: template(raw.anycast.as_ref(), "rpc.amqp10.anycast", defaults.anycast)?,
+        multicast: template(
+            raw.multicast.as_ref(),
+            "rpc.amqp10.multicast",
+            defaults.multicast,
+        )?,
+        reply: template(raw.reply.as_ref(), "rpc.amqp10.reply", defaults.reply)?,
     })
 }
 
@@ -463,14 +531,15 @@ fn zones(
     if !raw.keys().any(|name| name.get_ref() == local) {
         return Err(local_zone_missing(raw, raw_amqp, local, inputs));
     }
-    let mut zones: Vec<Zone> = raw
-        .keys()
-        .map(|name| Zone {
+    let mut zones: Vec<Zone> = Vec::with_capacity(raw.len());
+    for (name, zone) in raw {
+        zones.push(Zone {
             name: name.get_ref().clone(),
             local: name.get_ref() == local,
             brokers: Vec::new(),
-        })
-        .collect();
+            amqp10_brokers: amqp10_brokers(name.get_ref(), zone, source)?,
+        });
+    }
     // `parsed` is in file order, which within one zone is the list's order.
     for (entry, broker) in parsed {
         if let Some(zone) = zones.iter_mut().find(|zone| zone.name == entry.zone) {
@@ -479,6 +548,37 @@ fn zones(
     }
     zones.sort_by_key(|zone| !zone.local);
     Ok(zones)
+}
+
+/// A zone's `amqp10_brokers`: `amqp10://` URIs, none listed twice.
+fn amqp10_brokers(
+    zone: &str,
+    raw: &RawZone,
+    source: &Source<'_>,
+) -> Result<Vec<BrokerUri>, ConfigError> {
+    let Some(listed) = &raw.amqp10_brokers else {
+        return Ok(Vec::new());
+    };
+    let key = format!("{}.amqp10_brokers", join("zones", zone));
+    let mut brokers: Vec<(String, usize, BrokerUri)> = Vec::new();
+    for (index, written) in listed.get_ref().iter().enumerate() {
+        let entry_key = format!("{key}[{index}]");
+        let at = written.span().start;
+        let uri = BrokerUri::parse_amqp10(written.get_ref())
+            .map_err(|err| source.error(at, &entry_key, Problem::InvalidUri(Box::new(err))))?;
+        if let Some((first_key, first_line, _)) = brokers
+            .iter()
+            .find(|(_, _, other)| same_broker(other, &uri))
+        {
+            let problem = Problem::DuplicateBroker {
+                first_key: first_key.clone(),
+                first_line: *first_line,
+            };
+            return Err(source.error(at, &entry_key, problem));
+        }
+        brokers.push((entry_key, source.line(at), uri));
+    }
+    Ok(brokers.into_iter().map(|(_, _, uri)| uri).collect())
 }
 
 /// Entry `index` of a zone's `brokers`, with the keys and spans its URIs are reported at.
