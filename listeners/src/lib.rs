@@ -32,8 +32,8 @@ pub use pool::{
 };
 pub use router::{ConfigEvent, ConfigRouter, RouterError, RouterEvent, RouterStats, Subscription};
 pub use target::{
-    Notification, NotificationListener, RemoteError, Route, RpcServer, Target, TargetError, notify,
-    spawn_rpc_server,
+    Amqp10Notifications, Amqp10Server, Notification, NotificationListener, RemoteError, Route,
+    RpcServer, Target, TargetError, notify, spawn_rpc_server,
 };
 pub use warren_runtime::assignments::ChannelKind;
 pub use warren_runtime::envelope::Envelope;

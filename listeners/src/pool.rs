@@ -131,6 +131,17 @@ struct PoolState {
 }
 
 impl ListenerPool {
+    /// The node's AMQP 1.0 transport, when `[rpc] transport = "amqp10"`: RPC targets and
+    /// notifications then travel on it instead of this pool's workers.
+    pub(crate) fn amqp10(&self) -> Option<&warren_runtime::amqp10::Amqp10Transport> {
+        self.inner.ctx.node.amqp10.as_ref()
+    }
+
+    /// `[rpc]`: how RPC targets are addressed.
+    pub(crate) fn rpc_config(&self) -> &warren_runtime::config::RpcConfig {
+        &self.inner.ctx.node.rpc
+    }
+
     /// A pool for the app `name` sized by `config`, whose workers run on `node` and send
     /// as `stamp`; it runs once its child (or `spawn`) is started.
     pub(crate) fn new(name: &str, config: PoolConfig, node: NodeContext, stamp: Stamp) -> Self {

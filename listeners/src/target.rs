@@ -9,19 +9,22 @@
 //!
 //! Files: `address` (targets and their AMQP names), `wire` (the bodies on the wire),
 //! `server` (the method table and its listeners), `client` (calls and casts through a
-//! checkout), `notify` (notifications, both ends). The README's "RPC targets and
+//! checkout), `notify` (notifications, both ends), `amqp10` (all of it over AMQP 1.0
+//! links when `[rpc] transport = "amqp10"`). The README's "RPC targets and
 //! notifications" is the peer-facing description of all of it.
 //!
 //! Owns: the address scheme and the RPC/notification wire format. Must not touch: the
 //! listener and pool machinery it runs on (it uses them as any app does).
 
 mod address;
+mod amqp10;
 mod client;
 mod notify;
 mod server;
 mod wire;
 
 pub use address::{Route, Target, TargetError};
+pub use amqp10::{Amqp10Notifications, Amqp10Server};
 pub use notify::{Notification, NotificationListener, notify};
 pub use server::{MethodResult, RpcServer, spawn_rpc_server};
 pub use wire::RemoteError;

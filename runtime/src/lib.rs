@@ -19,6 +19,7 @@
 //! Dependencies point one way: apps → listeners → runtime.
 
 pub mod actor_slot;
+pub mod amqp10;
 pub mod assignments;
 pub mod backoff;
 pub mod bootstrap;

@@ -21,10 +21,13 @@ use ractor::ActorRef;
 use tokio::task::JoinHandle;
 
 use crate::actor_slot::ActorSlot;
+use crate::amqp10::{Amqp10Transport, KeeperSettings};
 use crate::assignments::Assignments;
 use crate::backoff::Backoff;
 use crate::bootstrap::{Bootstrap, BootstrapArgs};
-use crate::config::{Config, ListenerSettings, PoolConfig, RouterConfig, RpcConfig};
+use crate::config::{
+    Amqp10Mapping, Config, ListenerSettings, PoolConfig, RouterConfig, RpcConfig, RpcTransport,
+};
 use crate::connection_actor::ConnectionSettings;
 use crate::connections::Connections;
 use crate::envelope::Stamp;
@@ -66,6 +69,9 @@ pub struct NodeContext {
     pub root: Arc<ActorSlot<SupervisorMsg>>,
     /// Routes apps add to the HTTP endpoint (`[http] listen`) while they are built.
     pub http: HttpRoutes,
+    /// With `[rpc] transport = "amqp10"`: the node's AMQP 1.0 connection, which RPC
+    /// targets and notifications then travel on.
+    pub amqp10: Option<Amqp10Transport>,
 }
 
 /// What a caller adds to the tree: services (the configuration-event router) start after
@@ -99,6 +105,25 @@ pub struct Node {
     http: Option<HttpEndpoint>,
     /// The node's own metric sources (brokers, publisher), registered while it runs.
     _figures: Vec<MetricsEntry>,
+}
+
+/// The AMQP 1.0 transport of `[rpc] transport = "amqp10"`: the local zone's
+/// `amqp10_brokers`, the `[amqp]` bounds, the reply address `[rpc.amqp10] reply` gives
+/// `reply/<node>`.
+fn amqp10_transport(config: &Config) -> Amqp10Transport {
+    let amqp = &config.amqp;
+    let settings = KeeperSettings {
+        node: config.service.node.clone(),
+        brokers: config.local_zone().amqp10_brokers.clone(),
+        connect_timeout: amqp.connect_timeout,
+        heartbeat: Duration::from_secs(u64::from(amqp.heartbeat_secs)),
+        backoff: Backoff::new(amqp.reconnect_min, amqp.reconnect_max),
+    };
+    let reply = Amqp10Mapping::apply(
+        &config.rpc.amqp10.reply,
+        &format!("reply/{}", config.service.node),
+    );
+    Amqp10Transport::start(settings, amqp.operation_timeout, reply)
 }
 
 /// The node could not start. The message is the readable chain of causes.
@@ -163,15 +188,26 @@ impl Node {
             metrics: metrics.clone(),
             root: Arc::default(),
             http: HttpRoutes::default(),
+            amqp10: (config.rpc.transport == RpcTransport::Amqp10)
+                .then(|| amqp10_transport(&config)),
         };
-        let Children { services, apps } = children(&context)
-            .map_err(|error| StartError::Refused(error.to_string()))?
-            .into();
-        let figures = vec![
+        let Children { services, apps } = match children(&context) {
+            Ok(children) => children.into(),
+            Err(error) => {
+                if let Some(amqp10) = &context.amqp10 {
+                    amqp10.close();
+                }
+                return Err(StartError::Refused(error.to_string()));
+            }
+        };
+        let mut figures = vec![
             context.metrics.register(Arc::new(registry.clone())),
             context.metrics.register(context.publisher.figures()),
             context.metrics.register(Arc::new(assignments.clone())),
         ];
+        if let Some(amqp10) = &context.amqp10 {
+            figures.push(context.metrics.register(Arc::new(amqp10.clone())));
+        }
         // Bound before the tree starts: a port in use stops the start with its address.
         let http = match config.http.listen {
             Some(address) => {
@@ -242,6 +278,9 @@ impl Node {
                 if let Some(http) = http {
                     http.stop().await;
                 }
+                if let Some(amqp10) = &context.amqp10 {
+                    amqp10.close();
+                }
                 return Err(StartError::Failed(spawn_error_reason(&error)));
             }
         };
@@ -302,6 +341,10 @@ impl Node {
             // The root had already stopped.
             Err(_) => Ok(()),
         };
+        // The apps that used it are stopped.
+        if let Some(amqp10) = &self.context.amqp10 {
+            amqp10.close();
+        }
         // Last: probes see the node stopping until the tree is gone.
         if let Some(http) = self.http.take() {
             http.stop().await;

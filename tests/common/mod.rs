@@ -104,6 +104,16 @@ impl Broker {
             .collect()
     }
 
+    /// A broker around a node started some other way (with plugins, say).
+    pub fn from_node(node: warren_test_support::BrokerNode) -> Broker {
+        Broker(std::sync::Arc::new(std::sync::Mutex::new(node)))
+    }
+
+    /// The node's AMQP port (AMQP 1.0 too, with its plugin).
+    pub fn port(&self) -> u16 {
+        self.node().amqp_port()
+    }
+
     fn node(&self) -> std::sync::MutexGuard<'_, warren_test_support::BrokerNode> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }

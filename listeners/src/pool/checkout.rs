@@ -38,6 +38,11 @@ impl Checkout {
         &self.worker
     }
 
+    /// The node's AMQP 1.0 transport, when `[rpc] transport = "amqp10"`.
+    pub(crate) fn amqp10(&self) -> Option<&warren_runtime::amqp10::Amqp10Transport> {
+        self.pool.ctx.node.amqp10.as_ref()
+    }
+
     /// `[rpc]`: how RPC targets are addressed (see `target`).
     pub(crate) fn rpc_config(&self) -> &warren_runtime::config::RpcConfig {
         &self.pool.ctx.node.rpc

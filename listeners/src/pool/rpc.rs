@@ -53,6 +53,10 @@ pub enum RpcError {
     /// published.
     #[error(transparent)]
     Target(#[from] crate::target::TargetError),
+    /// Over AMQP 1.0 (`[rpc] transport = "amqp10"`): no intermediary, a lost link or
+    /// connection, or a message the intermediary did not take.
+    #[error("AMQP 1.0: {0}")]
+    Amqp10(warren_runtime::amqp10::Amqp10Error),
 }
 
 /// A condition on the replies collected so far.

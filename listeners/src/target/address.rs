@@ -65,6 +65,9 @@ pub enum TargetError {
     /// A queue, exchange or routing key built from the target is over AMQP's 255 bytes.
     #[error("{what} would be {bytes} bytes long; AMQP allows at most 255")]
     TooLong { what: &'static str, bytes: usize },
+    /// `[rpc] transport = "amqp10"` parts on a node that runs AMQP 0-9-1 only.
+    #[error("the node has no AMQP 1.0 transport ([rpc] transport is not \"amqp10\")")]
+    NoAmqp10,
     /// A request's arguments must be a JSON object (oslo's keyword arguments).
     #[error("the arguments of `{0}` must be a JSON object (or null for none)")]
     ArgsNotObject(String),

@@ -9,6 +9,9 @@
 //! never later than its timeout. A reply that comes after that is dropped and counted
 //! (`warren_pool_late_replies`).
 //!
+//! With `[rpc] transport = "amqp10"` every one of these goes over the node's AMQP 1.0
+//! transport instead (see `amqp10`); the pool's wrappers then take no worker.
+//!
 //! Owns: turning targets, methods and arguments into requests and replies into results.
 //! Must not touch: the pool's waiting and correlation (`pool::rpc`), the server.
 
@@ -21,7 +24,7 @@ use lapin::ExchangeKind;
 use warren_runtime::publisher::Publisher;
 
 use super::address::{Route, Target, TargetError};
-use super::wire;
+use super::{amqp10, wire};
 use crate::pool::{Checkout, ListenerPool, RpcError};
 
 impl Checkout {
@@ -37,6 +40,9 @@ impl Checkout {
         args: Value,
         timeout: Duration,
     ) -> Result<Value, RpcError> {
+        if let Some(transport) = self.amqp10() {
+            return amqp10::call(transport, self.rpc_config(), target, method, args, timeout).await;
+        }
         if target.fanout {
             return Err(RpcError::FanoutCall(target.topic.clone()));
         }
@@ -71,6 +77,9 @@ impl Checkout {
         args: Value,
         timeout: Duration,
     ) -> Result<(), RpcError> {
+        if let Some(transport) = self.amqp10() {
+            return amqp10::cast(transport, self.rpc_config(), target, method, args, timeout).await;
+        }
         let route = target.route(self.rpc_config())?;
         let mut request = wire::request(method, args)
             .map_err(|_| TargetError::ArgsNotObject(method.to_string()))?;
@@ -137,6 +146,10 @@ impl ListenerPool {
         args: Value,
         timeout: Duration,
     ) -> Result<Value, RpcError> {
+        if let Some(transport) = self.amqp10() {
+            // Over AMQP 1.0 no worker is needed: the node's reply link takes the reply.
+            return amqp10::call(transport, self.rpc_config(), target, method, args, timeout).await;
+        }
         if target.fanout {
             // Refused before a worker is taken.
             return Err(RpcError::FanoutCall(target.topic.clone()));
@@ -155,6 +168,9 @@ impl ListenerPool {
         args: Value,
         timeout: Duration,
     ) -> Result<(), RpcError> {
+        if let Some(transport) = self.amqp10() {
+            return amqp10::cast(transport, self.rpc_config(), target, method, args, timeout).await;
+        }
         let cast = async |checkout: &mut Checkout| {
             checkout.cast_target(target, method, args, timeout).await
         };
@@ -169,6 +185,11 @@ impl ListenerPool {
         args: Value,
         timeout: Duration,
     ) -> Result<(), RpcError> {
+        if self.amqp10().is_some() {
+            return self
+                .cast_target(&target.clone().fanout(), method, args, timeout)
+                .await;
+        }
         let cast = async |checkout: &mut Checkout| {
             checkout.fanout_cast(target, method, args, timeout).await
         };

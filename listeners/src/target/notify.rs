@@ -21,8 +21,11 @@ use warren_runtime::publisher::Publisher;
 use super::address::{TargetError, short, shortened};
 use super::wire;
 use crate::app::AppContext;
-use crate::listener::{Event, Exchange, HandlerResult, Listener, ListenerSpec, QueueSpec};
+use crate::listener::{
+    Event, Exchange, HandlerResult, Listener, ListenerSpec, QueueSpec, SpecError,
+};
 use crate::pool::RpcError;
+use warren_runtime::supervisor::ChildSpec;
 
 /// One received notification.
 ///
@@ -46,7 +49,7 @@ pub struct Notification {
 }
 
 /// `<topic>.<priority>`: the routing key, binding and queue name of notifications.
-fn address(topic: &str, priority: &str) -> Result<String, TargetError> {
+pub(super) fn address(topic: &str, priority: &str) -> Result<String, TargetError> {
     if topic.is_empty() {
         return Err(TargetError::EmptyTopic);
     }
@@ -88,7 +91,8 @@ pub async fn notify(
 
 impl AppContext {
     /// Publishes a notification as this app to `[rpc] notifications_exchange` (see
-    /// [`notify`]); `Publisher-ID` is the node's name.
+    /// [`notify`]); `Publisher-ID` is the node's name. Over AMQP 1.0 when the node's
+    /// `[rpc] transport` is `amqp10` (durable, `Ok` once the intermediary accepted it).
     pub async fn notify(
         &self,
         topic: &str,
@@ -96,6 +100,17 @@ impl AppContext {
         event_type: &str,
         payload: Value,
     ) -> Result<(), RpcError> {
+        if let Some(transport) = &self.node.amqp10 {
+            let timeout = self.node.listeners.listener.publish_timeout;
+            return super::amqp10::notify(
+                transport,
+                &self.node.rpc,
+                (topic, priority),
+                (event_type, payload),
+                timeout,
+            )
+            .await;
+        }
         let publisher = self.node.publisher.with_stamp(self.stamp());
         notify(
             &publisher,
@@ -121,6 +136,38 @@ impl AppContext {
     {
         NotificationListener::new(topic, priority, handler)
             .exchange(&self.node.rpc.notifications_exchange)
+    }
+
+    /// Serves `listener` as a supervised child on the node's RPC transport: its listener
+    /// over AMQP 0-9-1, or one receiver link over AMQP 1.0 when `[rpc] transport =
+    /// "amqp10"` (released on a handler error, rejected past `max_redeliveries`).
+    pub fn notifications(&self, listener: NotificationListener) -> ChildSpec {
+        if self.node.amqp10.is_none() {
+            return self.listener(listener);
+        }
+        let exchange = listener
+            .exchange
+            .clone()
+            .unwrap_or_else(|| self.node.rpc.notifications_exchange.clone());
+        let id = format!("notifications:{}.{}", listener.topic, listener.priority);
+        if let Err(error) = address(&listener.topic, &listener.priority) {
+            let refusal = SpecError {
+                listener: id.clone(),
+                field: "topic",
+                problem: error.to_string(),
+            };
+            return self.refuse(id, refusal);
+        }
+        let max = listener
+            .max_redeliveries
+            .unwrap_or(self.node.listeners.listener.max_redeliveries);
+        super::amqp10::notifications_child(
+            id,
+            &self.node,
+            (exchange, listener.topic, listener.priority),
+            max,
+            listener.handler,
+        )
     }
 }
 

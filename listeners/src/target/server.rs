@@ -32,6 +32,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde_json::Value;
 use warren_runtime::confirm::{Correlation, PublishError, PublishOptions, Published};
+use warren_runtime::envelope::Envelope;
 use warren_runtime::log_limit::LogLimit;
 use warren_runtime::metrics::{MetricsEntry, Report, Source};
 use warren_runtime::node::NodeContext;
@@ -60,6 +61,7 @@ type Method = Arc<dyn Fn(Value) -> BoxFuture<'static, MethodResult> + Send + Syn
 /// It exists so that an app serves methods by name on the three addresses of a topic
 /// without declaring queues, bindings or replies itself: `ctx.rpc_server(server)` gives
 /// the supervised child.
+#[derive(Clone)]
 pub struct RpcServer {
     topic: String,
     exchange: Option<String>,
@@ -129,13 +131,33 @@ impl RpcServer {
     }
 
     /// The target this server answers as `server` (its node's name).
-    fn target(&self, server: &str) -> Target {
+    pub(super) fn target(&self, server: &str) -> Target {
         Target {
             topic: self.topic.clone(),
             server: Some(server.to_string()),
             fanout: false,
             exchange: self.exchange.clone(),
         }
+    }
+
+    /// The method table as served on `node`, counted under `exchange` in `/metrics`.
+    pub(super) fn served(self, node: &NodeContext, exchange: &str) -> (Served, usize) {
+        let counts = Arc::new(Counts::default());
+        let served = Served {
+            topic: self.topic.clone(),
+            methods: self.methods,
+            publish_timeout: node.listeners.listener.publish_timeout,
+            hold: node.listeners.listener.publish_timeout + node.listeners.listener.stop_timeout,
+            replies: self.dedup.map(Window::new),
+            counts: counts.clone(),
+            returns: LogLimit::default(),
+            _figures: node.metrics.register(Arc::new(ServerFigures {
+                topic: self.topic,
+                exchange: exchange.to_string(),
+                counts,
+            })),
+        };
+        (served, self.concurrency)
     }
 
     /// The three listeners (A, B, C) serving this table on `node`.
@@ -157,26 +179,12 @@ impl RpcServer {
             short(what, name)?;
         }
         let label = self.label();
-        let counts = Arc::new(Counts::default());
-        let served = Arc::new(Served {
-            topic: self.topic.clone(),
-            methods: self.methods,
-            publish_timeout: node.listeners.listener.publish_timeout,
-            hold: node.listeners.listener.publish_timeout + node.listeners.listener.stop_timeout,
-            replies: self.dedup.map(Window::new),
-            counts: counts.clone(),
-            returns: LogLimit::default(),
-            _figures: node.metrics.register(Arc::new(ServerFigures {
-                topic: self.topic.clone(),
-                exchange: exchange.clone(),
-                counts,
-            })),
-        });
+        let (served, concurrency) = self.served(node, &exchange);
+        let served = Arc::new(served);
         let expiry = config.server_queue_expiry;
         let name = |kind: &str| format!("rpc-{}-{kind}", shortened(&label));
         let spec = |kind: &str, queue: QueueSpec| {
             let served = served.clone();
-            let concurrency = self.concurrency;
             ListenerSpec::new(name(kind))
                 .queue(queue)
                 .prefetch(u16::try_from(concurrency).unwrap_or(u16::MAX))
@@ -208,6 +216,20 @@ impl AppContext {
     /// the app, as a bad listener spec does.
     pub fn rpc_server(&self, server: RpcServer) -> ChildSpec {
         let id = format!("rpc:{}", server.label());
+        if self.node.amqp10.is_some() {
+            // `[rpc] transport = "amqp10"`: three receiver links instead of listeners.
+            return match server.target(&self.node.node).check() {
+                Ok(()) => super::amqp10::server_child(id, server, &self.node),
+                Err(error) => {
+                    let refusal = SpecError {
+                        listener: id.clone(),
+                        field: "target",
+                        problem: error.to_string(),
+                    };
+                    self.refuse(id, refusal)
+                }
+            };
+        }
         match server.listeners(&self.node) {
             Ok(listeners) => {
                 let children = listeners.into_iter().map(|l| self.listener(l)).collect();
@@ -305,8 +327,9 @@ impl Source for ServerFigures {
     }
 }
 
-/// The method table and what serving it needs, shared by the three listeners.
-struct Served {
+/// The method table and what serving it needs, shared by the three listeners (or the
+/// three AMQP 1.0 links).
+pub(super) struct Served {
     topic: String,
     methods: HashMap<String, Method>,
     publish_timeout: Duration,
@@ -322,6 +345,16 @@ struct Served {
 }
 
 impl Served {
+    /// The topic served.
+    pub(super) fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The bound of one reply's publish.
+    pub(super) fn publish_timeout(&self) -> Duration {
+        self.publish_timeout
+    }
+
     /// Runs the request's method and, for a call, publishes its reply.
     async fn serve(&self, event: Event) -> HandlerResult {
         let properties = &event.delivery().properties;
@@ -336,7 +369,7 @@ impl Served {
             .as_ref()
             .map(|queue| queue.to_string())
             .filter(|queue| !queue.is_empty());
-        let outcome = self.once(&event, &msg_id).await;
+        let outcome = self.once(event.envelope(), &msg_id).await;
         let Some(reply_to) = reply_to else {
             if let Err(error) = &outcome {
                 tracing::debug!(topic = %self.topic, method = event.name(), kind = %error.kind, "a cast failed on the server");
@@ -371,9 +404,9 @@ impl Served {
     }
 
     /// The request's outcome, from the dedup window when it was served already.
-    async fn once(&self, event: &Event, msg_id: &str) -> MethodResult {
+    pub(super) async fn once(&self, request: &Envelope, msg_id: &str) -> MethodResult {
         let Some(window) = self.replies.as_ref().filter(|_| !msg_id.is_empty()) else {
-            return self.run(event).await;
+            return self.run(request).await;
         };
         let claim = match window.claim(msg_id) {
             Seen::New(claim) => Some(claim),
@@ -385,7 +418,7 @@ impl Served {
                 Seen::Running(_) => None,
             },
         };
-        let outcome = self.run(event).await;
+        let outcome = self.run(request).await;
         if let Some(claim) = claim {
             claim.end(Some(outcome.clone()));
         }
@@ -400,8 +433,7 @@ impl Served {
     }
 
     /// The request's outcome: its method's result, or why there is none.
-    async fn run(&self, event: &Event) -> MethodResult {
-        let request = event.envelope();
+    async fn run(&self, request: &Envelope) -> MethodResult {
         if request.category() != wire::RPC {
             return Err(RemoteError::bad_request(format!(
                 "`Event-Category` must be `{}`",

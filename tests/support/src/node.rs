@@ -64,6 +64,9 @@ pub struct BrokerNode {
     extra_config: Vec<String>,
     /// The node's `advanced.config`, if any (see [`BrokerNode::start_with_advanced`]).
     advanced_config: Option<String>,
+    /// Plugins written to the node's `enabled_plugins` (see
+    /// [`BrokerNode::start_with_plugins`]); none by default.
+    plugins: Vec<String>,
     /// The Erlang cookie in the node's `$HOME`, which its `rabbitmqctl` calls read too: one
     /// of its own, or the one shared by the members of a [`crate::BrokerCluster`].
     cookie: String,
@@ -91,7 +94,7 @@ impl BrokerNode {
     /// `rabbitmq.conf` (new-style `key = value` lines, e.g. `"channel_max = 8"`). They stay
     /// in effect across restarts.
     pub fn start_with(config_lines: &[&str]) -> Result<BrokerNode, SupportError> {
-        BrokerNode::start_inner(config_lines, None, None)
+        BrokerNode::start_inner(config_lines, None, None, &[])
     }
 
     /// Like [`BrokerNode::start_with`], with `advanced` as the node's `advanced.config`
@@ -101,28 +104,48 @@ impl BrokerNode {
         config_lines: &[&str],
         advanced: &str,
     ) -> Result<BrokerNode, SupportError> {
-        BrokerNode::start_inner(config_lines, None, Some(advanced))
+        BrokerNode::start_inner(config_lines, None, Some(advanced), &[])
+    }
+
+    /// Like [`BrokerNode::start_with`], with `plugins` (e.g. `"rabbitmq_amqp1_0"`) enabled.
+    /// Exists for tests of protocols a plugin serves (AMQP 1.0): nodes otherwise start with
+    /// no plugins, and enabling one on a running node would need `rabbitmq-plugins` and a
+    /// wait for it. The AMQP 1.0 plugin listens on [`BrokerNode::amqp_port`] alongside
+    /// AMQP 0-9-1. Avoid plugins with fixed ports of their own (management, prometheus):
+    /// every node would want the same port.
+    pub fn start_with_plugins(
+        plugins: &[&str],
+        config_lines: &[&str],
+    ) -> Result<BrokerNode, SupportError> {
+        BrokerNode::start_inner(config_lines, None, None, plugins)
     }
 
     /// Like [`BrokerNode::start`], with `cookie` as the node's Erlang cookie instead of one
     /// of its own. Exists for [`crate::BrokerCluster`]: nodes (and the `rabbitmqctl` calls
     /// that join them) only talk to each other if they share a cookie.
     pub(crate) fn start_with_cookie(cookie: &str) -> Result<BrokerNode, SupportError> {
-        BrokerNode::start_inner(&[], Some(cookie), None)
+        BrokerNode::start_inner(&[], Some(cookie), None, &[])
     }
 
     fn start_inner(
         config_lines: &[&str],
         cookie: Option<&str>,
         advanced: Option<&str>,
+        plugins: &[&str],
     ) -> Result<BrokerNode, SupportError> {
         SWEEP.call_once(sweep_orphans);
         let mut attempt = 1;
         loop {
             let amqp_port = try_free_port()?;
             let dist_port = try_free_port()?;
-            let mut node =
-                BrokerNode::create_with(amqp_port, dist_port, config_lines, cookie, advanced)?;
+            let mut node = BrokerNode::create_with(
+                amqp_port,
+                dist_port,
+                config_lines,
+                cookie,
+                advanced,
+                plugins,
+            )?;
             node.spawn()?;
             match node.wait_ready(START_TIMEOUT) {
                 Ok(()) => return Ok(node),
@@ -170,16 +193,18 @@ impl BrokerNode {
 
     /// Prepares dirs and config for a node on the given ports without starting it.
     pub(crate) fn create(amqp_port: u16, dist_port: u16) -> Result<BrokerNode, SupportError> {
-        BrokerNode::create_with(amqp_port, dist_port, &[], None, None)
+        BrokerNode::create_with(amqp_port, dist_port, &[], None, None, &[])
     }
 
     /// `cookie`: the Erlang cookie to use; `None` makes one for this node alone.
+    /// `plugins`: what `enabled_plugins` lists (none if empty).
     fn create_with(
         amqp_port: u16,
         dist_port: u16,
         config_lines: &[&str],
         cookie: Option<&str>,
         advanced: Option<&str>,
+        plugins: &[&str],
     ) -> Result<BrokerNode, SupportError> {
         let n = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
@@ -197,6 +222,7 @@ impl BrokerNode {
             dir,
             extra_config: config_lines.iter().map(|l| l.to_string()).collect(),
             advanced_config: advanced.map(str::to_string),
+            plugins: plugins.iter().map(|p| p.to_string()).collect(),
             log_offset: 0,
             proc: Mutex::new(ProcState::NotRunning),
         };
@@ -236,8 +262,10 @@ impl BrokerNode {
             fs::write(self.path("advanced.config"), advanced)
                 .map_err(|e| io("advanced.config", e))?;
         }
-        // No plugins: management/prometheus would take fixed ports shared by all nodes.
-        fs::write(self.path("enabled_plugins"), "[].\n").map_err(|e| io("enabled_plugins", e))?;
+        // No plugins unless asked for: management/prometheus would take fixed ports shared
+        // by all nodes.
+        let plugins = format!("[{}].\n", self.plugins.join(","));
+        fs::write(self.path("enabled_plugins"), plugins).map_err(|e| io("enabled_plugins", e))?;
         // Replaces /etc/rabbitmq/rabbitmq-env.conf, which names the system node.
         fs::write(self.path("rabbitmq-env.conf"), "").map_err(|e| io("rabbitmq-env.conf", e))?;
         Ok(())
@@ -534,6 +562,12 @@ impl BrokerNode {
         scrub_env(&mut cmd);
         cmd.env("HOME", self.home())
             .env("RABBITMQ_CONF_ENV_FILE", self.path("rabbitmq-env.conf"))
+            // The CLI finds plugin commands (e.g. `list_amqp10_connections`) through the
+            // enabled plugins file; without this it reads the system node's.
+            .env(
+                "RABBITMQ_ENABLED_PLUGINS_FILE",
+                self.path("enabled_plugins"),
+            )
             .current_dir(self.dir.path())
             .args(["-n", &self.name, "-q"])
             .args(args);

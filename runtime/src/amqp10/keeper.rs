@@ -1,0 +1,192 @@
+//! The keeper: the one AMQP 1.0 connection and session of a node, to the first reachable
+//! intermediary of the local zone's `amqp10_brokers`.
+//!
+//! It connects to the brokers in file order (the first is the primary), publishes what
+//! it has as a [`Live`] in a watch (`None` while it has nothing), and when the connection
+//! ends it tries them again in order, spaced by the node's reconnect backoff. While on a
+//! secondary it tries the primary every `reconnect_max` and moves back as soon as it
+//! answers (the 0-9-1 side's fail-back). Every new connection gets a new generation:
+//! links of an older one are dead, and their owners attach again on the new one.
+//!
+//! Owns: the connection, its session and the generation count. Must not touch: links
+//! (the transport caches senders in [`Live`], subscriptions own their receivers).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fe2o3_amqp::connection::ConnectionHandle;
+use fe2o3_amqp::sasl_profile::SaslProfile;
+use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::{Connection, Sender, Session};
+use tokio::sync::watch;
+
+use crate::backoff::Backoff;
+use crate::log_limit::LogLimit;
+use crate::uri::BrokerUri;
+
+/// What the keeper needs to know, from config.ini.
+#[derive(Clone, Debug)]
+pub struct KeeperSettings {
+    /// The container id (the node's name).
+    pub node: String,
+    /// The local zone's `amqp10_brokers`, primary first.
+    pub brokers: Vec<BrokerUri>,
+    /// `[amqp] connect_timeout_ms`: one connection attempt, session included.
+    pub connect_timeout: Duration,
+    /// `[amqp] heartbeat_secs`: the idle time-out asked of the peer (0: none).
+    pub heartbeat: Duration,
+    /// `[amqp] reconnect_min_ms` / `reconnect_max_ms`.
+    pub backoff: Backoff,
+}
+
+/// A connection and its session while they are up: what links are attached on.
+pub(crate) struct Live {
+    /// Counts connections: links attached on another generation are dead.
+    pub generation: u64,
+    /// The intermediary connected to.
+    pub broker: BrokerUri,
+    /// The one session every link of this connection is attached on.
+    pub session: tokio::sync::Mutex<SessionHandle<()>>,
+    /// Sender links by address, attached on first use (the spec's sender cache).
+    pub senders: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Sender>>>>,
+}
+
+/// Runs until `stop` turns true: keeps a connection up and publishes it in `live`.
+pub(crate) async fn keep(
+    settings: KeeperSettings,
+    live: watch::Sender<Option<Arc<Live>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let failures = LogLimit::default();
+    let mut generation = 0_u64;
+    let mut attempt = 0_u32;
+    loop {
+        // Try every broker in order, the primary first.
+        let mut connected = None;
+        for index in 0..settings.brokers.len() {
+            if *stop.borrow() {
+                return;
+            }
+            match connect(&settings, index, generation + 1).await {
+                Ok(up) => {
+                    connected = Some((index, up));
+                    break;
+                }
+                Err(error) => {
+                    let broker = settings.brokers[index].redacted();
+                    if let Some(held) = failures.allow(broker) {
+                        tracing::warn!(broker, %error, held_back = held, "AMQP 1.0: cannot connect");
+                    }
+                }
+            }
+        }
+        let Some((mut index, (mut connection, mut up))) = connected else {
+            let delay = settings.backoff.delay(attempt);
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => continue,
+                _ = stop.changed() => return,
+            }
+        };
+        attempt = 0;
+        loop {
+            generation = up.generation;
+            tracing::info!(
+                broker = up.broker.redacted(),
+                generation,
+                "AMQP 1.0: connected"
+            );
+            live.send_replace(Some(up.clone()));
+            let probe = tokio::time::sleep(settings.backoff.max);
+            tokio::select! {
+                result = connection.on_close() => {
+                    live.send_replace(None);
+                    tracing::warn!(broker = up.broker.redacted(), ?result, "AMQP 1.0: connection lost");
+                    break;
+                }
+                _ = stop.changed() => {
+                    live.send_replace(None);
+                    close(&mut connection, &up, settings.connect_timeout).await;
+                    return;
+                }
+                // On a secondary: is the primary back?
+                _ = probe, if index > 0 => {
+                    if let Ok((primary, primary_up)) = connect(&settings, 0, generation + 1).await {
+                        tracing::info!(broker = primary_up.broker.redacted(), "AMQP 1.0: the primary is back; moving to it");
+                        let (mut old, old_up) = (connection, up);
+                        connection = primary;
+                        up = primary_up;
+                        index = 0;
+                        live.send_replace(Some(up.clone()));
+                        close(&mut old, &old_up, settings.connect_timeout).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Opens a connection and its session to broker `index`, within the connect bound.
+async fn connect(
+    settings: &KeeperSettings,
+    index: usize,
+    generation: u64,
+) -> Result<(ConnectionHandle<()>, Arc<Live>), String> {
+    let broker = &settings.brokers[index];
+    let amqp = broker.amqp();
+    let host = broker.host();
+    let url = if host.contains(':') {
+        format!("amqp://[{host}]:{}", broker.port())
+    } else {
+        format!("amqp://{host}:{}", broker.port())
+    };
+    // RabbitMQ picks the vhost from the open frame's hostname (`vhost:<name>`).
+    let vhost = (amqp.vhost != "/").then(|| format!("vhost:{}", amqp.vhost));
+    let profile = SaslProfile::Plain {
+        username: amqp.authority.userinfo.username.clone(),
+        password: amqp.authority.userinfo.password.clone(),
+    };
+    let open = async {
+        let mut builder = Connection::builder()
+            .container_id(settings.node.clone())
+            .sasl_profile(profile)
+            .hostname(vhost.as_deref());
+        if !settings.heartbeat.is_zero() {
+            let millis = u32::try_from(settings.heartbeat.as_millis()).unwrap_or(u32::MAX);
+            builder = builder.idle_time_out(millis);
+        }
+        let mut connection = builder
+            .open(url.as_str())
+            .await
+            .map_err(|e| e.to_string())?;
+        match Session::begin(&mut connection).await {
+            Ok(session) => Ok((connection, session)),
+            Err(error) => {
+                let _ = connection.close().await;
+                Err(error.to_string())
+            }
+        }
+    };
+    let (connection, session) = tokio::time::timeout(settings.connect_timeout, open)
+        .await
+        .map_err(|_| format!("no answer within {:?}", settings.connect_timeout))??;
+    let live = Live {
+        generation,
+        broker: broker.clone(),
+        session: tokio::sync::Mutex::new(session),
+        senders: parking_lot::Mutex::new(HashMap::new()),
+    };
+    Ok((connection, Arc::new(live)))
+}
+
+/// Ends the session and closes the connection, each within `bound`.
+async fn close(connection: &mut ConnectionHandle<()>, live: &Live, bound: Duration) {
+    live.senders.lock().clear();
+    let end = async {
+        let mut session = live.session.lock().await;
+        let _ = session.end().await;
+    };
+    let _ = tokio::time::timeout(bound, end).await;
+    let _ = tokio::time::timeout(bound, connection.close()).await;
+}

@@ -1,0 +1,334 @@
+//! RPC targets and notifications over AMQP 1.0 (`[rpc] transport = "amqp10"`) against
+//! private RabbitMQ nodes with `rabbitmq_amqp1_0`: the three patterns between two warren
+//! nodes, error replies, notifications acked at both ends, and a broker kill mid-call.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Broker, SOON, blocking, config_text, init_logs, unique_node};
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use warren_listeners::{
+    Amqp10Notifications, Amqp10Server, AppContext, HandlerError, ListenerPool, RemoteError,
+    RpcError, RpcServer, Target,
+};
+use warren_runtime::config::{AppConfig, Config, PoolConfig};
+use warren_runtime::node::Node;
+use warren_test_support::BrokerNode;
+use warren_test_support::eventually as until;
+
+/// A private node serving AMQP 1.0 too (on its AMQP port).
+async fn amqp10_broker() -> Broker {
+    let node = blocking(|| BrokerNode::start_with_plugins(&["rabbitmq_amqp1_0"], &[]))
+        .await
+        .expect("a node with rabbitmq_amqp1_0");
+    Broker::from_node(node)
+}
+
+/// A warren node on `brokers` (AMQP 0-9-1 and 1.0 alike, the first as primary), RPC
+/// over AMQP 1.0.
+async fn node(label: &str, brokers: &[&Broker]) -> Node {
+    init_logs();
+    let amqp10 = brokers
+        .iter()
+        .map(|b| format!("\"amqp10://guest:guest@127.0.0.1:{}\"", b.port()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let amqp091: Vec<String> = brokers.iter().map(|b| b.uri()).collect();
+    let text = format!(
+        "{}amqp10_brokers = [{amqp10}]\n[rpc]\ntransport = \"amqp10\"\n",
+        config_text(&unique_node(label), &amqp091, "")
+    );
+    let config = Config::parse(&text, std::path::Path::new("test.ini"), &[], None)
+        .unwrap_or_else(|error| panic!("{error}\n{text}"));
+    match Node::start(config, |_| Vec::new()).await {
+        Ok(node) => node,
+        Err(error) => panic!("node did not start: {error}"),
+    }
+}
+
+/// A started pool of two workers on `node` (the callers' side).
+async fn pool(node: &Node) -> ListenerPool {
+    let config = AppConfig::new(
+        "caller",
+        PoolConfig {
+            size: 2,
+            overflow: 0,
+            checkout_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+        },
+    );
+    let ctx = AppContext::with_version("0.0.0-test", node.context().clone(), config);
+    ctx.pool.spawn().await.expect("pool starts");
+    ctx.pool
+}
+
+/// What the servers' methods saw.
+#[derive(Clone, Default)]
+struct Calls {
+    answered: Arc<AtomicUsize>,
+    /// `note` casts: (server, n).
+    notes: Arc<Mutex<Vec<(String, i64)>>>,
+}
+
+/// `topic` served on `node` as its node name, its three links attached.
+async fn serve(node: &Node, topic: &str, calls: &Calls) -> Amqp10Server {
+    let me = node.context().node.clone();
+    let (whoami, answered) = (me.clone(), calls.answered.clone());
+    let notes = calls.notes.clone();
+    let server = RpcServer::new(topic)
+        .method("whoami", move |_args: Value| {
+            let me = whoami.clone();
+            answered.fetch_add(1, Ordering::SeqCst);
+            async move { Ok(json!(me)) }
+        })
+        .method("fail", |_args: Value| async {
+            Err(RemoteError::new("NotFound", "no such thing"))
+        })
+        .method("boom", |_args: Value| async { panic!("kaboom") })
+        .method("slow", |args: Value| async move {
+            let ms = args.get("ms").and_then(Value::as_u64).unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(json!("slow"))
+        })
+        .method("note", move |args: Value| {
+            let n = args.get("n").and_then(Value::as_i64).unwrap_or(-1);
+            notes.lock().push((me.clone(), n));
+            async { Ok(Value::Null) }
+        });
+    let links = Amqp10Server::start(server, node.context()).expect("the server starts");
+    assert!(links.attached(SOON).await, "the server's links attach");
+    links
+}
+
+fn remote(result: Result<Value, RpcError>) -> RemoteError {
+    match result {
+        Err(RpcError::Remote(error)) => error,
+        other => panic!("expected a remote error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_three_patterns_reach_one_named_server_one_of_the_group_or_all() {
+    let broker = amqp10_broker().await;
+    let brokers = [&broker];
+    let (a, b) = tokio::join!(node("a10", &brokers), node("b10", &brokers));
+    let calls = Calls::default();
+    let topic = format!("compute{}", std::process::id());
+    let (server_a, server_b) = tokio::join!(serve(&a, &topic, &calls), serve(&b, &topic, &calls));
+    let callers = pool(&a).await;
+    let name_b = b.context().node.clone();
+
+    // (A) one named server: always that one.
+    let to_b = Target::new(&topic).server(&name_b);
+    for _ in 0..5 {
+        let answer = callers
+            .call_target(&to_b, "whoami", Value::Null, SOON)
+            .await;
+        assert_eq!(answer.unwrap(), json!(name_b));
+    }
+    // (B) one of the group: every call answered exactly once, by one of the two.
+    let before = calls.answered.load(Ordering::SeqCst);
+    let group = Target::new(&topic);
+    let mut by = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let answer = callers
+            .call_target(&group, "whoami", Value::Null, SOON)
+            .await;
+        by.insert(answer.unwrap().as_str().unwrap().to_string());
+    }
+    assert_eq!(calls.answered.load(Ordering::SeqCst) - before, 20);
+    assert!(
+        by.iter().all(|n| *n == name_b || *n == a.context().node),
+        "{by:?}"
+    );
+    // (C) all of the group: a fanout cast reaches both servers once.
+    callers
+        .fanout_cast(&group, "note", json!({"n": 7}), SOON)
+        .await
+        .expect("the cast is sent");
+    assert!(
+        until(SOON, || calls.notes.lock().len() == 2).await,
+        "{:?}",
+        calls.notes.lock()
+    );
+    let mut servers: Vec<String> = calls.notes.lock().iter().map(|(s, _)| s.clone()).collect();
+    servers.sort();
+    let mut expected = vec![a.context().node.clone(), name_b.clone()];
+    expected.sort();
+    assert_eq!(servers, expected);
+
+    // Failures are typed replies, never timeouts.
+    let failed = remote(callers.call_target(&group, "fail", Value::Null, SOON).await);
+    assert_eq!(
+        (failed.kind.as_str(), failed.message.as_str()),
+        ("NotFound", "no such thing")
+    );
+    let panicked = remote(callers.call_target(&group, "boom", Value::Null, SOON).await);
+    assert_eq!(panicked.kind, RemoteError::PANIC);
+    let unknown = remote(callers.call_target(&group, "nope", Value::Null, SOON).await);
+    assert_eq!(unknown.kind, RemoteError::UNKNOWN_METHOD);
+    // A call on a fanout target is refused before anything is sent.
+    let refused = callers
+        .call_target(&group.clone().fanout(), "whoami", Value::Null, SOON)
+        .await;
+    assert!(
+        matches!(refused, Err(RpcError::FanoutCall(_))),
+        "{refused:?}"
+    );
+    // A call nobody answers in time times out by its timeout.
+    let started = Instant::now();
+    let slow = callers
+        .call_target(
+            &group,
+            "slow",
+            json!({"ms": 3000}),
+            Duration::from_millis(500),
+        )
+        .await;
+    assert!(matches!(slow, Err(RpcError::Timeout(_))), "{slow:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    tokio::join!(server_a.stop(SOON), server_b.stop(SOON));
+    let _ = tokio::join!(a.stop(), b.stop());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_are_acked_when_published_and_when_handled() {
+    let broker = amqp10_broker().await;
+    let n = node("n10", &[&broker]).await;
+    let ctx = AppContext::with_version(
+        "0.0.0-test",
+        n.context().clone(),
+        AppConfig::new("notes", n.context().pool),
+    );
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let failing = Arc::new(AtomicUsize::new(0));
+    let (seen_in, failing_in) = (seen.clone(), failing.clone());
+    let listener = Amqp10Notifications::start(
+        n.context(),
+        "openstack",
+        ("monitor", "info"),
+        2,
+        move |note: warren_listeners::Notification| {
+            let (seen, failing) = (seen_in.clone(), failing_in.clone());
+            async move {
+                if note.event_type == "always.fails" {
+                    failing.fetch_add(1, Ordering::SeqCst);
+                    return Err(HandlerError::retry("not today"));
+                }
+                seen.lock().push((note.event_type, note.payload));
+                Ok(())
+            }
+        },
+    )
+    .expect("the listener starts");
+    assert!(listener.attached(SOON).await);
+
+    // Published: Ok only once the intermediary accepted it.
+    ctx.notify("monitor", "info", "instance.created", json!({"id": 1}))
+        .await
+        .expect("accepted");
+    assert!(until(SOON, || seen.lock().len() == 1).await);
+    assert_eq!(
+        seen.lock()[0],
+        ("instance.created".to_string(), json!({"id": 1}))
+    );
+    // A handler that keeps failing runs once plus its two retries, then the notification
+    // is rejected (gone), and what follows is still handled.
+    ctx.notify("monitor", "info", "always.fails", Value::Null)
+        .await
+        .expect("accepted");
+    assert!(until(SOON, || failing.load(Ordering::SeqCst) == 3).await);
+    ctx.notify("monitor", "info", "after", Value::Null)
+        .await
+        .expect("accepted");
+    assert!(until(SOON, || seen.lock().len() == 2).await);
+    assert_eq!(failing.load(Ordering::SeqCst), 3);
+    let queue = "openstack.monitor.info";
+    let listed = broker.ctl(&["list_queues", "name", "messages"]).await;
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with(queue))
+        .unwrap_or_default();
+    assert!(line.ends_with("\t0"), "{queue} not empty: {listed}");
+
+    listener.stop(SOON).await;
+    let _ = n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_in_flight_when_its_broker_dies_fails_clearly_and_calls_go_on_on_the_next() {
+    let (first, second) = tokio::join!(amqp10_broker(), amqp10_broker());
+    let n = node("k10", &[&first, &second]).await;
+    let calls = Calls::default();
+    let topic = format!("kill{}", std::process::id());
+    let server = serve(&n, &topic, &calls).await;
+    let callers = pool(&n).await;
+    let group = Target::new(&topic);
+    assert_eq!(
+        callers
+            .call_target(&group, "whoami", Value::Null, SOON)
+            .await
+            .unwrap(),
+        json!(n.context().node)
+    );
+    let transport = n.context().amqp10.clone().expect("an AMQP 1.0 node");
+    assert!(
+        transport
+            .connected()
+            .unwrap_or_default()
+            .contains(&first.port().to_string())
+    );
+
+    // A call in flight while the broker it went through is killed.
+    let timeout = Duration::from_secs(8);
+    let in_flight = {
+        let (callers, group) = (callers.clone(), group.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = callers
+                .call_target(&group, "slow", json!({"ms": 1500}), timeout)
+                .await;
+            (result, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.kill().await;
+    let (result, took) = in_flight.await.expect("the call ends");
+    assert!(
+        matches!(result, Err(RpcError::Amqp10(_)) | Err(RpcError::Timeout(_))),
+        "{result:?}"
+    );
+    assert!(took <= timeout + Duration::from_secs(1), "{took:?}");
+    // Calls go on through the second broker once the links are back.
+    let mut answered = false;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(answer) = callers
+            .call_target(&group, "whoami", Value::Null, Duration::from_secs(2))
+            .await
+        {
+            assert_eq!(answer, json!(n.context().node));
+            answered = true;
+            break;
+        }
+    }
+    assert!(answered, "no call answered after the failover");
+    assert!(
+        transport
+            .connected()
+            .unwrap_or_default()
+            .contains(&second.port().to_string())
+    );
+
+    server.stop(SOON).await;
+    let _ = n.stop().await;
+}
