@@ -1,6 +1,10 @@
 //! RPC targets and notifications over AMQP 1.0 (`[rpc] transport = "amqp10"`) against
 //! private RabbitMQ nodes with `rabbitmq_amqp1_0`: the three patterns between two warren
-//! nodes, error replies, notifications acked at both ends, and a broker kill mid-call.
+//! nodes, error replies, notifications acked at both ends, a broker kill mid-call, and
+//! interop with `tests/peers/amqp10_peer.py`, a Qpid Proton peer written only from the
+//! README (Debian's `python3-qpid-proton`, which `scripts/test` installs; a missing
+//! proton fails the test, it does not skip it): it calls a warren server and serves a
+//! warren client.
 
 mod common;
 
@@ -8,13 +12,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::python::{json_lines, require_module, run_python, spawn_python};
 use common::{Broker, SOON, blocking, config_text, init_logs, unique_node};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use warren_listeners::{
     Amqp10Notifications, Amqp10Server, AppContext, HandlerError, ListenerPool, RemoteError,
     RpcError, RpcServer, Target,
 };
+use warren_runtime::amqp10::{Amqp10Error, Outgoing};
 use warren_runtime::config::{AppConfig, Config, PoolConfig};
 use warren_runtime::node::Node;
 use warren_test_support::BrokerNode;
@@ -196,6 +203,34 @@ async fn the_three_patterns_reach_one_named_server_one_of_the_group_or_all() {
         started.elapsed()
     );
 
+    // RabbitMQ ends the whole session when it refuses an attach (here: an exchange that
+    // does not exist): the refusal is the sender's error, and the node's other links come
+    // back on a new session by themselves.
+    let transport = a.context().amqp10.clone().expect("an AMQP 1.0 node");
+    let refused = transport
+        .send(
+            "/exchange/nope/k",
+            Outgoing::new(b"{}".to_vec()),
+            false,
+            SOON,
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(Amqp10Error::Link { .. })),
+        "{refused:?}"
+    );
+    let deadline = Instant::now() + SOON;
+    let mut answer = Err(RpcError::Timeout(Duration::ZERO));
+    while Instant::now() < deadline && answer.is_err() {
+        answer = callers
+            .call_target(&to_b, "whoami", Value::Null, Duration::from_secs(2))
+            .await;
+    }
+    assert_eq!(
+        answer.expect("calls go on after the refusal"),
+        json!(name_b)
+    );
+
     tokio::join!(server_a.stop(SOON), server_b.stop(SOON));
     let _ = tokio::join!(a.stop(), b.stop());
 }
@@ -330,5 +365,140 @@ async fn a_call_in_flight_when_its_broker_dies_fails_clearly_and_calls_go_on_on_
     );
 
     server.stop(SOON).await;
+    let _ = n.stop().await;
+}
+
+/// The proton peer's script.
+fn peer_script() -> String {
+    format!("{}/tests/peers/amqp10_peer.py", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The peer's URL for `broker`.
+fn peer_url(broker: &Broker) -> String {
+    format!("amqp://guest:guest@127.0.0.1:{}", broker.port())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proton_peer_calls_a_warren_server_by_each_pattern() {
+    require_module("proton", "python3-qpid-proton").await;
+    let broker = amqp10_broker().await;
+    let n = node("p10", &[&broker]).await;
+    let calls = Calls::default();
+    let topic = format!("interop{}", std::process::id());
+    let server = serve(&n, &topic, &calls).await;
+    let me = n.context().node.clone();
+    let (script, url) = (peer_script(), peer_url(&broker));
+    let peer = |mode: &'static str, address: String, method: &'static str, count: &'static str| {
+        let (script, url) = (script.clone(), url.clone());
+        async move {
+            let args = [
+                script.as_str(),
+                mode,
+                "--url",
+                &url,
+                "--address",
+                &address,
+                "--method",
+                method,
+                "--count",
+                count,
+                "--args",
+                r#"{"n": 1}"#,
+            ];
+            let output = run_python(&args).await;
+            assert!(
+                output.status.success(),
+                "peer {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            json_lines(&output.stdout)
+        }
+    };
+    // (A) the named server, addressed as the README's table says.
+    let replies = peer(
+        "call",
+        format!("/queue/exclusive.{topic}.{me}"),
+        "whoami",
+        "1",
+    )
+    .await;
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_eq!(replies[0]["reply"]["Result"], json!(me));
+    assert_eq!(replies[0]["reply"]["Msg-ID"], replies[0]["id"]);
+    // (B) the group: three calls, three answers.
+    let before = calls.answered.load(Ordering::SeqCst);
+    let replies = peer("call", format!("/queue/unicast.{topic}"), "whoami", "3").await;
+    assert_eq!(replies.len(), 3);
+    assert_eq!(calls.answered.load(Ordering::SeqCst) - before, 3);
+    // An unknown method is a typed failure, not a timeout.
+    let replies = peer("call", format!("/queue/unicast.{topic}"), "nope", "1").await;
+    assert_eq!(
+        replies[0]["reply"]["Failure"]["type"],
+        json!(RemoteError::UNKNOWN_METHOD)
+    );
+    // (C) a cast to every server of the topic.
+    let sent = peer(
+        "cast",
+        format!("/exchange/amq.topic/broadcast.{topic}"),
+        "note",
+        "1",
+    )
+    .await;
+    assert_eq!(sent.len(), 1);
+    assert!(until(SOON, || calls.notes.lock().len() == 1).await);
+    assert_eq!(calls.notes.lock()[0], (me.clone(), 1));
+
+    server.stop(SOON).await;
+    let _ = n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warren_client_calls_a_proton_peer_server() {
+    require_module("proton", "python3-qpid-proton").await;
+    let broker = amqp10_broker().await;
+    let n = node("q10", &[&broker]).await;
+    let topic = format!("peer{}", std::process::id());
+    // The peer serves the topic's group address for three requests.
+    let address = format!("/queue/unicast.{topic}");
+    let (script, url) = (peer_script(), peer_url(&broker));
+    let mut child = spawn_python(&[
+        &script,
+        "serve",
+        "--url",
+        &url,
+        "--address",
+        &address,
+        "--count",
+        "3",
+        "--timeout",
+        "20",
+    ]);
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let ready = tokio::time::timeout(SOON, lines.next_line()).await;
+    assert!(
+        matches!(&ready, Ok(Ok(Some(line))) if line.contains("ready")),
+        "the peer did not start: {ready:?}"
+    );
+    let callers = pool(&n).await;
+    let group = Target::new(&topic);
+    for i in 0..2 {
+        let answer = callers
+            .call_target(&group, "echo", json!({"i": i}), SOON)
+            .await
+            .expect("the peer answers");
+        assert_eq!(answer, json!({"i": i}));
+    }
+    let unknown = remote(
+        callers
+            .call_target(&group, "other", Value::Null, SOON)
+            .await,
+    );
+    assert_eq!(unknown.kind, RemoteError::UNKNOWN_METHOD);
+    let status = tokio::time::timeout(SOON, child.wait()).await;
+    assert!(
+        matches!(&status, Ok(Ok(status)) if status.success()),
+        "the peer did not end well: {status:?}"
+    );
     let _ = n.stop().await;
 }

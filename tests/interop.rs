@@ -12,10 +12,9 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
 
+use common::python::{json_lines, require_module, run_python};
 use common::{SOON, app_context, config, start_node, unique_node, until};
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Connection, ConnectionProperties};
@@ -24,11 +23,6 @@ use serde_json::{Value, json};
 use warren_listeners::{ListenerHandle, RpcServer, spawn_rpc_server};
 use warren_runtime::node::Node;
 use warren_test_support::local_uri;
-
-/// Debian's interpreter, which has `python3-pika` (a `python3` earlier on PATH may not).
-const PYTHON: &str = "/usr/bin/python3";
-/// A peer run's hard bound: it is killed past it (its own call timeout is 5 s).
-const PEER_BOUND: Duration = Duration::from_secs(30);
 
 /// The peer script.
 fn peer_script() -> PathBuf {
@@ -43,32 +37,9 @@ struct PeerRun {
     stderr: String,
 }
 
-/// Runs `python args…` with a hard bound; past it the child is killed (kill_on_drop,
-/// when the timed-out wait is dropped) and the test fails.
-async fn run_python(args: &[&str]) -> std::process::Output {
-    let child = tokio::process::Command::new(PYTHON)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|error| panic!("cannot run {PYTHON}: {error}"));
-    match tokio::time::timeout(PEER_BOUND, child.wait_with_output()).await {
-        Ok(output) => output.unwrap_or_else(|error| panic!("{PYTHON} {args:?}: {error}")),
-        Err(_) => panic!("{PYTHON} {args:?} still ran after {PEER_BOUND:?}: killed"),
-    }
-}
-
 /// Fails the test unless `/usr/bin/python3` imports pika.
 async fn require_pika() {
-    let output = run_python(&["-c", "import pika; print(pika.__version__)"]).await;
-    assert!(
-        output.status.success(),
-        "the interop peer needs pika for {PYTHON}: install python3-pika \
-         (scripts/test does: apt-get install -y python3-pika)\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    require_module("pika", "python3-pika").await;
 }
 
 /// Runs the peer in `mode` against the local broker with `args`.
@@ -83,14 +54,7 @@ async fn peer(mode: &str, args: &[&str]) -> PeerRun {
     ];
     all.extend_from_slice(args);
     let output = run_python(&all).await;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let lines = stdout
-        .lines()
-        .map(|line| {
-            serde_json::from_str(line)
-                .unwrap_or_else(|error| panic!("peer printed {line:?}, not JSON: {error}"))
-        })
-        .collect();
+    let lines = json_lines(&output.stdout);
     PeerRun {
         code: output.status.code(),
         lines,

@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fe2o3_amqp::Sender;
-use fe2o3_amqp::link::SendError;
 use fe2o3_amqp::link::delivery::Sendable;
+use fe2o3_amqp::link::{LinkStateError, SendError, SenderAttachError};
 use fe2o3_amqp::types::messaging::Outcome;
 use fe2o3_amqp::types::messaging::Target as LinkTarget;
 use tokio::sync::watch;
@@ -290,9 +290,14 @@ impl Amqp10Transport {
                 .target(LinkTarget::builder().address(address.to_string()).build())
                 .attach(&mut session)
                 .await
-                .map_err(|error| Amqp10Error::Link {
-                    address: address.to_string(),
-                    reason: error.to_string(),
+                .map_err(|error| {
+                    if matches!(error, SenderAttachError::SessionStopped(_)) {
+                        live.session_lost();
+                    }
+                    Amqp10Error::Link {
+                        address: address.to_string(),
+                        reason: error.to_string(),
+                    }
                 })?;
             let sender = Arc::new(tokio::sync::Mutex::new(sender));
             live.senders
@@ -313,6 +318,12 @@ impl Amqp10Transport {
         sender: &Arc<tokio::sync::Mutex<Sender>>,
         error: &SendError,
     ) -> Amqp10Error {
+        if matches!(
+            error,
+            SendError::LinkStateError(LinkStateError::SessionStopped(_))
+        ) {
+            live.session_lost();
+        }
         let mut senders = live.senders.lock();
         if senders
             .get(address)

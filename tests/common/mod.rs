@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod python;
 pub mod service;
 
 use std::path::Path;

@@ -50,6 +50,17 @@ pub(crate) struct Live {
     pub session: tokio::sync::Mutex<SessionHandle<()>>,
     /// Sender links by address, attached on first use (the spec's sender cache).
     pub senders: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Sender>>>>,
+    /// Told when a link found the session ended (RabbitMQ ends the whole session when it
+    /// refuses one attach, e.g. to an exchange that does not exist).
+    broken: tokio::sync::Notify,
+}
+
+impl Live {
+    /// A link saw this session end: the keeper begins a new one (a new generation), on
+    /// which every link attaches again.
+    pub fn session_lost(&self) {
+        self.broken.notify_one();
+    }
 }
 
 /// Runs until `stop` turns true: keeps a connection up and publishes it in `live`.
@@ -100,6 +111,20 @@ pub(crate) async fn keep(
             live.send_replace(Some(up.clone()));
             let probe = tokio::time::sleep(settings.backoff.max);
             tokio::select! {
+                // The session ended under its links: a new one on the same connection.
+                _ = up.broken.notified() => {
+                    live.send_replace(None);
+                    up.senders.lock().clear();
+                    tracing::warn!(broker = up.broker.redacted(), "AMQP 1.0: the session ended; beginning a new one");
+                    match begin(&mut connection, &up.broker, generation + 1, settings.connect_timeout).await {
+                        Ok(next) => up = next,
+                        Err(error) => {
+                            tracing::warn!(broker = up.broker.redacted(), %error, "AMQP 1.0: no new session; reconnecting");
+                            close(&mut connection, &up, settings.connect_timeout).await;
+                            break;
+                        }
+                    }
+                }
                 result = connection.on_close() => {
                     live.send_replace(None);
                     tracing::warn!(broker = up.broker.redacted(), ?result, "AMQP 1.0: connection lost");
@@ -171,13 +196,31 @@ async fn connect(
     let (connection, session) = tokio::time::timeout(settings.connect_timeout, open)
         .await
         .map_err(|_| format!("no answer within {:?}", settings.connect_timeout))??;
-    let live = Live {
+    Ok((connection, live(broker, generation, session)))
+}
+
+/// A new session on `connection`, within `bound`.
+async fn begin(
+    connection: &mut ConnectionHandle<()>,
+    broker: &BrokerUri,
+    generation: u64,
+    bound: Duration,
+) -> Result<Arc<Live>, String> {
+    let session = tokio::time::timeout(bound, Session::begin(connection))
+        .await
+        .map_err(|_| format!("no answer within {bound:?}"))?
+        .map_err(|error| error.to_string())?;
+    Ok(live(broker, generation, session))
+}
+
+fn live(broker: &BrokerUri, generation: u64, session: SessionHandle<()>) -> Arc<Live> {
+    Arc::new(Live {
         generation,
         broker: broker.clone(),
         session: tokio::sync::Mutex::new(session),
         senders: parking_lot::Mutex::new(HashMap::new()),
-    };
-    Ok((connection, Arc::new(live)))
+        broken: tokio::sync::Notify::new(),
+    })
 }
 
 /// Ends the session and closes the connection, each within `bound`.

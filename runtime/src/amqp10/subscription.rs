@@ -18,6 +18,7 @@ use std::time::Duration;
 use fe2o3_amqp::Receiver;
 use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::link::receiver::CreditMode;
+use fe2o3_amqp::link::{LinkStateError, ReceiverAttachError, RecvError};
 use fe2o3_amqp::types::definitions::{ReceiverSettleMode, SenderSettleMode};
 use fe2o3_amqp::types::messaging::{Body, DistributionMode, Source};
 use fe2o3_amqp::types::primitives::Value;
@@ -213,7 +214,12 @@ async fn attach(
             .auto_accept(false)
             .attach(&mut session)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|error| {
+                if matches!(error, ReceiverAttachError::SessionStopped(_)) {
+                    live.session_lost();
+                }
+                error.to_string()
+            })
     };
     tokio::time::timeout(bound, attach)
         .await
@@ -263,7 +269,18 @@ async fn consume(
                 }
             }
             delivery = receiver.recv::<Body<Value>>(), if running < credit => {
-                let Ok(delivery) = delivery else { break Ended::Lost };
+                let delivery = match delivery {
+                    Ok(delivery) => delivery,
+                    Err(error) => {
+                        if matches!(
+                            error,
+                            RecvError::LinkStateError(LinkStateError::SessionStopped(_))
+                        ) {
+                            current.session_lost();
+                        }
+                        break Ended::Lost;
+                    }
+                };
                 if subscription.presettled {
                     // Credit comes back with dispositions, which settled deliveries
                     // never get: give it back here, half the window at a time.
@@ -320,7 +337,10 @@ async fn consume(
         };
         let _ = tokio::time::timeout(bound, settle_all).await;
     }
-    let _ = tokio::time::timeout(bound, receiver.close()).await;
+    // Detached, not closed: RabbitMQ 3.x answers a closing detach with a non-closing
+    // one, and fe2o3-amqp then attaches the link again (a new queue for an exchange
+    // source) to close it once more.
+    let _ = tokio::time::timeout(bound, receiver.detach()).await;
     ended
 }
 
