@@ -17,11 +17,18 @@
 //! `correlation_id` through one map, the server publishing inline and awaiting confirms
 //! off its consume loop. Each side's lapin or warren server runs its own topic.
 //!
+//! The same calls also go over warren's AMQP 1.0 transport (`[rpc] transport = "amqp10"`)
+//! in every round: a second warren node whose server and callers use AMQP 1.0 links to a
+//! private RabbitMQ node with `rabbitmq_amqp1_0` (RabbitMQ's AMQP 1.0 plugin is not
+//! enabled on the local broker), requests and replies pre-settled as the driver spec
+//! says; reported beside the others with their ratio to lapin's 0-9-1 figures.
+//!
 //! Reports the p50 and p99 of sequential calls and the calls per second of 64 concurrent
 //! callers, each the median of `common::ROUNDS` interleaved rounds with the spread; every
 //! measured section runs in `tokio::spawn`ed tasks (callers as runtime tasks, as app code
 //! runs). The last line is one JSON object: `{"bench":"rpc_target","warren":<p50 µs>,
-//! "lapin":<p50 µs>,"ratio":<warren p50 / lapin p50>}`; the target is a ratio ≤ 1.15.
+//! "lapin":<p50 µs>,"ratio":<warren p50 / lapin p50>,"amqp10_p50":<µs>,
+//! "amqp10_calls_per_sec":<calls/s>}`; the target is a ratio ≤ 1.15.
 
 mod common;
 
@@ -41,7 +48,7 @@ use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
-use warren_listeners::{AppContext, ListenerHandle, ListenerPool, RpcServer, Target};
+use warren_listeners::{Amqp10Server, AppContext, ListenerHandle, ListenerPool, RpcServer, Target};
 use warren_runtime::config::{AppConfig, PoolConfig};
 use warren_runtime::node::Node;
 
@@ -79,11 +86,13 @@ async fn main() {
     let pool = ctx.pool.clone();
     let lapin_server = start_lapin_server(&lapin_topic).await;
     let lapin = Arc::new(LapinClient::connect(&lapin_topic).await);
+    let amqp10 = Amqp10Side::start(&format!("bench-rpc-target-amqp10-{pid}")).await;
 
     // Warm both paths up.
     for i in 0..200 {
         lapin.call(i).await;
         warren_call(&pool, &warren_topic, i).await;
+        warren_target_call(&amqp10.pool, &amqp10.target, i).await;
     }
     let warren_target = Arc::new(Target::new(&warren_topic));
     let warren = {
@@ -107,6 +116,16 @@ async fn main() {
         common::Rounds::default(),
         common::Rounds::default(),
     );
+    // Warren over AMQP 1.0 against the same lapin figures.
+    let (mut amqp10_p50s, mut amqp10_rates) =
+        (common::Rounds::default(), common::Rounds::default());
+    let over_amqp10 = {
+        let (pool, target) = (amqp10.pool.clone(), amqp10.target.clone());
+        move |i: u64| {
+            let (pool, target) = (pool.clone(), target.clone());
+            async move { warren_target_call(&pool, &target, i).await }
+        }
+    };
     for round in 1..=common::ROUNDS {
         let ((warren_p50, warren_p99), (lapin_p50, lapin_p99)) = common::in_turn(
             round,
@@ -119,9 +138,31 @@ async fn main() {
         let (warren_rate, lapin_rate) =
             common::in_turn(round, concurrent(warren.clone()), concurrent(raw.clone())).await;
         rates.push(round, "calls/s", warren_rate, lapin_rate);
+        let (amqp10_p50, _) = percentiles(sequential(over_amqp10.clone()).await);
+        amqp10_p50s.push(
+            round,
+            "µs p50 (warren over AMQP 1.0)",
+            amqp10_p50,
+            lapin_p50,
+        );
+        let amqp10_rate = concurrent(over_amqp10.clone()).await;
+        amqp10_rates.push(
+            round,
+            "calls/s (warren over AMQP 1.0)",
+            amqp10_rate,
+            lapin_rate,
+        );
     }
     p99s.report("rpc_target_p99");
     rates.report("rpc_target_calls_per_sec_64");
+    let extra = format!(
+        ",\"amqp10_p50\":{:.1},\"amqp10_calls_per_sec\":{:.1}",
+        amqp10_p50s.warren_median(),
+        amqp10_rates.warren_median()
+    );
+    amqp10_p50s.report("rpc_target_amqp10");
+    amqp10_rates.report("rpc_target_amqp10_calls_per_sec_64");
+    amqp10.stop().await;
 
     pool.stop().await;
     for server in servers {
@@ -131,7 +172,70 @@ async fn main() {
     let _ = node.stop().await;
     clean_up(&warren_topic, &server_name, &lapin_topic).await;
     drop(lapin_server);
-    p50s.report("rpc_target");
+    p50s.report_with("rpc_target", &extra);
+}
+
+/// The AMQP 1.0 side: a private RabbitMQ node with `rabbitmq_amqp1_0`, a warren node on it
+/// with `[rpc] transport = "amqp10"`, its echo server's three links and a pool to call
+/// through (calls over AMQP 1.0 take no worker: the node's reply link takes the replies).
+struct Amqp10Side {
+    broker: warren_test_support::BrokerNode,
+    node: Node,
+    server: Amqp10Server,
+    pool: ListenerPool,
+    target: Arc<Target>,
+}
+
+impl Amqp10Side {
+    async fn start(topic: &str) -> Amqp10Side {
+        let broker = tokio::task::spawn_blocking(|| {
+            warren_test_support::BrokerNode::start_with_plugins(&["rabbitmq_amqp1_0"], &[])
+        })
+        .await
+        .expect("the broker start")
+        .expect("a node with rabbitmq_amqp1_0");
+        let port = broker.amqp_port();
+        let text = format!(
+            "[service]\nnode = \"bench-amqp10-{}\"\n[zones.local]\nbrokers = [\"{}\"]\n\
+             amqp10_brokers = [\"amqp10://guest:guest@127.0.0.1:{port}\"]\n\
+             [rpc]\ntransport = \"amqp10\"\n",
+            std::process::id(),
+            broker.uri()
+        );
+        let config = warren_runtime::config::Config::parse(
+            &text,
+            std::path::Path::new("bench.ini"),
+            &[],
+            None,
+        )
+        .expect("bench config");
+        let node = Node::start(config, |_| Vec::new())
+            .await
+            .expect("node starts");
+        let server = RpcServer::new(topic)
+            .concurrency(CALLERS)
+            .method(METHOD, |args: Value| async move { Ok(args) });
+        let server = Amqp10Server::start(server, node.context()).expect("the server starts");
+        assert!(server.attached(TIMEOUT).await, "the server's links attach");
+        let ctx = AppContext::with_version(
+            "bench",
+            node.context().clone(),
+            AppConfig::new("bench", node.context().pool),
+        );
+        Amqp10Side {
+            broker,
+            node,
+            server,
+            pool: ctx.pool,
+            target: Arc::new(Target::new(topic)),
+        }
+    }
+
+    async fn stop(self) {
+        self.server.stop(TIMEOUT).await;
+        let _ = self.node.stop().await;
+        drop(self.broker);
+    }
 }
 
 /// `SEQUENTIAL` calls one after the other in one runtime task; their latencies in µs.

@@ -298,6 +298,11 @@ impl Rounds {
         self.lapin.clone()
     }
 
+    /// The median of the warren side's figures.
+    pub fn warren_median(&self) -> f64 {
+        median(self.warren.clone())
+    }
+
     /// The median of the per-round ratios (warren / lapin).
     pub fn ratio(&self) -> f64 {
         median(

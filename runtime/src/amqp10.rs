@@ -7,7 +7,7 @@
 //! This module knows links and messages only; what travels on them (RPC requests,
 //! replies, notifications) is the listeners crate's `target` module.
 //!
-//! Files: `keeper` (the connection, its session, failover and fail-back), `subscription`
+//! Files: `keeper` (the connection, its session, failover and fail-back), `receiving`
 //! (one receiver link and its handlers), `message` (bodies and properties).
 //!
 //! Owns: [`Amqp10Transport`] and its errors. Must not touch: the AMQP 0-9-1 side
@@ -15,8 +15,8 @@
 
 mod keeper;
 mod message;
+mod receiving;
 mod replies;
-mod subscription;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,11 +33,11 @@ use crate::metrics::{Report, Source};
 
 pub use keeper::KeeperSettings;
 pub use message::{Incoming, Outgoing};
-pub use subscription::{Disposition, Distribution, Handler, Subscription, SubscriptionHandle};
+pub use receiving::{Disposition, Distribution, Handler, Receiving, ReceivingHandle};
 
 use keeper::Live;
+use receiving::Bounds;
 use replies::Pending;
-use subscription::Bounds;
 
 /// Why a message was not sent, or not taken.
 ///
@@ -63,12 +63,12 @@ pub enum Amqp10Error {
     Refused(String),
 }
 
-/// The node's AMQP 1.0 connection: sends to addresses and subscribes to them.
+/// The node's AMQP 1.0 connection: sends to addresses and receives from them.
 ///
 /// It exists so that everything sent over AMQP 1.0 shares one connection and one
 /// session, as the driver spec asks, and follows failover without its users knowing:
 /// a sender link is attached on first use of its address and dropped with its
-/// connection; a subscription attaches again on the next one. Cheap to clone.
+/// connection; a receiving attaches again on the next one. Cheap to clone.
 #[derive(Clone)]
 pub struct Amqp10Transport {
     inner: Arc<Inner>,
@@ -84,7 +84,7 @@ struct Inner {
     /// The calls waiting for their reply.
     pending: Arc<Pending>,
     /// The receiver link of the reply address.
-    replies: SubscriptionHandle,
+    replies: ReceivingHandle,
 }
 
 impl Amqp10Transport {
@@ -110,8 +110,8 @@ impl Amqp10Transport {
             answered.answer(reply);
             Box::pin(async { Disposition::Accept })
         });
-        let replies = subscription::start(
-            Subscription {
+        let replies = receiving::start(
+            Receiving {
                 link: format!("{node}/replies"),
                 source: reply_address.clone(),
                 distribution: Distribution::Move,
@@ -241,11 +241,11 @@ impl Amqp10Transport {
         }
     }
 
-    /// Subscribes `handler` to `subscription`'s source, on this and every later
+    /// Runs `handler` on every message from `receiving`'s source, on this and every later
     /// connection, until the handle is stopped.
-    pub fn subscribe(&self, subscription: Subscription, handler: Handler) -> SubscriptionHandle {
-        subscription::start(
-            subscription,
+    pub fn receive(&self, receiving: Receiving, handler: Handler) -> ReceivingHandle {
+        receiving::start(
+            receiving,
             handler,
             self.inner.live.clone(),
             self.inner.bounds,

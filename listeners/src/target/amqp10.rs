@@ -31,7 +31,7 @@ use futures::FutureExt;
 use serde_json::Value;
 use warren_runtime::amqp10::{
     Amqp10Error, Amqp10Transport, Disposition, Distribution, Handler, Incoming, Outgoing,
-    Subscription, SubscriptionHandle,
+    Receiving, ReceivingHandle,
 };
 use warren_runtime::config::{Amqp10Mapping, RpcConfig};
 use warren_runtime::envelope::{DecodeLimits, Envelope, decode_owned, keys};
@@ -203,7 +203,7 @@ pub(crate) async fn notify(
 /// It exists so that a server (or a test) can wait until the links are attached and stop
 /// them in order; under an app the supervised child holds it.
 pub struct Amqp10Server {
-    links: Vec<SubscriptionHandle>,
+    links: Vec<ReceivingHandle>,
 }
 
 impl Amqp10Server {
@@ -254,14 +254,14 @@ impl Amqp10Server {
                     let serving = serving.clone();
                     async move { serving.serve(request).await }.boxed()
                 });
-                let subscription = Subscription {
+                let receiving = Receiving {
                     link: format!("{}/rpc-{label}-{kind}", node.node),
                     source,
                     distribution,
                     presettled: true,
                     credit,
                 };
-                transport.subscribe(subscription, handler)
+                transport.receive(receiving, handler)
             })
             .collect();
         Ok(Amqp10Server { links })
@@ -322,7 +322,7 @@ impl ractor::Actor for LinksActor {
     }
 }
 
-/// The supervised child `id` holding what `start` subscribes.
+/// The supervised child `id` holding the links `start` attaches.
 fn links_child(id: String, node: &NodeContext, start: Start) -> ChildSpec {
     let stop_timeout = node.listeners.listener.stop_timeout;
     ChildSpec::actor(id, move || (LinksActor, (start.clone(), stop_timeout)))
@@ -435,7 +435,7 @@ pub(super) type NotificationHandler = Arc<
 /// It exists for the same reason as [`super::NotificationListener`], on the other
 /// transport: an app gets it from `ctx.notifications(..)` when the node runs AMQP 1.0.
 pub struct Amqp10Notifications {
-    link: SubscriptionHandle,
+    link: ReceivingHandle,
 }
 
 impl Amqp10Notifications {
@@ -469,7 +469,7 @@ impl Amqp10Notifications {
             let state = state.clone();
             async move { state.handle(incoming).await }.boxed()
         });
-        let subscription = Subscription {
+        let receiving = Receiving {
             link: format!("{}/notifications-{topic}.{priority}", node.node),
             source,
             distribution: Distribution::Move,
@@ -477,7 +477,7 @@ impl Amqp10Notifications {
             credit: u32::from(node.listeners.prefetch.max(1)),
         };
         Ok(Amqp10Notifications {
-            link: transport.subscribe(subscription, link),
+            link: transport.receive(receiving, link),
         })
     }
 

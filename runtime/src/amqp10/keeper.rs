@@ -9,7 +9,7 @@
 //! links of an older one are dead, and their owners attach again on the new one.
 //!
 //! Owns: the connection, its session and the generation count. Must not touch: links
-//! (the transport caches senders in [`Live`], subscriptions own their receivers).
+//! (the transport caches senders in [`Live`], each receiving owns its receiver).
 
 use std::collections::HashMap;
 use std::sync::Arc;

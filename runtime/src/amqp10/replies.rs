@@ -9,7 +9,7 @@
 //! waits for (its call timed out or failed) is dropped and counted.
 //!
 //! Owns: the pending calls and the late-reply count. Must not touch: the link itself
-//! (a [`Subscription`](super::Subscription) like any other).
+//! (a [`Receiving`](super::Receiving) like any other).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

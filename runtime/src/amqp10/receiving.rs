@@ -1,4 +1,4 @@
-//! A subscription: one receiver link from an address that outlives connections, each
+//! A receiving: one receiver link from an address that outlives connections, each
 //! delivery handed to a handler and settled with what the handler answers.
 //!
 //! The task attaches its receiver on the keeper's current connection, runs up to
@@ -41,12 +41,12 @@ pub enum Distribution {
     Copy,
 }
 
-/// What to subscribe to.
+/// What to receive from.
 ///
-/// It exists so that callers state the link once; the subscription attaches it again
+/// It exists so that callers state the link once; the receiving attaches it again
 /// after every reconnect.
 #[derive(Clone, Debug)]
-pub struct Subscription {
+pub struct Receiving {
     /// The link's name (unique per connection: the node's name and a purpose).
     pub link: String,
     /// The source address, already mapped onto the intermediary's syntax.
@@ -73,14 +73,14 @@ pub enum Disposition {
 /// What runs for each delivery.
 pub type Handler = Arc<dyn Fn(Incoming) -> BoxFuture<'static, Disposition> + Send + Sync>;
 
-/// A running subscription: stop it with [`SubscriptionHandle::stop`].
-pub struct SubscriptionHandle {
+/// A running receiving: stop it with [`ReceivingHandle::stop`].
+pub struct ReceivingHandle {
     stop: watch::Sender<bool>,
     attached: watch::Receiver<u64>,
     task: JoinHandle<()>,
 }
 
-impl SubscriptionHandle {
+impl ReceivingHandle {
     /// Waits until the receiver is attached on the current connection (up to `timeout`).
     pub async fn attached(&self, timeout: Duration) -> bool {
         let mut attached = self.attached.clone();
@@ -99,31 +99,24 @@ impl SubscriptionHandle {
     }
 }
 
-/// Starts a subscription on the keeper's connections.
+/// Starts a receiving on the keeper's connections.
 pub(crate) fn start(
-    subscription: Subscription,
+    receiving: Receiving,
     handler: Handler,
     live: watch::Receiver<Option<Arc<Live>>>,
     bounds: Bounds,
-) -> SubscriptionHandle {
+) -> ReceivingHandle {
     let (stop, stopped) = watch::channel(false);
     let (attached_tx, attached) = watch::channel(0);
-    let task = tokio::spawn(run(
-        subscription,
-        handler,
-        live,
-        stopped,
-        attached_tx,
-        bounds,
-    ));
-    SubscriptionHandle {
+    let task = tokio::spawn(run(receiving, handler, live, stopped, attached_tx, bounds));
+    ReceivingHandle {
         stop,
         attached,
         task,
     }
 }
 
-/// How long a subscription waits for the intermediary, and between attempts.
+/// How long a receiving waits for the intermediary, and between attempts.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Bounds {
     /// One attach or detach.
@@ -132,7 +125,7 @@ pub(crate) struct Bounds {
 }
 
 async fn run(
-    subscription: Subscription,
+    receiving: Receiving,
     handler: Handler,
     mut live: watch::Receiver<Option<Arc<Live>>>,
     mut stop: watch::Receiver<bool>,
@@ -151,11 +144,11 @@ async fn run(
             _ = stopped(&mut stop) => return,
         };
         let Some(current) = current else { continue };
-        let receiver = match attach(&subscription, &current, bounds.operation).await {
+        let receiver = match attach(&receiving, &current, bounds.operation).await {
             Ok(receiver) => receiver,
             Err(error) => {
-                if let Some(held) = failures.allow(&subscription.link) {
-                    tracing::warn!(link = %subscription.link, source = %subscription.source, %error, held_back = held, "AMQP 1.0: cannot attach a receiver");
+                if let Some(held) = failures.allow(&receiving.link) {
+                    tracing::warn!(link = %receiving.link, source = %receiving.source, %error, held_back = held, "AMQP 1.0: cannot attach a receiver");
                 }
                 let delay = bounds.backoff.delay(attempt);
                 attempt = attempt.saturating_add(1);
@@ -168,7 +161,7 @@ async fn run(
         attempt = 0;
         attached.send_replace(current.generation);
         let ended = consume(
-            &subscription,
+            &receiving,
             &handler,
             receiver,
             &mut live,
@@ -185,20 +178,16 @@ async fn run(
 }
 
 /// Attaches the receiver within `bound`.
-async fn attach(
-    subscription: &Subscription,
-    live: &Live,
-    bound: Duration,
-) -> Result<Receiver, String> {
-    let mode = match subscription.distribution {
+async fn attach(receiving: &Receiving, live: &Live, bound: Duration) -> Result<Receiver, String> {
+    let mode = match receiving.distribution {
         Distribution::Move => DistributionMode::Move,
         Distribution::Copy => DistributionMode::Copy,
     };
     let source = Source::builder()
-        .address(subscription.source.clone())
+        .address(receiving.source.clone())
         .distribution_mode(mode)
         .build();
-    let settle = if subscription.presettled {
+    let settle = if receiving.presettled {
         SenderSettleMode::Settled
     } else {
         SenderSettleMode::Unsettled
@@ -206,11 +195,11 @@ async fn attach(
     let attach = async {
         let mut session = live.session.lock().await;
         Receiver::builder()
-            .name(subscription.link.clone())
+            .name(receiving.link.clone())
             .source(source)
             .sender_settle_mode(settle)
             .receiver_settle_mode(ReceiverSettleMode::First)
-            .credit_mode(CreditMode::Auto(subscription.credit.max(1)))
+            .credit_mode(CreditMode::Auto(receiving.credit.max(1)))
             .auto_accept(false)
             .attach(&mut session)
             .await
@@ -228,15 +217,15 @@ async fn attach(
 
 /// Why a receiver stopped being used.
 enum Ended {
-    /// The subscription is stopped.
+    /// The receiving is stopped.
     Stopped,
     /// The link or its connection is gone: attach again.
     Lost,
 }
 
-/// Receives and handles until the link is lost or the subscription stopped.
+/// Receives and handles until the link is lost or the receiving stopped.
 async fn consume(
-    subscription: &Subscription,
+    receiving: &Receiving,
     handler: &Handler,
     mut receiver: Receiver,
     live: &mut watch::Receiver<Option<Arc<Live>>>,
@@ -244,10 +233,10 @@ async fn consume(
     current: &Live,
     bound: Duration,
 ) -> Ended {
-    let credit = subscription.credit.max(1) as usize;
+    let credit = receiving.credit.max(1) as usize;
     let (done_tx, mut done) = mpsc::unbounded_channel::<(Option<DeliveryInfo>, Disposition)>();
     let mut running = 0_usize;
-    let (mut received, refill) = (0_u32, (subscription.credit / 2).max(1));
+    let (mut received, refill) = (0_u32, (receiving.credit / 2).max(1));
     let generation = current.generation;
     let ended = loop {
         tokio::select! {
@@ -281,21 +270,21 @@ async fn consume(
                         break Ended::Lost;
                     }
                 };
-                if subscription.presettled {
+                if receiving.presettled {
                     // Credit comes back with dispositions, which settled deliveries
                     // never get: give it back here, half the window at a time.
                     received += 1;
                     if received >= refill {
                         received = 0;
-                        if receiver.set_credit(subscription.credit.max(1)).await.is_err() {
+                        if receiver.set_credit(receiving.credit.max(1)).await.is_err() {
                             break Ended::Lost;
                         }
                     }
                 }
-                let info = (!subscription.presettled).then(|| DeliveryInfo::from(&delivery));
+                let info = (!receiving.presettled).then(|| DeliveryInfo::from(&delivery));
                 let Some(incoming) = Incoming::from_message(delivery.into_message()) else {
                     // Not a body warren can read: never to be handled.
-                    tracing::warn!(link = %subscription.link, "AMQP 1.0: a message whose body is neither data nor a string; rejected");
+                    tracing::warn!(link = %receiving.link, "AMQP 1.0: a message whose body is neither data nor a string; rejected");
                     if let Some(info) = info
                         && receiver.reject(info, None).await.is_err()
                     {
@@ -308,7 +297,7 @@ async fn consume(
                 let handler = handler.clone();
                 let handling = async move { handler(incoming).await };
                 let done_tx = done_tx.clone();
-                let link = subscription.link.clone();
+                let link = receiving.link.clone();
                 tokio::spawn(async move {
                     let disposition = match AssertUnwindSafe(handling).catch_unwind().await {
                         Ok(disposition) => disposition,
@@ -357,7 +346,7 @@ async fn settle(
     }
 }
 
-/// Returns once the subscription is told to stop (or its handle is gone).
+/// Returns once the receiving is told to stop (or its handle is gone).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
