@@ -354,6 +354,19 @@ impl Source for Amqp10Transport {
             self.late_replies(),
         );
     }
+
+    /// Under `amqp10` in `/status`: the intermediary connected to (none while down), the
+    /// connection's generation, the reply address and the late replies.
+    fn describe(&self) -> Option<(&'static str, serde_json::Value)> {
+        let live = self.inner.live.borrow().clone();
+        let value = serde_json::json!({
+            "connected": live.as_ref().map(|up| up.broker.redacted().to_string()),
+            "generation": live.as_ref().map(|up| up.generation),
+            "reply_address": self.inner.reply_address,
+            "late_replies": self.late_replies(),
+        });
+        Some(("amqp10", value))
+    }
 }
 
 /// A number for request ids unique in this process.
