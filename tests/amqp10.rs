@@ -13,13 +13,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::python::{json_lines, require_module, run_python, spawn_python};
+use common::rpc::Calls;
 use common::{Broker, SOON, blocking, config_text, init_logs, unique_node};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use warren_listeners::{
     Amqp10Notifications, Amqp10Server, AppContext, HandlerError, ListenerPool, RemoteError,
-    RpcError, RpcServer, Target,
+    RpcError, Target,
 };
 use warren_runtime::amqp10::{Amqp10Error, Outgoing};
 use warren_runtime::config::{AppConfig, Config, PoolConfig};
@@ -73,39 +74,10 @@ async fn pool(node: &Node) -> ListenerPool {
     ctx.pool
 }
 
-/// What the servers' methods saw.
-#[derive(Clone, Default)]
-struct Calls {
-    answered: Arc<AtomicUsize>,
-    /// `note` casts: (server, n).
-    notes: Arc<Mutex<Vec<(String, i64)>>>,
-}
-
 /// `topic` served on `node` as its node name, its three links attached.
 async fn serve(node: &Node, topic: &str, calls: &Calls) -> Amqp10Server {
     let me = node.context().node.clone();
-    let (whoami, answered) = (me.clone(), calls.answered.clone());
-    let notes = calls.notes.clone();
-    let server = RpcServer::new(topic)
-        .method("whoami", move |_args: Value| {
-            let me = whoami.clone();
-            answered.fetch_add(1, Ordering::SeqCst);
-            async move { Ok(json!(me)) }
-        })
-        .method("fail", |_args: Value| async {
-            Err(RemoteError::new("NotFound", "no such thing"))
-        })
-        .method("boom", |_args: Value| async { panic!("kaboom") })
-        .method("slow", |args: Value| async move {
-            let ms = args.get("ms").and_then(Value::as_u64).unwrap_or(0);
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            Ok(json!("slow"))
-        })
-        .method("note", move |args: Value| {
-            let n = args.get("n").and_then(Value::as_i64).unwrap_or(-1);
-            notes.lock().push((me.clone(), n));
-            async { Ok(Value::Null) }
-        });
+    let server = common::rpc::server(topic, &me, calls);
     let links = Amqp10Server::start(server, node.context()).expect("the server starts");
     assert!(links.attached(SOON).await, "the server's links attach");
     links

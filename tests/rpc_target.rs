@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::rpc::{Calls, server};
 use common::{SOON, app_context, config, start_node, unique_node, until};
 use futures::StreamExt;
 use lapin::options::{
@@ -21,7 +22,7 @@ use parking_lot::Mutex;
 use serde_json::{Value, json};
 use warren_listeners::{
     AppContext, HandlerError, ListenerHandle, ListenerPool, Notification, RemoteError, RpcError,
-    RpcServer, Target, spawn_listener, spawn_rpc_server,
+    Target, spawn_listener, spawn_rpc_server,
 };
 use warren_runtime::config::{AppConfig, PoolConfig, RpcConfig};
 use warren_runtime::node::Node;
@@ -53,41 +54,6 @@ async fn pool(node: &Node) -> ListenerPool {
     let ctx = AppContext::with_version("0.0.0-test", node.context().clone(), app_config("caller"));
     ctx.pool.spawn().await.expect("pool starts");
     ctx.pool
-}
-
-/// What a test server's methods saw.
-#[derive(Clone, Default)]
-struct Calls {
-    /// `whoami` calls answered, over all servers.
-    answered: Arc<AtomicUsize>,
-    /// `note` casts: (server, n).
-    notes: Arc<Mutex<Vec<(String, i64)>>>,
-}
-
-/// The test server of `topic`, answering as `me`.
-fn server(topic: &str, me: &str, calls: &Calls) -> RpcServer {
-    let (whoami, answered) = (me.to_string(), calls.answered.clone());
-    let (noter, notes) = (me.to_string(), calls.notes.clone());
-    RpcServer::new(topic)
-        .method("whoami", move |_args: Value| {
-            let me = whoami.clone();
-            answered.fetch_add(1, Ordering::SeqCst);
-            async move { Ok(json!(me)) }
-        })
-        .method("fail", |_args: Value| async {
-            Err(RemoteError::new("NotFound", "no such thing"))
-        })
-        .method("boom", |_args: Value| async { panic!("kaboom") })
-        .method("slow", |args: Value| async move {
-            let ms = args.get("ms").and_then(Value::as_u64).unwrap_or(0);
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            Ok(json!("slow"))
-        })
-        .method("note", move |args: Value| {
-            let n = args.get("n").and_then(Value::as_i64).unwrap_or(-1);
-            notes.lock().push((noter.clone(), n));
-            async { Ok(Value::Null) }
-        })
 }
 
 /// Serves `topic` on `node` (as its node name) and waits until its three listeners consume.

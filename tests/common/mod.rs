@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod python;
+pub mod rpc;
 pub mod service;
 
 use std::path::Path;

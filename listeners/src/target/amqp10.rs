@@ -34,7 +34,7 @@ use warren_runtime::amqp10::{
     Receiving, ReceivingHandle,
 };
 use warren_runtime::config::{Amqp10Mapping, RpcConfig};
-use warren_runtime::envelope::{DecodeLimits, Envelope, decode_owned, keys};
+use warren_runtime::envelope::{DecodeLimits, Envelope, decode_owned};
 use warren_runtime::log_limit::LogLimit;
 use warren_runtime::node::NodeContext;
 use warren_runtime::supervisor::ChildSpec;
@@ -518,16 +518,7 @@ impl Failures {
             .or_else(|| envelope.msg_id().map(str::to_string))
             .unwrap_or_default();
         let failed_before = self.tries.lock().get(&id).copied().unwrap_or(0);
-        let text = |key: &str| envelope.get_str(key).map(str::to_string);
-        let notification = Notification {
-            event_type: envelope.name().to_string(),
-            priority: text(wire::PRIORITY).unwrap_or_default(),
-            payload: envelope.get(wire::PAYLOAD).cloned().unwrap_or(Value::Null),
-            publisher_id: text(wire::PUBLISHER_ID),
-            timestamp: text(wire::TIMESTAMP),
-            msg_id: text(keys::MSG_ID),
-            redelivered: incoming.redelivered || failed_before > 0,
-        };
+        let notification = Notification::read(&envelope, incoming.redelivered || failed_before > 0);
         let handling = (self.handler)(notification);
         let result = AssertUnwindSafe(handling)
             .catch_unwind()

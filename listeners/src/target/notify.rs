@@ -15,7 +15,7 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 use warren_runtime::config::RpcConfig;
 use warren_runtime::confirm::Published;
-use warren_runtime::envelope::keys;
+use warren_runtime::envelope::{Envelope, keys};
 use warren_runtime::publisher::Publisher;
 
 use super::address::{TargetError, short, shortened};
@@ -247,16 +247,22 @@ impl Listener for NotificationListener {
 
 /// The notification an event carries.
 fn notification(event: &Event) -> Notification {
-    let envelope = event.envelope();
-    let text = |key: &str| envelope.get_str(key).map(str::to_string);
-    Notification {
-        event_type: envelope.name().to_string(),
-        priority: text(wire::PRIORITY).unwrap_or_default(),
-        payload: envelope.get(wire::PAYLOAD).cloned().unwrap_or(Value::Null),
-        publisher_id: text(wire::PUBLISHER_ID),
-        timestamp: text(wire::TIMESTAMP),
-        msg_id: text(keys::MSG_ID),
-        redelivered: event.delivery().redelivered,
+    Notification::read(event.envelope(), event.delivery().redelivered)
+}
+
+impl Notification {
+    /// The notification a received envelope carries.
+    pub(super) fn read(envelope: &Envelope, redelivered: bool) -> Notification {
+        let text = |key: &str| envelope.get_str(key).map(str::to_string);
+        Notification {
+            event_type: envelope.name().to_string(),
+            priority: text(wire::PRIORITY).unwrap_or_default(),
+            payload: envelope.get(wire::PAYLOAD).cloned().unwrap_or(Value::Null),
+            publisher_id: text(wire::PUBLISHER_ID),
+            timestamp: text(wire::TIMESTAMP),
+            msg_id: text(keys::MSG_ID),
+            redelivered,
+        }
     }
 }
 

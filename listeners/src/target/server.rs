@@ -216,39 +216,31 @@ impl AppContext {
     /// the app, as a bad listener spec does.
     pub fn rpc_server(&self, server: RpcServer) -> ChildSpec {
         let id = format!("rpc:{}", server.label());
-        if self.node.amqp10.is_some() {
+        let child = if self.node.amqp10.is_some() {
             // `[rpc] transport = "amqp10"`: three receiver links instead of listeners.
-            return match server.target(&self.node.node).check() {
-                Ok(()) => super::amqp10::server_child(id, server, &self.node),
-                Err(error) => {
-                    let refusal = SpecError {
-                        listener: id.clone(),
-                        field: "target",
-                        problem: error.to_string(),
-                    };
-                    self.refuse(id, refusal)
-                }
-            };
-        }
-        match server.listeners(&self.node) {
-            Ok(listeners) => {
+            server
+                .target(&self.node.node)
+                .check()
+                .map(|()| super::amqp10::server_child(id.clone(), server, &self.node))
+        } else {
+            server.listeners(&self.node).map(|listeners| {
                 let children = listeners.into_iter().map(|l| self.listener(l)).collect();
                 ChildSpec::supervisor(SupervisorSpec::one_for_one(
-                    id,
+                    id.clone(),
                     StopOrder::Concurrent,
                     Intensity::new(10, Duration::from_secs(30)),
                     children,
                 ))
-            }
-            Err(error) => {
-                let refusal = SpecError {
-                    listener: id.clone(),
-                    field: "target",
-                    problem: error.to_string(),
-                };
-                self.refuse(id, refusal)
-            }
-        }
+            })
+        };
+        child.unwrap_or_else(|error| {
+            let refusal = SpecError {
+                listener: id.clone(),
+                field: "target",
+                problem: error.to_string(),
+            };
+            self.refuse(id, refusal)
+        })
     }
 }
 
