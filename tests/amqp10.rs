@@ -100,6 +100,13 @@ async fn the_three_patterns_reach_one_named_server_one_of_the_group_or_all() {
     let (server_a, server_b) = tokio::join!(serve(&a, &topic, &calls), serve(&b, &topic, &calls));
     let callers = pool(&a).await;
     let name_b = b.context().node.clone();
+    // Every link attached: the node is ready (its AMQP 1.0 links are parts of it).
+    let readiness = a.context().readiness.clone();
+    assert!(
+        until(SOON, || readiness.is_ready()).await,
+        "{}",
+        readiness.describe_pending()
+    );
 
     // (A) one named server: always that one.
     let to_b = Target::new(&topic).server(&name_b);
@@ -471,6 +478,54 @@ async fn a_warren_client_calls_a_proton_peer_server() {
     assert!(
         matches!(&status, Ok(Ok(status)) if status.success()),
         "the peer did not end well: {status:?}"
+    );
+    let _ = n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_amqp10_intermediary_is_down_is_not_ready_and_says_so() {
+    init_logs();
+    let closed = warren_test_support::free_port();
+    let text = format!(
+        "{}amqp10_brokers = [\"amqp10://guest:guest@127.0.0.1:{closed}\"]\n[rpc]\ntransport = \"amqp10\"\n",
+        config_text(
+            &unique_node("down10"),
+            &[warren_test_support::local_uri()],
+            ""
+        )
+    );
+    let config = Config::parse(&text, std::path::Path::new("test.ini"), &[], None)
+        .unwrap_or_else(|error| panic!("{error}\n{text}"));
+    let n = Node::start(config, |_| Vec::new())
+        .await
+        .expect("the node starts");
+    // The AMQP 0-9-1 side is up; the reply link has nowhere to attach.
+    let readiness = n.context().readiness.clone();
+    assert!(!readiness.is_ready());
+    assert!(
+        readiness.describe_pending().contains("amqp10 link"),
+        "{}",
+        readiness.describe_pending()
+    );
+    // A call fails by its timeout with a clear error, not a hang.
+    let callers = pool(&n).await;
+    let started = Instant::now();
+    let result = callers
+        .call_target(
+            &Target::new("nobody"),
+            "whoami",
+            Value::Null,
+            Duration::from_secs(1),
+        )
+        .await;
+    assert!(
+        matches!(result, Err(RpcError::Amqp10(Amqp10Error::Unavailable))),
+        "{result:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
     );
     let _ = n.stop().await;
 }

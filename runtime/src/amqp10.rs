@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::metrics::{Report, Source};
+use crate::readiness::Readiness;
 
 pub use keeper::KeeperSettings;
 pub use message::{Incoming, Outgoing};
@@ -79,6 +80,8 @@ struct Inner {
     live: watch::Receiver<Option<Arc<Live>>>,
     stop: watch::Sender<bool>,
     bounds: Bounds,
+    /// Where every receiving says whether its link is attached.
+    readiness: Readiness,
     /// The node's reply address (`reply_to` of every call).
     reply_address: String,
     /// The calls waiting for their reply.
@@ -90,11 +93,13 @@ struct Inner {
 impl Amqp10Transport {
     /// Starts the keeper (it connects in the background) and the receiver of
     /// `reply_address` (the node's replies), and returns at once. `operation_timeout`
-    /// bounds each link attach and detach.
+    /// bounds each link attach and detach. Every receiver link is a part of `readiness`,
+    /// ready while it is attached.
     pub fn start(
         settings: KeeperSettings,
         operation_timeout: Duration,
         reply_address: String,
+        readiness: &Readiness,
     ) -> Self {
         let (live_tx, live) = watch::channel(None);
         let (stop, stopped) = watch::channel(false);
@@ -121,6 +126,7 @@ impl Amqp10Transport {
             handler,
             live.clone(),
             bounds,
+            readiness,
         );
         tokio::spawn(fail_lost_calls(live.clone(), stopped, pending.clone()));
         Amqp10Transport {
@@ -129,6 +135,7 @@ impl Amqp10Transport {
                 live,
                 stop,
                 bounds,
+                readiness: readiness.clone(),
                 reply_address,
                 pending,
                 replies,
@@ -249,6 +256,7 @@ impl Amqp10Transport {
             handler,
             self.inner.live.clone(),
             self.inner.bounds,
+            &self.inner.readiness,
         )
     }
 

@@ -110,7 +110,7 @@ pub struct Node {
 /// The AMQP 1.0 transport of `[rpc] transport = "amqp10"`: the local zone's
 /// `amqp10_brokers`, the `[amqp]` bounds, the reply address `[rpc.amqp10] reply` gives
 /// `reply/<node>`.
-fn amqp10_transport(config: &Config) -> Amqp10Transport {
+fn amqp10_transport(config: &Config, readiness: &Readiness) -> Amqp10Transport {
     let amqp = &config.amqp;
     let settings = KeeperSettings {
         node: config.service.node.clone(),
@@ -123,7 +123,7 @@ fn amqp10_transport(config: &Config) -> Amqp10Transport {
         &config.rpc.amqp10.reply,
         &format!("reply/{}", config.service.node),
     );
-    Amqp10Transport::start(settings, amqp.operation_timeout, reply)
+    Amqp10Transport::start(settings, amqp.operation_timeout, reply, readiness)
 }
 
 /// The node could not start. The message is the readable chain of causes.
@@ -168,6 +168,7 @@ impl Node {
         let assignments = Assignments::new(connections.clone());
         // Histograms only when something can scrape them.
         let metrics = Metrics::new(config.http.listen.is_some());
+        let readiness = Readiness::default();
         let context = NodeContext {
             node: config.service.node.clone(),
             listeners: ListenerSettings::from_config(&config),
@@ -184,12 +185,12 @@ impl Node {
                     node: config.service.node.clone(),
                 },
             ),
-            readiness: Readiness::default(),
+            readiness: readiness.clone(),
             metrics: metrics.clone(),
             root: Arc::default(),
             http: HttpRoutes::default(),
             amqp10: (config.rpc.transport == RpcTransport::Amqp10)
-                .then(|| amqp10_transport(&config)),
+                .then(|| amqp10_transport(&config, &readiness)),
         };
         let Children { services, apps } = match children(&context) {
             Ok(children) => children.into(),

@@ -31,6 +31,7 @@ use super::keeper::Live;
 use super::message::Incoming;
 use crate::backoff::Backoff;
 use crate::log_limit::LogLimit;
+use crate::readiness::{Readiness, ReadinessEntry};
 
 /// How a receiver link shares its source with the other receivers of the address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,10 +106,19 @@ pub(crate) fn start(
     handler: Handler,
     live: watch::Receiver<Option<Arc<Live>>>,
     bounds: Bounds,
+    readiness: &Readiness,
 ) -> ReceivingHandle {
     let (stop, stopped) = watch::channel(false);
     let (attached_tx, attached) = watch::channel(0);
-    let task = tokio::spawn(run(receiving, handler, live, stopped, attached_tx, bounds));
+    let part = readiness.register(format!("amqp10 link {}", receiving.link));
+    let task = tokio::spawn(run(
+        receiving,
+        handler,
+        (live, stopped),
+        attached_tx,
+        bounds,
+        part,
+    ));
     ReceivingHandle {
         stop,
         attached,
@@ -124,13 +134,15 @@ pub(crate) struct Bounds {
     pub backoff: Backoff,
 }
 
+/// Attaches, consumes, and attaches again after every loss, until stopped; says in
+/// `part` whether the link is attached (the node's readiness).
 async fn run(
     receiving: Receiving,
     handler: Handler,
-    mut live: watch::Receiver<Option<Arc<Live>>>,
-    mut stop: watch::Receiver<bool>,
+    (mut live, mut stop): (watch::Receiver<Option<Arc<Live>>>, watch::Receiver<bool>),
     attached: watch::Sender<u64>,
     bounds: Bounds,
+    part: ReadinessEntry,
 ) {
     let failures = LogLimit::default();
     let mut attempt = 0_u32;
@@ -147,6 +159,7 @@ async fn run(
         let receiver = match attach(&receiving, &current, bounds.operation).await {
             Ok(receiver) => receiver,
             Err(error) => {
+                part.not_ready(format!("cannot attach to `{}`: {error}", receiving.source));
                 if let Some(held) = failures.allow(&receiving.link) {
                     tracing::warn!(link = %receiving.link, source = %receiving.source, %error, held_back = held, "AMQP 1.0: cannot attach a receiver");
                 }
@@ -159,6 +172,7 @@ async fn run(
             }
         };
         attempt = 0;
+        part.ready();
         attached.send_replace(current.generation);
         let ended = consume(
             &receiving,
@@ -174,6 +188,7 @@ async fn run(
         if let Ended::Stopped = ended {
             return;
         }
+        part.not_ready("its AMQP 1.0 connection or session is gone; attaching again");
     }
 }
 
