@@ -529,3 +529,49 @@ async fn a_node_whose_amqp10_intermediary_is_down_is_not_ready_and_says_so() {
     );
     let _ = n.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_go_over_amqp10s_with_the_tls_settings() {
+    init_logs();
+    let (certs, node) = blocking(|| {
+        let certs = warren_test_support::TestCerts::generate().expect("test certificates");
+        let node =
+            BrokerNode::start_tls_with_plugins(&certs, "server", false, &["rabbitmq_amqp1_0"]);
+        (certs, node.expect("a TLS node with rabbitmq_amqp1_0"))
+    })
+    .await;
+    let ca = certs.path("ca.pem");
+    let tls_port = node.tls_port().expect("a TLS port");
+    let broker = Broker::from_node(node);
+    let text = format!(
+        "{}amqp10_brokers = [\"amqp10s://guest:guest@127.0.0.1:{tls_port}\"]\n\
+         [rpc]\ntransport = \"amqp10\"\n[tls]\nca_file = \"{}\"\n",
+        config_text(&unique_node("tls10"), &[broker.uri()], ""),
+        ca.display()
+    );
+    let config = Config::parse(&text, std::path::Path::new("test.ini"), &[], None)
+        .unwrap_or_else(|error| panic!("{error}\n{text}"));
+    let n = Node::start(config, |_| Vec::new())
+        .await
+        .expect("the node starts");
+    let calls = Calls::default();
+    let topic = format!("tls{}", std::process::id());
+    let server = serve(&n, &topic, &calls).await;
+    let callers = pool(&n).await;
+    let answer = callers
+        .call_target(&Target::new(&topic), "whoami", Value::Null, SOON)
+        .await
+        .expect("a call over TLS");
+    assert_eq!(answer, json!(n.context().node));
+    let transport = n.context().amqp10.clone().expect("an AMQP 1.0 node");
+    assert!(
+        transport
+            .connected()
+            .unwrap_or_default()
+            .starts_with("amqp10s://"),
+        "{:?}",
+        transport.connected()
+    );
+    server.stop(SOON).await;
+    let _ = n.stop().await;
+}

@@ -118,6 +118,7 @@ fn amqp10_transport(config: &Config, readiness: &Readiness) -> Amqp10Transport {
         connect_timeout: amqp.connect_timeout,
         heartbeat: Duration::from_secs(u64::from(amqp.heartbeat_secs)),
         backoff: Backoff::new(amqp.reconnect_min, amqp.reconnect_max),
+        tls: config.tls.clone(),
     };
     let reply = Amqp10Mapping::apply(
         &config.rpc.amqp10.reply,

@@ -124,6 +124,8 @@ fn detail(reason: &Option<String>) -> String {
 #[derive(Clone)]
 pub struct Tls {
     connector: RustlsConnector,
+    /// The same settings for connections warren opens itself (AMQP 1.0).
+    config: Arc<ClientConfig>,
     files: TlsFiles,
 }
 
@@ -182,10 +184,17 @@ impl Tls {
             // Half an identity is refused by the configuration before it gets here.
             _ => builder.with_no_client_auth(),
         };
+        let config = Arc::new(config);
         Ok(Tls {
-            connector: RustlsConnector::from(config),
+            connector: RustlsConnector::from(config.clone()),
+            config,
             files,
         })
+    }
+
+    /// The rustls client settings, for a TLS stream warren opens itself (AMQP 1.0).
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        self.config.clone()
     }
 
     /// The files these settings were read from.

@@ -66,7 +66,9 @@ pub enum UriError {
         port: String,
     },
     /// A URI listed under `amqp10_brokers` that is not `amqp10://`.
-    #[error("`{uri}` is not an AMQP 1.0 URI (expected amqp10://user:password@host:port)")]
+    #[error(
+        "`{uri}` is not an AMQP 1.0 URI (expected amqp10://user:password@host:port, or amqp10s:// for TLS)"
+    )]
     NotAmqp10 {
         /// The offending URI, redacted.
         uri: String,
@@ -132,19 +134,26 @@ impl BrokerUri {
     }
 
     /// Parses an AMQP 1.0 intermediary's URI, `amqp10://user:password@host:port` (port
-    /// 5672 when none is given; a path names a RabbitMQ vhost). Kept as the same kind of
-    /// value as an AMQP 0-9-1 broker's, so that it is redacted the same way everywhere.
+    /// 5672 when none is given) or `amqp10s://…` (TLS, port 5671); a path names a RabbitMQ
+    /// vhost. Kept as the same kind of value as an AMQP 0-9-1 broker's, so that it is
+    /// redacted the same way everywhere.
     pub fn parse_amqp10(raw: &str) -> Result<BrokerUri, UriError> {
         let raw = raw.trim();
-        let rest = match raw.split_once("://") {
-            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("amqp10") => rest,
+        let (scheme, rest) = match raw.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("amqp10") => ("amqp", rest),
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("amqp10s") => ("amqps", rest),
             _ => {
                 return Err(UriError::NotAmqp10 {
                     uri: redact_unparsed(raw),
                 });
             }
         };
-        let mut uri = BrokerUri::parse(&format!("amqp://{rest}")).map_err(|mut err| {
+        let written = if scheme == "amqps" {
+            "amqp10s"
+        } else {
+            "amqp10"
+        };
+        let mut uri = BrokerUri::parse(&format!("{scheme}://{rest}")).map_err(|mut err| {
             // Report the URI as written, not as handed to the parser.
             if let UriError::NotAUri { uri }
             | UriError::UnsupportedScheme { uri, .. }
@@ -152,9 +161,9 @@ impl BrokerUri {
             | UriError::InvalidPort { uri, .. }
             | UriError::NotAmqp10 { uri }
             | UriError::Malformed { uri, .. } = &mut err
-                && let Some(tail) = uri.strip_prefix("amqp://")
+                && let Some(tail) = uri.split_once("://").map(|(_, tail)| tail.to_string())
             {
-                *uri = format!("amqp10://{tail}");
+                *uri = format!("{written}://{tail}");
             }
             err
         })?;

@@ -460,7 +460,7 @@ impl Amqp10Notifications {
         };
         let source = notification_address(&node.rpc, exchange, (topic, priority))?;
         let handler: NotificationHandler = Arc::new(move |n| handler(n).boxed());
-        let state = Arc::new(Failures {
+        let state = Arc::new(Handling {
             handler,
             max: max_redeliveries,
             tries: parking_lot::Mutex::new(HashMap::new()),
@@ -492,19 +492,20 @@ impl Amqp10Notifications {
     }
 }
 
-/// Most notifications whose failures are remembered at once; past it the oldest count
-/// is forgotten (such a notification gets its tries again).
+/// Most notifications whose failures are remembered at once; past it one count is
+/// forgotten (that notification gets its tries again), so memory stays bounded.
 const TRIES_KEPT: usize = 10_000;
 
 /// A notification handler and the failures of each notification so far (the
 /// intermediary does not count redeliveries: RabbitMQ 3.x leaves delivery-count at 0).
-struct Failures {
+/// Notifications are told apart by message-id (else `Msg-ID`).
+struct Handling {
     handler: NotificationHandler,
     max: u32,
     tries: parking_lot::Mutex<HashMap<String, u32>>,
 }
 
-impl Failures {
+impl Handling {
     async fn handle(&self, incoming: Incoming) -> Disposition {
         let envelope = match decode(incoming.body).await {
             Ok(envelope) => envelope,

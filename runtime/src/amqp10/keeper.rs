@@ -19,10 +19,14 @@ use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::{Connection, Sender, Session};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio_rustls::TlsConnector;
 
 use crate::backoff::Backoff;
 use crate::log_limit::LogLimit;
+use crate::tls::Tls;
 use crate::uri::BrokerUri;
 
 /// What the keeper needs to know, from config.ini.
@@ -38,6 +42,8 @@ pub struct KeeperSettings {
     pub heartbeat: Duration,
     /// `[amqp] reconnect_min_ms` / `reconnect_max_ms`.
     pub backoff: Backoff,
+    /// `[tls]`: for `amqp10s://` brokers (checked against the URI's host).
+    pub tls: Option<Tls>,
 }
 
 /// A connection and its session while they are up: what links are attached on.
@@ -160,12 +166,6 @@ async fn connect(
 ) -> Result<(ConnectionHandle<()>, Arc<Live>), String> {
     let broker = &settings.brokers[index];
     let amqp = broker.amqp();
-    let host = broker.host();
-    let url = if host.contains(':') {
-        format!("amqp://[{host}]:{}", broker.port())
-    } else {
-        format!("amqp://{host}:{}", broker.port())
-    };
     // RabbitMQ picks the vhost from the open frame's hostname (`vhost:<name>`).
     let vhost = (amqp.vhost != "/").then(|| format!("vhost:{}", amqp.vhost));
     let profile = SaslProfile::Plain {
@@ -181,10 +181,29 @@ async fn connect(
             let millis = u32::try_from(settings.heartbeat.as_millis()).unwrap_or(u32::MAX);
             builder = builder.idle_time_out(millis);
         }
-        let mut connection = builder
-            .open(url.as_str())
+        let tcp = TcpStream::connect((broker.host(), broker.port()))
             .await
             .map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let mut connection = if broker.is_tls() {
+            let Some(tls) = &settings.tls else {
+                return Err("an amqp10s:// broker without TLS settings".to_string());
+            };
+            let name = ServerName::try_from(broker.host().to_string()).map_err(|e| {
+                format!(
+                    "`{}` cannot be checked against a certificate: {e}",
+                    broker.host()
+                )
+            })?;
+            let stream = TlsConnector::from(tls.client_config())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            builder.open_with_stream(stream).await
+        } else {
+            builder.open_with_stream(tcp).await
+        }
+        .map_err(|e| e.to_string())?;
         match Session::begin(&mut connection).await {
             Ok(session) => Ok((connection, session)),
             Err(error) => {

@@ -1681,22 +1681,27 @@ fn a_bad_rpc_key_is_named_with_its_line() {
 #[test]
 fn the_amqp10_transport_reads_its_brokers_and_mapping() {
     let text = "[zones.local]\nbrokers = [\"amqp://guest:guest@127.0.0.1:5672/%2f\"]\n\
-        amqp10_brokers = [\"amqp10://guest:s3cr3t@127.0.0.1:5673\", \"amqp10://u:p@h2\"]\n\
+        amqp10_brokers = [\"amqp10://guest:s3cr3t@127.0.0.1:5673\", \"amqp10://u:p@h2\", \"amqp10s://u:p@h3\"]\n\
         [rpc]\ntransport = \"amqp10\"\n[rpc.amqp10]\nanycast = \"{address}\"\n";
     let config = parse(text).unwrap();
     assert_eq!(config.rpc.transport, RpcTransport::Amqp10);
     assert_eq!(config.rpc.amqp10.anycast, "{address}");
     assert_eq!(config.rpc.amqp10.multicast, "/exchange/amq.topic/{name}");
     let amqp10 = &config.local_zone().amqp10_brokers;
-    assert_eq!(amqp10.len(), 2);
+    assert_eq!(amqp10.len(), 3);
     assert_eq!(amqp10[0].redacted(), "amqp10://guest:***@127.0.0.1:5673");
     assert_eq!((amqp10[0].host(), amqp10[0].port()), ("127.0.0.1", 5673));
     assert_eq!(amqp10[1].port(), 5672);
+    // TLS: port 5671 by default, and the [tls] settings are loaded for it.
+    assert!(amqp10[2].is_tls() && !amqp10[1].is_tls());
+    assert_eq!(amqp10[2].port(), 5671);
+    assert_eq!(amqp10[2].redacted(), "amqp10s://u:***@h3");
+    assert!(config.tls.is_some());
     let effective = config.effective_toml();
     assert!(!effective.contains("s3cr3t"), "{effective}");
     let again = Config::parse(&effective, Path::new("effective.ini"), KNOWN_APPS, None).unwrap();
     assert_eq!(again.rpc, config.rpc);
-    assert_eq!(again.local_zone().amqp10_brokers.len(), 2);
+    assert_eq!(again.local_zone().amqp10_brokers.len(), 3);
     assert_eq!(
         Amqp10Mapping::apply("/queue/{name}", "exclusive/compute/n1"),
         "/queue/exclusive.compute.n1"
@@ -1730,7 +1735,7 @@ fn amqp10_mistakes_are_named_with_their_line() {
     );
     assert!(!refusal.message.contains("s3cr3t"), "{}", refusal.message);
     let refusal = refuse(
-        &format!("{zone}amqp10_brokers = [\"amqp10://h:99999\"]\n"),
+        &format!("{zone}amqp10_brokers = [\"amqp10s://h:99999\"]\n"),
         None,
     );
     assert_at(
@@ -1738,7 +1743,7 @@ fn amqp10_mistakes_are_named_with_their_line() {
         3,
         19,
         "zones.local.amqp10_brokers[0]",
-        "amqp10://h:99999",
+        "amqp10s://h:99999",
     );
     let refusal = refuse(
         &format!("{zone}amqp10_brokers = [\"amqp10://h\", \"amqp10://h:5672\"]\n"),

@@ -657,10 +657,10 @@ fn server_name(entry: &Listed<'_>, source: &Source<'_>) -> Result<Option<String>
 /// the system's roots if nothing is written); `None` when no broker needs it.
 fn tls(raw: &RawTls, zones: &[Zone], source: &Source<'_>) -> Result<Option<Tls>, ConfigError> {
     let written = raw.ca_file.is_some() || raw.cert_file.is_some() || raw.key_file.is_some();
-    let amqps = zones
-        .iter()
-        .flat_map(|zone| &zone.brokers)
-        .any(|broker| broker.uri.is_tls());
+    let amqps = zones.iter().any(|zone| {
+        zone.brokers.iter().any(|broker| broker.uri.is_tls())
+            || zone.amqp10_brokers.iter().any(BrokerUri::is_tls)
+    });
     if !written && !amqps {
         return Ok(None);
     }

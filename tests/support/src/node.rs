@@ -167,6 +167,18 @@ impl BrokerNode {
         server: &str,
         require_client_cert: bool,
     ) -> Result<BrokerNode, SupportError> {
+        BrokerNode::start_tls_with_plugins(certs, server, require_client_cert, &[])
+    }
+
+    /// Like [`BrokerNode::start_tls`], with `plugins` enabled (see
+    /// [`BrokerNode::start_with_plugins`]): AMQP 1.0 over TLS is served on the same
+    /// `amqps://` listener.
+    pub fn start_tls_with_plugins(
+        certs: &crate::TestCerts,
+        server: &str,
+        require_client_cert: bool,
+        plugins: &[&str],
+    ) -> Result<BrokerNode, SupportError> {
         let port = try_free_port()?;
         let path = |name: &str| certs.path(name).display().to_string();
         let lines = [
@@ -178,7 +190,7 @@ impl BrokerNode {
             format!("ssl_options.fail_if_no_peer_cert = {require_client_cert}"),
         ];
         let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
-        let mut node = BrokerNode::start_with(&lines)?;
+        let mut node = BrokerNode::start_inner(&lines, None, None, plugins)?;
         node.tls_port = Some(port);
         Ok(node)
     }
