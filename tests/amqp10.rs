@@ -301,6 +301,11 @@ async fn a_call_in_flight_when_its_broker_dies_fails_clearly_and_calls_go_on_on_
             .unwrap_or_default()
             .contains(&first.port().to_string())
     );
+    let table = n.context().registry.intermediaries();
+    assert!(
+        table[0].up && !table[1].up && table[0].generation > 0,
+        "{table:?}"
+    );
 
     // A call in flight while the broker it went through is killed.
     let timeout = Duration::from_secs(8);
@@ -342,6 +347,10 @@ async fn a_call_in_flight_when_its_broker_dies_fails_clearly_and_calls_go_on_on_
             .unwrap_or_default()
             .contains(&second.port().to_string())
     );
+    // The registry's table of intermediaries says the same, and why the first is not used.
+    let table = n.context().registry.intermediaries();
+    assert!(!table[0].up && table[1].up, "{table:?}");
+    assert!(table[0].last_error.is_some(), "{table:?}");
 
     server.stop(SOON).await;
     let _ = n.stop().await;

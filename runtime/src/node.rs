@@ -108,13 +108,17 @@ pub struct Node {
 }
 
 /// The AMQP 1.0 transport of `[rpc] transport = "amqp10"`: the local zone's
-/// `amqp10_brokers`, the `[amqp]` bounds, the reply address `[rpc.amqp10] reply` gives
+/// `amqp10_brokers` (through the registry's table of them), the `[amqp]` bounds, the reply address `[rpc.amqp10] reply` gives
 /// `reply/<node>`.
-fn amqp10_transport(config: &Config, readiness: &Readiness) -> Amqp10Transport {
+fn amqp10_transport(
+    config: &Config,
+    registry: &ConnectionRegistry,
+    readiness: &Readiness,
+) -> Amqp10Transport {
     let amqp = &config.amqp;
     let settings = KeeperSettings {
         node: config.service.node.clone(),
-        brokers: config.local_zone().amqp10_brokers.clone(),
+        registry: registry.clone(),
         connect_timeout: amqp.connect_timeout,
         heartbeat: Duration::from_secs(u64::from(amqp.heartbeat_secs)),
         backoff: Backoff::new(amqp.reconnect_min, amqp.reconnect_max),
@@ -191,7 +195,7 @@ impl Node {
             root: Arc::default(),
             http: HttpRoutes::default(),
             amqp10: (config.rpc.transport == RpcTransport::Amqp10)
-                .then(|| amqp10_transport(&config, &readiness)),
+                .then(|| amqp10_transport(&config, &registry, &readiness)),
         };
         let Children { services, apps } = match children(&context) {
             Ok(children) => children.into(),

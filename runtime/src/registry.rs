@@ -16,6 +16,8 @@
 //! It must not touch lapin connections, channels or connection actors: those belong to
 //! `connection_actor` and `connections`.
 
+mod intermediaries;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +30,9 @@ use tokio::sync::watch;
 use crate::actor_slot::ActorSlot;
 use crate::broker::{Broker, BrokerId, Role};
 use crate::config::Config;
+
+use intermediaries::Intermediaries;
+pub use intermediaries::Intermediary;
 
 /// What the registry knows about one broker right now.
 ///
@@ -187,6 +192,9 @@ struct Inner {
     counts: Vec<[ConnectionCounts; 2]>,
     /// Bumped on every status change; `wait_until_ready` and subscribers watch it.
     version: watch::Sender<u64>,
+    /// The local zone's AMQP 1.0 intermediaries (`amqp10_brokers`): the AMQP 1.0
+    /// keeper's list and what it reported.
+    intermediaries: Intermediaries,
 }
 
 impl ConnectionRegistry {
@@ -226,8 +234,27 @@ impl ConnectionRegistry {
                 generations: Mutex::new(vec![[0, 0]; n]),
                 counts: (0..n).map(|_| Default::default()).collect(),
                 version,
+                intermediaries: Intermediaries::new(&config.local_zone().amqp10_brokers),
             }),
         }
+    }
+
+    /// The local zone's AMQP 1.0 intermediaries, in `amqp10_brokers` order (the first is
+    /// the primary), with what the AMQP 1.0 keeper reported of each.
+    pub fn intermediaries(&self) -> Vec<Intermediary> {
+        self.inner.intermediaries.snapshot()
+    }
+
+    /// The AMQP 1.0 keeper is connected to intermediary `index`, as `generation`.
+    pub fn intermediary_up(&self, index: usize, generation: u64) {
+        self.inner.intermediaries.up(index, generation);
+        self.inner.version.send_modify(|v| *v += 1);
+    }
+
+    /// An attempt to intermediary `index` failed (`failed`), or its connection ended.
+    pub fn intermediary_down(&self, index: usize, error: &str, failed: bool) {
+        self.inner.intermediaries.down(index, error, failed);
+        self.inner.version.send_modify(|v| *v += 1);
     }
 
     /// Counts a connection event of `role` on broker `id` (connection actors call this).

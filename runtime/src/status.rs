@@ -1,6 +1,6 @@
 //! The status document of a node: what `/status` serves and what a node answers to
 //! `warren status --node`. The node, whether it is live and ready, each broker with
-//! both of its connections, and each part (listener, pool worker, router) with its
+//! both of its connections, each AMQP 1.0 intermediary, and each part (listener, pool worker, router) with its
 //! readiness.
 //!
 //! Owns the shape of the document. Must not touch what it reports (the registry and
@@ -68,12 +68,27 @@ pub fn document(
             json!({"name": name, "state": state, "reason": reason})
         })
         .collect();
+    let intermediaries: Vec<Value> = registry
+        .intermediaries()
+        .into_iter()
+        .map(|entry| {
+            json!({
+                "index": entry.index,
+                "broker": entry.uri.redacted().to_string(),
+                "up": entry.up,
+                "generation": entry.generation,
+                "failed_attempts": entry.failed_attempts,
+                "last_error": entry.last_error,
+            })
+        })
+        .collect();
     let mut document = json!({
         "node": node,
         "live": live,
         "ready": not_ready.is_none(),
         "not_ready": not_ready,
         "brokers": brokers,
+        "amqp10_brokers": intermediaries,
         "parts": parts,
     });
     for (kind, described) in metrics.describe() {

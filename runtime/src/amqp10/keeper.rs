@@ -1,7 +1,9 @@
 //! The keeper: the one AMQP 1.0 connection and session of a node, to the first reachable
 //! intermediary of the local zone's `amqp10_brokers`.
 //!
-//! It connects to the brokers in file order (the first is the primary), publishes what
+//! It takes the intermediaries from the registry (its AMQP 1.0 table) and reports every
+//! failed attempt, connection and loss there. It connects to them in file order (the
+//! first is the primary), publishes what
 //! it has as a [`Live`] in a watch (`None` while it has nothing), and when the connection
 //! ends it tries them again in order, spaced by the node's reconnect backoff. While on a
 //! secondary it tries the primary every `reconnect_max` and moves back as soon as it
@@ -26,16 +28,18 @@ use tokio_rustls::TlsConnector;
 
 use crate::backoff::Backoff;
 use crate::log_limit::LogLimit;
+use crate::registry::ConnectionRegistry;
 use crate::tls::Tls;
 use crate::uri::BrokerUri;
 
 /// What the keeper needs to know, from config.ini.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct KeeperSettings {
     /// The container id (the node's name).
     pub node: String,
-    /// The local zone's `amqp10_brokers`, primary first.
-    pub brokers: Vec<BrokerUri>,
+    /// Where the intermediaries are listed (the local zone's `amqp10_brokers`, primary
+    /// first) and where the keeper reports each attempt, connection and loss.
+    pub registry: ConnectionRegistry,
     /// `[amqp] connect_timeout_ms`: one connection attempt, session included.
     pub connect_timeout: Duration,
     /// `[amqp] heartbeat_secs`: the idle time-out asked of the peer (0: none).
@@ -81,17 +85,20 @@ pub(crate) async fn keep(
     loop {
         // Try every broker in order, the primary first.
         let mut connected = None;
-        for index in 0..settings.brokers.len() {
+        for entry in settings.registry.intermediaries() {
             if *stop.borrow() {
                 return;
             }
-            match connect(&settings, index, generation + 1).await {
+            match connect(&settings, &entry.uri, generation + 1).await {
                 Ok(up) => {
-                    connected = Some((index, up));
+                    connected = Some((entry.index, up));
                     break;
                 }
                 Err(error) => {
-                    let broker = settings.brokers[index].redacted();
+                    settings
+                        .registry
+                        .intermediary_down(entry.index, &error, true);
+                    let broker = entry.uri.redacted();
                     if let Some(held) = failures.allow(broker) {
                         tracing::warn!(broker, %error, held_back = held, "AMQP 1.0: cannot connect");
                     }
@@ -114,6 +121,7 @@ pub(crate) async fn keep(
                 generation,
                 "AMQP 1.0: connected"
             );
+            settings.registry.intermediary_up(index, generation);
             live.send_replace(Some(up.clone()));
             let probe = tokio::time::sleep(settings.backoff.max);
             tokio::select! {
@@ -126,6 +134,7 @@ pub(crate) async fn keep(
                         Ok(next) => up = next,
                         Err(error) => {
                             tracing::warn!(broker = up.broker.redacted(), %error, "AMQP 1.0: no new session; reconnecting");
+                            settings.registry.intermediary_down(index, &error, false);
                             close(&mut connection, &up, settings.connect_timeout).await;
                             break;
                         }
@@ -133,17 +142,26 @@ pub(crate) async fn keep(
                 }
                 result = connection.on_close() => {
                     live.send_replace(None);
-                    tracing::warn!(broker = up.broker.redacted(), ?result, "AMQP 1.0: connection lost");
+                    let reason = match result {
+                        Ok(()) => "closed by the peer".to_string(),
+                        Err(error) => error.to_string(),
+                    };
+                    settings.registry.intermediary_down(index, &reason, false);
+                    tracing::warn!(broker = up.broker.redacted(), %reason, "AMQP 1.0: connection lost");
                     break;
                 }
                 _ = stop.changed() => {
                     live.send_replace(None);
                     close(&mut connection, &up, settings.connect_timeout).await;
+                    settings.registry.intermediary_down(index, "the node stopped", false);
                     return;
                 }
                 // On a secondary: is the primary back?
                 _ = probe, if index > 0 => {
-                    if let Ok((primary, primary_up)) = connect(&settings, 0, generation + 1).await {
+                    let Some(first) = settings.registry.intermediaries().into_iter().next() else {
+                        continue;
+                    };
+                    if let Ok((primary, primary_up)) = connect(&settings, &first.uri, generation + 1).await {
                         tracing::info!(broker = primary_up.broker.redacted(), "AMQP 1.0: the primary is back; moving to it");
                         let (mut old, old_up) = (connection, up);
                         connection = primary;
@@ -158,13 +176,12 @@ pub(crate) async fn keep(
     }
 }
 
-/// Opens a connection and its session to broker `index`, within the connect bound.
+/// Opens a connection and its session to `broker`, within the connect bound.
 async fn connect(
     settings: &KeeperSettings,
-    index: usize,
+    broker: &BrokerUri,
     generation: u64,
 ) -> Result<(ConnectionHandle<()>, Arc<Live>), String> {
-    let broker = &settings.brokers[index];
     let amqp = broker.amqp();
     // RabbitMQ picks the vhost from the open frame's hostname (`vhost:<name>`).
     let vhost = (amqp.vhost != "/").then(|| format!("vhost:{}", amqp.vhost));
