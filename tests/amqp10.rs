@@ -39,6 +39,11 @@ async fn amqp10_broker() -> Broker {
 /// A warren node on `brokers` (AMQP 0-9-1 and 1.0 alike, the first as primary), RPC
 /// over AMQP 1.0.
 async fn node(label: &str, brokers: &[&Broker]) -> Node {
+    node_with(label, brokers, "").await
+}
+
+/// [`node`] with `extra` config sections.
+async fn node_with(label: &str, brokers: &[&Broker], extra: &str) -> Node {
     init_logs();
     let amqp10 = brokers
         .iter()
@@ -48,7 +53,7 @@ async fn node(label: &str, brokers: &[&Broker]) -> Node {
     let amqp091: Vec<String> = brokers.iter().map(|b| b.uri()).collect();
     let text = format!(
         "{}amqp10_brokers = [{amqp10}]\n[rpc]\ntransport = \"amqp10\"\n",
-        config_text(&unique_node(label), &amqp091, "")
+        config_text(&unique_node(label), &amqp091, extra)
     );
     let config = Config::parse(&text, std::path::Path::new("test.ini"), &[], None)
         .unwrap_or_else(|error| panic!("{error}\n{text}"));
@@ -94,7 +99,9 @@ fn remote(result: Result<Value, RpcError>) -> RemoteError {
 async fn the_three_patterns_reach_one_named_server_one_of_the_group_or_all() {
     let broker = amqp10_broker().await;
     let brokers = [&broker];
-    let (a, b) = tokio::join!(node("a10", &brokers), node("b10", &brokers));
+    // b takes requests of at most 4 KiB (`[listener] max_message_bytes`).
+    let small = "\n[listener]\nmax_message_bytes = 4096\n";
+    let (a, b) = tokio::join!(node("a10", &brokers), node_with("b10", &brokers, small));
     let calls = Calls::default();
     let topic = format!("compute{}", std::process::id());
     let (server_a, server_b) = tokio::join!(serve(&a, &topic, &calls), serve(&b, &topic, &calls));
@@ -157,6 +164,19 @@ async fn the_three_patterns_reach_one_named_server_one_of_the_group_or_all() {
     assert_eq!(panicked.kind, RemoteError::PANIC);
     let unknown = remote(callers.call_target(&group, "nope", Value::Null, SOON).await);
     assert_eq!(unknown.kind, RemoteError::UNKNOWN_METHOD);
+    // `[listener] max_message_bytes` holds over AMQP 1.0 as over 0-9-1: b refuses a
+    // request above its 4 KiB with a typed error (not run, not a timeout); a, with the
+    // default limit, answers the same request.
+    let big = json!({"pad": "x".repeat(8 * 1024)});
+    let too_big = remote(
+        callers
+            .call_target(&to_b, "whoami", big.clone(), SOON)
+            .await,
+    );
+    assert_eq!(too_big.kind, RemoteError::BAD_REQUEST, "{too_big:?}");
+    let to_a = Target::new(&topic).server(&a.context().node);
+    let answer = callers.call_target(&to_a, "whoami", big, SOON).await;
+    assert_eq!(answer.unwrap(), json!(a.context().node));
     // A call on a fanout target is refused before anything is sent.
     let refused = callers
         .call_target(&group.clone().fanout(), "whoami", Value::Null, SOON)
@@ -319,7 +339,11 @@ async fn a_call_in_flight_when_its_broker_dies_fails_clearly_and_calls_go_on_on_
             (result, started.elapsed())
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = calls.slow_started.clone();
+    assert!(
+        until(SOON, || started.load(Ordering::SeqCst) == 1).await,
+        "the slow call never reached the server"
+    );
     first.kill().await;
     let (result, took) = in_flight.await.expect("the call ends");
     assert!(

@@ -137,6 +137,20 @@ impl ListenerPool {
         self.inner.ctx.node.amqp10.as_ref()
     }
 
+    /// `[rpc]` and what a reply may be (`[listener] max_message_bytes`): what a call
+    /// over AMQP 1.0 needs of the node.
+    pub(crate) fn amqp10_settings(
+        &self,
+    ) -> (
+        &warren_runtime::config::RpcConfig,
+        warren_runtime::envelope::DecodeLimits,
+    ) {
+        (
+            &self.inner.ctx.node.rpc,
+            crate::target::amqp10_limits(&self.inner.ctx.node),
+        )
+    }
+
     /// `[rpc]`: how RPC targets are addressed.
     pub(crate) fn rpc_config(&self) -> &warren_runtime::config::RpcConfig {
         &self.inner.ctx.node.rpc

@@ -15,12 +15,15 @@ pub struct Calls {
     pub answered: Arc<AtomicUsize>,
     /// `note` casts: (server, n).
     pub notes: Arc<Mutex<Vec<(String, i64)>>>,
+    /// `slow` calls begun (counted before their sleep), over all servers.
+    pub slow_started: Arc<AtomicUsize>,
 }
 
 /// The test server of `topic`, answering as `me`.
 pub fn server(topic: &str, me: &str, calls: &Calls) -> RpcServer {
     let (whoami, answered) = (me.to_string(), calls.answered.clone());
     let (noter, notes) = (me.to_string(), calls.notes.clone());
+    let slow_started = calls.slow_started.clone();
     RpcServer::new(topic)
         .method("whoami", move |_args: Value| {
             let me = whoami.clone();
@@ -31,10 +34,13 @@ pub fn server(topic: &str, me: &str, calls: &Calls) -> RpcServer {
             Err(RemoteError::new("NotFound", "no such thing"))
         })
         .method("boom", |_args: Value| async { panic!("kaboom") })
-        .method("slow", |args: Value| async move {
-            let ms = args.get("ms").and_then(Value::as_u64).unwrap_or(0);
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            Ok(json!("slow"))
+        .method("slow", move |args: Value| {
+            slow_started.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let ms = args.get("ms").and_then(Value::as_u64).unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok(json!("slow"))
+            }
         })
         .method("note", move |args: Value| {
             let n = args.get("n").and_then(Value::as_i64).unwrap_or(-1);

@@ -134,7 +134,7 @@ fn request(
 /// Calls `method` on one server of `target` over AMQP 1.0 (see the module docs).
 pub(crate) async fn call(
     transport: &Amqp10Transport,
-    config: &RpcConfig,
+    (config, limits): (&RpcConfig, DecodeLimits),
     target: &Target,
     method: &str,
     args: Value,
@@ -149,7 +149,7 @@ pub(crate) async fn call(
         .call(&address, outgoing, timeout)
         .await
         .map_err(rpc_error)?;
-    let reply = Envelope::decode(&reply.body, Some("application/json"), None).map_err(|error| {
+    let reply = decode(reply.body, limits).await.map_err(|error| {
         RpcError::Remote(RemoteError::new(
             RemoteError::BAD_REPLY,
             format!("an unreadable reply: {error}"),
@@ -242,6 +242,7 @@ impl Amqp10Server {
         let (served, concurrency) = server.served(node, &exchange);
         let serving = Arc::new(Serving {
             served,
+            limits: limits(node),
             transport: transport.clone(),
             failures: LogLimit::default(),
         });
@@ -367,6 +368,8 @@ pub(super) fn notifications_child(
 /// A server's method table and the transport its replies go out on.
 struct Serving {
     served: Served,
+    /// What a request may be (`[listener] max_message_bytes`).
+    limits: DecodeLimits,
     transport: Amqp10Transport,
     /// Rate limit of the "reply not sent" warning.
     failures: LogLimit,
@@ -375,7 +378,7 @@ struct Serving {
 impl Serving {
     /// Runs one request's method and, for a call, sends its reply (pre-settled).
     async fn serve(&self, request: Incoming) -> Disposition {
-        let envelope = decode(request.body).await;
+        let envelope = decode(request.body, self.limits).await;
         let msg_id = request
             .message_id
             .clone()
@@ -410,15 +413,15 @@ impl Serving {
     }
 }
 
-/// A received body as an envelope, or why it is not one.
-async fn decode(body: Vec<u8>) -> Result<Envelope, String> {
-    let (_, decoded) = decode_owned(
-        body,
-        Some("application/json".to_string()),
-        None,
-        DecodeLimits::default(),
-    )
-    .await;
+/// What a received body may be on `node`: `[listener] max_message_bytes`, as on AMQP
+/// 0-9-1.
+pub(crate) fn limits(node: &NodeContext) -> DecodeLimits {
+    DecodeLimits::new(node.listeners.listener.max_message_bytes)
+}
+
+/// A received body as an envelope within `limits`, or why it is not one.
+async fn decode(body: Vec<u8>, limits: DecodeLimits) -> Result<Envelope, String> {
+    let (_, decoded) = decode_owned(body, Some("application/json".to_string()), None, limits).await;
     decoded.map_err(|error| error.to_string())
 }
 
@@ -462,6 +465,7 @@ impl Amqp10Notifications {
         let handler: NotificationHandler = Arc::new(move |n| handler(n).boxed());
         let state = Arc::new(Handling {
             handler,
+            limits: limits(node),
             max: max_redeliveries,
             tries: parking_lot::Mutex::new(HashMap::new()),
         });
@@ -501,13 +505,14 @@ const TRIES_KEPT: usize = 10_000;
 /// Notifications are told apart by message-id (else `Msg-ID`).
 struct Handling {
     handler: NotificationHandler,
+    limits: DecodeLimits,
     max: u32,
     tries: parking_lot::Mutex<HashMap<String, u32>>,
 }
 
 impl Handling {
     async fn handle(&self, incoming: Incoming) -> Disposition {
-        let envelope = match decode(incoming.body).await {
+        let envelope = match decode(incoming.body, self.limits).await {
             Ok(envelope) => envelope,
             Err(error) => {
                 tracing::warn!(%error, "AMQP 1.0: an unreadable notification; rejected");

@@ -41,7 +41,15 @@ impl Checkout {
         timeout: Duration,
     ) -> Result<Value, RpcError> {
         if let Some(transport) = self.amqp10() {
-            return amqp10::call(transport, self.rpc_config(), target, method, args, timeout).await;
+            return amqp10::call(
+                transport,
+                self.amqp10_settings(),
+                target,
+                method,
+                args,
+                timeout,
+            )
+            .await;
         }
         if target.fanout {
             return Err(RpcError::FanoutCall(target.topic.clone()));
@@ -148,7 +156,15 @@ impl ListenerPool {
     ) -> Result<Value, RpcError> {
         if let Some(transport) = self.amqp10() {
             // Over AMQP 1.0 no worker is needed: the node's reply link takes the reply.
-            return amqp10::call(transport, self.rpc_config(), target, method, args, timeout).await;
+            return amqp10::call(
+                transport,
+                self.amqp10_settings(),
+                target,
+                method,
+                args,
+                timeout,
+            )
+            .await;
         }
         if target.fanout {
             // Refused before a worker is taken.
