@@ -28,8 +28,9 @@ use warren_runtime::node::Node;
 
 const EVENTS: usize = 100_000;
 const USERS: usize = 10_000;
-const LANES: usize = 8;
-const LANE_WINDOW: usize = 128;
+/// The shipped defaults (`lanes`, `lane_window`).
+const LANES: usize = 1;
+const LANE_WINDOW: usize = 1000;
 /// Confirms owed at once, on both sides.
 const WINDOW: usize = LANES * LANE_WINDOW;
 const ROUNDS: usize = 5;

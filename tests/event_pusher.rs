@@ -469,9 +469,10 @@ async fn nothing_is_lost_or_reordered_when_the_primary_is_killed() {
         &prefix,
         "topic",
         "heartbeat_secs = 5",
-        // 50,000 persistent events queue up at once: a bound that lets the last of them
-        // through at a few thousand a second.
-        "\n[publisher]\ntimeout_ms = 20000\n",
+        // Four lanes (the default is one), so that rewinds of several lanes at once are
+        // covered. 50,000 persistent events queue up at once: a bound that lets the last
+        // of them through at a few thousand a second.
+        "lanes = 4\nlane_window = 128\n\n[publisher]\ntimeout_ms = 20000\n",
     )
     .await;
 

@@ -55,9 +55,9 @@ pub(super) const PUBLISHER_TIMEOUT_MS: u64 = 5000;
 /// `[publisher] confirm_window`.
 pub(super) const CONFIRM_WINDOW: usize = 1000;
 /// `[apps.event_pusher] lanes`.
-pub(super) const PUSHER_LANES: usize = 8;
+pub(super) const PUSHER_LANES: usize = 1;
 /// `[apps.event_pusher] lane_window`.
-pub(super) const PUSHER_LANE_WINDOW: usize = 128;
+pub(super) const PUSHER_LANE_WINDOW: usize = 1000;
 /// `[apps.event_pusher] max_request_bytes` (1 MiB).
 pub(super) const PUSHER_MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// `[apps.event_pusher] max_batch`.
