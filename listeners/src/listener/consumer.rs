@@ -656,12 +656,15 @@ impl ConsumerLoop {
         }
     }
 
-    /// Starts a message's work. At concurrency 1 with no other handler running, the work
-    /// is polled once right here first: handlers that are done at once (nothing they await
-    /// has to wait) settle without a trip through the set of messages in flight — the
-    /// common case, and a measurable part of the cost per delivery. Otherwise (and if that
-    /// first poll is pending) the work runs in the set as usual; the set polls a new
-    /// member at once, so the first poll's no-op waker is never relied on.
+    /// Starts a message's work. The work is polled once right here first (at concurrency
+    /// 1 only with no other handler running, so handlers stay one at a time): handlers
+    /// that are done at once (nothing they await has to wait) settle without a trip
+    /// through the set of messages in flight — the common case, and a measurable part of
+    /// the cost per delivery; and above concurrency 1, what a handler does before its
+    /// first wait (an RPC server's reply is written then) is not delayed by a task
+    /// spawn. Otherwise (and if that first poll is pending) the work runs in the set as
+    /// usual, spawned above concurrency 1; the set, or the spawned task, polls it again at
+    /// once, so the first poll's no-op waker is never relied on.
     async fn begin(
         &mut self,
         tag: u64,
@@ -669,8 +672,7 @@ impl ConsumerLoop {
         inflight: &mut InFlight,
         acks: &mut AckTracker,
     ) -> Result<(), Ended> {
-        if self.shared.settings.concurrency == 1
-            && inflight.running.is_empty()
+        if (self.shared.settings.concurrency > 1 || inflight.running.is_empty())
             && let Some(stage) = (&mut work).now_or_never()
         {
             return match stage {
