@@ -396,7 +396,9 @@ impl ListenerSpec {
     }
 
     /// How many messages are handled at once: at least 1 and at most the prefetch (the
-    /// app's start fails otherwise).
+    /// app's start fails otherwise). Above 1, a message's handlers start on the delivery
+    /// loop and go on in a task of their own from their first wait: CPU-heavy work before
+    /// that wait holds the loop, so it belongs in `tokio::task::spawn_blocking`.
     pub fn concurrency(mut self, concurrency: usize) -> Self {
         self.concurrency = concurrency;
         self
