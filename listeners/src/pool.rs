@@ -131,29 +131,11 @@ struct PoolState {
 }
 
 impl ListenerPool {
-    /// The node's AMQP 1.0 transport, when `[rpc] transport = "amqp10"`: RPC targets and
-    /// notifications then travel on it instead of this pool's workers.
-    pub(crate) fn amqp10(&self) -> Option<&warren_runtime::amqp10::Amqp10Transport> {
-        self.inner.ctx.node.amqp10.as_ref()
-    }
-
-    /// `[rpc]` and what a reply may be (`[listener] max_message_bytes`): what a call
-    /// over AMQP 1.0 needs of the node.
-    pub(crate) fn amqp10_settings(
-        &self,
-    ) -> (
-        &warren_runtime::config::RpcConfig,
-        warren_runtime::envelope::DecodeLimits,
-    ) {
-        (
-            &self.inner.ctx.node.rpc,
-            crate::target::amqp10_limits(&self.inner.ctx.node),
-        )
-    }
-
-    /// `[rpc]`: how RPC targets are addressed.
-    pub(crate) fn rpc_config(&self) -> &warren_runtime::config::RpcConfig {
-        &self.inner.ctx.node.rpc
+    /// The node the pool's workers run on: its `[rpc]` settings, its listener limits and,
+    /// with `[rpc] transport = "amqp10"`, the AMQP 1.0 transport that RPC targets and
+    /// notifications then travel on instead of this pool's workers.
+    pub(crate) fn node(&self) -> &NodeContext {
+        &self.inner.ctx.node
     }
 
     /// A pool for the app `name` sized by `config`, whose workers run on `node` and send

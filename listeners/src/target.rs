@@ -24,7 +24,6 @@ mod server;
 mod wire;
 
 pub use address::{Route, Target, TargetError};
-pub(crate) use amqp10::limits as amqp10_limits;
 pub use amqp10::{Amqp10Notifications, Amqp10Server};
 pub use notify::{Notification, NotificationListener, notify};
 pub use server::{MethodResult, RpcServer, spawn_rpc_server};

@@ -38,28 +38,9 @@ impl Checkout {
         &self.worker
     }
 
-    /// The node's AMQP 1.0 transport, when `[rpc] transport = "amqp10"`.
-    pub(crate) fn amqp10(&self) -> Option<&warren_runtime::amqp10::Amqp10Transport> {
-        self.pool.ctx.node.amqp10.as_ref()
-    }
-
-    /// `[rpc]` and what a reply may be (`[listener] max_message_bytes`): what a call
-    /// over AMQP 1.0 needs of the node.
-    pub(crate) fn amqp10_settings(
-        &self,
-    ) -> (
-        &warren_runtime::config::RpcConfig,
-        warren_runtime::envelope::DecodeLimits,
-    ) {
-        (
-            &self.pool.ctx.node.rpc,
-            crate::target::amqp10_limits(&self.pool.ctx.node),
-        )
-    }
-
-    /// `[rpc]`: how RPC targets are addressed (see `target`).
-    pub(crate) fn rpc_config(&self) -> &warren_runtime::config::RpcConfig {
-        &self.pool.ctx.node.rpc
+    /// The node the worker runs on (see `ListenerPool::node`).
+    pub(crate) fn node(&self) -> &warren_runtime::node::NodeContext {
+        &self.pool.ctx.node
     }
 
     /// The worker's queue: its `Server-ID`.

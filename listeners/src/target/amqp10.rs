@@ -134,7 +134,7 @@ fn request(
 /// Calls `method` on one server of `target` over AMQP 1.0 (see the module docs).
 pub(crate) async fn call(
     transport: &Amqp10Transport,
-    (config, limits): (&RpcConfig, DecodeLimits),
+    node: &NodeContext,
     target: &Target,
     method: &str,
     args: Value,
@@ -143,13 +143,13 @@ pub(crate) async fn call(
     if target.fanout {
         return Err(RpcError::FanoutCall(target.topic.clone()));
     }
-    let (address, mut outgoing) = request(target, config, method, args)?;
+    let (address, mut outgoing) = request(target, &node.rpc, method, args)?;
     outgoing.ttl = Some(timeout);
     let reply = transport
         .call(&address, outgoing, timeout)
         .await
         .map_err(rpc_error)?;
-    let reply = decode(reply.body, limits).await.map_err(|error| {
+    let reply = decode(reply.body, limits(node)).await.map_err(|error| {
         RpcError::Remote(RemoteError::new(
             RemoteError::BAD_REPLY,
             format!("an unreadable reply: {error}"),
@@ -162,13 +162,13 @@ pub(crate) async fn call(
 /// `Ok` once written (the spec's at-most-once requests).
 pub(crate) async fn cast(
     transport: &Amqp10Transport,
-    config: &RpcConfig,
+    node: &NodeContext,
     target: &Target,
     method: &str,
     args: Value,
     timeout: Duration,
 ) -> Result<(), RpcError> {
-    let (address, outgoing) = request(target, config, method, args)?;
+    let (address, outgoing) = request(target, &node.rpc, method, args)?;
     transport
         .send(&address, outgoing, true, timeout)
         .await
@@ -415,7 +415,7 @@ impl Serving {
 
 /// What a received body may be on `node`: `[listener] max_message_bytes`, as on AMQP
 /// 0-9-1.
-pub(crate) fn limits(node: &NodeContext) -> DecodeLimits {
+fn limits(node: &NodeContext) -> DecodeLimits {
     DecodeLimits::new(node.listeners.listener.max_message_bytes)
 }
 

@@ -40,21 +40,14 @@ impl Checkout {
         args: Value,
         timeout: Duration,
     ) -> Result<Value, RpcError> {
-        if let Some(transport) = self.amqp10() {
-            return amqp10::call(
-                transport,
-                self.amqp10_settings(),
-                target,
-                method,
-                args,
-                timeout,
-            )
-            .await;
+        let node = self.node();
+        if let Some(transport) = &node.amqp10 {
+            return amqp10::call(transport, node, target, method, args, timeout).await;
         }
         if target.fanout {
             return Err(RpcError::FanoutCall(target.topic.clone()));
         }
-        let route = target.route(self.rpc_config())?;
+        let route = target.route(&self.node().rpc)?;
         let mut request = wire::request(method, args)
             .map_err(|_| TargetError::ArgsNotObject(method.to_string()))?;
         // Peers that read only AMQP properties find the id, their answer's queue and the
@@ -85,10 +78,11 @@ impl Checkout {
         args: Value,
         timeout: Duration,
     ) -> Result<(), RpcError> {
-        if let Some(transport) = self.amqp10() {
-            return amqp10::cast(transport, self.rpc_config(), target, method, args, timeout).await;
+        let node = self.node();
+        if let Some(transport) = &node.amqp10 {
+            return amqp10::cast(transport, node, target, method, args, timeout).await;
         }
-        let route = target.route(self.rpc_config())?;
+        let route = target.route(&self.node().rpc)?;
         let mut request = wire::request(method, args)
             .map_err(|_| TargetError::ArgsNotObject(method.to_string()))?;
         let correlation = Correlation {
@@ -154,17 +148,10 @@ impl ListenerPool {
         args: Value,
         timeout: Duration,
     ) -> Result<Value, RpcError> {
-        if let Some(transport) = self.amqp10() {
+        let node = self.node();
+        if let Some(transport) = &node.amqp10 {
             // Over AMQP 1.0 no worker is needed: the node's reply link takes the reply.
-            return amqp10::call(
-                transport,
-                self.amqp10_settings(),
-                target,
-                method,
-                args,
-                timeout,
-            )
-            .await;
+            return amqp10::call(transport, node, target, method, args, timeout).await;
         }
         if target.fanout {
             // Refused before a worker is taken.
@@ -184,8 +171,9 @@ impl ListenerPool {
         args: Value,
         timeout: Duration,
     ) -> Result<(), RpcError> {
-        if let Some(transport) = self.amqp10() {
-            return amqp10::cast(transport, self.rpc_config(), target, method, args, timeout).await;
+        let node = self.node();
+        if let Some(transport) = &node.amqp10 {
+            return amqp10::cast(transport, node, target, method, args, timeout).await;
         }
         let cast = async |checkout: &mut Checkout| {
             checkout.cast_target(target, method, args, timeout).await
@@ -193,7 +181,8 @@ impl ListenerPool {
         self.with_checkout(cast).await?
     }
 
-    /// Checkout, [`Checkout::fanout_cast`], check-in.
+    /// [`ListenerPool::cast_target`] to every server of `target`'s topic (the target as a
+    /// fanout one).
     pub async fn fanout_cast(
         &self,
         target: &Target,
@@ -201,14 +190,7 @@ impl ListenerPool {
         args: Value,
         timeout: Duration,
     ) -> Result<(), RpcError> {
-        if self.amqp10().is_some() {
-            return self
-                .cast_target(&target.clone().fanout(), method, args, timeout)
-                .await;
-        }
-        let cast = async |checkout: &mut Checkout| {
-            checkout.fanout_cast(target, method, args, timeout).await
-        };
-        self.with_checkout(cast).await?
+        self.cast_target(&target.clone().fanout(), method, args, timeout)
+            .await
     }
 }
