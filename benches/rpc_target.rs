@@ -1,6 +1,6 @@
 //! `cargo bench --bench rpc_target`: calls to an RPC target's group (address B,
-//! `unicast.<topic>`) through warren — a pool of 64 workers calling `ListenerPool::
-//! call_target`, answered by a warren `RpcServer` on the same node — against the same
+//! `unicast.<topic>`) through warren — `ListenerPool::call_target`, its replies coming
+//! to the pool's reply queue, answered by a warren `RpcServer` on the same node — against the same
 //! exchange of messages done with raw lapin in the same run, on the local RabbitMQ.
 //!
 //! Both sides exchange the same messages with the same guarantees: the request JSON
@@ -54,7 +54,7 @@ use warren_runtime::node::Node;
 
 /// Sequential calls per side and round.
 const SEQUENTIAL: usize = 2_000;
-/// Concurrent callers (and pool workers, and requests a server handles at once).
+/// Concurrent callers (and requests a server handles at once).
 const CALLERS: usize = 64;
 /// Calls per concurrent caller and round.
 const PER_CALLER: usize = 200;
@@ -286,8 +286,8 @@ fn percentiles(mut values: Vec<f64>) -> (f64, f64) {
     (at(0.50), at(0.99))
 }
 
-/// The warren side: an `RpcServer` of `topic` (echo: returns its arguments) and a pool of
-/// `CALLERS` workers, all consuming.
+/// The warren side: an `RpcServer` of `topic` (echo: returns its arguments) and a pool
+/// whose reply queue consumes (calls take no worker).
 async fn start_warren(node: &Node, topic: &str) -> (AppContext, Vec<ListenerHandle>) {
     let ctx = AppContext::with_version(
         "bench",
@@ -295,7 +295,7 @@ async fn start_warren(node: &Node, topic: &str) -> (AppContext, Vec<ListenerHand
         AppConfig::new(
             "bench",
             PoolConfig {
-                size: CALLERS,
+                size: 1,
                 overflow: 0,
                 checkout_timeout: TIMEOUT,
                 idle_timeout: Duration::from_secs(60),
@@ -316,14 +316,8 @@ async fn start_warren(node: &Node, topic: &str) -> (AppContext, Vec<ListenerHand
         );
     }
     ctx.pool.spawn().await.expect("pool starts");
-    // Check every worker out once, so no measured call waits for a worker's start-up.
-    let mut ready = Vec::new();
-    for _ in 0..CALLERS {
-        ready.push(ctx.pool.checkout().await.expect("checkout"));
-    }
-    for checkout in ready {
-        checkout.checkin().await;
-    }
+    // The first call starts the pool's reply queue: no measured call waits for it.
+    warren_call(&ctx.pool, topic, 0).await;
     (ctx, servers)
 }
 

@@ -595,6 +595,52 @@ async fn a_late_reply_is_a_timeout_and_is_counted() {
     node.stop().await.expect("node stops");
 }
 
+/// Calls of targets take no worker: with both of the pool's workers checked out, 32
+/// concurrent calls are all answered through the pool's one reply queue.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_take_no_worker_and_share_the_pools_reply_queue() {
+    let name = unique_node("rpc-noworker");
+    let topic = format!("topic-{name}");
+    let node = node(&name).await;
+    let calls = Calls::default();
+    let servers = serve(&node, &topic, &calls).await;
+    let pool = pool(&node).await;
+    let held = (
+        pool.checkout().await.expect("a worker"),
+        pool.checkout().await.expect("the other worker"),
+    );
+    let before = pool.stats();
+    assert_eq!(before.busy, 2, "every worker is checked out: {before:?}");
+    let callers: Vec<_> = (0..32)
+        .map(|i| {
+            let pool = pool.clone();
+            let topic = topic.clone();
+            tokio::spawn(async move {
+                pool.call_target(&Target::new(&topic), "echo", json!({"i": i}), SOON)
+                    .await
+            })
+        })
+        .collect();
+    for (i, caller) in callers.into_iter().enumerate() {
+        let answer = caller
+            .await
+            .expect("the caller did not panic")
+            .expect("answered without a worker");
+        assert_eq!(answer, json!({"i": i}), "each call gets its own reply");
+    }
+    let after = pool.stats();
+    assert_eq!(after.checkouts, before.checkouts, "no call took a worker");
+    assert_eq!(after.late_replies, 0, "no reply went astray: {after:?}");
+    held.0.checkin().await;
+    held.1.checkin().await;
+
+    pool.stop().await;
+    stop_all(&servers).await;
+    let (_connection, channel) = raw_channel(&name).await;
+    delete_queues(&channel, &server_queues(&topic, &[&name])).await;
+    node.stop().await.expect("node stops");
+}
+
 /// A call in flight when its broker dies ends by its timeout (with its reply or a clear
 /// error), and after the failover the topic is served on the other broker.
 #[tokio::test(flavor = "multi_thread")]

@@ -12,10 +12,14 @@
 //! supervised by the pool's own supervisor `pool:<app>`, so a crashed worker is restarted
 //! and a lost channel is replaced like any listener's.
 //!
-//! Files: `worker` (a worker and how its deliveries reach the holder), `checkout` (a checked-out worker), `rpc` (call / call_collect / cast), `figures` (its metrics).
+//! Calls of RPC targets take no worker: their replies come to the pool's one reply queue
+//! (see `replies`).
+//!
+//! Files: `worker` (a worker and how its deliveries reach the holder), `checkout` (a checked-out worker), `rpc` (call / call_collect / cast), `replies` (the reply queue of calls of targets), `figures` (its metrics).
 
 mod checkout;
 mod figures;
+mod replies;
 mod rpc;
 mod worker;
 
@@ -80,8 +84,8 @@ pub struct PoolStats {
     /// Workers retired at check-in because they could not be proven clean (and replaced,
     /// for base workers).
     pub unclean_retired: u64,
-    /// Replies that reached a worker after their call had ended (timed out, or already
-    /// answered): dropped.
+    /// Replies that reached a worker or the reply queue after their call had ended (timed
+    /// out, or already answered): dropped.
     pub late_replies: u64,
     /// Deliveries of temporary bindings dropped because their holder did not read.
     pub dropped_deliveries: u64,
@@ -114,6 +118,8 @@ pub(crate) struct PoolInner {
     waiting: std::sync::atomic::AtomicUsize,
     /// Calls and checkout waits, observed as they happen.
     rpc: RpcFigures,
+    /// The reply queue of calls of RPC targets, once one was made.
+    replies: replies::ReplySlot,
     /// The pool's figures in `/metrics`, for as long as the pool exists.
     _figures: MetricsEntry,
 }
@@ -148,6 +154,7 @@ impl ListenerPool {
             inner: Arc::new_cyclic(|this| PoolInner {
                 _figures: metrics.register(Arc::new(PoolFigures(this.clone()))),
                 rpc: RpcFigures::new(&metrics),
+                replies: replies::ReplySlot::default(),
                 name: name.to_string(),
                 config,
                 ctx: WorkerContext {
@@ -454,6 +461,7 @@ impl PoolInner {
             state.busy = 0;
             state.base = base;
         }
+        self.replies.reset();
         // Workers are independent: they stop together.
         SupervisorSpec::one_for_one(
             format!("pool:{}", self.name),

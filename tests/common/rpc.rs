@@ -30,6 +30,7 @@ pub fn server(topic: &str, me: &str, calls: &Calls) -> RpcServer {
             answered.fetch_add(1, Ordering::SeqCst);
             async move { Ok(json!(me)) }
         })
+        .method("echo", |args: Value| async move { Ok(args) })
         .method("fail", |_args: Value| async {
             Err(RemoteError::new("NotFound", "no such thing"))
         })

@@ -38,6 +38,13 @@ impl Checkout {
         &self.worker
     }
 
+    /// The pool the worker belongs to.
+    pub(crate) fn pool(&self) -> super::ListenerPool {
+        super::ListenerPool {
+            inner: self.pool.clone(),
+        }
+    }
+
     /// The node the worker runs on (see `ListenerPool::node`).
     pub(crate) fn node(&self) -> &warren_runtime::node::NodeContext {
         &self.pool.ctx.node

@@ -17,7 +17,8 @@ pub(crate) struct RpcFigures {
     calls: AtomicU64,
     timeouts: AtomicU64,
     returned: AtomicU64,
-    /// Replies that came after their call ended (shared with every worker's inbox).
+    /// Replies that came after their call ended (shared with every worker's inbox and the
+    /// reply queue).
     pub late: Arc<AtomicU64>,
     /// Deliveries of temporary bindings dropped because their holder did not read
     /// (shared with every worker's inbox).

@@ -98,7 +98,7 @@ pub struct Collected {
 }
 
 /// What happened while waiting for a reply.
-enum Waited {
+pub(super) enum Waited {
     Reply(Envelope),
     Returned(Returned),
     /// The request's publish failed (nacked, blocked, channel lost).
@@ -165,7 +165,7 @@ impl Checkout {
                             }
                         }
                         Ok(None) => return Waited::Deadline,
-                        Err(_) => return last_word(pending).await,
+                        Err(_) => return last_word(&mut pending.sent).await,
                     }
                 }
                 confirmed = confirm => {
@@ -188,20 +188,8 @@ impl Checkout {
         request: Envelope,
         timeout: Duration,
     ) -> Result<Envelope, RpcError> {
-        self.call_with(exchange, routing_key, request, PublishOptions::new(timeout))
-            .await
-    }
-
-    /// As [`Checkout::call`], the request published with `options` (always mandatory;
-    /// the call waits until `options.timeout`): e.g. RPC targets' AMQP properties.
-    pub(crate) async fn call_with(
-        &mut self,
-        exchange: &str,
-        routing_key: &str,
-        request: Envelope,
-        options: PublishOptions,
-    ) -> Result<Envelope, RpcError> {
         let pool = self.pool.clone();
+        let options = PublishOptions::new(timeout);
         pool.rpc
             .timed(self.call_once(exchange, routing_key, request, options))
             .await
@@ -304,8 +292,8 @@ impl Checkout {
 
 /// At the deadline without a reply: the request's confirm, if it is still due, may say why
 /// (`Blocked`, `Nacked`); otherwise it is a plain timeout.
-async fn last_word(pending: &mut Pending) -> Waited {
-    let Some(sent) = pending.sent.take() else {
+pub(super) async fn last_word(sent: &mut Option<Sent>) -> Waited {
+    let Some(sent) = sent.take() else {
         return Waited::Deadline;
     };
     match tokio::time::timeout(LAST_WORD, sent).await {

@@ -1,19 +1,19 @@
-//! The client side of RPC targets: calls and casts through a pool checkout (and the
-//! pool's check-out-call-check-in wrappers).
+//! The client side of RPC targets: calls through the pool, casts through a pool checkout
+//! (and the pool's check-out-cast-check-in wrappers).
 //!
 //! A call publishes its request (mandatory, confirmed) to where its [`Target`] routes, with
-//! `message_id` = its `Msg-ID`, `reply_to` = the worker's queue and `expiration` = the
-//! timeout, and waits for the reply on the worker's queue (which the server publishes to
-//! through the default exchange), correlated by `Msg-ID`; the pool's call machinery does
-//! the waiting, so a call ends with its reply, `Returned`, a publish error or `Timeout`,
-//! never later than its timeout. A reply that comes after that is dropped and counted
-//! (`warren_pool_late_replies`).
+//! `message_id` = its `Msg-ID`, `reply_to` = the pool's reply queue and `expiration` = the
+//! timeout, and waits for the reply on that queue (which the server publishes to through
+//! the default exchange), correlated by `Msg-ID`; the pool's reply queue does the waiting,
+//! so a call ends with its reply, `Returned`, a publish error or `Timeout`, never later
+//! than its timeout, and takes no worker. A reply that comes after that is dropped and
+//! counted (`warren_pool_late_replies`).
 //!
 //! With `[rpc] transport = "amqp10"` every one of these goes over the node's AMQP 1.0
-//! transport instead (see `amqp10`); the pool's wrappers then take no worker.
+//! transport instead (see `amqp10`); the pool's wrappers then take no worker either.
 //!
 //! Owns: turning targets, methods and arguments into requests and replies into results.
-//! Must not touch: the pool's waiting and correlation (`pool::rpc`), the server.
+//! Must not touch: the pool's waiting and correlation (`pool::replies`), the server.
 
 use std::time::Duration;
 
@@ -28,11 +28,8 @@ use super::{amqp10, wire};
 use crate::pool::{Checkout, ListenerPool, RpcError};
 
 impl Checkout {
-    /// Calls `method` on one server of `target` (the named one, or any of the group) and
-    /// returns its result, or why there is none: `Remote` (the server's error),
-    /// `Timeout`, `Returned` (no server's queue took the request), `FanoutCall` (a fanout
-    /// target: refused, nothing published), `Target` (a bad target or arguments that are
-    /// not a JSON object), `Publish`.
+    /// [`ListenerPool::call_target`] of the checkout's pool: a call takes no worker (its
+    /// reply comes to the pool's reply queue), so the checked-out one stays free.
     pub async fn call_target(
         &mut self,
         target: &Target,
@@ -40,31 +37,7 @@ impl Checkout {
         args: Value,
         timeout: Duration,
     ) -> Result<Value, RpcError> {
-        let node = self.node();
-        if let Some(transport) = &node.amqp10 {
-            return amqp10::call(transport, node, target, method, args, timeout).await;
-        }
-        if target.fanout {
-            return Err(RpcError::FanoutCall(target.topic.clone()));
-        }
-        let route = target.route(&self.node().rpc)?;
-        let mut request = wire::request(method, args)
-            .map_err(|_| TargetError::ArgsNotObject(method.to_string()))?;
-        // Peers that read only AMQP properties find the id, their answer's queue and the
-        // caller's patience there.
-        let correlation = Correlation {
-            message_id: Some(request.ensure_msg_id().to_string()),
-            correlation_id: None,
-            reply_to: Some(self.queue()),
-        };
-        let options = PublishOptions::new(timeout)
-            .expiration(timeout)
-            .correlation(correlation);
-        declare_route(&self.request_publisher(), &route, target.fanout, timeout).await?;
-        let reply = self
-            .call_with(&route.exchange, &route.routing_key, request, options)
-            .await?;
-        wire::outcome(&reply).map_err(RpcError::Remote)
+        self.pool().call_target(target, method, args, timeout).await
     }
 
     /// Sends `method` to `target` without waiting for a result (fire and forget, but
@@ -82,7 +55,7 @@ impl Checkout {
         if let Some(transport) = &node.amqp10 {
             return amqp10::cast(transport, node, target, method, args, timeout).await;
         }
-        let route = target.route(&self.node().rpc)?;
+        let route = target.route(&node.rpc)?;
         let mut request = wire::request(method, args)
             .map_err(|_| TargetError::ArgsNotObject(method.to_string()))?;
         let correlation = Correlation {
@@ -140,7 +113,13 @@ async fn declare_route(
 }
 
 impl ListenerPool {
-    /// Checkout, [`Checkout::call_target`], check-in.
+    /// Calls `method` on one server of `target` (the named one, or any of the group) and
+    /// returns its result, or why there is none: `Remote` (the server's error),
+    /// `Timeout`, `Returned` (no server's queue took the request), `FanoutCall` (a fanout
+    /// target: refused, nothing published), `Target` (a bad target or arguments that are
+    /// not a JSON object), `Publish`, `Pool` (the pool's reply queue did not consume
+    /// within the checkout timeout). It takes no worker: the reply comes to the pool's
+    /// reply queue.
     pub async fn call_target(
         &self,
         target: &Target,
@@ -150,17 +129,31 @@ impl ListenerPool {
     ) -> Result<Value, RpcError> {
         let node = self.node();
         if let Some(transport) = &node.amqp10 {
-            // Over AMQP 1.0 no worker is needed: the node's reply link takes the reply.
+            // Over AMQP 1.0 the node's reply link takes the reply.
             return amqp10::call(transport, node, target, method, args, timeout).await;
         }
         if target.fanout {
-            // Refused before a worker is taken.
             return Err(RpcError::FanoutCall(target.topic.clone()));
         }
-        let call = async |checkout: &mut Checkout| {
-            checkout.call_target(target, method, args, timeout).await
+        let route = target.route(&node.rpc)?;
+        let mut request = wire::request(method, args)
+            .map_err(|_| TargetError::ArgsNotObject(method.to_string()))?;
+        let replies = self.replies().await?;
+        // Peers that read only AMQP properties find the id, their answer's queue and the
+        // caller's patience there.
+        let correlation = Correlation {
+            message_id: Some(request.ensure_msg_id().to_string()),
+            correlation_id: None,
+            reply_to: Some(replies.queue().to_string()),
         };
-        self.with_checkout(call).await?
+        let options = PublishOptions::new(timeout)
+            .expiration(timeout)
+            .correlation(correlation);
+        declare_route(replies.publisher(), &route, target.fanout, timeout).await?;
+        let reply = replies
+            .call(&route.exchange, &route.routing_key, request, options)
+            .await?;
+        wire::outcome(reply.envelope()).map_err(RpcError::Remote)
     }
 
     /// Checkout, [`Checkout::cast_target`], check-in.
