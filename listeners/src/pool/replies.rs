@@ -32,7 +32,7 @@ use warren_runtime::supervisor::{self, Restart};
 use super::rpc::{RpcError, Waited, last_word};
 use super::{ListenerPool, PoolError, PoolInner};
 use crate::listener::{
-    AckMode, Event, HandlerError, Listener, ListenerHandle, ListenerSpec, QueueSpec,
+    AckMode, Dispatch, Event, Listener, ListenerHandle, ListenerSpec, QueueSpec,
     node_listener_child,
 };
 
@@ -83,7 +83,8 @@ impl Waiting {
     }
 }
 
-/// The listener behind a reply queue.
+/// The listener behind a reply queue: it hands replies over in its `on_event`, without
+/// a responder.
 struct ReplyListener {
     name: String,
     waiting: Arc<Waiting>,
@@ -91,17 +92,18 @@ struct ReplyListener {
 
 impl Listener for ReplyListener {
     fn spec(&self) -> ListenerSpec {
-        let waiting = self.waiting.clone();
         ListenerSpec::new(self.name.clone())
             // Reached through the default exchange only: no binding.
             .queue(QueueSpec::anonymous())
             .concurrency(1)
             // Replies die with their call: no acks (see the module docs).
             .ack(AckMode::Broker)
-            .responder("*", "*", move |event: Event| {
-                waiting.answer(event);
-                async { Ok::<(), HandlerError>(()) }
-            })
+    }
+
+    /// Hands each reply to its call right here, so that no handler runs for it.
+    fn on_event(&self, event: &Event) -> Dispatch {
+        self.waiting.answer(event.clone());
+        Dispatch::Suppress
     }
 }
 
@@ -303,5 +305,55 @@ impl Replies {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::TestEvent;
+
+    fn listener() -> (ReplyListener, Arc<Waiting>) {
+        let waiting = Arc::new(Waiting {
+            calls: Mutex::default(),
+            late: Arc::default(),
+        });
+        let listener = ReplyListener {
+            name: "pool-test-replies".to_string(),
+            waiting: waiting.clone(),
+        };
+        (listener, waiting)
+    }
+
+    fn reply(msg_id: &str) -> TestEvent {
+        TestEvent::new(Envelope::new("rpc", "reply").with(keys::MSG_ID, msg_id))
+    }
+
+    #[tokio::test]
+    async fn a_reply_reaches_its_call_without_a_handler_and_a_stray_one_is_counted() {
+        let (listener, waiting) = listener();
+        let (tx, call) = oneshot::channel();
+        waiting.calls.lock().insert("a".to_string(), tx);
+        let handled = reply("a").run(&listener).await.expect("a valid spec");
+        assert!(handled.suppressed && handled.responders == 0, "{handled:?}");
+        let answer = call.await.expect("the call got its reply");
+        assert_eq!(answer.envelope().msg_id(), Some("a"));
+        assert!(waiting.calls.lock().is_empty());
+        // Its copy, and a reply of no call: late.
+        reply("a").run(&listener).await.expect("a valid spec");
+        reply("b").run(&listener).await.expect("a valid spec");
+        assert_eq!(waiting.late.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_call_that_ends_forgets_its_registration() {
+        let (_listener, waiting) = listener();
+        let (tx, _call) = oneshot::channel();
+        waiting.calls.lock().insert("a".to_string(), tx);
+        drop(Registered {
+            waiting: &waiting,
+            msg_id: "a".to_string(),
+        });
+        assert!(waiting.calls.lock().is_empty());
     }
 }
