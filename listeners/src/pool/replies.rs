@@ -39,8 +39,8 @@ use crate::listener::{
 /// The reply queue of a pool's current epoch, once a call started it.
 #[derive(Default)]
 pub(super) struct ReplySlot {
-    /// The running reply queue and the epoch it belongs to.
-    current: Mutex<Option<(u64, Arc<ReplyQueue>)>>,
+    /// The running reply queue (cleared when the pool starts a new epoch).
+    current: Mutex<Option<Arc<ReplyQueue>>>,
     /// Held while one is being started, so that concurrent first calls start one.
     starting: tokio::sync::Mutex<()>,
 }
@@ -138,12 +138,7 @@ impl ListenerPool {
         if inner.supervisor.is_empty() {
             return Err(PoolError::NotRunning(inner.name.clone()));
         }
-        let running = inner
-            .replies
-            .current
-            .lock()
-            .as_ref()
-            .map(|(_, q)| q.clone());
+        let running = inner.replies.current.lock().clone();
         let queue = match running {
             Some(queue) => queue,
             None => {
@@ -152,7 +147,7 @@ impl ListenerPool {
                 let starter = inner.clone();
                 let start = tokio::spawn(async move { starter.start_replies().await });
                 match tokio::time::timeout_at(deadline, start).await {
-                    Ok(Ok(started)) => started?,
+                    Ok(Ok(result)) => result?,
                     Ok(Err(_)) => return Err(PoolError::NotRunning(inner.name.clone())),
                     Err(_) => return Err(not_ready(inner, started)),
                 }
@@ -191,8 +186,8 @@ impl PoolInner {
     async fn start_replies(self: Arc<Self>) -> Result<Arc<ReplyQueue>, PoolError> {
         let not_running = || PoolError::NotRunning(self.name.clone());
         let _starting = self.replies.starting.lock().await;
-        if let Some((_, queue)) = self.replies.current.lock().as_ref() {
-            return Ok(queue.clone());
+        if let Some(queue) = self.replies.current.lock().clone() {
+            return Ok(queue);
         }
         let epoch = self.state.lock().epoch;
         let supervisor = self.supervisor.get().ok_or_else(not_running)?;
@@ -219,7 +214,7 @@ impl PoolInner {
             // The supervisor it started under is gone already.
             return Err(not_running());
         }
-        *current = Some((epoch, queue.clone()));
+        *current = Some(queue.clone());
         tracing::debug!(pool = %self.name, "reply queue started");
         Ok(queue)
     }
@@ -286,7 +281,8 @@ impl Replies {
                 answered = tokio::time::timeout_at(deadline, &mut reply) => {
                     return match answered {
                         Ok(Ok(event)) => Ok(event),
-                        // The reply queue went (its pool stopped): no reply can come.
+                        // Its sender went without a reply (not while the call is
+                        // registered): no reply can come.
                         Ok(Err(_)) => Err(RpcError::Timeout(timeout)),
                         Err(_) => match last_word(&mut sent).await {
                             Waited::Returned(returned) => Err(RpcError::Returned(returned)),
