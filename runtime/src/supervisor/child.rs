@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use ractor::{Actor, ActorCell, SpawnErr};
+use ractor::{Actor, ActorCell, ActorStatus, SpawnErr};
 use tokio::time::Instant;
 
 use super::deadline::StopDeadline;
@@ -143,18 +143,50 @@ impl ChildSpec {
                 });
             }
         };
-        let linked = cell
-            .try_get_supervisor()
-            .is_some_and(|sup| sup.get_id() == supervisor.get_id());
-        if !linked {
-            // Without the link no exit event would ever reach us.
-            tracing::warn!(
-                child = %self.id,
-                "start function did not link the child to its supervisor; linking it now"
-            );
-            cell.link(supervisor.clone());
+        match link_state(&cell, supervisor) {
+            LinkState::Linked => {}
+            // Its exit went to the supervisor it was linked to, which ractor then
+            // unlinked (a temporary child such as the node's bootstrap often ends
+            // before this look); nothing to link, nothing wrong.
+            LinkState::Ended => {
+                tracing::debug!(child = %self.id, "child ended while it was being started");
+            }
+            LinkState::Unlinked => {
+                // Without the link no exit event would ever reach us.
+                tracing::warn!(
+                    child = %self.id,
+                    "start function did not link the child to its supervisor; linking it now"
+                );
+                cell.link(supervisor.clone());
+            }
         }
         Ok(cell)
+    }
+}
+
+/// How a just-started child stands towards its supervisor.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum LinkState {
+    Linked,
+    /// Stopping or stopped already: ractor unlinks an actor when it ends, after telling
+    /// its supervisor, so a missing link says nothing about how it was started.
+    Ended,
+    /// Running but not linked to the supervisor: its start function spawned it
+    /// unlinked.
+    Unlinked,
+}
+
+/// Whether `cell` is linked to `supervisor`, or ended before anyone could tell.
+pub(super) fn link_state(cell: &ActorCell, supervisor: &ActorCell) -> LinkState {
+    let linked = cell
+        .try_get_supervisor()
+        .is_some_and(|sup| sup.get_id() == supervisor.get_id());
+    if linked {
+        LinkState::Linked
+    } else if cell.get_status() >= ActorStatus::Stopping {
+        LinkState::Ended
+    } else {
+        LinkState::Unlinked
     }
 }
 

@@ -797,6 +797,35 @@ async fn exits_of_unknown_actors_are_ignored() {
     sup.stop_and_wait(None, Some(DEADLINE)).await.unwrap();
 }
 
+/// A child that ends before its start is checked (the node's temporary bootstrap, when
+/// the broker is ready at once) was linked: ractor unlinks an actor once it has told its
+/// supervisor it ended. So it is not taken for a child spawned unlinked (which logged a
+/// warning on every start of `warren run`), while one really spawned unlinked still is.
+#[tokio::test]
+async fn a_child_that_ended_during_its_start_is_not_taken_for_an_unlinked_one() {
+    use super::child::{LinkState, link_state};
+    let log = Log::default();
+    let sup = start(sup_spec("links", Strategy::OneForOne, vec![])).await;
+    let sup_cell = sup.get_cell();
+    let (linked, _) = Actor::spawn_linked(None, TestChild, args("linked", &log), sup_cell.clone())
+        .await
+        .unwrap();
+    assert_eq!(link_state(&linked.get_cell(), &sup_cell), LinkState::Linked);
+    linked.send_message(TestMsg::StopNormally).unwrap();
+    wait_stopped(&linked.get_cell()).await;
+    assert_eq!(link_state(&linked.get_cell(), &sup_cell), LinkState::Ended);
+    let (unlinked, _) = Actor::spawn(None, TestChild, args("unlinked", &log))
+        .await
+        .unwrap();
+    assert_eq!(
+        link_state(&unlinked.get_cell(), &sup_cell),
+        LinkState::Unlinked
+    );
+    unlinked.stop_and_wait(None, Some(DEADLINE)).await.unwrap();
+    assert_eq!(sup.get_status(), ActorStatus::Running);
+    sup.stop_and_wait(None, Some(DEADLINE)).await.unwrap();
+}
+
 /// A supervisor told a deadline stops every child by it, however much they ask for: a
 /// hung child that asks for seconds is killed in time for the ones after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
