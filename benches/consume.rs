@@ -27,7 +27,7 @@
 
 mod common;
 
-use common::{MESSAGES, ROUNDS, Reads, SIZE};
+use common::{MESSAGES, Reads, SIZE};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -41,7 +41,6 @@ use warren_runtime::node::Node;
 static ALLOCATOR: common::Counting = common::Counting;
 
 const PREFETCH: u16 = 200;
-const EXCHANGE: &str = "warren-bench-consume";
 
 #[tokio::main]
 async fn main() {
@@ -49,15 +48,16 @@ async fn main() {
     let (_setup, channel) = common::setup_channel("bench-consume/setup").await;
     let node = common::start_node("consume", common::METRICS_ON).await;
     let quiet = common::start_node("consume-quiet", "").await;
+    let exchange = common::of_this_run("warren-bench-consume");
     let queue = format!("warren-bench-consume-{}", std::process::id());
     let mut rounds = common::Rounds::default();
     let mut bare = common::Rounds::default();
     let mut tasked = common::Rounds::default();
     let mut cost = common::MetricsCost::default();
-    for round in 1..=ROUNDS {
+    for round in 1..=common::rounds() {
         let fill = || async {
-            common::fresh_queue(&channel, EXCHANGE, &queue).await;
-            common::prepublish(&channel, EXCHANGE, MESSAGES, SIZE).await;
+            common::fresh_queue(&channel, &exchange, &queue).await;
+            common::prepublish(&channel, &exchange, MESSAGES, SIZE).await;
         };
         let lapin = async {
             fill().await;
@@ -99,12 +99,12 @@ async fn main() {
         bare.push(round, "msg/s (warren, lapin bare)", warren, drained);
     }
     // Allocations per message, in one untimed round of each side.
-    common::fresh_queue(&channel, EXCHANGE, &queue).await;
-    common::prepublish(&channel, EXCHANGE, MESSAGES, SIZE).await;
+    common::fresh_queue(&channel, &exchange, &queue).await;
+    common::prepublish(&channel, &exchange, MESSAGES, SIZE).await;
     let consume = common::fast_lapin_consumer(&queue, MESSAGES, PREFETCH, Reads::Routing);
     let (_, lapin) = common::allocations_during(consume).await;
-    common::fresh_queue(&channel, EXCHANGE, &queue).await;
-    common::prepublish(&channel, EXCHANGE, MESSAGES, SIZE).await;
+    common::fresh_queue(&channel, &exchange, &queue).await;
+    common::prepublish(&channel, &exchange, MESSAGES, SIZE).await;
     let (_, warren) = common::allocations_during(warren_listener(&node, &queue)).await;
     let (warren, lapin) = (
         warren as f64 / MESSAGES as f64,
@@ -116,6 +116,7 @@ async fn main() {
         warren / lapin
     );
     common::delete_queue(&channel, &queue).await;
+    common::delete_exchange(&channel, &exchange).await;
     let _ = node.stop().await;
     let _ = quiet.stop().await;
     let bare_ratio = bare.ratio();

@@ -44,9 +44,9 @@ const PREFIX: &str = "warren-bench-ep";
 #[tokio::main]
 async fn main() {
     let (_setup, channel) = common::setup_channel("bench-event_pusher/setup").await;
-    let exchange = format!("{PREFIX}-chat");
+    let exchange = common::of_this_run(&format!("{PREFIX}-chat"));
     let queue = format!("{PREFIX}-{}", std::process::id());
-    let (node, pusher) = start().await;
+    let (node, pusher) = start(&exchange).await;
     let events = events();
     let bodies: Arc<Vec<Outgoing>> = Arc::new(
         events
@@ -103,6 +103,7 @@ async fn main() {
         "POST /events, batches of {HTTP_BATCH}, {HTTP_CLIENTS} clients: {requests:.1} requests/s ({http_events:.0} events/s)"
     );
     common::delete_queue(&channel, &queue).await;
+    common::delete_exchange(&channel, &exchange).await;
     let _ = node.stop().await;
     rounds.report_with(
         "event_pusher",
@@ -112,12 +113,13 @@ async fn main() {
     );
 }
 
-/// A node running the pusher (histograms on, as in production) with its route.
-async fn start() -> (Node, EventPusher) {
+/// A node running the pusher (histograms on, as in production) with its route; its chat
+/// events go to `chat` (this run's exchange).
+async fn start(chat: &str) -> (Node, EventPusher) {
     let text = format!(
         "[service]\nnode = \"bench-event_pusher-{}\"\n[publisher]\nconfirm_window = {WINDOW}\n{}\n\
          [zones.local]\nbrokers = [\"{}\"]\n\n[apps.event_pusher]\n\
-         chat_msg_exchange.name = \"{PREFIX}-chat\"\npresence_exchange.name = \"{PREFIX}-presence\"\n\
+         chat_msg_exchange.name = \"{chat}\"\npresence_exchange.name = \"{PREFIX}-presence\"\n\
          groupchat_msg_exchange.name = \"{PREFIX}-groupchat\"\nlanes = {LANES}\nlane_window = {LANE_WINDOW}\n\
          persistent = false\ndurable_exchanges = false\n",
         std::process::id(),

@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::{MESSAGES, ROUNDS, SIZE};
+use common::{MESSAGES, SIZE};
 
 use std::time::Instant;
 
@@ -23,27 +23,27 @@ use warren_runtime::envelope::{Envelope, publish_properties};
 use warren_runtime::node::Node;
 
 const WINDOW: usize = 1000;
-const EXCHANGE: &str = "warren-bench-publish";
 
 #[tokio::main]
 async fn main() {
     common::start_tls();
     let (_setup, channel) = common::setup_channel("bench-publish/setup").await;
+    let exchange = common::of_this_run("warren-bench-publish");
     let queue = format!("warren-bench-publish-{}", std::process::id());
     let settings = format!("[publisher]\nconfirm_window = {WINDOW}\n");
     let node = common::start_node("publish", &(settings.clone() + common::METRICS_ON)).await;
     let quiet = common::start_node("publish-quiet", &settings).await;
     let mut rounds = common::Rounds::default();
     let mut cost = common::MetricsCost::default();
-    for round in 1..=ROUNDS {
+    for round in 1..=common::rounds() {
         let lapin = async {
-            common::fresh_queue(&channel, EXCHANGE, &queue).await;
-            lapin_publisher().await
+            common::fresh_queue(&channel, &exchange, &queue).await;
+            lapin_publisher(&exchange).await
         };
-        let (channel, queue) = (&channel, queue.as_str());
+        let (channel, exchange, queue) = (&channel, exchange.as_str(), queue.as_str());
         let timed = |node| async move {
-            common::fresh_queue(channel, EXCHANGE, queue).await;
-            warren_publisher(node).await
+            common::fresh_queue(channel, exchange, queue).await;
+            warren_publisher(node, exchange).await
         };
         let warren = common::in_turn(round, timed(&node), timed(&quiet));
         let ((warren, quiet_rate), lapin) = common::in_turn(round, warren, lapin).await;
@@ -51,6 +51,7 @@ async fn main() {
         cost.push(round, "msg/s", warren, quiet_rate);
     }
     common::delete_queue(&channel, &queue).await;
+    common::delete_exchange(&channel, &exchange).await;
     let _ = node.stop().await;
     let _ = quiet.stop().await;
     let bench = if common::over_tls() {
@@ -72,7 +73,7 @@ fn envelope(i: usize) -> Envelope {
 
 /// Confirm mode, `WINDOW` publishes in flight at once (written and confirmed
 /// concurrently, the fastest pattern lapin allows).
-async fn lapin_publisher() -> f64 {
+async fn lapin_publisher(exchange: &str) -> f64 {
     let connection = common::connect("bench-publish/lapin").await;
     let channel = connection.create_channel().await.expect("channel");
     channel
@@ -93,7 +94,7 @@ async fn lapin_publisher() -> f64 {
         inflight.push(async move {
             let confirm = channel
                 .basic_publish(
-                    EXCHANGE.into(),
+                    exchange.into(),
                     "bench".into(),
                     BasicPublishOptions::default(),
                     &envelope.encode(),
@@ -113,7 +114,7 @@ async fn lapin_publisher() -> f64 {
 }
 
 /// The node's publisher, `WINDOW` publishes in flight.
-async fn warren_publisher(node: &Node) -> f64 {
+async fn warren_publisher(node: &Node, exchange: &str) -> f64 {
     let publisher = node.context().publisher.clone();
     let envelopes: Vec<Envelope> = (0..MESSAGES).map(envelope).collect();
     let options = publisher.options();
@@ -129,7 +130,7 @@ async fn warren_publisher(node: &Node) -> f64 {
         let (publisher, options) = (publisher.clone(), options.clone());
         inflight.push(async move {
             publisher
-                .publish(EXCHANGE, "bench", envelope, options)
+                .publish(exchange, "bench", envelope, options)
                 .await
         });
     }

@@ -12,8 +12,6 @@
 
 mod common;
 
-use common::ROUNDS;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -74,7 +72,7 @@ async fn main() {
     let (_setup, channel) = common::setup_channel("bench-router/setup").await;
     let queue = format!("{exchange}-lapin");
     let mut rounds = common::Rounds::default();
-    for round in 1..=ROUNDS {
+    for round in 1..=common::rounds() {
         common::recreate_queue(&channel, &exchange, &queue).await;
         router.listener().pause().await.expect("pause the router");
         assert!(

@@ -60,7 +60,7 @@ async fn bench() {
         common::Rounds::default(),
         common::Rounds::default(),
     );
-    for round in 1..=common::ROUNDS {
+    for round in 1..=common::rounds() {
         let ((warren_p50, warren_p99), (lapin_p50, lapin_p99)) = common::in_turn(
             round,
             async { percentiles(sequential(|| warren_call(&pool)).await) },

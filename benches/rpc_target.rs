@@ -24,7 +24,7 @@
 //! says; reported beside the others with their ratio to lapin's 0-9-1 figures.
 //!
 //! Reports the p50 and p99 of sequential calls and the calls per second of 64 concurrent
-//! callers, each the median of `common::ROUNDS` interleaved rounds with the spread; every
+//! callers, each the median of `common::rounds()` interleaved rounds with the spread; every
 //! measured section runs in `tokio::spawn`ed tasks (callers as runtime tasks, as app code
 //! runs). The last line is one JSON object: `{"bench":"rpc_target","warren":<p50 µs>,
 //! "lapin":<p50 µs>,"ratio":<warren p50 / lapin p50>,"amqp10_p50":<µs>,
@@ -126,7 +126,7 @@ async fn main() {
             async move { warren_target_call(&pool, &target, i).await }
         }
     };
-    for round in 1..=common::ROUNDS {
+    for round in 1..=common::rounds() {
         let ((warren_p50, warren_p99), (lapin_p50, lapin_p99)) = common::in_turn(
             round,
             async { percentiles(sequential(warren.clone()).await) },

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueuePurgeOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use warren_runtime::envelope::{Envelope, publish_properties};
 
@@ -98,8 +99,23 @@ pub const MESSAGES: usize = 200_000;
 /// The encoded size of each benchmark envelope, in bytes.
 pub const SIZE: usize = 256;
 /// Rounds per benchmark, interleaved (see [`in_turn`]); the median is reported with the
-/// spread, so one or two noisy rounds cannot move the figure.
+/// spread, so one or two noisy rounds cannot move the figure. `WARREN_BENCH_ROUNDS`
+/// asks for more on a noisy machine (never fewer than [`MIN_ROUNDS`]).
 pub const ROUNDS: usize = 7;
+/// The fewest rounds a micro-benchmark's median is taken over.
+pub const MIN_ROUNDS: usize = 5;
+
+/// The rounds to run: `WARREN_BENCH_ROUNDS` if set (at least [`MIN_ROUNDS`]), else
+/// [`ROUNDS`].
+pub fn rounds() -> usize {
+    match std::env::var("WARREN_BENCH_ROUNDS") {
+        Ok(value) => match value.trim().parse::<usize>() {
+            Ok(rounds) => rounds.max(MIN_ROUNDS),
+            Err(_) => panic!("WARREN_BENCH_ROUNDS must be a number of rounds, not {value:?}"),
+        },
+        Err(_) => ROUNDS,
+    }
+}
 
 /// A set-up connection and a channel on it.
 pub async fn setup_channel(name: &str) -> (Connection, Channel) {
@@ -126,12 +142,33 @@ pub async fn fresh_queue(channel: &Channel, exchange: &str, queue: &str) {
         .expect("purge");
 }
 
-/// Deletes `queue`, declares it again and binds it to `exchange` with `#`.
+/// How long a bench's queue outlives a run that was interrupted before deleting it
+/// (RabbitMQ's `x-expires`: unused, no consumer and not declared again, for this long).
+/// Far longer than any round, in which the queue is declared again or consumed.
+pub const ABANDONED_QUEUE_EXPIRY: Duration = Duration::from_secs(600);
+
+/// A name of this run's own: `base` and the process id. A bench publishes to an exchange
+/// of its run, so that a queue left behind by an interrupted run (bound to that run's
+/// exchange) never receives this run's messages: a stale queue bound to a shared exchange
+/// took a copy of every later message, and its growing backlog slowed the broker for
+/// every run after it.
+pub fn of_this_run(base: &str) -> String {
+    format!("{base}-{}", std::process::id())
+}
+
+/// Deletes `queue`, declares it again (expiring [`ABANDONED_QUEUE_EXPIRY`] after its run
+/// stops using it) and binds it to `exchange` with `#`.
 pub async fn recreate_queue(channel: &Channel, exchange: &str, queue: &str) {
     let _ = channel
         .queue_delete(queue.into(), QueueDeleteOptions::default())
         .await;
-    declare_queue(channel, queue, QueueDeclareOptions::default()).await;
+    let mut arguments = FieldTable::default();
+    let expiry = u32::try_from(ABANDONED_QUEUE_EXPIRY.as_millis()).unwrap_or(u32::MAX);
+    arguments.insert("x-expires".into(), AMQPValue::LongUInt(expiry));
+    channel
+        .queue_declare(queue.into(), QueueDeclareOptions::default(), arguments)
+        .await
+        .expect("queue");
     bind(channel, queue, exchange, "#").await;
 }
 
@@ -416,6 +453,13 @@ pub fn process_cpu() -> Duration {
 pub async fn delete_queue(channel: &Channel, queue: &str) {
     let _ = channel
         .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await;
+}
+
+/// Deletes this run's `exchange` (see [`of_this_run`]) at its end.
+pub async fn delete_exchange(channel: &Channel, exchange: &str) {
+    let _ = channel
+        .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
         .await;
 }
 
