@@ -3,7 +3,8 @@
 //! new span id, starts a trace for a request without one (or with a malformed one), and,
 //! with `WARREN_LOG_FORMAT=json`, logs JSON lines whose handler span carries the trace id;
 //! a pool call made inside a handler carries the handler's trace, and one made outside
-//! any handler starts a new trace.
+//! any handler starts a new trace; with `[publisher] new_traces = false` a node passes on
+//! the traces it receives and writes none of its own.
 
 mod common;
 
@@ -183,74 +184,132 @@ async fn an_unknown_log_format_is_a_start_error() {
     );
 }
 
+/// A node started with `extra` config, whose relay listener sends a `probe` `req` to the
+/// probe queue for every `relay` `req` it gets on its own exchange: a pool call (nobody
+/// answers: it times out, which is fine here) or a cast. The client reads the probes.
+struct Relay {
+    node: warren_runtime::node::Node,
+    ctx: warren_listeners::AppContext,
+    relay: warren_listeners::ListenerHandle,
+    client: Client,
+    exchange: String,
+    probe: String,
+    probes: Consumer,
+}
+
+impl Relay {
+    async fn start(prefix: &str, extra: &str, call: bool) -> Relay {
+        let name = unique_node(prefix);
+        let node = start_node(config(&name, &[local_uri()], extra)).await;
+        let ctx = app_context(&node, &name);
+        ctx.pool.spawn().await.expect("pool starts");
+        let client = Client::connect(&local_uri(), &name).await;
+        let probe = format!("{name}-probe");
+        let channel = second_channel(&client).await;
+        let probes = reply_queue(&channel, &probe, true).await;
+        let exchange = format!("{name}-ex");
+        let (pool, target) = (ctx.pool.clone(), probe.clone());
+        let spec = ListenerSpec::new(format!("{name}-relay"))
+            .exchange(Exchange::topic(&exchange))
+            .bind(&exchange, "relay.req")
+            .responder("relay", "req", move |_event: Event| {
+                let (pool, target) = (pool.clone(), target.clone());
+                async move {
+                    let probe = Envelope::new("probe", "req");
+                    // A failed cast shows as a missing probe.
+                    let _ = if call {
+                        let timeout = Duration::from_millis(500);
+                        pool.call(TARGETED, &target, probe, timeout).await.map(drop)
+                    } else {
+                        let timeout = Duration::from_secs(5);
+                        pool.cast(TARGETED, &target, probe, timeout).await
+                    };
+                    Ok(())
+                }
+            });
+        let relay = spawn_listener(SpecListener(spec), &ctx)
+            .await
+            .expect("relay starts");
+        assert!(relay.wait_consuming(true, SOON).await);
+        Relay {
+            node,
+            ctx,
+            relay,
+            client,
+            exchange,
+            probe,
+            probes,
+        }
+    }
+
+    /// Sends a `relay` `req` with this `traceparent` (if any) and returns the trace of
+    /// the probe it makes the handler send.
+    async fn relayed(&mut self, traceparent: Option<&str>) -> Option<TraceContext> {
+        self.client
+            .publish_raw(
+                &self.exchange,
+                "relay.req",
+                &Envelope::new("relay", "req").encode(),
+                properties(traceparent),
+            )
+            .await;
+        let (probe, trace) = next(&mut self.probes).await;
+        assert_eq!((probe.category(), probe.name()), ("probe", "req"));
+        trace
+    }
+
+    /// Casts a `probe` `cast` from outside any handler; returns the trace it arrives with.
+    async fn cast_outside(&mut self) -> Option<TraceContext> {
+        let cast = Envelope::new("probe", "cast");
+        let timeout = Duration::from_secs(5);
+        let sent = self.ctx.pool.cast(TARGETED, &self.probe, cast, timeout);
+        sent.await.expect("cast");
+        let (cast, trace) = next(&mut self.probes).await;
+        assert_eq!(cast.name(), "cast");
+        trace
+    }
+
+    async fn stop(self) {
+        self.relay.stop().await.expect("relay stops");
+        self.ctx.pool.stop().await;
+        self.node.stop().await.expect("node stops");
+    }
+}
+
 /// A pool call made by handler code carries the handler's trace id; a pool cast made
 /// outside any handler starts a new trace.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pool_call_inside_a_handler_carries_its_trace() {
-    let name = unique_node("trace-pool");
-    let node = start_node(config(&name, &[local_uri()], "")).await;
-    let ctx = app_context(&node, &name);
-    ctx.pool.spawn().await.expect("pool starts");
-    let client = Client::connect(&local_uri(), &name).await;
-    let probe = format!("{name}-probe");
-    let channel = second_channel(&client).await;
-    let mut probes = reply_queue(&channel, &probe, true).await;
-
-    let exchange = format!("{name}-ex");
-    let (pool, target) = (ctx.pool.clone(), probe.clone());
-    let spec = ListenerSpec::new(format!("{name}-relay"))
-        .exchange(Exchange::topic(&exchange))
-        .bind(&exchange, "relay.req")
-        .responder("relay", "req", move |_event: Event| {
-            let (pool, target) = (pool.clone(), target.clone());
-            async move {
-                // Nobody answers the probe: the call times out, which is fine here.
-                let _ = pool
-                    .call(
-                        TARGETED,
-                        &target,
-                        Envelope::new("probe", "req"),
-                        Duration::from_millis(500),
-                    )
-                    .await;
-                Ok(())
-            }
-        });
-    let relay = spawn_listener(SpecListener(spec), &ctx)
-        .await
-        .expect("relay starts");
-    assert!(relay.wait_consuming(true, SOON).await);
-
+    let mut relay = Relay::start("trace-pool", "", true).await;
     let sent = TraceContext::new_root();
-    client
-        .publish_raw(
-            &exchange,
-            "relay.req",
-            &Envelope::new("relay", "req").encode(),
-            properties(Some(&sent.to_string())),
-        )
-        .await;
-    let (request, trace) = next(&mut probes).await;
-    assert_eq!((request.category(), request.name()), ("probe", "req"));
+    let trace = relay.relayed(Some(&sent.to_string())).await;
     let trace = trace.expect("the pool request carries a traceparent");
     assert_eq!(trace.trace_id(), sent.trace_id(), "the handler's trace");
     assert_ne!(trace.span_id(), sent.span_id());
 
-    ctx.pool
-        .cast(
-            TARGETED,
-            &probe,
-            Envelope::new("probe", "cast"),
-            Duration::from_secs(5),
-        )
-        .await
-        .expect("cast");
-    let (cast, trace) = next(&mut probes).await;
-    assert_eq!(cast.name(), "cast");
+    let trace = relay.cast_outside().await;
     let trace = trace.expect("a traceparent outside any handler too");
     assert_ne!(trace.trace_id(), sent.trace_id(), "a new trace");
+    relay.stop().await;
+}
 
-    relay.stop().await.expect("relay stops");
-    ctx.pool.stop().await;
-    node.stop().await.expect("node stops");
+/// With `[publisher] new_traces = false` a node passes on the traces its messages bring and
+/// writes none of its own: a handler's cast carries the trace of a traced request, and
+/// nothing for an untraced one; a cast outside any handler carries nothing either.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_without_new_traces_continues_traces_and_starts_none() {
+    let extra = "\n[publisher]\nnew_traces = false\n";
+    let mut relay = Relay::start("trace-continue", extra, false).await;
+    let sent = TraceContext::new_root();
+    let trace = relay.relayed(Some(&sent.to_string())).await;
+    let trace = trace.expect("a trace the request brought is passed on");
+    assert_eq!(trace.trace_id(), sent.trace_id());
+
+    let trace = relay.relayed(None).await;
+    assert_eq!(
+        trace, None,
+        "no trace of this node's own on an untraced request's cast"
+    );
+    assert_eq!(relay.cast_outside().await, None, "nor outside any handler");
+    relay.stop().await;
 }

@@ -239,6 +239,10 @@ pub struct PublisherConfig {
     pub timeout: Duration,
     /// Publishes awaiting a broker confirm at once, per node (never 0).
     pub confirm_window: usize,
+    /// Write the traces this node starts (for a message that arrived without a
+    /// `traceparent`, or a call made outside any handler); off, only traces a message
+    /// brought are passed on, and the others stay in this node's logs.
+    pub new_traces: bool,
 }
 
 /// The operator endpoint (`[http]`): Prometheus metrics, health probes and the live

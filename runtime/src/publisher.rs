@@ -17,7 +17,8 @@
 //!   never forever. `confirm.select` on a new channel is bounded by `operation_timeout`.
 //! - A message carries a W3C `traceparent` header (`trace`): a child of
 //!   `PublishOptions::trace`, else of the handler whose work this is; a publish outside
-//!   any trace carries none (calls and casts always name one).
+//!   any trace carries none (calls and casts always name one). A trace this node started
+//!   is written only while `[publisher] new_traces` is on.
 //! - A refusal by the broker (e.g. 404, no such exchange) is not retried; input AMQP cannot
 //!   carry (a routing key over 255 bytes) is `Invalid` before anything is written.
 //! - A mandatory publish goes on a channel of its own for its round trip (`lease`), so its
@@ -50,7 +51,7 @@ use crate::envelope::{Envelope, Stamp};
 use crate::metrics::Metrics;
 use crate::publish_figures::PublishFigures;
 use crate::registry::ConnectionRegistry;
-use crate::trace;
+use crate::trace::{self, TraceContext};
 
 mod declare;
 mod lease;
@@ -99,6 +100,8 @@ struct Inner {
     last_primary: RwLock<Option<BrokerId>>,
     window: Arc<Semaphore>,
     timeout: Duration,
+    /// Write traces this node started (`[publisher] new_traces`).
+    new_traces: bool,
     /// What was published, per broker (reported at each scrape).
     figures: Arc<PublishFigures>,
     /// Bound for `confirm.select` on a new channel.
@@ -246,6 +249,7 @@ impl Publisher {
                 last_primary: RwLock::new(None),
                 window: Arc::new(Semaphore::new(config.confirm_window.max(1))),
                 timeout: config.timeout,
+                new_traces: config.new_traces,
             }),
             stamp: None,
             target: Target::Primary,
@@ -331,7 +335,7 @@ impl Publisher {
         options: PublishOptions,
     ) -> Result<Published, PublishError> {
         let (exchange, routing_key) = confirm::address(exchange, routing_key)?;
-        let properties = match trace::outgoing(options.trace) {
+        let properties = match self.trace(options.trace) {
             Some(trace) => trace.inject_if_absent(properties),
             None => properties,
         };
@@ -465,7 +469,7 @@ impl Publisher {
             Some(correlation) => correlation.apply(properties)?,
             None => properties,
         };
-        let properties = match trace::outgoing(options.trace) {
+        let properties = match self.trace(options.trace) {
             Some(trace) => trace.inject(properties),
             None => properties,
         };
@@ -476,6 +480,13 @@ impl Publisher {
             properties,
             mandatory: options.mandatory,
         })
+    }
+
+    /// The trace an outgoing message carries ([`trace::outgoing`]), unless it is one this
+    /// node started and `[publisher] new_traces` is off: then the message carries none
+    /// (RabbitMQ decodes the headers table of every message that has one).
+    fn trace(&self, explicit: Option<TraceContext>) -> Option<TraceContext> {
+        trace::outgoing(explicit).filter(|trace| self.inner.new_traces || !trace.started_here())
     }
 
     /// A slot of the confirm window, waiting for one until `deadline`.

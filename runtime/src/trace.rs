@@ -12,6 +12,10 @@
 //! characters when the next one, if any, is `-`; hex is lowercase; an all-zero trace id or
 //! parent id is invalid. Anything invalid is treated as absent: a new trace starts, the
 //! message is never failed over it. Outgoing headers are always version `00`.
+//!
+//! A context remembers whether this node started it ([`TraceContext::started_here`]): the
+//! publisher writes such a trace only when `[publisher] new_traces` is on (the default),
+//! so a node can continue its callers' traces without starting any of its own.
 
 use std::fmt;
 use std::future::Future;
@@ -36,11 +40,29 @@ const LEN: usize = 55;
 /// It exists so that logs of every service a request passes through can be joined by one
 /// trace id. It is `Copy` and holds the ids as bytes: reading it from a delivery
 /// allocates nothing, and the hex is formatted only where it is written or logged.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+/// Two contexts are equal when their `traceparent` values are: where one came from is
+/// not part of it.
+#[derive(Clone, Copy)]
 pub struct TraceContext {
     trace_id: [u8; 16],
     span_id: [u8; 8],
     flags: u8,
+    /// This node started the trace (no message brought it); its children keep this.
+    started_here: bool,
+}
+
+impl PartialEq for TraceContext {
+    fn eq(&self, other: &Self) -> bool {
+        (self.trace_id, self.span_id, self.flags) == (other.trace_id, other.span_id, other.flags)
+    }
+}
+
+impl Eq for TraceContext {}
+
+impl std::hash::Hash for TraceContext {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (self.trace_id, self.span_id, self.flags).hash(state);
+    }
 }
 
 /// A trace id, displayed as 32 lowercase hex digits.
@@ -55,13 +77,16 @@ pub struct TraceId(pub [u8; 16]);
 pub struct SpanId(pub [u8; 8]);
 
 impl TraceContext {
-    /// A new trace: random trace and span ids (never all zero), sampled.
+    /// A new trace started by this node: random trace and span ids (never all zero),
+    /// sampled. The publisher writes it, and its children, only while `[publisher]
+    /// new_traces` is on; see [`TraceContext::started_here`].
     pub fn new_root() -> TraceContext {
         let mut rng = rand::rng();
         TraceContext {
             trace_id: nonzero(|| rng.random::<u128>()).to_be_bytes(),
             span_id: nonzero(|| rng.random::<u64>()).to_be_bytes(),
             flags: SAMPLED,
+            started_here: true,
         }
     }
 
@@ -89,6 +114,12 @@ impl TraceContext {
 
     pub fn sampled(&self) -> bool {
         self.flags & SAMPLED != 0
+    }
+
+    /// This node started the trace ([`TraceContext::new_root`], or a child of one), rather
+    /// than reading it from a message.
+    pub fn started_here(&self) -> bool {
+        self.started_here
     }
 
     /// Parses a `traceparent` value; `None` when it is not valid (see the module docs).
@@ -121,6 +152,7 @@ impl TraceContext {
             trace_id,
             span_id,
             flags: flags & SAMPLED,
+            started_here: false,
         })
     }
 
@@ -244,7 +276,8 @@ pub fn outgoing(parent: Option<TraceContext>) -> Option<TraceContext> {
 }
 
 /// The trace a call or cast belongs to: the work in progress, else a new trace, so that
-/// a request and its replies can always be followed.
+/// a request and its replies can always be followed (written while `[publisher]
+/// new_traces` is on, like every trace this node starts).
 pub fn for_call() -> TraceContext {
     current().unwrap_or_else(TraceContext::new_root)
 }
@@ -390,6 +423,23 @@ mod tests {
         assert_ne!(child.span_id(), root.span_id());
         assert_eq!(child.flags(), root.flags());
         assert_ne!(TraceContext::new_root().trace_id(), root.trace_id());
+    }
+
+    #[test]
+    fn a_trace_knows_whether_this_node_started_it() {
+        let root = TraceContext::new_root();
+        assert!(root.started_here());
+        assert!(
+            root.child().started_here(),
+            "a child keeps where its trace began"
+        );
+        let received = parse(&root.to_string()).expect("valid");
+        assert!(
+            !received.started_here(),
+            "a trace read from a message is the caller's"
+        );
+        assert!(!received.child().started_here());
+        assert_eq!(received, root, "equal as traceparent values");
     }
 
     #[test]

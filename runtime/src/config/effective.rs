@@ -91,6 +91,7 @@ fn write_config(out: &mut String, config: &Config) -> fmt::Result {
     writeln!(out, "\n[publisher]")?;
     millis(out, "timeout_ms", publisher.timeout)?;
     key(out, "confirm_window", publisher.confirm_window)?;
+    key(out, "new_traces", publisher.new_traces)?;
 
     writeln!(out, "\n[router]")?;
     key(out, "exchange", quote(&config.router.exchange))?;

@@ -303,6 +303,7 @@ pub(super) struct RawListener {
 pub(super) struct RawPublisher {
     pub timeout_ms: Option<Spanned<u64>>,
     pub confirm_window: Option<Spanned<usize>>,
+    pub new_traces: Option<bool>,
 }
 
 /// `[http]`.

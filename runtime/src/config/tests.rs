@@ -216,6 +216,7 @@ fn absent_sections_take_the_defaults() {
         PublisherConfig {
             timeout: Duration::from_millis(5000),
             confirm_window: 1000,
+            new_traces: true,
         }
     );
     assert_eq!(
@@ -343,13 +344,16 @@ brokers = [{ uri = "amqp://u:p@10.1.0.1:5672/%2f", tags = ["reports"] }]
 
 #[test]
 fn publisher_values_are_read() {
-    let text = format!("{LOCAL_ZONE}[publisher]\ntimeout_ms = 750\nconfirm_window = 64\n");
+    let text = format!(
+        "{LOCAL_ZONE}[publisher]\ntimeout_ms = 750\nconfirm_window = 64\nnew_traces = false\n"
+    );
     let config = parse(&text).unwrap();
     assert_eq!(
         config.publisher,
         PublisherConfig {
             timeout: Duration::from_millis(750),
             confirm_window: 64,
+            new_traces: false,
         }
     );
     let text = format!("{LOCAL_ZONE}[publisher]\nconfirm_window = 1\n");
@@ -512,7 +516,8 @@ confirm_window = 10
         "{effective}"
     );
     assert!(
-        effective.contains("\n[publisher]\ntimeout_ms = 1200\nconfirm_window = 10\n"),
+        effective
+            .contains("\n[publisher]\ntimeout_ms = 1200\nconfirm_window = 10\nnew_traces = true\n"),
         "{effective}"
     );
     assert!(
@@ -659,6 +664,15 @@ fn out_of_range_and_other_types_are_located() {
         4,
         11,
         "apps.skel.enabled",
+        "expected a boolean",
+    );
+
+    let text = format!("[publisher]\nnew_traces = \"no\"\n{LOCAL_ZONE}");
+    assert_at(
+        &refuse(&text, None),
+        2,
+        14,
+        "publisher.new_traces",
         "expected a boolean",
     );
 

@@ -247,6 +247,7 @@ fn publisher(raw: &RawPublisher, source: &Source<'_>) -> Result<PublisherConfig,
     Ok(PublisherConfig {
         timeout: Duration::from_millis(timeout),
         confirm_window,
+        new_traces: raw.new_traces.unwrap_or(true),
     })
 }
 
