@@ -6,11 +6,12 @@
 //! Both sides exchange the same messages with the same guarantees: the request JSON
 //! (`Event-Category` `rpc`, `Event-Name` = the method, `Msg-ID`, `Args`) is published to
 //! the durable topic exchange `openstack` with routing key `unicast.<topic>`, mandatory and
-//! confirmed, with `message_id`, `reply_to` (the caller's own queue), `expiration` and
-//! `content_type`; the server consumes the durable queue `unicast.<topic>` with manual
+//! confirmed, with `message_id`, `reply_to` (the caller's own queue), `expiration`,
+//! `content_type` and a W3C `traceparent` header (a new trace per call, as a warren call
+//! outside any handler starts one); the server consumes the durable queue `unicast.<topic>` with manual
 //! acks, decodes the request, publishes the reply (`Result` = the arguments) to the
 //! default exchange with routing key = `reply_to`, mandatory and confirmed, with
-//! `correlation_id`, and acks the request once the reply is confirmed; the caller awaits
+//! `correlation_id` and the request's trace continued in its `traceparent`, and acks the request once the reply is confirmed; the caller awaits
 //! the reply and the request's confirm together and checks the reply is its own. A nack
 //! or a return on either side fails the bench (any panic ends the process). The lapin
 //! side is written for speed: one connection per side, replies matched to callers by
@@ -51,6 +52,7 @@ use tokio::sync::oneshot;
 use warren_listeners::{Amqp10Server, AppContext, ListenerHandle, ListenerPool, RpcServer, Target};
 use warren_runtime::config::{AppConfig, PoolConfig};
 use warren_runtime::node::Node;
+use warren_runtime::trace::TraceContext;
 
 /// Sequential calls per side and round.
 const SEQUENTIAL: usize = 2_000;
@@ -466,6 +468,11 @@ async fn start_lapin_server(topic: &str) -> Connection {
                 }
             };
             let body = serde_json::to_vec(&reply).expect("a reply body");
+            let trace = TraceContext::from_properties(properties)
+                .unwrap_or_else(TraceContext::new_root)
+                .child();
+            let properties =
+                trace.inject(json_properties().with_correlation_id(msg_id.as_str().into()));
             let confirm = channel
                 .basic_publish(
                     "".into(),
@@ -475,7 +482,7 @@ async fn start_lapin_server(topic: &str) -> Connection {
                         ..BasicPublishOptions::default()
                     },
                     &body,
-                    json_properties().with_correlation_id(msg_id.as_str().into()),
+                    properties,
                 )
                 .await
                 .expect("the reply is published");
@@ -572,6 +579,7 @@ impl LapinClient {
             .with_message_id(msg_id.as_str().into())
             .with_reply_to(self.queue.as_str().into())
             .with_expiration(ShortString::from(TIMEOUT.as_millis().to_string()));
+        let properties = TraceContext::new_root().child().inject(properties);
         let confirm = self
             .channel
             .basic_publish(

@@ -2,7 +2,17 @@
 //! binary with the shipped config.ini (apps/echo) against a hand-written lapin echo service
 //! written for speed (the reply confirmed before the request is acked, acks coalesced with
 //! `multiple`), each its own process, one at a time against the local broker, driven by
-//! the same raw-lapin load generator, in interleaved rounds:
+//! the same raw-lapin load generator, in interleaved rounds.
+//!
+//! Both services send the same messages in each pair compared. warren as shipped writes a
+//! W3C `traceparent` on every reply (the request's trace, or a new one), and RabbitMQ
+//! decodes the headers table of every message that has one, on the cores the services
+//! share with it; so it runs against a lapin echo that writes the same header
+//! (`lapin-traced`), and warren with `[publisher] new_traces = false` (no header on replies
+//! to untraced requests: the generator sends none) against the bare lapin echo. Each pair
+//! is reported, the first one as the headline.
+//!
+//! Figures per side and round:
 //!
 //! - (a) one caller, sequential calls: p50 and p99;
 //! - (b) 64 concurrent callers for a fixed time: calls/s, p50, p99, and the service
@@ -40,6 +50,7 @@ use parking_lot::Mutex;
 use serde_json::Value;
 use tokio::sync::oneshot;
 use warren_runtime::envelope::{Envelope, publish_properties};
+use warren_runtime::trace::TraceContext;
 
 /// The echo app's exchange, routing key and queue, as shipped.
 const EXCHANGE: &str = "echo";
@@ -70,7 +81,7 @@ async fn main() {
     let generator = Generator::connect().await;
     let mut figures: HashMap<Side, Vec<Round>> = HashMap::new();
     for round in 1..=rounds {
-        for side in [Side::Warren, Side::Lapin] {
+        for side in Side::ALL {
             let figure = generator
                 .round(side, sequential, Duration::from_secs(seconds), backlog)
                 .await;
@@ -84,35 +95,64 @@ async fn main() {
     assert_eq!(missing, 0, "requests without a reply");
 }
 
+/// A service under test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Side {
+    /// `warren run` with the shipped config.ini: a `traceparent` on every reply.
     Warren,
+    /// The lapin echo writing the same `traceparent` on every reply.
+    LapinTraced,
+    /// `warren run` with the shipped config.ini and `[publisher] new_traces = false`.
+    WarrenUntraced,
+    /// The lapin echo, replies without headers.
     Lapin,
 }
 
+/// The pairs compared (warren, lapin, name): each pair's services send the same messages.
+const PAIRS: [(Side, Side, &str); 2] = [
+    (Side::Warren, Side::LapinTraced, "traced"),
+    (Side::WarrenUntraced, Side::Lapin, "untraced"),
+];
+
 impl Side {
+    const ALL: [Side; 4] = [
+        Side::Warren,
+        Side::LapinTraced,
+        Side::WarrenUntraced,
+        Side::Lapin,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             Side::Warren => "warren",
+            Side::LapinTraced => "lapin-traced",
+            Side::WarrenUntraced => "warren-untraced",
             Side::Lapin => "lapin",
         }
     }
 
     /// Starts the service process; it consumes the echo queue when this returns.
     async fn start(self, generator: &Generator) -> Service {
+        let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config.ini");
+        let warren = |config: &std::path::Path| {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_warren"));
+            command.arg("--config").arg(config).arg("run");
+            command.env("RUST_LOG", "warn");
+            command
+        };
+        let lapin = |traced: bool| {
+            let mut command = Command::new(std::env::current_exe().expect("bench binary"));
+            command.env("WARREN_BENCH_ROLE", "lapin-echo");
+            if traced {
+                command.env("WARREN_BENCH_TRACE", "1");
+            }
+            command
+        };
         let mut command = match self {
-            Side::Warren => {
-                let mut command = Command::new(env!("CARGO_BIN_EXE_warren"));
-                let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config.ini");
-                command.arg("--config").arg(config).arg("run");
-                command.env("RUST_LOG", "warn");
-                command
-            }
-            Side::Lapin => {
-                let mut command = Command::new(std::env::current_exe().expect("bench binary"));
-                command.env("WARREN_BENCH_ROLE", "lapin-echo");
-                command
-            }
+            Side::Warren => warren(&shipped),
+            Side::WarrenUntraced => warren(&untraced_config(&shipped)),
+            Side::LapinTraced => lapin(true),
+            Side::Lapin => lapin(false),
         };
         let child = command
             .stdin(Stdio::null())
@@ -131,6 +171,18 @@ impl Side {
         }
         service
     }
+}
+
+/// The shipped config.ini with `[publisher] new_traces = false`, written beside the
+/// other temporary files of this run.
+fn untraced_config(shipped: &std::path::Path) -> PathBuf {
+    let text = std::fs::read_to_string(shipped).expect("the shipped config.ini");
+    let key = "\nnew_traces = true\n";
+    assert!(text.contains(key), "config.ini shows new_traces = true");
+    let path =
+        std::env::temp_dir().join(format!("warren-bench-untraced-{}.ini", std::process::id()));
+    std::fs::write(&path, text.replace(key, "\nnew_traces = false\n")).expect("write config");
+    path
 }
 
 /// A running service process.
@@ -470,7 +522,10 @@ async fn declare_echo(channel: &Channel) {
 /// The lapin echo service: the same guarantee as warren's echo (the reply is confirmed
 /// before the request is acked), written for speed: requests handled in order, replies
 /// written at once, confirms awaited in order by a second task that acks with `multiple`.
+/// With `WARREN_BENCH_TRACE` set, each reply carries a `traceparent` as warren's do: a
+/// child of the request's, else of a new trace.
 async fn lapin_echo_service() {
+    let traced = std::env::var_os("WARREN_BENCH_TRACE").is_some();
     let (connection, consume) = common::setup_channel("bench-service/lapin-echo").await;
     declare_echo(&consume).await;
     let publish = connection.create_channel().await.expect("channel");
@@ -519,13 +574,21 @@ async fn lapin_echo_service() {
             reply.set("Msg-ID", msg_id);
         }
         reply.set("Node", "lapin-echo@bench");
+        let properties = if traced {
+            TraceContext::from_properties(&delivery.properties)
+                .unwrap_or_else(TraceContext::new_root)
+                .child()
+                .inject(publish_properties(false))
+        } else {
+            publish_properties(false)
+        };
         let confirm = publish
             .basic_publish(
                 "targeted".into(),
                 server_id.into(),
                 BasicPublishOptions::default(),
                 &reply.encode(),
-                publish_properties(false),
+                properties,
             )
             .await
             .expect("publish a reply");
@@ -558,7 +621,6 @@ fn summary(rounds: &[Round], figure: impl Fn(&Round) -> f64) -> (f64, f64, f64) 
 type Figure = fn(&Round) -> f64;
 
 fn report(figures: &HashMap<Side, Vec<Round>>, missing: u64) {
-    let (warren, lapin) = (&figures[&Side::Warren], &figures[&Side::Lapin]);
     let figure_names: [(&str, Figure); 8] = [
         ("a_p50_us", |r| r.sequential_p50),
         ("a_p99_us", |r| r.sequential_p99),
@@ -570,20 +632,34 @@ fn report(figures: &HashMap<Side, Vec<Round>>, missing: u64) {
         ("c_drain_msg_per_sec", |r| r.drain_per_sec),
     ];
     let mut fields = Vec::new();
-    for (name, figure) in figure_names {
-        let (w, w_min, w_max) = summary(warren, figure);
-        let (l, l_min, l_max) = summary(lapin, figure);
-        eprintln!(
-            "{name}: warren {w:.1} ({w_min:.1}–{w_max:.1}), lapin {l:.1} ({l_min:.1}–{l_max:.1}), ratio {:.3}",
-            w / l
-        );
-        fields.push(format!(
-            "\"{name}_warren\":{w:.1},\"{name}_lapin\":{l:.1},\"{name}_ratio\":{:.3}",
-            w / l
-        ));
+    for (warren_side, lapin_side, pair) in PAIRS {
+        let (warren, lapin) = (&figures[&warren_side], &figures[&lapin_side]);
+        let (w_name, l_name) = (warren_side.name(), lapin_side.name());
+        eprintln!("{pair}: {w_name} against {l_name}");
+        for (name, figure) in figure_names {
+            let (w, w_min, w_max) = summary(warren, figure);
+            let (l, l_min, l_max) = summary(lapin, figure);
+            eprintln!(
+                "  {name}: {w_name} {w:.1} ({w_min:.1}–{w_max:.1}), {l_name} {l:.1} ({l_min:.1}–{l_max:.1}), ratio {:.3}",
+                w / l
+            );
+            fields.push(format!(
+                "\"{pair}_{name}_warren\":{w:.1},\"{pair}_{name}_lapin\":{l:.1},\"{pair}_{name}_ratio\":{:.3}",
+                w / l
+            ));
+        }
     }
-    let (w, _, _) = summary(warren, |r| r.calls_per_sec);
-    let (l, _, _) = summary(lapin, |r| r.calls_per_sec);
+    // warren as shipped against the bare lapin echo (different messages), for the record.
+    let (w, _, _) = summary(&figures[&Side::Warren], |r| r.calls_per_sec);
+    let (l, _, _) = summary(&figures[&Side::Lapin], |r| r.calls_per_sec);
+    eprintln!(
+        "b_calls_per_sec: warren {w:.1} against the bare lapin echo {l:.1}, ratio {:.3}",
+        w / l
+    );
+    fields.push(format!("\"shipped_vs_bare_b_ratio\":{:.3}", w / l));
+    let (warren, lapin, _) = PAIRS[0];
+    let (w, _, _) = summary(&figures[&warren], |r| r.calls_per_sec);
+    let (l, _, _) = summary(&figures[&lapin], |r| r.calls_per_sec);
     println!(
         "{{\"bench\":\"service\",\"warren\":{w:.1},\"lapin\":{l:.1},\"ratio\":{:.3},\"missing\":{missing},{}}}",
         w / l,
