@@ -81,7 +81,10 @@ async fn main() {
     let generator = Generator::connect().await;
     let mut figures: HashMap<Side, Vec<Round>> = HashMap::new();
     for round in 1..=rounds {
-        for side in Side::ALL {
+        // Each round starts with the next side, so that no side always runs first.
+        let mut sides = Side::ALL;
+        sides.rotate_left((round - 1) % Side::ALL.len());
+        for side in sides {
             let figure = generator
                 .round(side, sequential, Duration::from_secs(seconds), backlog)
                 .await;
