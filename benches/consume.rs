@@ -49,7 +49,7 @@ async fn main() {
     let node = common::start_node("consume", common::METRICS_ON).await;
     let quiet = common::start_node("consume-quiet", "").await;
     let exchange = common::of_this_run("warren-bench-consume");
-    let queue = format!("warren-bench-consume-{}", std::process::id());
+    let queue = common::of_this_run("warren-bench-consume");
     let mut rounds = common::Rounds::default();
     let mut bare = common::Rounds::default();
     let mut tasked = common::Rounds::default();

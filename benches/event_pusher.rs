@@ -45,7 +45,7 @@ const PREFIX: &str = "warren-bench-ep";
 async fn main() {
     let (_setup, channel) = common::setup_channel("bench-event_pusher/setup").await;
     let exchange = common::of_this_run(&format!("{PREFIX}-chat"));
-    let queue = format!("{PREFIX}-{}", std::process::id());
+    let queue = common::of_this_run(PREFIX);
     let (node, pusher) = start(&exchange).await;
     let events = events();
     let bodies: Arc<Vec<Outgoing>> = Arc::new(

@@ -29,7 +29,7 @@ async fn main() {
     common::start_tls();
     let (_setup, channel) = common::setup_channel("bench-publish/setup").await;
     let exchange = common::of_this_run("warren-bench-publish");
-    let queue = format!("warren-bench-publish-{}", std::process::id());
+    let queue = common::of_this_run("warren-bench-publish");
     let settings = format!("[publisher]\nconfirm_window = {WINDOW}\n");
     let node = common::start_node("publish", &(settings.clone() + common::METRICS_ON)).await;
     let quiet = common::start_node("publish-quiet", &settings).await;

@@ -32,7 +32,7 @@ const PREFETCH: u16 = 200;
 
 #[tokio::main]
 async fn main() {
-    let exchange = format!("warren-bench-conf-{}", std::process::id());
+    let exchange = common::of_this_run("warren-bench-conf");
     let node = common::start_node(
         "router",
         &format!(

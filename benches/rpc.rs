@@ -111,7 +111,7 @@ async fn start_responder() -> Connection {
     let connection = common::connect("bench-rpc/responder").await;
     let channel = connection.create_channel().await.expect("channel");
     declare(&channel).await;
-    let queue = format!("warren-bench-rpc-{}", std::process::id());
+    let queue = common::of_this_run("warren-bench-rpc");
     bound_queue(&channel, &queue, EXCHANGE, "ping").await;
     let mut consumer = common::consume_no_ack(&channel, &queue, "responder").await;
     tokio::spawn(async move {

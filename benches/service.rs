@@ -182,8 +182,7 @@ fn untraced_config(shipped: &std::path::Path) -> PathBuf {
     let text = std::fs::read_to_string(shipped).expect("the shipped config.ini");
     let key = "\nnew_traces = true\n";
     assert!(text.contains(key), "config.ini shows new_traces = true");
-    let path =
-        std::env::temp_dir().join(format!("warren-bench-untraced-{}.ini", std::process::id()));
+    let path = std::env::temp_dir().join(common::of_this_run("warren-bench-untraced") + ".ini");
     std::fs::write(&path, text.replace(key, "\nnew_traces = false\n")).expect("write config");
     path
 }
@@ -288,7 +287,7 @@ impl Generator {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .expect("confirms");
-        let reply_queue = format!("bench-service-replies-{}", std::process::id());
+        let reply_queue = common::of_this_run("bench-service-replies");
         let options = QueueDeclareOptions {
             exclusive: true,
             auto_delete: true,
