@@ -9,8 +9,11 @@
 //! - [`Publisher::publish`]: a publish whose connection dies before the confirm is retried
 //!   on whatever broker is primary then, until its timeout; past it the caller gets a clear
 //!   error. A retried message may arrive twice (at least once).
-//! - [`Publisher::send`] returns as soon as the message is written and hands back a
-//!   [`Sent`] future for the confirm; nothing is retried after the write.
+//! - [`Publisher::send`] returns as soon as the message's frames are queued on a channel
+//!   (so that successive sends keep their order) and hands back a [`Sent`] future for the
+//!   socket write and the confirm; nothing is retried after the queueing. It does not wait
+//!   for the I/O loop to write the frames: a handler that replies goes on at once, one
+//!   thread hop per message saved (a channel lost in between fails the `Sent` future).
 //! - While no broker of the local zone is up (or the pinned broker's publish connection is
 //!   down), or the broker blocks publishing (`connection.blocked`), a publish waits for at
 //!   most its timeout and then fails with `NoBroker` / `BrokerUnavailable` or `Blocked`;
@@ -194,7 +197,7 @@ fn start_write<'a>(
     }
 }
 
-/// A message written by [`Publisher::send`]: resolves to the broker's answer within what
+/// A message queued by [`Publisher::send`]: resolves to the broker's answer within what
 /// is left of the publish timeout, and holds its confirm-window slot until then.
 ///
 /// It exists so that a caller can write many messages in order and await their confirms
@@ -398,10 +401,11 @@ impl Publisher {
     }
 
     /// Waits (within `options.timeout`) for an open, unblocked confirm-mode channel on the
-    /// target, writes the message and returns; the [`Sent`] future gives the broker's
-    /// answer within the rest of the timeout. A write that fails because the channel is
-    /// already gone is tried again on a fresh channel; after a successful write nothing is
-    /// retried.
+    /// target, queues the message's frames there and returns; the [`Sent`] future waits
+    /// for the I/O loop's write and gives the broker's answer within the rest of the
+    /// timeout. A channel found gone when queueing is replaced by a fresh one; once the
+    /// frames are queued nothing is retried (a channel lost before the write fails the
+    /// `Sent` future with `Channel`, like one lost before the confirm).
     pub async fn send(
         &self,
         exchange: &str,
@@ -412,34 +416,37 @@ impl Publisher {
         let outgoing = self.prepare(exchange, routing_key, envelope, &options)?;
         let deadline = Instant::now() + options.timeout;
         let permit = self.permit(deadline, options.timeout).await?;
+        let outgoing = Arc::new(outgoing);
         let mut last_loss = None;
-        let (mut route, confirm) = self
-            .write(&outgoing, deadline, options.timeout, &mut last_loss)
+        let (mut route, writing) = self
+            .queue(outgoing.clone(), deadline, options.timeout, &mut last_loss)
             .await?;
+        self.wrote_to(route.broker());
         let broker = route.broker();
         let this = self.clone();
         let timeout = options.timeout;
         let (written, bytes) = (Instant::now(), outgoing.body.len());
-        let exchange = outgoing.exchange;
+        // The frames are queued: the socket write is this future's to wait for, so that
+        // the caller goes on at once (see the module docs).
         let future = async move {
             let _permit: OwnedSemaphorePermit = permit;
-            let answer =
-                match tokio::time::timeout_at(deadline, confirm::confirmation(confirm)).await {
-                    Ok(Err(error @ PublishError::Refused(_))) => {
-                        if error.is_no_exchange() {
-                            this.undeclared(broker, exchange.as_str());
-                        }
-                        this.forget(route);
-                        Err(error)
+            let answered = async { confirm::confirmation(writing.await?).await };
+            let answer = match tokio::time::timeout_at(deadline, answered).await {
+                Ok(Err(error @ PublishError::Refused(_))) => {
+                    if error.is_no_exchange() {
+                        this.undeclared(broker, outgoing.exchange.as_str());
                     }
-                    Ok(result) => {
-                        if is_answer(&result) {
-                            route.answered();
-                        }
-                        result
+                    this.forget(route);
+                    Err(error)
+                }
+                Ok(result) => {
+                    if is_answer(&result) {
+                        route.answered();
                     }
-                    Err(_) => Err(this.late(broker, timeout)),
-                };
+                    result
+                }
+                Err(_) => Err(this.late(broker, timeout)),
+            };
             this.inner.figures.record(broker, written, bytes, &answer);
             answer
         };
@@ -513,44 +520,82 @@ impl Publisher {
         last_loss: &mut Option<String>,
     ) -> Result<(Route, PublisherConfirm), PublishError> {
         loop {
-            let route = match self.channel(deadline, timeout, outgoing.mandatory).await {
+            let (route, writing) = self.queue(outgoing, deadline, timeout, last_loss).await?;
+            let broker = route.broker();
+            match tokio::time::timeout_at(deadline, writing).await {
+                Ok(Ok(confirm)) => {
+                    self.wrote_to(broker);
+                    return Ok((route, confirm));
+                }
+                Ok(Err(error)) => {
+                    self.failed_write(route, error, &outgoing.exchange, deadline, last_loss)?;
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Err(_) => return Err(self.late(broker, timeout)),
+            }
+        }
+    }
+
+    /// Queues `outgoing`'s frames on a channel of the target, trying a fresh channel when
+    /// the one found is already gone; the returned future waits for the I/O loop to write
+    /// them. `last_loss` as in [`Publisher::write`].
+    async fn queue<'a, O>(
+        &self,
+        outgoing: O,
+        deadline: Instant,
+        timeout: Duration,
+        last_loss: &mut Option<String>,
+    ) -> Result<(Route, Writing<'a>), PublishError>
+    where
+        O: Borrow<Outgoing> + Clone + Send + 'a,
+    {
+        loop {
+            let mandatory = outgoing.borrow().mandatory;
+            let route = match self.channel(deadline, timeout, mandatory).await {
                 Ok(route) => route,
                 Err(PublishError::Timeout(_)) if last_loss.is_some() => {
                     return Err(PublishError::Channel(last_loss.take().unwrap_or_default()));
                 }
                 Err(error) => return Err(error),
             };
-            let broker = route.broker();
-            let written = match start_write(route.open(), outgoing) {
-                Ok(writing) => tokio::time::timeout_at(deadline, writing).await,
-                Err(error) => Ok(Err(error)),
-            };
-            match written {
-                Ok(Ok(confirm)) => {
-                    self.wrote_to(broker);
-                    return Ok((route, confirm));
-                }
-                Ok(Err(error)) if error.is_retryable() => {
-                    tracing::debug!(%broker, %error, "write failed with its channel; trying a new one");
-                    self.forget(route);
-                    if Instant::now() + RETRY_PAUSE >= deadline {
-                        return Err(error);
-                    }
-                    *last_loss = Some(error.to_string());
+            match start_write(route.open(), outgoing.clone()) {
+                Ok(writing) => return Ok((route, writing)),
+                Err(error) => {
+                    let exchange = &outgoing.borrow().exchange;
+                    self.failed_write(route, error, exchange, deadline, last_loss)?;
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
-                Ok(Err(error)) => {
-                    if error.is_no_exchange() {
-                        self.undeclared(broker, outgoing.exchange.as_str());
-                    }
-                    if matches!(error, PublishError::Refused(_)) {
-                        self.forget(route);
-                    }
-                    return Err(error);
-                }
-                Err(_) => return Err(self.late(broker, timeout)),
             }
         }
+    }
+
+    /// A write on `route` failed with `error`: `Ok` to try a fresh channel after
+    /// `RETRY_PAUSE` (the channel died and there is time left), else the error to give.
+    fn failed_write(
+        &self,
+        route: Route,
+        error: PublishError,
+        exchange: &ShortString,
+        deadline: Instant,
+        last_loss: &mut Option<String>,
+    ) -> Result<(), PublishError> {
+        let broker = route.broker();
+        if error.is_retryable() {
+            tracing::debug!(%broker, %error, "write failed with its channel; trying a new one");
+            self.forget(route);
+            if Instant::now() + RETRY_PAUSE >= deadline {
+                return Err(error);
+            }
+            *last_loss = Some(error.to_string());
+            return Ok(());
+        }
+        if error.is_no_exchange() {
+            self.undeclared(broker, exchange.as_str());
+        }
+        if matches!(error, PublishError::Refused(_)) {
+            self.forget(route);
+        }
+        Err(error)
     }
 
     /// What this publisher (and every publisher sharing its window) published, per broker.

@@ -1,9 +1,9 @@
 //! Pipelined settlement: the confirms a delivery's publishes still owe, and what they make
 //! of its outcome.
 //!
-//! A handler's publish (or reply) returns once the message is written; the broker's
-//! confirm is awaited with the delivery, not by the handler, so the next delivery can start
-//! while the reply is on its way. The delivery is settled once its handlers finished
+//! A handler's publish (or reply) returns once the message is queued on its channel; the
+//! socket write and the broker's confirm are awaited with the delivery, not by the handler,
+//! so the next delivery can start while the reply is on its way. The delivery is settled once its handlers finished
 //! **and** every confirm came: a publish the broker nacked, did not confirm in time, lost
 //! with its channel, or returned (mandatory) turns a success into a retry; a rejection
 //! stays a rejection. A handler that needs the broker's answer before going on awaits the

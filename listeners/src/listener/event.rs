@@ -4,8 +4,10 @@
 //! An [`Event`] is cheap to clone (every matching responder gets one). Publishing goes out
 //! on that broker's publish connection (never on the channel the listener consumes on, so a
 //! broker that blocks publishing during a resource alarm cannot stall the consumers).
-//! `reply().await` returns once the reply is written; its confirm settles with the
-//! delivery (`confirms`), and `reply(..).await?.await` waits for it. A blocked broker makes
+//! `reply().await` returns once the reply is queued on the publish channel (in order with
+//! the handler's other publishes), without waiting for the I/O loop to write it; the write
+//! and the confirm settle with the delivery (`confirms`), and `reply(..).await?.await`
+//! waits for them. A blocked broker makes
 //! a publish fail with `Blocked` after the publish timeout.
 //!
 //! Every event has a trace context ([`Event::trace`]): the delivery's W3C `traceparent`
@@ -203,7 +205,7 @@ impl Event {
         self.publish(TARGETED, &server_id, reply).await
     }
 
-    /// Publishes through the event's broker; returns once the message is written (its
+    /// Publishes through the event's broker; returns once the message is queued (its
     /// confirm settles with the delivery; await the [`Pending`] to wait for it).
     pub async fn publish(
         &self,
