@@ -147,11 +147,11 @@ pub async fn fresh_queue(channel: &Channel, exchange: &str, queue: &str) {
 /// Far longer than any round, in which the queue is declared again or consumed.
 pub const ABANDONED_QUEUE_EXPIRY: Duration = Duration::from_secs(600);
 
-/// A name of this run's own (an exchange, a queue, a file): `base` and the process id.
-/// A bench publishes to an exchange of its run, so that a queue left behind by an interrupted run (bound to that run's
-/// exchange) never receives this run's messages: a stale queue bound to a shared exchange
-/// took a copy of every later message, and its growing backlog slowed the broker for
-/// every run after it.
+/// A name of this run's own (an exchange, a queue, a file): `base` and the process id. A
+/// bench publishes to an exchange of its run, so that a queue left behind by an interrupted
+/// run (bound to that run's exchange) never receives this run's messages: a stale queue
+/// bound to a shared exchange took a copy of every later message, and its growing backlog
+/// slowed the broker for every run after it.
 pub fn of_this_run(base: &str) -> String {
     format!("{base}-{}", std::process::id())
 }

@@ -421,8 +421,8 @@ impl Publisher {
         let (mut route, writing) = self
             .queue(outgoing.clone(), deadline, options.timeout, &mut last_loss)
             .await?;
-        self.wrote_to(route.broker());
         let broker = route.broker();
+        self.wrote_to(broker);
         let this = self.clone();
         let timeout = options.timeout;
         let (written, bytes) = (Instant::now(), outgoing.body.len());

@@ -3,12 +3,12 @@
 //!
 //! A handler's publish (or reply) returns once the message is queued on its channel; the
 //! socket write and the broker's confirm are awaited with the delivery, not by the handler,
-//! so the next delivery can start while the reply is on its way. The delivery is settled once its handlers finished
-//! **and** every confirm came: a publish the broker nacked, did not confirm in time, lost
-//! with its channel, or returned (mandatory) turns a success into a retry; a rejection
-//! stays a rejection. A handler that needs the broker's answer before going on awaits the
-//! [`Pending`] its publish gave; that answer is then the handler's to act on, and the
-//! delivery does not judge it again.
+//! so the next delivery can start while the reply is on its way. The delivery is settled
+//! once its handlers finished **and** every confirm came: a publish the broker nacked, did
+//! not confirm in time, lost with its channel, or returned (mandatory) turns a success into
+//! a retry; a rejection stays a rejection. A handler that needs the broker's answer before
+//! going on awaits the [`Pending`] its publish gave; that answer is then the handler's to
+//! act on, and the delivery does not judge it again.
 //!
 //! Owns: [`Pending`], the per-event list of owed confirms and the rule above. Must not
 //! touch: acks (the consumer loop settles), the publisher (it only observes its confirms).

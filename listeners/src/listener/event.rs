@@ -7,8 +7,8 @@
 //! `reply().await` returns once the reply is queued on the publish channel (in order with
 //! the handler's other publishes), without waiting for the I/O loop to write it; the write
 //! and the confirm settle with the delivery (`confirms`), and `reply(..).await?.await`
-//! waits for them. A blocked broker makes
-//! a publish fail with `Blocked` after the publish timeout.
+//! waits for them. A blocked broker makes a publish fail with `Blocked` after the publish
+//! timeout.
 //!
 //! Every event has a trace context ([`Event::trace`]): the delivery's W3C `traceparent`
 //! header, or a new trace when it has none (or a malformed one). Its publishes and replies
